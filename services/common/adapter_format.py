@@ -1,0 +1,175 @@
+"""Tenant adapter format: LoRA matrices on the upper layers plus a classification head, as safetensors.
+
+Tensor names (fp32, fp16 or bf16 accepted; kept as fp32):
+    layers.{i}.{target}.lora_A   [rank, in]
+    layers.{i}.{target}.lora_B   [out, rank]
+    head.weight                  [num_labels, hidden]
+    head.bias                    [num_labels]
+Metadata: {"format": "hmi-lora-v1", "rank": "8", "alpha": "16"}. The delta of a projection is
+(alpha / rank) * B @ A, as in PEFT. Bytes from the wire are parsed by safetensors only (never pickle).
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from services.common.errors import InvalidArgument
+from services.common.models import ModelDims
+
+FORMAT = "hmi-lora-v1"
+TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+DEFAULT_TARGETS = ("query", "value")
+MAX_RANK = 256
+_NAME = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.lora_([AB])$")
+
+
+def target_shape(target: str, dims: ModelDims) -> tuple[int, int]:
+    """(in_features, out_features) of the projection a target names."""
+    if target == "ffn_in":
+        return dims.hidden, dims.intermediate
+    if target == "ffn_out":
+        return dims.intermediate, dims.hidden
+    return dims.hidden, dims.hidden
+
+
+@dataclass
+class Adapter:
+    rank: int
+    alpha: float
+    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A, B)
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    targets: tuple[str, ...] = field(default=())
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.lora})
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.head_weight.shape[0])
+
+    def nbytes(self) -> int:
+        tensors = [t for pair in self.lora.values() for t in pair] + [self.head_weight, self.head_bias]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise InvalidArgument("adapter file is not safetensors: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, 100 << 20):
+        raise InvalidArgument("adapter file is not safetensors: header length exceeds the file")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"adapter file is not safetensors: bad header ({error})") from error
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int, min_layer: int = 0) -> Adapter:
+    """Validates every name, shape and dtype against the base model; errors say what to fix."""
+    meta = _metadata(data)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as error:  # safetensors raises its own error types
+        raise InvalidArgument(f"adapter file is not valid safetensors: {error}") from error
+    if meta.get("format", FORMAT) != FORMAT:
+        raise InvalidArgument(f"adapter format {meta.get('format')!r} is not {FORMAT!r}")
+    try:
+        rank = int(meta.get("rank", "0"))
+        alpha = float(meta.get("alpha", str(rank)))
+    except ValueError as error:
+        raise InvalidArgument(f"adapter metadata rank/alpha must be numbers: {error}") from error
+
+    def as_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
+        tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
+        return tensor.contiguous()
+
+    if "head.weight" not in tensors or "head.bias" not in tensors:
+        raise InvalidArgument("adapter has no classification head (head.weight and head.bias)")
+    head_weight = as_float("head.weight", tensors.pop("head.weight"))
+    head_bias = as_float("head.bias", tensors.pop("head.bias"))
+    if head_weight.shape != (num_labels, dims.hidden) or head_bias.shape != (num_labels,):
+        raise InvalidArgument(
+            f"adapter head has shape {tuple(head_weight.shape)} / {tuple(head_bias.shape)} but the tenant has "
+            f"{num_labels} labels and the model hidden size is {dims.hidden}: expected "
+            f"({num_labels}, {dims.hidden}) / ({num_labels},); the label count must match the head")
+
+    pieces: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _NAME.match(name)
+        if not match:
+            raise InvalidArgument(f"unexpected tensor {name!r} in adapter; names are layers.I.TARGET.lora_A|B "
+                                  f"and head.weight/head.bias")
+        layer, target, which = int(match[1]), match[2], match[3]
+        if target not in TARGETS:
+            raise InvalidArgument(f"unknown LoRA target {target!r} in {name}; targets are {', '.join(TARGETS)}")
+        if not min_layer <= layer < dims.layers:
+            raise InvalidArgument(f"{name}: layer {layer} is outside the served layers [{min_layer}, {dims.layers})"
+                                  f" (layers below the domain's split layer come from PLOT)")
+        pieces.setdefault((layer, target), {})[which] = as_float(name, tensor)
+
+    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, target), pair in sorted(pieces.items()):
+        if set(pair) != {"A", "B"}:
+            raise InvalidArgument(f"layers.{layer}.{target} needs both lora_A and lora_B")
+        a, b = pair["A"], pair["B"]
+        fan_in, fan_out = target_shape(target, dims)
+        if rank == 0:
+            rank = int(a.shape[0])
+        if a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+            raise InvalidArgument(
+                f"layers.{layer}.{target}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match "
+                f"rank {rank}: expected ({rank}, {fan_in}) / ({fan_out}, {rank})")
+        lora[(layer, target)] = (a, b)
+    if lora and not 1 <= rank <= MAX_RANK:
+        raise InvalidArgument(f"adapter rank {rank} is outside 1..{MAX_RANK}")
+    targets = tuple(t for t in TARGETS if any(t == key[1] for key in lora))
+    return Adapter(rank=max(rank, 1), alpha=alpha if lora else 1.0, lora=lora, head_weight=head_weight,
+                   head_bias=head_bias, targets=targets)
+
+
+def serialize_adapter(adapter: Adapter) -> bytes:
+    tensors = {f"layers.{layer}.{target}.lora_{which}": tensor.contiguous()
+               for (layer, target), pair in adapter.lora.items() for which, tensor in zip("AB", pair)}
+    tensors["head.weight"] = adapter.head_weight.contiguous()
+    tensors["head.bias"] = adapter.head_bias.contiguous()
+    meta = {"format": FORMAT, "rank": str(adapter.rank), "alpha": str(adapter.alpha)}
+    return save_safetensors(tensors, metadata=meta)
+
+
+def random_adapter(dims: ModelDims, *, num_labels: int, rank: int, first_layer: int,
+                   targets: tuple[str, ...] = DEFAULT_TARGETS, alpha: float | None = None,
+                   seed: int | None = None) -> Adapter:
+    """A fresh adapter with non-zero A and B, so every tenant really computes something different."""
+    if not 1 <= rank <= MAX_RANK:
+        raise InvalidArgument(f"rank {rank} is outside 1..{MAX_RANK}")
+    generator = torch.Generator().manual_seed(seed if seed else torch.seed() % (1 << 63))
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    lora = {}
+    for layer in range(first_layer, dims.layers):
+        for target in targets:
+            fan_in, fan_out = target_shape(target, dims)
+            a = torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.5
+            b = torch.randn(fan_out, rank, generator=generator) * 0.02
+            lora[(layer, target)] = (a, b)
+    head_weight = torch.randn(num_labels, dims.hidden, generator=generator) / dims.hidden ** 0.5
+    head_bias = torch.randn(num_labels, generator=generator) * 0.01
+    return Adapter(rank=rank, alpha=alpha, lora=lora, head_weight=head_weight, head_bias=head_bias,
+                   targets=tuple(t for t in TARGETS if t in targets))

@@ -1,0 +1,35 @@
+"""Flags with environment-variable defaults, the same names in `hmi up`, tests and compose.yaml."""
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    "HMI_GATEWAY_ADDR": "127.0.0.1:50051",
+    "HMI_STORE_ADDR": "127.0.0.1:50052",
+    "HMI_COMPUTE_ADDRS": "127.0.0.1:50053",
+    "HMI_DATA_DIR": "./var",
+    "HMI_MODEL": "minilm",
+}
+
+
+def env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name)
+    if value:
+        return value
+    if default is not None:
+        return default
+    return DEFAULTS[name]
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def split_addresses(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

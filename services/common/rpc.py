@@ -1,0 +1,81 @@
+"""gRPC plumbing shared by services: channel and server options, error mapping."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from services.common.errors import HMIError
+
+# Explicit limits on both sides (the 4 MiB default is the classic trap); large tensors stream in chunks anyway.
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 1),
+]
+
+log = logging.getLogger("hmi.rpc")
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def _status(code_name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code_name, grpc.StatusCode.INTERNAL)
+
+
+def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
+    """Maps an error to a status; a downstream RpcError keeps its code and message."""
+    if isinstance(error, HMIError):
+        context.abort(_status(error.code_name), str(error))
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        code = error.code()
+        details = error.details() or code.name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"a peer service is unavailable: {details}"
+        context.abort(code, details)
+    log.exception("internal error", exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def handles_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Servicer decorator for unary responses: no exception escapes as a bare UNKNOWN."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - this is the edge where errors become statuses
+            if isinstance(error, grpc.RpcError) and not hasattr(error, "code"):
+                raise  # context.abort() already set the status
+            abort_with(context, error)
+
+    return wrapper
+
+
+def handles_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Same as handles_errors, for methods that yield a response stream."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as error:  # noqa: BLE001
+            if isinstance(error, grpc.RpcError) and not hasattr(error, "code"):
+                raise
+            abort_with(context, error)
+
+    return wrapper
+
+
+def remaining_timeout(context: grpc.ServicerContext, default: float, floor: float = 0.05) -> float:
+    """The caller's deadline, passed on to calls this request makes."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default
+    return max(floor, min(default, remaining))

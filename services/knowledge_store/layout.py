@@ -1,0 +1,90 @@
+"""LMDB layout of the knowledge store: one environment, named databases, fixed key encodings.
+
+    meta      b"schema" -> version; b"next_domain_id" -> u32
+    domains   name -> JSON domain record
+    nodes     domain_id u32 BE + context path (token, token before it, ...) u32 BE each
+              -> (block u32, row u32, count u64) little-endian
+    blocks    domain_id u32 BE + block u32 BE -> ROWS_PER_BLOCK fp16 rows (last block may be short)
+    tenants   tenant id -> JSON tenant record
+    adapters  tenant id -> safetensors bytes
+
+PLOT vectors live in blocks of many rows, not one value per vector: LMDB gives each small value its
+own 4 KiB page (DESIGN.md measured 100k vectors -> 392 MiB one by one).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+SCHEMA_VERSION = 1
+ROWS_PER_BLOCK = 64
+NODE_VALUE = struct.Struct("<IIQ")
+_U32 = struct.Struct(">I")
+_BLOCK_KEY = struct.Struct(">II")
+DATABASES = ("meta", "domains", "nodes", "blocks", "tenants", "adapters")
+
+
+class StoreLayout:
+    """Owns the LMDB environment and its named databases."""
+
+    def __init__(self, path: Path, map_size: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DATABASES) + 2, subdir=True,
+                             readahead=False, max_readers=512, lock=True)
+        self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        with self.env.begin(write=True) as txn:
+            stored = txn.get(b"schema", db=self.db["meta"])
+            if stored is None:
+                txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.db["meta"])
+            elif int(stored) != SCHEMA_VERSION:
+                raise RuntimeError(f"store at {path} has schema {int(stored)}, this build reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.env.close()
+
+    def next_domain_id(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"next_domain_id", db=self.db["meta"])
+        value = int(raw) if raw else 1
+        txn.put(b"next_domain_id", str(value + 1).encode(), db=self.db["meta"])
+        return value
+
+    def get_json(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
+        raw = txn.get(key.encode(), db=self.db[db])
+        return json.loads(bytes(raw)) if raw is not None else None
+
+    def put_json(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:
+        txn.put(key.encode(), json.dumps(value, sort_keys=True).encode(), db=self.db[db])
+
+    def iter_json(self, txn: lmdb.Transaction, db: str, start: str = ""):
+        cursor = txn.cursor(db=self.db[db])
+        if not cursor.set_range(start.encode()):
+            return
+        for key, value in cursor:
+            yield bytes(key).decode(), json.loads(bytes(value))
+
+    def delete_prefix(self, txn: lmdb.Transaction, db: str, prefix: bytes) -> int:
+        cursor = txn.cursor(db=self.db[db])
+        removed = 0
+        if cursor.set_range(prefix):
+            while bytes(cursor.key()).startswith(prefix):
+                removed += 1
+                if not cursor.delete():
+                    break
+        return removed
+
+
+def domain_prefix(domain_id: int) -> bytes:
+    return _U32.pack(domain_id)
+
+
+def node_key(domain_id: int, path: tuple[int, ...]) -> bytes:
+    return struct.pack(f">I{len(path)}I", domain_id, *path)
+
+
+def block_key(domain_id: int, block: int) -> bytes:
+    return _BLOCK_KEY.pack(domain_id, block)

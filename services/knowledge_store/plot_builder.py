@@ -1,0 +1,146 @@
+"""Builds a domain's PLOT: runs the lower model (embeddings + layers [0, L)) over a corpus and keeps
+the mean layer-L vector of every context path that occurs at least `min_count` times.
+
+Two passes keep memory bounded by the nodes kept, not by the corpus: count paths on token ids first,
+then encode and accumulate sums only for kept nodes.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from services.common.errors import InvalidArgument
+from services.knowledge_store.knowledge_tree import TreeContents
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class BuildSettings:
+    split_layer: int
+    context: int
+    min_count: int
+    max_sequence_tokens: int = 128
+    batch_size: int = 32
+
+
+def context_paths(ids: list[int], context: int):
+    """Yields (position, path) for every position and depth 1..context, nearest token first."""
+    for position in range(len(ids)):
+        for depth in range(1, min(context, position + 1) + 1):
+            yield position, tuple(ids[position - depth + 1:position + 1][::-1])
+
+
+def lower_model(model, split_layer: int):
+    """The same transformers model with only layers [0, L): shares every weight, runs only what PLOT needs."""
+    lower = copy.copy(model)
+    lower._modules = dict(model._modules)
+    encoder = copy.copy(model.encoder)
+    encoder._modules = dict(model.encoder._modules)
+    encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:split_layer])
+    lower.encoder = encoder
+    return lower
+
+
+class PlotBuilder:
+    """Holds the lower model of one base model; `build` is pure computation, no storage."""
+
+    def __init__(self, model, tokenizer, vocab_size: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._isolated: dict[int, torch.Tensor] = {}
+
+    def isolated_vectors(self, split_layer: int, report: Progress) -> torch.Tensor:
+        """Layer-L vector of every vocabulary token alone, as `[CLS] token [SEP]`: the depth-1 vector of
+        tokens the corpus never shows. The same for every domain of this model, so computed once per L."""
+        cached = self._isolated.get(split_layer)
+        if cached is not None:
+            return cached
+        cls_id, sep_id = self._specials()
+        vectors = torch.empty(self.vocab_size, self.model.config.hidden_size)
+        step = 1024
+        for start in range(0, self.vocab_size, step):
+            tokens = range(start, min(start + step, self.vocab_size))
+            hidden, _ = self.lower_outputs([[cls_id, token, sep_id] for token in tokens], split_layer)
+            vectors[start:start + len(tokens)] = hidden[:, 1]
+            report("vocabulary", start + len(tokens), self.vocab_size)
+        self._isolated[split_layer] = vectors
+        return vectors
+
+    def tokenize(self, lines: list[str], max_tokens: int) -> list[list[int]]:
+        encodings = self.tokenizer.encode_batch(lines)
+        return [enc.ids[:max_tokens - 1] + enc.ids[-1:] if len(enc.ids) > max_tokens else enc.ids
+                for enc in encodings]
+
+    @torch.inference_mode()
+    def lower_outputs(self, batch: list[list[int]], split_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer-L hidden states [B, T, H] of padded sequences and their mask, from plain transformers."""
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask,
+                                                       token_type_ids=torch.zeros_like(input_ids))
+        return output.last_hidden_state, mask
+
+    def build(self, lines: list[str], settings: BuildSettings, progress: Progress | None = None) -> TreeContents:
+        if settings.split_layer < 1:
+            raise InvalidArgument("a PLOT needs split layer >= 1 (split layer 0 runs the whole model in compute)")
+        report = progress or (lambda stage, done, total: None)
+        lines = [line.strip() for line in lines if line.strip()]
+        sequences = self.tokenize(lines, settings.max_sequence_tokens) if lines else []
+
+        report("counting", 0, len(sequences))
+        counts: Counter[tuple[int, ...]] = Counter()
+        for ids in sequences:
+            counts.update(path for _, path in context_paths(ids, settings.context))
+        report("counting", len(sequences), len(sequences))
+
+        # Every vocabulary token gets a depth-1 node (index = token id); deeper nodes follow.
+        deep = sorted(path for path, count in counts.items() if len(path) > 1 and count >= settings.min_count)
+        paths: list[tuple[int, ...]] = [(token,) for token in range(self.vocab_size)] + deep
+        index = {path: i for i, path in enumerate(paths)}
+        hidden_size = self.model.config.hidden_size
+        sums = torch.zeros(len(paths), hidden_size, dtype=torch.float64)
+        node_counts = torch.zeros(len(paths), dtype=torch.int64)
+
+        done = 0
+        for start in range(0, len(sequences), settings.batch_size):
+            batch = sequences[start:start + settings.batch_size]
+            hidden, _mask = self.lower_outputs(batch, settings.split_layer)
+            width = hidden.shape[1]
+            flat_positions, node_ids = [], []
+            for row, ids in enumerate(batch):
+                for position, path in context_paths(ids, settings.context):
+                    node = index.get(path)
+                    if node is not None:
+                        flat_positions.append(row * width + position)
+                        node_ids.append(node)
+            node_tensor = torch.tensor(node_ids, dtype=torch.long)
+            sums.index_add_(0, node_tensor, hidden.reshape(-1, hidden_size)[flat_positions].double())
+            node_counts.index_add_(0, node_tensor, torch.ones(len(node_ids), dtype=torch.int64))
+            done += len(batch)
+            report("encoding", done, len(sequences))
+
+        unseen = torch.nonzero(node_counts[:self.vocab_size] == 0).flatten()
+        if len(unseen):
+            sums[unseen] = self.isolated_vectors(settings.split_layer, report)[unseen].double()
+
+        seen = node_counts.clamp(min=1).unsqueeze(1).double()
+        vectors = (sums / seen).to(torch.float16)
+        if not torch.isfinite(vectors).all():
+            raise InvalidArgument("layer-L vectors overflow fp16; this base model cannot use an fp16 PLOT")
+        return TreeContents(paths=paths, counts=node_counts.numpy(), vectors=vectors.numpy())
+
+    def _specials(self) -> tuple[int, int]:
+        """[CLS]-like and [SEP]-like ids: the tokens the post-processor wraps a single word in."""
+        ids = self.tokenizer.encode("a").ids
+        return ids[0], ids[-1]

@@ -1,0 +1,26 @@
+"""Conversions between the store's JSON records and protobuf messages (shared by store and gateway)."""
+from __future__ import annotations
+
+from typing import Any
+
+from hmi.v1 import knowledge_store_pb2 as pb
+
+
+def domain_to_pb(record: dict[str, Any]) -> pb.Domain:
+    return pb.Domain(
+        spec=pb.DomainSpec(name=record["name"], parent=record.get("parent", ""),
+                           split_layer=record["split_layer"], context=record["context"],
+                           min_count=record["min_count"]),
+        model=record["model"], hidden_size=record["hidden_size"], nodes=record["nodes"],
+        nodes_per_depth=record["nodes_per_depth"], plot_bytes=record["plot_bytes"],
+        corpus_sequences=record["corpus_sequences"], corpus_tokens=record["corpus_tokens"],
+        built_at=record["built_at"])
+
+
+def tenant_to_pb(record: dict[str, Any]) -> pb.Tenant:
+    return pb.Tenant(
+        spec=pb.TenantSpec(tenant_id=record["tenant_id"], domain=record["domain"], labels=record["labels"],
+                           rank=record["rank"], seed=record.get("seed", 0)),
+        adapter_version=record["adapter_version"], adapter_bytes=record["adapter_bytes"], rank=record["rank"],
+        targets=record["targets"], layers=record["layers"], updated_at=record["updated_at"],
+        split_layer=record["split_layer"])

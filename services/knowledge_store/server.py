@@ -1,0 +1,40 @@
+"""Knowledge-store process: `hmi serve store`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.config import env, env_int
+from services.common.logs import setup_logging
+from services.common.models import model_name, resolve_model_dir
+from services.common.server import start_server, wait_for_termination
+from services.knowledge_store.servicer import KnowledgeStoreServicer
+from services.knowledge_store.store import KnowledgeStore, StoreSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default=env("HMI_STORE_ADDR"), help="address to listen on [HMI_STORE_ADDR]")
+    parser.add_argument("--data-dir", default=env("HMI_DATA_DIR"), help="where LMDB lives [HMI_DATA_DIR]")
+    parser.add_argument("--model", default=env("HMI_MODEL"), help="base model: name or local folder [HMI_MODEL]")
+    parser.add_argument("--map-size-gib", type=int, default=env_int("HMI_STORE_MAP_SIZE_GIB", 64),
+                        help="LMDB map size (upper bound of the store's size) [HMI_STORE_MAP_SIZE_GIB]")
+    parser.add_argument("--default-rank", type=int, default=env_int("HMI_DEFAULT_RANK", 8),
+                        help="LoRA rank of random adapters [HMI_DEFAULT_RANK]")
+    parser.add_argument("--metrics-port", type=int, default=env_int("HMI_STORE_METRICS_PORT", 0))
+
+
+def main(args: argparse.Namespace) -> None:
+    log = setup_logging("store")
+    model_dir = resolve_model_dir(args.model)
+    settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=model_dir, model_name=model_name(args.model),
+                             map_size=args.map_size_gib << 30, default_rank=args.default_rank)
+    store = KnowledgeStore(settings)
+    running = start_server(args.listen,
+                           lambda server: pb_grpc.add_KnowledgeStoreServicer_to_server(
+                               KnowledgeStoreServicer(store), server),
+                           ["hmi.v1.KnowledgeStore"], metrics_port=args.metrics_port)
+    running.set_serving(True)
+    log.info("knowledge store serving on %s (data %s, model %s, %d domains)", args.listen,
+             settings.data_dir.resolve(), model_dir, len(store.list_domains()))
+    wait_for_termination(running, log, on_stop=store.close)

@@ -1,0 +1,130 @@
+"""gRPC surface of the knowledge store: validation of wire input, streaming, error mapping."""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from hmi.v1 import knowledge_store_pb2 as pb
+from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from hmi.v1 import tensor_pb2
+from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
+from services.common.errors import InvalidArgument
+from services.common.rpc import handles_errors, handles_stream_errors
+from services.knowledge_store.records import domain_to_pb, tenant_to_pb
+from services.knowledge_store.store import KnowledgeStore
+
+
+def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int):
+    """Client streams of the form: one spec message, then payload chunks."""
+    spec, payload = None, bytearray()
+    for request in requests:
+        item = request.WhichOneof("item")
+        if item == spec_field:
+            if spec is not None:
+                raise InvalidArgument(f"the stream must carry exactly one {spec_field}")
+            spec = getattr(request, spec_field)
+        elif item == chunk_field:
+            if spec is None:
+                raise InvalidArgument(f"send the {spec_field} before any {chunk_field}")
+            payload += getattr(request, chunk_field)
+            if len(payload) > limit:
+                raise InvalidArgument(f"{chunk_field} payload exceeds the limit of {limit} bytes")
+    if spec is None:
+        raise InvalidArgument(f"the stream carried no {spec_field}")
+    return spec, bytes(payload)
+
+
+class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
+    def __init__(self, store: KnowledgeStore) -> None:
+        self.store = store
+
+    @handles_stream_errors
+    def BuildDomain(self, request_iterator, context) -> Iterator[pb.BuildDomainProgress]:
+        spec, corpus_bytes = read_spec_and_payload(request_iterator, "spec", "corpus_chunk",
+                                                   self.store.settings.max_corpus_bytes)
+        try:
+            corpus = corpus_bytes.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidArgument(f"the corpus is not UTF-8 text: {error}") from error
+        self.store.validate_domain_spec(spec.name, spec.parent, spec.split_layer, spec.context, spec.min_count)
+        updates: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            updates.put(pb.BuildDomainProgress(stage=stage, done=done, total=total))
+
+        def run() -> None:
+            try:
+                outcome["record"] = self.store.build_domain(
+                    spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
+                    min_count=spec.min_count, progress=progress)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the RPC thread below
+                outcome["error"] = error
+            finally:
+                updates.put(None)
+
+        threading.Thread(target=run, name=f"build-{spec.name}", daemon=True).start()
+        while (update := updates.get()) is not None:
+            if context.is_active():
+                yield update
+        if "error" in outcome:
+            raise outcome["error"]
+        yield pb.BuildDomainProgress(stage="done", done=1, total=1, domain=domain_to_pb(outcome["record"]))
+
+    @handles_errors
+    def GetDomain(self, request, context) -> pb.Domain:
+        return domain_to_pb(self.store.get_domain(request.name))
+
+    @handles_errors
+    def ListDomains(self, request, context) -> pb.ListDomainsResponse:
+        return pb.ListDomainsResponse(domains=[domain_to_pb(r) for r in self.store.list_domains()])
+
+    @handles_errors
+    def DeleteDomain(self, request, context) -> pb.DeleteDomainResponse:
+        self.store.delete_domain(request.name)
+        return pb.DeleteDomainResponse()
+
+    @handles_stream_errors
+    def Lookup(self, request, context) -> Iterator[pb.LookupResponse]:
+        token_ids = decode_tensor(request.token_ids, field="token_ids", expect_dtype="int32", expect_ndim=1)
+        offsets = validate_offsets(request.offsets, len(token_ids))
+        record, result = self.store.lookup(request.domain, token_ids, offsets)
+        depth_counts = np.bincount(result.hit_depths, minlength=record["context"] + 1)[1:]
+        yield pb.LookupResponse(header=pb.LookupHeader(
+            dtype="float16", shape=list(result.vectors.shape), split_layer=record["split_layer"],
+            hit_depth_counts=depth_counts.tolist()))
+        for chunk in split_chunks(result.vectors.tobytes()):
+            yield pb.LookupResponse(chunk=chunk)
+
+    @handles_errors
+    def PutTenant(self, request_iterator, context) -> pb.Tenant:
+        spec, adapter = read_spec_and_payload(request_iterator, "spec", "adapter_chunk",
+                                              self.store.settings.max_adapter_bytes)
+        record = self.store.put_tenant(spec.tenant_id, spec.domain, list(spec.labels), adapter or None,
+                                       rank=spec.rank, seed=spec.seed)
+        return tenant_to_pb(record)
+
+    @handles_errors
+    def GetTenant(self, request, context) -> pb.Tenant:
+        return tenant_to_pb(self.store.get_tenant(request.tenant_id))
+
+    @handles_errors
+    def ListTenants(self, request, context) -> pb.ListTenantsResponse:
+        if request.limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        records, total = self.store.list_tenants(request.domain, request.limit, request.after)
+        return pb.ListTenantsResponse(tenants=[tenant_to_pb(r) for r in records], total=total)
+
+    @handles_errors
+    def DeleteTenant(self, request, context) -> pb.DeleteTenantResponse:
+        self.store.delete_tenant(request.tenant_id)
+        return pb.DeleteTenantResponse()
+
+    @handles_stream_errors
+    def GetAdapter(self, request, context) -> Iterator[tensor_pb2.Chunk]:
+        _record, data = self.store.get_adapter(request.tenant_id, request.version)
+        for chunk in split_chunks(data, CHUNK_BYTES):
+            yield tensor_pb2.Chunk(data=chunk)
