@@ -78,8 +78,10 @@ def _metadata(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int, min_layer: int = 0) -> Adapter:
-    """Validates every name, shape and dtype against the base model; errors say what to fix."""
+def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_layer: int = 0) -> Adapter:
+    """Validates every name, shape and dtype against the base model; errors say what to fix.
+
+    num_labels None accepts any head size (compute, which trusts what the store validated)."""
     meta = _metadata(data)
     try:
         tensors = load_safetensors(data)
@@ -105,6 +107,8 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int, min_layer: i
         raise InvalidArgument("adapter has no classification head (head.weight and head.bias)")
     head_weight = as_float("head.weight", tensors.pop("head.weight"))
     head_bias = as_float("head.bias", tensors.pop("head.bias"))
+    if num_labels is None:
+        num_labels = int(head_weight.shape[0]) if head_weight.ndim == 2 else -1
     if head_weight.shape != (num_labels, dims.hidden) or head_bias.shape != (num_labels,):
         raise InvalidArgument(
             f"adapter head has shape {tuple(head_weight.shape)} / {tuple(head_bias.shape)} but the tenant has "

@@ -1,0 +1,196 @@
+"""Adapter pool: device slots (hot) -> host cache (warm) -> knowledge store (cold).
+
+Device memory for LoRA is preallocated per (layer, target) as [slots, max_rank, in] / [slots, out, max_rank]
+tensors, so loading an adapter is a copy into a slot, never an allocation per request. Smaller ranks
+are zero-padded (exact: the padding contributes nothing). Slots in use by a batch in flight are pinned
+and never evicted; the least recently used unpinned slot is reused on a miss.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from services.common.adapter_format import Adapter, target_shape
+from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.models import ModelDims
+
+log = logging.getLogger("hmi.compute.pool")
+AdapterKey = tuple[str, int]  # (tenant id, adapter version)
+
+
+@dataclass
+class PoolStats:
+    device_hits: int = 0
+    host_hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class SlotHead:
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+@dataclass
+class Lease:
+    """Slots pinned for one batch; release() unpins them."""
+    slots: dict[AdapterKey, int]
+    pool: "AdapterPool"
+    released: bool = field(default=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._unpin(self.slots.values())
+
+
+class AdapterPool:
+    def __init__(self, dims: ModelDims, device: torch.device, *, slots: int, max_rank: int,
+                 host_cache_bytes: int, fetch: Callable[[str, int], Adapter]) -> None:
+        self.dims = dims
+        self.device = device
+        self.num_slots = slots
+        self.max_rank = max_rank
+        self.host_cache_bytes = host_cache_bytes
+        self.fetch = fetch
+        self.stats = PoolStats()
+        self._lock = threading.Lock()
+        self._fetching: dict[AdapterKey, threading.Event] = {}
+        self._host: OrderedDict[AdapterKey, Adapter] = OrderedDict()
+        self._host_bytes = 0
+        self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
+        self._free = list(range(slots - 1, -1, -1))
+        self._pins = [0] * slots
+        self._targets_in_slot: list[set[tuple[int, str]]] = [set() for _ in range(slots)]
+        self.lora_a: dict[tuple[int, str], torch.Tensor] = {}
+        self.lora_b: dict[tuple[int, str], torch.Tensor] = {}
+        self.heads: list[SlotHead | None] = [None] * slots
+
+    # ---- public ----------------------------------------------------------------------------
+
+    def acquire(self, keys: list[AdapterKey]) -> Lease:
+        """Pins a slot for every key, loading what is missing; fetches from the store run unlocked."""
+        unique = list(dict.fromkeys(keys))
+        if len(unique) > self.num_slots:
+            raise ResourceExhausted(f"a batch needs {len(unique)} adapters but compute has {self.num_slots} "
+                                    f"device slots; lower the gateway's --max-batch-tenants")
+        adapters = {key: self._host_adapter(key) for key in unique}
+        slots: dict[AdapterKey, int] = {}
+        try:
+            with self._lock:
+                for key in unique:
+                    slots[key] = self._slot_for(key, adapters[key])
+                    self._pins[slots[key]] += 1
+        except BaseException:
+            self._unpin(slots.values())
+            raise
+        return Lease(slots, self)
+
+    def used_slots(self) -> int:
+        with self._lock:
+            return len(self._slot_of)
+
+    def host_bytes(self) -> int:
+        with self._lock:
+            return self._host_bytes
+
+    # ---- tiers -----------------------------------------------------------------------------
+
+    def _host_adapter(self, key: AdapterKey) -> Adapter:
+        while True:
+            with self._lock:
+                adapter = self._host.get(key)
+                if adapter is not None:
+                    self._host.move_to_end(key)
+                    if key in self._slot_of:
+                        self.stats.device_hits += 1
+                    else:
+                        self.stats.host_hits += 1
+                    return adapter
+                pending = self._fetching.get(key)
+                if pending is None:
+                    event = self._fetching[key] = threading.Event()
+                    self.stats.misses += 1
+                    break
+            pending.wait()  # another batch is fetching the same adapter
+        try:
+            adapter = self.fetch(*key)
+            if adapter.rank > self.max_rank:
+                raise FailedPrecondition(f"adapter of tenant {key[0]!r} has rank {adapter.rank}, above this compute "
+                                         f"service's --max-rank {self.max_rank}")
+            with self._lock:
+                self._drop_older_versions(key)
+                self._host[key] = adapter
+                self._host_bytes += adapter.nbytes()
+                self._trim_host()
+            return adapter
+        finally:
+            with self._lock:
+                self._fetching.pop(key, None)
+            event.set()
+
+    def _drop_older_versions(self, key: AdapterKey) -> None:
+        for old in [k for k in self._host if k[0] == key[0] and k[1] != key[1]]:
+            self._host_bytes -= self._host.pop(old).nbytes()
+        for old in [k for k in self._slot_of if k[0] == key[0] and k[1] != key[1]]:
+            if self._pins[self._slot_of[old]] == 0:
+                self._free.append(self._slot_of.pop(old))
+
+    def _trim_host(self) -> None:
+        for key in list(self._host):
+            if self._host_bytes <= self.host_cache_bytes or len(self._host) <= 1:
+                break
+            if key in self._slot_of:
+                continue  # a resident adapter stays warm too
+            self._host_bytes -= self._host.pop(key).nbytes()
+
+    def _slot_for(self, key: AdapterKey, adapter: Adapter) -> int:
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self._slot_of.move_to_end(key)
+            return slot
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((k for k, s in self._slot_of.items() if self._pins[s] == 0), None)
+            if victim is None:
+                raise ResourceExhausted(f"all {self.num_slots} adapter slots are pinned by batches in flight; retry")
+            slot = self._slot_of.pop(victim)
+            self.stats.evictions += 1
+        self._load(slot, adapter)
+        self._slot_of[key] = slot
+        return slot
+
+    def _load(self, slot: int, adapter: Adapter) -> None:
+        for target_key in self._targets_in_slot[slot] - set(adapter.lora):
+            self.lora_a[target_key][slot].zero_()
+            self.lora_b[target_key][slot].zero_()
+        for target_key, (a, b) in adapter.lora.items():
+            pool_a, pool_b = self._buffers(target_key)
+            rank = a.shape[0]
+            pool_a[slot].zero_()
+            pool_b[slot].zero_()
+            pool_a[slot, :rank].copy_(a, non_blocking=True)
+            pool_b[slot, :, :rank].copy_(b * adapter.scaling, non_blocking=True)
+        self._targets_in_slot[slot] = set(adapter.lora)
+        self.heads[slot] = SlotHead(adapter.head_weight.to(self.device), adapter.head_bias.to(self.device))
+
+    def _buffers(self, target_key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if target_key not in self.lora_a:
+            fan_in, fan_out = target_shape(target_key[1], self.dims)
+            self.lora_a[target_key] = torch.zeros(self.num_slots, self.max_rank, fan_in, device=self.device)
+            self.lora_b[target_key] = torch.zeros(self.num_slots, fan_out, self.max_rank, device=self.device)
+            log.info("allocated LoRA slots for layer %d %s: %d slots x rank %d", *target_key, self.num_slots,
+                     self.max_rank)
+        return self.lora_a[target_key], self.lora_b[target_key]
+
+    def _unpin(self, slots) -> None:
+        with self._lock:
+            for slot in slots:
+                self._pins[slot] -= 1

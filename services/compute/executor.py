@@ -1,0 +1,81 @@
+"""Executes one prepared batch: order by entry layer and tenant, run the upper layers, pool, heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.lora import find_segments
+from services.compute.adapter_pool import AdapterPool, Lease
+from services.compute.batch import BatchResult, PackedBatch
+from services.compute.model_split import LayerInputs, UpperModel
+
+
+@dataclass
+class PreparedBatch:
+    """A batch whose PLOT vectors and adapters are in place: only device work is left."""
+    batch: PackedBatch
+    plot_rows: dict[int, np.ndarray]   # sequence index -> fp16 [len, H] layer-L vectors (split layer > 0)
+    lease: Lease
+
+
+class Executor:
+    def __init__(self, model: UpperModel, pool: AdapterPool) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = model.device
+
+    def execution_order(self, prepared: PreparedBatch) -> list[int]:
+        slots = prepared.lease.slots
+        specs = prepared.batch.sequences
+        return sorted(range(len(specs)), key=lambda i: (specs[i].split_layer,
+                                                        slots[(specs[i].tenant_id, specs[i].adapter_version)]))
+
+    @torch.inference_mode()
+    def run(self, prepared: PreparedBatch) -> BatchResult:
+        batch = prepared.batch
+        order = self.execution_order(prepared)
+        specs = [batch.sequences[i] for i in order]
+        lengths = [int(batch.offsets[i + 1] - batch.offsets[i]) for i in order]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tolist()
+        total = bounds[-1]
+        hidden = torch.empty(total, self.model.dims.hidden, dtype=torch.float32, device=self.device)
+
+        embed_positions = [j for j, spec in enumerate(specs) if spec.split_layer == 0]
+        if embed_positions:
+            ids = torch.from_numpy(np.concatenate([batch.tokens_of(order[j]) for j in embed_positions])
+                                   .astype(np.int64)).to(self.device)
+            positions = torch.cat([torch.arange(lengths[j]) for j in embed_positions]).to(self.device)
+            embedded = self.model.embed(ids, positions)
+            cursor = 0
+            for j in embed_positions:
+                hidden[bounds[j]:bounds[j + 1]] = embedded[cursor:cursor + lengths[j]]
+                cursor += lengths[j]
+        for j, spec in enumerate(specs):
+            if spec.split_layer > 0:
+                rows = torch.from_numpy(prepared.plot_rows[order[j]])
+                hidden[bounds[j]:bounds[j + 1]] = rows.to(self.device, non_blocking=True).float()
+
+        slot_of_seq = [prepared.lease.slots[(s.tenant_id, s.adapter_version)] for s in specs]
+        slot_per_token = [slot for slot, length in zip(slot_of_seq, lengths) for _ in range(length)]
+        inputs = LayerInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[s.split_layer for s in specs],
+                             segments=find_segments(slot_per_token, bounds))
+        hidden = self.model.run(inputs, self.pool.lora_a, self.pool.lora_b)
+
+        seq_index = torch.repeat_interleave(torch.arange(len(specs), device=self.device),
+                                            torch.tensor(lengths, device=self.device))
+        pooled = torch.zeros(len(specs), hidden.shape[1], device=self.device).index_add_(0, seq_index, hidden)
+        pooled /= torch.tensor(lengths, device=self.device, dtype=torch.float32)[:, None]
+
+        logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(specs)
+        if batch.want_logits:
+            for j, slot in enumerate(slot_of_seq):
+                head = self.pool.heads[slot]
+                logits[order[j]] = (pooled[j] @ head.weight.T + head.bias).cpu().numpy()
+        embeddings = None
+        if batch.want_embeddings:
+            restore = np.empty(len(order), dtype=np.int64)
+            restore[order] = np.arange(len(order))
+            embeddings = pooled[torch.from_numpy(restore).to(self.device)].cpu().numpy()
+        return BatchResult(logits=logits if batch.want_logits else [], embeddings=embeddings)

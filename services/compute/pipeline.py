@@ -1,0 +1,120 @@
+"""Compute pipeline: prepare (PLOT lookups + adapter loads, many batches at once) overlaps execute
+(one batch at a time on the device).
+
+Each Forward call prepares its batch in its own RPC thread while the single execution thread runs
+the batch before it; the gateway keeps several batches in flight per replica so the stages overlap.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import DeadlineExceeded
+from services.compute.adapter_pool import AdapterPool
+from services.compute.batch import BatchResult, PackedBatch
+from services.compute.executor import Executor, PreparedBatch
+from services.compute.store_client import StoreClient
+
+log = logging.getLogger("hmi.compute.pipeline")
+STAGE_SECONDS = Histogram("hmi_compute_stage_seconds", "time per pipeline stage", ["stage"])
+TOKENS = Counter("hmi_compute_tokens_total", "tokens executed")
+BATCHES = Counter("hmi_compute_batches_total", "batches executed")
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    fetch_ms: float = 0.0
+    execute_ms: float = 0.0
+
+
+@dataclass
+class PipelineStats:
+    batches: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    hit_depth_counts: list[int] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8) -> None:
+        self.executor = executor
+        self.pool = pool
+        self.store = store
+        self.stats = PipelineStats()
+        self._stats_lock = threading.Lock()
+        self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute")
+
+    def prepare(self, batch: PackedBatch, timeout: float) -> PreparedBatch:
+        """Lookups per domain and adapter loads run concurrently; a failure releases what was pinned."""
+        by_domain: dict[str, list[int]] = {}
+        for index, spec in enumerate(batch.sequences):
+            if spec.split_layer > 0:
+                by_domain.setdefault(spec.domain, []).append(index)
+        futures = {domain: self._fetchers.submit(self._lookup, batch, indices, timeout)
+                   for domain, indices in by_domain.items()}
+        lease = self.pool.acquire([(s.tenant_id, s.adapter_version) for s in batch.sequences])
+        try:
+            plot_rows: dict[int, np.ndarray] = {}
+            for domain, future in futures.items():
+                plot_rows.update(future.result())
+        except BaseException:
+            lease.release()
+            raise
+        return PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
+
+    def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> dict[int, np.ndarray]:
+        domain = batch.sequences[indices[0]].domain
+        pieces = [batch.tokens_of(i) for i in indices]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+        reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout)
+        with self._stats_lock:
+            counts = self.stats.hit_depth_counts
+            counts.extend([0] * (len(reply.hit_depth_counts) - len(counts)))
+            for depth, count in enumerate(reply.hit_depth_counts):
+                counts[depth] += count
+        return {index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)}
+
+    def run(self, batch: PackedBatch, timeout: float) -> tuple[BatchResult, Timings]:
+        timings = Timings()
+        started = time.perf_counter()
+        prepared = self.prepare(batch, timeout)
+        fetched = time.perf_counter()
+        timings.fetch_ms = (fetched - started) * 1e3
+        def execute():
+            begin = time.perf_counter()
+            result = self.executor.run(prepared)
+            return result, begin, time.perf_counter()
+
+        # The lease is released when execution ends, not when the caller gives up: pinned slots
+        # must not be reused while the device still reads them.
+        future = self._device.submit(execute)
+        future.add_done_callback(lambda _: prepared.lease.release())
+        try:
+            result, begin, end = future.result(timeout=max(0.05, timeout - (fetched - started)))
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded(f"batch not executed within the deadline ({timeout:.2f}s)") from None
+        timings.queue_ms = (begin - fetched) * 1e3
+        timings.execute_ms = (end - begin) * 1e3
+        STAGE_SECONDS.labels("fetch").observe(timings.fetch_ms / 1e3)
+        STAGE_SECONDS.labels("execute").observe(timings.execute_ms / 1e3)
+        TOKENS.inc(len(batch.token_ids))
+        BATCHES.inc()
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.sequences += batch.size
+            self.stats.tokens += len(batch.token_ids)
+        return result, timings
+
+    def close(self) -> None:
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
+        self._device.shutdown(wait=False, cancel_futures=True)

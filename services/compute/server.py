@@ -1,0 +1,70 @@
+"""Compute process: `hmi serve compute`."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hmi.v1 import compute_pb2_grpc as pb_grpc
+from services.common.adapter_format import parse_adapter
+from services.common.config import env, env_int
+from services.common.logs import setup_logging
+from services.common.models import model_name, resolve_model_dir
+from services.common.server import start_server, wait_for_termination
+from services.compute.adapter_pool import AdapterPool
+from services.compute.executor import Executor
+from services.compute.model_split import UpperModel
+from services.compute.pipeline import Pipeline
+from services.compute.servicer import ComputeServicer
+from services.compute.store_client import StoreClient
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default=env("HMI_COMPUTE_ADDR", "127.0.0.1:50053"),
+                        help="address to listen on [HMI_COMPUTE_ADDR]")
+    parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
+    parser.add_argument("--model", default=env("HMI_MODEL"), help="base model: name or local folder [HMI_MODEL]")
+    parser.add_argument("--device", default=env("HMI_DEVICE", "auto"), help="auto, cpu or cuda[:N] [HMI_DEVICE]")
+    parser.add_argument("--adapter-slots", type=int, default=env_int("HMI_ADAPTER_SLOTS", 128),
+                        help="adapters resident in device memory [HMI_ADAPTER_SLOTS]")
+    parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", 16),
+                        help="largest LoRA rank a slot holds [HMI_MAX_RANK]")
+    parser.add_argument("--host-cache-mib", type=int, default=env_int("HMI_HOST_CACHE_MIB", 1024),
+                        help="host-memory adapter cache [HMI_HOST_CACHE_MIB]")
+    parser.add_argument("--max-batch-tokens", type=int, default=env_int("HMI_COMPUTE_MAX_BATCH_TOKENS", 16384))
+    parser.add_argument("--threads", type=int, default=env_int("HMI_TORCH_THREADS", 0),
+                        help="torch CPU threads; 0 = torch's default [HMI_TORCH_THREADS]")
+    parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(args: argparse.Namespace) -> None:
+    log = setup_logging("compute")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model_dir = resolve_model_dir(args.model)
+    model = UpperModel(model_dir, device)
+    store = StoreClient(args.store)
+    pool = AdapterPool(model.dims, device, slots=args.adapter_slots, max_rank=args.max_rank,
+                       host_cache_bytes=args.host_cache_mib << 20,
+                       fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
+                                                                   num_labels=None))
+    pipeline = Pipeline(Executor(model, pool), pool, store)
+    servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model))
+    running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
+                           ["hmi.v1.Compute"], metrics_port=args.metrics_port)
+    running.set_serving(True)
+    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, store %s)", args.listen,
+             model_dir, device, args.adapter_slots, args.max_rank, args.store)
+
+    def stop():
+        pipeline.close()
+        store.close()
+
+    wait_for_termination(running, log, on_stop=stop)

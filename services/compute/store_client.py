@@ -1,0 +1,54 @@
+"""Compute's client of the knowledge store: PLOT lookups and adapter fetches (both streamed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hmi.v1 import knowledge_store_pb2 as pb
+from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.codec import encode_tensor, join_chunks
+from services.common.errors import InvalidArgument
+from services.common.rpc import channel
+
+
+@dataclass
+class LookupReply:
+    vectors: np.ndarray              # float16 [tokens, hidden]
+    hit_depth_counts: list[int]
+
+
+class StoreClient:
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = channel(address)
+        self.stub = pb_grpc.KnowledgeStoreStub(self.channel)
+
+    def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
+               timeout: float | None = None) -> LookupReply:
+        request = pb.LookupRequest(domain=domain, token_ids=encode_tensor(token_ids.astype(np.int32)),
+                                   offsets=offsets.tolist())
+        stream = self.stub.Lookup(request, timeout=timeout or self.timeout)
+        header = None
+        buffer = bytearray()
+        for message in stream:
+            if message.WhichOneof("item") == "header":
+                header = message.header
+            else:
+                buffer += message.chunk
+        if header is None or header.dtype != "float16":
+            raise InvalidArgument("store answered a lookup without a float16 header")
+        shape = tuple(header.shape)
+        vectors = np.frombuffer(bytes(buffer), dtype="<f2")
+        if vectors.size != int(np.prod(shape)):
+            raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
+        return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts))
+
+    def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
+        stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
+                                      timeout=timeout or self.timeout)
+        return join_chunks(chunk.data for chunk in stream)
+
+    def close(self) -> None:
+        self.channel.close()
