@@ -1,0 +1,145 @@
+"""Dynamic batching across tenants: sequences wait at most `max_wait` for company, a batch holds at
+most `max_batch_tokens` tokens and `max_batch_tenants` distinct adapters, and the queue is bounded."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from hmi.v1 import compute_pb2 as pb
+from services.common.codec import decode_tensor, encode_tensor
+from services.common.errors import ResourceExhausted
+from services.gateway.directory import TenantRoute
+from services.gateway.router import Router
+
+log = logging.getLogger("hmi.gateway.batcher")
+BATCH_SEQUENCES = Histogram("hmi_gateway_batch_sequences", "sequences per batch",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_FAILURES = Counter("hmi_gateway_batch_failures_total", "batches that failed", ["code"])
+
+
+@dataclass
+class SequenceWork:
+    token_ids: np.ndarray
+    route: TenantRoute
+    deadline: float                     # time.monotonic() seconds
+    want_embedding: bool
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class SequenceResult:
+    logits: np.ndarray | None
+    embedding: np.ndarray | None
+
+
+@dataclass
+class BatcherSettings:
+    max_batch_tokens: int = 8192
+    max_batch_tenants: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096
+
+
+class Batcher:
+    def __init__(self, router: Router, settings: BatcherSettings) -> None:
+        self.router = router
+        self.settings = settings
+        self._queue: queue.Queue[SequenceWork] = queue.Queue(maxsize=settings.max_queue)
+        self._carry: SequenceWork | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, items: list[SequenceWork]) -> None:
+        for item in items:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                raise ResourceExhausted(f"the gateway queue is full ({self.settings.max_queue} sequences waiting); "
+                                        f"back off and retry") from None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _take(self, timeout: float) -> SequenceWork | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            first = self._take(0.1)
+            if first is None:
+                continue
+            batch, tokens, tenants = [first], len(first.token_ids), {first.route.tenant_id}
+            closes = time.monotonic() + self.settings.max_wait_ms / 1e3
+            while tokens < self.settings.max_batch_tokens:
+                item = self._take(max(0.0, closes - time.monotonic()))
+                if item is None:
+                    break
+                new_tenant = item.route.tenant_id not in tenants
+                if (tokens + len(item.token_ids) > self.settings.max_batch_tokens
+                        or (new_tenant and len(tenants) >= self.settings.max_batch_tenants)):
+                    self._carry = item
+                    break
+                batch.append(item)
+                tokens += len(item.token_ids)
+                tenants.add(item.route.tenant_id)
+            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if batch:
+                self._dispatch(batch)
+
+    def _dispatch(self, batch: list[SequenceWork]) -> None:
+        replica = self.router.acquire()
+        lengths = [len(item.token_ids) for item in batch]
+        request = pb.ForwardRequest(
+            token_ids=encode_tensor(np.concatenate([item.token_ids for item in batch])),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
+            sequences=[pb.SequenceSpec(tenant_id=item.route.tenant_id, adapter_version=item.route.adapter_version,
+                                       domain=item.route.domain, split_layer=item.route.split_layer)
+                       for item in batch],
+            want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
+        timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
+        BATCH_SEQUENCES.observe(len(batch))
+        call = replica.stub.Forward.future(request, timeout=timeout)
+        call.add_done_callback(lambda done: self._complete(done, batch, replica))
+
+    def _complete(self, call, batch: list[SequenceWork], replica) -> None:
+        try:
+            response = call.result()
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+            self.router.release(replica, failed=code == grpc.StatusCode.UNAVAILABLE
+                                and "peer service" not in (error.details() or ""))
+            BATCH_FAILURES.labels(code.name).inc()
+            log.warning("batch of %d sequences failed on %s: %s %s", len(batch), replica.address, code.name,
+                        error.details() if hasattr(error, "details") else error)
+            for item in batch:
+                item.future.set_exception(error)
+            return
+        self.router.release(replica)
+        try:
+            logits = decode_tensor(response.logits, field="logits") if response.logit_offsets else None
+            embeddings = decode_tensor(response.embeddings, field="embeddings") if response.embeddings.shape else None
+            offsets = list(response.logit_offsets)
+            for index, item in enumerate(batch):
+                item.future.set_result(SequenceResult(
+                    logits=logits[offsets[index]:offsets[index + 1]] if logits is not None else None,
+                    embedding=embeddings[index] if embeddings is not None and item.want_embedding else None))
+        except Exception as error:  # noqa: BLE001 - a malformed reply fails its requests, not the gateway
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)

@@ -1,0 +1,38 @@
+"""Text -> token ids with the base model's fast tokenizer, with the limits a request must respect."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+from services.common.models import load_tokenizer
+
+
+class TextEncoder:
+    def __init__(self, model_dir: Path, *, max_sequence_tokens: int, max_texts: int, max_text_chars: int = 100_000):
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_sequence_tokens = max_sequence_tokens
+        self.max_texts = max_texts
+        self.max_text_chars = max_text_chars
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            raise InvalidArgument("give at least one text")
+        if len(texts) > self.max_texts:
+            raise InvalidArgument(f"{len(texts)} texts in one request exceed the limit of {self.max_texts}; "
+                                  f"split the request")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"text {index} is empty")
+            if len(text) > self.max_text_chars:
+                raise InvalidArgument(f"text {index} has {len(text)} characters, above the limit of "
+                                      f"{self.max_text_chars}")
+        encodings = self.tokenizer.encode_batch(texts)
+        result = []
+        for index, encoding in enumerate(encodings):
+            if len(encoding.ids) > self.max_sequence_tokens:
+                raise InvalidArgument(f"text {index} is {len(encoding.ids)} tokens long, above the maximum of "
+                                      f"{self.max_sequence_tokens} tokens (special tokens included); shorten it")
+            result.append(np.asarray(encoding.ids, dtype=np.int32))
+        return result

@@ -1,0 +1,49 @@
+"""Independent reference: the plain transformers model with a tenant's LoRA merged into its weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from services.common.adapter_format import Adapter
+
+MODULES = {
+    "query": lambda layer: layer.attention.self.query,
+    "key": lambda layer: layer.attention.self.key,
+    "value": lambda layer: layer.attention.self.value,
+    "attn_out": lambda layer: layer.attention.output.dense,
+    "ffn_in": lambda layer: layer.intermediate.dense,
+    "ffn_out": lambda layer: layer.output.dense,
+}
+
+
+def merged_model(base, adapter: Adapter):
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for (layer, target), (a, b) in adapter.lora.items():
+            linear = MODULES[target](model.encoder.layer[layer])
+            linear.weight += adapter.scaling * (b @ a)
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_logits(base, adapter: Adapter, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full model (every layer), mean pooling, head: (logits, pooled)."""
+    model = merged_model(base, adapter)
+    hidden = model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]
+    pooled = hidden.mean(0)
+    return pooled @ adapter.head_weight.T + adapter.head_bias, pooled
+
+
+@torch.no_grad()
+def reference_logits_from_layer(base, adapter: Adapter, layer_input: torch.Tensor, split_layer: int):
+    """Feeds given layer-L vectors (e.g. PLOT rows) into the plain upper layers [L, N) with merged LoRA."""
+    model = merged_model(base, adapter)
+    hidden = layer_input[None].float()
+    mask = torch.ones(1, hidden.shape[1], dtype=torch.long)
+    extended = model.get_extended_attention_mask(mask, mask.shape)
+    for layer in model.encoder.layer[split_layer:]:
+        out = layer(hidden, attention_mask=extended)
+        hidden = out[0] if isinstance(out, tuple) else out
+    pooled = hidden[0].mean(0)
+    return pooled @ adapter.head_weight.T + adapter.head_bias, pooled
