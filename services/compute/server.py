@@ -3,20 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from hmi.v1 import compute_pb2_grpc as pb_grpc
-from services.common.adapter_format import parse_adapter
 from services.common.config import env, env_int
-from services.common.logs import setup_logging
-from services.common.models import model_name, resolve_model_dir
-from services.common.server import start_server, wait_for_termination
-from services.compute.adapter_pool import AdapterPool
-from services.compute.executor import Executor
-from services.compute.model_split import UpperModel
-from services.compute.pipeline import Pipeline
-from services.compute.servicer import ComputeServicer
-from services.compute.store_client import StoreClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +24,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str):
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def main(args: argparse.Namespace) -> None:
+    # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
+    import torch
+    from hmi.v1 import compute_pb2_grpc as pb_grpc
+    from services.common.adapter_format import parse_adapter
+    from services.common.logs import setup_logging
+    from services.common.models import model_name, resolve_model_dir
+    from services.common.server import start_server, wait_for_termination
+    from services.compute.adapter_pool import AdapterPool
+    from services.compute.executor import Executor
+    from services.compute.model_split import UpperModel
+    from services.compute.pipeline import Pipeline
+    from services.compute.servicer import ComputeServicer
+    from services.compute.store_client import StoreClient
     log = setup_logging("compute")
     if args.threads:
         torch.set_num_threads(args.threads)

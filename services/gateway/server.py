@@ -3,18 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hmi.v1 import gateway_pb2_grpc as pb_grpc
-from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
 from services.common.config import env, env_float, env_int, split_addresses
-from services.common.logs import setup_logging
-from services.common.models import ModelDims, resolve_model_dir
-from services.common.rpc import channel
-from services.common.server import start_server, wait_for_termination
-from services.gateway.batcher import Batcher, BatcherSettings
-from services.gateway.directory import TenantDirectory
-from services.gateway.router import Router
-from services.gateway.servicer import AdminServicer, GatewayServicer
-from services.gateway.tokenizer import TextEncoder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
+    from hmi.v1 import gateway_pb2_grpc as pb_grpc
+    from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
+    from services.common.logs import setup_logging
+    from services.common.models import ModelDims, resolve_model_dir
+    from services.common.rpc import channel
+    from services.common.server import start_server, wait_for_termination
+    from services.gateway.batcher import Batcher, BatcherSettings
+    from services.gateway.directory import TenantDirectory
+    from services.gateway.router import Router
+    from services.gateway.servicer import AdminServicer, GatewayServicer
+    from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway")
     model_dir = resolve_model_dir(args.model)
     dims = ModelDims.from_dir(model_dir)

@@ -2,15 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.config import env, env_int
-from services.common.logs import setup_logging
-from services.common.models import model_name, resolve_model_dir
-from services.common.server import start_server, wait_for_termination
-from services.knowledge_store.servicer import KnowledgeStoreServicer
-from services.knowledge_store.store import KnowledgeStore, StoreSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
+    from pathlib import Path
+    from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+    from services.common.logs import setup_logging
+    from services.common.models import model_name, resolve_model_dir
+    from services.common.server import start_server, wait_for_termination
+    from services.knowledge_store.servicer import KnowledgeStoreServicer
+    from services.knowledge_store.store import KnowledgeStore, StoreSettings
     log = setup_logging("store")
     model_dir = resolve_model_dir(args.model)
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=model_dir, model_name=model_name(args.model),

@@ -1,0 +1,290 @@
+"""`hmi`: start the services, administer domains and tenants, classify and embed from the shell.
+
+Client commands reach the gateway at HMI_GATEWAY_ADDR (or --gateway). Every failed call exits
+non-zero with the server's status and message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from services.common.config import env, split_addresses
+
+
+def _print_message(message) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _client(args):
+    from hmi.client import HMIClient
+    return HMIClient(args.gateway, timeout=args.timeout)
+
+
+# ---- services -----------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    if args.service == "store":
+        from services.knowledge_store.server import main
+    elif args.service == "compute":
+        from services.compute.server import main
+    else:
+        from services.gateway.server import main
+    main(args)
+    return 0
+
+
+def cmd_up(args) -> int:
+    from hmi.launcher import ServiceSet
+    host = args.gateway.rsplit(":", 1)[0]
+    compute = split_addresses(args.compute_addrs)
+    if args.computes > len(compute):
+        base = int(compute[-1].rsplit(":", 1)[1]) if compute else 50053
+        compute += [f"{host}:{base + i}" for i in range(1, args.computes - len(compute) + 1)]
+    services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=args.store_addr,
+                          compute_addrs=compute[:max(1, args.computes)], model=args.model,
+                          log_dir=Path(args.log_dir) if args.log_dir else None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        services.start(timeout=args.start_timeout)
+        print(f"HMI is ready: gateway {args.gateway}, store {args.store_addr}, compute {','.join(services.compute_addrs)}"
+              f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            if len(services.running()) < len(services.services):
+                print(f"a service exited; stopping the rest (running: {services.running()})", file=sys.stderr)
+                return 1
+    finally:
+        services.stop()
+        print("HMI stopped", flush=True)
+    return 0
+
+
+# ---- domains ------------------------------------------------------------------------------------
+
+def cmd_domain_build(args) -> int:
+    from tqdm import tqdm
+    corpus = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else ""
+    bars: dict[str, tqdm] = {}
+
+    def progress(update) -> None:
+        if update.stage == "done":
+            return
+        bar = bars.get(update.stage)
+        if bar is None:
+            bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage, unit="seq" if
+                                            update.stage != "vocabulary" else "tok", file=sys.stderr)
+        bar.total = update.total
+        bar.n = update.done
+        bar.refresh()
+
+    with _client(args) as client:
+        domain = client.build_domain(args.name, corpus, split_layer=args.split_layer, context=args.context,
+                                     min_count=args.min_count, parent=args.parent, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    print(f"domain {domain.spec.name}: split layer {domain.spec.split_layer}, context {domain.spec.context}, "
+          f"{domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
+          f"{domain.plot_bytes / 2**20:.1f} MiB of vectors")
+    return 0
+
+
+def cmd_domain_list(args) -> int:
+    with _client(args) as client:
+        for domain in client.list_domains():
+            print(f"{domain.spec.name}\tL={domain.spec.split_layer}\tk={domain.spec.context}\tnodes={domain.nodes}"
+                  f"\t{domain.plot_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_domain_show(args) -> int:
+    with _client(args) as client:
+        _print_message(client.get_domain(args.name))
+    return 0
+
+
+def cmd_domain_delete(args) -> int:
+    with _client(args) as client:
+        client.delete_domain(args.name)
+    print(f"deleted domain {args.name}")
+    return 0
+
+
+# ---- tenants ------------------------------------------------------------------------------------
+
+def cmd_tenant_register(args) -> int:
+    adapter = Path(args.adapter).read_bytes() if args.adapter else None
+    labels = [label.strip() for label in args.labels.split(",")]
+    with _client(args) as client:
+        tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
+                                        seed=args.seed)
+    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, labels {','.join(tenant.spec.labels)}, "
+          f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
+    return 0
+
+
+def cmd_tenant_list(args) -> int:
+    with _client(args) as client:
+        reply = client.list_tenants(args.domain, args.limit)
+    for tenant in reply.tenants:
+        print(f"{tenant.spec.tenant_id}\t{tenant.spec.domain}\t{','.join(tenant.spec.labels)}\tv{tenant.adapter_version}")
+    print(f"{len(reply.tenants)} of {reply.total} tenants", file=sys.stderr)
+    return 0
+
+
+def cmd_tenant_show(args) -> int:
+    with _client(args) as client:
+        _print_message(client.get_tenant(args.tenant_id))
+    return 0
+
+
+def cmd_tenant_delete(args) -> int:
+    with _client(args) as client:
+        client.delete_tenant(args.tenant_id)
+    print(f"deleted tenant {args.tenant_id}")
+    return 0
+
+
+# ---- inference ----------------------------------------------------------------------------------
+
+def cmd_classify(args) -> int:
+    with _client(args) as client:
+        predictions = client.classify(args.tenant_id, args.texts)
+    for text, prediction in zip(args.texts, predictions):
+        probabilities = ", ".join(f"{label}={p:.3f}" for label, p in prediction.probabilities.items())
+        print(f"{prediction.label}\t{probabilities}\t{text}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    with _client(args) as client:
+        vectors = client.embed(args.tenant_id, args.texts)
+    for vector in vectors:
+        print(json.dumps([round(v, 6) for v in vector]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from hmi.demo import run_demo
+    return run_demo(args)
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub_target[0].add_parser(name, **kwargs)
+        p.add_argument("--gateway", default=env("HMI_GATEWAY_ADDR"), help="gateway address [HMI_GATEWAY_ADDR]")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+        return p
+
+    sub_target = [sub]
+    up = sub.add_parser("up", help="start store, compute and gateway as local processes")
+    up.add_argument("--gateway", default=env("HMI_GATEWAY_ADDR"), help="[HMI_GATEWAY_ADDR]")
+    up.add_argument("--store-addr", default=env("HMI_STORE_ADDR"), help="[HMI_STORE_ADDR]")
+    up.add_argument("--compute-addrs", default=env("HMI_COMPUTE_ADDRS"), help="[HMI_COMPUTE_ADDRS]")
+    up.add_argument("--computes", type=int, default=1, help="compute replicas to start")
+    up.add_argument("--data-dir", default=env("HMI_DATA_DIR"), help="[HMI_DATA_DIR]")
+    up.add_argument("--model", default=env("HMI_MODEL"), help="[HMI_MODEL]")
+    up.add_argument("--log-dir", default=None, help="write each service's log there instead of this terminal")
+    up.add_argument("--start-timeout", type=float, default=180.0)
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="run one service in the foreground (what compose runs)")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+    from services.compute.server import add_arguments as compute_args
+    from services.gateway.server import add_arguments as gateway_args
+    from services.knowledge_store.server import add_arguments as store_args
+    for name, add in (("store", store_args), ("compute", compute_args), ("gateway", gateway_args)):
+        p = serve_sub.add_parser(name)
+        add(p)
+        p.set_defaults(func=cmd_serve)
+
+    domain = sub.add_parser("domain", help="domains and their PLOT")
+    sub_target[0] = domain.add_subparsers(dest="action", required=True)
+    p = client_parser("build", help="create or rebuild a domain's PLOT from a text file (one sequence per line)")
+    p.add_argument("name")
+    p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
+    p.add_argument("--split-layer", type=int, default=2, help="L: PLOT replaces layers [0, L)")
+    p.add_argument("--context", type=int, default=3, help="k: context depth of the knowledge tree")
+    p.add_argument("--min-count", type=int, default=2, help="keep deeper nodes seen at least this often")
+    p.add_argument("--parent", default="", help="parent domain")
+    p.set_defaults(func=cmd_domain_build, timeout=3600.0)
+    client_parser("list").set_defaults(func=cmd_domain_list)
+    p = client_parser("show")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_domain_show)
+    p = client_parser("delete")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_domain_delete)
+
+    tenant = sub.add_parser("tenant", help="tenants and their adapters")
+    sub_target[0] = tenant.add_subparsers(dest="action", required=True)
+    p = client_parser("register", help="register or replace a tenant")
+    p.add_argument("tenant_id")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--labels", required=True, help="comma-separated class names, in head order")
+    p.add_argument("--adapter", help="adapter .safetensors; none: a fresh random adapter")
+    p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
+    p.set_defaults(func=cmd_tenant_register)
+    p = client_parser("list")
+    p.add_argument("--domain", default="")
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(func=cmd_tenant_list)
+    p = client_parser("show")
+    p.add_argument("tenant_id")
+    p.set_defaults(func=cmd_tenant_show)
+    p = client_parser("delete")
+    p.add_argument("tenant_id")
+    p.set_defaults(func=cmd_tenant_delete)
+
+    sub_target[0] = sub
+    p = client_parser("classify", help="label and probabilities for each text")
+    p.add_argument("tenant_id")
+    p.add_argument("texts", nargs="+")
+    p.set_defaults(func=cmd_classify)
+    p = client_parser("embed", help="pooled vector for each text")
+    p.add_argument("tenant_id")
+    p.add_argument("texts", nargs="+")
+    p.set_defaults(func=cmd_embed)
+
+    demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")
+    demo.add_argument("--tenants", type=int, default=300)
+    demo.add_argument("--requests", type=int, default=600)
+    demo.add_argument("--clients", type=int, default=16)
+    demo.add_argument("--data-dir", default=None, help="default: a fresh temporary folder")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except grpc.RpcError as error:
+        code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+        details = error.details() if hasattr(error, "details") else str(error)
+        hint = ""
+        if code == "UNAVAILABLE" and "gateway" in args and "peer service" not in (details or ""):
+            hint = f" (is HMI running at {args.gateway}? start it with `hmi up`)"
+        print(f"error: {code}: {details}{hint}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

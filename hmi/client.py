@@ -1,0 +1,113 @@
+"""Python client of the gateway (public and admin APIs); the CLI, the demo and the tests use it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hmi.v1 import gateway_pb2 as pb
+from hmi.v1 import gateway_pb2_grpc as pb_grpc
+from hmi.v1 import knowledge_store_pb2 as store_pb
+from services.common.codec import split_chunks
+from services.common.rpc import channel
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+class HMIClient:
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = channel(address)
+        self.gateway = pb_grpc.GatewayStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "HMIClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- admin ---------------------------------------------------------------------------------
+
+    def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
+                     parent: str = "", progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
+                     timeout: float | None = None) -> store_pb.Domain:
+        def requests() -> Iterator[store_pb.BuildDomainRequest]:
+            yield store_pb.BuildDomainRequest(spec=store_pb.DomainSpec(
+                name=name, parent=parent, split_layer=split_layer, context=context, min_count=min_count))
+            for chunk in split_chunks(corpus.encode("utf-8")):
+                yield store_pb.BuildDomainRequest(corpus_chunk=chunk)
+
+        domain = None
+        for update in self.admin.BuildDomain(requests(), timeout=timeout or 3600):
+            if progress is not None:
+                progress(update)
+            if update.stage == "done":
+                domain = update.domain
+        if domain is None:
+            raise RuntimeError("the build ended without a result")
+        return domain
+
+    def get_domain(self, name: str) -> store_pb.Domain:
+        return self.admin.GetDomain(store_pb.GetDomainRequest(name=name), timeout=self.timeout)
+
+    def list_domains(self) -> list[store_pb.Domain]:
+        return list(self.admin.ListDomains(store_pb.ListDomainsRequest(), timeout=self.timeout).domains)
+
+    def delete_domain(self, name: str) -> None:
+        self.admin.DeleteDomain(store_pb.DeleteDomainRequest(name=name), timeout=self.timeout)
+
+    def register_tenant(self, tenant_id: str, domain: str, labels: list[str], adapter: bytes | None = None,
+                        *, rank: int = 0, seed: int = 0) -> store_pb.Tenant:
+        def requests() -> Iterator[store_pb.PutTenantRequest]:
+            yield store_pb.PutTenantRequest(spec=store_pb.TenantSpec(
+                tenant_id=tenant_id, domain=domain, labels=labels, rank=rank, seed=seed))
+            for chunk in split_chunks(adapter or b""):
+                yield store_pb.PutTenantRequest(adapter_chunk=chunk)
+
+        return self.admin.RegisterTenant(requests(), timeout=self.timeout)
+
+    def get_tenant(self, tenant_id: str) -> store_pb.Tenant:
+        return self.admin.GetTenant(store_pb.GetTenantRequest(tenant_id=tenant_id), timeout=self.timeout)
+
+    def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> store_pb.ListTenantsResponse:
+        return self.admin.ListTenants(store_pb.ListTenantsRequest(domain=domain, limit=limit, after=after),
+                                      timeout=self.timeout)
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        self.admin.DeleteTenant(store_pb.DeleteTenantRequest(tenant_id=tenant_id), timeout=self.timeout)
+
+    # ---- public --------------------------------------------------------------------------------
+
+    def classify(self, tenant_id: str, texts: list[str], timeout: float | None = None) -> list[Prediction]:
+        response = self.gateway.Classify(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts),
+                                         timeout=timeout or self.timeout)
+        return [Prediction(r.label, dict(zip(r.labels, r.probabilities))) for r in response.results]
+
+    def classify_future(self, tenant_id: str, texts: list[str], timeout: float | None = None):
+        return self.gateway.Classify.future(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts),
+                                            timeout=timeout or self.timeout)
+
+    def embed(self, tenant_id: str, texts: list[str], timeout: float | None = None) -> list[list[float]]:
+        response = self.gateway.Embed(pb.EmbedRequest(tenant_id=tenant_id, texts=texts),
+                                      timeout=timeout or self.timeout)
+        return [list(e.values) for e in response.embeddings]
+
+
+def is_serving(address: str, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
