@@ -40,10 +40,8 @@ def reference_logits_from_layer(base, adapter: Adapter, layer_input: torch.Tenso
     """Feeds given layer-L vectors (e.g. PLOT rows) into the plain upper layers [L, N) with merged LoRA."""
     model = merged_model(base, adapter)
     hidden = layer_input[None].float()
-    mask = torch.ones(1, hidden.shape[1], dtype=torch.long)
-    extended = model.get_extended_attention_mask(mask, mask.shape)
     for layer in model.encoder.layer[split_layer:]:
-        out = layer(hidden, attention_mask=extended)
+        out = layer(hidden, attention_mask=None)  # one unpadded sequence: no mask needed
         hidden = out[0] if isinstance(out, tuple) else out
     pooled = hidden[0].mean(0)
     return pooled @ adapter.head_weight.T + adapter.head_bias, pooled

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random-weight BERT (with the real MiniLM tokenizer) and running services."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """4 layers, hidden 64, MiniLM's vocabulary and tokenizer: real transformers code, fast on CPU."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from services.common.models import packaged_minilm_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        source = packaged_minilm_dir() / name
+        if source.exists():
+            shutil.copy(source, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from services.common.models import load_bert
+    return load_bert(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from services.common.models import load_tokenizer
+    return load_tokenizer(tiny_model_dir)
+
+
+def start_services(data_dir: Path, model: Path, **env) -> "ServiceSet":  # noqa: F821
+    from hmi.launcher import ServiceSet
+    services = ServiceSet.on_free_ports(data_dir, model=str(model), log_dir=data_dir / "logs",
+                                       extra_env={"HMI_MAX_WAIT_MS": "20", "HMI_TORCH_THREADS": "1", **env})
+    services.start(timeout=180)
+    return services
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory, tiny_model_dir):
+    """One running suite (store, compute, gateway as real processes) shared by the integration tests."""
+    running = start_services(tmp_path_factory.mktemp("hmi-data"), tiny_model_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(services):
+    from hmi.client import HMIClient
+    with HMIClient(services.gateway_addr, timeout=60) as hmi_client:
+        yield hmi_client

@@ -1,0 +1,102 @@
+"""Bad input gets a clear status and never crashes a service; the services answer afterwards."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.torch import save as save_safetensors
+import torch
+
+from hmi.v1 import compute_pb2, compute_pb2_grpc, tensor_pb2
+from services.common.adapter_format import random_adapter, serialize_adapter
+from services.common.models import ModelDims
+from services.common.rpc import channel
+from tests.helpers import expect_status
+
+pytestmark = pytest.mark.integration
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def domain(client):
+    client.build_domain("bad-input", "a small corpus line\nanother small line", split_layer=1, context=2,
+                        min_count=1)
+    client.register_tenant("good", "bad-input", ["no", "yes"], seed=5)
+    return "bad-input"
+
+
+def still_serving(client) -> None:
+    assert client.classify("good", ["still here"])[0].label in ("no", "yes")
+
+
+def test_unknown_tenant_is_not_found(client, domain):
+    message = expect_status(Code.NOT_FOUND, client.classify, "nobody", ["hello"])
+    assert "nobody" in message
+    still_serving(client)
+
+
+def test_unknown_domain_is_not_found(client, domain):
+    expect_status(Code.NOT_FOUND, client.register_tenant, "orphan", "no-such-domain", ["a", "b"])
+    expect_status(Code.NOT_FOUND, client.get_domain, "no-such-domain")
+    still_serving(client)
+
+
+def test_empty_text_and_no_text_are_invalid(client, domain):
+    assert "empty" in expect_status(Code.INVALID_ARGUMENT, client.classify, "good", ["   "])
+    expect_status(Code.INVALID_ARGUMENT, client.classify, "good", [])
+    still_serving(client)
+
+
+def test_text_over_the_maximum_length_is_invalid(client, domain):
+    message = expect_status(Code.INVALID_ARGUMENT, client.classify, "good", ["word " * 600])
+    assert "maximum" in message and "256" in message
+    still_serving(client)
+
+
+def test_wrong_label_count_is_invalid(client, domain, tiny_model_dir):
+    dims = ModelDims.from_dir(tiny_model_dir)
+    adapter = serialize_adapter(random_adapter(dims, num_labels=3, rank=4, first_layer=1, seed=1))
+    message = expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "wrong-labels", domain, ["a", "b"], adapter)
+    assert "label" in message
+    expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "one-label", domain, ["only"])
+    expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "dup-labels", domain, ["a", "a"])
+    still_serving(client)
+
+
+@pytest.mark.parametrize("payload", [b"not a safetensors file", b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json",
+                                     save_safetensors({"something.else": torch.zeros(2)})])
+def test_malformed_adapter_is_invalid(client, domain, payload):
+    expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "bad-adapter", domain, ["a", "b"], payload)
+    expect_status(Code.NOT_FOUND, client.get_tenant, "bad-adapter")
+    still_serving(client)
+
+
+def test_invalid_names_and_specs(client, domain):
+    expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "has space", domain, ["a", "b"])
+    expect_status(Code.INVALID_ARGUMENT, client.build_domain, "too-deep", "text", split_layer=99, context=2,
+                  min_count=1)
+    expect_status(Code.INVALID_ARGUMENT, client.build_domain, "no-corpus", "", split_layer=1, context=2, min_count=1)
+    still_serving(client)
+
+
+def forward(services, request):
+    return compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0])).Forward(request, timeout=30)
+
+
+def test_malformed_tensors_to_compute_are_invalid(services, client, domain):
+    spec = compute_pb2.SequenceSpec(tenant_id="good", adapter_version=1, domain=domain, split_layer=1)
+    bad_bytes = compute_pb2.ForwardRequest(token_ids=tensor_pb2.Tensor(dtype="int32", shape=[4], data=b"\x00" * 15),
+                                           offsets=[0, 4], sequences=[spec])
+    assert "bytes" in expect_status(Code.INVALID_ARGUMENT, forward, services, bad_bytes)
+    bad_dtype = compute_pb2.ForwardRequest(token_ids=tensor_pb2.Tensor(dtype="complex64", shape=[1], data=b"1234"),
+                                           offsets=[0, 1], sequences=[spec])
+    expect_status(Code.INVALID_ARGUMENT, forward, services, bad_dtype)
+    ids = np.array([101, 7592, 102], dtype=np.int32)
+    bad_offsets = compute_pb2.ForwardRequest(token_ids=tensor_pb2.Tensor(dtype="int32", shape=[3], data=ids.tobytes()),
+                                             offsets=[0, 5], sequences=[spec])
+    expect_status(Code.INVALID_ARGUMENT, forward, services, bad_offsets)
+    bad_ids = compute_pb2.ForwardRequest(
+        token_ids=tensor_pb2.Tensor(dtype="int32", shape=[3], data=np.array([1, -5, 10**8], np.int32).tobytes()),
+        offsets=[0, 3], sequences=[spec])
+    expect_status(Code.INVALID_ARGUMENT, forward, services, bad_ids)
+    still_serving(client)

@@ -1,0 +1,89 @@
+"""Peers going down and whole restarts: UNAVAILABLE within the deadline, nothing committed is lost."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from hmi.client import HMIClient
+from tests.conftest import start_services
+from tests.helpers import expect_status
+
+pytestmark = pytest.mark.integration
+TEXTS = ["the service was quick", "I would like a refund", "sunny all weekend"]
+
+
+@pytest.fixture
+def own_services(tmp_path, tiny_model_dir):
+    services = start_services(tmp_path / "data", tiny_model_dir)
+    yield services
+    services.stop()
+
+
+def test_store_down_gives_unavailable_within_deadline_then_recovers(own_services):
+    with HMIClient(own_services.gateway_addr) as client:
+        client.build_domain("d", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
+        client.register_tenant("t", "d", ["a", "b"], seed=3)
+        before = client.classify("t", TEXTS)
+        own_services.stop(["store"])
+        started = time.monotonic()
+        message = expect_status(grpc.StatusCode.UNAVAILABLE, client.classify, "t", TEXTS, timeout=5)
+        assert time.monotonic() - started < 5.5
+        assert "unavailable" in message.lower()
+        own_services.start(only=["store"])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                after = client.classify("t", TEXTS)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        for old, new in zip(before, after):
+            assert new.probabilities == pytest.approx(old.probabilities, abs=1e-6)
+
+
+def test_restart_loses_no_domain_tenant_or_adapter(own_services):
+    with HMIClient(own_services.gateway_addr) as client:
+        client.build_domain("kept", "\n".join(TEXTS), split_layer=1, context=3, min_count=1)
+        client.build_domain("kept-exact", "", split_layer=0, context=1, min_count=1)
+        client.register_tenant("t1", "kept", ["a", "b", "c"])
+        client.register_tenant("t2", "kept-exact", ["x", "y"])
+        before = {t: client.classify(t, TEXTS) for t in ("t1", "t2")}
+        embedded = client.embed("t1", TEXTS[:1])
+    own_services.stop()
+    own_services.start()
+    with HMIClient(own_services.gateway_addr) as client:
+        assert {d.spec.name for d in client.list_domains()} == {"kept", "kept-exact"}
+        assert client.list_tenants().total == 2
+        for tenant, predictions in before.items():
+            again = client.classify(tenant, TEXTS)
+            assert [p.label for p in again] == [p.label for p in predictions]
+            for old, new in zip(predictions, again):
+                assert new.probabilities == pytest.approx(old.probabilities, abs=1e-6)
+        assert client.embed("t1", TEXTS[:1])[0] == pytest.approx(embedded[0], abs=1e-6)
+
+
+def test_killed_store_keeps_committed_writes(own_services):
+    """SIGKILL right after a commit: LMDB has it on disk."""
+    import signal
+    with HMIClient(own_services.gateway_addr) as client:
+        client.build_domain("k", "", split_layer=0, context=1, min_count=1)
+        client.register_tenant("survivor", "k", ["a", "b"], seed=9)
+        version = client.get_tenant("survivor").adapter_version
+    own_services.stop(["store"], sig=signal.SIGKILL)
+    own_services.start(only=["store"])
+    with HMIClient(own_services.gateway_addr) as client:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                tenant = client.get_tenant("survivor")
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert tenant.adapter_version == version
+        assert client.classify("survivor", ["hello"])[0].label in ("a", "b")
