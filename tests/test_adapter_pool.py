@@ -330,10 +330,6 @@ def test_host_cache_is_bounded():
     assert pool.host_bytes() <= 2 * size + size  # at most the budget plus the resident one
 
 
-@pytest.mark.xfail(reason="_host_adapter trims the host cache right after a fetch, before the new adapter gets a "
-                          "slot: _trim_host keeps resident adapters but drops the one just fetched, so with a small "
-                          "host cache an adapter that lives in a device slot is fetched from the store again on "
-                          "every batch (counted as a miss, never a device hit)", strict=True)
 def test_device_resident_adapter_is_not_fetched_again_with_a_small_host_cache():
     store = Store()
     store.add("a")

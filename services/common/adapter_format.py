@@ -11,6 +11,7 @@ Metadata: {"format": "hmi-lora-v1", "rank": "8", "alpha": "16"}. The delta of a 
 from __future__ import annotations
 
 import json
+import secrets
 import re
 import struct
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def _metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8:8 + header_len])
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"adapter file is not safetensors: bad header ({error})") from error
+    if not isinstance(header, dict):
+        raise InvalidArgument("adapter file is not safetensors: its header is not a JSON object")
     meta = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
@@ -91,7 +94,7 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         raise InvalidArgument(f"adapter format {meta.get('format')!r} is not {FORMAT!r}")
     try:
         rank = int(meta.get("rank", "0"))
-        alpha = float(meta.get("alpha", str(rank)))
+        alpha = float(meta["alpha"]) if "alpha" in meta else None
     except ValueError as error:
         raise InvalidArgument(f"adapter metadata rank/alpha must be numbers: {error}") from error
 
@@ -145,6 +148,8 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
     if lora and not 1 <= rank <= MAX_RANK:
         raise InvalidArgument(f"adapter rank {rank} is outside 1..{MAX_RANK}")
     targets = tuple(t for t in TARGETS if any(t == key[1] for key in lora))
+    if alpha is None:
+        alpha = float(max(rank, 1))  # no metadata: scaling 1, as the matrices are given
     return Adapter(rank=max(rank, 1), alpha=alpha if lora else 1.0, lora=lora, head_weight=head_weight,
                    head_bias=head_bias, targets=targets)
 
@@ -164,7 +169,7 @@ def random_adapter(dims: ModelDims, *, num_labels: int, rank: int, first_layer: 
     """A fresh adapter with non-zero A and B, so every tenant really computes something different."""
     if not 1 <= rank <= MAX_RANK:
         raise InvalidArgument(f"rank {rank} is outside 1..{MAX_RANK}")
-    generator = torch.Generator().manual_seed(seed if seed else torch.seed() % (1 << 63))
+    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
     alpha = float(alpha if alpha is not None else 2 * rank)
     lora = {}
     for layer in range(first_layer, dims.layers):

@@ -80,12 +80,20 @@ class AdapterPool:
         if len(unique) > self.num_slots:
             raise ResourceExhausted(f"a batch needs {len(unique)} adapters but compute has {self.num_slots} "
                                     f"device slots; lower the gateway's --max-batch-tenants")
-        adapters = {key: self._host_adapter(key) for key in unique}
         slots: dict[AdapterKey, int] = {}
         try:
-            with self._lock:
+            with self._lock:  # resident adapters are pinned at once: a device hit needs no host copy
                 for key in unique:
-                    slots[key] = self._slot_for(key, adapters[key])
+                    slot = self._slot_of.get(key)
+                    if slot is not None:
+                        self._slot_of.move_to_end(key)
+                        self._pins[slot] += 1
+                        slots[key] = slot
+                        self.stats.device_hits += 1
+            adapters = {key: self._host_adapter(key) for key in unique if key not in slots}
+            with self._lock:
+                for key, adapter in adapters.items():
+                    slots[key] = self._slot_for(key, adapter)
                     self._pins[slots[key]] += 1
         except BaseException:
             self._unpin(slots.values())
@@ -108,10 +116,7 @@ class AdapterPool:
                 adapter = self._host.get(key)
                 if adapter is not None:
                     self._host.move_to_end(key)
-                    if key in self._slot_of:
-                        self.stats.device_hits += 1
-                    else:
-                        self.stats.host_hits += 1
+                    self.stats.host_hits += 1
                     return adapter
                 pending = self._fetching.get(key)
                 if pending is None:
@@ -143,7 +148,8 @@ class AdapterPool:
                 self._free.append(self._slot_of.pop(old))
 
     def _trim_host(self) -> None:
-        for key in list(self._host):
+        """Drops the least recently used host copies, never the newest (about to be loaded into a slot)."""
+        for key in list(self._host)[:-1]:
             if self._host_bytes <= self.host_cache_bytes or len(self._host) <= 1:
                 break
             if key in self._slot_of:

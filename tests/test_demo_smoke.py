@@ -1,0 +1,21 @@
+"""`hmi demo` on the real packaged MiniLM, small: the whole user path on real weights."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from hmi.launcher import hmi_command
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
+    result = subprocess.run(hmi_command() + ["demo", "--tenants", "12", "--requests", "40", "--clients", "4",
+                                            "--data-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\d+ knowledge-tree nodes", result.stdout)
+    assert re.search(r"40 requests for \d+ distinct tenants in [\d.]+s: [\d.]+ requests/s", result.stdout)
+    assert "services stopped" in result.stdout
