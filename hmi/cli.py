@@ -171,6 +171,13 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    from hmi.client import is_serving
+    serving = is_serving(args.address, timeout=args.timeout)
+    print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if serving else 1
+
+
 def cmd_demo(args) -> int:
     from hmi.demo import run_demo
     return run_demo(args)
@@ -259,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant_id")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_embed)
+
+    health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")
+    health.add_argument("address")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
 
     demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")
     demo.add_argument("--tenants", type=int, default=300)

