@@ -26,6 +26,7 @@ log = logging.getLogger("hmi.compute.pipeline")
 STAGE_SECONDS = Histogram("hmi_compute_stage_seconds", "time per pipeline stage", ["stage"])
 TOKENS = Counter("hmi_compute_tokens_total", "tokens executed")
 BATCHES = Counter("hmi_compute_batches_total", "batches executed")
+REPORT_SECONDS = 30.0
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Pipeline:
         self._stats_lock = threading.Lock()
         self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute")
+        self._last_report = time.monotonic()
 
     def prepare(self, batch: PackedBatch, timeout: float) -> PreparedBatch:
         """Lookups per domain and adapter loads run concurrently; a failure releases what was pinned."""
@@ -113,6 +115,15 @@ class Pipeline:
             self.stats.batches += 1
             self.stats.sequences += batch.size
             self.stats.tokens += len(batch.token_ids)
+            report = time.monotonic() - self._last_report > REPORT_SECONDS
+            if report:
+                self._last_report = time.monotonic()
+        if report:
+            pool = self.pool.stats
+            log.info("%d batches, %d sequences, %d tokens so far; adapters: %d device hits, %d host hits, "
+                     "%d fetched, %d evictions; last batch %d seqs: fetch %.1f ms, execute %.1f ms",
+                     self.stats.batches, self.stats.sequences, self.stats.tokens, pool.device_hits, pool.host_hits,
+                     pool.misses, pool.evictions, batch.size, timings.fetch_ms, timings.execute_ms)
         return result, timings
 
     def close(self) -> None:

@@ -1,0 +1,63 @@
+"""The compute pipeline prepares the next batch (store I/O) while the current one executes."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from services.common.adapter_format import random_adapter
+from services.common.models import ModelDims
+from services.compute.adapter_pool import AdapterPool
+from services.compute.batch import BatchResult, PackedBatch, SequenceSpec
+from services.compute.pipeline import Pipeline
+from services.compute.store_client import LookupReply
+
+DIMS = ModelDims(family="bert", hidden=8, intermediate=16, layers=2, heads=2, vocab=50, max_positions=32)
+
+
+class SlowStore:
+    """Stands in for the network store: each lookup takes a while and records when it ran."""
+
+    def __init__(self, intervals):
+        self.intervals = intervals
+
+    def lookup(self, domain, token_ids, offsets, timeout=None):
+        begin = time.monotonic()
+        time.sleep(0.15)
+        self.intervals.append(("fetch", begin, time.monotonic()))
+        return LookupReply(np.zeros((len(token_ids), DIMS.hidden), np.float16), [len(token_ids)])
+
+
+class SlowExecutor:
+    def __init__(self, intervals):
+        self.intervals = intervals
+        self.running = threading.Lock()
+
+    def run(self, prepared):
+        assert self.running.acquire(blocking=False), "two batches executed at once"
+        begin = time.monotonic()
+        time.sleep(0.15)
+        self.intervals.append(("execute", begin, time.monotonic()))
+        self.running.release()
+        return BatchResult(logits=[np.zeros(2, np.float32)], embeddings=None)
+
+
+def test_fetch_of_one_batch_overlaps_execution_of_another():
+    intervals: list[tuple[str, float, float]] = []
+    pool = AdapterPool(DIMS, torch.device("cpu"), slots=4, max_rank=4, host_cache_bytes=1 << 20,
+                       fetch=lambda t, v: random_adapter(DIMS, num_labels=2, rank=2, first_layer=1, seed=1))
+    pipeline = Pipeline(SlowExecutor(intervals), pool, SlowStore(intervals))
+    batch = PackedBatch(np.array([1, 2, 3], np.int32), np.array([0, 3]), [SequenceSpec("t", 1, "d", 1)])
+    with ThreadPoolExecutor(4) as callers:
+        results = list(callers.map(lambda _: pipeline.run(batch, timeout=10), range(4)))
+    pipeline.close()
+    assert len(results) == 4
+    fetches = [(b, e) for kind, b, e in intervals if kind == "fetch"]
+    executes = [(b, e) for kind, b, e in intervals if kind == "execute"]
+    assert len(fetches) == 4 and len(executes) == 4
+    overlapping = [(f, x) for f in fetches for x in executes if f[0] < x[1] and x[0] < f[1]]
+    assert overlapping, "no lookup ran while a batch executed: the stages do not overlap"
+    assert pool.used_slots() == 1 and all(p == 0 for p in pool._pins), "leases must be released"
