@@ -8,7 +8,7 @@ import pytest
 
 from hmi.client import HMIClient
 from tests.conftest import start_services
-from tests.helpers import expect_status
+from tests.helpers import expect_status, retry_until_served
 
 pytestmark = pytest.mark.integration
 TEXTS = ["the service was quick", "I would like a refund", "sunny all weekend"]
@@ -32,15 +32,7 @@ def test_store_down_gives_unavailable_within_deadline_then_recovers(own_services
         assert time.monotonic() - started < 5.5
         assert "unavailable" in message.lower()
         own_services.start(only=["store"])
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                after = client.classify("t", TEXTS)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        after = retry_until_served(client.classify, "t", TEXTS)
         for old, new in zip(before, after):
             assert new.probabilities == pytest.approx(old.probabilities, abs=1e-6)
 
@@ -76,14 +68,6 @@ def test_killed_store_keeps_committed_writes(own_services):
     own_services.stop(["store"], sig=signal.SIGKILL)
     own_services.start(only=["store"])
     with HMIClient(own_services.gateway_addr) as client:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                tenant = client.get_tenant("survivor")
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        tenant = retry_until_served(client.get_tenant, "survivor")
         assert tenant.adapter_version == version
         assert client.classify("survivor", ["hello"])[0].label in ("a", "b")
