@@ -21,7 +21,7 @@ class Replica:
 
 
 class Router:
-    def __init__(self, addresses: list[str], *, inflight_per_replica: int = 3, down_seconds: float = 1.0) -> None:
+    def __init__(self, addresses: list[str], *, inflight_per_replica: int = 2, down_seconds: float = 1.0) -> None:
         if not addresses:
             raise ValueError("at least one compute address is needed (HMI_COMPUTE_ADDRS)")
         self.replicas = [Replica(a, pb_grpc.ComputeStub(channel(a)), threading.Semaphore(inflight_per_replica))
