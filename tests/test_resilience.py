@@ -21,7 +21,7 @@ def own_services(tmp_path, tiny_model_dir):
     services.stop()
 
 
-def test_store_down_gives_unavailable_within_deadline_then_recovers(own_services):
+def test_store_or_compute_down_gives_unavailable_within_deadline_then_recovers(own_services):
     with HMIClient(own_services.gateway_addr) as client:
         client.build_domain("d", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
         client.register_tenant("t", "d", ["a", "b"], seed=3)
@@ -34,6 +34,13 @@ def test_store_down_gives_unavailable_within_deadline_then_recovers(own_services
         own_services.start(only=["store"])
         after = retry_until_served(client.classify, "t", TEXTS)
         for old, new in zip(before, after):
+            assert new.probabilities == pytest.approx(old.probabilities, abs=1e-6)
+
+        own_services.stop(["compute"])
+        expect_status(grpc.StatusCode.UNAVAILABLE, client.classify, "t", TEXTS, timeout=5)
+        own_services.start(only=["compute"])
+        again = retry_until_served(client.classify, "t", TEXTS)  # adapter fetched again by the new process
+        for old, new in zip(before, again):
             assert new.probabilities == pytest.approx(old.probabilities, abs=1e-6)
 
 

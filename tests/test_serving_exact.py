@@ -148,3 +148,16 @@ def test_one_batch_mixes_split_layers(services, client, plot_domain, exact_tenan
     expected_full, _ = reference_logits(tiny_model, exact_tenants["exact-a"], ids[1])
     np.testing.assert_allclose(logits[:2], expected_plot.numpy(), atol=1e-4)
     np.testing.assert_allclose(logits[2:], expected_full.numpy(), atol=1e-4)
+
+
+def test_lookup_larger_than_one_chunk_streams_in_order(services, plot_domain, tokenizer):
+    """12,000 tokens x 64 dims x fp16 = 1.5 MiB: more than one 1 MiB chunk, reassembled in order."""
+    ids = np.asarray(tokenizer.encode(SENTENCE).ids, dtype=np.int32)
+    repeats = 12_000 // len(ids) + 1
+    packed = np.tile(ids, repeats)
+    offsets = np.arange(0, len(packed) + 1, len(ids))
+    store = StoreClient(services.store_addr)
+    reply = store.lookup("one", packed, offsets)
+    single = store.lookup("one", ids, np.asarray([0, len(ids)])).vectors
+    assert reply.vectors.nbytes > 1 << 20
+    np.testing.assert_array_equal(reply.vectors, np.tile(single, (repeats, 1)))

@@ -1,0 +1,59 @@
+"""Gateway batching: bounded queue, token and tenant limits per batch (no services needed)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from services.common.errors import ResourceExhausted
+from services.gateway.batcher import Batcher, BatcherSettings, SequenceWork
+from services.gateway.directory import TenantRoute
+from services.gateway.router import Router
+
+
+def work(tenant: str, tokens: int) -> SequenceWork:
+    route = TenantRoute(tenant, ("a", "b"), 1, "d", 0)
+    return SequenceWork(np.arange(tokens, dtype=np.int32), route, time.monotonic() + 5, False)
+
+
+class RecordingBatcher(Batcher):
+    """Records the batches it forms instead of sending them to compute."""
+
+    def __init__(self, *args, **kwargs):
+        self.batches: list[list[SequenceWork]] = []
+        super().__init__(*args, **kwargs)
+
+    def _dispatch(self, batch):
+        self.batches.append(batch)
+        for item in batch:
+            item.future.set_result(None)
+
+
+def test_full_queue_is_resource_exhausted():
+    router = Router(["127.0.0.1:1"], inflight_per_replica=0)  # no room: the batcher blocks, the queue fills
+    batcher = Batcher(router, BatcherSettings(max_queue=3, max_wait_ms=1))
+    try:
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            for _ in range(10):
+                batcher.submit([work("t", 4)])
+    finally:
+        router.replicas[0].slots.release()  # let the blocked dispatch go (it fails fast: nothing listens)
+        batcher.close()
+
+
+def test_batches_respect_token_and_tenant_limits():
+    batcher = RecordingBatcher(Router(["127.0.0.1:1"]), BatcherSettings(max_batch_tokens=20, max_batch_tenants=2,
+                                                                         max_wait_ms=50))
+    try:
+        items = [work(f"t{i % 3}", 6) for i in range(9)]
+        batcher.submit(items)
+        for item in items:
+            item.future.result(timeout=5)
+    finally:
+        batcher.close()
+    assert sum(len(b) for b in batcher.batches) == 9
+    for batch in batcher.batches:
+        assert sum(len(item.token_ids) for item in batch) <= 20
+        assert len({item.route.tenant_id for item in batch}) <= 2
+    assert any(len(b) > 1 for b in batcher.batches), "sequences waiting together must share a batch"
