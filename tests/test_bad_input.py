@@ -100,3 +100,14 @@ def test_malformed_tensors_to_compute_are_invalid(services, client, domain):
         offsets=[0, 3], sequences=[spec])
     expect_status(Code.INVALID_ARGUMENT, forward, services, bad_ids)
     still_serving(client)
+
+
+def test_stale_split_layer_is_refused_not_mis_served(services, client, domain):
+    """A request built before a domain was rebuilt with another L must not enter the stack at the old L."""
+    ids = np.array([101, 7592, 102], dtype=np.int32)
+    spec = compute_pb2.SequenceSpec(tenant_id="good", adapter_version=client.get_tenant("good").adapter_version,
+                                    domain=domain, split_layer=2)  # the domain's L is 1
+    request = compute_pb2.ForwardRequest(token_ids=tensor_pb2.Tensor(dtype="int32", shape=[3], data=ids.tobytes()),
+                                         offsets=[0, 3], sequences=[spec], want_logits=True)
+    assert "split layer 1" in expect_status(Code.FAILED_PRECONDITION, forward, services, request)
+    still_serving(client)

@@ -28,7 +28,7 @@ class SlowStore:
         begin = time.monotonic()
         time.sleep(0.15)
         self.intervals.append(("fetch", begin, time.monotonic()))
-        return LookupReply(np.zeros((len(token_ids), DIMS.hidden), np.float16), [len(token_ids)])
+        return LookupReply(np.zeros((len(token_ids), DIMS.hidden), np.float16), [len(token_ids)], 1)
 
 
 class SlowExecutor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import DeadlineExceeded
+from services.common.errors import DeadlineExceeded, FailedPrecondition
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch
 from services.compute.executor import Executor, PreparedBatch
@@ -78,6 +78,10 @@ class Pipeline:
         pieces = [batch.tokens_of(i) for i in indices]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
         reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout)
+        expected = batch.sequences[indices[0]].split_layer
+        if reply.split_layer != expected:
+            raise FailedPrecondition(f"domain {domain!r} was rebuilt with split layer {reply.split_layer} (the request "
+                                     f"said {expected}); retry in a few seconds, when the gateway has the new one")
         with self._stats_lock:
             counts = self.stats.hit_depth_counts
             counts.extend([0] * (len(reply.hit_depth_counts) - len(counts)))

@@ -16,6 +16,7 @@ from services.common.rpc import channel
 class LookupReply:
     vectors: np.ndarray              # float16 [tokens, hidden]
     hit_depth_counts: list[int]
+    split_layer: int = 0
 
 
 class StoreClient:
@@ -43,7 +44,7 @@ class StoreClient:
         vectors = np.frombuffer(bytes(buffer), dtype="<f2")
         if vectors.size != int(np.prod(shape)):
             raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
-        return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts))
+        return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer)
 
     def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
         stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
