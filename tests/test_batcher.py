@@ -32,7 +32,8 @@ class RecordingBatcher(Batcher):
 
 def test_full_queue_is_resource_exhausted():
     router = Router(["127.0.0.1:1"], inflight_per_replica=0)  # no room: the batcher blocks, the queue fills
-    batcher = Batcher(router, BatcherSettings(max_queue=3, max_wait_ms=1))
+    # At most 2 sequences in the blocked batch, 1 carried over and 3 queued: the 7th submit must fail.
+    batcher = Batcher(router, BatcherSettings(max_queue=3, max_wait_ms=1, max_batch_tokens=8))
     try:
         with pytest.raises(ResourceExhausted, match="queue is full"):
             for _ in range(10):

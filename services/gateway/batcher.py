@@ -55,6 +55,9 @@ class Batcher:
         self._queue: queue.Queue[SequenceWork] = queue.Queue(maxsize=settings.max_queue)
         self._carry: SequenceWork | None = None
         self._stop = threading.Event()
+        self._sent_batches = 0
+        self._sent_sequences = 0
+        self._last_report = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
@@ -114,6 +117,12 @@ class Batcher:
             want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
         BATCH_SEQUENCES.observe(len(batch))
+        self._sent_batches += 1
+        self._sent_sequences += len(batch)
+        if time.monotonic() - self._last_report > 30.0:
+            self._last_report = time.monotonic()
+            log.info("%d batches, %d sequences sent so far (%.1f per batch); %d waiting", self._sent_batches,
+                     self._sent_sequences, self._sent_sequences / self._sent_batches, self._queue.qsize())
         call = replica.stub.Forward.future(request, timeout=timeout)
         call.add_done_callback(lambda done: self._complete(done, batch, replica))
 
