@@ -16,6 +16,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from services.common.config import env, split_addresses
+from services.common.errors import HMIError
 
 
 def _print_message(message) -> None:
@@ -125,6 +126,35 @@ def cmd_tenant_register(args) -> int:
     with _client(args) as client:
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
                                         seed=args.seed)
+    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, labels {','.join(tenant.spec.labels)}, "
+          f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
+    return 0
+
+
+def cmd_tenant_train(args) -> int:
+    from tqdm import tqdm
+
+    from services.common.models import resolve_model_dir
+    from services.training.tenant_training import train_tenant
+
+    bar = tqdm(desc="training", unit="step", file=sys.stderr)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh()
+
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    with _client(args) as client:
+        report = train_tenant(client, resolve_model_dir(args.model), args.domain, Path(args.train),
+                              Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
+                              learning_rate=args.learning_rate, batch_size=args.batch_size, max_train=args.max_train,
+                              seed=args.seed, progress=progress)
+        bar.close()
+        print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
+              f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
+        tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)
     print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, labels {','.join(tenant.spec.labels)}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
     return 0
@@ -246,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
     p.set_defaults(func=cmd_tenant_register)
+    p = client_parser("train", help="train the tenant's LoRA adapter and head on PLOT outputs, then register it")
+    p.add_argument("tenant_id")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--train", required=True, help="JSONL of {\"text\", \"label\"}")
+    p.add_argument("--eval", help="JSONL of {\"text\", \"label\"} for the accuracy report")
+    p.add_argument("--labels", help="comma-separated class names in head order (default: sorted labels of --train)")
+    p.add_argument("--model", default=env("HMI_MODEL"), help="base model of the deployment [HMI_MODEL]")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-train", type=int, default=0, help="use at most N training examples (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tenant_train, timeout=600.0)
     p = client_parser("list")
     p.add_argument("--domain", default="")
     p.add_argument("--limit", type=int, default=0)
@@ -293,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             hint = f" (is HMI running at {args.gateway}? start it with `hmi up`)"
         print(f"error: {code}: {details}{hint}", file=sys.stderr)
         return 1
+    except HMIError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hmi.v1 import gateway_pb2 as pb
@@ -12,6 +13,7 @@ from hmi.v1 import gateway_pb2_grpc as pb_grpc
 from hmi.v1 import knowledge_store_pb2 as store_pb
 from services.common.codec import split_chunks
 from services.common.rpc import channel
+from services.compute.store_client import lookup_request, read_lookup_stream
 
 
 @dataclass
@@ -83,6 +85,13 @@ class HMIClient:
     def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> store_pb.ListTenantsResponse:
         return self.admin.ListTenants(store_pb.ListTenantsRequest(domain=domain, limit=limit, after=after),
                                       timeout=self.timeout)
+
+    def lookup(self, domain: str, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """PLOT vectors (fp16 [len, hidden]) of each token-id sequence, as compute would receive them."""
+        offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
+        request = lookup_request(domain, np.concatenate(sequences), offsets)
+        reply = read_lookup_stream(self.admin.Lookup(request, timeout=self.timeout))
+        return [reply.vectors[offsets[i]:offsets[i + 1]] for i in range(len(sequences))]
 
     def delete_tenant(self, tenant_id: str) -> None:
         self.admin.DeleteTenant(store_pb.DeleteTenantRequest(tenant_id=tenant_id), timeout=self.timeout)

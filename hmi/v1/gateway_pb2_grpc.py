@@ -194,6 +194,11 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_stream(
+                '/hmi.v1.Admin/Lookup',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -248,6 +253,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lookup(self, request, context):
+        """A domain's PLOT vectors for packed token ids (what `hmi tenant train` trains on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +302,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteTenant,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.SerializeToString,
+            ),
+            'Lookup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +526,33 @@ class Admin:
             '/hmi.v1.Admin/DeleteTenant',
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.Admin/Lookup',
+            hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,7 +37,7 @@ class UpperModel:
         self.eps = config.layer_norm_eps
         self.act = ACT2FN[config.hidden_act]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, token_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Embedding output (the layer-0 input) of packed tokens; LayerNorm is per token, so packing is exact."""
         embeddings = self.model.embeddings
@@ -45,8 +45,8 @@ class UpperModel:
                          token_type_ids=torch.zeros_like(token_ids)[None])
         return out[0]
 
-    @torch.inference_mode()
     def run(self, inputs: LayerInputs, lora_a: dict, lora_b: dict) -> torch.Tensor:
+        """Differentiable (the trainer uses it with LoRA parameters); the executor calls it in inference mode."""
         hidden = inputs.hidden
         bounds = inputs.seq_bounds
         for index, layer in enumerate(self.model.encoder.layer):
@@ -55,8 +55,9 @@ class UpperModel:
                 continue
             active = bounds[active_seqs]
             segments = inputs.segments.within(active)
-            hidden[:active] = self._layer(index, layer, hidden[:active], bounds[:active_seqs + 1], segments,
-                                          lora_a, lora_b)
+            updated = self._layer(index, layer, hidden[:active], bounds[:active_seqs + 1], segments, lora_a, lora_b)
+            # Out of place: autograd keeps each layer's input for the backward pass.
+            hidden = updated if active == len(hidden) else torch.cat([updated, hidden[active:]])
         return hidden
 
     def _project(self, x, linear, layer_index, target, segments, lora_a, lora_b):

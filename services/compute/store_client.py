@@ -28,23 +28,8 @@ class StoreClient:
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
                timeout: float | None = None) -> LookupReply:
-        request = pb.LookupRequest(domain=domain, token_ids=encode_tensor(token_ids.astype(np.int32)),
-                                   offsets=offsets.tolist())
-        stream = self.stub.Lookup(request, timeout=timeout or self.timeout)
-        header = None
-        buffer = bytearray()
-        for message in stream:
-            if message.WhichOneof("item") == "header":
-                header = message.header
-            else:
-                buffer += message.chunk
-        if header is None or header.dtype != "float16":
-            raise InvalidArgument("store answered a lookup without a float16 header")
-        shape = tuple(header.shape)
-        vectors = np.frombuffer(bytes(buffer), dtype="<f2")
-        if vectors.size != int(np.prod(shape)):
-            raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
-        return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer)
+        request = lookup_request(domain, token_ids, offsets)
+        return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
 
     def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
         stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
@@ -53,3 +38,26 @@ class StoreClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def lookup_request(domain: str, token_ids: np.ndarray, offsets: np.ndarray) -> pb.LookupRequest:
+    return pb.LookupRequest(domain=domain, token_ids=encode_tensor(token_ids.astype(np.int32)),
+                            offsets=np.asarray(offsets).tolist())
+
+
+def read_lookup_stream(stream) -> LookupReply:
+    """A header, then the fp16 rows in ordered chunks (from the store, or proxied by the gateway)."""
+    header = None
+    buffer = bytearray()
+    for message in stream:
+        if message.WhichOneof("item") == "header":
+            header = message.header
+        else:
+            buffer += message.chunk
+    if header is None or header.dtype != "float16":
+        raise InvalidArgument("store answered a lookup without a float16 header")
+    shape = tuple(header.shape)
+    vectors = np.frombuffer(bytes(buffer), dtype="<f2")
+    if vectors.size != int(np.prod(shape)):
+        raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
+    return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer)

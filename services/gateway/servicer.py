@@ -116,6 +116,10 @@ class AdminServicer(pb_grpc.AdminServicer):
     def ListTenants(self, request, context):
         return self.store.ListTenants(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
+    @handles_stream_errors
+    def Lookup(self, request, context):
+        yield from self.store.Lookup(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
     @handles_errors
     def DeleteTenant(self, request, context):
         response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))

@@ -1,0 +1,97 @@
+"""`hmi tenant train`: labeled JSONL in, a trained adapter registered for the tenant out.
+
+Runs where the CLI runs (CPU is enough for a few thousand examples): tokenises with the base model's
+tokenizer, fetches the domain's PLOT vectors through the gateway (the inputs serving will see), trains,
+reports eval accuracy, then registers or replaces the tenant without restarting anything.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from services.common.adapter_format import serialize_adapter
+from services.common.errors import InvalidArgument
+from services.common.models import load_tokenizer
+from services.compute.model_split import UpperModel
+from services.training.trainer import AdapterTrainer, Example, TrainSettings
+
+
+@dataclass
+class TrainReport:
+    train_examples: int
+    eval_examples: int
+    eval_accuracy: float
+    final_loss: float
+    labels: list[str]
+    adapter: bytes
+
+
+def read_labeled(path: Path, limit: int = 0) -> list[tuple[str, str]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text, label = record["text"], record["label"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise InvalidArgument(f"{path}:{number}: expected a JSON object with \"text\" and \"label\" ({error})")
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidArgument(f"{path}:{number}: empty text")
+            rows.append((text, str(label)))
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise InvalidArgument(f"{path} holds no examples")
+    return rows
+
+
+def encode(tokenizer, texts: list[str], max_tokens: int) -> list[np.ndarray]:
+    """Token ids as the gateway makes them; over-long texts keep their head and the final [SEP]."""
+    result = []
+    for encoding in tokenizer.encode_batch(texts):
+        ids = encoding.ids if len(encoding.ids) <= max_tokens else encoding.ids[:max_tokens - 1] + encoding.ids[-1:]
+        result.append(np.asarray(ids, dtype=np.int32))
+    return result
+
+
+def build_examples(client, tokenizer, domain: str, split_layer: int, rows: list[tuple[str, str]],
+                   label_index: dict[str, int], max_tokens: int) -> list[Example]:
+    unknown = sorted({label for _, label in rows} - set(label_index))
+    if unknown:
+        raise InvalidArgument(f"labels {unknown[:5]} in the data are not among --labels {list(label_index)}")
+    ids = encode(tokenizer, [text for text, _ in rows], max_tokens)
+    vectors: list[np.ndarray | None] = [None] * len(ids)
+    if split_layer > 0:
+        for start in range(0, len(ids), 512):
+            vectors[start:start + 512] = client.lookup(domain, ids[start:start + 512])
+    return [Example(i, v, label_index[label]) for i, v, (_, label) in zip(ids, vectors, rows)]
+
+
+def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_path: Path | None,
+                 labels: list[str] | None, *, epochs: int = 3, rank: int = 8, learning_rate: float = 2e-3,
+                 batch_size: int = 32, max_train: int = 0, max_tokens: int = 128, seed: int = 0,
+                 progress: Callable[[int, int, float], None] | None = None) -> TrainReport:
+    record = client.get_domain(domain)
+    split_layer = record.spec.split_layer
+    train_rows = read_labeled(train_path, max_train)
+    eval_rows = read_labeled(eval_path) if eval_path else []
+    labels = labels or sorted({label for _, label in train_rows})
+    if len(labels) < 2:
+        raise InvalidArgument(f"need at least 2 labels, the training data has {labels}")
+    label_index = {label: i for i, label in enumerate(labels)}
+    tokenizer = load_tokenizer(model_dir)
+    train = build_examples(client, tokenizer, domain, split_layer, train_rows, label_index, max_tokens)
+    evaluation = build_examples(client, tokenizer, domain, split_layer, eval_rows, label_index, max_tokens)
+    model = UpperModel(model_dir, __import__("torch").device("cpu"))
+    trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(labels), rank=rank,
+                                                  alpha=2.0 * rank, epochs=epochs, batch_size=batch_size,
+                                                  learning_rate=learning_rate, seed=seed))
+    loss = trainer.fit(train, progress)
+    accuracy = trainer.accuracy(evaluation)
+    return TrainReport(len(train), len(evaluation), accuracy, loss, labels, serialize_adapter(trainer.adapter()))

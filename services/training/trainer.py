@@ -1,0 +1,135 @@
+"""Trains a tenant's LoRA adapter and head on PLOT outputs, through the very layer code compute serves with.
+
+The inputs are what serving sees: layer-L vectors from the domain's PLOT (or embeddings when L = 0),
+so the adapter learns to correct for PLOT's approximation. The base weights stay frozen.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.lora import Segments
+from services.common.adapter_format import DEFAULT_TARGETS, Adapter, target_shape
+from services.common.errors import InvalidArgument
+from services.compute.model_split import LayerInputs, UpperModel
+
+
+@dataclass
+class Example:
+    token_ids: np.ndarray            # int32 [T]
+    layer_input: np.ndarray | None   # fp16 [T, H] PLOT vectors (split layer > 0), None for L = 0
+    label: int
+
+
+@dataclass
+class TrainSettings:
+    split_layer: int
+    num_labels: int
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+Progress = Callable[[int, int, float], None]   # (step, total steps, loss)
+
+
+class AdapterTrainer:
+    def __init__(self, model: UpperModel, settings: TrainSettings) -> None:
+        if not 0 <= settings.split_layer < model.dims.layers:
+            raise InvalidArgument(f"split layer {settings.split_layer} is outside 0..{model.dims.layers - 1}")
+        self.model = model
+        self.settings = settings
+        for parameter in model.model.parameters():
+            parameter.requires_grad_(False)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.lora_a: dict[tuple[int, str], torch.nn.Parameter] = {}
+        self.lora_b: dict[tuple[int, str], torch.nn.Parameter] = {}
+        for layer in range(settings.split_layer, model.dims.layers):
+            for target in settings.targets:
+                fan_in, fan_out = target_shape(target, model.dims)
+                bound = 1 / math.sqrt(fan_in)   # PEFT's init: A uniform, B zero (the adapter starts as a no-op)
+                a = (torch.rand(1, settings.rank, fan_in, generator=generator) * 2 - 1) * bound
+                self.lora_a[(layer, target)] = torch.nn.Parameter(a)
+                self.lora_b[(layer, target)] = torch.nn.Parameter(torch.zeros(1, fan_out, settings.rank))
+        self.head = torch.nn.Linear(model.dims.hidden, settings.num_labels)
+        torch.nn.init.normal_(self.head.weight, std=0.02, generator=generator)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.lora_a.values()) + list(self.lora_b.values()) + list(self.head.parameters())
+
+    def logits(self, examples: list[Example]) -> torch.Tensor:
+        """Packed forward of one batch of this tenant's examples: every token in one segment (slot 0)."""
+        lengths = [len(e.token_ids) for e in examples]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        if self.settings.split_layer == 0:
+            ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
+            positions = torch.cat([torch.arange(n) for n in lengths])
+            hidden = self.model.embed(ids, positions).clone()
+        else:
+            hidden = torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32))
+        scaling = self.settings.alpha / self.settings.rank
+        lora_b = {key: b * scaling for key, b in self.lora_b.items()}
+        inputs = LayerInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[self.settings.split_layer] * len(examples),
+                             segments=Segments((0,), (bounds[-1],), (0,)))
+        out = self.model.run(inputs, self.lora_a, lora_b)
+        seq_index = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(lengths))
+        pooled = torch.zeros(len(examples), out.shape[1]).index_add(0, seq_index, out)
+        pooled = pooled / torch.tensor(lengths, dtype=torch.float32)[:, None]
+        return self.head(pooled)
+
+    def fit(self, train: list[Example], progress: Progress | None = None) -> float:
+        if not train:
+            raise InvalidArgument("no training examples")
+        rng = random.Random(self.settings.seed)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.settings.learning_rate,
+                                      weight_decay=self.settings.weight_decay)
+        steps_per_epoch = math.ceil(len(train) / self.settings.batch_size)
+        total = steps_per_epoch * self.settings.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
+        order = list(range(len(train)))
+        step, loss_value = 0, float("nan")
+        for _ in range(self.settings.epochs):
+            rng.shuffle(order)
+            for start in range(0, len(order), self.settings.batch_size):
+                batch = [train[i] for i in order[start:start + self.settings.batch_size]]
+                labels = torch.tensor([e.label for e in batch])
+                loss = F.cross_entropy(self.logits(batch), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_value = float(loss.detach())
+                if progress is not None:
+                    progress(step, total, loss_value)
+        return loss_value
+
+    @torch.no_grad()
+    def accuracy(self, examples: list[Example]) -> float:
+        if not examples:
+            return float("nan")
+        correct = 0
+        for start in range(0, len(examples), 64):
+            batch = examples[start:start + 64]
+            predicted = self.logits(batch).argmax(1)
+            correct += int((predicted == torch.tensor([e.label for e in batch])).sum())
+        return correct / len(examples)
+
+    def adapter(self) -> Adapter:
+        lora = {key: (self.lora_a[key][0].detach().clone(), self.lora_b[key][0].detach().clone())
+                for key in self.lora_a}
+        return Adapter(rank=self.settings.rank, alpha=self.settings.alpha, lora=lora,
+                       head_weight=self.head.weight.detach().clone(), head_bias=self.head.bias.detach().clone(),
+                       targets=tuple(self.settings.targets))
