@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=600)
     demo.add_argument("--clients", type=int, default=16)
     demo.add_argument("--data-dir", default=None, help="default: a fresh temporary folder")
+    demo.add_argument("--no-trained", dest="trained", action="store_false",
+                      help="skip training the real tenant (needs ../shared/datasets/sst2)")
+    demo.add_argument("--train-examples", type=int, default=1500)
+    demo.add_argument("--corpus-lines", type=int, default=8000)
     demo.set_defaults(func=cmd_demo)
     return parser
 

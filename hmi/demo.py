@@ -19,6 +19,9 @@ from hmi.launcher import ServiceSet
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "demo_corpus.txt"
+SST2 = REPO.parent / "shared" / "datasets" / "sst2"   # labeled data beside the checkout, when present
+REVIEWS = ["a gripping , beautifully acted film", "the plot is dull and the jokes fall flat",
+           "one of the best movies of the year", "a tedious mess from start to finish"]
 TASKS = [
     ("sentiment", ["negative", "positive"]),
     ("topic", ["support", "review", "news", "other"]),
@@ -91,6 +94,9 @@ def _run(client: HMIClient, args) -> None:
             probabilities = ", ".join(f"{k}={v:.2f}" for k, v in prediction.probabilities.items())
             print(f"  {tenant_id:16s} {prediction.label:9s} [{probabilities}]  {text}")
 
+    if args.trained and (SST2 / "train.jsonl").exists():
+        _trained_tenant(client, args)
+
     rng = random.Random(7)
     lines = [line for line in corpus.splitlines() if line.strip()]
     requests = [(tenants[zipf_choice(rng, len(tenants))][0], [rng.choice(lines)]) for _ in range(args.requests)]
@@ -113,3 +119,32 @@ def _run(client: HMIClient, args) -> None:
     print(f"  {len(requests)} requests for {distinct} distinct tenants in {elapsed:.2f}s: "
           f"{len(requests) / elapsed:.1f} requests/s, latency p50 {statistics.median(latencies) * 1e3:.1f} ms, "
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1e3:.1f} ms")
+
+
+def _trained_tenant(client: HMIClient, args) -> None:
+    """A real tenant: PLOT of movie-review text, adapter and head trained on SST-2 sentiment labels."""
+    import json
+
+    from tqdm import tqdm
+
+    from services.common.models import packaged_minilm_dir
+    from services.training.tenant_training import train_tenant
+
+    lines = [json.loads(line)["text"] for line in (SST2 / "train.jsonl").read_text().splitlines()[-args.corpus_lines:]]
+    print(f"\nbuilding domain 'movies' from {len(lines)} SST-2 review snippets and training tenant 'movie-critic' "
+          f"on {args.train_examples} labeled ones ...", flush=True)
+    client.build_domain("movies", "\n".join(lines), split_layer=2, context=3, min_count=2)
+    bar = tqdm(desc="  training", file=sys.stdout)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total, bar.n = total, step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh()
+
+    report = train_tenant(client, packaged_minilm_dir(), "movies", SST2 / "train.jsonl", SST2 / "validation.jsonl",
+                          ["negative", "positive"], epochs=2, max_train=args.train_examples, progress=progress)
+    bar.close()
+    client.register_tenant("movie-critic", "movies", report.labels, report.adapter)
+    print(f"  eval accuracy on the {report.eval_examples} SST-2 validation sentences: {report.eval_accuracy:.3f}")
+    for review, prediction in zip(REVIEWS, client.classify("movie-critic", REVIEWS)):
+        print(f"  movie-critic     {prediction.label:9s} p={prediction.probabilities[prediction.label]:.2f}  {review}")
