@@ -71,26 +71,13 @@ def cmd_up(args) -> int:
 # ---- domains ------------------------------------------------------------------------------------
 
 def cmd_domain_build(args) -> int:
-    from tqdm import tqdm
+    from hmi.progress import BuildBars
     corpus = Path(args.corpus).read_text(encoding="utf-8") if args.corpus else ""
-    bars: dict[str, tqdm] = {}
-
-    def progress(update) -> None:
-        if update.stage == "done":
-            return
-        bar = bars.get(update.stage)
-        if bar is None:
-            bar = bars[update.stage] = tqdm(total=update.total, desc=update.stage, unit="seq" if
-                                            update.stage != "vocabulary" else "tok", file=sys.stderr)
-        bar.total = update.total
-        bar.n = update.done
-        bar.refresh()
-
+    progress = BuildBars(sys.stderr)
     with _client(args) as client:
         domain = client.build_domain(args.name, corpus, split_layer=args.split_layer, context=args.context,
                                      min_count=args.min_count, parent=args.parent, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    progress.close()
     print(f"domain {domain.spec.name}: split layer {domain.spec.split_layer}, context {domain.spec.context}, "
           f"{domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
           f"{domain.plot_bytes / 2**20:.1f} MiB of vectors")
@@ -132,26 +119,18 @@ def cmd_tenant_register(args) -> int:
 
 
 def cmd_tenant_train(args) -> int:
-    from tqdm import tqdm
-
+    from hmi.progress import TrainBar
     from services.common.models import resolve_model_dir
     from services.training.tenant_training import train_tenant
 
-    bar = tqdm(desc="training", unit="step", file=sys.stderr)
-
-    def progress(step: int, total: int, loss: float) -> None:
-        bar.total = total
-        bar.n = step
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        bar.refresh()
-
+    progress = TrainBar(sys.stderr)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     with _client(args) as client:
         report = train_tenant(client, resolve_model_dir(args.model), args.domain, Path(args.train),
                               Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
                               learning_rate=args.learning_rate, batch_size=args.batch_size, max_train=args.max_train,
                               seed=args.seed, progress=progress)
-        bar.close()
+        progress.close()
         print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
               f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
         tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)

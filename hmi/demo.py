@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hmi.client import HMIClient
+from hmi.progress import BuildBars, TrainBar
 from hmi.launcher import ServiceSet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,19 +65,9 @@ def _run(client: HMIClient, args) -> None:
     corpus = CORPUS.read_text(encoding="utf-8")
     print(f"\nbuilding PLOT of domain 'demo' from {CORPUS.name} ({len(corpus.splitlines())} lines), "
           f"split layer 2, context 3 ...", flush=True)
-    bars: dict[str, tqdm] = {}
-
-    def progress(update) -> None:
-        if update.stage != "done":
-            bar = bars.get(update.stage)
-            if bar is None:
-                bar = bars[update.stage] = tqdm(total=update.total, desc=f"  {update.stage}", file=sys.stdout)
-            bar.total, bar.n = update.total, update.done
-            bar.refresh()
-
+    progress = BuildBars(sys.stdout, prefix="  ")
     domain = client.build_domain("demo", corpus, split_layer=2, context=3, min_count=2, progress=progress)
-    for bar in bars.values():
-        bar.close()
+    progress.close()
     print(f"  {domain.nodes} knowledge-tree nodes (per depth {list(domain.nodes_per_depth)}), "
           f"{domain.plot_bytes / 2**20:.1f} MiB of fp16 vectors")
 
@@ -125,8 +116,6 @@ def _trained_tenant(client: HMIClient, args) -> None:
     """A real tenant: PLOT of movie-review text, adapter and head trained on SST-2 sentiment labels."""
     import json
 
-    from tqdm import tqdm
-
     from services.common.models import packaged_minilm_dir
     from services.training.tenant_training import train_tenant
 
@@ -134,16 +123,10 @@ def _trained_tenant(client: HMIClient, args) -> None:
     print(f"\nbuilding domain 'movies' from {len(lines)} SST-2 review snippets and training tenant 'movie-critic' "
           f"on {args.train_examples} labeled ones ...", flush=True)
     client.build_domain("movies", "\n".join(lines), split_layer=2, context=3, min_count=2)
-    bar = tqdm(desc="  training", file=sys.stdout)
-
-    def progress(step: int, total: int, loss: float) -> None:
-        bar.total, bar.n = total, step
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        bar.refresh()
-
+    progress = TrainBar(sys.stdout, desc="  training")
     report = train_tenant(client, packaged_minilm_dir(), "movies", SST2 / "train.jsonl", SST2 / "validation.jsonl",
                           ["negative", "positive"], epochs=2, max_train=args.train_examples, progress=progress)
-    bar.close()
+    progress.close()
     client.register_tenant("movie-critic", "movies", report.labels, report.adapter)
     print(f"  eval accuracy on the {report.eval_examples} SST-2 validation sentences: {report.eval_accuracy:.3f}")
     for review, prediction in zip(REVIEWS, client.classify("movie-critic", REVIEWS)):

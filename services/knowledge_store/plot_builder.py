@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from services.common.errors import InvalidArgument

@@ -17,7 +17,7 @@ import numpy as np
 
 from services.common.adapter_format import (DEFAULT_TARGETS, parse_adapter, random_adapter,
                                             serialize_adapter)
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.models import ModelDims, load_bert, load_tokenizer
 from services.knowledge_store.knowledge_tree import LookupResult, lookup, write_tree
 from services.knowledge_store.layout import StoreLayout, domain_prefix
