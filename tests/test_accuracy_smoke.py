@@ -1,0 +1,37 @@
+"""Smoke run of the accuracy study's interface on a tiny model and data set (the study itself runs on demand)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_training import sample
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(3)
+    for name, count in (("train.jsonl", 80), ("validation.jsonl", 30)):
+        (data / name).write_text("\n".join(json.dumps(row) for row in sample(rng, count)))
+    out = tmp_path / "out" / "study.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--data", str(data),
+                             "--split-layers", "1,2", "--contexts", "1,2", "--max-train", "60", "--epochs", "2",
+                             "--model", str(tiny_model_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = json.loads(out.read_text())
+    assert 0.0 <= study["reference"]["accuracy"] <= 1.0
+    rows = study["configurations"]
+    assert {(r["split_layer"], r["context"]) for r in rows} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for row in rows:
+        assert set(row) >= {"split_layer", "context", "domain_adapted", "accuracy", "plot_bytes"}
+        assert row["plot_bytes"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+    deeper = {r["context"]: r["nodes"] for r in rows if r["split_layer"] == 1}
+    assert deeper[2] > deeper[1], "a deeper context keeps more nodes"
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "full model + LoRA" in result.stdout
