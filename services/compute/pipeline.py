@@ -125,9 +125,10 @@ class Pipeline:
         if report:
             pool = self.pool.stats
             log.info("%d batches, %d sequences, %d tokens so far; adapters: %d device hits, %d host hits, "
-                     "%d fetched, %d evictions; last batch %d seqs: fetch %.1f ms, execute %.1f ms",
-                     self.stats.batches, self.stats.sequences, self.stats.tokens, pool.device_hits, pool.host_hits,
-                     pool.misses, pool.evictions, batch.size, timings.fetch_ms, timings.execute_ms)
+                     "%d fetched, %d evictions; PLOT hits per context depth %s; last batch %d seqs: fetch %.1f ms, "
+                     "execute %.1f ms", self.stats.batches, self.stats.sequences, self.stats.tokens, pool.device_hits,
+                     pool.host_hits, pool.misses, pool.evictions, self.stats.hit_depth_counts, batch.size,
+                     timings.fetch_ms, timings.execute_ms)
         return result, timings
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hmi.v1 import compute_pb2_grpc as pb_grpc
 from services.common.rpc import channel
@@ -17,7 +17,6 @@ class Replica:
     stub: pb_grpc.ComputeStub
     slots: threading.Semaphore
     down_until: float = 0.0
-    inflight: int = field(default=0)
 
 
 class Router:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from services.common.adapter_format import serialize_adapter
 from services.common.errors import InvalidArgument
@@ -88,7 +89,7 @@ def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_pa
     tokenizer = load_tokenizer(model_dir)
     train = build_examples(client, tokenizer, domain, split_layer, train_rows, label_index, max_tokens)
     evaluation = build_examples(client, tokenizer, domain, split_layer, eval_rows, label_index, max_tokens)
-    model = UpperModel(model_dir, __import__("torch").device("cpu"))
+    model = UpperModel(model_dir, torch.device("cpu"))
     trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(labels), rank=rank,
                                                   alpha=2.0 * rank, epochs=epochs, batch_size=batch_size,
                                                   learning_rate=learning_rate, seed=seed))
