@@ -42,23 +42,32 @@ class HMIClient:
     # ---- admin ---------------------------------------------------------------------------------
 
     def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
-                     parent: str = "", progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
+                     parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
+                     progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
                      timeout: float | None = None) -> store_pb.Domain:
+        spec = store_pb.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
+                                   min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold)
+
         def requests() -> Iterator[store_pb.BuildDomainRequest]:
-            yield store_pb.BuildDomainRequest(spec=store_pb.DomainSpec(
-                name=name, parent=parent, split_layer=split_layer, context=context, min_count=min_count))
+            yield store_pb.BuildDomainRequest(spec=spec)
             for chunk in split_chunks(corpus.encode("utf-8")):
                 yield store_pb.BuildDomainRequest(corpus_chunk=chunk)
 
-        domain = None
-        for update in self.admin.BuildDomain(requests(), timeout=timeout or 3600):
-            if progress is not None:
-                progress(update)
-            if update.stage == "done":
-                domain = update.domain
-        if domain is None:
-            raise RuntimeError("the build ended without a result")
-        return domain
+        return _final_domain(self.admin.BuildDomain(requests(), timeout=timeout or 3600), progress)
+
+    def adapt_domain(self, name: str, corpus: str, *, split_layer: int, parent: str = "", steps: int = 0,
+                     batch_size: int = 0, learning_rate: float = 0.0, seed: int = 0,
+                     progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
+                     timeout: float | None = None) -> store_pb.Domain:
+        def requests() -> Iterator[store_pb.AdaptDomainRequest]:
+            yield store_pb.AdaptDomainRequest(spec=store_pb.DomainSpec(name=name, parent=parent,
+                                                                       split_layer=split_layer))
+            yield store_pb.AdaptDomainRequest(settings=store_pb.AdaptSettings(
+                steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed))
+            for chunk in split_chunks(corpus.encode("utf-8")):
+                yield store_pb.AdaptDomainRequest(corpus_chunk=chunk)
+
+        return _final_domain(self.admin.AdaptDomain(requests(), timeout=timeout or 3600), progress)
 
     def get_domain(self, name: str) -> store_pb.Domain:
         return self.admin.GetDomain(store_pb.GetDomainRequest(name=name), timeout=self.timeout)
@@ -120,3 +129,16 @@ def is_serving(address: str, timeout: float = 1.0) -> bool:
             return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+def _final_domain(updates, progress) -> store_pb.Domain:
+    """Follows a build/adapt progress stream to its final domain record."""
+    domain = None
+    for update in updates:
+        if progress is not None:
+            progress(update)
+        if update.stage == "done":
+            domain = update.domain
+    if domain is None:
+        raise RuntimeError("the job ended without a result")
+    return domain

@@ -22,6 +22,8 @@ class BuildBars:
             bar = self.bars[update.stage] = tqdm(total=update.total, desc=f"{self.prefix}{update.stage}",
                                                  file=self.file)
         bar.total, bar.n = update.total, update.done
+        if update.loss:
+            bar.set_postfix(loss=f"{update.loss:.3f}", refresh=False)
         bar.refresh()
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ def write(layout: StoreLayout, domain: int, tree: TreeContents) -> int:
 
 def run_lookup(layout: StoreLayout, domain: int, tokens: list[int], offsets: list[int], context: int = 4):
     with layout.env.begin(buffers=True) as txn:
-        return lookup(layout, txn, domain, context, HIDDEN, np.array(tokens, dtype=np.int64),
+        return lookup(layout, txn, [domain], context, HIDDEN, np.array(tokens, dtype=np.int64),
                       np.array(offsets, dtype=np.int64))
 
 
@@ -150,7 +150,7 @@ def test_lookup_in_a_copying_transaction_gives_the_same_result(layout):
     write(layout, 1, BASE)
     tokens = [1, 2, 3, 4, 5, 99]
     with layout.env.begin(buffers=False) as txn:
-        plain = lookup(layout, txn, 1, 4, HIDDEN, np.array(tokens), np.array([0, 6]))
+        plain = lookup(layout, txn, [1], 4, HIDDEN, np.array(tokens), np.array([0, 6]))
     buffered = run_lookup(layout, 1, tokens, [0, 6])
     np.testing.assert_array_equal(plain.vectors, buffered.vectors)
     np.testing.assert_array_equal(plain.hit_depths, buffered.hit_depths)

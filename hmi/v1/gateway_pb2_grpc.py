@@ -159,6 +159,11 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
+        self.AdaptDomain = channel.stream_stream(
+                '/hmi.v1.Admin/AdaptDomain',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                _registered_method=True)
         self.GetDomain = channel.unary_unary(
                 '/hmi.v1.Admin/GetDomain',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
@@ -206,6 +211,12 @@ class AdminServicer:
     """
 
     def BuildDomain(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdaptDomain(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +277,11 @@ def add_AdminServicer_to_server(servicer, server):
             'BuildDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.BuildDomain,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+            ),
+            'AdaptDomain': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdaptDomain,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
             ),
             'GetDomain': grpc.unary_unary_rpc_method_handler(
@@ -336,6 +352,33 @@ class Admin:
             target,
             '/hmi.v1.Admin/BuildDomain',
             hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdaptDomain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hmi.v1.Admin/AdaptDomain',
+            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,

@@ -8,21 +8,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count")
+    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     split_layer: int
     context: int
     min_count: int
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ...) -> None: ...
+    budget_bytes: int
+    learn_threshold: int
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at")
+    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +36,14 @@ class Domain(_message.Message):
     CORPUS_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     CORPUS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BUILT_AT_FIELD_NUMBER: _ClassVar[int]
+    LOWER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZED_NODES_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_NODES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_FIELD_NUMBER: _ClassVar[int]
     spec: DomainSpec
     model: str
     hidden_size: int
@@ -41,7 +53,51 @@ class Domain(_message.Message):
     corpus_sequences: int
     corpus_tokens: int
     built_at: float
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ...) -> None: ...
+    lower_model: str
+    budget_bytes: int
+    learn_threshold: int
+    materialized_nodes: int
+    pruned_nodes: int
+    pending_contexts: int
+    recent_hit_depths: _containers.RepeatedScalarFieldContainer[int]
+    adapt: AdaptReport
+    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ...) -> None: ...
+
+class AdaptSettings(_message.Message):
+    __slots__ = ("steps", "batch_size", "learning_rate", "seed")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class AdaptReport(_message.Message):
+    __slots__ = ("steps", "corpus_sequences", "base_loss", "adapted_loss", "seconds")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    corpus_sequences: int
+    base_loss: float
+    adapted_loss: float
+    seconds: float
+    def __init__(self, steps: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., base_loss: _Optional[float] = ..., adapted_loss: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class AdaptDomainRequest(_message.Message):
+    __slots__ = ("spec", "corpus_chunk", "settings")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    spec: DomainSpec
+    corpus_chunk: bytes
+    settings: AdaptSettings
+    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., corpus_chunk: _Optional[bytes] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ...) -> None: ...
 
 class BuildDomainRequest(_message.Message):
     __slots__ = ("spec", "corpus_chunk")
@@ -52,16 +108,18 @@ class BuildDomainRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., corpus_chunk: _Optional[bytes] = ...) -> None: ...
 
 class BuildDomainProgress(_message.Message):
-    __slots__ = ("stage", "done", "total", "domain")
+    __slots__ = ("stage", "done", "total", "domain", "loss")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     done: int
     total: int
     domain: Domain
-    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+    loss: float
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class GetDomainRequest(_message.Message):
     __slots__ = ("name",)

@@ -57,6 +57,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
                 _registered_method=True)
+        self.AdaptDomain = channel.stream_stream(
+                '/hmi.v1.KnowledgeStore/AdaptDomain',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_stream(
                 '/hmi.v1.KnowledgeStore/Lookup',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
@@ -117,6 +122,16 @@ class KnowledgeStoreServicer:
 
     def DeleteDomain(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdaptDomain(self, request_iterator, context):
+        """Continues masked-language-model pretraining of the lower layers [0, L) on
+        a domain corpus (upper layers frozen, so the shared upper layers still fit)
+        and stores the result as the domain's lower model; BuildDomain then builds
+        the PLOT with it. Streams the spec, then the corpus in chunks.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -184,6 +199,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.DeleteDomain,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.SerializeToString,
+            ),
+            'AdaptDomain': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdaptDomain,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
             ),
             'Lookup': grpc.unary_stream_rpc_method_handler(
                     servicer.Lookup,
@@ -326,6 +346,33 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/DeleteDomain',
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdaptDomain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hmi.v1.KnowledgeStore/AdaptDomain',
+            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
             insecure,

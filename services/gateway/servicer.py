@@ -88,6 +88,13 @@ class AdminServicer(pb_grpc.AdminServicer):
                 self.directory.invalidate(domain=progress.domain.spec.name)
             yield progress
 
+    @handles_stream_errors
+    def AdaptDomain(self, request_iterator, context):
+        for progress in self.store.AdaptDomain(request_iterator, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
+            if progress.stage == "done":
+                self.directory.invalidate(domain=progress.domain.spec.name)
+            yield progress
+
     @handles_errors
     def GetDomain(self, request, context):
         return self.store.GetDomain(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))

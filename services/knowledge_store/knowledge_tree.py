@@ -1,19 +1,24 @@
 """The knowledge tree of a domain: a trie over context paths, each node a mean layer-L vector.
 
 A context path is the token, then up to k-1 tokens before it (nearest first). Every vocabulary token
-has a depth-1 node, so a lookup always hits; it takes the deepest node matching the actual left
-context (back-off as in an n-gram model). Node existence is monotone in depth (a path occurs at
-least as often as any extension of it), so the walk stops at the first miss.
+has a depth-1 node in the root domain of a domain tree, so a lookup always hits; it takes the deepest
+node matching the actual left context (back-off as in an n-gram model), searching the domain first and
+then its ancestors at each depth. Node existence is monotone in depth (a path is only added when its
+parent exists, and only leaves are pruned), so the walk stops at the first depth nobody has.
+
+A node key is its domain id followed by its path, so a node's children sort right after it: a node is
+a leaf exactly when the next key does not extend it. Vector rows live in blocks; rows freed by pruning
+are listed in `free_rows` and reused before the domain grows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 import numpy as np
 
 from services.knowledge_store.layout import (NODE_VALUE, ROWS_PER_BLOCK, StoreLayout, block_key,
-                                             domain_prefix, node_key)
+                                             domain_prefix, free_row_key, node_key, path_of)
 
 
 @dataclass
@@ -25,15 +30,24 @@ class TreeContents:
 
 
 @dataclass
+class Miss:
+    """A context deeper than the deepest node found, and where it occurred (for learning from traffic)."""
+    path: tuple[int, ...]
+    sequence: int
+    position: int
+
+
+@dataclass
 class LookupResult:
     vectors: np.ndarray         # float16 [tokens, hidden]
     hit_depths: np.ndarray      # int32 [tokens]
+    hit_keys: list[bytes] = field(default_factory=list)   # node key that served each token
+    misses: list[Miss] = field(default_factory=list)
 
 
 def write_tree(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, tree: TreeContents) -> int:
     """Replaces the domain's nodes and blocks inside the caller's write transaction; returns bytes written."""
-    layout.delete_prefix(txn, "nodes", domain_prefix(domain_id))
-    layout.delete_prefix(txn, "blocks", domain_prefix(domain_id))
+    clear_domain(layout, txn, domain_id)
     vectors = np.ascontiguousarray(tree.vectors, dtype="<f2")
     for block in range(0, len(vectors), ROWS_PER_BLOCK):
         txn.put(block_key(domain_id, block // ROWS_PER_BLOCK), vectors[block:block + ROWS_PER_BLOCK].tobytes(),
@@ -45,32 +59,159 @@ def write_tree(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, tree:
     return int(vectors.nbytes)
 
 
-def lookup(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, context: int, hidden: int,
-           token_ids: np.ndarray, offsets: np.ndarray) -> LookupResult:
-    """Deepest-context vector for every token of every packed sequence, in one read transaction."""
+def clear_domain(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int) -> None:
+    for db in ("nodes", "blocks", "free_rows", "traffic"):
+        layout.delete_prefix(txn, db, domain_prefix(domain_id))
+
+
+def lookup(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], context: int, hidden: int,
+           token_ids: np.ndarray, offsets: np.ndarray, *, collect: bool = False) -> LookupResult:
+    """Deepest-context vector for every token of every packed sequence, in one read transaction.
+
+    `chain` is the domain's id, then its ancestors' ids. With `collect`, also reports which node served
+    each token and the contexts that went deeper than the tree (what traffic learning counts)."""
     nodes, blocks = layout.db["nodes"], layout.db["blocks"]
     row_bytes = hidden * 2
     out = np.empty((len(token_ids), hidden), dtype=np.float16)
     out_bytes = out.view(np.uint8).reshape(len(token_ids), row_bytes)
     depths = np.zeros(len(token_ids), dtype=np.int32)
-    block_cache: dict[int, memoryview] = {}
+    result = LookupResult(vectors=out, hit_depths=depths)
+    block_cache: dict[tuple[int, int], memoryview] = {}
     tokens = token_ids.tolist()
-    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+    for sequence, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
         for position in range(start, end):
-            found = None
-            depth = 0
-            for depth_try in range(1, min(context, position - start + 1) + 1):
-                path = tokens[position - depth_try + 1:position + 1][::-1]
-                value = txn.get(node_key(domain_id, tuple(path)), db=nodes)
+            found, owner, found_key, depth = None, 0, b"", 0
+            available = min(context, position - start + 1)
+            for depth_try in range(1, available + 1):
+                path = tuple(tokens[position - depth_try + 1:position + 1][::-1])
+                value = None
+                for domain_id in chain:
+                    key = node_key(domain_id, path)
+                    value = txn.get(key, db=nodes)
+                    if value is not None:
+                        found, owner, found_key, depth = value, domain_id, key, depth_try
+                        break
                 if value is None:
+                    if collect:
+                        result.misses.append(Miss(path, sequence, position - start))
                     break
-                found, depth = value, depth_try
             if found is None:
                 raise KeyError(f"token id {tokens[position]} has no depth-1 node")
             block, row, _count = NODE_VALUE.unpack(found)
-            data = block_cache.get(block)
+            data = block_cache.get((owner, block))
             if data is None:
-                data = block_cache[block] = txn.get(block_key(domain_id, block), db=blocks)
+                data = block_cache[(owner, block)] = txn.get(block_key(owner, block), db=blocks)
             out_bytes[position] = np.frombuffer(data, dtype=np.uint8, count=row_bytes, offset=row * row_bytes)
             depths[position] = depth
-    return LookupResult(vectors=out, hit_depths=depths)
+            if collect:
+                result.hit_keys.append(found_key)
+    return result
+
+
+# ---- changing a tree in place (traffic learning, pruning); all inside the caller's write txn ----------
+
+
+def allocate_rows(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, high_water: int,
+                  count: int) -> tuple[list[int], int]:
+    """Rows for `count` new vectors: freed rows first, then new ones; returns them and the new high water."""
+    rows: list[int] = []
+    cursor = txn.cursor(db=layout.db["free_rows"])
+    prefix = domain_prefix(domain_id)
+    while len(rows) < count and cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix):
+        rows.append(int.from_bytes(bytes(cursor.key())[4:], "big"))
+        cursor.delete()
+    while len(rows) < count:
+        rows.append(high_water)
+        high_water += 1
+    return rows, high_water
+
+
+def write_rows(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, hidden: int, rows: list[int],
+               vectors: np.ndarray) -> None:
+    row_bytes = hidden * 2
+    vectors = np.ascontiguousarray(vectors, dtype="<f2")
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for index, row in enumerate(rows):
+        by_block.setdefault(row // ROWS_PER_BLOCK, []).append((row % ROWS_PER_BLOCK, index))
+    blocks = layout.db["blocks"]
+    for block, items in by_block.items():
+        key = block_key(domain_id, block)
+        data = bytearray(txn.get(key, db=blocks) or b"")
+        needed = (max(row for row, _ in items) + 1) * row_bytes
+        if len(data) < needed:
+            data.extend(bytes(needed - len(data)))
+        for row, index in items:
+            data[row * row_bytes:(row + 1) * row_bytes] = vectors[index].tobytes()
+        txn.put(key, bytes(data), db=blocks)
+
+
+def add_node(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, path: tuple[int, ...], row: int,
+             count: int) -> None:
+    txn.put(node_key(domain_id, path), NODE_VALUE.pack(row // ROWS_PER_BLOCK, row % ROWS_PER_BLOCK, count),
+            db=layout.db["nodes"])
+
+
+def add_hits(layout: StoreLayout, txn: lmdb.Transaction, hits: dict[bytes, int]) -> None:
+    """Adds traffic hits to node counts (the frequency pruning ranks by); nodes pruned meanwhile are skipped."""
+    nodes = layout.db["nodes"]
+    for key, hits_here in hits.items():
+        value = txn.get(key, db=nodes)
+        if value is not None:
+            block, row, count = NODE_VALUE.unpack(value)
+            txn.put(key, NODE_VALUE.pack(block, row, count + hits_here), db=nodes)
+
+
+def node_exists(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], path: tuple[int, ...]) -> bool:
+    return any(txn.get(node_key(domain_id, path), db=layout.db["nodes"]) is not None for domain_id in chain)
+
+
+@dataclass
+class Leaf:
+    key: bytes
+    depth: int
+    count: int
+    row: int
+
+
+def leaves(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, min_depth: int) -> list[Leaf]:
+    """Nodes of the domain with no child in it, at depth >= min_depth (one pass over its keys)."""
+    result: list[Leaf] = []
+    prefix = domain_prefix(domain_id)
+    cursor = txn.cursor(db=layout.db["nodes"])
+    if not cursor.set_range(prefix):
+        return result
+    previous: tuple[bytes, bytes] | None = None
+    for raw_key, raw_value in cursor:
+        key = bytes(raw_key)
+        if not key.startswith(prefix):
+            break
+        if previous is not None and not key.startswith(previous[0]):
+            result.extend(_leaf(*previous, min_depth))
+        previous = (key, bytes(raw_value))
+    if previous is not None:
+        result.extend(_leaf(*previous, min_depth))
+    return result
+
+
+def _leaf(key: bytes, value: bytes, min_depth: int) -> list[Leaf]:
+    depth = len(key) // 4 - 1
+    if depth < min_depth:
+        return []
+    block, row, count = NODE_VALUE.unpack(value)
+    return [Leaf(key, depth, count, block * ROWS_PER_BLOCK + row)]
+
+
+def remove_leaves(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, chosen: list[Leaf]) -> list[int]:
+    """Deletes the nodes, frees their rows; returns the number removed per depth (index 0 = depth 1)."""
+    removed: list[int] = []
+    for leaf in chosen:
+        txn.delete(leaf.key, db=layout.db["nodes"])
+        txn.put(free_row_key(domain_id, leaf.row), b"", db=layout.db["free_rows"])
+        while len(removed) < leaf.depth:
+            removed.append(0)
+        removed[leaf.depth - 1] += 1
+    return removed
+
+
+def node_path(leaf: Leaf) -> tuple[int, ...]:
+    return path_of(leaf.key)

@@ -5,6 +5,10 @@
     nodes     domain_id u32 BE + context path (token, token before it, ...) u32 BE each
               -> (block u32, row u32, count u64) little-endian
     blocks    domain_id u32 BE + block u32 BE -> ROWS_PER_BLOCK fp16 rows (last block may be short)
+    free_rows domain_id u32 BE + row u32 BE -> b"" (rows freed by pruning, reused first)
+    traffic   node key of a context missing from the tree -> count u64 + sample sequences (see
+              tree_learning.py): what live lookups asked for, until materialised
+    lower     domain name -> safetensors of the domain-adapted lower layers
     tenants   tenant id -> JSON tenant record
     adapters  tenant id -> safetensors bytes
 
@@ -25,7 +29,7 @@ ROWS_PER_BLOCK = 64
 NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
-DATABASES = ("meta", "domains", "nodes", "blocks", "tenants", "adapters")
+DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "lower", "tenants", "adapters")
 
 
 class StoreLayout:
@@ -88,3 +92,12 @@ def node_key(domain_id: int, path: tuple[int, ...]) -> bytes:
 
 def block_key(domain_id: int, block: int) -> bytes:
     return _BLOCK_KEY.pack(domain_id, block)
+
+
+def free_row_key(domain_id: int, row: int) -> bytes:
+    return _BLOCK_KEY.pack(domain_id, row)
+
+
+def path_of(key: bytes) -> tuple[int, ...]:
+    """The context path of a node key (the domain id stripped)."""
+    return struct.unpack(f">{len(key) // 4 - 1}I", key[4:])

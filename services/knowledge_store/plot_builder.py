@@ -90,7 +90,10 @@ class PlotBuilder:
                                                        token_type_ids=torch.zeros_like(input_ids))
         return output.last_hidden_state, mask
 
-    def build(self, lines: list[str], settings: BuildSettings, progress: Progress | None = None) -> TreeContents:
+    def build(self, lines: list[str], settings: BuildSettings, progress: Progress | None = None, *,
+              full_vocabulary: bool = True) -> TreeContents:
+        """`full_vocabulary`: give every vocabulary token a depth-1 node (a root domain); a child domain
+        keeps only the tokens its corpus shows and falls back to its parent for the rest."""
         if settings.split_layer < 1:
             raise InvalidArgument("a PLOT needs split layer >= 1 (split layer 0 runs the whole model in compute)")
         report = progress or (lambda stage, done, total: None)
@@ -103,9 +106,10 @@ class PlotBuilder:
             counts.update(path for _, path in context_paths(ids, settings.context))
         report("counting", len(sequences), len(sequences))
 
-        # Every vocabulary token gets a depth-1 node (index = token id); deeper nodes follow.
+        # In a root domain every vocabulary token gets a depth-1 node (index = token id); deeper nodes follow.
         deep = sorted(path for path, count in counts.items() if len(path) > 1 and count >= settings.min_count)
-        paths: list[tuple[int, ...]] = [(token,) for token in range(self.vocab_size)] + deep
+        tokens = range(self.vocab_size) if full_vocabulary else sorted(p[0] for p in counts if len(p) == 1)
+        paths: list[tuple[int, ...]] = [(token,) for token in tokens] + deep
         index = {path: i for i, path in enumerate(paths)}
         hidden_size = self.model.config.hidden_size
         sums = torch.zeros(len(paths), hidden_size, dtype=torch.float64)
@@ -129,7 +133,7 @@ class PlotBuilder:
             done += len(batch)
             report("encoding", done, len(sequences))
 
-        unseen = torch.nonzero(node_counts[:self.vocab_size] == 0).flatten()
+        unseen = torch.nonzero(node_counts[:self.vocab_size] == 0).flatten() if full_vocabulary else []
         if len(unseen):
             sums[unseen] = self.isolated_vectors(settings.split_layer, report)[unseen].double()
 

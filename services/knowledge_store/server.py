@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.common.config import env, env_int
+from services.common.config import env, env_float, env_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LMDB map size (upper bound of the store's size) [HMI_STORE_MAP_SIZE_GIB]")
     parser.add_argument("--default-rank", type=int, default=env_int("HMI_DEFAULT_RANK", 8),
                         help="LoRA rank of random adapters [HMI_DEFAULT_RANK]")
+    parser.add_argument("--domain-budget-mib", type=int, default=env_int("HMI_DOMAIN_BUDGET_MIB", 512),
+                        help="default storage budget of a domain's vectors [HMI_DOMAIN_BUDGET_MIB]")
+    parser.add_argument("--learn-threshold", type=int, default=env_int("HMI_LEARN_THRESHOLD", 8),
+                        help="lookups of a missing context before it is materialised; -1 = do not learn from "
+                             "traffic [HMI_LEARN_THRESHOLD]")
+    parser.add_argument("--learn-interval", type=float, default=env_float("HMI_LEARN_INTERVAL", 2.0),
+                        help="seconds between traffic flushes (materialisation, pruning) [HMI_LEARN_INTERVAL]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_STORE_METRICS_PORT", 0))
 
 
@@ -29,8 +36,11 @@ def main(args: argparse.Namespace) -> None:
     log = setup_logging("store")
     model_dir = resolve_model_dir(args.model)
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=model_dir, model_name=model_name(args.model),
-                             map_size=args.map_size_gib << 30, default_rank=args.default_rank)
+                             map_size=args.map_size_gib << 30, default_rank=args.default_rank,
+                             default_budget_bytes=args.domain_budget_mib << 20,
+                             default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
     store = KnowledgeStore(settings)
+    store.start_maintenance()
     running = start_server(args.listen,
                            lambda server: pb_grpc.add_KnowledgeStoreServicer_to_server(
                                KnowledgeStoreServicer(store), server),

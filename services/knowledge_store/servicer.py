@@ -13,19 +13,22 @@ from hmi.v1 import tensor_pb2
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
 from services.common.errors import InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
+from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.records import domain_to_pb, tenant_to_pb
 from services.knowledge_store.store import KnowledgeStore
 
 
-def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int):
-    """Client streams of the form: one spec message, then payload chunks."""
-    spec, payload = None, bytearray()
+def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int, extra_field: str = ""):
+    """Client streams of the form: one spec message (and optionally one `extra_field`), then payload chunks."""
+    spec, extra, payload = None, None, bytearray()
     for request in requests:
         item = request.WhichOneof("item")
         if item == spec_field:
             if spec is not None:
                 raise InvalidArgument(f"the stream must carry exactly one {spec_field}")
             spec = getattr(request, spec_field)
+        elif extra_field and item == extra_field:
+            extra = getattr(request, extra_field)
         elif item == chunk_field:
             if spec is None:
                 raise InvalidArgument(f"send the {spec_field} before any {chunk_field}")
@@ -34,7 +37,50 @@ def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: in
                 raise InvalidArgument(f"{chunk_field} payload exceeds the limit of {limit} bytes")
     if spec is None:
         raise InvalidArgument(f"the stream carried no {spec_field}")
+    if extra_field:
+        return spec, extra, bytes(payload)
     return spec, bytes(payload)
+
+
+def decode_corpus(corpus_bytes: bytes) -> str:
+    try:
+        return corpus_bytes.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(f"the corpus is not UTF-8 text: {error}") from error
+
+
+def adapt_settings(wire: pb.AdaptSettings | None, split_layer: int) -> AdaptSettings:
+    settings = AdaptSettings(split_layer)
+    if wire is not None:
+        settings.steps = wire.steps or settings.steps
+        settings.batch_size = wire.batch_size or settings.batch_size
+        settings.learning_rate = wire.learning_rate or settings.learning_rate
+        settings.seed = wire.seed
+    if settings.learning_rate <= 0 or settings.learning_rate > 1:
+        raise InvalidArgument(f"learning rate {settings.learning_rate} is outside (0, 1]")
+    return settings
+
+
+def stream_progress(work, context, thread_name: str) -> Iterator[pb.BuildDomainProgress]:
+    """Runs a long store job in a thread and streams its progress; the last message carries the domain."""
+    updates: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["record"] = work(updates.put)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the RPC thread below
+            outcome["error"] = error
+        finally:
+            updates.put(None)
+
+    threading.Thread(target=run, name=thread_name, daemon=True).start()
+    while (update := updates.get()) is not None:
+        if context.is_active():
+            yield update
+    if "error" in outcome:
+        raise outcome["error"]
+    yield pb.BuildDomainProgress(stage="done", done=1, total=1, domain=domain_to_pb(outcome["record"]))
 
 
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
@@ -45,34 +91,31 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def BuildDomain(self, request_iterator, context) -> Iterator[pb.BuildDomainProgress]:
         spec, corpus_bytes = read_spec_and_payload(request_iterator, "spec", "corpus_chunk",
                                                    self.store.settings.max_corpus_bytes)
-        try:
-            corpus = corpus_bytes.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidArgument(f"the corpus is not UTF-8 text: {error}") from error
-        self.store.validate_domain_spec(spec.name, spec.parent, spec.split_layer, spec.context, spec.min_count)
-        updates: queue.Queue = queue.Queue()
-        outcome: dict = {}
+        corpus = decode_corpus(corpus_bytes)
+        self.store.validate_domain_spec(spec.name, spec.parent, spec.split_layer, spec.context, spec.min_count,
+                                        spec.budget_bytes, spec.learn_threshold)
 
-        def progress(stage: str, done: int, total: int) -> None:
-            updates.put(pb.BuildDomainProgress(stage=stage, done=done, total=total))
+        def work(progress):
+            return self.store.build_domain(
+                spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
+                min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
+                progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
+                                                                                    total=total)))
+        yield from stream_progress(work, context, f"build-{spec.name}")
 
-        def run() -> None:
-            try:
-                outcome["record"] = self.store.build_domain(
-                    spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
-                    min_count=spec.min_count, progress=progress)
-            except BaseException as error:  # noqa: BLE001 - re-raised in the RPC thread below
-                outcome["error"] = error
-            finally:
-                updates.put(None)
+    @handles_stream_errors
+    def AdaptDomain(self, request_iterator, context) -> Iterator[pb.BuildDomainProgress]:
+        spec, wire, corpus_bytes = read_spec_and_payload(request_iterator, "spec", "corpus_chunk",
+                                                         self.store.settings.max_corpus_bytes, "settings")
+        corpus = decode_corpus(corpus_bytes)
+        settings = adapt_settings(wire, spec.split_layer)
 
-        threading.Thread(target=run, name=f"build-{spec.name}", daemon=True).start()
-        while (update := updates.get()) is not None:
-            if context.is_active():
-                yield update
-        if "error" in outcome:
-            raise outcome["error"]
-        yield pb.BuildDomainProgress(stage="done", done=1, total=1, domain=domain_to_pb(outcome["record"]))
+        def work(progress):
+            return self.store.adapt_domain(
+                spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, settings=settings,
+                progress=lambda stage, done, total, loss: progress(pb.BuildDomainProgress(
+                    stage=stage, done=done, total=total, loss=loss)))
+        yield from stream_progress(work, context, f"adapt-{spec.name}")
 
     @handles_errors
     def GetDomain(self, request, context) -> pb.Domain:

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,9 +19,13 @@ from services.common.adapter_format import (DEFAULT_TARGETS, parse_adapter, rand
                                             serialize_adapter)
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.models import ModelDims, load_bert, load_tokenizer
-from services.knowledge_store.knowledge_tree import LookupResult, lookup, write_tree
-from services.knowledge_store.layout import StoreLayout, domain_prefix
+from services.knowledge_store import knowledge_tree as tree
+from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers, with_lower_layers
+from services.knowledge_store.knowledge_tree import LookupResult
+from services.knowledge_store.layout import StoreLayout, path_of
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
+from services.knowledge_store.tree_learning import (SAMPLES_PER_CONTEXT, PendingTraffic, TrafficLog, decode_traffic,
+                                                    encode_traffic, merge_samples)
 
 log = logging.getLogger("hmi.store")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -40,6 +44,25 @@ class StoreSettings:
     max_adapter_bytes: int = 256 << 20
     max_lookup_tokens: int = 1 << 20
     max_sequence_tokens: int = 128
+    default_budget_bytes: int = 512 << 20     # per domain: 100 domains in 50 GiB
+    default_learn_threshold: int = 8          # lookups of a missing context before it is materialised
+    learn_interval: float = 2.0               # seconds between flushes of the traffic log
+    max_pending_contexts: int = 50_000        # distinct missing contexts counted per domain between flushes
+    max_traffic_entries: int = 200_000        # counted contexts kept per domain in LMDB
+
+
+DOMAIN_DEFAULTS = {"budget_bytes": 0, "learn_threshold": 0, "rows": None, "materialized": 0, "pruned": 0,
+                   "traffic_entries": 0, "generation": 1, "lower_model": "base"}
+
+
+def with_defaults(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Domain records written before a field existed read as if it had its default."""
+    if record is None:
+        return None
+    filled = {key: record.get(key, default) for key, default in DOMAIN_DEFAULTS.items()}
+    if filled["rows"] is None:
+        filled["rows"] = record.get("nodes", 0)
+    return {**record, **filled}
 
 
 def check_name(kind: str, name: str) -> str:
@@ -55,15 +78,35 @@ class KnowledgeStore:
         self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size)
         self.dims = ModelDims.from_dir(settings.model_dir)
         self._builder: PlotBuilder | None = None
+        self._adapted: dict[str, tuple[float, PlotBuilder]] = {}
         self._builder_lock = threading.Lock()
         self._build_lock = threading.Lock()
+        self.traffic = TrafficLog(settings.max_pending_contexts, settings.max_sequence_tokens)
+        self._stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
+
+    def start_maintenance(self) -> None:
+        """Background flushes of the traffic log: materialisation and pruning (the server starts this)."""
+        if self._maintainer is None:
+            self._maintainer = threading.Thread(target=self._maintain, name="tree-maintenance", daemon=True)
+            self._maintainer.start()
+
+    def _maintain(self) -> None:
+        while not self._stop.wait(self.settings.learn_interval):
+            try:
+                self.learn_once()
+            except Exception:  # noqa: BLE001 - keep maintaining; the next flush retries with fresh counts
+                log.exception("tree maintenance failed")
 
     def close(self) -> None:
+        self._stop.set()
+        if self._maintainer is not None:
+            self._maintainer.join(timeout=30)
         self.layout.close()
 
     # ---- domains -------------------------------------------------------------------------------
 
-    def _plot_builder(self) -> PlotBuilder:
+    def _base_builder(self) -> PlotBuilder:
         with self._builder_lock:
             if self._builder is None:
                 log.info("loading lower model from %s", self.settings.model_dir)
@@ -71,7 +114,40 @@ class KnowledgeStore:
                                             load_tokenizer(self.settings.model_dir), self.dims.vocab)
             return self._builder
 
-    def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int) -> None:
+    def _domain_builder(self, record: dict[str, Any]) -> PlotBuilder:
+        """The builder running the domain's lower model: the base one, or its domain-adapted layers."""
+        base = self._base_builder()
+        if record.get("lower_model") != "adapted":
+            return base
+        with self._builder_lock:
+            cached = self._adapted.get(record["name"])
+            if cached is not None and cached[0] == record["adapt"]["adapted_at"]:
+                return cached[1]
+        with self.layout.env.begin() as txn:
+            weights = txn.get(record["name"].encode(), db=self.layout.db["lower"])
+        if weights is None:
+            raise FailedPrecondition(f"domain {record['name']!r} lost its adapted lower model; adapt it again")
+        builder = PlotBuilder(with_lower_layers(base.model, bytes(weights)), base.tokenizer, self.dims.vocab)
+        with self._builder_lock:
+            if len(self._adapted) >= 4:
+                self._adapted.pop(next(iter(self._adapted)))
+            self._adapted[record["name"]] = (record["adapt"]["adapted_at"], builder)
+        return builder
+
+    def row_bytes(self) -> int:
+        return self.dims.hidden * 2
+
+    def effective_budget(self, budget_bytes: int) -> int:
+        return budget_bytes or self.settings.default_budget_bytes
+
+    def effective_threshold(self, learn_threshold: int) -> int:
+        """-1: not learning from traffic."""
+        threshold = learn_threshold or self.settings.default_learn_threshold
+        return threshold if threshold > 0 else -1
+
+    def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int,
+                             budget_bytes: int = 0, learn_threshold: int = 0) -> dict[str, Any] | None:
+        """Checks a spec against the model and the parent; returns the parent's record (None: a root)."""
         check_name("domain", name)
         if not 0 <= split_layer < self.dims.layers:
             raise InvalidArgument(f"split layer {split_layer} is outside 0..{self.dims.layers - 1} "
@@ -80,65 +156,168 @@ class KnowledgeStore:
             raise InvalidArgument(f"context depth {context} is outside 1..{MAX_CONTEXT}")
         if min_count < 1:
             raise InvalidArgument(f"min count {min_count} must be at least 1")
+        if budget_bytes < 0 or learn_threshold < -1:
+            raise InvalidArgument("budget bytes must be >= 0 (0 = default) and learn threshold >= -1 (-1 = off)")
+        parent_record = None
         if parent and parent != "general":
             if parent == name:
                 raise InvalidArgument("a domain cannot be its own parent")
-            self.get_domain(parent)
+            parent_record = self.get_domain(parent)
+            if parent_record["split_layer"] != split_layer or split_layer == 0:
+                raise InvalidArgument(f"a child domain must use its parent's split layer (> 0): {parent!r} has "
+                                      f"split layer {parent_record['split_layer']}, this spec {split_layer}")
+            ancestor = parent_record
+            while ancestor.get("parent"):
+                if ancestor["parent"] == name:
+                    raise InvalidArgument(f"parent {parent!r} descends from {name!r}: domains form a tree")
+                ancestor = self.get_domain(ancestor["parent"])
+        vocabulary_bytes = self.dims.vocab * self.row_bytes()
+        if split_layer > 0 and parent_record is None and self.effective_budget(budget_bytes) < vocabulary_bytes:
+            raise InvalidArgument(f"budget of {self.effective_budget(budget_bytes)} bytes cannot hold the "
+                                  f"{self.dims.vocab} depth-1 rows of a root domain ({vocabulary_bytes} bytes)")
+        return parent_record
 
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 2, context: int = 3,
-                     min_count: int = 2, progress: Progress | None = None) -> dict[str, Any]:
+                     min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
+                     progress: Progress | None = None) -> dict[str, Any]:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
-        self.validate_domain_spec(name, parent, split_layer, context, min_count)
+        parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
+                                                  learn_threshold)
         lines = corpus.splitlines()
         if split_layer > 0 and not any(line.strip() for line in lines):
             raise InvalidArgument("the corpus is empty: give at least one non-empty line of text")
         with self._build_lock:
             started = time.time()
-            tree = None
-            tokens = 0
+            existing = self._find_domain(name)
+            if existing is not None:
+                self._check_rebuild(existing, split_layer)
+            contents = None
             if split_layer > 0:
-                builder = self._plot_builder()
+                builder = self._domain_builder(existing) if existing else self._base_builder()
                 settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens)
-                tree = builder.build(lines, settings, progress)
-                tokens = int(tree.counts[:self.dims.vocab].sum())
+                contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
             if progress:
                 progress("writing", 0, 1)
             with self.layout.env.begin(write=True) as txn:
-                record = self.layout.get_json(txn, "domains", name)
+                record = self._domain_record(txn, name)
                 domain_id = record["id"] if record else self.layout.next_domain_id(txn)
-                plot_bytes = write_tree(self.layout, txn, domain_id, tree) if tree is not None else 0
+                if contents is not None:
+                    tree.write_tree(self.layout, txn, domain_id, contents)
+                else:
+                    tree.clear_domain(self.layout, txn, domain_id)
                 per_depth = [0] * context
-                if tree is not None:
-                    for path in tree.paths:
-                        per_depth[len(path) - 1] += 1
+                tokens = 0
+                for path, count in zip(contents.paths, contents.counts.tolist()) if contents else ():
+                    per_depth[len(path) - 1] += 1
+                    tokens += count if len(path) == 1 else 0
                 record = {
-                    "id": domain_id, "name": name, "parent": parent, "split_layer": split_layer,
-                    "context": context, "min_count": min_count, "model": self.settings.model_name,
-                    "hidden_size": self.dims.hidden, "nodes": sum(per_depth), "nodes_per_depth": per_depth,
-                    "plot_bytes": plot_bytes, "corpus_sequences": sum(1 for line in lines if line.strip()),
+                    **(record or {}), "id": domain_id, "name": name, "parent": parent if parent_record else "",
+                    "split_layer": split_layer, "context": context, "min_count": min_count,
+                    "budget_bytes": budget_bytes, "learn_threshold": learn_threshold,
+                    "model": self.settings.model_name, "hidden_size": self.dims.hidden,
+                    "nodes": sum(per_depth), "nodes_per_depth": per_depth, "rows": sum(per_depth),
+                    "plot_bytes": sum(per_depth) * self.row_bytes(), "materialized": 0, "pruned": 0,
+                    "traffic_entries": 0, "corpus_sequences": sum(1 for line in lines if line.strip()),
                     "corpus_tokens": tokens, "built_at": time.time(),
+                    "generation": (record or {}).get("generation", 0) + 1,
+                    "lower_model": (record or {}).get("lower_model", "base"),
                 }
+                self._prune(txn, record)
                 self.layout.put_json(txn, "domains", name, record)
+            self.traffic.forget(domain_id)
             if progress:
                 progress("writing", 1, 1)
-            log.info("built domain %s: L=%d k=%d nodes=%d (%s per depth) %.1f MiB in %.1fs", name, split_layer,
-                     context, record["nodes"], per_depth, plot_bytes / 2**20, time.time() - started)
-            return record
+            log.info("built domain %s: L=%d k=%d nodes=%d (%s per depth) %.1f MiB in %.1fs (%s lower model)", name,
+                     split_layer, context, record["nodes"], record["nodes_per_depth"], record["plot_bytes"] / 2**20,
+                     time.time() - started, record["lower_model"])
+            return self._with_live_stats(record)
+
+    def _check_rebuild(self, existing: dict[str, Any], split_layer: int) -> None:
+        if existing.get("lower_model") == "adapted" and existing["split_layer"] != split_layer:
+            raise InvalidArgument(f"domain {existing['name']!r} has a lower model adapted for split layer "
+                                  f"{existing['split_layer']}; build it with --split-layer "
+                                  f"{existing['split_layer']} or adapt it again")
+        if existing["split_layer"] != split_layer:
+            children = [d["name"] for d in self.list_domains() if d.get("parent") == existing["name"]]
+            if children:
+                raise FailedPrecondition(f"domain {existing['name']!r} is the parent of {children[0]!r}, which "
+                                         f"needs split layer {existing['split_layer']}")
+
+    def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 2,
+                     settings: AdaptSettings | None = None,
+                     progress: Callable[[str, int, int, float], None] | None = None) -> dict[str, Any]:
+        """MLM-adapts the lower layers on the corpus and stores them as the domain's lower model.
+
+        A new domain is created without a PLOT (build it next); an existing one keeps serving its current
+        PLOT until it is rebuilt, unless the split layer changes (then the old PLOT no longer fits)."""
+        parent_record = self.validate_domain_spec(name, parent, split_layer, 1, 1)
+        if split_layer < 1:
+            raise InvalidArgument("domain adaptation needs split layer >= 1 (0 means no lower model)")
+        settings = settings or AdaptSettings(split_layer)
+        settings.split_layer = split_layer
+        if not 1 <= settings.steps <= 100_000 or not 1 <= settings.batch_size <= 512:
+            raise InvalidArgument("adaptation needs 1..100000 steps and a batch of 1..512 sequences")
+        lines = [line.strip() for line in corpus.splitlines() if line.strip()]
+        with self._build_lock:
+            existing = self._find_domain(name)
+            if existing is not None and existing["split_layer"] != split_layer:
+                users = [t["tenant_id"] for t in self.list_tenants(name)[0]]
+                if users:
+                    raise FailedPrecondition(f"domain {name!r} serves {len(users)} tenant(s) at split layer "
+                                             f"{existing['split_layer']}; adapt it for that layer or delete them")
+                self._check_rebuild({**existing, "lower_model": "base"}, split_layer)
+            builder = self._base_builder()
+            sequences = builder.tokenize(lines, settings.max_tokens) if lines else []
+            result = adapt_lower_layers(builder.model, builder.tokenizer, sequences, settings, progress)
+            with self.layout.env.begin(write=True) as txn:
+                record = self._domain_record(txn, name)
+                if record is None or record["split_layer"] != split_layer:
+                    domain_id = record["id"] if record else self.layout.next_domain_id(txn)
+                    tree.clear_domain(self.layout, txn, domain_id)
+                    record = {
+                        "id": domain_id, "name": name, "parent": parent if parent_record else "",
+                        "split_layer": split_layer, "context": 1, "min_count": 1, "budget_bytes": 0,
+                        "learn_threshold": 0, "model": self.settings.model_name, "hidden_size": self.dims.hidden,
+                        "nodes": 0, "nodes_per_depth": [], "rows": 0, "plot_bytes": 0, "materialized": 0,
+                        "pruned": 0, "traffic_entries": 0, "corpus_sequences": 0, "corpus_tokens": 0,
+                        "built_at": 0.0, "generation": (record or {}).get("generation", 0) + 1,
+                    }
+                record["lower_model"] = "adapted"
+                record["adapt"] = {"steps": result.steps, "corpus_sequences": result.corpus_sequences,
+                                   "base_loss": result.base_loss, "adapted_loss": result.adapted_loss,
+                                   "seconds": result.seconds, "adapted_at": time.time()}
+                txn.put(name.encode(), result.weights, db=self.layout.db["lower"])
+                self.layout.put_json(txn, "domains", name, record)
+        log.info("adapted domain %s lower layers [0, %d): %d steps on %d sequences in %.0fs, held-out MLM loss "
+                 "%.3f -> %.3f", name, split_layer, result.steps, len(sequences), result.seconds, result.base_loss,
+                 result.adapted_loss)
+        return self._with_live_stats(record)
+
+    def _domain_record(self, txn, name: str) -> dict[str, Any] | None:
+        return with_defaults(self.layout.get_json(txn, "domains", name))
+
+    def _find_domain(self, name: str) -> dict[str, Any] | None:
+        with self.layout.env.begin() as txn:
+            return self._domain_record(txn, name)
 
     def get_domain(self, name: str) -> dict[str, Any]:
-        with self.layout.env.begin() as txn:
-            record = self.layout.get_json(txn, "domains", name)
+        record = self._find_domain(name)
         if record is None:
             raise NotFound(f"domain {name!r} does not exist; create it with `hmi domain build {name} --corpus FILE`")
-        return record
+        return self._with_live_stats(record)
+
+    def _with_live_stats(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "recent_hit_depths": self.traffic.recent_hit_depths(record["id"], record["context"]),
+                "effective_budget": self.effective_budget(record.get("budget_bytes", 0)),
+                "effective_threshold": self.effective_threshold(record.get("learn_threshold", 0))}
 
     def list_domains(self) -> list[dict[str, Any]]:
         with self.layout.env.begin() as txn:
-            return [record for _, record in self.layout.iter_json(txn, "domains")]
+            return [self._with_live_stats(with_defaults(record)) for _, record in self.layout.iter_json(txn, "domains")]
 
     def delete_domain(self, name: str) -> None:
         with self.layout.env.begin(write=True) as txn:
-            record = self.layout.get_json(txn, "domains", name)
+            record = self._domain_record(txn, name)
             if record is None:
                 raise NotFound(f"domain {name!r} does not exist")
             users = [tid for tid, tenant in self.layout.iter_json(txn, "tenants") if tenant["domain"] == name]
@@ -148,26 +327,186 @@ class KnowledgeStore:
             children = [d for _, d in self.layout.iter_json(txn, "domains") if d.get("parent") == name]
             if children:
                 raise FailedPrecondition(f"domain {name!r} is the parent of {children[0]['name']!r}; delete it first")
-            self.layout.delete_prefix(txn, "nodes", domain_prefix(record["id"]))
-            self.layout.delete_prefix(txn, "blocks", domain_prefix(record["id"]))
+            tree.clear_domain(self.layout, txn, record["id"])
+            txn.delete(name.encode(), db=self.layout.db["lower"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
+        self.traffic.forget(record["id"])
         log.info("deleted domain %s", name)
 
-    def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray) -> tuple[dict[str, Any], LookupResult]:
+    def _chain(self, txn, record: dict[str, Any]) -> list[int]:
+        """The domain's id, then its ancestors' (where lookups fall back)."""
+        chain = [record["id"]]
+        while record.get("parent"):
+            record = self._domain_record(txn, record["parent"])
+            if record is None:
+                break
+            chain.append(record["id"])
+        return chain
+
+    def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
+               context: int = 0) -> tuple[dict[str, Any], LookupResult]:
+        """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k."""
         if len(token_ids) > self.settings.max_lookup_tokens:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
                                   f"{self.settings.max_lookup_tokens}")
         if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= self.dims.vocab):
             raise InvalidArgument(f"token ids must lie in [0, {self.dims.vocab})")
         with self.layout.env.begin(buffers=True) as txn:
-            record = self.layout.get_json(txn, "domains", domain)
+            record = self._domain_record(txn, domain)
             if record is None:
                 raise NotFound(f"domain {domain!r} does not exist")
             if record["split_layer"] == 0:
                 raise FailedPrecondition(f"domain {domain!r} has split layer 0: it has no PLOT to look up")
-            result = lookup(self.layout, txn, record["id"], record["context"], record["hidden_size"],
-                            token_ids, offsets)
+            if not record["built_at"]:
+                raise FailedPrecondition(f"domain {domain!r} has no PLOT yet: run `hmi domain build {domain} "
+                                         f"--corpus FILE --split-layer {record['split_layer']}`")
+            learning = not context and self.effective_threshold(record.get("learn_threshold", 0)) > 0
+            result = tree.lookup(self.layout, txn, self._chain(txn, record), min(context or 99, record["context"]),
+                                 record["hidden_size"], token_ids, offsets, collect=learning)
+        self.traffic.record(record["id"], result, token_ids, offsets, learning)
         return record, result
+
+    # ---- learning from traffic -------------------------------------------------------------------
+
+    def learn_once(self) -> dict[str, int]:
+        """Flushes the traffic log: counts, then materialisation and pruning. Returns what changed."""
+        summary = {"counted": 0, "materialized": 0, "pruned": 0}
+        pending_all = self.traffic.take()
+        if not pending_all:
+            return summary
+        names = {record["id"]: record["name"] for record in self.list_domains()}
+        for domain_id, pending in pending_all.items():
+            if domain_id not in names:
+                continue
+            candidates, record = self._count_traffic(names[domain_id], pending)
+            summary["counted"] += len(pending.counts)
+            if record is None or not candidates:
+                continue
+            added, pruned = self._materialize(record, candidates)
+            summary["materialized"] += added
+            summary["pruned"] += pruned
+        return summary
+
+    def _count_traffic(self, name: str, pending: PendingTraffic):
+        """One write txn: node hit counts and missing-context counts; returns contexts over the threshold."""
+        candidates: dict[bytes, list] = {}
+        with self.layout.env.begin(write=True) as txn:
+            record = self._domain_record(txn, name)
+            if record is None:
+                return candidates, None
+            threshold = self.effective_threshold(record.get("learn_threshold", 0))
+            traffic = self.layout.db["traffic"]
+            tree.add_hits(self.layout, txn, pending.hits)
+            for key, count in pending.counts.items():
+                old = txn.get(key, db=traffic)
+                if old is None:
+                    total, samples = count, pending.samples.get(key, [])
+                    record["traffic_entries"] = record.get("traffic_entries", 0) + 1
+                else:
+                    total, samples = decode_traffic(bytes(old))
+                    total += count
+                    if len(samples) < SAMPLES_PER_CONTEXT:
+                        samples = merge_samples(samples, pending.samples.get(key, []))
+                txn.put(key, encode_traffic(total, samples), db=traffic)
+                if 0 < threshold <= total:
+                    candidates[key] = [total, samples]
+            if record["traffic_entries"] > self.settings.max_traffic_entries:
+                record["traffic_entries"] -= self._forget_rare_traffic(txn, record)
+            self.layout.put_json(txn, "domains", name, record)
+        if pending.dropped:
+            log.warning("domain %s: %d contexts not counted (more than %d distinct per flush)", name,
+                        pending.dropped, self.settings.max_pending_contexts)
+        return candidates, record
+
+    def _forget_rare_traffic(self, txn, record: dict[str, Any]) -> int:
+        """Keeps the counted-context table bounded: drops the entries at or below the median count."""
+        cursor = txn.cursor(db=self.layout.db["traffic"])
+        prefix = record["id"].to_bytes(4, "big")
+        entries = []
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                entries.append((decode_traffic(bytes(value))[0], bytes(key)))
+        median = sorted(count for count, _ in entries)[len(entries) // 2]
+        removed = 0
+        for count, key in entries:
+            if count <= median:
+                txn.delete(key, db=self.layout.db["traffic"])
+                removed += 1
+        return removed
+
+    def _materialize(self, record: dict[str, Any], candidates: dict[bytes, list]) -> tuple[int, int]:
+        """Vectors by the domain's lower model (outside any txn), then nodes added and the budget kept in one txn."""
+        builder = self._domain_builder(record)
+        keys = sorted(candidates, key=len)   # parents before children
+        batch, where = [], []
+        for index, key in enumerate(keys):
+            for sample in candidates[key][1]:
+                batch.append(sample.ids.astype(np.int64).tolist())
+                where.append((index, sample.position))
+        if not batch:
+            return 0, 0
+        sums = np.zeros((len(keys), self.dims.hidden), dtype=np.float64)
+        seen = np.zeros(len(keys), dtype=np.int64)
+        for start in range(0, len(batch), 32):
+            hidden, _ = builder.lower_outputs(batch[start:start + 32], record["split_layer"])
+            for row, (index, position) in enumerate(where[start:start + 32]):
+                sums[index] += hidden[row, position].double().numpy()
+                seen[index] += 1
+        vectors = (sums / np.maximum(seen, 1)[:, None]).astype(np.float16)
+        with self.layout.env.begin(write=True) as txn:
+            current = self._domain_record(txn, record["name"])
+            if current is None or current["generation"] != record["generation"]:
+                return 0, 0   # rebuilt or deleted meanwhile: these counts belong to a tree that is gone
+            chain = self._chain(txn, current)
+            chosen = []
+            for index, key in enumerate(keys):
+                path = path_of(key)
+                if seen[index] and not tree.node_exists(self.layout, txn, chain, path) and                         (len(path) == 1 or tree.node_exists(self.layout, txn, chain, path[:-1])):
+                    chosen.append(index)
+                else:
+                    txn.delete(key, db=self.layout.db["traffic"])
+                    current["traffic_entries"] -= 1
+            rows, current["rows"] = tree.allocate_rows(self.layout, txn, current["id"], current["rows"], len(chosen))
+            tree.write_rows(self.layout, txn, current["id"], self.dims.hidden, rows, vectors[chosen])
+            for row, index in zip(rows, chosen):
+                key = keys[index]
+                path = path_of(key)
+                tree.add_node(self.layout, txn, current["id"], path, row, candidates[key][0])
+                txn.delete(key, db=self.layout.db["traffic"])
+                current["traffic_entries"] -= 1
+                while len(current["nodes_per_depth"]) < len(path):
+                    current["nodes_per_depth"].append(0)
+                current["nodes_per_depth"][len(path) - 1] += 1
+            current["nodes"] += len(chosen)
+            current["materialized"] = current.get("materialized", 0) + len(chosen)
+            current["plot_bytes"] = current["nodes"] * self.row_bytes()
+            pruned = self._prune(txn, current)
+            self.layout.put_json(txn, "domains", current["name"], current)
+        if chosen:
+            log.info("domain %s: materialised %d context(s) from traffic, pruned %d", record["name"], len(chosen),
+                     pruned)
+        return len(chosen), pruned
+
+    def _prune(self, txn, record: dict[str, Any]) -> int:
+        """Removes the coldest leaves until the domain's vectors fit its budget (updates the record)."""
+        budget = self.effective_budget(record.get("budget_bytes", 0))
+        removed_total = 0
+        min_depth = 1 if record.get("parent") else 2   # a root's depth-1 nodes are every lookup's last resort
+        while record["nodes"] * self.row_bytes() > budget:
+            excess = record["nodes"] - budget // self.row_bytes()
+            leaves = sorted(tree.leaves(self.layout, txn, record["id"], min_depth), key=lambda leaf: leaf.count)
+            if not leaves:
+                break
+            removed = tree.remove_leaves(self.layout, txn, record["id"], leaves[:excess])
+            for depth, count in enumerate(removed):
+                record["nodes_per_depth"][depth] -= count
+            record["nodes"] -= sum(removed)
+            removed_total += sum(removed)
+        record["pruned"] = record.get("pruned", 0) + removed_total
+        record["plot_bytes"] = record["nodes"] * self.row_bytes()
+        return removed_total
 
     # ---- tenants -------------------------------------------------------------------------------
 
@@ -192,7 +531,7 @@ class KnowledgeStore:
                                      first_layer=split_layer, targets=DEFAULT_TARGETS, seed=seed or None)
             adapter_bytes = serialize_adapter(adapter)
         with self.layout.env.begin(write=True) as txn:
-            if self.layout.get_json(txn, "domains", domain) is None:
+            if self._domain_record(txn, domain) is None:
                 raise NotFound(f"domain {domain!r} was deleted meanwhile")
             previous = self.layout.get_json(txn, "tenants", tenant_id)
             record = {
