@@ -215,7 +215,7 @@ def cmd_tenant_delete(args) -> int:
 
 def cmd_classify(args) -> int:
     with _client(args) as client:
-        predictions = client.classify(args.tenant_id, args.texts)
+        predictions = client.classify(args.tenant_id, args.texts, truncate=args.truncate)
     for text, prediction in zip(args.texts, predictions):
         probabilities = ", ".join(f"{label}={p:.3f}" for label, p in prediction.probabilities.items())
         print(f"{prediction.label}\t{probabilities}\t{text}")
@@ -224,7 +224,7 @@ def cmd_classify(args) -> int:
 
 def cmd_embed(args) -> int:
     with _client(args) as client:
-        vectors = client.embed(args.tenant_id, args.texts)
+        vectors = client.embed(args.tenant_id, args.texts, truncate=args.truncate)
     for vector in vectors:
         print(json.dumps([round(v, 6) for v in vector]))
     return 0
@@ -349,10 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("classify", help="label and probabilities for each text")
     p.add_argument("tenant_id")
     p.add_argument("texts", nargs="+")
+    p.add_argument("--truncate", action="store_true", help="keep the head of over-long texts instead of failing")
     p.set_defaults(func=cmd_classify)
     p = client_parser("embed", help="pooled vector for each text")
     p.add_argument("tenant_id")
     p.add_argument("texts", nargs="+")
+    p.add_argument("--truncate", action="store_true", help="keep the head of over-long texts instead of failing")
     p.set_defaults(func=cmd_embed)
 
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")

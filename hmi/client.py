@@ -107,8 +107,9 @@ class HMIClient:
 
     # ---- public --------------------------------------------------------------------------------
 
-    def classify(self, tenant_id: str, texts: list[str], timeout: float | None = None) -> list[Prediction]:
-        response = self.gateway.Classify(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts),
+    def classify(self, tenant_id: str, texts: list[str], timeout: float | None = None,
+                 truncate: bool = False) -> list[Prediction]:
+        response = self.gateway.Classify(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts, truncate=truncate),
                                          timeout=timeout or self.timeout)
         return [Prediction(r.label, dict(zip(r.labels, r.probabilities))) for r in response.results]
 
@@ -116,8 +117,9 @@ class HMIClient:
         return self.gateway.Classify.future(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts),
                                             timeout=timeout or self.timeout)
 
-    def embed(self, tenant_id: str, texts: list[str], timeout: float | None = None) -> list[list[float]]:
-        response = self.gateway.Embed(pb.EmbedRequest(tenant_id=tenant_id, texts=texts),
+    def embed(self, tenant_id: str, texts: list[str], timeout: float | None = None,
+              truncate: bool = False) -> list[list[float]]:
+        response = self.gateway.Embed(pb.EmbedRequest(tenant_id=tenant_id, texts=texts, truncate=truncate),
                                       timeout=timeout or self.timeout)
         return [list(e.values) for e in response.embeddings]
 

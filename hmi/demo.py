@@ -1,8 +1,9 @@
 """`hmi demo` (`make demo`): the whole system on this machine in about a minute.
 
 Starts the three services, builds the demo domain's PLOT from the corpus the repo ships, registers
-a few hundred tenants with their own random adapters and heads, classifies a mix of tenants through
-the gateway, prints results and measured throughput, and shuts everything down.
+a few hundred tenants with their own random adapters and heads, trains a few real tenants on two more
+domains (movie reviews, biomedical abstracts; when ../shared/datasets is present), classifies a mix of
+tenants through the gateway, prints results and measured throughput, and shuts everything down.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from hmi.client import HMIClient
 from hmi.progress import BuildBars, TrainBar
@@ -20,9 +23,7 @@ from hmi.launcher import ServiceSet
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "demo_corpus.txt"
-SST2 = REPO.parent / "shared" / "datasets" / "sst2"   # labeled data beside the checkout, when present
-REVIEWS = ["a gripping , beautifully acted film", "the plot is dull and the jokes fall flat",
-           "one of the best movies of the year", "a tedious mess from start to finish"]
+DATASETS = REPO.parent / "shared" / "datasets"   # labeled data beside the checkout, when present
 TASKS = [
     ("sentiment", ["negative", "positive"]),
     ("topic", ["support", "review", "news", "other"]),
@@ -85,8 +86,8 @@ def _run(client: HMIClient, args) -> None:
             probabilities = ", ".join(f"{k}={v:.2f}" for k, v in prediction.probabilities.items())
             print(f"  {tenant_id:16s} {prediction.label:9s} [{probabilities}]  {text}")
 
-    if args.trained and (SST2 / "train.jsonl").exists():
-        _trained_tenant(client, args)
+    if args.trained:
+        _trained_tenants(client, args, Path(tempfile.mkdtemp(prefix="hmi-demo-data-")))
 
     rng = random.Random(7)
     lines = [line for line in corpus.splitlines() if line.strip()]
@@ -112,22 +113,64 @@ def _run(client: HMIClient, args) -> None:
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1e3:.1f} ms")
 
 
-def _trained_tenant(client: HMIClient, args) -> None:
-    """A real tenant: PLOT of movie-review text, adapter and head trained on SST-2 sentiment labels."""
-    import json
+@dataclass
+class DemoTenant:
+    """A real demo tenant: a labeled data set beside the checkout, its domain, and how to relabel it."""
+    tenant_id: str
+    domain: str
+    data: Path
+    task: str
+    share: float = 1.0                                  # of --train-examples
+    relabel: Callable[[str], str] | None = None
 
+
+TRAINED = [
+    DemoTenant("movie-critic", "movies", DATASETS / "sst2", "sentiment of a movie review"),
+    DemoTenant("clinic-topics", "biomed", DATASETS / "medical_abstracts", "disease area of an abstract", share=0.4),
+    DemoTenant("cardio-screen", "biomed", DATASETS / "medical_abstracts", "cardiovascular or not", share=0.4,
+               relabel=lambda label: "cardiovascular" if label.startswith("cardiovascular") else "other"),
+]
+
+
+def _trained_tenants(client: HMIClient, args, work_dir: Path) -> None:
+    """Real tenants on two domains: PLOT of each domain's text, adapters trained on its labels, then served."""
     from services.common.models import packaged_minilm_dir
-    from services.training.tenant_training import train_tenant
+    from services.training.tenant_training import read_labeled, train_tenant
 
-    lines = [json.loads(line)["text"] for line in (SST2 / "train.jsonl").read_text().splitlines()[-args.corpus_lines:]]
-    print(f"\nbuilding domain 'movies' from {len(lines)} SST-2 review snippets and training tenant 'movie-critic' "
-          f"on {args.train_examples} labeled ones ...", flush=True)
-    client.build_domain("movies", "\n".join(lines), split_layer=2, context=3, min_count=2)
-    progress = TrainBar(sys.stdout, desc="  training")
-    report = train_tenant(client, packaged_minilm_dir(), "movies", SST2 / "train.jsonl", SST2 / "validation.jsonl",
-                          ["negative", "positive"], epochs=2, max_train=args.train_examples, progress=progress)
-    progress.close()
-    client.register_tenant("movie-critic", "movies", report.labels, report.adapter)
-    print(f"  eval accuracy on the {report.eval_examples} SST-2 validation sentences: {report.eval_accuracy:.3f}")
-    for review, prediction in zip(REVIEWS, client.classify("movie-critic", REVIEWS)):
-        print(f"  movie-critic     {prediction.label:9s} p={prediction.probabilities[prediction.label]:.2f}  {review}")
+    available = [t for t in TRAINED if (t.data / "train.jsonl").exists()]
+    if not available:
+        print(f"\n(no labeled data in {DATASETS}: skipping the trained tenants)")
+        return
+    built: set[str] = set()
+    for tenant in available:
+        if tenant.domain not in built:
+            texts = [text for text, _ in read_labeled(tenant.data / "train.jsonl")][-args.corpus_lines:]
+            print(f"\nbuilding domain '{tenant.domain}' from {len(texts)} texts of {tenant.data.name} ...", flush=True)
+            client.build_domain(tenant.domain, "\n".join(texts), split_layer=2, context=3, min_count=2)
+            built.add(tenant.domain)
+        train, evaluation = (_relabelled(tenant, name, work_dir) for name in ("train.jsonl", "validation.jsonl"))
+        examples = max(50, int(args.train_examples * tenant.share))
+        print(f"training tenant '{tenant.tenant_id}' ({tenant.task}) on {examples} labeled examples ...", flush=True)
+        progress = TrainBar(sys.stdout, desc="  training")
+        report = train_tenant(client, packaged_minilm_dir(), tenant.domain, train, evaluation, None, epochs=2,
+                              max_train=examples, max_tokens=64, progress=progress)
+        progress.close()
+        client.register_tenant(tenant.tenant_id, tenant.domain, report.labels, report.adapter)
+        print(f"  eval accuracy on {report.eval_examples} held-out examples: {report.eval_accuracy:.3f} "
+              f"({len(report.labels)} classes)")
+        shown = read_labeled(evaluation, 4)
+        for (text, truth), prediction in zip(shown, client.classify(tenant.tenant_id, [t for t, _ in shown], truncate=True)):
+            mark = "ok " if prediction.label == truth else "-- "
+            print(f"  {mark}{prediction.label:24.24s} p={prediction.probabilities[prediction.label]:.2f}  "
+                  f"(true: {truth:.24s})  {text[:60]}")
+
+
+def _relabelled(tenant: DemoTenant, name: str, work_dir: Path) -> Path:
+    import json
+    source = tenant.data / name
+    if tenant.relabel is None:
+        return source
+    target = work_dir / f"{tenant.tenant_id}-{name}"
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    target.write_text("\n".join(json.dumps({"text": r["text"], "label": tenant.relabel(r["label"])}) for r in rows))
+    return target

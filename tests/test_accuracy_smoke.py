@@ -21,17 +21,19 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
     out = tmp_path / "out" / "study.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--data", str(data),
                              "--split-layers", "1,2", "--contexts", "1,2", "--max-train", "60", "--epochs", "2",
+                             "--adapted", "yes", "--adapt-steps", "3", "--seeds", "0,1",
                              "--model", str(tiny_model_dir), "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study = json.loads(out.read_text())
     assert 0.0 <= study["reference"]["accuracy"] <= 1.0
     rows = study["configurations"]
-    assert {(r["split_layer"], r["context"]) for r in rows} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert sorted((r["split_layer"], r["context"], r["domain_adapted"]) for r in rows) == sorted(
+        (layer, context, adapted) for layer in (1, 2) for context in (1, 2) for adapted in (False, True))
     for row in rows:
         assert set(row) >= {"split_layer", "context", "domain_adapted", "accuracy", "plot_bytes"}
-        assert row["plot_bytes"] > 0 and 0.0 <= row["accuracy"] <= 1.0
-    deeper = {r["context"]: r["nodes"] for r in rows if r["split_layer"] == 1}
+        assert row["plot_bytes"] > 0 and 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracies"]) == 2
+    deeper = {r["context"]: r["nodes"] for r in rows if r["split_layer"] == 1 and not r["domain_adapted"]}
     assert deeper[2] > deeper[1], "a deeper context keeps more nodes"
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "full model + LoRA" in result.stdout

@@ -28,7 +28,7 @@ def test_domain_tenant_classify_embed_round_trip(services, tmp_path, tiny_model_
     out = hmi(services, "domain", "build", "cli", "--corpus", str(corpus), "--split-layer", "2", "--context", "3",
               "--min-count", "2").stdout
     assert "domain cli" in out and "nodes" in out
-    assert json.loads(hmi(services, "domain", "show", "cli").stdout)["spec"]["split_layer"] == 2
+    assert json.loads(hmi(services, "domain", "show", "cli", "--raw").stdout)["spec"]["split_layer"] == 2
     assert "cli" in hmi(services, "domain", "list").stdout
 
     assert "adapter v1" in hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos").stdout

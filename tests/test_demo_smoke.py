@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from hmi.demo import SST2
+from hmi.demo import TRAINED
 from hmi.launcher import hmi_command
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,11 @@ def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
     assert re.search(r"\d+ knowledge-tree nodes", result.stdout)
     assert re.search(r"40 requests for \d+ distinct tenants in [\d.]+s: [\d.]+ requests/s", result.stdout)
     assert "services stopped" in result.stdout
-    if SST2.exists():  # the trained tenant: real labels, accuracy well above chance (0.5)
-        accuracy = float(re.search(r"eval accuracy on the 872 SST-2 validation sentences: ([\d.]+)", result.stdout)[1])
-        assert accuracy > 0.6, result.stdout[-2000:]
-        assert result.stdout.count("movie-critic ") == 4
+    for tenant in TRAINED:   # real tenants where the labeled data is present: accuracy well above chance
+        if not (tenant.data / "train.jsonl").exists():
+            continue
+        section = result.stdout.split(f"training tenant '{tenant.tenant_id}'")[1]
+        found = re.search(r"eval accuracy on (\d+) held-out examples: ([\d.]+) \((\d+) classes\)", section)
+        assert found, section[:2000]
+        assert float(found[2]) > 1 / int(found[3]) + 0.1, section[:2000]
+        assert len(re.findall(r"^  (ok |-- )", section.split("training tenant")[0], re.M)) == 4

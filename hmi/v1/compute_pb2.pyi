@@ -54,7 +54,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model")
+    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model", "plot_hit_depths")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class StatsResponse(_message.Message):
     HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLOT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     batches: int
     sequences: int
     tokens: int
@@ -77,4 +78,5 @@ class StatsResponse(_message.Message):
     host_cache_bytes: int
     device: str
     model: str
-    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    plot_hit_depths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., plot_hit_depths: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hmi.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x1chmi/v1/knowledge_store.proto\"3\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\";\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\"0\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"6\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding2~\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse2\xac\x05\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x1chmi/v1/knowledge_store.proto\"E\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\";\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\"B\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"6\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding2~\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse2\xac\x05\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmi.v1.gateway_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=62
-  _globals['_CLASSIFYREQUEST']._serialized_end=113
-  _globals['_CLASSIFICATION']._serialized_start=115
-  _globals['_CLASSIFICATION']._serialized_end=185
-  _globals['_CLASSIFYRESPONSE']._serialized_start=187
-  _globals['_CLASSIFYRESPONSE']._serialized_end=246
-  _globals['_EMBEDREQUEST']._serialized_start=248
-  _globals['_EMBEDREQUEST']._serialized_end=296
-  _globals['_EMBEDDING']._serialized_start=298
-  _globals['_EMBEDDING']._serialized_end=325
-  _globals['_EMBEDRESPONSE']._serialized_start=327
-  _globals['_EMBEDRESPONSE']._serialized_end=381
-  _globals['_GATEWAY']._serialized_start=383
-  _globals['_GATEWAY']._serialized_end=509
-  _globals['_ADMIN']._serialized_start=512
-  _globals['_ADMIN']._serialized_end=1196
+  _globals['_CLASSIFYREQUEST']._serialized_end=131
+  _globals['_CLASSIFICATION']._serialized_start=133
+  _globals['_CLASSIFICATION']._serialized_end=203
+  _globals['_CLASSIFYRESPONSE']._serialized_start=205
+  _globals['_CLASSIFYRESPONSE']._serialized_end=264
+  _globals['_EMBEDREQUEST']._serialized_start=266
+  _globals['_EMBEDREQUEST']._serialized_end=332
+  _globals['_EMBEDDING']._serialized_start=334
+  _globals['_EMBEDDING']._serialized_end=361
+  _globals['_EMBEDRESPONSE']._serialized_start=363
+  _globals['_EMBEDRESPONSE']._serialized_end=417
+  _globals['_GATEWAY']._serialized_start=419
+  _globals['_GATEWAY']._serialized_end=545
+  _globals['_ADMIN']._serialized_start=548
+  _globals['_ADMIN']._serialized_end=1232
 # @@protoc_insertion_point(module_scope)

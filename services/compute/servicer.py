@@ -33,4 +33,5 @@ class ComputeServicer(pb_grpc.ComputeServicer):
             batches=stats.batches, sequences=stats.sequences, tokens=stats.tokens,
             adapter_hits_device=pool.stats.device_hits, adapter_hits_host=pool.stats.host_hits,
             adapter_misses=pool.stats.misses, device_slots=pool.num_slots, device_slots_used=pool.used_slots(),
-            host_cache_bytes=pool.host_bytes(), device=str(pool.device), model=self.model_name)
+            host_cache_bytes=pool.host_bytes(), device=str(pool.device), model=self.model_name,
+            plot_hit_depths=list(stats.hit_depth_counts))

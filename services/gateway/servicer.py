@@ -42,7 +42,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
         route = self.directory.resolve(request.tenant_id, timeout)
-        sequences = self.encoder.encode(list(request.texts))
+        sequences = self.encoder.encode(list(request.texts), request.truncate)
         work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
         self.batcher.submit(work)
         try:

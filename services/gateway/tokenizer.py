@@ -16,7 +16,8 @@ class TextEncoder:
         self.max_texts = max_texts
         self.max_text_chars = max_text_chars
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
+    def encode(self, texts: list[str], truncate: bool = False) -> list[np.ndarray]:
+        """Over-long texts are refused, or with `truncate` keep their head and final [SEP] (as training does)."""
         if not texts:
             raise InvalidArgument("give at least one text")
         if len(texts) > self.max_texts:
@@ -31,8 +32,13 @@ class TextEncoder:
         encodings = self.tokenizer.encode_batch(texts)
         result = []
         for index, encoding in enumerate(encodings):
+            if len(encoding.ids) > self.max_sequence_tokens and truncate:
+                ids = encoding.ids[:self.max_sequence_tokens - 1] + encoding.ids[-1:]
+                result.append(np.asarray(ids, dtype=np.int32))
+                continue
             if len(encoding.ids) > self.max_sequence_tokens:
                 raise InvalidArgument(f"text {index} is {len(encoding.ids)} tokens long, above the maximum of "
-                                      f"{self.max_sequence_tokens} tokens (special tokens included); shorten it")
+                                      f"{self.max_sequence_tokens} tokens (special tokens included); shorten it or "
+                                      f"set truncate")
             result.append(np.asarray(encoding.ids, dtype=np.int32))
         return result

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from services.common.errors import InvalidArgument
+from services.knowledge_store.plot_builder import pad_batch, with_layers
 
 Progress = Callable[[str, int, int, float], None]
 MASK_PROBABILITY = 0.15
@@ -78,10 +79,6 @@ def export_lower_layers(model, split_layer: int) -> bytes:
 def with_lower_layers(base_model, weights: bytes):
     """A copy of the base model whose lower layers are the stored domain-adapted ones (upper layers shared)."""
     tensors = load_safetensors(weights)
-    model = copy.copy(base_model)
-    model._modules = dict(base_model._modules)
-    encoder = copy.copy(base_model.encoder)
-    encoder._modules = dict(base_model.encoder._modules)
     layers = list(base_model.encoder.layer)
     split_layer = len({key.split(".")[2] for key in tensors})
     for index in range(split_layer):
@@ -89,18 +86,11 @@ def with_lower_layers(base_model, weights: bytes):
         prefix = f"encoder.layer.{index}."
         layer.load_state_dict({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
         layers[index] = layer
-    encoder.layer = torch.nn.ModuleList(layers)
-    model.encoder = encoder
-    return model
+    return with_layers(base_model, layers)
 
 
 def _mask(batch: list[list[int]], special: set[int], mask_id: int, vocab: int, generator: torch.Generator):
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    attention = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention[row, :len(ids)] = 1
+    input_ids, attention = pad_batch(batch)
     maskable = attention.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special)))
     chosen = (torch.rand(input_ids.shape, generator=generator) < MASK_PROBABILITY) & maskable
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))

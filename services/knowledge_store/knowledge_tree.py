@@ -18,7 +18,7 @@ import lmdb
 import numpy as np
 
 from services.knowledge_store.layout import (NODE_VALUE, ROWS_PER_BLOCK, StoreLayout, block_key,
-                                             domain_prefix, free_row_key, node_key, path_of)
+                                             domain_prefix, free_row_key, node_key)
 
 
 @dataclass
@@ -211,7 +211,3 @@ def remove_leaves(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, ch
             removed.append(0)
         removed[leaf.depth - 1] += 1
     return removed
-
-
-def node_path(leaf: Leaf) -> tuple[int, ...]:
-    return path_of(leaf.key)

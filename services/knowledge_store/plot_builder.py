@@ -35,15 +35,31 @@ def context_paths(ids: list[int], context: int):
             yield position, tuple(ids[position - depth + 1:position + 1][::-1])
 
 
-def lower_model(model, split_layer: int):
-    """The same transformers model with only layers [0, L): shares every weight, runs only what PLOT needs."""
-    lower = copy.copy(model)
-    lower._modules = dict(model._modules)
+def with_layers(model, layers: list[torch.nn.Module]):
+    """A shallow copy of a transformers BERT whose encoder runs `layers`; every other module is shared."""
+    copied = copy.copy(model)
+    copied._modules = dict(model._modules)
     encoder = copy.copy(model.encoder)
     encoder._modules = dict(model.encoder._modules)
-    encoder.layer = torch.nn.ModuleList(list(model.encoder.layer)[:split_layer])
-    lower.encoder = encoder
-    return lower
+    encoder.layer = torch.nn.ModuleList(layers)
+    copied.encoder = encoder
+    return copied
+
+
+def lower_model(model, split_layer: int):
+    """The same transformers model with only layers [0, L): shares every weight, runs only what PLOT needs."""
+    return with_layers(model, list(model.encoder.layer)[:split_layer])
+
+
+def pad_batch(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids [B, T] and their attention mask."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+    return input_ids, mask
 
 
 class PlotBuilder:
@@ -80,12 +96,7 @@ class PlotBuilder:
     @torch.inference_mode()
     def lower_outputs(self, batch: list[list[int]], split_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-L hidden states [B, T, H] of padded sequences and their mask, from plain transformers."""
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
+        input_ids, mask = pad_batch(batch)
         output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask,
                                                        token_type_ids=torch.zeros_like(input_ids))
         return output.last_hidden_state, mask
