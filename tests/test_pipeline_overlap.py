@@ -51,8 +51,12 @@ def test_fetch_of_one_batch_overlaps_execution_of_another():
                        fetch=lambda t, v: random_adapter(DIMS, num_labels=2, rank=2, first_layer=1, seed=1))
     pipeline = Pipeline(SlowExecutor(intervals), pool, SlowStore(intervals))
     batch = PackedBatch(np.array([1, 2, 3], np.int32), np.array([0, 3]), [SequenceSpec("t", 1, "d", 1)])
+    def call(index: int):
+        time.sleep(0.1 * index)   # staggered arrivals: batch i+1 is fetched while batch i executes
+        return pipeline.run(batch, timeout=10)
+
     with ThreadPoolExecutor(4) as callers:
-        results = list(callers.map(lambda _: pipeline.run(batch, timeout=10), range(4)))
+        results = list(callers.map(call, range(4)))
     pipeline.close()
     assert len(results) == 4
     fetches = [(b, e) for kind, b, e in intervals if kind == "fetch"]

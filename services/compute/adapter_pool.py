@@ -71,6 +71,8 @@ class AdapterPool:
         self.lora_a: dict[tuple[int, str], torch.Tensor] = {}
         self.lora_b: dict[tuple[int, str], torch.Tensor] = {}
         self.heads: list[SlotHead | None] = [None] * slots
+        # Rank of the adapter in each slot: the CUDA LoRA kernels skip the zero padding beyond it.
+        self.slot_ranks = torch.full((slots,), max_rank, dtype=torch.int32, device=device)
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -185,6 +187,7 @@ class AdapterPool:
             pool_a[slot, :rank].copy_(a, non_blocking=True)
             pool_b[slot, :, :rank].copy_(b * adapter.scaling, non_blocking=True)
         self._targets_in_slot[slot] = set(adapter.lora)
+        self.slot_ranks[slot] = max((a.shape[0] for a, _ in adapter.lora.values()), default=0)
         self.heads[slot] = SlotHead(adapter.head_weight.to(self.device), adapter.head_bias.to(self.device))
 
     def _buffers(self, target_key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from kernels.lora import find_segments
+from kernels.plot_gather import gather
+from kernels.runtime import cuda_available
 from services.compute.adapter_pool import AdapterPool, Lease
 from services.compute.batch import BatchResult, PackedBatch
 from services.compute.model_split import LayerInputs, UpperModel
@@ -25,6 +27,7 @@ class Executor:
         self.model = model
         self.pool = pool
         self.device = model.device
+        self.use_kernels = self.device.type == "cuda" and cuda_available()
 
     def execution_order(self, prepared: PreparedBatch) -> list[int]:
         slots = prepared.lease.slots
@@ -52,15 +55,20 @@ class Executor:
             for j in embed_positions:
                 hidden[bounds[j]:bounds[j + 1]] = embedded[cursor:cursor + lengths[j]]
                 cursor += lengths[j]
-        for j, spec in enumerate(specs):
-            if spec.split_layer > 0:
-                rows = torch.from_numpy(prepared.plot_rows[order[j]])
-                hidden[bounds[j]:bounds[j + 1]] = rows.to(self.device, non_blocking=True).float()
+        plot_seqs = [j for j, spec in enumerate(specs) if spec.split_layer > 0]
+        if plot_seqs:   # one host-to-device copy of every PLOT row, then one gather into place
+            rows = torch.from_numpy(np.concatenate([prepared.plot_rows[order[j]] for j in plot_seqs]))
+            dest = torch.cat([torch.arange(bounds[j], bounds[j + 1]) for j in plot_seqs])
+            gather(hidden, rows.to(self.device, non_blocking=True), dest.to(self.device, non_blocking=True))
 
         slot_of_seq = [prepared.lease.slots[(s.tenant_id, s.adapter_version)] for s in specs]
         slot_per_token = [slot for slot, length in zip(slot_of_seq, lengths) for _ in range(length)]
+        segments = find_segments(slot_per_token, bounds)
+        slot_ranks = None
+        if self.use_kernels:
+            segments, slot_ranks = segments.on_device(total, self.device), self.pool.slot_ranks
         inputs = LayerInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[s.split_layer for s in specs],
-                             segments=find_segments(slot_per_token, bounds))
+                             segments=segments, slot_ranks=slot_ranks)
         hidden = self.model.run(inputs, self.pool.lora_a, self.pool.lora_b)
 
         seq_index = torch.repeat_interleave(torch.arange(len(specs), device=self.device),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from kernels.lora import Segments, sgmv_reference
+from kernels.lora import Segments, sgmv
 from services.common.models import ModelDims, load_bert
 
 
@@ -24,6 +24,7 @@ class LayerInputs:
     seq_bounds: list[int]           # n+1 offsets in execution order
     entry_layers: list[int]         # per sequence, non-decreasing
     segments: Segments              # tenant segments over tokens
+    slot_ranks: torch.Tensor | None = None   # adapter rank per pool slot (device): enables the CUDA kernels
 
 
 class UpperModel:
@@ -55,21 +56,23 @@ class UpperModel:
                 continue
             active = bounds[active_seqs]
             segments = inputs.segments.within(active)
-            updated = self._layer(index, layer, hidden[:active], bounds[:active_seqs + 1], segments, lora_a, lora_b)
+            updated = self._layer(index, layer, hidden[:active], bounds[:active_seqs + 1], segments, lora_a, lora_b,
+                                  inputs.slot_ranks)
             # Out of place: autograd keeps each layer's input for the backward pass.
             hidden = updated if active == len(hidden) else torch.cat([updated, hidden[active:]])
         return hidden
 
-    def _project(self, x, linear, layer_index, target, segments, lora_a, lora_b):
+    def _project(self, x, linear, layer_index, target, segments, lora_a, lora_b, slot_ranks):
         out = F.linear(x, linear.weight, linear.bias)
         key = (layer_index, target)
         if key in lora_a:
-            sgmv_reference(out, x, segments, lora_a[key], lora_b[key])
+            sgmv(out, x, segments, lora_a[key], lora_b[key], slot_ranks)
         return out
 
-    def _layer(self, index, layer, x, bounds, segments, lora_a, lora_b) -> torch.Tensor:
+    def _layer(self, index, layer, x, bounds, segments, lora_a, lora_b, slot_ranks=None) -> torch.Tensor:
         attention = layer.attention
-        proj = lambda inp, lin, target: self._project(inp, lin, index, target, segments, lora_a, lora_b)  # noqa: E731
+        proj = lambda inp, lin, target: self._project(inp, lin, index, target, segments, lora_a, lora_b,  # noqa: E731
+                                                      slot_ranks)
         q = proj(x, attention.self.query, "query")
         k = proj(x, attention.self.key, "key")
         v = proj(x, attention.self.value, "value")
