@@ -242,6 +242,11 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args) -> int:
+    from hmi.bench.runner import run_bench
+    return run_bench(args)
+
+
 # ---- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,10 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--clients", type=int, default=16)
     demo.add_argument("--data-dir", default=None, help="default: a fresh temporary folder")
     demo.add_argument("--no-trained", dest="trained", action="store_false",
-                      help="skip training the real tenant (needs ../shared/datasets/sst2)")
+                      help="skip training the real tenants (they need ../shared/datasets)")
     demo.add_argument("--train-examples", type=int, default=1500)
     demo.add_argument("--corpus-lines", type=int, default=8000)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="naive per-tenant models vs PEFT multi-adapter vs HMI, same workload")
+    from hmi.bench.runner import add_arguments as bench_args
+    bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

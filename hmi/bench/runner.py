@@ -1,0 +1,120 @@
+"""`hmi bench`: one driver process per system, same workload; a table, FILE.json and a PNG beside it."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hmi.bench.workload import DEMO_CORPUS, WorkloadSpec
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--tenants", type=int, default=1000)
+    parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent α")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per system")
+    parser.add_argument("--systems", default="naive,peft,hmi")
+    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--clients", type=int, default=16, help="closed loop: concurrent clients")
+    parser.add_argument("--rate", type=float, default=50.0, help="open loop: requests per second (Poisson)")
+    parser.add_argument("--model", default="minilm", help="base model: name or local folder")
+    parser.add_argument("--split-layer", type=int, default=2, help="HMI's L; adapters cover layers [L, N)")
+    parser.add_argument("--memory-budget-mib", type=int, default=2048, help="naive: memory for per-tenant models")
+    parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS, help="texts of the requests and of HMI's PLOT")
+    parser.add_argument("--sweep", action="store_true", help="afterwards, send one request to every tenant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def run_bench(args) -> int:
+    from hmi.bench.driver import as_json
+    from hmi.bench.systems import BenchSettings
+    from services.common.models import resolve_model_dir
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = set(systems) - {"naive", "peft", "hmi"}
+    if unknown or not systems:
+        print(f"error: --systems takes naive, peft, hmi (got {sorted(unknown) or 'none'})", file=sys.stderr)
+        return 2
+    if args.tenants < 1 or args.duration <= 0:
+        print("error: --tenants must be >= 1 and --duration > 0", file=sys.stderr)
+        return 2
+    spec = WorkloadSpec(tenants=args.tenants, zipf=args.zipf, duration=args.duration, mode=args.mode,
+                        clients=args.clients, rate=args.rate, seed=args.seed, corpus=args.corpus.resolve())
+    settings = BenchSettings(model_dir=resolve_model_dir(args.model), split_layer=args.split_layer,
+                             memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve())
+    report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir), "split_layer": args.split_layer,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "started": time.time(), "systems": {}}
+    with tempfile.TemporaryDirectory(prefix="hmi-bench-") as folder:
+        for name in systems:
+            out = Path(folder) / f"{name}.json"
+            print(f"== {name}: {args.tenants} tenants, zipf {args.zipf}, {args.mode} loop, {args.duration:.0f}s",
+                  flush=True)
+            command = [sys.executable, "-m", "hmi.bench.driver", "--system", name, "--spec", as_json(spec),
+                       "--settings", as_json(settings), "--out", str(out)] + (["--sweep"] if args.sweep else [])
+            finished = subprocess.run(command)
+            if finished.returncode != 0 or not out.exists():
+                report["systems"][name] = {"system": name, "failed": f"exit code {finished.returncode}"}
+                print(f"   {name} failed (exit code {finished.returncode})", flush=True)
+                continue
+            report["systems"][name] = json.loads(out.read_text())
+    add_ratios(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    plot(report, args.out.with_suffix(".png"))
+    print(f"results in {args.out} and {args.out.with_suffix('.png')}")
+    return 0 if all("failed" not in r for r in report["systems"].values()) else 1
+
+
+def add_ratios(report: dict) -> None:
+    hmi = report["systems"].get("hmi", {})
+    for other in ("naive", "peft"):
+        theirs = report["systems"].get(other, {})
+        if hmi.get("throughput_rps") and theirs.get("throughput_rps"):
+            report[f"hmi_over_{other}_throughput"] = hmi["throughput_rps"] / theirs["throughput_rps"]
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'system':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MiB':>13} {'tenants':>8} "
+          f"{'errors':>6} {'setup s':>8}")
+    for name, r in report["systems"].items():
+        if "failed" in r:
+            print(f"{name:8} failed: {r['failed']}")
+            continue
+        print(f"{name:8} {r['throughput_rps']:8.1f} {r['p50_ms'] or 0:8.1f} {r['p99_ms'] or 0:8.1f} "
+              f"{r['peak_rss_bytes'] / 2**20:13.0f} {r['tenants_served']:8d} {r['errors']:6d} {r['setup_seconds']:8.1f}")
+    for other in ("naive", "peft"):
+        if f"hmi_over_{other}_throughput" in report:
+            print(f"HMI throughput = {report[f'hmi_over_{other}_throughput']:.2f}x {other}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, r) for name, r in report["systems"].items() if "failed" not in r]
+    if not rows:
+        return
+    names = [name for name, _ in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].bar(names, [r["throughput_rps"] for _, r in rows], color="tab:blue")
+    axes[0].set_ylabel("requests / s")
+    width = 0.38
+    positions = range(len(rows))
+    axes[1].bar([p - width / 2 for p in positions], [r["p50_ms"] or 0 for _, r in rows], width, label="p50")
+    axes[1].bar([p + width / 2 for p in positions], [r["p99_ms"] or 0 for _, r in rows], width, label="p99")
+    axes[1].set_xticks(list(positions), names)
+    axes[1].set_ylabel("latency (ms)")
+    axes[1].legend()
+    axes[2].bar(names, [r["peak_rss_bytes"] / 2**20 for _, r in rows], color="tab:gray")
+    axes[2].set_ylabel("peak RSS (MiB)")
+    workload = report["workload"]
+    figure.suptitle(f"{workload['tenants']} tenants, Zipf α={workload['zipf']}, {workload['mode']} loop "
+                    f"({report['machine']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

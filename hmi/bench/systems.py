@@ -1,0 +1,243 @@
+"""The three systems the benchmark compares, each serving the same tenants (same adapters and heads).
+
+- naive: what a team without HMI runs: one `transformers` model per tenant with its LoRA merged, an LRU
+  of as many as fit a memory budget, one request at a time.
+- peft: one base model with every tenant's LoRA loaded by PEFT, mixed-tenant batches (`adapter_names`),
+  every layer computed.
+- hmi: the three gRPC services (PLOT + upper layers + segmented LoRA), driven through the gateway.
+
+Each answers `classify(tenant, texts) -> labels` from many threads at once.
+"""
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.common.adapter_format import Adapter, random_adapter, serialize_adapter
+from services.common.models import ModelDims, load_bert, load_tokenizer
+
+TARGETS = ("query", "value")
+RANK = 8
+LABELS = ["a", "b"]
+
+
+@dataclass
+class BenchSettings:
+    model_dir: Path
+    split_layer: int = 2
+    memory_budget_bytes: int = 2 << 30     # naive: models kept in memory
+    max_batch: int = 32                    # peft: sequences per forward
+    max_wait: float = 0.005                # peft: seconds a batch waits to fill
+    max_tokens: int = 128
+    corpus: Path | None = None             # hmi: the PLOT corpus
+
+
+def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
+    """Tenant i's adapter, the same in every system: LoRA on the layers HMI computes, and a head."""
+    return random_adapter(dims, num_labels=len(LABELS), rank=RANK, first_layer=split_layer, targets=TARGETS,
+                          seed=tenant + 1)
+
+
+def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    return [e.ids[:max_tokens - 1] + e.ids[-1:] if len(e.ids) > max_tokens else e.ids
+            for e in tokenizer.encode_batch(texts)]
+
+
+def pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, :len(sequence)] = 1
+    return ids, mask
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+class NaiveSystem:
+    name = "naive"
+
+    def __init__(self, settings: BenchSettings, tenants: int) -> None:
+        from services.common.lora_merge import merged_model
+        self.merged_model = merged_model
+        self.settings = settings
+        self.dims = ModelDims.from_dir(settings.model_dir)
+        self.base = load_bert(settings.model_dir)
+        self.tokenizer = load_tokenizer(settings.model_dir)
+        model_bytes = sum(p.numel() * p.element_size() for p in self.base.parameters())
+        self.capacity = max(1, settings.memory_budget_bytes // model_bytes)
+        self.models: OrderedDict[int, tuple] = OrderedDict()
+        self.lock = threading.Lock()
+        self.loads = 0
+
+    @torch.inference_mode()
+    def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        with self.lock:   # one model, one request at a time: the naive deployment
+            model, adapter = self._model(tenant)
+            ids, mask = pad(encode(self.tokenizer, texts, self.settings.max_tokens))
+            hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            logits = mean_pool(hidden, mask) @ adapter.head_weight.T + adapter.head_bias
+            return logits.argmax(-1).tolist()
+
+    def _model(self, tenant: int):
+        if tenant in self.models:
+            self.models.move_to_end(tenant)
+            return self.models[tenant]
+        if len(self.models) >= self.capacity:
+            self.models.popitem(last=False)
+        adapter = tenant_adapter(self.dims, tenant, self.settings.split_layer)
+        self.models[tenant] = (self.merged_model(self.base, adapter), adapter)
+        self.loads += 1
+        return self.models[tenant]
+
+    def details(self) -> dict:
+        return {"models_in_memory": self.capacity, "model_loads": self.loads}
+
+    def close(self) -> None:
+        self.models.clear()
+
+
+class PeftSystem:
+    name = "peft"
+
+    def __init__(self, settings: BenchSettings, tenants: int) -> None:
+        from peft import LoraConfig, get_peft_model
+        self.settings = settings
+        self.dims = ModelDims.from_dir(settings.model_dir)
+        self.tokenizer = load_tokenizer(settings.model_dir)
+        layers = list(range(settings.split_layer, self.dims.layers))
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), layers_to_transform=layers,
+                            lora_dropout=0.0)
+        self.model = get_peft_model(load_bert(settings.model_dir), config, adapter_name="t0")
+        heads_w, heads_b = [], []
+        for tenant in range(tenants):
+            name = f"t{tenant}"
+            if tenant:
+                self.model.add_adapter(name, config)
+            adapter = tenant_adapter(self.dims, tenant, settings.split_layer)
+            self._load(name, adapter)
+            heads_w.append(adapter.head_weight)
+            heads_b.append(adapter.head_bias)
+        self.model.eval()
+        self.head_weight, self.head_bias = torch.stack(heads_w), torch.stack(heads_b)
+        self.queue: queue.Queue = queue.Queue()
+        self.worker = threading.Thread(target=self._serve, name="peft-batcher", daemon=True)
+        self.worker.start()
+
+    def _load(self, name: str, adapter: Adapter) -> None:
+        encoder = self.model.base_model.model.encoder
+        with torch.no_grad():
+            for (layer, target), (a, b) in adapter.lora.items():
+                module = getattr(encoder.layer[layer].attention.self, target)
+                module.lora_A[name].weight.copy_(a)
+                module.lora_B[name].weight.copy_(b)
+
+    def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        futures = []
+        for ids in encode(self.tokenizer, texts, self.settings.max_tokens):
+            future: Future = Future()
+            self.queue.put((tenant, ids, future))
+            futures.append(future)
+        return [f.result() for f in futures]
+
+    @torch.inference_mode()
+    def _serve(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.settings.max_wait
+            while len(batch) < self.settings.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    more = self.queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                batch.append(more)
+            try:
+                ids, mask = pad([ids for _, ids, _ in batch])
+                tenants = [tenant for tenant, _, _ in batch]
+                hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                                    adapter_names=[f"t{t}" for t in tenants]).last_hidden_state
+                pooled = mean_pool(hidden, mask)
+                index = torch.tensor(tenants)
+                logits = torch.einsum("bh,blh->bl", pooled, self.head_weight[index]) + self.head_bias[index]
+                for (_, _, future), label in zip(batch, logits.argmax(-1).tolist()):
+                    future.set_result(label)
+            except Exception as error:  # noqa: BLE001 - handed to every waiting caller
+                for _, _, future in batch:
+                    future.set_exception(error)
+
+    def details(self) -> dict:
+        return {"adapters_loaded": self.head_weight.shape[0]}
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.worker.join(timeout=10)
+
+
+class HmiSystem:
+    name = "hmi"
+
+    def __init__(self, settings: BenchSettings, tenants: int) -> None:
+        from tqdm import tqdm
+
+        from hmi.client import HMIClient
+        from hmi.launcher import ServiceSet
+        from hmi.bench.workload import DEMO_CORPUS, load_texts
+        self.dims = ModelDims.from_dir(settings.model_dir)
+        self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
+        data = Path(self.folder.name)
+        self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
+        self.services.start(timeout=300)
+        self.client = HMIClient(self.services.gateway_addr, timeout=120)
+        corpus = load_texts(settings.corpus or DEMO_CORPUS)
+        self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=3,
+                                 min_count=2, learn_threshold=-1)
+        for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
+            adapter = serialize_adapter(tenant_adapter(self.dims, tenant, settings.split_layer))
+            self.client.register_tenant(f"t{tenant}", "bench", LABELS, adapter)
+
+    def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        return [LABELS.index(p.label) for p in self.client.classify(f"t{tenant}", texts, truncate=True)]
+
+    def service_pids(self) -> dict[str, int]:
+        return {s.name: s.process.pid for s in self.services.services if s.process is not None}
+
+    def details(self) -> dict:
+        import grpc
+
+        from hmi.v1 import compute_pb2, compute_pb2_grpc
+        with grpc.insecure_channel(self.services.compute_addrs[0]) as channel:
+            stats = compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+        lookups = list(stats.plot_hit_depths)
+        return {"adapter_hits_device": stats.adapter_hits_device, "adapter_hits_host": stats.adapter_hits_host,
+                "adapter_misses": stats.adapter_misses, "device_slots": stats.device_slots,
+                "batches": stats.batches, "sequences": stats.sequences,
+                "plot_hit_depths": lookups,
+                "plot_mean_hit_depth": float(np.average(np.arange(1, len(lookups) + 1), weights=lookups))
+                if sum(lookups) else 0.0}
+
+    def close(self) -> None:
+        self.client.close()
+        self.services.stop()
+        self.folder.cleanup()
+
+
+SYSTEMS = {"naive": NaiveSystem, "peft": PeftSystem, "hmi": HmiSystem}

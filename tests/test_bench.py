@@ -1,0 +1,63 @@
+"""`hmi bench`: the three systems serve the same tenants identically (so the comparison is fair), and the
+command writes the documented JSON and a plot (small smoke run on the tiny model)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from hmi.bench.workload import WorkloadSpec, make_requests, sweep_requests, zipf_weights
+from hmi.launcher import hmi_command
+
+pytestmark = pytest.mark.integration
+
+
+def test_workload_is_zipf_and_reproducible():
+    spec = WorkloadSpec(tenants=50, zipf=1.0, seed=3)
+    first, again = make_requests(spec, 4000), make_requests(spec, 4000)
+    assert [(r.tenant, r.text) for r in first] == [(r.tenant, r.text) for r in again]
+    counts = np.bincount([r.tenant for r in first], minlength=50)
+    assert counts[0] > 3 * counts[9] and counts[0] == counts.max()   # rank 1 ~10x rank 10 at alpha 1
+    assert zipf_weights(4, 0.0).tolist() == [0.25] * 4
+    assert sorted(r.tenant for r in sweep_requests(spec)) == list(range(50))
+    arrivals = [r.at for r in make_requests(WorkloadSpec(tenants=5, mode="open", rate=100.0), 2000)]
+    assert 15 < arrivals[-1] < 25   # 2,000 Poisson arrivals at 100/s take about 20 s
+
+
+def test_naive_peft_and_hmi_agree_at_split_layer_zero(tiny_model_dir):
+    """With L = 0 all three compute the same full model with the same adapters: same labels and same
+    tenants, which is what makes their throughput comparable."""
+    from hmi.bench.systems import BenchSettings, HmiSystem, NaiveSystem, PeftSystem
+    settings = BenchSettings(model_dir=tiny_model_dir, split_layer=0, memory_budget_bytes=1 << 30)
+    requests = make_requests(WorkloadSpec(tenants=6, seed=1), 30)
+    answers = {}
+    for system_class in (NaiveSystem, PeftSystem, HmiSystem):
+        system = system_class(settings, 6)
+        try:
+            answers[system.name] = [system.classify(r.tenant, [r.text])[0] for r in requests]
+        finally:
+            system.close()
+    assert len(set(answers["naive"])) == 2, "random heads should give both labels somewhere"
+    assert answers["peft"] == answers["naive"]
+    assert answers["hmi"] == answers["naive"]
+
+
+def test_bench_command_writes_the_documented_json(tmp_path, tiny_model_dir):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(hmi_command() + ["bench", "--tenants", "8", "--zipf", "1.0", "--duration", "2",
+                                            "--clients", "2", "--systems", "naive,peft,hmi", "--sweep",
+                                            "--model", str(tiny_model_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("naive", "peft", "hmi"):
+        system = report["systems"][name]
+        for field in ("throughput_rps", "p50_ms", "p99_ms", "peak_rss_bytes", "tenants_served"):
+            assert system[field] > 0, (name, field)
+        assert system["errors"] == 0 and system["sweep_tenants_served"] == 8
+    assert set(report["systems"]["hmi"]["service_peak_rss_bytes"]) == {"store", "compute", "gateway"}
+    assert report["hmi_over_peft_throughput"] > 0
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "HMI throughput" in result.stdout
