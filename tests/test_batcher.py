@@ -39,7 +39,7 @@ def test_full_queue_is_resource_exhausted():
             for _ in range(10):
                 batcher.submit([work("t", 4)])
     finally:
-        router.replicas[0].slots.release()  # let the blocked dispatch go (it fails fast: nothing listens)
+        router.replicas[0].capacity = 1  # let the blocked dispatch go (it fails fast: nothing listens)
         batcher.close()
 
 
@@ -58,3 +58,30 @@ def test_batches_respect_token_and_tenant_limits():
         assert sum(len(item.token_ids) for item in batch) <= 20
         assert len({item.route.tenant_id for item in batch}) <= 2
     assert any(len(b) > 1 for b in batcher.batches), "sequences waiting together must share a batch"
+
+
+def test_router_prefers_each_tenants_home_replica_and_spills_when_it_is_full_or_down():
+    router = Router(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], inflight_per_replica=1)
+    homes = {t: router.home(t) for t in (f"tenant-{i}" for i in range(60))}
+    assert set(homes.values()) == {0, 1, 2}, "tenants spread over every replica"
+    reordered = Router(["10.0.0.3:1", "10.0.0.1:1", "10.0.0.2:1"])
+    assert all(reordered.replicas[reordered.home(t)].address == router.replicas[h].address for t, h in homes.items())
+    smaller = Router(["10.0.0.1:1", "10.0.0.3:1"])   # a replica leaves: only its tenants move
+    moved = [t for t, h in homes.items() if h != 1 and smaller.replicas[smaller.home(t)].address
+             != router.replicas[h].address]
+    assert not moved
+    tenant = "tenant-7"
+    home = router.replicas[homes[tenant]]
+    first = router.acquire([tenant])
+    assert first is home
+    second = router.acquire([tenant])          # home is full: spill to another replica
+    assert second is not home
+    router.release(first)
+    router.release(second)
+    assert router.acquire([tenant]) is home    # room again at home
+    router.release(home, failed=True)          # home fails: avoided while marked down
+    assert router.acquire([tenant]) is not home
+    # A batch goes to the home of most of its tenants.
+    majority = [t for t, h in homes.items() if h == 2][:3] + [t for t, h in homes.items() if h == 0][:1]
+    fresh = Router(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], inflight_per_replica=4)
+    assert fresh.acquire(majority) is fresh.replicas[2]

@@ -106,7 +106,7 @@ class Batcher:
                 self._dispatch(batch)
 
     def _dispatch(self, batch: list[SequenceWork]) -> None:
-        replica = self.router.acquire()
+        replica = self.router.acquire([item.route.tenant_id for item in batch])
         lengths = [len(item.token_ids) for item in batch]
         request = pb.ForwardRequest(
             token_ids=encode_tensor(np.concatenate([item.token_ids for item in batch])),

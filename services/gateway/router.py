@@ -1,7 +1,9 @@
-"""Picks a compute replica for a batch: round robin over replicas, skipping ones that just failed,
-with a bound on batches in flight per replica (enough to keep its pipeline full)."""
+"""Picks a compute replica for a batch: tenant affinity first (each tenant has a home replica by
+rendezvous hashing, so its adapter stays hot there), load second (a bound on batches in flight per
+replica; a full or failing home spills to the replica with the most room), round robin among equals."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -15,7 +17,8 @@ from services.common.rpc import channel
 class Replica:
     address: str
     stub: pb_grpc.ComputeStub
-    slots: threading.Semaphore
+    capacity: int                       # batches in flight at most
+    inflight: int = 0
     down_until: float = 0.0
 
 
@@ -23,25 +26,40 @@ class Router:
     def __init__(self, addresses: list[str], *, inflight_per_replica: int = 2, down_seconds: float = 1.0) -> None:
         if not addresses:
             raise ValueError("at least one compute address is needed (HMI_COMPUTE_ADDRS)")
-        self.replicas = [Replica(a, pb_grpc.ComputeStub(channel(a)), threading.Semaphore(inflight_per_replica))
-                         for a in addresses]
+        self.replicas = [Replica(a, pb_grpc.ComputeStub(channel(a)), inflight_per_replica) for a in addresses]
         self.down_seconds = down_seconds
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._lock = threading.Lock()
 
-    def acquire(self) -> Replica:
-        """Blocks until some replica has room for one more batch; prefers replicas not marked down."""
+    def home(self, tenant_id: str) -> int:
+        """The tenant's home replica: the highest hash of (tenant, replica); stable when replicas come and go."""
+        return max(range(len(self.replicas)), key=lambda i: _score(tenant_id, self.replicas[i].address))
+
+    def acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica:
+        """Blocks until some replica has room for one more batch; prefers replicas not marked down, then the
+        home of most of the batch's tenants, then the one with the fewest batches in flight."""
+        votes = [0] * len(self.replicas)
+        if len(self.replicas) > 1:
+            for tenant_id in set(tenant_ids):
+                votes[self.home(tenant_id)] += 1
         while True:
             with self._lock:
                 order = [next(self._cycle) for _ in self.replicas]
-            now = time.monotonic()
-            healthy = [self.replicas[i] for i in order if self.replicas[i].down_until <= now]
-            for replica in healthy or [self.replicas[i] for i in order]:
-                if replica.slots.acquire(blocking=False):
-                    return replica
+                now = time.monotonic()
+                healthy = [i for i in order if self.replicas[i].down_until <= now] or order
+                for index in sorted(healthy, key=lambda i: (-votes[i], self.replicas[i].inflight)):
+                    replica = self.replicas[index]
+                    if replica.inflight < replica.capacity:
+                        replica.inflight += 1
+                        return replica
             time.sleep(0.001)
 
     def release(self, replica: Replica, failed: bool = False) -> None:
-        if failed:
-            replica.down_until = time.monotonic() + self.down_seconds
-        replica.slots.release()
+        with self._lock:
+            if failed:
+                replica.down_until = time.monotonic() + self.down_seconds
+            replica.inflight -= 1
+
+
+def _score(tenant_id: str, address: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{tenant_id}@{address}".encode(), digest_size=8).digest(), "big")
