@@ -340,3 +340,18 @@ def test_device_resident_adapter_is_not_fetched_again_with_a_small_host_cache():
     pool.acquire([("b", 1)]).release()  # b sits in a device slot
     assert store.calls[("b", 1)] == 1
     assert pool.stats.device_hits == 1
+
+
+def test_eviction_keeps_a_popular_adapter_through_a_burst_of_one_off_tenants():
+    store = Store()
+    for name in ["hot"] + [f"once-{i}" for i in range(6)]:
+        store.add(name)
+    pool = make_pool(store, slots=2)
+    for _ in range(5):
+        pool.acquire([("hot", 1)]).release()
+    for i in range(6):
+        pool.acquire([(f"once-{i}", 1)]).release()
+    hits = pool.stats.device_hits
+    pool.acquire([("hot", 1)]).release()
+    assert pool.stats.device_hits == hits + 1, "pure LRU would have evicted the popular adapter"
+    assert pool.stats.evictions == 5

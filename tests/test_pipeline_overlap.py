@@ -64,4 +64,7 @@ def test_fetch_of_one_batch_overlaps_execution_of_another():
     assert len(fetches) == 4 and len(executes) == 4
     overlapping = [(f, x) for f in fetches for x in executes if f[0] < x[1] and x[0] < f[1]]
     assert overlapping, "no lookup ran while a batch executed: the stages do not overlap"
+    # The pipeline measures the same: part of the fetch time was hidden behind execution, never more than all.
+    assert 0.0 < pipeline.stats.io_hidden_seconds <= pipeline.stats.io_seconds
+    assert 0.0 < pipeline.stats.io_hidden_share <= 1.0
     assert pool.used_slots() == 1 and all(p == 0 for p in pool._pins), "leases must be released"

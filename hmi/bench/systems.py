@@ -230,6 +230,7 @@ class HmiSystem:
         return {"adapter_hits_device": stats.adapter_hits_device, "adapter_hits_host": stats.adapter_hits_host,
                 "adapter_misses": stats.adapter_misses, "device_slots": stats.device_slots,
                 "batches": stats.batches, "sequences": stats.sequences,
+                "io_hidden_share": stats.io_hidden_seconds / stats.io_seconds if stats.io_seconds else 0.0,
                 "plot_hit_depths": lookups,
                 "plot_mean_hit_depth": float(np.average(np.arange(1, len(lookups) + 1), weights=lookups))
                 if sum(lookups) else 0.0}

@@ -54,7 +54,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model", "plot_hit_depths")
+    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model", "plot_hit_depths", "io_seconds", "io_hidden_seconds")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class StatsResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLOT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    IO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IO_HIDDEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     batches: int
     sequences: int
     tokens: int
@@ -79,4 +81,6 @@ class StatsResponse(_message.Message):
     device: str
     model: str
     plot_hit_depths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., plot_hit_depths: _Optional[_Iterable[int]] = ...) -> None: ...
+    io_seconds: float
+    io_hidden_seconds: float
+    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., plot_hit_depths: _Optional[_Iterable[int]] = ..., io_seconds: _Optional[float] = ..., io_hidden_seconds: _Optional[float] = ...) -> None: ...

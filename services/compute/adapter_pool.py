@@ -2,11 +2,13 @@
 
 Device memory for LoRA is preallocated per (layer, target) as [slots, max_rank, in] / [slots, out, max_rank]
 tensors, so loading an adapter is a copy into a slot, never an allocation per request. Smaller ranks
-are zero-padded (exact: the padding contributes nothing). Slots in use by a batch in flight are pinned
-and never evicted; the least recently used unpinned slot is reused on a miss.
+are zero-padded (exact: the padding contributes nothing; the CUDA kernels skip it). Slots in use by a
+batch in flight are pinned and never evicted; on a miss the least used unpinned slot (recency breaks ties,
+use counts halve over time) is reused. On CUDA the host cache holds page-locked copies.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -65,6 +67,9 @@ class AdapterPool:
         self._host: OrderedDict[AdapterKey, Adapter] = OrderedDict()
         self._host_bytes = 0
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
+        self._uses: dict[AdapterKey, float] = {}    # acquisitions, halved every `_aging_period` (frequency)
+        self._acquisitions = 0
+        self._aging_period = 8 * slots
         self._free = list(range(slots - 1, -1, -1))
         self._pins = [0] * slots
         self._targets_in_slot: list[set[tuple[int, str]]] = [set() for _ in range(slots)]
@@ -85,6 +90,7 @@ class AdapterPool:
         slots: dict[AdapterKey, int] = {}
         try:
             with self._lock:  # resident adapters are pinned at once: a device hit needs no host copy
+                self._count_uses(unique)
                 for key in unique:
                     slot = self._slot_of.get(key)
                     if slot is not None:
@@ -101,6 +107,13 @@ class AdapterPool:
             self._unpin(slots.values())
             raise
         return Lease(slots, self)
+
+    def _count_uses(self, keys: list[AdapterKey]) -> None:
+        for key in keys:
+            self._uses[key] = self._uses.get(key, 0.0) + 1.0
+        self._acquisitions += 1
+        if self._acquisitions % self._aging_period == 0:   # old popularity fades
+            self._uses = {k: v / 2 for k, v in self._uses.items() if v >= 0.5 or k in self._slot_of}
 
     def used_slots(self) -> int:
         with self._lock:
@@ -131,6 +144,8 @@ class AdapterPool:
             if adapter.rank > self.max_rank:
                 raise FailedPrecondition(f"adapter of tenant {key[0]!r} has rank {adapter.rank}, above this compute "
                                          f"service's --max-rank {self.max_rank}")
+            if self.device.type == "cuda":
+                adapter = pinned(adapter)   # page-locked: copies into slots run asynchronously
             with self._lock:
                 self._drop_older_versions(key)
                 self._host[key] = adapter
@@ -166,7 +181,10 @@ class AdapterPool:
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k, s in self._slot_of.items() if self._pins[s] == 0), None)
+            # Recency and frequency: the least used unpinned adapter, the least recently used among equals, so
+            # a burst of one-off tenants cannot flush the popular ones.
+            candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0]
+            victim = min(candidates, key=lambda k: self._uses.get(k, 0.0), default=None)
             if victim is None:
                 raise ResourceExhausted(f"all {self.num_slots} adapter slots are pinned by batches in flight; retry")
             slot = self._slot_of.pop(victim)
@@ -203,3 +221,10 @@ class AdapterPool:
         with self._lock:
             for slot in slots:
                 self._pins[slot] -= 1
+
+
+def pinned(adapter: Adapter) -> Adapter:
+    """The adapter with every tensor in page-locked host memory (only where CUDA is present)."""
+    return dataclasses.replace(
+        adapter, lora={key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in adapter.lora.items()},
+        head_weight=adapter.head_weight.pin_memory(), head_bias=adapter.head_bias.pin_memory())

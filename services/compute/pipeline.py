@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,36 @@ class PipelineStats:
     sequences: int = 0
     tokens: int = 0
     hit_depth_counts: list[int] = field(default_factory=list)
+    io_seconds: float = 0.0          # time batches spent preparing (store lookups, adapter loads)
+    io_hidden_seconds: float = 0.0   # ... of which the device was busy executing another batch
+
+    @property
+    def io_hidden_share(self) -> float:
+        return self.io_hidden_seconds / self.io_seconds if self.io_seconds else 0.0
+
+
+class BusyLog:
+    """When the execution thread was busy: enough history to tell how much of a fetch it overlapped."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=keep)
+        self._since: float | None = None
+
+    def begin(self, at: float) -> None:
+        with self._lock:
+            self._since = at
+
+    def end(self, at: float) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._intervals.append((self._since, at))
+            self._since = None
+
+    def overlap(self, start: float, end: float) -> float:
+        with self._lock:
+            intervals = list(self._intervals) + ([(self._since, end)] if self._since is not None else [])
+        return sum(max(0.0, min(e, end) - max(b, start)) for b, e in intervals)
 
 
 class Pipeline:
@@ -54,6 +85,7 @@ class Pipeline:
         self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute")
         self._last_report = time.monotonic()
+        self._busy = BusyLog()
 
     def prepare(self, batch: PackedBatch, timeout: float) -> PreparedBatch:
         """Lookups per domain and adapter loads run concurrently; a failure releases what was pinned."""
@@ -95,10 +127,17 @@ class Pipeline:
         prepared = self.prepare(batch, timeout)
         fetched = time.perf_counter()
         timings.fetch_ms = (fetched - started) * 1e3
+        hidden = self._busy.overlap(started, fetched)
+
         def execute():
             begin = time.perf_counter()
-            result = self.executor.run(prepared)
-            return result, begin, time.perf_counter()
+            self._busy.begin(begin)
+            try:
+                result = self.executor.run(prepared)
+            finally:
+                end = time.perf_counter()
+                self._busy.end(end)
+            return result, begin, end
 
         # The lease is released when execution ends, not when the caller gives up: pinned slots
         # must not be reused while the device still reads them.
@@ -119,15 +158,18 @@ class Pipeline:
             self.stats.batches += 1
             self.stats.sequences += batch.size
             self.stats.tokens += len(batch.token_ids)
+            self.stats.io_seconds += fetched - started
+            self.stats.io_hidden_seconds += hidden
             report = time.monotonic() - self._last_report > REPORT_SECONDS
             if report:
                 self._last_report = time.monotonic()
         if report:
             pool = self.pool.stats
             log.info("%d batches, %d sequences, %d tokens so far; adapters: %d device hits, %d host hits, "
-                     "%d fetched, %d evictions; PLOT hits per context depth %s; last batch %d seqs: fetch %.1f ms, "
-                     "execute %.1f ms", self.stats.batches, self.stats.sequences, self.stats.tokens, pool.device_hits,
-                     pool.host_hits, pool.misses, pool.evictions, self.stats.hit_depth_counts, batch.size,
+                     "%d fetched, %d evictions; PLOT hits per context depth %s; %.0f%% of fetch time hidden behind "
+                     "execution; last batch %d seqs: fetch %.1f ms, execute %.1f ms", self.stats.batches,
+                     self.stats.sequences, self.stats.tokens, pool.device_hits, pool.host_hits, pool.misses,
+                     pool.evictions, self.stats.hit_depth_counts, 100 * self.stats.io_hidden_share, batch.size,
                      timings.fetch_ms, timings.execute_ms)
         return result, timings
 

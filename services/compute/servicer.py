@@ -34,4 +34,5 @@ class ComputeServicer(pb_grpc.ComputeServicer):
             adapter_hits_device=pool.stats.device_hits, adapter_hits_host=pool.stats.host_hits,
             adapter_misses=pool.stats.misses, device_slots=pool.num_slots, device_slots_used=pool.used_slots(),
             host_cache_bytes=pool.host_bytes(), device=str(pool.device), model=self.model_name,
-            plot_hit_depths=list(stats.hit_depth_counts))
+            plot_hit_depths=list(stats.hit_depth_counts), io_seconds=stats.io_seconds,
+            io_hidden_seconds=stats.io_hidden_seconds)
