@@ -49,6 +49,7 @@ class StoreSettings:
     learn_interval: float = 2.0               # seconds between flushes of the traffic log
     max_pending_contexts: int = 50_000        # distinct missing contexts counted per domain between flushes
     max_traffic_entries: int = 200_000        # counted contexts kept per domain in LMDB
+    max_materialize: int = 1024               # contexts materialised per flush (the rest on their next lookup)
 
 
 DOMAIN_DEFAULTS = {"budget_bytes": 0, "learn_threshold": 0, "rows": None, "materialized": 0, "pruned": 0,
@@ -408,7 +409,7 @@ class KnowledgeStore:
                     if len(samples) < SAMPLES_PER_CONTEXT:
                         samples = merge_samples(samples, pending.samples.get(key, []))
                 txn.put(key, encode_traffic(total, samples), db=traffic)
-                if 0 < threshold <= total:
+                if 0 < threshold <= total and len(candidates) < self.settings.max_materialize:
                     candidates[key] = [total, samples]
             if record["traffic_entries"] > self.settings.max_traffic_entries:
                 record["traffic_entries"] -= self._forget_rare_traffic(txn, record)
