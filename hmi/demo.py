@@ -159,7 +159,8 @@ def _trained_tenants(client: HMIClient, args, work_dir: Path) -> None:
         print(f"  eval accuracy on {report.eval_examples} held-out examples: {report.eval_accuracy:.3f} "
               f"({len(report.labels)} classes)")
         shown = read_labeled(evaluation, 4)
-        for (text, truth), prediction in zip(shown, client.classify(tenant.tenant_id, [t for t, _ in shown], truncate=True)):
+        predictions = client.classify(tenant.tenant_id, [t for t, _ in shown], truncate=True)
+        for (text, truth), prediction in zip(shown, predictions):
             mark = "ok " if prediction.label == truth else "-- "
             print(f"  {mark}{prediction.label:24.24s} p={prediction.probabilities[prediction.label]:.2f}  "
                   f"(true: {truth:.24s})  {text[:60]}")

@@ -9,11 +9,11 @@ def head_reference(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """logits[s, j] = pooled[s] . weight[slot(s), j] + bias[slot(s), j] for j < labels(s), else 0.
 
     pooled: [S, H]; weight: [slots, max_labels, H]; bias: [slots, max_labels]; seq_slot, seq_labels: int [S]."""
-    logits = torch.zeros(pooled.shape[0], weight.shape[1], dtype=pooled.dtype, device=pooled.device)
-    for seq, (slot, labels) in enumerate(zip(seq_slot.tolist(), seq_labels.tolist())):
-        if slot >= 0:
-            logits[seq, :labels] = weight[slot, :labels] @ pooled[seq] + bias[slot, :labels]
-    return logits
+    slots = seq_slot.long().clamp(min=0)
+    logits = torch.einsum("sh,slh->sl", pooled, weight[slots]) + bias[slots]
+    label_index = torch.arange(weight.shape[1], device=pooled.device)[None, :]
+    used = (label_index < seq_labels[:, None]) & (seq_slot >= 0)[:, None]
+    return torch.where(used, logits, torch.zeros_like(logits))
 
 
 def head_cuda(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_slot: torch.Tensor,

@@ -65,8 +65,11 @@ def assert_in_slot(pool: AdapterPool, slot: int, adapter: Adapter) -> None:
     for key in set(pool.lora_a) - set(adapter.lora):
         assert torch.count_nonzero(pool.lora_a[key][slot]) == 0
         assert torch.count_nonzero(pool.lora_b[key][slot]) == 0
-    assert torch.equal(pool.heads[slot].weight, adapter.head_weight)
-    assert torch.equal(pool.heads[slot].bias, adapter.head_bias)
+    labels = adapter.head_weight.shape[0]
+    assert int(pool.slot_labels[slot]) == labels
+    assert torch.equal(pool.head_weight[slot, :labels], adapter.head_weight)
+    assert torch.equal(pool.head_bias[slot, :labels], adapter.head_bias)
+    assert torch.count_nonzero(pool.head_weight[slot, labels:]) == 0
 
 
 # ---- loading and hits ------------------------------------------------------------------------
@@ -355,3 +358,16 @@ def test_eviction_keeps_a_popular_adapter_through_a_burst_of_one_off_tenants():
     pool.acquire([("hot", 1)]).release()
     assert pool.stats.device_hits == hits + 1, "pure LRU would have evicted the popular adapter"
     assert pool.stats.evictions == 5
+
+
+def test_head_buffer_grows_for_a_tenant_with_many_labels_and_keeps_the_others():
+    store = Store()
+    small = store.add("small")
+    many = store.add("many", labels=20)
+    pool = make_pool(store, slots=2)
+    lease = pool.acquire([("small", 1)])
+    pool.acquire([("many", 1)]).release()
+    assert pool.head_weight.shape[1] == 32
+    assert_in_slot(pool, lease.slots[("small", 1)], small)
+    assert_in_slot(pool, pool._slot_of[("many", 1)], many)
+    lease.release()

@@ -86,7 +86,8 @@ def print_table(report: dict) -> None:
             print(f"{name:8} failed: {r['failed']}")
             continue
         print(f"{name:8} {r['throughput_rps']:8.1f} {r['p50_ms'] or 0:8.1f} {r['p99_ms'] or 0:8.1f} "
-              f"{r['peak_rss_bytes'] / 2**20:13.0f} {r['tenants_served']:8d} {r['errors']:6d} {r['setup_seconds']:8.1f}")
+              f"{r['peak_rss_bytes'] / 2**20:13.0f} {r['tenants_served']:8d} {r['errors']:6d} "
+              f"{r['setup_seconds']:8.1f}")
     for other in ("naive", "peft"):
         if f"hmi_over_{other}_throughput" in report:
             print(f"HMI throughput = {report[f'hmi_over_{other}_throughput']:.2f}x {other}")

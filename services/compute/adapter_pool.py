@@ -34,12 +34,6 @@ class PoolStats:
 
 
 @dataclass
-class SlotHead:
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-
-@dataclass
 class Lease:
     """Slots pinned for one batch; release() unpins them."""
     slots: dict[AdapterKey, int]
@@ -75,7 +69,10 @@ class AdapterPool:
         self._targets_in_slot: list[set[tuple[int, str]]] = [set() for _ in range(slots)]
         self.lora_a: dict[tuple[int, str], torch.Tensor] = {}
         self.lora_b: dict[tuple[int, str], torch.Tensor] = {}
-        self.heads: list[SlotHead | None] = [None] * slots
+        # Every slot's head in one buffer [slots, max_labels, H] (grown when a tenant has more labels).
+        self.head_weight = torch.zeros(slots, 8, dims.hidden, device=device)
+        self.head_bias = torch.zeros(slots, 8, device=device)
+        self.slot_labels = torch.zeros(slots, dtype=torch.int32, device=device)
         # Rank of the adapter in each slot: the CUDA LoRA kernels skip the zero padding beyond it.
         self.slot_ranks = torch.full((slots,), max_rank, dtype=torch.int32, device=device)
 
@@ -206,7 +203,24 @@ class AdapterPool:
             pool_b[slot, :, :rank].copy_(b * adapter.scaling, non_blocking=True)
         self._targets_in_slot[slot] = set(adapter.lora)
         self.slot_ranks[slot] = max((a.shape[0] for a, _ in adapter.lora.values()), default=0)
-        self.heads[slot] = SlotHead(adapter.head_weight.to(self.device), adapter.head_bias.to(self.device))
+        labels = adapter.head_weight.shape[0]
+        if labels > self.head_weight.shape[1]:
+            self._grow_heads(labels)
+        self.head_weight[slot].zero_()
+        self.head_bias[slot].zero_()
+        self.head_weight[slot, :labels].copy_(adapter.head_weight, non_blocking=True)
+        self.head_bias[slot, :labels].copy_(adapter.head_bias, non_blocking=True)
+        self.slot_labels[slot] = labels
+
+    def _grow_heads(self, labels: int) -> None:
+        """A new, larger head buffer (a batch in flight keeps reading the old one, which stays valid)."""
+        size = 1 << (labels - 1).bit_length()
+        weight = torch.zeros(self.num_slots, size, self.dims.hidden, device=self.device)
+        bias = torch.zeros(self.num_slots, size, device=self.device)
+        weight[:, :self.head_weight.shape[1]] = self.head_weight
+        bias[:, :self.head_bias.shape[1]] = self.head_bias
+        self.head_weight, self.head_bias = weight, bias
+        log.info("head buffer grown to %d labels per slot", size)
 
     def _buffers(self, target_key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
         if target_key not in self.lora_a:

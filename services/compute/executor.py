@@ -9,6 +9,7 @@ import torch
 from kernels.lora import find_segments
 from kernels.plot_gather import gather
 from kernels.runtime import cuda_available
+from kernels.tenant_head import tenant_heads
 from services.compute.adapter_pool import AdapterPool, Lease
 from services.compute.batch import BatchResult, PackedBatch
 from services.compute.model_split import LayerInputs, UpperModel
@@ -78,9 +79,13 @@ class Executor:
 
         logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(specs)
         if batch.want_logits:
-            for j, slot in enumerate(slot_of_seq):
-                head = self.pool.heads[slot]
-                logits[order[j]] = (pooled[j] @ head.weight.T + head.bias).cpu().numpy()
+            seq_slot = torch.tensor(slot_of_seq, dtype=torch.int32, device=self.device)
+            seq_labels = self.pool.slot_labels[seq_slot.long()]
+            all_logits = tenant_heads(pooled, self.pool.head_weight, self.pool.head_bias, seq_slot, seq_labels)
+            labels = seq_labels.tolist()
+            all_logits = all_logits.cpu().numpy()
+            for j in range(len(specs)):
+                logits[order[j]] = all_logits[j, :labels[j]]
         embeddings = None
         if batch.want_embeddings:
             restore = np.empty(len(order), dtype=np.int64)

@@ -464,7 +464,9 @@ class KnowledgeStore:
             chosen = []
             for index, key in enumerate(keys):
                 path = path_of(key)
-                if seen[index] and not tree.node_exists(self.layout, txn, chain, path) and                         (len(path) == 1 or tree.node_exists(self.layout, txn, chain, path[:-1])):
+                missing = not tree.node_exists(self.layout, txn, chain, path)
+                has_parent = len(path) == 1 or tree.node_exists(self.layout, txn, chain, path[:-1])
+                if seen[index] and missing and has_parent:
                     chosen.append(index)
                 else:
                     txn.delete(key, db=self.layout.db["traffic"])
