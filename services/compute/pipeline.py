@@ -1,5 +1,6 @@
-"""Compute pipeline: prepare (PLOT lookups + adapter loads, many batches at once) overlaps execute
-(one batch at a time on the device).
+"""Compute pipeline in three overlapping stages: receive (PLOT lookups + adapter loads, many batches at
+once), copy (the batch's PLOT rows to the device in one transfer, on a side CUDA stream) and execute (one
+batch at a time on the device).
 
 Each Forward call prepares its batch in its own RPC thread while the single execution thread runs
 the batch before it; the gateway keeps several batches in flight per replica so the stages overlap.
@@ -100,10 +101,14 @@ class Pipeline:
             plot_rows: dict[int, np.ndarray] = {}
             for domain, future in futures.items():
                 plot_rows.update(future.result())
+            prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
+            stage = getattr(self.executor, "stage", None)
+            if stage is not None:
+                stage(prepared)   # copy stage: overlaps the batch executing now
         except BaseException:
             lease.release()
             raise
-        return PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
+        return prepared
 
     def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> dict[int, np.ndarray]:
         domain = batch.sequences[indices[0]].domain
