@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapted", choices=["no", "yes", "only"], default="no",
                         help="also (yes) or only (only) domain-adapted lower models")
     parser.add_argument("--adapt-steps", type=int, default=300)
+    parser.add_argument("--no-position-offsets", action="store_true", help="ablation: raw PLOT vectors")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
-               "rank": args.rank, "seeds": args.seed_list,
+               "rank": args.rank, "seeds": args.seed_list, "position_offsets": not args.no_position_offsets,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "configurations": []}
     contexts = parse_list(args.contexts)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"L={split_layer}: adapted lower layers, held-out MLM loss {adapt_report['base_loss']:.3f}"
                           f" -> {adapt_report['adapted_loss']:.3f} ({adapt_report['seconds']:.0f}s)", flush=True)
                 record = store.build_domain(name, corpus, split_layer=split_layer, context=max(contexts),
-                                            min_count=args.min_count)
+                                            min_count=args.min_count, position_offsets=not args.no_position_offsets)
                 build_seconds = time.perf_counter() - started
                 for context in contexts:
                     plot.context = context
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                eval_rows, label_index, args)
                     nodes = int(sum(record["nodes_per_depth"][:context]))
                     row = {"split_layer": split_layer, "context": context, "domain_adapted": adapted,
+                           "position_offsets": not args.no_position_offsets,
                            "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
                            "accuracy_loss_points": 100 * (results["reference"]["accuracy"] - accuracy.mean),
                            "plot_bytes": nodes * model.dims.hidden * 2, "nodes": nodes,

@@ -78,7 +78,7 @@ def cmd_domain_build(args) -> int:
         domain = client.build_domain(args.name, corpus, split_layer=args.split_layer, context=args.context,
                                      min_count=args.min_count, parent=args.parent,
                                      budget_bytes=int(args.budget_mib * 2**20), learn_threshold=args.learn_threshold,
-                                     progress=progress)
+                                     position_offsets=not args.no_position_offsets, progress=progress)
     progress.close()
     print(f"domain {domain.spec.name}: split layer {domain.spec.split_layer}, context {domain.spec.context}, "
           f"{domain.lower_model} lower model, {domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
@@ -127,7 +127,7 @@ def cmd_domain_show(args) -> int:
     spec = domain.spec
     print(f"domain        {spec.name}" + (f" (parent {spec.parent})" if spec.parent else ""))
     print(f"model         {domain.model}, split layer {spec.split_layer}, context depth {spec.context}, "
-          f"{domain.lower_model} lower model")
+          f"{domain.lower_model} lower model, position offsets {'on' if domain.position_offsets else 'off'}")
     if domain.lower_model == "adapted":
         print(f"adaptation    {domain.adapt.steps} MLM steps on {domain.adapt.corpus_sequences} sequences, held-out "
               f"loss {domain.adapt.base_loss:.3f} -> {domain.adapt.adapted_loss:.3f}")
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mib", type=float, default=0, help="storage budget of the vectors (0: store default)")
     p.add_argument("--learn-threshold", type=int, default=0,
                    help="lookups of a missing context before it is added (0: store default, -1: off)")
+    p.add_argument("--no-position-offsets", action="store_true",
+                   help="serve raw PLOT vectors, without the per-position offsets (for ablations)")
     p.set_defaults(func=cmd_domain_build, timeout=3600.0)
     p = client_parser("adapt", help="MLM-adapt the lower layers to a domain corpus (then build the PLOT)")
     p.add_argument("name")

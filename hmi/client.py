@@ -43,10 +43,11 @@ class HMIClient:
 
     def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
-                     progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
+                     position_offsets: bool = True, progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
                      timeout: float | None = None) -> store_pb.Domain:
         spec = store_pb.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
-                                   min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold)
+                                   min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,
+                                   no_position_offsets=not position_offsets)
 
         def requests() -> Iterator[store_pb.BuildDomainRequest]:
             yield store_pb.BuildDomainRequest(spec=spec)

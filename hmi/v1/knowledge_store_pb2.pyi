@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold")
+    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DomainSpec(_message.Message):
     MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NO_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     split_layer: int
@@ -23,10 +24,11 @@ class DomainSpec(_message.Message):
     min_count: int
     budget_bytes: int
     learn_threshold: int
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ...) -> None: ...
+    no_position_offsets: bool
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt")
+    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +46,7 @@ class Domain(_message.Message):
     PENDING_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     RECENT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     ADAPT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     spec: DomainSpec
     model: str
     hidden_size: int
@@ -61,7 +64,8 @@ class Domain(_message.Message):
     pending_contexts: int
     recent_hit_depths: _containers.RepeatedScalarFieldContainer[int]
     adapt: AdaptReport
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ...) -> None: ...
+    position_offsets: bool
+    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ...) -> None: ...
 
 class AdaptSettings(_message.Message):
     __slots__ = ("steps", "batch_size", "learning_rate", "seed")

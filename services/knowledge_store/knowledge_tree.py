@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import lmdb
 import numpy as np
 
-from services.knowledge_store.layout import (NODE_VALUE, ROWS_PER_BLOCK, StoreLayout, block_key,
+from services.knowledge_store.layout import (NODE_VALUE, OFFSETS_HEADER, ROWS_PER_BLOCK, StoreLayout, block_key,
                                              domain_prefix, free_row_key, node_key)
 
 
@@ -27,6 +27,7 @@ class TreeContents:
     paths: list[tuple[int, ...]]
     counts: np.ndarray      # int64 [n]
     vectors: np.ndarray     # float16 [n, hidden]
+    offsets: np.ndarray | None = None   # float32 [k, positions, hidden] (position_offsets.py)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Miss:
 class LookupResult:
     vectors: np.ndarray         # float16 [tokens, hidden]
     hit_depths: np.ndarray      # int32 [tokens]
+    owners: np.ndarray | None = None   # int32 [tokens]: index in the chain of the domain whose node served it
     hit_keys: list[bytes] = field(default_factory=list)   # node key that served each token
     misses: list[Miss] = field(default_factory=list)
 
@@ -56,11 +58,22 @@ def write_tree(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, tree:
     for index, (path, count) in enumerate(zip(tree.paths, tree.counts.tolist())):
         txn.put(node_key(domain_id, path),
                 NODE_VALUE.pack(index // ROWS_PER_BLOCK, index % ROWS_PER_BLOCK, count), db=nodes)
+    if tree.offsets is not None:
+        table = np.ascontiguousarray(tree.offsets, dtype="<f4")
+        txn.put(domain_prefix(domain_id), OFFSETS_HEADER.pack(*table.shape) + table.tobytes(), db=layout.db["offsets"])
     return int(vectors.nbytes)
 
 
+def read_offsets(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int) -> np.ndarray | None:
+    raw = txn.get(domain_prefix(domain_id), db=layout.db["offsets"])
+    if raw is None:
+        return None
+    shape = OFFSETS_HEADER.unpack_from(raw)
+    return np.frombuffer(raw, dtype="<f4", offset=OFFSETS_HEADER.size).reshape(shape)
+
+
 def clear_domain(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int) -> None:
-    for db in ("nodes", "blocks", "free_rows", "traffic"):
+    for db in ("nodes", "blocks", "free_rows", "traffic", "offsets"):
         layout.delete_prefix(txn, db, domain_prefix(domain_id))
 
 
@@ -75,7 +88,8 @@ def lookup(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], context
     out = np.empty((len(token_ids), hidden), dtype=np.float16)
     out_bytes = out.view(np.uint8).reshape(len(token_ids), row_bytes)
     depths = np.zeros(len(token_ids), dtype=np.int32)
-    result = LookupResult(vectors=out, hit_depths=depths)
+    owners = np.zeros(len(token_ids), dtype=np.int32)
+    result = LookupResult(vectors=out, hit_depths=depths, owners=owners)
     block_cache: dict[tuple[int, int], memoryview] = {}
     tokens = token_ids.tolist()
     for sequence, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
@@ -85,11 +99,12 @@ def lookup(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], context
             for depth_try in range(1, available + 1):
                 path = tuple(tokens[position - depth_try + 1:position + 1][::-1])
                 value = None
-                for domain_id in chain:
+                for link, domain_id in enumerate(chain):
                     key = node_key(domain_id, path)
                     value = txn.get(key, db=nodes)
                     if value is not None:
                         found, owner, found_key, depth = value, domain_id, key, depth_try
+                        owners[position] = link
                         break
                 if value is None:
                     if collect:

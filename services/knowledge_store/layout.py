@@ -8,6 +8,7 @@
     free_rows domain_id u32 BE + row u32 BE -> b"" (rows freed by pruning, reused first)
     traffic   node key of a context missing from the tree -> count u64 + sample sequences (see
               tree_learning.py): what live lookups asked for, until materialised
+    offsets   domain_id u32 BE -> (k, P, H) u32 LE + float32 [k, P, H] position offsets (position_offsets.py)
     lower     domain name -> safetensors of the domain-adapted lower layers
     tenants   tenant id -> JSON tenant record
     adapters  tenant id -> safetensors bytes
@@ -29,7 +30,9 @@ ROWS_PER_BLOCK = 64
 NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
-DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "lower", "tenants", "adapters")
+DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "offsets", "lower", "tenants",
+             "adapters")
+OFFSETS_HEADER = struct.Struct("<III")
 
 
 class StoreLayout:

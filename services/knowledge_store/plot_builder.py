@@ -15,6 +15,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.knowledge_store.knowledge_tree import TreeContents
+from services.knowledge_store.position_offsets import PositionResiduals
 
 Progress = Callable[[str, int, int], None]
 
@@ -26,6 +27,7 @@ class BuildSettings:
     min_count: int
     max_sequence_tokens: int = 128
     batch_size: int = 32
+    position_offsets: bool = True     # see position_offsets.py
 
 
 def context_paths(ids: list[int], context: int):
@@ -126,21 +128,34 @@ class PlotBuilder:
         sums = torch.zeros(len(paths), hidden_size, dtype=torch.float64)
         node_counts = torch.zeros(len(paths), dtype=torch.int64)
 
+        residuals = PositionResiduals(settings.context, settings.max_sequence_tokens, hidden_size)
         done = 0
         for start in range(0, len(sequences), settings.batch_size):
             batch = sequences[start:start + settings.batch_size]
             hidden, _mask = self.lower_outputs(batch, settings.split_layer)
             width = hidden.shape[1]
-            flat_positions, node_ids = [], []
+            flat_positions, node_ids = [], []           # every kept node of every token (node sums)
+            token_flat, token_positions = [], []        # every token once (position offsets)
+            served: list[list[int]] = [[] for _ in range(settings.context)]
             for row, ids in enumerate(batch):
-                for position, path in context_paths(ids, settings.context):
-                    node = index.get(path)
-                    if node is not None:
-                        flat_positions.append(row * width + position)
-                        node_ids.append(node)
+                for position in range(len(ids)):
+                    found = []
+                    for depth in range(1, min(settings.context, position + 1) + 1):
+                        node = index.get(tuple(ids[position - depth + 1:position + 1][::-1]))
+                        if node is None:
+                            break   # as a lookup walks: the first missing depth ends it
+                        found.append(node)
+                    flat_positions.extend([row * width + position] * len(found))
+                    node_ids.extend(found)
+                    token_flat.append(row * width + position)
+                    token_positions.append(position)
+                    for cap in range(settings.context):
+                        served[cap].append(found[min(cap + 1, len(found)) - 1])
+            flat_hidden = hidden.reshape(-1, hidden_size)
             node_tensor = torch.tensor(node_ids, dtype=torch.long)
-            sums.index_add_(0, node_tensor, hidden.reshape(-1, hidden_size)[flat_positions].double())
+            sums.index_add_(0, node_tensor, flat_hidden[flat_positions].double())
             node_counts.index_add_(0, node_tensor, torch.ones(len(node_ids), dtype=torch.int64))
+            residuals.add(torch.tensor(token_positions, dtype=torch.long), flat_hidden[token_flat], served)
             done += len(batch)
             report("encoding", done, len(sequences))
 
@@ -152,7 +167,8 @@ class PlotBuilder:
         vectors = (sums / seen).to(torch.float16)
         if not torch.isfinite(vectors).all():
             raise InvalidArgument("layer-L vectors overflow fp16; this base model cannot use an fp16 PLOT")
-        return TreeContents(paths=paths, counts=node_counts.numpy(), vectors=vectors.numpy())
+        offsets = residuals.offsets(vectors) if settings.position_offsets and sequences else None
+        return TreeContents(paths=paths, counts=node_counts.numpy(), vectors=vectors.numpy(), offsets=offsets)
 
     def _specials(self) -> tuple[int, int]:
         """[CLS]-like and [SEP]-like ids: the tokens the post-processor wraps a single word in."""

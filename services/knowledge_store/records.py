@@ -11,7 +11,8 @@ def domain_to_pb(record: dict[str, Any]) -> pb.Domain:
         spec=pb.DomainSpec(name=record["name"], parent=record.get("parent", ""),
                            split_layer=record["split_layer"], context=record["context"],
                            min_count=record["min_count"], budget_bytes=record.get("budget_bytes", 0),
-                           learn_threshold=record.get("learn_threshold", 0)),
+                           learn_threshold=record.get("learn_threshold", 0),
+                           no_position_offsets=not record.get("position_offsets", False)),
         model=record["model"], hidden_size=record["hidden_size"], nodes=record["nodes"],
         nodes_per_depth=record["nodes_per_depth"], plot_bytes=record["plot_bytes"],
         corpus_sequences=record["corpus_sequences"], corpus_tokens=record["corpus_tokens"],
@@ -19,7 +20,7 @@ def domain_to_pb(record: dict[str, Any]) -> pb.Domain:
         budget_bytes=record.get("effective_budget", 0), learn_threshold=record.get("effective_threshold", 0),
         materialized_nodes=record.get("materialized", 0), pruned_nodes=record.get("pruned", 0),
         pending_contexts=record.get("traffic_entries", 0), recent_hit_depths=record.get("recent_hit_depths", []),
-        adapt=adapt_to_pb(record.get("adapt")))
+        adapt=adapt_to_pb(record.get("adapt")), position_offsets=record.get("position_offsets", False))
 
 
 def adapt_to_pb(adapt: dict[str, Any] | None) -> pb.AdaptReport | None:

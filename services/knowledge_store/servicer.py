@@ -99,7 +99,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             return self.store.build_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
-                progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
+                position_offsets=not spec.no_position_offsets, progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
                                                                                     total=total)))
         yield from stream_progress(work, context, f"build-{spec.name}")
 

@@ -24,6 +24,7 @@ from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lowe
 from services.knowledge_store.knowledge_tree import LookupResult
 from services.knowledge_store.layout import StoreLayout, path_of
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
+from services.knowledge_store.position_offsets import apply_offsets
 from services.knowledge_store.tree_learning import (SAMPLES_PER_CONTEXT, PendingTraffic, TrafficLog, decode_traffic,
                                                     encode_traffic, merge_samples)
 
@@ -64,6 +65,12 @@ def with_defaults(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if filled["rows"] is None:
         filled["rows"] = record.get("nodes", 0)
     return {**record, **filled}
+
+
+def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
+    """Position of every packed token within its own sequence."""
+    lengths = np.diff(offsets)
+    return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -180,7 +187,7 @@ class KnowledgeStore:
 
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 2, context: int = 3,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
-                     progress: Progress | None = None) -> dict[str, Any]:
+                     position_offsets: bool = True, progress: Progress | None = None) -> dict[str, Any]:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
                                                   learn_threshold)
@@ -195,7 +202,8 @@ class KnowledgeStore:
             contents = None
             if split_layer > 0:
                 builder = self._domain_builder(existing) if existing else self._base_builder()
-                settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens)
+                settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens,
+                                         position_offsets=position_offsets)
                 contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
             if progress:
                 progress("writing", 0, 1)
@@ -222,6 +230,7 @@ class KnowledgeStore:
                     "corpus_tokens": tokens, "built_at": time.time(),
                     "generation": (record or {}).get("generation", 0) + 1,
                     "lower_model": (record or {}).get("lower_model", "base"),
+                    "position_offsets": contents is not None and contents.offsets is not None,
                 }
                 self._prune(txn, record)
                 self.layout.put_json(txn, "domains", name, record)
@@ -334,6 +343,11 @@ class KnowledgeStore:
         self.traffic.forget(record["id"])
         log.info("deleted domain %s", name)
 
+    def _offsets(self, record: dict[str, Any]) -> np.ndarray | None:
+        with self.layout.env.begin() as txn:
+            table = tree.read_offsets(self.layout, txn, record["id"])
+            return None if table is None else table.copy()
+
     def _chain(self, txn, record: dict[str, Any]) -> list[int]:
         """The domain's id, then its ancestors' (where lookups fall back)."""
         chain = [record["id"]]
@@ -362,8 +376,17 @@ class KnowledgeStore:
                 raise FailedPrecondition(f"domain {domain!r} has no PLOT yet: run `hmi domain build {domain} "
                                          f"--corpus FILE --split-layer {record['split_layer']}`")
             learning = not context and self.effective_threshold(record.get("learn_threshold", 0)) > 0
-            result = tree.lookup(self.layout, txn, self._chain(txn, record), min(context or 99, record["context"]),
-                                 record["hidden_size"], token_ids, offsets, collect=learning)
+            cap = min(context or MAX_CONTEXT, record["context"])
+            chain = self._chain(txn, record)
+            result = tree.lookup(self.layout, txn, chain, cap, record["hidden_size"], token_ids, offsets,
+                                 collect=learning)
+            if len(token_ids):   # each token gets the position offsets of the domain whose node served it
+                positions = positions_in_sequences(offsets)
+                for link, domain_id in enumerate(chain):
+                    table = tree.read_offsets(self.layout, txn, domain_id)
+                    served = result.owners == link
+                    if table is not None and served.any():
+                        result.vectors[served] = apply_offsets(result.vectors[served], table, cap, positions[served])
         self.traffic.record(record["id"], result, token_ids, offsets, learning)
         return record, result
 
@@ -450,10 +473,15 @@ class KnowledgeStore:
             return 0, 0
         sums = np.zeros((len(keys), self.dims.hidden), dtype=np.float64)
         seen = np.zeros(len(keys), dtype=np.int64)
+        table = self._offsets(record)   # node + offset[position] should give the states seen
+        shift = table[-1] if table is not None else None
         for start in range(0, len(batch), 32):
             hidden, _ = builder.lower_outputs(batch[start:start + 32], record["split_layer"])
             for row, (index, position) in enumerate(where[start:start + 32]):
-                sums[index] += hidden[row, position].double().numpy()
+                state = hidden[row, position].double().numpy()
+                if shift is not None:
+                    state = state - shift[min(position, len(shift) - 1)]
+                sums[index] += state
                 seen[index] += 1
         vectors = (sums / np.maximum(seen, 1)[:, None]).astype(np.float16)
         with self.layout.env.begin(write=True) as txn:
