@@ -24,6 +24,8 @@ import torch
 
 from services.common.adapter_format import Adapter, random_adapter, serialize_adapter
 from services.common.models import ModelDims, load_bert, load_tokenizer
+from services.knowledge_store.plot_builder import pad_batch as pad
+from services.training.tenant_training import encode as encode_texts
 
 TARGETS = ("query", "value")
 RANK = 8
@@ -48,18 +50,7 @@ def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
 
 
 def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    return [e.ids[:max_tokens - 1] + e.ids[-1:] if len(e.ids) > max_tokens else e.ids
-            for e in tokenizer.encode_batch(texts)]
-
-
-def pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, sequence in enumerate(batch):
-        ids[row, :len(sequence)] = torch.tensor(sequence)
-        mask[row, :len(sequence)] = 1
-    return ids, mask
+    return [ids.tolist() for ids in encode_texts(tokenizer, texts, max_tokens)]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
