@@ -17,7 +17,9 @@ COPY services ./services
 COPY kernels ./kernels
 COPY protos ./protos
 COPY data ./data
-RUN pip install --no-cache-dir .
+# HMI_EXTRAS=gpu adds CuPy and NVRTC: compute then runs the CUDA kernels when it finds a GPU.
+ARG HMI_EXTRAS=""
+RUN pip install --no-cache-dir ".${HMI_EXTRAS:+[$HMI_EXTRAS]}"
 
 VOLUME ["/data"]
 EXPOSE 50051 50052 50053
