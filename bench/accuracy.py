@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                            "gflops_per_token": gflops_per_token(model.dims, layers - split_layer),
                            "build_seconds": build_seconds, "train_seconds": seconds, "adapt": adapt_report}
                     results["configurations"].append(row)
+                    write_json(args.out, results)   # a run cut short keeps what it measured
                     print(f"L={split_layer} k={context}{' adapted' if adapted else ''}: accuracy {accuracy.text()} "
                           f"({row['accuracy_loss_points']:+.2f} points below full), PLOT "
                           f"{row['plot_bytes'] / 2**20:.1f} MiB, {nodes} nodes", flush=True)
@@ -175,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                 store.delete_domain(name)
         store.close()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print_table(results)
     plot_results(results, args.out.with_suffix(".png"))
     return 0
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 def gflops_per_token(dims, computed_layers: int) -> float:
