@@ -218,14 +218,14 @@ def plot_results(results: dict, path: Path) -> None:
             label = f"k = {context}{', adapted' if adapted else ''}"
             style = "--" if adapted else "-"
             left.plot([r["split_layer"] for r in rows], [r["accuracy"] for r in rows], style, marker="o", label=label)
-            right.plot([r["plot_bytes"] / 2**20 for r in rows], [r["accuracy"] for r in rows], style, marker="o",
+            right.plot([r["gflops_per_token"] for r in rows], [r["accuracy"] for r in rows], style, marker="o",
                        label=label)
     for axis in (left, right):
         axis.axhline(results["reference"]["accuracy"], color="black", linestyle="--", label="full model + LoRA")
         axis.set_ylabel("accuracy")
         axis.legend(fontsize=7)
     left.set_xlabel("split layer L")
-    right.set_xlabel("PLOT size (MiB)")
+    right.set_xlabel("compute per token (GFLOP, layers [L, N))")
     figure.suptitle(f"{Path(results['data']).name}: hPLM vs full model ({results['train_examples']} training examples)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

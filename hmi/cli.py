@@ -287,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("build", help="create or rebuild a domain's PLOT from a text file (one sequence per line)")
     p.add_argument("name")
     p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
-    p.add_argument("--split-layer", type=int, default=2, help="L: PLOT replaces layers [0, L)")
-    p.add_argument("--context", type=int, default=3, help="k: context depth of the knowledge tree")
+    p.add_argument("--split-layer", type=int, default=1,
+                   help="L: PLOT replaces layers [0, L) (default 1: the accuracy study's recommendation)")
+    p.add_argument("--context", type=int, default=1,
+                   help="k: context depth of the knowledge tree (default 1, see docs/accuracy.md; > 1 lets the "
+                        "tree grow deeper contexts from corpus and traffic)")
     p.add_argument("--min-count", type=int, default=2, help="keep deeper nodes seen at least this often")
     p.add_argument("--parent", default="", help="parent domain: lookups fall back to it, this one stores only what "
                                                 "it adds (same split layer)")
@@ -301,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("adapt", help="MLM-adapt the lower layers to a domain corpus (then build the PLOT)")
     p.add_argument("name")
     p.add_argument("--corpus", required=True, help="UTF-8 text file, one sequence per line")
-    p.add_argument("--split-layer", type=int, default=2, help="L: the lower layers [0, L) are adapted")
+    p.add_argument("--split-layer", type=int, default=1, help="L: the lower layers [0, L) are adapted")
     p.add_argument("--parent", default="", help="parent domain (same split layer)")
     p.add_argument("--steps", type=int, default=0, help="optimisation steps (0: 200)")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: 16)")

@@ -190,7 +190,7 @@ class KnowledgeStore:
                                   f"{self.dims.vocab} depth-1 rows of a root domain ({vocabulary_bytes} bytes)")
         return parent_record
 
-    def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 2, context: int = 3,
+    def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Progress | None = None) -> dict[str, Any]:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
@@ -258,7 +258,7 @@ class KnowledgeStore:
                 raise FailedPrecondition(f"domain {existing['name']!r} is the parent of {children[0]!r}, which "
                                          f"needs split layer {existing['split_layer']}")
 
-    def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 2,
+    def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1,
                      settings: AdaptSettings | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None) -> dict[str, Any]:
         """MLM-adapts the lower layers on the corpus and stores them as the domain's lower model.
