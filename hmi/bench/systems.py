@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from services.common.adapter_format import Adapter, random_adapter, serialize_adapter
+from services.common.lora_merge import merged_model
 from services.common.models import ModelDims, load_bert, load_tokenizer
 from services.knowledge_store.plot_builder import pad_batch as pad
 from services.training.tenant_training import encode as encode_texts
@@ -62,8 +63,6 @@ class NaiveSystem:
     name = "naive"
 
     def __init__(self, settings: BenchSettings, tenants: int) -> None:
-        from services.common.lora_merge import merged_model
-        self.merged_model = merged_model
         self.settings = settings
         self.dims = ModelDims.from_dir(settings.model_dir)
         self.base = load_bert(settings.model_dir)
@@ -90,7 +89,7 @@ class NaiveSystem:
         if len(self.models) >= self.capacity:
             self.models.popitem(last=False)
         adapter = tenant_adapter(self.dims, tenant, self.settings.split_layer)
-        self.models[tenant] = (self.merged_model(self.base, adapter), adapter)
+        self.models[tenant] = (merged_model(self.base, adapter), adapter)
         self.loads += 1
         return self.models[tenant]
 

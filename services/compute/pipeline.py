@@ -102,9 +102,7 @@ class Pipeline:
             for domain, future in futures.items():
                 plot_rows.update(future.result())
             prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
-            stage = getattr(self.executor, "stage", None)
-            if stage is not None:
-                stage(prepared)   # copy stage: overlaps the batch executing now
+            self.executor.stage(prepared)   # copy stage: overlaps the batch executing now
         except BaseException:
             lease.release()
             raise
