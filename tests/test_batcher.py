@@ -1,6 +1,7 @@
 """Gateway batching: bounded queue, token and tenant limits per batch (no services needed)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -24,7 +25,8 @@ class RecordingBatcher(Batcher):
         self.batches: list[list[SequenceWork]] = []
         super().__init__(*args, **kwargs)
 
-    def _dispatch(self, batch):
+    def _dispatch(self, batch, replica):
+        self.router.release(replica)
         self.batches.append(batch)
         for item in batch:
             item.future.set_result(None)
@@ -85,3 +87,31 @@ def test_router_prefers_each_tenants_home_replica_and_spills_when_it_is_full_or_
     majority = [t for t, h in homes.items() if h == 2][:3] + [t for t, h in homes.items() if h == 0][:1]
     fresh = Router(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], inflight_per_replica=4)
     assert fresh.acquire(majority) is fresh.replicas[2]
+
+
+def test_batches_grow_while_every_replica_is_busy():
+    """With the only replica's batches in flight, everything queued meanwhile leaves as one batch."""
+    router = Router(["127.0.0.1:1"], inflight_per_replica=1)
+    busy = router.acquire(["other"])
+    batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=1000, max_batch_tenants=64, max_wait_ms=1))
+    try:
+        items = [work(f"t{i}", 5) for i in range(12)]
+        for item in items:
+            batcher.submit([item])
+            time.sleep(0.01)        # far beyond max_wait: without backpressure each would go alone
+        router.release(busy)
+        for item in items:
+            item.future.result(timeout=5)
+    finally:
+        batcher.close()
+    assert [len(b) for b in batcher.batches] == [12]
+
+
+def test_router_acquire_waits_for_a_release():
+    router = Router(["127.0.0.1:1"], inflight_per_replica=1)
+    first = router.acquire()
+    assert router.try_acquire() is None
+    threading.Timer(0.2, router.release, args=(first,)).start()
+    begin = time.monotonic()
+    assert router.acquire() is first
+    assert 0.15 < time.monotonic() - begin < 2

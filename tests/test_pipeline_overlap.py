@@ -71,3 +71,35 @@ def test_fetch_of_one_batch_overlaps_execution_of_another():
     assert 0.0 < pipeline.stats.io_hidden_seconds <= pipeline.stats.io_seconds
     assert 0.0 < pipeline.stats.io_hidden_share <= 1.0
     assert pool.used_slots() == 1 and all(p == 0 for p in pool._pins), "leases must be released"
+
+
+class ConcurrentExecutor(SlowExecutor):
+    """Allows batches side by side and records how many ran at once."""
+
+    def __init__(self, intervals):
+        super().__init__(intervals)
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def run(self, prepared):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.15)
+        with self.lock:
+            self.now -= 1
+        return BatchResult(logits=[np.zeros(2, np.float32)], embeddings=None)
+
+
+def test_execution_threads_run_batches_side_by_side():
+    pool = AdapterPool(DIMS, torch.device("cpu"), slots=4, max_rank=4, host_cache_bytes=1 << 20,
+                       fetch=lambda t, v: random_adapter(DIMS, num_labels=2, rank=2, first_layer=1, seed=1))
+    executor = ConcurrentExecutor([])
+    pipeline = Pipeline(executor, pool, SlowStore([]), execution_threads=2)
+    batch = PackedBatch(np.array([1, 2, 3], np.int32), np.array([0, 3]), [SequenceSpec("t", 1, "d", 1)])
+    with ThreadPoolExecutor(4) as callers:
+        results = list(callers.map(lambda _: pipeline.run(batch, timeout=10), range(4)))
+    pipeline.close()
+    assert len(results) == 4 and executor.most == 2
+    assert 0.0 <= pipeline.stats.io_hidden_seconds <= pipeline.stats.io_seconds
+    assert pool.used_slots() == 1 and all(p == 0 for p in pool._pins), "leases must be released"

@@ -2,8 +2,9 @@
 once), copy (the batch's PLOT rows to the device in one transfer, on a side CUDA stream) and execute (one
 batch at a time on the device).
 
-Each Forward call prepares its batch in its own RPC thread while the single execution thread runs
-the batch before it; the gateway keeps several batches in flight per replica so the stages overlap.
+Each Forward call prepares its batch in its own RPC thread while the execution thread runs the batch
+before it; the gateway keeps several batches in flight per replica so the stages overlap. On a CPU,
+several execution threads (one torch thread each) may run batches side by side.
 """
 from __future__ import annotations
 
@@ -53,22 +54,26 @@ class PipelineStats:
 
 
 class BusyLog:
-    """When the execution thread was busy: enough history to tell how much of a fetch it overlapped."""
+    """When some batch was executing: enough history to tell how much of a fetch it overlapped."""
 
     def __init__(self, keep: int = 256) -> None:
         self._lock = threading.Lock()
         self._intervals: deque[tuple[float, float]] = deque(maxlen=keep)
         self._since: float | None = None
+        self._running = 0
 
     def begin(self, at: float) -> None:
         with self._lock:
-            self._since = at
+            self._running += 1
+            if self._running == 1:
+                self._since = at
 
     def end(self, at: float) -> None:
         with self._lock:
-            if self._since is not None:
+            self._running -= 1
+            if self._running == 0 and self._since is not None:
                 self._intervals.append((self._since, at))
-            self._since = None
+                self._since = None
 
     def overlap(self, start: float, end: float) -> float:
         with self._lock:
@@ -77,14 +82,18 @@ class BusyLog:
 
 
 class Pipeline:
-    def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8) -> None:
+    def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8,
+                 execution_threads: int = 1) -> None:
         self.executor = executor
         self.pool = pool
         self.store = store
         self.stats = PipelineStats()
         self._stats_lock = threading.Lock()
         self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
-        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute")
+        # One on a GPU (one stream, kernels queue anyway); on a CPU with one torch thread per batch,
+        # batches executing side by side use the cores better than one batch split across them.
+        self.execution_threads = max(1, execution_threads)
+        self._device = ThreadPoolExecutor(max_workers=self.execution_threads, thread_name_prefix="execute")
         self._last_report = time.monotonic()
         self._busy = BusyLog()
 

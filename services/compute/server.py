@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=env_int("HMI_COMPUTE_MAX_BATCH_TOKENS", 16384))
     parser.add_argument("--threads", type=int, default=env_int("HMI_TORCH_THREADS", 0),
                         help="torch CPU threads; 0 = torch's default [HMI_TORCH_THREADS]")
+    parser.add_argument("--execution-threads", type=int, default=env_int("HMI_EXECUTION_THREADS", 0),
+                        help="batches executing at once; 0 = 1 on a GPU, on a CPU as many as it has cores "
+                             "over torch threads [HMI_EXECUTION_THREADS]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
 
 
@@ -29,6 +32,17 @@ def pick_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def execution_threads(requested: int, device) -> int:
+    import os
+
+    import torch
+    if requested > 0:
+        return requested
+    if device.type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // torch.get_num_threads())
 
 
 def main(args: argparse.Namespace) -> None:
@@ -56,13 +70,15 @@ def main(args: argparse.Namespace) -> None:
                        host_cache_bytes=args.host_cache_mib << 20,
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
-    pipeline = Pipeline(Executor(model, pool), pool, store)
+    pipeline = Pipeline(Executor(model, pool), pool, store,
+                        execution_threads=execution_threads(args.execution_threads, device))
     servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model))
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
                            ["hmi.v1.Compute"], metrics_port=args.metrics_port)
     running.set_serving(True)
-    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, store %s)", args.listen,
-             model_dir, device, args.adapter_slots, args.max_rank, args.store)
+    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %d execution thread(s) of "
+             "%d torch thread(s), store %s)", args.listen, model_dir, device, args.adapter_slots, args.max_rank,
+             pipeline.execution_threads, torch.get_num_threads(), args.store)
 
     def stop():
         pipeline.close()

@@ -1,5 +1,7 @@
-"""Dynamic batching across tenants: sequences wait at most `max_wait` for company, a batch holds at
-most `max_batch_tokens` tokens and `max_batch_tenants` distinct adapters, and the queue is bounded."""
+"""Dynamic batching across tenants: sequences wait at most `max_wait` for company, longer only while
+every compute replica already has its batches in flight (then the batch grows until one has room), a
+batch holds at most `max_batch_tokens` tokens and `max_batch_tenants` distinct adapters, and the queue
+is bounded."""
 from __future__ import annotations
 
 import logging
@@ -48,6 +50,23 @@ class BatcherSettings:
     max_queue: int = 4096
 
 
+@dataclass
+class _Forming:
+    """A batch being formed: its items, token count and tenants, and whether a limit closed it."""
+    items: list[SequenceWork]
+    tokens: int = 0
+    tenants: set[str] = field(default_factory=set)
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens = sum(len(item.token_ids) for item in self.items)
+        self.tenants = {item.route.tenant_id for item in self.items}
+
+    @property
+    def tenant_ids(self) -> list[str]:
+        return list(self.tenants)
+
+
 class Batcher:
     def __init__(self, router: Router, settings: BatcherSettings) -> None:
         self.router = router
@@ -87,26 +106,43 @@ class Batcher:
             first = self._take(0.1)
             if first is None:
                 continue
-            batch, tokens, tenants = [first], len(first.token_ids), {first.route.tenant_id}
+            batch = _Forming([first])
             closes = time.monotonic() + self.settings.max_wait_ms / 1e3
-            while tokens < self.settings.max_batch_tokens:
+            while not batch.full:
                 item = self._take(max(0.0, closes - time.monotonic()))
                 if item is None:
                     break
-                new_tenant = item.route.tenant_id not in tenants
-                if (tokens + len(item.token_ids) > self.settings.max_batch_tokens
-                        or (new_tenant and len(tenants) >= self.settings.max_batch_tenants)):
-                    self._carry = item
-                    break
-                batch.append(item)
-                tokens += len(item.token_ids)
-                tenants.add(item.route.tenant_id)
-            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if batch:
-                self._dispatch(batch)
+                self._add(batch, item)
+            # While every replica is busy the batch keeps growing: under load batches get as big as the
+            # replicas can absorb, instead of queueing many small ones (per-batch work is paid once).
+            replica = self.router.try_acquire(batch.tenant_ids)
+            while replica is None and not batch.full and not self._stop.is_set():
+                item = self._take(0.001)
+                if item is not None:
+                    self._add(batch, item)
+                replica = self.router.try_acquire(batch.tenant_ids)
+            if replica is None:
+                replica = self.router.acquire(batch.tenant_ids)
+            items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
+            if items:
+                self._dispatch(items, replica)
+            else:
+                self.router.release(replica)
 
-    def _dispatch(self, batch: list[SequenceWork]) -> None:
-        replica = self.router.acquire([item.route.tenant_id for item in batch])
+    def _add(self, batch: "_Forming", item: SequenceWork) -> None:
+        """Adds the item, or carries it over to the next batch (and closes this one) when a limit says no."""
+        new_tenant = item.route.tenant_id not in batch.tenants
+        if (batch.tokens + len(item.token_ids) > self.settings.max_batch_tokens
+                or (new_tenant and len(batch.tenants) >= self.settings.max_batch_tenants)):
+            self._carry = item
+            batch.full = True
+            return
+        batch.items.append(item)
+        batch.tokens += len(item.token_ids)
+        batch.tenants.add(item.route.tenant_id)
+        batch.full = batch.tokens >= self.settings.max_batch_tokens
+
+    def _dispatch(self, batch: list[SequenceWork], replica) -> None:
         lengths = [len(item.token_ids) for item in batch]
         request = pb.ForwardRequest(
             token_ids=encode_tensor(np.concatenate([item.token_ids for item in batch])),

@@ -30,35 +30,46 @@ class Router:
         self.down_seconds = down_seconds
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
 
     def home(self, tenant_id: str) -> int:
         """The tenant's home replica: the highest hash of (tenant, replica); stable when replicas come and go."""
         return max(range(len(self.replicas)), key=lambda i: _score(tenant_id, self.replicas[i].address))
 
     def acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica:
-        """Blocks until some replica has room for one more batch; prefers replicas not marked down, then the
-        home of most of the batch's tenants, then the one with the fewest batches in flight."""
+        """Blocks until some replica has room for one more batch (see try_acquire for the choice)."""
+        with self._room:
+            while (replica := self._pick(tenant_ids)) is None:
+                self._room.wait(0.1)   # woken by release; the timeout re-checks replicas marked down
+            return replica
+
+    def try_acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica | None:
+        """A replica with room, or None when all are full: prefers replicas not marked down, then the home
+        of most of the batch's tenants, then the one with the fewest batches in flight."""
+        with self._lock:
+            return self._pick(tenant_ids)
+
+    def _pick(self, tenant_ids) -> Replica | None:
         votes = [0] * len(self.replicas)
         if len(self.replicas) > 1:
             for tenant_id in set(tenant_ids):
                 votes[self.home(tenant_id)] += 1
-        while True:
-            with self._lock:
-                order = [next(self._cycle) for _ in self.replicas]
-                now = time.monotonic()
-                healthy = [i for i in order if self.replicas[i].down_until <= now] or order
-                for index in sorted(healthy, key=lambda i: (-votes[i], self.replicas[i].inflight)):
-                    replica = self.replicas[index]
-                    if replica.inflight < replica.capacity:
-                        replica.inflight += 1
-                        return replica
-            time.sleep(0.001)
+        order = [next(self._cycle) for _ in self.replicas]
+        now = time.monotonic()
+        healthy = [i for i in order if self.replicas[i].down_until <= now] or order
+        for index in sorted(healthy, key=lambda i: (-votes[i], self.replicas[i].inflight)):
+            replica = self.replicas[index]
+            if replica.inflight < replica.capacity:
+                replica.inflight += 1
+                return replica
+        return None
 
     def release(self, replica: Replica, failed: bool = False) -> None:
         with self._lock:
             if failed:
                 replica.down_until = time.monotonic() + self.down_seconds
             replica.inflight -= 1
+            self._room.notify()
 
 
 def _score(tenant_id: str, address: str) -> int:

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences waiting before RESOURCE_EXHAUSTED [HMI_MAX_QUEUE]")
     parser.add_argument("--max-sequence-tokens", type=int, default=env_int("HMI_MAX_SEQUENCE_TOKENS", 256))
     parser.add_argument("--max-texts", type=int, default=env_int("HMI_MAX_TEXTS", 256), help="texts per request")
-    parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 2),
-                        help="batches in flight per compute replica: 2 = one preparing while one executes")
+    parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 3),
+                        help="batches in flight per compute replica: enough that one prepares while the replica's "
+                             "execution threads run theirs [HMI_INFLIGHT_PER_COMPUTE]")
     parser.add_argument("--tenant-cache-ttl", type=float, default=env_float("HMI_TENANT_CACHE_TTL", 2.0))
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_GATEWAY_METRICS_PORT", 0))
 
