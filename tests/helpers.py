@@ -26,3 +26,20 @@ def retry_until_served(call, *args, timeout: float = 20.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def tiny_decoder(family: str, folder, vocab: int = 1000):
+    """A random-weight GPT-2 or Llama (grouped-query attention: 4 heads over 2 key/value heads), 4 layers."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=128,
+                                           bos_token_id=1, eos_token_id=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                             tie_word_embeddings=True))
+    model.save_pretrained(folder)
+    return folder

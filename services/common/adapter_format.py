@@ -24,19 +24,25 @@ from services.common.errors import InvalidArgument
 from services.common.models import ModelDims
 
 FORMAT = "hmi-lora-v1"
-TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")   # ffn_gate: Llama only
 DEFAULT_TARGETS = ("query", "value")
 MAX_RANK = 256
 _NAME = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.lora_([AB])$")
 
 
 def target_shape(target: str, dims: ModelDims) -> tuple[int, int]:
-    """(in_features, out_features) of the projection a target names."""
-    if target == "ffn_in":
+    """(in_features, out_features) of the projection a target names (GPT-2: slices of the fused c_attn;
+    Llama: q/k/v/o_proj, up_proj = ffn_in, gate_proj = ffn_gate, down_proj = ffn_out)."""
+    attention = dims.heads * dims.head_dim
+    if target in ("ffn_in", "ffn_gate"):
         return dims.hidden, dims.intermediate
     if target == "ffn_out":
         return dims.intermediate, dims.hidden
-    return dims.hidden, dims.hidden
+    if target == "query":
+        return dims.hidden, attention
+    if target in ("key", "value"):
+        return dims.hidden, dims.kv_heads * dims.head_dim
+    return attention, dims.hidden
 
 
 @dataclass
@@ -106,6 +112,10 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
             raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
         return tensor.contiguous()
 
+    if dims.is_decoder and "head.weight" not in tensors and "head.bias" not in tensors and not num_labels:
+        # Generative tenants use the base model's LM head: no head of their own.
+        tensors["head.weight"], tensors["head.bias"] = torch.zeros(0, dims.hidden), torch.zeros(0)
+        num_labels = 0
     if "head.weight" not in tensors or "head.bias" not in tensors:
         raise InvalidArgument("adapter has no classification head (head.weight and head.bias)")
     head_weight = as_float("head.weight", tensors.pop("head.weight"))
@@ -127,6 +137,8 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         layer, target, which = int(match[1]), match[2], match[3]
         if target not in TARGETS:
             raise InvalidArgument(f"unknown LoRA target {target!r} in {name}; targets are {', '.join(TARGETS)}")
+        if target == "ffn_gate" and dims.family != "llama":
+            raise InvalidArgument(f"{name}: ffn_gate (the gated MLP's gate_proj) exists in Llama models only")
         if not min_layer <= layer < dims.layers:
             raise InvalidArgument(f"{name}: layer {layer} is outside the served layers [{min_layer}, {dims.layers})"
                                   f" (layers below the domain's split layer come from PLOT)")
@@ -157,8 +169,9 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
 def serialize_adapter(adapter: Adapter) -> bytes:
     tensors = {f"layers.{layer}.{target}.lora_{which}": tensor.contiguous()
                for (layer, target), pair in adapter.lora.items() for which, tensor in zip("AB", pair)}
-    tensors["head.weight"] = adapter.head_weight.contiguous()
-    tensors["head.bias"] = adapter.head_bias.contiguous()
+    if adapter.num_labels:      # generative tenants have none: they use the base model's LM head
+        tensors["head.weight"] = adapter.head_weight.contiguous()
+        tensors["head.bias"] = adapter.head_bias.contiguous()
     meta = {"format": FORMAT, "rank": str(adapter.rank), "alpha": str(adapter.alpha)}
     return save_safetensors(tensors, metadata=meta)
 

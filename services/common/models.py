@@ -40,25 +40,58 @@ def model_name(name_or_path: str) -> str:
     return name_or_path if name_or_path in KNOWN_MODELS else Path(name_or_path).name
 
 
+ENCODER_FAMILIES = ("bert",)
+DECODER_FAMILIES = ("gpt2", "llama")
+
+
 @dataclass(frozen=True)
 class ModelDims:
-    family: str
+    family: str                     # "bert" (encoder), "gpt2" or "llama" (decoders), from config.model_type
     hidden: int
     intermediate: int
     layers: int
     heads: int
     vocab: int
     max_positions: int
+    kv_heads: int = 0               # key/value heads (grouped-query attention); 0 = heads
+    head_dim: int = 0               # 0 = hidden // heads
+
+    def __post_init__(self) -> None:
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family in DECODER_FAMILIES
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelDims":
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-        if config.model_type not in ("bert",):
-            raise InvalidArgument(f"model type {config.model_type!r} is not supported yet (BERT family only)")
-        return cls(family="bert", hidden=config.hidden_size, intermediate=config.intermediate_size,
-                   layers=config.num_hidden_layers, heads=config.num_attention_heads,
-                   vocab=config.vocab_size, max_positions=config.max_position_embeddings)
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelDims":
+        kind = config.model_type
+        if kind == "bert":
+            return cls(family="bert", hidden=config.hidden_size, intermediate=config.intermediate_size,
+                       layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                       vocab=config.vocab_size, max_positions=config.max_position_embeddings)
+        if kind == "gpt2":
+            return cls(family="gpt2", hidden=config.n_embd, intermediate=config.n_inner or 4 * config.n_embd,
+                       layers=config.n_layer, heads=config.n_head, vocab=config.vocab_size,
+                       max_positions=config.n_positions)
+        if kind == "llama":
+            heads = config.num_attention_heads
+            return cls(family="llama", hidden=config.hidden_size, intermediate=config.intermediate_size,
+                       layers=config.num_hidden_layers, heads=heads, vocab=config.vocab_size,
+                       max_positions=config.max_position_embeddings,
+                       kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
+        raise InvalidArgument(f"model type {kind!r} is not supported: HMI serves the BERT family (encoders) and "
+                              f"the GPT-2 and Llama families (decoders)")
 
 
 def load_bert(model_dir: Path):
@@ -69,6 +102,18 @@ def load_bert(model_dir: Path):
     transformers_logging.disable_progress_bar()
     model = BertModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False,
                                       attn_implementation="eager")
+    return model.eval()
+
+
+def load_causal_lm(model_dir: Path):
+    """Plain transformers GPT-2 or Llama causal LM in eval mode, fp32, eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager",
+                                                 dtype=torch.float32)
     return model.eval()
 
 

@@ -1,0 +1,201 @@
+"""A decoder base model's upper layers (GPT-2 or Llama family) over the packed new tokens of many
+sequences, each with its own KV cache: one step of continuous batching.
+
+A step mixes sequences in prefill (the whole prompt at once) with sequences decoding one token; every
+projection runs once over all new tokens with the shared weights, each tenant's LoRA is added by
+segment, and attention runs per sequence over its cache. Sequences are ordered by entry layer (their
+domain's split layer), so the tokens active at layer i are a prefix, as in the encoder.
+
+Positions: GPT-2 adds learned position embeddings to the input (so PLOT vectors carry them, and the
+store's position offsets apply as for BERT); Llama has none in the residual stream and rotates queries
+and keys by their true positions inside every upper layer, so a PLOT vector needs no position at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from kernels.lora import Segments, sgmv
+from services.common.models import ModelDims, load_causal_lm
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one sequence for the layers it runs, [kv_heads, capacity, head_dim] each,
+    preallocated for its whole budget (prompt + max new tokens) so a step never allocates."""
+    first_layer: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class StepInputs:
+    """Per-step structure shared by every layer."""
+    hidden: torch.Tensor                 # [tokens, H]: the new tokens' inputs at their entry layers
+    seq_bounds: list[int]                # n+1 offsets of each sequence's new tokens, in execution order
+    entry_layers: list[int]              # per sequence, non-decreasing
+    caches: list[KVCache]                # per sequence; length = tokens already cached
+    segments: Segments
+    positions: torch.Tensor = field(default=None)   # [tokens] absolute positions, set by the model
+    slot_ranks: torch.Tensor | None = None
+
+
+def cache_bytes_per_token(dims: ModelDims, layers: int, dtype: torch.dtype = torch.float32) -> int:
+    return 2 * layers * dims.kv_heads * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class DecoderModel:
+    def __init__(self, model_dir: Path, device: torch.device) -> None:
+        self.dims = ModelDims.from_dir(model_dir)
+        if not self.dims.is_decoder:
+            raise ValueError(f"{model_dir} is a {self.dims.family} model, not a decoder")
+        self.model = load_causal_lm(model_dir).to(device)
+        self.device = device
+        config = self.model.config
+        self.family = self.dims.family
+        self.base = self.model.transformer if self.family == "gpt2" else self.model.model
+        self.blocks = self.base.h if self.family == "gpt2" else self.base.layers
+        self.act = ACT2FN[config.activation_function if self.family == "gpt2" else config.hidden_act]
+        self.group = self.dims.heads // self.dims.kv_heads
+        self.scaling = self.dims.head_dim ** -0.5
+        if self.family == "gpt2":
+            if config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn or not config.scale_attn_weights:
+                raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or "
+                                 "unscaled attention are not supported")
+
+    # ---- inputs and outputs ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer-0 input of packed tokens (GPT-2: token + position embedding; Llama: token embedding)."""
+        if self.family == "gpt2":
+            return self.base.wte(token_ids) + self.base.wpe(positions)
+        return self.base.embed_tokens(token_ids)
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from each sequence's last hidden state (final norm, then the LM head)."""
+        norm = self.base.ln_f if self.family == "gpt2" else self.base.norm
+        return self.model.lm_head(norm(last_hidden))
+
+    def new_cache(self, first_layer: int, capacity: int) -> KVCache:
+        shape = (self.dims.kv_heads, capacity, self.dims.head_dim)
+        layers = range(first_layer, self.dims.layers)
+        return KVCache(first_layer, [torch.empty(shape, device=self.device) for _ in layers],
+                       [torch.empty(shape, device=self.device) for _ in layers])
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def run(self, inputs: StepInputs, lora_a: dict, lora_b: dict) -> torch.Tensor:
+        """Hidden states after the last layer for every new token; appends the new keys/values to the caches."""
+        bounds = inputs.seq_bounds
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        inputs.positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(inputs.caches, lengths)]
+                                     ).to(self.device)
+        hidden = inputs.hidden
+        for index, block in enumerate(self.blocks):
+            active_seqs = sum(1 for entry in inputs.entry_layers if entry <= index)
+            if active_seqs == 0:
+                continue
+            active = bounds[active_seqs]
+            segments = inputs.segments.within(active)
+            step = _LayerStep(self, index, segments, lora_a, lora_b, inputs.slot_ranks)
+            caches = inputs.caches[:active_seqs]
+            updated = self._block(step, block, hidden[:active], bounds[:active_seqs + 1], caches,
+                                  inputs.positions[:active])
+            hidden = updated if active == len(hidden) else torch.cat([updated, hidden[active:]])
+        for cache, n in zip(inputs.caches, lengths):
+            cache.length += n
+        return hidden
+
+    def _block(self, step: "_LayerStep", block, x, bounds, caches, positions) -> torch.Tensor:
+        if self.family == "gpt2":
+            h = block.ln_1(x)
+            fused = F.linear(h, block.attn.c_attn.weight.T, block.attn.c_attn.bias)   # Conv1D: x @ W + b
+            q, k, v = (piece.contiguous() for piece in fused.split(self.dims.hidden, dim=-1))
+            step.lora(q, h, "query")
+            step.lora(k, h, "key")
+            step.lora(v, h, "value")
+            context = self._attention(step.index, q, k, v, bounds, caches)
+            out = step.lora(F.linear(context, block.attn.c_proj.weight.T, block.attn.c_proj.bias), context,
+                            "attn_out")
+            x = x + out
+            h = block.ln_2(x)
+            inter = self.act(step.lora(F.linear(h, block.mlp.c_fc.weight.T, block.mlp.c_fc.bias), h, "ffn_in"))
+            return x + step.lora(F.linear(inter, block.mlp.c_proj.weight.T, block.mlp.c_proj.bias), inter,
+                                 "ffn_out")
+        attention, mlp = block.self_attn, block.mlp
+        h = block.input_layernorm(x)
+        q = step.project(h, attention.q_proj, "query")
+        k = step.project(h, attention.k_proj, "key")
+        v = step.project(h, attention.v_proj, "value")
+        q, k = self._rotate(q, k, positions)
+        context = self._attention(step.index, q, k, v, bounds, caches)
+        x = x + step.project(context, attention.o_proj, "attn_out")
+        h = block.post_attention_layernorm(x)
+        inter = self.act(step.project(h, mlp.gate_proj, "ffn_gate")) * step.project(h, mlp.up_proj, "ffn_in")
+        return x + step.project(inter, mlp.down_proj, "ffn_out")
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        cos, sin = self.base.rotary_emb(q, positions[None])
+        d = self.dims.head_dim
+        q4, k4 = q.view(1, -1, self.dims.heads, d).transpose(1, 2), k.view(1, -1, self.dims.kv_heads, d).transpose(1, 2)
+        q4, k4 = apply_rotary_pos_emb(q4, k4, cos, sin)
+        return q4.transpose(1, 2).reshape(q.shape), k4.transpose(1, 2).reshape(k.shape)
+
+    def _attention(self, layer: int, q, k, v, bounds: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Each sequence's new queries over its cached and new keys, causal; writes the new keys/values."""
+        d, heads, kv_heads = self.dims.head_dim, self.dims.heads, self.dims.kv_heads
+        out = torch.empty_like(q)
+        for j, cache in enumerate(caches):
+            start, end = bounds[j], bounds[j + 1]
+            n, past = end - start, cache.length
+            if past + n > cache.capacity:
+                raise ValueError(f"KV cache overflow: {past + n} tokens > capacity {cache.capacity}")
+            slot = layer - cache.first_layer
+            cache.keys[slot][:, past:past + n] = k[start:end].view(n, kv_heads, d).transpose(0, 1)
+            cache.values[slot][:, past:past + n] = v[start:end].view(n, kv_heads, d).transpose(0, 1)
+            keys = cache.keys[slot][:, :past + n]
+            values = cache.values[slot][:, :past + n]
+            if self.group > 1:
+                keys = keys.repeat_interleave(self.group, dim=0)
+                values = values.repeat_interleave(self.group, dim=0)
+            query = q[start:end].view(n, heads, d).transpose(0, 1)
+            scores = (query @ keys.transpose(1, 2)) * self.scaling                      # [heads, n, past+n]
+            causal = torch.arange(past + n, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1)
+            out[start:end] = (weights @ values).transpose(0, 1).reshape(n, heads * d)
+        return out
+
+
+@dataclass
+class _LayerStep:
+    """What every projection of one layer needs to add its tenants' LoRA."""
+    model: DecoderModel
+    index: int
+    segments: Segments
+    lora_a: dict
+    lora_b: dict
+    slot_ranks: torch.Tensor | None
+
+    def lora(self, out: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
+        key = (self.index, target)
+        if key in self.lora_a:
+            sgmv(out, x, self.segments, self.lora_a[key], self.lora_b[key], self.slot_ranks)
+        return out
+
+    def project(self, x: torch.Tensor, linear, target: str) -> torch.Tensor:
+        return self.lora(F.linear(x, linear.weight, linear.bias), x, target)

@@ -1,0 +1,316 @@
+"""Continuous batching for generative tenants: one engine thread runs decoder steps over every running
+sequence; new requests join and finished or cancelled ones leave between steps (token granularity).
+
+KV memory has a budget: a request is admitted when its whole cache (prompt + max new tokens) fits, so
+a running sequence never runs out; otherwise it waits, and past `max_waiting` submit refuses it
+(RESOURCE_EXHAUSTED). Each request samples with its own seeded generator, so the same seed gives the
+same text whatever else shares its steps.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kernels.lora import find_segments
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.compute.adapter_pool import AdapterPool
+from services.compute.decoder_model import DecoderModel, KVCache, StepInputs, cache_bytes_per_token
+
+log = logging.getLogger("hmi.compute.generation")
+
+# (domain, token windows, first position of each window) -> layer-L rows (fp16) of every window token
+PlotLookup = Callable[[str, list[np.ndarray], list[int]], list[np.ndarray]]
+PLOT_WINDOW = 16   # tokens of left context sent with a generated token's lookup (the store's deepest context)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    tenant_id: str
+    adapter_version: int
+    domain: str
+    split_layer: int
+    prompt: np.ndarray                # int token ids
+    params: SamplingParams
+
+
+@dataclass
+class StreamEvent:
+    token_id: int | None = None
+    finish_reason: str | None = None  # "length", "stop", "cancelled"
+    error: BaseException | None = None
+
+
+class TokenStream:
+    """The caller's side: token ids as they are produced, then the finish reason (or the error)."""
+
+    def __init__(self) -> None:
+        self._events: queue.Queue[StreamEvent] = queue.Queue()
+        self._cancelled = threading.Event()
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.submitted_at = time.monotonic()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            event = self._events.get()
+            if event.error is not None:
+                raise event.error
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+                return
+            yield event.token_id
+
+    def cancel(self) -> None:
+        """Stops generation at the next step and frees the sequence's KV cache (a client went away)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _put(self, event: StreamEvent) -> None:
+        if event.token_id is not None and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self._events.put(event)
+
+
+@dataclass(eq=False)   # identity: the engine finds a sequence in its lists by object
+class _Sequence:
+    request: GenerationRequest
+    stream: TokenStream
+    kv_bytes: int
+    cache: KVCache | None = None
+    tokens: list[int] = field(default_factory=list)      # prompt + generated
+    pending: list[int] = field(default_factory=list)     # fed at the next step
+    generated: int = 0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_bytes_used: int = 0
+    kv_budget_bytes: int = 0
+
+
+class GenerationEngine:
+    def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
+                 max_waiting: int = 256, max_running: int = 64) -> None:
+        self.model = model
+        self.pool = pool
+        self.plot = plot
+        self.kv_budget_bytes = kv_budget_bytes
+        self.max_waiting = max_waiting
+        self.max_running = max_running
+        self.stats = EngineStats(kv_budget_bytes=kv_budget_bytes)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._kv_used = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="generate", daemon=True)
+        self._thread.start()
+
+    # ---- public ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        dims = self.model.dims
+        params = request.params
+        length = len(request.prompt) + params.max_new_tokens
+        if not len(request.prompt):
+            raise InvalidArgument("the prompt is empty")
+        if length > dims.max_positions:
+            raise InvalidArgument(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                                  f"exceeds the model's {dims.max_positions} positions")
+        if not 0 <= request.split_layer < dims.layers:
+            raise InvalidArgument(f"split layer {request.split_layer} is outside [0, {dims.layers})")
+        if request.split_layer > 0 and self.plot is None:
+            raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
+        kv_bytes = length * cache_bytes_per_token(dims, dims.layers - request.split_layer)
+        if kv_bytes > self.kv_budget_bytes:
+            raise ResourceExhausted(f"this request needs {kv_bytes >> 20} MiB of KV cache, more than compute's whole "
+                                    f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
+        sequence = _Sequence(request, TokenStream(), kv_bytes, tokens=[int(t) for t in request.prompt],
+                             pending=[int(t) for t in request.prompt])
+        sequence.generator = torch.Generator().manual_seed(params.seed)
+        with self._cond:
+            if self._stop:
+                raise FailedPrecondition("the generation engine is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise ResourceExhausted(f"{len(self._waiting)} generation requests are already waiting for KV "
+                                        f"cache; back off and retry")
+            self._waiting.append(sequence)
+            self._cond.notify()
+        return sequence.stream
+
+    def snapshot(self) -> EngineStats:
+        with self._cond:
+            self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+            self.stats.kv_bytes_used = self._kv_used
+            return EngineStats(**vars(self.stats))
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._running and not self._waiting:
+                    self._cond.wait()
+                if self._stop:
+                    for sequence in list(self._running) + list(self._waiting):
+                        sequence.stream._put(StreamEvent(error=FailedPrecondition("compute is shutting down")))
+                    return
+                self._drop_cancelled()
+                self._admit()
+                running = list(self._running)
+            if not running:
+                time.sleep(0.005)   # waiting requests only: a cancelled one freed nothing yet
+                continue
+            try:
+                self._step(running)
+            except Exception as error:  # noqa: BLE001 - the step's sequences fail, the engine goes on
+                log.exception("generation step of %d sequences failed", len(running))
+                with self._cond:
+                    for sequence in running:
+                        sequence.stream._put(StreamEvent(error=error))
+                        self._finish(sequence)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._running if s.stream.cancelled]:
+            sequence.stream._put(StreamEvent(finish_reason="cancelled"))
+            self._finish(sequence)
+        kept = [s for s in self._waiting if not s.stream.cancelled]
+        for sequence in self._waiting:
+            if sequence.stream.cancelled:
+                sequence.stream._put(StreamEvent(finish_reason="cancelled"))
+        self._waiting = deque(kept)
+
+    def _admit(self) -> None:
+        """First come, first served: the head of the queue waits for room rather than being overtaken."""
+        while self._waiting and len(self._running) < self.max_running:
+            sequence = self._waiting[0]
+            if self._kv_used + sequence.kv_bytes > self.kv_budget_bytes:
+                return
+            self._waiting.popleft()
+            request = sequence.request
+            sequence.cache = self.model.new_cache(request.split_layer,
+                                                  len(request.prompt) + request.params.max_new_tokens)
+            self._kv_used += sequence.kv_bytes
+            self._running.append(sequence)
+
+    def _finish(self, sequence: _Sequence) -> None:
+        if sequence in self._running:
+            self._running.remove(sequence)
+            self._kv_used -= sequence.kv_bytes
+            sequence.cache = None
+
+    @torch.inference_mode()
+    def _step(self, running: list[_Sequence]) -> None:
+        lease = self.pool.acquire([(s.request.tenant_id, s.request.adapter_version) for s in running])
+        try:
+            order = sorted(running, key=lambda s: (s.request.split_layer,
+                                                   lease.slots[(s.request.tenant_id, s.request.adapter_version)]))
+            hidden, bounds = self._inputs(order)
+            slots = [lease.slots[(s.request.tenant_id, s.request.adapter_version)] for s in order]
+            per_token = [slot for slot, s in zip(slots, order) for _ in s.pending]
+            inputs = StepInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[s.request.split_layer for s in order],
+                                caches=[s.cache for s in order], segments=find_segments(per_token, bounds))
+            out = self.model.run(inputs, self.pool.lora_a, self.pool.lora_b)
+            last = torch.tensor([end - 1 for end in bounds[1:]], device=out.device)
+            logits = self.model.logits(out[last]).float().cpu()
+        finally:
+            lease.release()
+        with self._cond:
+            self.stats.steps += 1
+            self.stats.prompt_tokens += sum(len(s.pending) for s in order if s.generated == 0)
+            for j, sequence in enumerate(order):
+                token = sample(logits[j], sequence.request.params, sequence.generator)
+                sequence.generated += 1
+                sequence.tokens.append(token)
+                sequence.pending = [token]
+                self.stats.tokens_generated += 1
+                sequence.stream._put(StreamEvent(token_id=token))
+                params = sequence.request.params
+                reason = ("stop" if token in params.stop_token_ids
+                          else "length" if sequence.generated >= params.max_new_tokens else None)
+                if reason is not None:
+                    sequence.stream._put(StreamEvent(finish_reason=reason))
+                    self._finish(sequence)
+
+    def _inputs(self, order: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
+        """Every sequence's new tokens at its entry layer: embeddings at split layer 0, PLOT rows above."""
+        lengths = [len(s.pending) for s in order]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tolist()
+        hidden = torch.empty(bounds[-1], self.model.dims.hidden, device=self.model.device)
+        embed = [j for j, s in enumerate(order) if s.request.split_layer == 0]
+        if embed:
+            ids = torch.tensor([t for j in embed for t in order[j].pending], device=self.model.device)
+            positions = torch.tensor([order[j].cache.length + i for j in embed for i in range(lengths[j])],
+                                     device=self.model.device)
+            rows = self.model.embed(ids, positions)
+            cursor = 0
+            for j in embed:
+                hidden[bounds[j]:bounds[j + 1]] = rows[cursor:cursor + lengths[j]]
+                cursor += lengths[j]
+        by_domain: dict[str, list[int]] = {}
+        for j, sequence in enumerate(order):
+            if sequence.request.split_layer > 0:
+                by_domain.setdefault(sequence.request.domain, []).append(j)
+        for domain, members in by_domain.items():
+            windows, firsts = [], []
+            for j in members:
+                sequence = order[j]
+                start = max(0, len(sequence.tokens) - lengths[j] - (PLOT_WINDOW - 1))
+                windows.append(np.asarray(sequence.tokens[start:], dtype=np.int32))
+                firsts.append(start)
+            rows = self.plot(domain, windows, firsts)
+            for j, window_rows in zip(members, rows):
+                new = torch.from_numpy(np.ascontiguousarray(window_rows[-lengths[j]:])).to(self.model.device)
+                hidden[bounds[j]:bounds[j + 1]] = new.float()
+        return hidden, bounds
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), drawn with the request's
+    own generator."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits.double() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, index = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p   # keep the smallest set reaching top_p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, index, drop), float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))

@@ -1,0 +1,137 @@
+"""Continuous batching of generative tenants against transformers' own generate (LoRA merged), in process:
+tiny random-weight GPT-2 and Llama (grouped-query attention) built here, split layer 0."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.adapter_format import random_adapter
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.lora_merge import merged_model
+from services.common.models import ModelDims, load_causal_lm
+from services.compute.adapter_pool import AdapterPool
+from services.compute.decoder_model import DecoderModel, cache_bytes_per_token
+from services.compute.generation import GenerationEngine, GenerationRequest, SamplingParams, sample
+
+TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+           "llama": ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def decoder_dir(request, tmp_path_factory):
+    from tests.helpers import tiny_decoder
+    return tiny_decoder(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def make_engine(model_dir, adapters, kv_budget=64 << 20, **kwargs):
+    model = DecoderModel(model_dir, torch.device("cpu"))
+    pool = AdapterPool(model.dims, torch.device("cpu"), slots=8, max_rank=8, host_cache_bytes=64 << 20,
+                       fetch=lambda tenant, version: adapters[tenant])
+    return GenerationEngine(model, pool, None, kv_budget_bytes=kv_budget, **kwargs)
+
+
+def tenant_adapters(dims: ModelDims, count: int) -> dict:
+    return {f"t{i}": random_adapter(dims, num_labels=0, rank=4, first_layer=0, targets=TARGETS[dims.family],
+                                    seed=i + 1) for i in range(count)}
+
+
+def request(tenant: str, prompt, **params) -> GenerationRequest:
+    return GenerationRequest(tenant, 1, "", 0, np.asarray(prompt), SamplingParams(**params))
+
+
+def reference_greedy(model_dir, adapter, prompt, new_tokens: int) -> list[int]:
+    model = merged_model(load_causal_lm(model_dir), adapter)
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         min_new_tokens=new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_mixed_tenants_joining_at_different_steps_match_transformers_generate(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, dims.vocab, size=n).tolist() for n in (5, 9, 3, 7)]
+    tenants = ["t0", "t1", "t2", "t0"]
+    new_tokens = [12, 6, 10, 8]
+    # Two run at once: the third and fourth join (prefill) when others finish, beside one still decoding.
+    engine = make_engine(decoder_dir, adapters, max_running=2)
+    try:
+        streams = [engine.submit(request(tenant, prompt, max_new_tokens=count))
+                   for tenant, prompt, count in zip(tenants, prompts, new_tokens)]
+        produced = [list(stream) for stream in streams]
+        stats = engine.snapshot()
+    finally:
+        engine.close()
+    for tenant, prompt, count, tokens, stream in zip(tenants, prompts, new_tokens, produced, streams):
+        assert tokens == reference_greedy(decoder_dir, adapters[tenant], prompt, count)
+        assert stream.finish_reason == "length"
+    assert stats.kv_bytes_used == 0 and stats.running == 0
+    assert stats.steps < sum(new_tokens) - 12, "sequences must share steps"
+
+
+def test_same_seed_same_tokens_and_sampling_limits(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    engine = make_engine(decoder_dir, tenant_adapters(dims, 1))
+    try:
+        params = dict(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9)
+        first = list(engine.submit(request("t0", [5, 6, 7], seed=7, **params)))
+        again = list(engine.submit(request("t0", [5, 6, 7], seed=7, **params)))
+        other = [list(engine.submit(request("t0", [5, 6, 7], seed=s, **params))) for s in (8, 9, 10)]
+        assert first == again
+        assert any(o != first for o in other), "different seeds should draw different text"
+        stop = first[3]
+        stopped = engine.submit(request("t0", [5, 6, 7], seed=7, stop_token_ids=(stop,), **params))
+        assert list(stopped)[-1] == stop and stopped.finish_reason == "stop"
+        with pytest.raises(InvalidArgument, match="positions"):
+            engine.submit(request("t0", [1] * 10, max_new_tokens=dims.max_positions))
+        with pytest.raises(InvalidArgument, match="empty"):
+            engine.submit(request("t0", []))
+    finally:
+        engine.close()
+
+
+def test_kv_budget_makes_requests_wait_and_cancel_frees_the_cache(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    per_request = 40 * cache_bytes_per_token(dims, dims.layers)
+    engine = make_engine(decoder_dir, tenant_adapters(dims, 1), kv_budget=per_request + per_request // 2,
+                         max_waiting=1)
+    steps = threading.Semaphore(0)          # the test lets the engine take one step at a time
+    acquire = engine.pool.acquire
+    engine.pool.acquire = lambda keys: steps.acquire() and acquire(keys)
+    try:
+        first = engine.submit(request("t0", [4] * 8, max_new_tokens=32))
+        while engine.snapshot().running == 0:   # admitted, then held before its first step
+            time.sleep(0.01)
+        second = engine.submit(request("t0", [5] * 8, max_new_tokens=32))   # does not fit beside the first
+        steps.release(3)
+        tokens = iter(first)
+        [next(tokens) for _ in range(3)]
+        assert engine.snapshot().running == 1 and engine.snapshot().waiting == 1
+        assert engine.snapshot().kv_bytes_used == per_request
+        with pytest.raises(ResourceExhausted, match="waiting"):
+            engine.submit(request("t0", [6] * 8, max_new_tokens=32))
+        with pytest.raises(ResourceExhausted, match="budget"):
+            engine.submit(request("t0", [6] * 8, max_new_tokens=90))
+        first.cancel()                      # the client went away: its cache goes to the waiting request
+        steps.release(100)
+        assert len(list(tokens)) <= 1 and first.finish_reason == "cancelled"   # the step under way may finish
+        assert len(list(second)) == 32 and second.finish_reason == "length"
+        assert engine.snapshot().kv_bytes_used == 0
+    finally:
+        steps.release(1000)
+        engine.close()
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
+    logits = torch.tensor([4.0, 3.0, 2.0, -5.0, -6.0])
+    generator = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, SamplingParams(temperature=1.0, top_k=2), generator) for _ in range(200)}
+    assert drawn == {0, 1}
+    drawn = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), generator) for _ in range(200)}
+    assert drawn == {0}
+    assert sample(logits, SamplingParams(), generator) == 0
