@@ -1,4 +1,4 @@
-"""`hmi`: start the services, administer domains and tenants, classify and embed from the shell.
+"""`hmi`: start the services, administer domains and tenants, classify, embed and generate from the shell.
 
 Client commands reach the gateway at HMI_GATEWAY_ADDR (or --gateway). Every failed call exits
 non-zero with the server's status and message.
@@ -159,11 +159,12 @@ def cmd_domain_delete(args) -> int:
 
 def cmd_tenant_register(args) -> int:
     adapter = Path(args.adapter).read_bytes() if args.adapter else None
-    labels = [label.strip() for label in args.labels.split(",")]
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
     with _client(args) as client:
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
                                         seed=args.seed)
-    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, labels {','.join(tenant.spec.labels)}, "
+    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
+    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, {kind}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
     return 0
 
@@ -227,6 +228,26 @@ def cmd_embed(args) -> int:
         vectors = client.embed(args.tenant_id, args.texts, truncate=args.truncate)
     for vector in vectors:
         print(json.dumps([round(v, 6) for v in vector]))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    with _client(args) as client:
+        stream = client.generate(args.tenant_id, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 stop=args.stop)
+        reason, produced = "", 0
+        try:
+            for message in stream:
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+                produced += len(message.token_ids)
+                reason = message.finish_reason or reason
+        except KeyboardInterrupt:
+            stream.cancel()
+            reason = "cancelled"
+    print()
+    print(f"[{produced} tokens, finish: {reason}]", file=sys.stderr)
     return 0
 
 
@@ -325,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("register", help="register or replace a tenant")
     p.add_argument("tenant_id")
     p.add_argument("--domain", required=True)
-    p.add_argument("--labels", required=True, help="comma-separated class names, in head order")
+    p.add_argument("--labels", default="", help="comma-separated class names, in head order (classifiers of an "
+                                                "encoder model; generative tenants of a decoder take none)")
     p.add_argument("--adapter", help="adapter .safetensors; none: a fresh random adapter")
     p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
@@ -366,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     p.add_argument("--truncate", action="store_true", help="keep the head of over-long texts instead of failing")
     p.set_defaults(func=cmd_embed)
+    p = client_parser("generate", help="stream text from a generative tenant (decoder base model)")
+    p.add_argument("tenant_id")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop after this string (repeatable)")
+    p.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")
     health.add_argument("address")

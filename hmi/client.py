@@ -124,6 +124,16 @@ class HMIClient:
                                       timeout=timeout or self.timeout)
         return [list(e.values) for e in response.embeddings]
 
+    def generate(self, tenant_id: str, prompt: str, *, max_new_tokens: int = 0, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None,
+                 timeout: float | None = None):
+        """The response stream: iterate for text pieces as they are generated; `.cancel()` stops it."""
+        request = pb.GenerateTextRequest(tenant_id=tenant_id, prompt=prompt, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or [])
+        if seed is not None:
+            request.seed = seed
+        return self.gateway.Generate(request, timeout=timeout or self.timeout)
+
 
 def is_serving(address: str, timeout: float = 1.0) -> bool:
     try:

@@ -29,8 +29,20 @@ def retry_until_served(call, *args, timeout: float = 20.0):
 
 
 def tiny_decoder(family: str, folder, vocab: int = 1000):
-    """A random-weight GPT-2 or Llama (grouped-query attention: 4 heads over 2 key/value heads), 4 layers."""
+    """A random-weight GPT-2 or Llama (grouped-query attention: 4 heads over 2 key/value heads), 4 layers,
+    with a byte-level BPE tokenizer trained here on the demo corpus (<pad>, <s>, </s> = ids 0, 1, 2)."""
+    from pathlib import Path
+
     import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    corpus = Path(__file__).resolve().parent.parent / "data" / "demo_corpus.txt"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus.read_text(encoding="utf-8").splitlines(), trainer)
+    vocab = tokenizer.get_vocab_size()
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     if family == "gpt2":
@@ -42,4 +54,5 @@ def tiny_decoder(family: str, folder, vocab: int = 1000):
                                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
                                              tie_word_embeddings=True))
     model.save_pretrained(folder)
-    return folder
+    tokenizer.save(str(Path(folder) / "tokenizer.json"))
+    return Path(folder)

@@ -49,12 +49,46 @@ class ForwardResponse(_message.Message):
     execute_ms: float
     def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logit_offsets: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., execute_ms: _Optional[float] = ...) -> None: ...
 
+class SamplingParams(_message.Message):
+    __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids")
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("sequence", "prompt_ids", "params")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    sequence: SequenceSpec
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: SamplingParams
+    def __init__(self, sequence: _Optional[_Union[SequenceSpec, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token_ids", "finish_reason")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model", "plot_hit_depths", "io_seconds", "io_hidden_seconds")
+    __slots__ = ("batches", "sequences", "tokens", "adapter_hits_device", "adapter_hits_host", "adapter_misses", "device_slots", "device_slots_used", "host_cache_bytes", "device", "model", "plot_hit_depths", "io_seconds", "io_hidden_seconds", "generation_steps", "generated_tokens", "generating", "generation_waiting", "kv_bytes_used", "kv_budget_bytes")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +103,12 @@ class StatsResponse(_message.Message):
     PLOT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     IO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IO_HIDDEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATING_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     batches: int
     sequences: int
     tokens: int
@@ -83,4 +123,10 @@ class StatsResponse(_message.Message):
     plot_hit_depths: _containers.RepeatedScalarFieldContainer[int]
     io_seconds: float
     io_hidden_seconds: float
-    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., plot_hit_depths: _Optional[_Iterable[int]] = ..., io_seconds: _Optional[float] = ..., io_hidden_seconds: _Optional[float] = ...) -> None: ...
+    generation_steps: int
+    generated_tokens: int
+    generating: int
+    generation_waiting: int
+    kv_bytes_used: int
+    kv_budget_bytes: int
+    def __init__(self, batches: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., adapter_hits_device: _Optional[int] = ..., adapter_hits_host: _Optional[int] = ..., adapter_misses: _Optional[int] = ..., device_slots: _Optional[int] = ..., device_slots_used: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., plot_hit_depths: _Optional[_Iterable[int]] = ..., io_seconds: _Optional[float] = ..., io_hidden_seconds: _Optional[float] = ..., generation_steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., generating: _Optional[int] = ..., generation_waiting: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ComputeStub:
                 request_serializer=hmi_dot_v1_dot_compute__pb2.StatsRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_compute__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/hmi.v1.Compute/Generate',
+                request_serializer=hmi_dot_v1_dot_compute__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_compute__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class ComputeServicer:
@@ -63,6 +68,14 @@ class ComputeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Decoder models: tokens stream back as the continuous batch produces them; cancelling the call
+        frees the sequence's KV cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ComputeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ComputeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=hmi_dot_v1_dot_compute__pb2.StatsRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_compute__pb2.StatsResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=hmi_dot_v1_dot_compute__pb2.GenerateRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_compute__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Compute:
             '/hmi.v1.Compute/Stats',
             hmi_dot_v1_dot_compute__pb2.StatsRequest.SerializeToString,
             hmi_dot_v1_dot_compute__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.Compute/Generate',
+            hmi_dot_v1_dot_compute__pb2.GenerateRequest.SerializeToString,
+            hmi_dot_v1_dot_compute__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class GatewayStub:
                 request_serializer=hmi_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/hmi.v1.Gateway/Generate',
+                request_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -64,6 +69,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Tenants of a decoder base model: text streams back as it is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=hmi_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class Gateway:
             '/hmi.v1.Gateway/Embed',
             hmi_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
             hmi_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.Gateway/Generate',
+            hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
+            hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

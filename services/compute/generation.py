@@ -28,7 +28,6 @@ log = logging.getLogger("hmi.compute.generation")
 
 # (domain, token windows, first position of each window) -> layer-L rows (fp16) of every window token
 PlotLookup = Callable[[str, list[np.ndarray], list[int]], list[np.ndarray]]
-PLOT_WINDOW = 16   # tokens of left context sent with a generated token's lookup (the store's deepest context)
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,9 @@ class GenerationEngine:
                                   f"exceeds the model's {dims.max_positions} positions")
         if not 0 <= request.split_layer < dims.layers:
             raise InvalidArgument(f"split layer {request.split_layer} is outside [0, {dims.layers})")
-        if request.split_layer > 0 and self.plot is None:
-            raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
+        if request.split_layer > 0:
+            raise FailedPrecondition(f"domain {request.domain!r} has split layer {request.split_layer}: PLOT for "
+                                     f"decoder models is not available yet; use a domain with split layer 0")
         kv_bytes = length * cache_bytes_per_token(dims, dims.layers - request.split_layer)
         if kv_bytes > self.kv_budget_bytes:
             raise ResourceExhausted(f"this request needs {kv_bytes >> 20} MiB of KV cache, more than compute's whole "
@@ -266,7 +266,7 @@ class GenerationEngine:
                     self._finish(sequence)
 
     def _inputs(self, order: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Every sequence's new tokens at its entry layer: embeddings at split layer 0, PLOT rows above."""
+        """Every sequence's new tokens at layer 0 (split layer 0: PLOT for decoders is not built yet)."""
         lengths = [len(s.pending) for s in order]
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tolist()
         hidden = torch.empty(bounds[-1], self.model.dims.hidden, device=self.model.device)
@@ -280,21 +280,6 @@ class GenerationEngine:
             for j in embed:
                 hidden[bounds[j]:bounds[j + 1]] = rows[cursor:cursor + lengths[j]]
                 cursor += lengths[j]
-        by_domain: dict[str, list[int]] = {}
-        for j, sequence in enumerate(order):
-            if sequence.request.split_layer > 0:
-                by_domain.setdefault(sequence.request.domain, []).append(j)
-        for domain, members in by_domain.items():
-            windows, firsts = [], []
-            for j in members:
-                sequence = order[j]
-                start = max(0, len(sequence.tokens) - lengths[j] - (PLOT_WINDOW - 1))
-                windows.append(np.asarray(sequence.tokens[start:], dtype=np.int32))
-                firsts.append(start)
-            rows = self.plot(domain, windows, firsts)
-            for j, window_rows in zip(members, rows):
-                new = torch.from_numpy(np.ascontiguousarray(window_rows[-lengths[j]:])).to(self.model.device)
-                hidden[bounds[j]:bounds[j + 1]] = new.float()
         return hidden, bounds
 
 

@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execution-threads", type=int, default=env_int("HMI_EXECUTION_THREADS", 0),
                         help="batches executing at once; 0 = 1 on a GPU, on a CPU as many as it has cores "
                              "over torch threads [HMI_EXECUTION_THREADS]")
+    parser.add_argument("--kv-cache-mib", type=int, default=env_int("HMI_KV_CACHE_MIB", 1024),
+                        help="decoder models: KV-cache budget; requests wait when it is full [HMI_KV_CACHE_MIB]")
+    parser.add_argument("--max-generating", type=int, default=env_int("HMI_MAX_GENERATING", 64),
+                        help="decoder models: sequences in the running batch at most [HMI_MAX_GENERATING]")
+    parser.add_argument("--max-generation-queue", type=int, default=env_int("HMI_MAX_GENERATION_QUEUE", 256),
+                        help="decoder models: requests waiting for KV cache before RESOURCE_EXHAUSTED "
+                             "[HMI_MAX_GENERATION_QUEUE]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
 
 
@@ -51,10 +58,12 @@ def main(args: argparse.Namespace) -> None:
     from hmi.v1 import compute_pb2_grpc as pb_grpc
     from services.common.adapter_format import parse_adapter
     from services.common.logs import setup_logging
-    from services.common.models import model_name, resolve_model_dir
+    from services.common.models import ModelDims, model_name, resolve_model_dir
     from services.common.server import start_server, wait_for_termination
     from services.compute.adapter_pool import AdapterPool
+    from services.compute.decoder_model import DecoderModel
     from services.compute.executor import Executor
+    from services.compute.generation import GenerationEngine
     from services.compute.model_split import UpperModel
     from services.compute.pipeline import Pipeline
     from services.compute.servicer import ComputeServicer
@@ -64,24 +73,40 @@ def main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model_dir = resolve_model_dir(args.model)
-    model = UpperModel(model_dir, device)
+    dims = ModelDims.from_dir(model_dir)
     store = StoreClient(args.store)
+    if dims.is_decoder:
+        model = DecoderModel(model_dir, device)
+    else:
+        model = UpperModel(model_dir, device)
     pool = AdapterPool(model.dims, device, slots=args.adapter_slots, max_rank=args.max_rank,
                        host_cache_bytes=args.host_cache_mib << 20,
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
-    pipeline = Pipeline(Executor(model, pool), pool, store,
-                        execution_threads=execution_threads(args.execution_threads, device))
-    servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model))
+    if dims.is_decoder:
+        engine = GenerationEngine(model, pool, None, kv_budget_bytes=args.kv_cache_mib << 20,
+                                  max_waiting=args.max_generation_queue, max_running=args.max_generating)
+        pipeline = None
+        servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model),
+                                   engine=engine, pool=pool)
+        mode = f"generation: KV cache {args.kv_cache_mib} MiB, <= {args.max_generating} sequences per step"
+    else:
+        engine = None
+        pipeline = Pipeline(Executor(model, pool), pool, store,
+                            execution_threads=execution_threads(args.execution_threads, device))
+        servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model))
+        mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
                            ["hmi.v1.Compute"], metrics_port=args.metrics_port)
     running.set_serving(True)
-    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %d execution thread(s) of "
-             "%d torch thread(s), store %s)", args.listen, model_dir, device, args.adapter_slots, args.max_rank,
-             pipeline.execution_threads, torch.get_num_threads(), args.store)
+    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %s, store %s)", args.listen,
+             model_dir, device, args.adapter_slots, args.max_rank, mode, args.store)
 
     def stop():
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
+        if engine is not None:
+            engine.close()
         store.close()
 
     wait_for_termination(running, log, on_stop=stop)

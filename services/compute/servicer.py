@@ -1,22 +1,36 @@
 """gRPC surface of compute: decode and validate the packed batch, run the pipeline, encode results."""
 from __future__ import annotations
 
+import numpy as np
+
 from hmi.v1 import compute_pb2 as pb
 from hmi.v1 import compute_pb2_grpc as pb_grpc
-from services.common.rpc import handles_errors, remaining_timeout
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
+from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import PackedBatch
-from services.compute.pipeline import Pipeline
+from services.compute.generation import GenerationEngine, GenerationRequest, SamplingParams
+from services.compute.pipeline import Pipeline, PipelineStats
 
 
 class ComputeServicer(pb_grpc.ComputeServicer):
-    def __init__(self, pipeline: Pipeline, *, max_batch_tokens: int, model_name: str, default_timeout: float = 30.0):
+    """Serves an encoder (Forward: packed batches through `pipeline`) or a decoder (Generate: `engine`)."""
+
+    def __init__(self, pipeline: Pipeline | None, *, max_batch_tokens: int, model_name: str,
+                 default_timeout: float = 30.0, engine: GenerationEngine | None = None,
+                 pool: AdapterPool | None = None):
         self.pipeline = pipeline
+        self.engine = engine
+        self.pool = pool if pool is not None else pipeline.pool
         self.max_batch_tokens = max_batch_tokens
         self.model_name = model_name
         self.default_timeout = default_timeout
 
     @handles_errors
     def Forward(self, request, context) -> pb.ForwardResponse:
+        if self.pipeline is None:
+            raise FailedPrecondition(f"this compute replica serves the decoder {self.model_name!r}: it generates "
+                                     f"(Generate), it does not run classification batches")
         dims = self.pipeline.pool.dims
         batch = PackedBatch.from_pb(request, num_layers=dims.layers, vocab=dims.vocab,
                                     max_positions=dims.max_positions, max_tokens=self.max_batch_tokens)
@@ -26,13 +40,43 @@ class ComputeServicer(pb_grpc.ComputeServicer):
                                                                      timings.execute_ms)
         return response
 
+    @handles_stream_errors
+    def Generate(self, request, context):
+        if self.engine is None:
+            raise FailedPrecondition(f"this compute replica serves the encoder {self.model_name!r}: it does not "
+                                     f"generate")
+        spec, params = request.sequence, request.params
+        vocab = self.pool.dims.vocab
+        prompt = np.asarray(request.prompt_ids, dtype=np.int64)
+        if len(prompt) and (prompt.min() < 0 or prompt.max() >= vocab):
+            raise InvalidArgument(f"prompt token ids must lie in [0, {vocab})")
+        if params.max_new_tokens < 1 or params.temperature < 0 or params.top_k < 0 or not 0 <= params.top_p <= 1:
+            raise InvalidArgument("sampling parameters out of range: max_new_tokens >= 1, temperature >= 0, "
+                                  "top_k >= 0, top_p in [0, 1]")
+        stream = self.engine.submit(GenerationRequest(
+            spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer, prompt,
+            SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                           top_p=params.top_p or 1.0, seed=params.seed,
+                           stop_token_ids=tuple(params.stop_token_ids))))
+        context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
+        for token in stream:
+            yield pb.GenerateResponse(token_ids=[token])
+        yield pb.GenerateResponse(finish_reason=stream.finish_reason or "length")
+
     @handles_errors
     def Stats(self, request, context) -> pb.StatsResponse:
-        pool, stats = self.pipeline.pool, self.pipeline.stats
+        pool = self.pool
+        stats = self.pipeline.stats if self.pipeline is not None else PipelineStats()
+        generation = {}
+        if self.engine is not None:
+            snapshot = self.engine.snapshot()
+            generation = dict(generation_steps=snapshot.steps, generated_tokens=snapshot.tokens_generated,
+                              generating=snapshot.running, generation_waiting=snapshot.waiting,
+                              kv_bytes_used=snapshot.kv_bytes_used, kv_budget_bytes=snapshot.kv_budget_bytes)
         return pb.StatsResponse(
             batches=stats.batches, sequences=stats.sequences, tokens=stats.tokens,
             adapter_hits_device=pool.stats.device_hits, adapter_hits_host=pool.stats.host_hits,
             adapter_misses=pool.stats.misses, device_slots=pool.num_slots, device_slots_used=pool.used_slots(),
             host_cache_bytes=pool.host_bytes(), device=str(pool.device), model=self.model_name,
             plot_hit_depths=list(stats.hit_depth_counts), io_seconds=stats.io_seconds,
-            io_hidden_seconds=stats.io_hidden_seconds)
+            io_hidden_seconds=stats.io_hidden_seconds, **generation)

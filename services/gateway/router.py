@@ -36,6 +36,13 @@ class Router:
         """The tenant's home replica: the highest hash of (tenant, replica); stable when replicas come and go."""
         return max(range(len(self.replicas)), key=lambda i: _score(tenant_id, self.replicas[i].address))
 
+    def home_replica(self, tenant_id: str) -> Replica:
+        """For a generation stream (no batch slot): the tenant's home, or the next healthy replica."""
+        now = time.monotonic()
+        ranked = sorted(range(len(self.replicas)), key=lambda i: -_score(tenant_id, self.replicas[i].address))
+        healthy = [i for i in ranked if self.replicas[i].down_until <= now] or ranked
+        return self.replicas[healthy[0]]
+
     def acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica:
         """Blocks until some replica has room for one more batch (see try_acquire for the choice)."""
         with self._room:

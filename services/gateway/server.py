@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batches in flight per compute replica: enough that one prepares while the replica's "
                              "execution threads run theirs [HMI_INFLIGHT_PER_COMPUTE]")
     parser.add_argument("--tenant-cache-ttl", type=float, default=env_float("HMI_TENANT_CACHE_TTL", 2.0))
+    parser.add_argument("--max-new-tokens", type=int, default=env_int("HMI_MAX_NEW_TOKENS", 1024),
+                        help="decoder models: the largest max_new_tokens a request may ask [HMI_MAX_NEW_TOKENS]")
+    parser.add_argument("--max-prompt-tokens", type=int, default=env_int("HMI_MAX_PROMPT_TOKENS", 2048),
+                        help="decoder models: the longest prompt [HMI_MAX_PROMPT_TOKENS]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_GATEWAY_METRICS_PORT", 0))
 
 
@@ -32,18 +36,22 @@ def main(args: argparse.Namespace) -> None:
     from hmi.v1 import gateway_pb2_grpc as pb_grpc
     from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, resolve_model_dir
+    from services.common.models import ModelDims, eos_token_ids, load_tokenizer, resolve_model_dir
     from services.common.rpc import channel
     from services.common.server import start_server, wait_for_termination
     from services.gateway.batcher import Batcher, BatcherSettings
     from services.gateway.directory import TenantDirectory
     from services.gateway.router import Router
-    from services.gateway.servicer import AdminServicer, GatewayServicer
+    from services.gateway.generation import GenerationLimits
+    from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport
     from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway")
     model_dir = resolve_model_dir(args.model)
     dims = ModelDims.from_dir(model_dir)
-    if args.max_sequence_tokens > dims.max_positions:
+    max_sequence_tokens = args.max_sequence_tokens
+    if dims.is_decoder:   # such deployments refuse Classify anyway; the limit only has to be valid
+        max_sequence_tokens = min(max_sequence_tokens, dims.max_positions)
+    if max_sequence_tokens > dims.max_positions:
         raise SystemExit(f"--max-sequence-tokens {args.max_sequence_tokens} exceeds the model's "
                          f"{dims.max_positions} positions")
     store = store_grpc.KnowledgeStoreStub(channel(args.store))
@@ -52,10 +60,16 @@ def main(args: argparse.Namespace) -> None:
     batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                               max_batch_tenants=args.max_batch_tenants,
                                               max_wait_ms=args.max_wait_ms, max_queue=args.max_queue))
-    encoder = TextEncoder(model_dir, max_sequence_tokens=args.max_sequence_tokens, max_texts=args.max_texts)
+    encoder = TextEncoder(model_dir, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts)
+    generation = None
+    if dims.is_decoder:
+        generation = GenerationSupport(load_tokenizer(model_dir),
+                                       GenerationLimits(max_new_tokens=args.max_new_tokens,
+                                                        max_prompt_tokens=args.max_prompt_tokens),
+                                       dims.max_positions, eos_token_ids(model_dir), router)
 
     def register(server):
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(encoder, directory, batcher), server)
+        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(encoder, directory, batcher, generation=generation), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(store, directory), server)
 
     running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=64,

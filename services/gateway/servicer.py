@@ -1,4 +1,4 @@
-"""Public (Classify, Embed) and admin (domains, tenants) gRPC surfaces of the gateway."""
+"""Public (Classify, Embed, Generate) and admin (domains, tenants) gRPC surfaces of the gateway."""
 from __future__ import annotations
 
 import time
@@ -11,10 +11,17 @@ from hmi.v1 import gateway_pb2 as pb
 from hmi.v1 import gateway_pb2_grpc as pb_grpc
 from hmi.v1 import knowledge_store_pb2 as store_pb
 from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from dataclasses import dataclass
+
+import grpc
+
+from hmi.v1 import compute_pb2
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.gateway.batcher import Batcher, SequenceResult, SequenceWork
-from services.gateway.directory import TenantDirectory
+from services.gateway.directory import TenantDirectory, TenantRoute
+from services.gateway.generation import GenerationLimits, TextStreamer, plan_generation
+from services.gateway.router import Router
 from services.gateway.tokenizer import TextEncoder
 
 REQUESTS = Counter("hmi_gateway_requests_total", "requests", ["method"])
@@ -28,13 +35,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
+@dataclass
+class GenerationSupport:
+    """What Generate needs besides the tenant directory: the decoder's tokenizer and limits, and the replicas."""
+    tokenizer: object
+    limits: GenerationLimits
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+    router: Router
+    timeout: float = 600.0
+
+
 class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, encoder: TextEncoder, directory: TenantDirectory, batcher: Batcher,
-                 default_timeout: float = 30.0) -> None:
+                 default_timeout: float = 30.0, generation: GenerationSupport | None = None) -> None:
         self.encoder = encoder
         self.directory = directory
         self.batcher = batcher
         self.default_timeout = default_timeout
+        self.generation = generation
 
     def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...]]:
         timeout = remaining_timeout(context, self.default_timeout)
@@ -42,6 +61,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
         route = self.directory.resolve(request.tenant_id, timeout)
+        if not route.labels:
+            raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a decoder): "
+                                     f"call Generate")
         sequences = self.encoder.encode(list(request.texts), request.truncate)
         work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
         self.batcher.submit(work)
@@ -72,6 +94,49 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         with LATENCY.labels("Embed").time():
             results, _ = self._run(request, context, want_embedding=True)
             return pb.EmbedResponse(embeddings=[pb.Embedding(values=r.embedding.tolist()) for r in results])
+
+    @handles_stream_errors
+    def Generate(self, request, context):
+        REQUESTS.labels("Generate").inc()
+        support = self.generation
+        if support is None:
+            raise FailedPrecondition("this deployment's base model is an encoder: it classifies and embeds, it does "
+                                     "not generate; use a decoder base model (e.g. --model smollm2)")
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        route = self.directory.resolve(request.tenant_id, remaining_timeout(context, self.default_timeout))
+        if route.labels:
+            raise FailedPrecondition(f"tenant {request.tenant_id!r} is a classifier: call Classify or Embed")
+        plan = plan_generation(support.tokenizer, request, support.limits, max_positions=support.max_positions,
+                               eos_token_ids=support.eos_token_ids)
+        call = self._start_generation(support, route, plan, context)
+        context.add_callback(call.cancel)        # the client went away: compute frees the KV cache
+        streamer = TextStreamer(support.tokenizer, plan.stop)
+        first = True
+        for message in call:
+            ids = [t for t in message.token_ids if t not in plan.stop_token_ids]
+            piece = streamer.add(ids) if ids else ""
+            reason = "stop" if streamer.stopped else message.finish_reason
+            if reason:
+                piece += streamer.flush()
+            if piece or ids or reason or first:
+                yield pb.GenerateTextResponse(text=piece, token_ids=list(message.token_ids), finish_reason=reason,
+                                              prompt_tokens=len(plan.prompt_ids) if first else 0)
+                first = False
+            if reason:
+                call.cancel()
+                return
+
+    def _start_generation(self, support: GenerationSupport, route: TenantRoute, plan, context):
+        replica = support.router.home_replica(route.tenant_id)
+        params = compute_pb2.SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
+                                            top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
+                                            stop_token_ids=list(plan.stop_token_ids))
+        spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
+                                        domain=route.domain, split_layer=route.split_layer)
+        return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
+                                                                 params=params),
+                                     timeout=remaining_timeout(context, support.timeout))
 
 
 class AdminServicer(pb_grpc.AdminServicer):

@@ -402,7 +402,10 @@ class KnowledgeStore:
         """Registers or replaces a tenant; the adapter is validated against the model and the labels."""
         check_name("tenant id", tenant_id)
         labels = [label.strip() for label in labels]
-        if not 2 <= len(labels) <= MAX_LABELS:
+        if self.dims.is_decoder and labels:
+            raise InvalidArgument(f"the base model is a decoder ({self.dims.family}): its tenants generate text and "
+                                  f"take no labels")
+        if not self.dims.is_decoder and not 2 <= len(labels) <= MAX_LABELS:
             raise InvalidArgument(f"a classifier needs 2..{MAX_LABELS} labels, got {len(labels)}")
         if any(not label for label in labels) or len(set(labels)) != len(labels):
             raise InvalidArgument("labels must be non-empty and distinct")

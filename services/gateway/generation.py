@@ -1,0 +1,112 @@
+"""Text generation at the gateway: request limits, prompt tokens, and the streamed text (incremental
+detokenisation and stop strings). No gRPC here; the servicer feeds it compute's token stream."""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+
+DEFAULT_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int = 2048
+    max_stop_strings: int = 8
+    max_stop_chars: int = 128
+    max_prompt_chars: int = 100_000
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request: what compute is asked for."""
+    prompt_ids: np.ndarray
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+
+
+def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
+                    eos_token_ids: tuple[int, ...]) -> GenerationPlan:
+    """Checks every parameter against its limit, with a message that names the limit."""
+    if not request.prompt.strip():
+        raise InvalidArgument("the prompt is empty")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(f"the prompt has {len(request.prompt)} characters, above the limit of "
+                              f"{limits.max_prompt_chars}")
+    new_tokens = request.max_new_tokens or DEFAULT_NEW_TOKENS
+    if not 1 <= new_tokens <= limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens must lie in 1..{limits.max_new_tokens}, got {request.max_new_tokens}")
+    if not math.isfinite(request.temperature) or not 0.0 <= request.temperature <= 100.0:
+        raise InvalidArgument(f"temperature must lie in [0, 100] (0 = greedy), got {request.temperature}")
+    if request.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {request.top_k}")
+    if not math.isfinite(request.top_p) or not 0.0 <= request.top_p <= 1.0:
+        raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {request.top_p}")
+    stop = tuple(request.stop)
+    if len(stop) > limits.max_stop_strings or any(not s or len(s) > limits.max_stop_chars for s in stop):
+        raise InvalidArgument(f"give at most {limits.max_stop_strings} stop strings of 1..{limits.max_stop_chars} "
+                              f"characters each")
+    prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise InvalidArgument(f"the prompt is {len(prompt_ids)} tokens long, above the limit of "
+                              f"{limits.max_prompt_tokens} tokens")
+    if len(prompt_ids) + new_tokens > max_positions:
+        raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({new_tokens}) exceeds the "
+                              f"model's {max_positions} positions; shorten the prompt or lower max_new_tokens")
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
+                          float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, eos_token_ids)
+
+
+class TextStreamer:
+    """Turns token ids into text pieces as they arrive.
+
+    Decodes everything generated so far and emits what is new, holding back an incomplete UTF-8
+    character (shown as U+FFFD) and any tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = 0              # characters of the decoded text already emitted
+        self.stopped = False
+
+    def add(self, token_ids: list[int]) -> str:
+        """New text to send now ('' if nothing is certain yet); sets `stopped` after a stop string."""
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stop:
+            found = text.find(stop, max(0, self.sent - len(stop) + 1))
+            if found >= 0:
+                self.stopped = True
+                text = text[:found + len(stop)]
+                piece, self.sent = text[self.sent:], len(text)
+                return piece
+        safe = len(text)
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        for stop in self.stop:   # a suffix that is a prefix of a stop string waits for the next token
+            for size in range(min(len(stop) - 1, safe - self.sent), 0, -1):
+                if stop.startswith(text[safe - size:safe]):
+                    safe -= size
+                    break
+        piece, self.sent = text[self.sent:safe], max(self.sent, safe)
+        return piece
+
+    def flush(self) -> str:
+        """What is left when generation ends."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece

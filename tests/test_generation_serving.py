@@ -1,0 +1,137 @@
+"""Generation end to end through real processes (store, compute, gateway) serving a tiny random-weight
+GPT-2 and Llama: greedy text equals transformers' generate with the tenant's LoRA merged, for requests
+of several tenants that start at different times; streaming, seeds, stop strings, limits, cancellation."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from hmi.v1 import compute_pb2, compute_pb2_grpc
+from services.common.adapter_format import parse_adapter, random_adapter, serialize_adapter
+from services.common.lora_merge import merged_model
+from services.common.models import ModelDims, load_causal_lm, load_tokenizer
+from tests.conftest import start_services
+from tests.helpers import expect_status, tiny_decoder
+
+pytestmark = pytest.mark.integration
+TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
+           "llama": ("query", "value", "attn_out", "ffn_gate", "ffn_out")}
+PROMPTS = ["the service was", "rain is expected", "I would like to return", "a great film"]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def suite(request, tmp_path_factory):
+    """A running suite on a decoder, a split-layer-0 domain and three generative tenants."""
+    from hmi.client import HMIClient
+    family = request.param
+    model_dir = tiny_decoder(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+    services = start_services(tmp_path_factory.mktemp(f"data-{family}"), model_dir)
+    client = HMIClient(services.gateway_addr, timeout=60)
+    dims = ModelDims.from_dir(model_dir)
+    client.build_domain("chat", "", split_layer=0, context=1, min_count=1)
+    adapters = {}
+    for seed, rank in enumerate((4, 8, 2), start=1):
+        data = serialize_adapter(random_adapter(dims, num_labels=0, rank=rank, first_layer=0,
+                                                targets=TARGETS[family], seed=seed))
+        tenant = f"writer-{seed}"
+        client.register_tenant(tenant, "chat", [], data)
+        adapters[tenant] = parse_adapter(data, dims, num_labels=0)
+    yield family, model_dir, services, client, adapters
+    client.close()
+    services.stop()
+
+
+def reference_tokens(model_dir, adapter, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    model = merged_model(load_causal_lm(model_dir), adapter)
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         min_new_tokens=new_tokens, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def collect(stream) -> tuple[str, list[int], str, int]:
+    text, ids, reason, messages = "", [], "", 0
+    for message in stream:
+        text += message.text
+        ids += list(message.token_ids)
+        reason = message.finish_reason or reason
+        messages += 1
+    return text, ids, reason, messages
+
+
+def test_greedy_generation_of_staggered_tenants_equals_transformers(suite):
+    family, model_dir, _services, client, adapters = suite
+    tokenizer = load_tokenizer(model_dir)
+    calls = [(tenant, prompt) for prompt in PROMPTS for tenant in adapters]
+    results: dict[int, tuple] = {}
+
+    def run(index: int, tenant: str, prompt: str) -> None:
+        time.sleep(0.03 * index)          # requests join while others are decoding
+        # eos can't end it early: the reference is asked for exactly this many tokens as well
+        results[index] = collect(client.generate(tenant, prompt, max_new_tokens=10, stop=None))
+
+    threads = [threading.Thread(target=run, args=(i, t, p)) for i, (t, p) in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, (tenant, prompt) in enumerate(calls):
+        text, ids, reason, messages = results[index]
+        expected = reference_tokens(model_dir, adapters[tenant], tokenizer.encode(prompt).ids, 10)
+        eos = 2
+        if eos in expected:                # the served stream ends at end-of-text, like generate would
+            expected = expected[:expected.index(eos) + 1]
+        assert ids == expected, f"{family} {tenant} {prompt!r}"
+        assert reason == ("stop" if expected[-1] == eos else "length")
+        assert messages >= 2, "tokens must stream, not arrive in one message"
+        assert text == tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+
+
+def test_seeds_stop_strings_and_limits(suite):
+    _family, model_dir, services, client, _adapters = suite
+    sampled = dict(max_new_tokens=12, temperature=1.2, top_k=50, top_p=0.95)
+    first = collect(client.generate("writer-1", "the service was", seed=11, **sampled))
+    again = collect(client.generate("writer-1", "the service was", seed=11, **sampled))
+    assert first[:3] == again[:3], "the same seed must give the same text"
+    greedy = collect(client.generate("writer-2", "a great film", max_new_tokens=12))
+    if len(greedy[0].strip()) > 4:
+        stop = greedy[0].strip()[2:4]
+        stopped = collect(client.generate("writer-2", "a great film", max_new_tokens=12, stop=[stop]))
+        assert stopped[2] == "stop" and stopped[0].endswith(stop) and stop not in stopped[0][:-len(stop)]
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: collect(
+        client.generate("writer-1", "hello", max_new_tokens=5000)))
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: collect(
+        client.generate("writer-1", "hello", temperature=-1)))
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: collect(
+        client.generate("writer-1", "hello", top_p=1.5)))
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: collect(client.generate("writer-1", "  ")))
+    message = expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: collect(
+        client.generate("writer-1", "hello " * 100, max_new_tokens=100)))
+    assert "positions" in message
+    expect_status(grpc.StatusCode.NOT_FOUND, lambda: collect(client.generate("nobody", "hello")))
+    assert "Generate" in expect_status(grpc.StatusCode.FAILED_PRECONDITION, client.classify, "writer-1", ["hi"])
+    assert "labels" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.register_tenant, "w9", "chat",
+                                     ["a", "b"])
+
+
+def test_a_client_that_goes_away_frees_its_kv_cache(suite):
+    _family, _model_dir, services, client, _adapters = suite
+    stream = client.generate("writer-3", "the service was", max_new_tokens=100, temperature=1.0, seed=1)
+    next(iter(stream))
+    stream.cancel()
+    with grpc.insecure_channel(services.compute_addrs[0]) as channel:
+        stub = compute_pb2_grpc.ComputeStub(channel)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = stub.Stats(compute_pb2.StatsRequest(), timeout=5)
+            if stats.generating == 0 and stats.kv_bytes_used == 0:
+                break
+            assert time.monotonic() < deadline, f"KV cache still held: {stats}"
+            time.sleep(0.05)
+        assert stats.generated_tokens < 100 * 20, "the cancelled sequence must not run to its end"
+        assert stats.kv_budget_bytes > 0
