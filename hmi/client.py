@@ -44,10 +44,10 @@ class HMIClient:
     def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
-                     timeout: float | None = None) -> store_pb.Domain:
+                     timeout: float | None = None, model: str = "") -> store_pb.Domain:
         spec = store_pb.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
                                    min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,
-                                   no_position_offsets=not position_offsets)
+                                   no_position_offsets=not position_offsets, model=model)
 
         def requests() -> Iterator[store_pb.BuildDomainRequest]:
             yield store_pb.BuildDomainRequest(spec=spec)
@@ -80,10 +80,10 @@ class HMIClient:
         self.admin.DeleteDomain(store_pb.DeleteDomainRequest(name=name), timeout=self.timeout)
 
     def register_tenant(self, tenant_id: str, domain: str, labels: list[str], adapter: bytes | None = None,
-                        *, rank: int = 0, seed: int = 0) -> store_pb.Tenant:
+                        *, rank: int = 0, seed: int = 0, model: str = "") -> store_pb.Tenant:
         def requests() -> Iterator[store_pb.PutTenantRequest]:
             yield store_pb.PutTenantRequest(spec=store_pb.TenantSpec(
-                tenant_id=tenant_id, domain=domain, labels=labels, rank=rank, seed=seed))
+                tenant_id=tenant_id, domain=domain, labels=labels, rank=rank, seed=seed, model=model))
             for chunk in split_chunks(adapter or b""):
                 yield store_pb.PutTenantRequest(adapter_chunk=chunk)
 

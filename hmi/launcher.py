@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from hmi.client import is_serving
+from services.common.models import model_name
 
 
 def free_port() -> int:
@@ -45,27 +46,44 @@ class ServiceSet:
     data_dir: Path
     gateway_addr: str
     store_addr: str
-    compute_addrs: list[str]
-    model: str = "minilm"
+    compute_addrs: list[str]             # replicas of the first (default) model
+    model: str = "minilm"                # one model, or several comma-separated (NAME=DIR,...): first = default
     log_dir: Path | None = None          # None: services log to this terminal
     extra_env: dict[str, str] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
+    other_compute: dict[str, str] = field(default_factory=dict)   # one replica per further model: name -> address
+
+    def __post_init__(self) -> None:
+        for entry in self.model_entries()[1:]:
+            self.other_compute.setdefault(model_name(entry), f"127.0.0.1:{free_port()}")
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, computes: int = 1, **kwargs) -> "ServiceSet":
         return cls(data_dir=data_dir, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=f"127.0.0.1:{free_port()}",
                    compute_addrs=[f"127.0.0.1:{free_port()}" for _ in range(computes)], **kwargs)
 
+    def model_entries(self) -> list[str]:
+        return [part.strip() for part in self.model.split(",") if part.strip()]
+
     def plan(self) -> list[Service]:
-        common = ["--model", self.model]
+        entries = self.model_entries()
+        every_model = [arg for entry in entries for arg in ("--model", entry)]
         services = [Service("store", self.store_addr, ["store", "--listen", self.store_addr,
-                                                       "--data-dir", str(self.data_dir)] + common)]
+                                                       "--data-dir", str(self.data_dir)] + every_model)]
         for index, address in enumerate(self.compute_addrs):
             services.append(Service(f"compute-{index}" if len(self.compute_addrs) > 1 else "compute", address,
-                                    ["compute", "--listen", address, "--store", self.store_addr] + common))
+                                    ["compute", "--listen", address, "--store", self.store_addr,
+                                     "--model", entries[0]]))
+        for entry in entries[1:]:
+            name = model_name(entry)
+            services.append(Service(f"compute-{name}", self.other_compute[name],
+                                    ["compute", "--listen", self.other_compute[name], "--store", self.store_addr,
+                                     "--model", entry]))
+        routes = [f"{model_name(entries[0])}={','.join(self.compute_addrs)}"] + [
+            f"{name}={address}" for name, address in self.other_compute.items()]
         services.append(Service("gateway", self.gateway_addr,
-                                ["gateway", "--listen", self.gateway_addr, "--store", self.store_addr,
-                                 "--compute", ",".join(self.compute_addrs)] + common))
+                                ["gateway", "--listen", self.gateway_addr, "--store", self.store_addr]
+                                + [arg for route in routes for arg in ("--compute", route)] + every_model))
         return services
 
     def start(self, timeout: float = 120.0, only: list[str] | None = None) -> None:
@@ -73,7 +91,8 @@ class ServiceSet:
         planned = [s for s in self.plan() if only is None or s.name in only]
         # All services share this machine's cores: compute's torch takes half of them (measured on 2 cores:
         # 1 thread gave ~1.8x the throughput of torch's default, which oversubscribes the CPU).
-        env = {"HMI_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) // 2)), **os.environ, **self.extra_env}
+        env = {"HMI_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
+               "HMI_MODEL_CACHE": str(self.data_dir / "models"), **os.environ, **self.extra_env}
         for service in planned:
             out = None
             if self.log_dir is not None:

@@ -135,3 +135,33 @@ def test_a_client_that_goes_away_frees_its_kv_cache(suite):
             time.sleep(0.05)
         assert stats.generated_tokens < 100 * 20, "the cancelled sequence must not run to its end"
         assert stats.kv_budget_bytes > 0
+
+
+def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir):
+    """`hmi up --model enc=DIR --model gen=DIR`: one store, one compute per model, one gateway routing by model."""
+    from hmi.client import HMIClient
+    from hmi.launcher import ServiceSet
+    decoder_dir = tiny_decoder("gpt2", tmp_path / "gen")
+    services = ServiceSet.on_free_ports(tmp_path / "data", model=f"enc={tiny_model_dir},gen={decoder_dir}",
+                                        log_dir=tmp_path / "logs", extra_env={"HMI_TORCH_THREADS": "1"})
+    services.start(timeout=180)
+    try:
+        with HMIClient(services.gateway_addr, timeout=60) as client:
+            assert client.build_domain("reviews", "", split_layer=0, context=1, min_count=1).model == "enc"
+            assert client.build_domain("stories", "", split_layer=0, context=1, min_count=1, model="gen").model == "gen"
+            assert client.register_tenant("critic", "reviews", ["neg", "pos"]).spec.model == "enc"
+            assert client.register_tenant("bard", "stories", [], model="gen").spec.model == "gen"
+            assert client.classify("critic", ["a fine film"])[0].label in ("neg", "pos")
+            text, ids, reason, _ = collect(client.generate("bard", "once upon a time", max_new_tokens=5))
+            assert len(ids) >= 1 and reason in ("length", "stop")
+            assert "belongs to" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.register_tenant, "x",
+                                                 "reviews", [], model="gen")
+            assert "not served" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.build_domain, "d", "",
+                                                 split_layer=0, context=1, min_count=1, model="nope")
+        names = set()
+        for address in services.compute_addrs + list(services.other_compute.values()):
+            with grpc.insecure_channel(address) as channel:
+                names.add(compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=5).model)
+        assert names == {"enc", "gen"}
+    finally:
+        services.stop()

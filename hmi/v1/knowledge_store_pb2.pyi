@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets")
+    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class DomainSpec(_message.Message):
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NO_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     split_layer: int
@@ -25,7 +26,8 @@ class DomainSpec(_message.Message):
     budget_bytes: int
     learn_threshold: int
     no_position_offsets: bool
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Domain(_message.Message):
     __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets")
@@ -182,18 +184,20 @@ class LookupResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class TenantSpec(_message.Message):
-    __slots__ = ("tenant_id", "domain", "labels", "rank", "seed")
+    __slots__ = ("tenant_id", "domain", "labels", "rank", "seed", "model")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     domain: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     seed: int
-    def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("spec", "adapter_version", "adapter_bytes", "rank", "targets", "layers", "updated_at", "split_layer")

@@ -31,7 +31,35 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def model_name(name_or_path: str) -> str:
+    if "=" in name_or_path:
+        return name_or_path.split("=", 1)[0]
     return name_or_path if name_or_path in KNOWN_MODELS else Path(name_or_path).name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str            # what tenants, domains and replicas call it
+    directory: Path
+
+
+def parse_model_specs(values: list[str] | str | None) -> list[ModelSpec]:
+    """`NAME=DIR`, a known name (`minilm`, `smollm2`) or a folder (named after it), repeated or
+    comma-separated; the first is the deployment's default model."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    entries = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not entries:
+        raise InvalidArgument("no base model given: --model NAME=DIR (or minilm, smollm2) [HMI_MODEL]")
+    specs: list[ModelSpec] = []
+    for entry in entries:
+        name, _, location = entry.partition("=")
+        if not location:
+            name, location = model_name(entry), entry
+        if not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise InvalidArgument(f"model name {name!r} in {entry!r}: use letters, digits, '.', '_' or '-'")
+        if any(spec.name == name for spec in specs):
+            raise InvalidArgument(f"model {name!r} is given twice")
+        specs.append(ModelSpec(name, resolve_model_dir(location)))
+    return specs
 
 
 ENCODER_FAMILIES = ("bert",)

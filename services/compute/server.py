@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=env("HMI_COMPUTE_ADDR", "127.0.0.1:50053"),
                         help="address to listen on [HMI_COMPUTE_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
-    parser.add_argument("--model", default=env("HMI_MODEL"), help="base model: name or local folder [HMI_MODEL]")
+    parser.add_argument("--model", default=env("HMI_MODEL"),
+                        help="the one base model this replica serves: NAME=DIR, minilm, smollm2 or a folder [HMI_MODEL]")
     parser.add_argument("--device", default=env("HMI_DEVICE", "auto"), help="auto, cpu or cuda[:N] [HMI_DEVICE]")
     parser.add_argument("--adapter-slots", type=int, default=env_int("HMI_ADAPTER_SLOTS", 128),
                         help="adapters resident in device memory [HMI_ADAPTER_SLOTS]")
@@ -58,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
     from hmi.v1 import compute_pb2_grpc as pb_grpc
     from services.common.adapter_format import parse_adapter
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, model_name, resolve_model_dir
+    from services.common.models import ModelDims, parse_model_specs
     from services.common.server import start_server, wait_for_termination
     from services.compute.adapter_pool import AdapterPool
     from services.compute.decoder_model import DecoderModel
@@ -72,7 +73,10 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model_dir = resolve_model_dir(args.model)
+    specs = parse_model_specs(args.model)
+    if len(specs) != 1:
+        raise SystemExit("a compute replica serves one base model: give --model once (start one replica per model)")
+    model_dir, served_name = specs[0].directory, specs[0].name
     dims = ModelDims.from_dir(model_dir)
     store = StoreClient(args.store)
     if dims.is_decoder:
@@ -87,14 +91,14 @@ def main(args: argparse.Namespace) -> None:
         engine = GenerationEngine(model, pool, None, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating)
         pipeline = None
-        servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model),
+        servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=served_name,
                                    engine=engine, pool=pool)
         mode = f"generation: KV cache {args.kv_cache_mib} MiB, <= {args.max_generating} sequences per step"
     else:
         engine = None
         pipeline = Pipeline(Executor(model, pool), pool, store,
                             execution_threads=execution_threads(args.execution_threads, device))
-        servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=model_name(args.model))
+        servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
                            ["hmi.v1.Compute"], metrics_port=args.metrics_port)

@@ -31,6 +31,7 @@ class ComputeServicer(pb_grpc.ComputeServicer):
         if self.pipeline is None:
             raise FailedPrecondition(f"this compute replica serves the decoder {self.model_name!r}: it generates "
                                      f"(Generate), it does not run classification batches")
+        self._check_model(spec.model for spec in request.sequences)
         dims = self.pipeline.pool.dims
         batch = PackedBatch.from_pb(request, num_layers=dims.layers, vocab=dims.vocab,
                                     max_positions=dims.max_positions, max_tokens=self.max_batch_tokens)
@@ -40,12 +41,19 @@ class ComputeServicer(pb_grpc.ComputeServicer):
                                                                      timings.execute_ms)
         return response
 
+    def _check_model(self, models) -> None:
+        wrong = {m for m in models if m and m != self.model_name}
+        if wrong:
+            raise FailedPrecondition(f"this compute replica serves base model {self.model_name!r}, not "
+                                     f"{sorted(wrong)[0]!r}: the gateway's --compute MODEL=ADDRESS mapping is wrong")
+
     @handles_stream_errors
     def Generate(self, request, context):
         if self.engine is None:
             raise FailedPrecondition(f"this compute replica serves the encoder {self.model_name!r}: it does not "
                                      f"generate")
         spec, params = request.sequence, request.params
+        self._check_model([spec.model])
         vocab = self.pool.dims.vocab
         prompt = np.asarray(request.prompt_ids, dtype=np.int64)
         if len(prompt) and (prompt.min() < 0 or prompt.max() >= vocab):

@@ -148,7 +148,8 @@ class Batcher:
             token_ids=encode_tensor(np.concatenate([item.token_ids for item in batch])),
             offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
             sequences=[pb.SequenceSpec(tenant_id=item.route.tenant_id, adapter_version=item.route.adapter_version,
-                                       domain=item.route.domain, split_layer=item.route.split_layer)
+                                       domain=item.route.domain, split_layer=item.route.split_layer,
+                                       model=item.route.model)
                        for item in batch],
             want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())

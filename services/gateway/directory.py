@@ -21,6 +21,7 @@ class TenantRoute:
     adapter_version: int
     domain: str
     split_layer: int
+    model: str = ""                     # base model; "" = the deployment's default
 
 
 class TenantDirectory:
@@ -40,7 +41,7 @@ class TenantDirectory:
         tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout)
         domain = self._domain(tenant.spec.domain, timeout, now)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
-                            domain.spec.split_layer)
+                            domain.spec.split_layer, tenant.spec.model or domain.model)
         with self._lock:
             self._cache[tenant_id] = (now, route)
         return route

@@ -9,9 +9,12 @@ from services.common.config import env, env_float, env_int, split_addresses
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=env("HMI_GATEWAY_ADDR"), help="address to listen on [HMI_GATEWAY_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
-    parser.add_argument("--compute", default=env("HMI_COMPUTE_ADDRS"),
-                        help="comma-separated compute addresses [HMI_COMPUTE_ADDRS]")
-    parser.add_argument("--model", default=env("HMI_MODEL"), help="base model (for its tokenizer) [HMI_MODEL]")
+    parser.add_argument("--compute", action="append", default=None,
+                        help="compute replicas: comma-separated addresses of the default model's replicas, or "
+                             "MODEL=ADDRESSES; repeat for each model [HMI_COMPUTE_ADDRS, ';'-separated]")
+    parser.add_argument("--model", action="append", default=None,
+                        help="base models served (for their tokenizers): NAME=DIR, minilm, smollm2 or a folder; "
+                             "repeat for several, the first is the default [HMI_MODEL, comma-separated]")
     parser.add_argument("--max-batch-tokens", type=int, default=env_int("HMI_MAX_BATCH_TOKENS", 8192))
     parser.add_argument("--max-batch-tenants", type=int, default=env_int("HMI_MAX_BATCH_TENANTS", 32),
                         help="distinct adapters per batch; keep below compute's slots / in-flight batches")
@@ -31,50 +34,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_GATEWAY_METRICS_PORT", 0))
 
 
+def compute_targets(values: list[str], models: list[str]) -> dict[str, list[str]]:
+    """`ADDRS` (the default model's replicas) or `MODEL=ADDRS`, per value -> model -> addresses."""
+    targets: dict[str, list[str]] = {}
+    for value in values:
+        model, _, addresses = value.rpartition("=") if "=" in value else ("", "", value)
+        model = model or models[0]
+        if model not in models:
+            raise SystemExit(f"--compute {value!r} names model {model!r}, which is not among --model {models}")
+        targets.setdefault(model, []).extend(split_addresses(addresses))
+    missing = [m for m in models if not targets.get(m)]
+    if missing:
+        raise SystemExit(f"no compute replicas for model(s) {missing}: add --compute MODEL=ADDRESS for each")
+    return targets
+
+
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
     from hmi.v1 import gateway_pb2_grpc as pb_grpc
     from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, eos_token_ids, load_tokenizer, resolve_model_dir
+    from services.common.models import ModelDims, eos_token_ids, load_tokenizer, parse_model_specs
     from services.common.rpc import channel
     from services.common.server import start_server, wait_for_termination
     from services.gateway.batcher import Batcher, BatcherSettings
     from services.gateway.directory import TenantDirectory
-    from services.gateway.router import Router
     from services.gateway.generation import GenerationLimits
-    from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport
+    from services.gateway.router import Router
+    from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport, ModelLane
     from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway")
-    model_dir = resolve_model_dir(args.model)
-    dims = ModelDims.from_dir(model_dir)
-    max_sequence_tokens = args.max_sequence_tokens
-    if dims.is_decoder:   # such deployments refuse Classify anyway; the limit only has to be valid
-        max_sequence_tokens = min(max_sequence_tokens, dims.max_positions)
-    if max_sequence_tokens > dims.max_positions:
-        raise SystemExit(f"--max-sequence-tokens {args.max_sequence_tokens} exceeds the model's "
-                         f"{dims.max_positions} positions")
+    models = parse_model_specs(args.model or env("HMI_MODEL"))
+    targets = compute_targets(args.compute or [v for v in (env("HMI_COMPUTE_ADDRS") or "").split(";") if v],
+                              [m.name for m in models])
     store = store_grpc.KnowledgeStoreStub(channel(args.store))
     directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl)
-    router = Router(split_addresses(args.compute), inflight_per_replica=args.inflight_per_compute)
-    batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
-                                              max_batch_tenants=args.max_batch_tenants,
-                                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue))
-    encoder = TextEncoder(model_dir, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts)
-    generation = None
-    if dims.is_decoder:
-        generation = GenerationSupport(load_tokenizer(model_dir),
-                                       GenerationLimits(max_new_tokens=args.max_new_tokens,
-                                                        max_prompt_tokens=args.max_prompt_tokens),
-                                       dims.max_positions, eos_token_ids(model_dir), router)
+    lanes: dict[str, ModelLane] = {}
+    for spec in models:
+        dims = ModelDims.from_dir(spec.directory)
+        max_sequence_tokens = args.max_sequence_tokens
+        if dims.is_decoder:   # decoders refuse Classify anyway; the limit only has to be valid
+            max_sequence_tokens = min(max_sequence_tokens, dims.max_positions)
+        if max_sequence_tokens > dims.max_positions:
+            raise SystemExit(f"--max-sequence-tokens {args.max_sequence_tokens} exceeds model {spec.name!r}'s "
+                             f"{dims.max_positions} positions")
+        router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute)
+        batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
+                                                  max_batch_tenants=args.max_batch_tenants,
+                                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue))
+        generation = None
+        if dims.is_decoder:
+            generation = GenerationSupport(load_tokenizer(spec.directory),
+                                           GenerationLimits(max_new_tokens=args.max_new_tokens,
+                                                            max_prompt_tokens=args.max_prompt_tokens),
+                                           dims.max_positions, eos_token_ids(spec.directory), router)
+        lanes[spec.name] = ModelLane(spec.name, TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens,
+                                                            max_texts=args.max_texts), batcher, router, generation)
 
     def register(server):
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(encoder, directory, batcher, generation=generation), server)
+        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(lanes, directory), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(store, directory), server)
 
     running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=64,
                            metrics_port=args.metrics_port)
     running.set_serving(True)
-    log.info("gateway serving on %s (store %s, compute %s, batches <= %d tokens / %d tenants, wait <= %.1f ms)",
-             args.listen, args.store, args.compute, args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms)
-    wait_for_termination(running, log, on_stop=batcher.close)
+    log.info("gateway serving on %s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms)",
+             args.listen, args.store, "; ".join(f"{name}: compute {','.join(targets[name])}" for name in lanes),
+             args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms)
+
+    def stop():
+        for lane in lanes.values():
+            lane.batcher.close()
+
+    wait_for_termination(running, log, on_stop=stop)

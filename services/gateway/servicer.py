@@ -36,6 +36,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class ModelLane:
+    """What the gateway holds for one base model: its tokenizer and limits, and its replicas' batcher."""
+    name: str
+    encoder: TextEncoder
+    batcher: Batcher
+    router: Router
+    generation: GenerationSupport | None = None   # decoders only
+
+
+@dataclass
 class GenerationSupport:
     """What Generate needs besides the tenant directory: the decoder's tokenizer and limits, and the replicas."""
     tokenizer: object
@@ -47,13 +57,19 @@ class GenerationSupport:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, encoder: TextEncoder, directory: TenantDirectory, batcher: Batcher,
-                 default_timeout: float = 30.0, generation: GenerationSupport | None = None) -> None:
-        self.encoder = encoder
+    def __init__(self, lanes: dict[str, ModelLane], directory: TenantDirectory, default_timeout: float = 30.0) -> None:
+        self.lanes = lanes
+        self.default_model = next(iter(lanes))
         self.directory = directory
-        self.batcher = batcher
         self.default_timeout = default_timeout
-        self.generation = generation
+
+    def _lane(self, route: TenantRoute) -> ModelLane:
+        lane = self.lanes.get(route.model or self.default_model)
+        if lane is None:
+            raise FailedPrecondition(f"tenant {route.tenant_id!r} belongs to base model {route.model!r}, which this "
+                                     f"gateway does not serve (models: {', '.join(self.lanes)}); start it with "
+                                     f"--model {route.model}=DIR and --compute {route.model}=ADDRESS")
+        return lane
 
     def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...]]:
         timeout = remaining_timeout(context, self.default_timeout)
@@ -64,9 +80,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if not route.labels:
             raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a decoder): "
                                      f"call Generate")
-        sequences = self.encoder.encode(list(request.texts), request.truncate)
+        lane = self._lane(route)
+        sequences = lane.encoder.encode(list(request.texts), request.truncate)
         work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
-        self.batcher.submit(work)
+        lane.batcher.submit(work)
         try:
             results = [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
         except FutureTimeout:
@@ -98,15 +115,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @handles_stream_errors
     def Generate(self, request, context):
         REQUESTS.labels("Generate").inc()
-        support = self.generation
-        if support is None:
-            raise FailedPrecondition("this deployment's base model is an encoder: it classifies and embeds, it does "
-                                     "not generate; use a decoder base model (e.g. --model smollm2)")
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
         route = self.directory.resolve(request.tenant_id, remaining_timeout(context, self.default_timeout))
         if route.labels:
             raise FailedPrecondition(f"tenant {request.tenant_id!r} is a classifier: call Classify or Embed")
+        support = self._lane(route).generation
+        if support is None:
+            raise FailedPrecondition(f"base model {route.model!r} is an encoder: it classifies and embeds, it does "
+                                     f"not generate")
         plan = plan_generation(support.tokenizer, request, support.limits, max_positions=support.max_positions,
                                eos_token_ids=support.eos_token_ids)
         call = self._start_generation(support, route, plan, context)
@@ -133,7 +150,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                             top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
                                             stop_token_ids=list(plan.stop_token_ids))
         spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
-                                        domain=route.domain, split_layer=route.split_layer)
+                                        domain=route.domain, split_layer=route.split_layer, model=route.model)
         return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
                                                                  params=params),
                                      timeout=remaining_timeout(context, support.timeout))

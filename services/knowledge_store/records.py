@@ -12,7 +12,7 @@ def domain_to_pb(record: dict[str, Any]) -> pb.Domain:
                            split_layer=record["split_layer"], context=record["context"],
                            min_count=record["min_count"], budget_bytes=record.get("budget_bytes", 0),
                            learn_threshold=record.get("learn_threshold", 0),
-                           no_position_offsets=not record.get("position_offsets", False)),
+                           no_position_offsets=not record.get("position_offsets", False), model=record["model"]),
         model=record["model"], hidden_size=record["hidden_size"], nodes=record["nodes"],
         nodes_per_depth=record["nodes_per_depth"], plot_bytes=record["plot_bytes"],
         corpus_sequences=record["corpus_sequences"], corpus_tokens=record["corpus_tokens"],
@@ -33,7 +33,7 @@ def adapt_to_pb(adapt: dict[str, Any] | None) -> pb.AdaptReport | None:
 def tenant_to_pb(record: dict[str, Any]) -> pb.Tenant:
     return pb.Tenant(
         spec=pb.TenantSpec(tenant_id=record["tenant_id"], domain=record["domain"], labels=record["labels"],
-                           rank=record["rank"], seed=record.get("seed", 0)),
+                           rank=record["rank"], seed=record.get("seed", 0), model=record.get("model", "")),
         adapter_version=record["adapter_version"], adapter_bytes=record["adapter_bytes"], rank=record["rank"],
         targets=record["targets"], layers=record["layers"], updated_at=record["updated_at"],
         split_layer=record["split_layer"])

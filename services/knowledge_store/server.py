@@ -9,7 +9,9 @@ from services.common.config import env, env_float, env_int
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=env("HMI_STORE_ADDR"), help="address to listen on [HMI_STORE_ADDR]")
     parser.add_argument("--data-dir", default=env("HMI_DATA_DIR"), help="where LMDB lives [HMI_DATA_DIR]")
-    parser.add_argument("--model", default=env("HMI_MODEL"), help="base model: name or local folder [HMI_MODEL]")
+    parser.add_argument("--model", action="append", default=None,
+                        help="base model: NAME=DIR, minilm, smollm2 or a folder; repeat for several (the first is "
+                             "the default) [HMI_MODEL, comma-separated]")
     parser.add_argument("--map-size-gib", type=int, default=env_int("HMI_STORE_MAP_SIZE_GIB", 64),
                         help="LMDB map size (upper bound of the store's size) [HMI_STORE_MAP_SIZE_GIB]")
     parser.add_argument("--default-rank", type=int, default=env_int("HMI_DEFAULT_RANK", 8),
@@ -29,13 +31,14 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
     from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
     from services.common.logs import setup_logging
-    from services.common.models import model_name, resolve_model_dir
+    from services.common.models import parse_model_specs
     from services.common.server import start_server, wait_for_termination
     from services.knowledge_store.servicer import KnowledgeStoreServicer
     from services.knowledge_store.store import KnowledgeStore, StoreSettings
     log = setup_logging("store")
-    model_dir = resolve_model_dir(args.model)
-    settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=model_dir, model_name=model_name(args.model),
+    models = parse_model_specs(args.model or env("HMI_MODEL"))
+    settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=models[0].directory, model_name=models[0].name,
+                             extra_models={spec.name: spec.directory for spec in models[1:]},
                              map_size=args.map_size_gib << 30, default_rank=args.default_rank,
                              default_budget_bytes=args.domain_budget_mib << 20,
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
@@ -46,6 +49,7 @@ def main(args: argparse.Namespace) -> None:
                                KnowledgeStoreServicer(store), server),
                            ["hmi.v1.KnowledgeStore"], metrics_port=args.metrics_port)
     running.set_serving(True)
-    log.info("knowledge store serving on %s (data %s, model %s, %d domains)", args.listen,
-             settings.data_dir.resolve(), model_dir, len(store.list_domains()))
+    log.info("knowledge store serving on %s (data %s, models %s, %d domains)", args.listen,
+             settings.data_dir.resolve(), ", ".join(f"{m.name}={m.directory}" for m in models),
+             len(store.list_domains()))
     wait_for_termination(running, log, on_stop=store.close)

@@ -93,13 +93,14 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                                                    self.store.settings.max_corpus_bytes)
         corpus = decode_corpus(corpus_bytes)
         self.store.validate_domain_spec(spec.name, spec.parent, spec.split_layer, spec.context, spec.min_count,
-                                        spec.budget_bytes, spec.learn_threshold)
+                                        spec.budget_bytes, spec.learn_threshold, spec.model)
 
         def work(progress):
             return self.store.build_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
-                position_offsets=not spec.no_position_offsets, progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
+                position_offsets=not spec.no_position_offsets, model=spec.model,
+                progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
                                                                                     total=total)))
         yield from stream_progress(work, context, f"build-{spec.name}")
 
@@ -113,7 +114,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         def work(progress):
             return self.store.adapt_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, settings=settings,
-                progress=lambda stage, done, total, loss: progress(pb.BuildDomainProgress(
+                model=spec.model, progress=lambda stage, done, total, loss: progress(pb.BuildDomainProgress(
                     stage=stage, done=done, total=total, loss=loss)))
         yield from stream_progress(work, context, f"adapt-{spec.name}")
 
@@ -147,7 +148,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         spec, adapter = read_spec_and_payload(request_iterator, "spec", "adapter_chunk",
                                               self.store.settings.max_adapter_bytes)
         record = self.store.put_tenant(spec.tenant_id, spec.domain, list(spec.labels), adapter or None,
-                                       rank=spec.rank, seed=spec.seed)
+                                       rank=spec.rank, seed=spec.seed, model=spec.model)
         return tenant_to_pb(record)
 
     @handles_errors

@@ -9,7 +9,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +51,7 @@ class StoreSettings:
     max_pending_contexts: int = 50_000        # distinct missing contexts counted per domain between flushes
     max_traffic_entries: int = 200_000        # counted contexts kept per domain in LMDB
     max_materialize: int = 1024               # contexts materialised per flush (the rest on their next lookup)
+    extra_models: dict[str, Path] = field(default_factory=dict)   # more base models: name -> folder
 
 
 DOMAIN_DEFAULTS = {"budget_bytes": 0, "learn_threshold": 0, "rows": None, "materialized": 0, "pruned": 0,
@@ -84,8 +85,11 @@ class KnowledgeStore:
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
         self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size)
-        self.dims = ModelDims.from_dir(settings.model_dir)
-        self._builder: PlotBuilder | None = None
+        # Several base models may share one store: every domain (and its tenants) belongs to one of them.
+        self.model_dirs = {settings.model_name: settings.model_dir, **settings.extra_models}
+        self.model_dims = {name: ModelDims.from_dir(path) for name, path in self.model_dirs.items()}
+        self.dims = self.model_dims[settings.model_name]      # the default model's
+        self._builders: dict[str, PlotBuilder] = {}
         self._adapted: dict[str, tuple[float, PlotBuilder]] = {}
         self._builder_lock = threading.Lock()
         self._build_lock = threading.Lock()
@@ -119,17 +123,37 @@ class KnowledgeStore:
 
     # ---- domains -------------------------------------------------------------------------------
 
-    def _base_builder(self) -> PlotBuilder:
+    def model_name(self, requested: str = "") -> str:
+        """A model this store serves ('' = the default one)."""
+        name = requested or self.settings.model_name
+        if name not in self.model_dims:
+            raise InvalidArgument(f"base model {name!r} is not served by this deployment (models: "
+                                  f"{', '.join(self.model_dims)}); start it with --model {name}=DIR")
+        return name
+
+    def dims_of(self, record: dict[str, Any]) -> ModelDims:
+        """The dimensions of the model a domain or tenant record belongs to."""
+        name = record.get("model") or self.settings.model_name
+        if name not in self.model_dims:
+            raise FailedPrecondition(f"{record.get('name') or record.get('tenant_id')!r} belongs to base model "
+                                     f"{name!r}, which this store was not started with (--model {name}=DIR)")
+        return self.model_dims[name]
+
+    def _base_builder(self, model: str) -> PlotBuilder:
         with self._builder_lock:
-            if self._builder is None:
-                log.info("loading lower model from %s", self.settings.model_dir)
-                self._builder = PlotBuilder(load_bert(self.settings.model_dir),
-                                            load_tokenizer(self.settings.model_dir), self.dims.vocab)
-            return self._builder
+            if model not in self._builders:
+                if self.model_dims[model].is_decoder:
+                    raise FailedPrecondition(f"model {model!r} is a decoder: PLOT for decoder models is not available "
+                                             f"yet; use split layer 0 for its domains")
+                log.info("loading lower model %s from %s", model, self.model_dirs[model])
+                self._builders[model] = PlotBuilder(load_bert(self.model_dirs[model]),
+                                                    load_tokenizer(self.model_dirs[model]),
+                                                    self.model_dims[model].vocab)
+            return self._builders[model]
 
     def _domain_builder(self, record: dict[str, Any]) -> PlotBuilder:
         """The builder running the domain's lower model: the base one, or its domain-adapted layers."""
-        base = self._base_builder()
+        base = self._base_builder(self.model_name(record.get("model", "")))
         if record.get("lower_model") != "adapted":
             return base
         with self._builder_lock:
@@ -140,15 +164,17 @@ class KnowledgeStore:
             weights = txn.get(record["name"].encode(), db=self.layout.db["lower"])
         if weights is None:
             raise FailedPrecondition(f"domain {record['name']!r} lost its adapted lower model; adapt it again")
-        builder = PlotBuilder(with_lower_layers(base.model, bytes(weights)), base.tokenizer, self.dims.vocab)
+        builder = PlotBuilder(with_lower_layers(base.model, bytes(weights)), base.tokenizer, base.vocab_size)
         with self._builder_lock:
             if len(self._adapted) >= 4:
                 self._adapted.pop(next(iter(self._adapted)))
             self._adapted[record["name"]] = (record["adapt"]["adapted_at"], builder)
         return builder
 
-    def row_bytes(self) -> int:
-        return self.dims.hidden * 2
+    @staticmethod
+    def row_bytes(record: dict[str, Any]) -> int:
+        """Bytes of one fp16 PLOT row of a domain."""
+        return record["hidden_size"] * 2
 
     def effective_budget(self, budget_bytes: int) -> int:
         return budget_bytes or self.settings.default_budget_bytes
@@ -159,12 +185,14 @@ class KnowledgeStore:
         return threshold if threshold > 0 else -1
 
     def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int,
-                             budget_bytes: int = 0, learn_threshold: int = 0) -> dict[str, Any] | None:
+                             budget_bytes: int = 0, learn_threshold: int = 0,
+                             model: str = "") -> dict[str, Any] | None:
         """Checks a spec against the model and the parent; returns the parent's record (None: a root)."""
         check_name("domain", name)
-        if not 0 <= split_layer < self.dims.layers:
-            raise InvalidArgument(f"split layer {split_layer} is outside 0..{self.dims.layers - 1} "
-                                  f"(the base model has {self.dims.layers} layers)")
+        dims = self.model_dims[self.model_name(model)]
+        if not 0 <= split_layer < dims.layers:
+            raise InvalidArgument(f"split layer {split_layer} is outside 0..{dims.layers - 1} "
+                                  f"(base model {self.model_name(model)!r} has {dims.layers} layers)")
         if not 1 <= context <= MAX_CONTEXT:
             raise InvalidArgument(f"context depth {context} is outside 1..{MAX_CONTEXT}")
         if min_count < 1:
@@ -176,6 +204,9 @@ class KnowledgeStore:
             if parent == name:
                 raise InvalidArgument("a domain cannot be its own parent")
             parent_record = self.get_domain(parent)
+            if (parent_record.get("model") or self.settings.model_name) != self.model_name(model):
+                raise InvalidArgument(f"a child domain must use its parent's base model: {parent!r} belongs to "
+                                      f"{parent_record.get('model')!r}")
             if parent_record["split_layer"] != split_layer or split_layer == 0:
                 raise InvalidArgument(f"a child domain must use its parent's split layer (> 0): {parent!r} has "
                                       f"split layer {parent_record['split_layer']}, this spec {split_layer}")
@@ -184,18 +215,21 @@ class KnowledgeStore:
                 if ancestor["parent"] == name:
                     raise InvalidArgument(f"parent {parent!r} descends from {name!r}: domains form a tree")
                 ancestor = self.get_domain(ancestor["parent"])
-        vocabulary_bytes = self.dims.vocab * self.row_bytes()
+        vocabulary_bytes = dims.vocab * dims.hidden * 2
         if split_layer > 0 and parent_record is None and self.effective_budget(budget_bytes) < vocabulary_bytes:
             raise InvalidArgument(f"budget of {self.effective_budget(budget_bytes)} bytes cannot hold the "
-                                  f"{self.dims.vocab} depth-1 rows of a root domain ({vocabulary_bytes} bytes)")
+                                  f"{dims.vocab} depth-1 rows of a root domain ({vocabulary_bytes} bytes)")
         return parent_record
 
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
-                     position_offsets: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+                     position_offsets: bool = True, progress: Progress | None = None,
+                     model: str = "") -> dict[str, Any]:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
-                                                  learn_threshold)
+                                                  learn_threshold, model)
+        model = self.model_name(model)
+        dims = self.model_dims[model]
         lines = corpus.splitlines()
         if split_layer > 0 and not any(line.strip() for line in lines):
             raise InvalidArgument("the corpus is empty: give at least one non-empty line of text")
@@ -203,10 +237,10 @@ class KnowledgeStore:
             started = time.time()
             existing = self._find_domain(name)
             if existing is not None:
-                self._check_rebuild(existing, split_layer)
+                self._check_rebuild(existing, split_layer, model)
             contents = None
             if split_layer > 0:
-                builder = self._domain_builder(existing) if existing else self._base_builder()
+                builder = self._domain_builder(existing) if existing else self._base_builder(model)
                 settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens,
                                          position_offsets=position_offsets)
                 contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
@@ -228,9 +262,9 @@ class KnowledgeStore:
                     **(record or {}), "id": domain_id, "name": name, "parent": parent if parent_record else "",
                     "split_layer": split_layer, "context": context, "min_count": min_count,
                     "budget_bytes": budget_bytes, "learn_threshold": learn_threshold,
-                    "model": self.settings.model_name, "hidden_size": self.dims.hidden,
+                    "model": model, "hidden_size": dims.hidden,
                     "nodes": sum(per_depth), "nodes_per_depth": per_depth, "rows": sum(per_depth),
-                    "plot_bytes": sum(per_depth) * self.row_bytes(), "materialized": 0, "pruned": 0,
+                    "plot_bytes": sum(per_depth) * dims.hidden * 2, "materialized": 0, "pruned": 0,
                     "traffic_entries": 0, "corpus_sequences": sum(1 for line in lines if line.strip()),
                     "corpus_tokens": tokens, "built_at": time.time(),
                     "generation": (record or {}).get("generation", 0) + 1,
@@ -247,7 +281,13 @@ class KnowledgeStore:
                      time.time() - started, record["lower_model"])
             return self._with_live_stats(record)
 
-    def _check_rebuild(self, existing: dict[str, Any], split_layer: int) -> None:
+    def _check_rebuild(self, existing: dict[str, Any], split_layer: int, model: str) -> None:
+        if (existing.get("model") or self.settings.model_name) != model:
+            users = [t["tenant_id"] for t in self.list_tenants(existing["name"])[0]]
+            children = [d["name"] for d in self.list_domains() if d.get("parent") == existing["name"]]
+            if users or children:
+                raise FailedPrecondition(f"domain {existing['name']!r} belongs to base model {existing.get('model')!r}"
+                                         f" and has tenants or children; delete them before moving it to {model!r}")
         if existing.get("lower_model") == "adapted" and existing["split_layer"] != split_layer:
             raise InvalidArgument(f"domain {existing['name']!r} has a lower model adapted for split layer "
                                   f"{existing['split_layer']}; build it with --split-layer "
@@ -260,12 +300,16 @@ class KnowledgeStore:
 
     def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1,
                      settings: AdaptSettings | None = None,
-                     progress: Callable[[str, int, int, float], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[str, int, int, float], None] | None = None,
+                     model: str = "") -> dict[str, Any]:
         """MLM-adapts the lower layers on the corpus and stores them as the domain's lower model.
 
         A new domain is created without a PLOT (build it next); an existing one keeps serving its current
         PLOT until it is rebuilt, unless the split layer changes (then the old PLOT no longer fits)."""
-        parent_record = self.validate_domain_spec(name, parent, split_layer, 1, 1)
+        parent_record = self.validate_domain_spec(name, parent, split_layer, 1, 1, model=model)
+        model = self.model_name(model)
+        if self.model_dims[model].is_decoder:
+            raise FailedPrecondition(f"domain adaptation (masked-LM) is for encoder models; {model!r} is a decoder")
         if split_layer < 1:
             raise InvalidArgument("domain adaptation needs split layer >= 1 (0 means no lower model)")
         settings = settings or AdaptSettings(split_layer)
@@ -280,8 +324,8 @@ class KnowledgeStore:
                 if users:
                     raise FailedPrecondition(f"domain {name!r} serves {len(users)} tenant(s) at split layer "
                                              f"{existing['split_layer']}; adapt it for that layer or delete them")
-                self._check_rebuild({**existing, "lower_model": "base"}, split_layer)
-            builder = self._base_builder()
+                self._check_rebuild({**existing, "lower_model": "base"}, split_layer, model)
+            builder = self._base_builder(model)
             sequences = builder.tokenize(lines, settings.max_tokens) if lines else []
             result = adapt_lower_layers(builder.model, builder.tokenizer, sequences, settings, progress)
             with self.layout.env.begin(write=True) as txn:
@@ -292,7 +336,7 @@ class KnowledgeStore:
                     record = {
                         "id": domain_id, "name": name, "parent": parent if parent_record else "",
                         "split_layer": split_layer, "context": 1, "min_count": 1, "budget_bytes": 0,
-                        "learn_threshold": 0, "model": self.settings.model_name, "hidden_size": self.dims.hidden,
+                        "learn_threshold": 0, "model": model, "hidden_size": self.model_dims[model].hidden,
                         "nodes": 0, "nodes_per_depth": [], "rows": 0, "plot_bytes": 0, "materialized": 0,
                         "pruned": 0, "traffic_entries": 0, "corpus_sequences": 0, "corpus_tokens": 0,
                         "built_at": 0.0, "generation": (record or {}).get("generation", 0) + 1,
@@ -369,12 +413,13 @@ class KnowledgeStore:
         if len(token_ids) > self.settings.max_lookup_tokens:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
                                   f"{self.settings.max_lookup_tokens}")
-        if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= self.dims.vocab):
-            raise InvalidArgument(f"token ids must lie in [0, {self.dims.vocab})")
         with self.layout.env.begin(buffers=True) as txn:
             record = self._domain_record(txn, domain)
             if record is None:
                 raise NotFound(f"domain {domain!r} does not exist")
+            vocab = self.dims_of(record).vocab
+            if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
+                raise InvalidArgument(f"token ids must lie in [0, {vocab})")
             if record["split_layer"] == 0:
                 raise FailedPrecondition(f"domain {domain!r} has split layer 0: it has no PLOT to look up")
             if not record["built_at"]:
@@ -398,26 +443,34 @@ class KnowledgeStore:
     # ---- tenants -------------------------------------------------------------------------------
 
     def put_tenant(self, tenant_id: str, domain: str, labels: list[str], adapter_bytes: bytes | None = None,
-                   *, rank: int = 0, seed: int = 0) -> dict[str, Any]:
-        """Registers or replaces a tenant; the adapter is validated against the model and the labels."""
+                   *, rank: int = 0, seed: int = 0, model: str = "") -> dict[str, Any]:
+        """Registers or replaces a tenant; the adapter is validated against the model and the labels.
+
+        The tenant's base model is its domain's; `model`, when given, must name the same one."""
         check_name("tenant id", tenant_id)
         labels = [label.strip() for label in labels]
-        if self.dims.is_decoder and labels:
-            raise InvalidArgument(f"the base model is a decoder ({self.dims.family}): its tenants generate text and "
-                                  f"take no labels")
-        if not self.dims.is_decoder and not 2 <= len(labels) <= MAX_LABELS:
+        domain_record = self.get_domain(domain)
+        model_of_domain = domain_record.get("model") or self.settings.model_name
+        if model and model != model_of_domain:
+            raise InvalidArgument(f"tenant {tenant_id!r} names base model {model!r} but domain {domain!r} belongs to "
+                                  f"{model_of_domain!r}; pick a domain of {model!r} (hmi domain build NAME --model "
+                                  f"{model} ...)")
+        dims = self.dims_of(domain_record)
+        if dims.is_decoder and labels:
+            raise InvalidArgument(f"base model {model_of_domain!r} is a decoder ({dims.family}): its tenants generate "
+                                  f"text and take no labels")
+        if not dims.is_decoder and not 2 <= len(labels) <= MAX_LABELS:
             raise InvalidArgument(f"a classifier needs 2..{MAX_LABELS} labels, got {len(labels)}")
         if any(not label for label in labels) or len(set(labels)) != len(labels):
             raise InvalidArgument("labels must be non-empty and distinct")
-        domain_record = self.get_domain(domain)
         split_layer = domain_record["split_layer"]
         if adapter_bytes:
             if len(adapter_bytes) > self.settings.max_adapter_bytes:
                 raise InvalidArgument(f"adapter of {len(adapter_bytes)} bytes exceeds the limit of "
                                       f"{self.settings.max_adapter_bytes}")
-            adapter = parse_adapter(adapter_bytes, self.dims, num_labels=len(labels), min_layer=split_layer)
+            adapter = parse_adapter(adapter_bytes, dims, num_labels=len(labels), min_layer=split_layer)
         else:
-            adapter = random_adapter(self.dims, num_labels=len(labels), rank=rank or self.settings.default_rank,
+            adapter = random_adapter(dims, num_labels=len(labels), rank=rank or self.settings.default_rank,
                                      first_layer=split_layer, targets=DEFAULT_TARGETS, seed=seed or None)
             adapter_bytes = serialize_adapter(adapter)
         with self.layout.env.begin(write=True) as txn:
@@ -429,6 +482,7 @@ class KnowledgeStore:
                 "adapter_version": (previous["adapter_version"] + 1) if previous else 1,
                 "adapter_bytes": len(adapter_bytes), "rank": adapter.rank, "targets": list(adapter.targets),
                 "layers": adapter.layers, "updated_at": time.time(), "split_layer": split_layer, "seed": seed,
+                "model": model_of_domain,
             }
             self.layout.put_json(txn, "tenants", tenant_id, record)
             txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
@@ -442,7 +496,7 @@ class KnowledgeStore:
             record = self.layout.get_json(txn, "tenants", tenant_id)
         if record is None:
             raise NotFound(f"tenant {tenant_id!r} is not registered")
-        return record
+        return {"model": self.settings.model_name, **record}   # records from before several models: the default
 
     def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> tuple[list[dict[str, Any]], int]:
         with self.layout.env.begin() as txn:
@@ -452,7 +506,7 @@ class KnowledgeStore:
                     continue
                 total += 1
                 if tenant_id > after and (not limit or len(selected) < limit):
-                    selected.append(record)
+                    selected.append({"model": self.settings.model_name, **record})
         return selected, total
 
     def delete_tenant(self, tenant_id: str) -> None:

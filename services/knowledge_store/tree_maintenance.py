@@ -103,7 +103,7 @@ class TreeMaintenance:
                 where.append((index, sample.position))
         if not batch:
             return 0, 0
-        sums = np.zeros((len(keys), self.store.dims.hidden), dtype=np.float64)
+        sums = np.zeros((len(keys), record["hidden_size"]), dtype=np.float64)
         seen = np.zeros(len(keys), dtype=np.int64)
         table = self.store._offsets(record)   # node + offset[position] should give the states seen
         shift = table[-1] if table is not None else None
@@ -132,7 +132,7 @@ class TreeMaintenance:
                     txn.delete(key, db=self.store.layout.db["traffic"])
                     current["traffic_entries"] -= 1
             rows, current["rows"] = tree.allocate_rows(self.store.layout, txn, current["id"], current["rows"], len(chosen))
-            tree.write_rows(self.store.layout, txn, current["id"], self.store.dims.hidden, rows, vectors[chosen])
+            tree.write_rows(self.store.layout, txn, current["id"], current["hidden_size"], rows, vectors[chosen])
             for row, index in zip(rows, chosen):
                 key = keys[index]
                 path = path_of(key)
@@ -144,7 +144,7 @@ class TreeMaintenance:
                 current["nodes_per_depth"][len(path) - 1] += 1
             current["nodes"] += len(chosen)
             current["materialized"] = current.get("materialized", 0) + len(chosen)
-            current["plot_bytes"] = current["nodes"] * self.store.row_bytes()
+            current["plot_bytes"] = current["nodes"] * self.store.row_bytes(record)
             pruned = self.prune(txn, current)
             self.store.layout.put_json(txn, "domains", current["name"], current)
         if chosen:
@@ -157,8 +157,8 @@ class TreeMaintenance:
         budget = self.store.effective_budget(record.get("budget_bytes", 0))
         removed_total = 0
         min_depth = 1 if record.get("parent") else 2   # a root's depth-1 nodes are every lookup's last resort
-        while record["nodes"] * self.store.row_bytes() > budget:
-            excess = record["nodes"] - budget // self.store.row_bytes()
+        while record["nodes"] * self.store.row_bytes(record) > budget:
+            excess = record["nodes"] - budget // self.store.row_bytes(record)
             leaves = sorted(tree.leaves(self.store.layout, txn, record["id"], min_depth), key=lambda leaf: leaf.count)
             if not leaves:
                 break
@@ -168,5 +168,5 @@ class TreeMaintenance:
             record["nodes"] -= sum(removed)
             removed_total += sum(removed)
         record["pruned"] = record.get("pruned", 0) + removed_total
-        record["plot_bytes"] = record["nodes"] * self.store.row_bytes()
+        record["plot_bytes"] = record["nodes"] * self.store.row_bytes(record)
         return removed_total
