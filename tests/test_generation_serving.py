@@ -92,6 +92,28 @@ def test_greedy_generation_of_staggered_tenants_equals_transformers(suite):
         assert text == tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
 
 
+def test_generation_from_plot_at_split_layer_two(suite):
+    """The prompt's layer-2 states come from the store's PLOT (exact here: a one-line corpus whose tokens
+    are all distinct, context deep enough for every prefix), generated tokens' by window lookups."""
+    family, model_dir, _services, client, _adapters = suite
+    line = "the service was quick and very good for every one of us"
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer.encode(line).ids
+    assert len(set(ids)) == len(ids), "the corpus line must not repeat a token"
+    client.build_domain("plot2", line, split_layer=2, context=16, min_count=1)
+    dims = ModelDims.from_dir(model_dir)
+    data = serialize_adapter(random_adapter(dims, num_labels=0, rank=4, first_layer=2, targets=TARGETS[family],
+                                            seed=9))
+    client.register_tenant("plot-writer", "plot2", [], data)
+    adapter = parse_adapter(data, dims, num_labels=0)
+    prompt = " ".join(line.split()[:5])
+    assert tokenizer.encode(prompt).ids == ids[:len(tokenizer.encode(prompt).ids)]
+    _text, first, _reason, _ = collect(client.generate("plot-writer", prompt, max_new_tokens=1))
+    assert first == reference_tokens(model_dir, adapter, tokenizer.encode(prompt).ids, 1)
+    _text, more, reason, _ = collect(client.generate("plot-writer", prompt, max_new_tokens=8))
+    assert more[0] == first[0] and (len(more) == 8 or reason == "stop")
+
+
 def test_seeds_stop_strings_and_limits(suite):
     _family, model_dir, services, client, _adapters = suite
     sampled = dict(max_new_tokens=12, temperature=1.2, top_k=50, top_p=0.95)

@@ -154,14 +154,18 @@ class DeleteDomainResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("domain", "token_ids", "offsets")
+    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     domain: str
     token_ids: _tensor_pb2.Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+    first_positions: _containers.RepeatedScalarFieldContainer[int]
+    context_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupHeader(_message.Message):
     __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts")

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -26,8 +27,10 @@ from services.compute.decoder_model import DecoderModel, KVCache, StepInputs, ca
 
 log = logging.getLogger("hmi.compute.generation")
 
-# (domain, token windows, first position of each window) -> layer-L rows (fp16) of every window token
-PlotLookup = Callable[[str, list[np.ndarray], list[int]], list[np.ndarray]]
+# (domain, token windows, first position of each window, leading context-only tokens per window)
+#   -> layer-L rows (fp16) of each window's other tokens
+PlotLookup = Callable[[str, list[np.ndarray], list[int], list[int]], list[np.ndarray]]
+PLOT_WINDOW = 16   # tokens sent for a generated token's lookup: itself and its left context (the deepest k)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class _Sequence:
     pending: list[int] = field(default_factory=list)     # fed at the next step
     generated: int = 0
     generator: torch.Generator | None = None
+    prompt_rows: Future | None = None                     # PLOT rows of the prompt, fetched ahead
 
 
 @dataclass
@@ -129,6 +133,7 @@ class GenerationEngine:
         self._kv_used = 0
         self._cond = threading.Condition()
         self._stop = False
+        self._prefetch = ThreadPoolExecutor(max_workers=4, thread_name_prefix="plot-prefetch")
         self._thread = threading.Thread(target=self._loop, name="generate", daemon=True)
         self._thread.start()
 
@@ -145,9 +150,8 @@ class GenerationEngine:
                                   f"exceeds the model's {dims.max_positions} positions")
         if not 0 <= request.split_layer < dims.layers:
             raise InvalidArgument(f"split layer {request.split_layer} is outside [0, {dims.layers})")
-        if request.split_layer > 0:
-            raise FailedPrecondition(f"domain {request.domain!r} has split layer {request.split_layer}: PLOT for "
-                                     f"decoder models is not available yet; use a domain with split layer 0")
+        if request.split_layer > 0 and self.plot is None:
+            raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
         kv_bytes = length * cache_bytes_per_token(dims, dims.layers - request.split_layer)
         if kv_bytes > self.kv_budget_bytes:
             raise ResourceExhausted(f"this request needs {kv_bytes >> 20} MiB of KV cache, more than compute's whole "
@@ -155,6 +159,9 @@ class GenerationEngine:
         sequence = _Sequence(request, TokenStream(), kv_bytes, tokens=[int(t) for t in request.prompt],
                              pending=[int(t) for t in request.prompt])
         sequence.generator = torch.Generator().manual_seed(params.seed)
+        if request.split_layer > 0:   # the prompt's rows stream in while earlier requests' steps run
+            prompt = np.asarray(request.prompt, dtype=np.int32)
+            sequence.prompt_rows = self._prefetch.submit(self.plot, request.domain, [prompt], [0], [0])
         with self._cond:
             if self._stop:
                 raise FailedPrecondition("the generation engine is shutting down")
@@ -176,6 +183,7 @@ class GenerationEngine:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -266,7 +274,8 @@ class GenerationEngine:
                     self._finish(sequence)
 
     def _inputs(self, order: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Every sequence's new tokens at layer 0 (split layer 0: PLOT for decoders is not built yet)."""
+        """Every sequence's new tokens at its entry layer: embeddings at split layer 0, else PLOT rows by
+        context (a prompt's were prefetched at submit; a generated token's come in one lookup per domain)."""
         lengths = [len(s.pending) for s in order]
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tolist()
         hidden = torch.empty(bounds[-1], self.model.dims.hidden, device=self.model.device)
@@ -280,6 +289,26 @@ class GenerationEngine:
             for j in embed:
                 hidden[bounds[j]:bounds[j + 1]] = rows[cursor:cursor + lengths[j]]
                 cursor += lengths[j]
+        by_domain: dict[str, list[int]] = {}
+        for j, sequence in enumerate(order):
+            if sequence.request.split_layer == 0:
+                continue
+            if sequence.prompt_rows is not None:
+                rows = sequence.prompt_rows.result()[0]
+                sequence.prompt_rows = None
+                hidden[bounds[j]:bounds[j + 1]] = torch.from_numpy(np.asarray(rows, np.float32)).to(hidden.device)
+            else:
+                by_domain.setdefault(sequence.request.domain, []).append(j)
+        for domain, members in by_domain.items():
+            windows, firsts, skips = [], [], []
+            for j in members:
+                tokens = order[j].tokens
+                start = max(0, len(tokens) - PLOT_WINDOW)
+                windows.append(np.asarray(tokens[start:], dtype=np.int32))
+                firsts.append(start)
+                skips.append(len(tokens) - start - lengths[j])
+            for j, rows in zip(members, self.plot(domain, windows, firsts, skips)):
+                hidden[bounds[j]:bounds[j + 1]] = torch.from_numpy(np.asarray(rows, np.float32)).to(hidden.device)
         return hidden, bounds
 
 

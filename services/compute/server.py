@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> None:
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
     if dims.is_decoder:
-        engine = GenerationEngine(model, pool, None, kv_budget_bytes=args.kv_cache_mib << 20,
+        engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating)
         pipeline = None
         servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=served_name,

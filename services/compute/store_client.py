@@ -31,6 +31,17 @@ class StoreClient:
         request = lookup_request(domain, token_ids, offsets)
         return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
 
+    def plot_rows(self, domain: str, windows: list[np.ndarray], first_positions: list[int],
+                  context_tokens: list[int], timeout: float | None = None) -> list[np.ndarray]:
+        """Layer-L rows (fp16) of each window's tokens after its first `context_tokens` (left context only)."""
+        offsets = np.concatenate([[0], np.cumsum([len(w) for w in windows])]).astype(np.int64)
+        request = lookup_request(domain, np.concatenate(windows), offsets)
+        request.first_positions.extend(first_positions)
+        request.context_tokens.extend(context_tokens)
+        reply = read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+        kept = np.concatenate([[0], np.cumsum([len(w) - c for w, c in zip(windows, context_tokens)])])
+        return [reply.vectors[kept[i]:kept[i + 1]] for i in range(len(windows))]
+
     def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
         stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
                                       timeout=timeout or self.timeout)

@@ -78,11 +78,13 @@ def clear_domain(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int) -> 
 
 
 def lookup(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], context: int, hidden: int,
-           token_ids: np.ndarray, offsets: np.ndarray, *, collect: bool = False) -> LookupResult:
+           token_ids: np.ndarray, offsets: np.ndarray, *, collect: bool = False,
+           skip: list[int] | None = None) -> LookupResult:
     """Deepest-context vector for every token of every packed sequence, in one read transaction.
 
     `chain` is the domain's id, then its ancestors' ids. With `collect`, also reports which node served
-    each token and the contexts that went deeper than the tree (what traffic learning counts)."""
+    each token and the contexts that went deeper than the tree (what traffic learning counts). `skip`:
+    per sequence, how many leading tokens are left context only (their rows are left unset)."""
     nodes, blocks = layout.db["nodes"], layout.db["blocks"]
     row_bytes = hidden * 2
     out = np.empty((len(token_ids), hidden), dtype=np.float16)
@@ -93,7 +95,7 @@ def lookup(layout: StoreLayout, txn: lmdb.Transaction, chain: list[int], context
     block_cache: dict[tuple[int, int], memoryview] = {}
     tokens = token_ids.tolist()
     for sequence, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-        for position in range(start, end):
+        for position in range(start + (skip[sequence] if skip else 0), end):
             found, owner, found_key, depth = None, 0, b"", 0
             available = min(context, position - start + 1)
             for depth_try in range(1, available + 1):

@@ -50,7 +50,25 @@ def with_layers(model, layers: list[torch.nn.Module]):
 
 def lower_model(model, split_layer: int):
     """The same transformers model with only layers [0, L): shares every weight, runs only what PLOT needs."""
+    if is_decoder_base(model):
+        return with_decoder_layers(model, split_layer)
     return with_layers(model, list(model.encoder.layer)[:split_layer])
+
+
+def is_decoder_base(model) -> bool:
+    return model.config.model_type in ("gpt2", "llama")
+
+
+def with_decoder_layers(model, split_layer: int):
+    """A shallow copy of a GPT2Model / LlamaModel running blocks [0, L) and no final norm, so its last hidden
+    state is the residual stream that block L reads (what the upper layers in compute take as input)."""
+    copied = copy.copy(model)
+    copied._modules = dict(model._modules)
+    blocks = "h" if model.config.model_type == "gpt2" else "layers"
+    norm = "ln_f" if model.config.model_type == "gpt2" else "norm"
+    copied._modules[blocks] = torch.nn.ModuleList(list(getattr(model, blocks))[:split_layer])
+    copied._modules[norm] = torch.nn.Identity()
+    return copied
 
 
 def pad_batch(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,19 +97,26 @@ class PlotBuilder:
         cached = self._isolated.get(split_layer)
         if cached is not None:
             return cached
-        cls_id, sep_id = self._specials()
+        decoder = is_decoder_base(self.model)
+        cls_id, sep_id = (None, None) if decoder else self._specials()
         vectors = torch.empty(self.vocab_size, self.model.config.hidden_size)
         step = 1024
         for start in range(0, self.vocab_size, step):
             tokens = range(start, min(start + step, self.vocab_size))
-            hidden, _ = self.lower_outputs([[cls_id, token, sep_id] for token in tokens], split_layer)
-            vectors[start:start + len(tokens)] = hidden[:, 1]
+            if decoder:   # a causal model sees a token alone at the start of a text
+                hidden, _ = self.lower_outputs([[token] for token in tokens], split_layer)
+                vectors[start:start + len(tokens)] = hidden[:, 0]
+            else:
+                hidden, _ = self.lower_outputs([[cls_id, token, sep_id] for token in tokens], split_layer)
+                vectors[start:start + len(tokens)] = hidden[:, 1]
             report("vocabulary", start + len(tokens), self.vocab_size)
         self._isolated[split_layer] = vectors
         return vectors
 
     def tokenize(self, lines: list[str], max_tokens: int) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(lines)
+        if is_decoder_base(self.model):   # a causal model's text is cut at its end
+            return [enc.ids[:max_tokens] for enc in encodings]
         return [enc.ids[:max_tokens - 1] + enc.ids[-1:] if len(enc.ids) > max_tokens else enc.ids
                 for enc in encodings]
 
@@ -99,6 +124,9 @@ class PlotBuilder:
     def lower_outputs(self, batch: list[list[int]], split_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-L hidden states [B, T, H] of padded sequences and their mask, from plain transformers."""
         input_ids, mask = pad_batch(batch)
+        if is_decoder_base(self.model):   # right padding: a causal model's real tokens never see it
+            output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            return output.last_hidden_state, mask
         output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask,
                                                        token_type_ids=torch.zeros_like(input_ids))
         return output.last_hidden_state, mask

@@ -83,6 +83,24 @@ def stream_progress(work, context, thread_name: str) -> Iterator[pb.BuildDomainP
     yield pb.BuildDomainProgress(stage="done", done=1, total=1, domain=domain_to_pb(outcome["record"]))
 
 
+def window_fields(request, offsets: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """first_positions and context_tokens: absent, or one non-negative value per sequence."""
+    sequences = len(offsets) - 1
+    fields = []
+    for name in ("first_positions", "context_tokens"):
+        values = list(getattr(request, name))
+        if not values:
+            fields.append(None)
+            continue
+        if len(values) != sequences or min(values) < 0:
+            raise InvalidArgument(f"{name} needs one non-negative value per sequence ({sequences}), got {values[:8]}")
+        fields.append(np.asarray(values, dtype=np.int64))
+    first, skip = fields
+    if skip is not None and (skip >= np.diff(offsets)).any():
+        raise InvalidArgument("context_tokens must leave at least one token of each sequence to look up")
+    return first, skip
+
+
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def __init__(self, store: KnowledgeStore) -> None:
         self.store = store
@@ -135,7 +153,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def Lookup(self, request, context) -> Iterator[pb.LookupResponse]:
         token_ids = decode_tensor(request.token_ids, field="token_ids", expect_dtype="int32", expect_ndim=1)
         offsets = validate_offsets(request.offsets, len(token_ids))
-        record, result = self.store.lookup(request.domain, token_ids, offsets)
+        first, skip = window_fields(request, offsets)
+        record, result = self.store.lookup(request.domain, token_ids, offsets, first_positions=first,
+                                           context_tokens=skip)
         depth_counts = np.bincount(result.hit_depths, minlength=record["context"] + 1)[1:]
         yield pb.LookupResponse(header=pb.LookupHeader(
             dtype="float16", shape=list(result.vectors.shape), split_layer=record["split_layer"],

@@ -18,7 +18,7 @@ import numpy as np
 from services.common.adapter_format import (DEFAULT_TARGETS, parse_adapter, random_adapter,
                                             serialize_adapter)
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.models import ModelDims, load_bert, load_tokenizer
+from services.common.models import ModelDims, load_bert, load_causal_lm, load_tokenizer
 from services.knowledge_store import knowledge_tree as tree
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers, with_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
@@ -72,6 +72,11 @@ def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
     """Position of every packed token within its own sequence."""
     lengths = np.diff(offsets)
     return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
+
+
+def decoder_base(causal_lm):
+    """The GPT2Model / LlamaModel inside a causal LM (the lower layers live there; no LM head needed)."""
+    return causal_lm.transformer if causal_lm.config.model_type == "gpt2" else causal_lm.model
 
 
 def check_name(kind: str, name: str) -> str:
@@ -142,13 +147,11 @@ class KnowledgeStore:
     def _base_builder(self, model: str) -> PlotBuilder:
         with self._builder_lock:
             if model not in self._builders:
-                if self.model_dims[model].is_decoder:
-                    raise FailedPrecondition(f"model {model!r} is a decoder: PLOT for decoder models is not available "
-                                             f"yet; use split layer 0 for its domains")
                 log.info("loading lower model %s from %s", model, self.model_dirs[model])
-                self._builders[model] = PlotBuilder(load_bert(self.model_dirs[model]),
-                                                    load_tokenizer(self.model_dirs[model]),
-                                                    self.model_dims[model].vocab)
+                folder = self.model_dirs[model]
+                decoder = self.model_dims[model].is_decoder
+                base = decoder_base(load_causal_lm(folder)) if decoder else load_bert(folder)
+                self._builders[model] = PlotBuilder(base, load_tokenizer(folder), self.model_dims[model].vocab)
             return self._builders[model]
 
     def _domain_builder(self, record: dict[str, Any]) -> PlotBuilder:
@@ -407,9 +410,14 @@ class KnowledgeStore:
             chain.append(record["id"])
         return chain
 
-    def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
-               context: int = 0) -> tuple[dict[str, Any], LookupResult]:
-        """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k."""
+    def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray, context: int = 0,
+               first_positions: np.ndarray | None = None,
+               context_tokens: np.ndarray | None = None) -> tuple[dict[str, Any], LookupResult]:
+        """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k.
+
+        A generating decoder sends a window of recent tokens per sequence: `first_positions` gives the
+        position of each window's first token in its text (for position offsets) and `context_tokens` how
+        many leading tokens are only left context; the result then holds the other tokens' rows only."""
         if len(token_ids) > self.settings.max_lookup_tokens:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
                                   f"{self.settings.max_lookup_tokens}")
@@ -428,10 +436,18 @@ class KnowledgeStore:
             learning = not context and self.effective_threshold(record.get("learn_threshold", 0)) > 0
             cap = min(context or MAX_CONTEXT, record["context"])
             chain = self._chain(txn, record)
+            skip = None if context_tokens is None else context_tokens.tolist()
             result = tree.lookup(self.layout, txn, chain, cap, record["hidden_size"], token_ids, offsets,
-                                 collect=learning)
-            if len(token_ids):   # each token gets the position offsets of the domain whose node served it
-                positions = positions_in_sequences(offsets)
+                                 collect=learning, skip=skip)
+            positions = positions_in_sequences(offsets)
+            if first_positions is not None:
+                positions = positions + np.repeat(first_positions, np.diff(offsets))
+            if skip is not None:
+                wanted = positions_in_sequences(offsets) >= np.repeat(context_tokens, np.diff(offsets))
+                result.vectors, result.hit_depths, result.owners = (result.vectors[wanted], result.hit_depths[wanted],
+                                                                    result.owners[wanted])
+                positions = positions[wanted]
+            if len(result.vectors):   # each token gets the position offsets of the domain whose node served it
                 for link, domain_id in enumerate(chain):
                     table = tree.read_offsets(self.layout, txn, domain_id)
                     served = result.owners == link
