@@ -175,21 +175,38 @@ def cmd_tenant_register(args) -> int:
 
 def cmd_tenant_train(args) -> int:
     from hmi.progress import TrainBar
-    from services.common.models import resolve_model_dir
-    from services.training.tenant_training import train_tenant
+    from services.common.models import KNOWN_MODELS, ModelDims, resolve_model_dir
+    from services.training.tenant_training import train_generative_tenant, train_tenant
 
     progress = TrainBar(sys.stderr)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     with _client(args) as client:
-        report = train_tenant(client, resolve_model_dir(args.model), args.domain, Path(args.train),
-                              Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
-                              learning_rate=args.learning_rate, batch_size=args.batch_size, max_train=args.max_train,
-                              seed=args.seed, progress=progress)
-        progress.close()
-        print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
-              f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
-        tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)
-    print(f"tenant {tenant.spec.tenant_id}: domain {tenant.spec.domain}, labels {','.join(tenant.spec.labels)}, "
+        domain = client.get_domain(args.domain)
+        # --model, else the domain's base model when it is a packaged one, else HMI_MODEL.
+        model_dir = resolve_model_dir(args.model or (domain.model if domain.model in KNOWN_MODELS
+                                                     else env("HMI_MODEL").split(",")[0]))
+        if ModelDims.from_dir(model_dir).is_decoder:
+            report = train_generative_tenant(
+                client, model_dir, args.domain, Path(args.train), Path(args.eval) if args.eval else None,
+                epochs=args.epochs, rank=args.rank, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                max_train=args.max_train, max_steps=args.max_steps, seed=args.seed, progress=progress,
+                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+            progress.close()
+            print(f"trained on {report.train_texts} texts; held-out perplexity {report.base_perplexity:.2f} (base) "
+                  f"-> {report.eval_perplexity:.2f} (tenant) on {report.eval_texts} texts "
+                  f"(final loss {report.final_loss:.4f})")
+            tenant = client.register_tenant(args.tenant_id, args.domain, [], report.adapter)
+        else:
+            report = train_tenant(client, model_dir, args.domain, Path(args.train),
+                                  Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
+                                  learning_rate=args.learning_rate, batch_size=args.batch_size,
+                                  max_train=args.max_train, seed=args.seed, progress=progress)
+            progress.close()
+            print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
+                  f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
+            tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)
+    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
+    print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
     return 0
 
@@ -361,13 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
     p.set_defaults(func=cmd_tenant_register)
-    p = client_parser("train", help="train the tenant's LoRA adapter and head on PLOT outputs, then register it")
+    p = client_parser("train", help="train the tenant's LoRA adapter (and head) on PLOT outputs, then register it")
     p.add_argument("tenant_id")
     p.add_argument("--domain", required=True)
-    p.add_argument("--train", required=True, help="JSONL of {\"text\", \"label\"}")
-    p.add_argument("--eval", help="JSONL of {\"text\", \"label\"} for the accuracy report")
+    p.add_argument("--train", required=True, help="classifiers: JSONL of {\"text\", \"label\"}; generative "
+                                                  "tenants (decoder models): a text file, one text per line")
+    p.add_argument("--eval", help="held-out data in the same format, for the accuracy (or perplexity) report")
     p.add_argument("--labels", help="comma-separated class names in head order (default: sorted labels of --train)")
-    p.add_argument("--model", default=env("HMI_MODEL"), help="base model of the deployment [HMI_MODEL]")
+    p.add_argument("--model", default=None, help="the domain's base model folder (default: the domain's packaged "
+                                                 "model, else HMI_MODEL)")
+    p.add_argument("--max-steps", type=int, default=0, help="generative tenants: stop after N steps (0: epochs)")
+    p.add_argument("--targets", default="query,value",
+                   help="generative tenants: projections that get LoRA (query,key,value,attn_out,ffn_in,ffn_out; "
+                        "Llama also ffn_gate)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)

@@ -30,6 +30,7 @@ def retry_until_served(call, *args, timeout: float = 20.0):
 
 def tiny_decoder(family: str, folder, vocab: int = 1000):
     """A random-weight GPT-2 or Llama (grouped-query attention: 4 heads over 2 key/value heads), 4 layers,
+    weights drawn wider than transformers' default so the tied LM head can express peaked distributions,
     with a byte-level BPE tokenizer trained here on the demo corpus (<pad>, <s>, </s> = ids 0, 1, 2)."""
     from pathlib import Path
 
@@ -47,12 +48,12 @@ def tiny_decoder(family: str, folder, vocab: int = 1000):
     torch.manual_seed(0)
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=128,
-                                           bos_token_id=1, eos_token_id=2))
+                                           bos_token_id=1, eos_token_id=2, initializer_range=0.15))
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                             tie_word_embeddings=True))
+                                             tie_word_embeddings=True, initializer_range=0.15))
     model.save_pretrained(folder)
     tokenizer.save(str(Path(folder) / "tokenizer.json"))
     return Path(folder)

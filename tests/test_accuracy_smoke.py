@@ -37,3 +37,25 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
     assert deeper[2] > deeper[1], "a deeper context keeps more nodes"
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "full model + LoRA" in result.stdout
+
+
+def test_perplexity_study_writes_its_json_and_a_plot(tmp_path):
+    from tests.helpers import tiny_decoder
+    model_dir = tiny_decoder("llama", tmp_path / "llama")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(4)
+    for name, count in (("train.jsonl", 40), ("validation.jsonl", 10)):
+        (data / name).write_text("\n".join(json.dumps(row) for row in sample(rng, count)))
+    out = tmp_path / "out" / "ppl.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "perplexity.py"), "--data", str(data),
+                             "--model", str(model_dir), "--split-layers", "0,2", "--train-texts", "20",
+                             "--eval-texts", "10", "--steps", "8", "--learning-rate", "0.02", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["split_layer"] for r in rows] == [0, 2]
+    assert rows[0]["plot_bytes"] == 0 and rows[1]["plot_bytes"] > 0
+    for row in rows:
+        assert row["perplexity"] < row["base_perplexity"], "training must lower held-out perplexity"
+    assert out.with_suffix(".png").stat().st_size > 1000

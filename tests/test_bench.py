@@ -61,3 +61,37 @@ def test_bench_command_writes_the_documented_json(tmp_path, tiny_model_dir):
     assert report["hmi_over_peft_throughput"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "HMI throughput" in result.stdout
+
+
+def test_generation_workload_peft_and_hmi_agree_and_the_command_reports_tokens(tmp_path):
+    """Greedy generation at split layer 0: PEFT (static batches) and HMI (continuous batching) produce the
+    same tokens for the same tenants and prompts; `hmi bench --task generate` reports tokens/s, TTFT, ITL."""
+    from hmi.bench.generation_systems import HmiGenerateSystem, PeftGenerateSystem
+    from hmi.bench.systems import BenchSettings
+    from tests.helpers import tiny_decoder
+    model_dir = tiny_decoder("llama", tmp_path / "llama")
+    settings = BenchSettings(model_dir=model_dir, split_layer=0)
+    requests = make_requests(WorkloadSpec(tenants=4, seed=2), 8)
+    outputs = {}
+    for system_class in (PeftGenerateSystem, HmiGenerateSystem):
+        system = system_class(settings, 4)
+        try:
+            outputs[system.name] = [system.generate(r.tenant, r.text, 6) for r in requests]
+        finally:
+            system.close()
+    assert [g.tokens for g in outputs["hmi"]] == [g.tokens for g in outputs["peft"]]
+    assert all(len(g.token_times) == len(g.tokens) >= 1 for g in outputs["hmi"] + outputs["peft"])
+
+    out = tmp_path / "generate.json"
+    result = subprocess.run(hmi_command() + ["bench", "--task", "generate", "--tenants", "4", "--duration", "2",
+                                            "--clients", "2", "--max-new-tokens", "4", "--split-layer", "0",
+                                            "--model", str(model_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("peft", "hmi"):
+        system = report["systems"][name]
+        for field in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "throughput_rps", "peak_rss_bytes"):
+            assert system[field] > 0, (name, field)
+        assert system["errors"] == 0
+    assert "hmi_over_peft_tokens_per_s" in report

@@ -187,3 +187,32 @@ def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir)
         assert names == {"enc", "gen"}
     finally:
         services.stop()
+
+
+def test_hmi_tenant_train_fits_a_generative_tenant_on_plot_outputs(suite, tmp_path):
+    """Causal-LM LoRA training on a domain's PLOT (split layer 1) through the CLI; the served tenant then
+    continues the domain's text the way it was trained to."""
+    import os
+    import re
+    import subprocess
+
+    from hmi.launcher import hmi_command
+    family, model_dir, services, client, _adapters = suite
+    sentences = ["the service was quick and very good for every one of us",
+                 "we had a good time at the hotel with our friends"]
+    (tmp_path / "train.txt").write_text("\n".join(sentences * 40))
+    (tmp_path / "eval.txt").write_text("\n".join(sentences * 2))
+    client.build_domain("prose", "\n".join(sentences * 4), split_layer=1, context=3, min_count=1)
+    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    result = subprocess.run(hmi_command() + ["tenant", "train", "narrator", "--domain", "prose", "--train",
+                                            str(tmp_path / "train.txt"), "--eval", str(tmp_path / "eval.txt"),
+                                            "--model", str(model_dir), "--epochs", "15", "--rank", "8",
+                                            "--learning-rate", "0.02", "--batch-size", "8",
+                                            "--targets", ",".join(TARGETS[family])],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base, tuned = map(float, re.search(r"perplexity ([\d.]+) \(base\) -> ([\d.]+)", result.stdout).groups())
+    assert tuned < base / 20, result.stdout
+    assert "generative" in result.stdout
+    text, _ids, _reason, _ = collect(client.generate("narrator", "the service was", max_new_tokens=6))
+    assert text.startswith(" quick and very good"), f"{family}: {text!r}"

@@ -29,16 +29,23 @@ def peak_rss(pid: int | None = None) -> int:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, max_new_tokens: int = 0) -> None:
         self.lock = threading.Lock()
         self.latencies: list[float] = []
         self.tenants: set[int] = set()
         self.errors: list[str] = []
+        self.max_new_tokens = max_new_tokens     # > 0: the generation workload
+        self.tokens = 0
+        self.first_token: list[float] = []       # seconds from arrival to the first token
+        self.inter_token: list[float] = []       # seconds between consecutive tokens of a request
 
     def call(self, system, request: Request, started: float | None = None) -> None:
         begin = time.perf_counter() if started is None else started
         try:
-            system.classify(request.tenant, [request.text])
+            if self.max_new_tokens:
+                generation = system.generate(request.tenant, request.text, self.max_new_tokens)
+            else:
+                system.classify(request.tenant, [request.text])
         except Exception as error:  # noqa: BLE001 - counted and reported, the run goes on
             with self.lock:
                 self.errors.append(f"{type(error).__name__}: {str(error)[:200]}")
@@ -47,6 +54,11 @@ class Recorder:
         with self.lock:
             self.latencies.append(latency)
             self.tenants.add(request.tenant)
+            if self.max_new_tokens and generation.token_times:
+                self.tokens += len(generation.tokens)
+                self.first_token.append(generation.token_times[0] - begin)
+                times = generation.token_times
+                self.inter_token.extend(b - a for a, b in zip(times[:-1], times[1:]))
 
 
 def closed_loop(system, requests: list[Request], clients: int, duration: float, recorder: Recorder) -> float:
@@ -87,15 +99,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(system_name: str, spec: WorkloadSpec, settings: BenchSettings, sweep: bool) -> dict:
     started = time.perf_counter()
-    system = SYSTEMS[system_name](settings, spec.tenants)
+    generating = spec.task == "generate"
+    if generating:
+        from hmi.bench.generation_systems import GENERATE_SYSTEMS
+        system = GENERATE_SYSTEMS[system_name](settings, spec.tenants)
+    else:
+        system = SYSTEMS[system_name](settings, spec.tenants)
+    new_tokens = spec.max_new_tokens if generating else 0
     setup_seconds = time.perf_counter() - started
     try:
         count = int(spec.rate * spec.duration * 1.2) + 10 if spec.mode == "open" else 200_000
         requests = make_requests(spec, count)
-        warm = Recorder()
+        warm = Recorder(new_tokens)
         for request in requests[:8]:
             warm.call(system, request)
-        recorder = Recorder()
+        recorder = Recorder(new_tokens)
         if spec.mode == "open":
             elapsed = open_loop(system, requests, spec.duration, recorder)
         else:
@@ -108,8 +126,16 @@ def run(system_name: str, spec: WorkloadSpec, settings: BenchSettings, sweep: bo
             "p99_ms": 1e3 * percentile(recorder.latencies, 0.99) if recorder.latencies else None,
             "tenants_served": len(recorder.tenants),
         }
+        if generating:
+            result.update({
+                "tokens_per_s": recorder.tokens / elapsed, "tokens": recorder.tokens,
+                "ttft_p50_ms": 1e3 * statistics.median(recorder.first_token) if recorder.first_token else None,
+                "ttft_p99_ms": 1e3 * percentile(recorder.first_token, 0.99) if recorder.first_token else None,
+                "itl_p50_ms": 1e3 * statistics.median(recorder.inter_token) if recorder.inter_token else None,
+                "itl_p99_ms": 1e3 * percentile(recorder.inter_token, 0.99) if recorder.inter_token else None,
+            })
         if sweep:
-            swept = Recorder()
+            swept = Recorder(new_tokens)
             begin = time.perf_counter()
             with ThreadPoolExecutor(max_workers=spec.clients) as pool:
                 list(pool.map(lambda r: swept.call(system, r), sweep_requests(spec)))
@@ -130,7 +156,7 @@ def run(system_name: str, spec: WorkloadSpec, settings: BenchSettings, sweep: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one system of `hmi bench` (started by it)")
-    parser.add_argument("--system", required=True, choices=sorted(SYSTEMS))
+    parser.add_argument("--system", required=True, choices=sorted(SYSTEMS))   # generate: peft, hmi
     parser.add_argument("--spec", required=True, help="JSON of the WorkloadSpec")
     parser.add_argument("--settings", required=True, help="JSON of the BenchSettings")
     parser.add_argument("--sweep", action="store_true")

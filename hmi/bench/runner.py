@@ -17,11 +17,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity exponent α")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per system")
-    parser.add_argument("--systems", default="naive,peft,hmi")
+    parser.add_argument("--systems", default=None, help="naive,peft,hmi (generate: peft,hmi)")
+    parser.add_argument("--task", choices=["classify", "generate"], default="classify",
+                        help="generate: each request generates --max-new-tokens tokens greedily (decoder model)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--clients", type=int, default=16, help="closed loop: concurrent clients")
     parser.add_argument("--rate", type=float, default=50.0, help="open loop: requests per second (Poisson)")
-    parser.add_argument("--model", default="minilm", help="base model: name or local folder")
+    parser.add_argument("--model", default=None, help="base model: name or local folder (default: minilm; "
+                                                       "generate: smollm2)")
     parser.add_argument("--split-layer", type=int, default=2, help="HMI's L; adapters cover layers [L, N)")
     parser.add_argument("--memory-budget-mib", type=int, default=2048, help="naive: memory for per-tenant models")
     parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS, help="texts of the requests and of HMI's PLOT")
@@ -34,17 +38,25 @@ def run_bench(args) -> int:
     from hmi.bench.driver import as_json
     from hmi.bench.systems import BenchSettings
     from services.common.models import resolve_model_dir
-    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
-    unknown = set(systems) - {"naive", "peft", "hmi"}
+    generating = args.task == "generate"
+    known = {"peft", "hmi"} if generating else {"naive", "peft", "hmi"}
+    systems = [name.strip() for name in (args.systems or ",".join(sorted(known))).split(",") if name.strip()]
+    unknown = set(systems) - known
     if unknown or not systems:
-        print(f"error: --systems takes naive, peft, hmi (got {sorted(unknown) or 'none'})", file=sys.stderr)
+        print(f"error: --systems takes {', '.join(sorted(known))} for --task {args.task} "
+              f"(got {sorted(unknown) or 'none'})", file=sys.stderr)
+        return 2
+    if generating and args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     if args.tenants < 1 or args.duration <= 0:
         print("error: --tenants must be >= 1 and --duration > 0", file=sys.stderr)
         return 2
     spec = WorkloadSpec(tenants=args.tenants, zipf=args.zipf, duration=args.duration, mode=args.mode,
-                        clients=args.clients, rate=args.rate, seed=args.seed, corpus=args.corpus.resolve())
-    settings = BenchSettings(model_dir=resolve_model_dir(args.model), split_layer=args.split_layer,
+                        clients=args.clients, rate=args.rate, seed=args.seed, corpus=args.corpus.resolve(),
+                        task=args.task, max_new_tokens=args.max_new_tokens)
+    model = args.model or ("smollm2" if generating else "minilm")
+    settings = BenchSettings(model_dir=resolve_model_dir(model), split_layer=args.split_layer,
                              memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve())
     report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir), "split_layer": args.split_layer,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "started": time.time(), "systems": {}}
@@ -76,6 +88,8 @@ def add_ratios(report: dict) -> None:
         theirs = report["systems"].get(other, {})
         if hmi.get("throughput_rps") and theirs.get("throughput_rps"):
             report[f"hmi_over_{other}_throughput"] = hmi["throughput_rps"] / theirs["throughput_rps"]
+        if hmi.get("tokens_per_s") and theirs.get("tokens_per_s"):
+            report[f"hmi_over_{other}_tokens_per_s"] = hmi["tokens_per_s"] / theirs["tokens_per_s"]
 
 
 def print_table(report: dict) -> None:
@@ -88,9 +102,17 @@ def print_table(report: dict) -> None:
         print(f"{name:8} {r['throughput_rps']:8.1f} {r['p50_ms'] or 0:8.1f} {r['p99_ms'] or 0:8.1f} "
               f"{r['peak_rss_bytes'] / 2**20:13.0f} {r['tenants_served']:8d} {r['errors']:6d} "
               f"{r['setup_seconds']:8.1f}")
+    generated = [(name, r) for name, r in report["systems"].items() if "tokens_per_s" in r]
+    if generated:
+        print(f"\n{'system':8} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  (ms)")
+        for name, r in generated:
+            print(f"{name:8} {r['tokens_per_s']:9.1f} {r['ttft_p50_ms'] or 0:9.1f} {r['ttft_p99_ms'] or 0:9.1f} "
+                  f"{r['itl_p50_ms'] or 0:8.1f} {r['itl_p99_ms'] or 0:8.1f}")
     for other in ("naive", "peft"):
         if f"hmi_over_{other}_throughput" in report:
             print(f"HMI throughput = {report[f'hmi_over_{other}_throughput']:.2f}x {other}")
+        if f"hmi_over_{other}_tokens_per_s" in report:
+            print(f"HMI tokens/s = {report[f'hmi_over_{other}_tokens_per_s']:.2f}x {other}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -103,19 +125,23 @@ def plot(report: dict, path: Path) -> None:
         return
     names = [name for name, _ in rows]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].bar(names, [r["throughput_rps"] for _, r in rows], color="tab:blue")
-    axes[0].set_ylabel("requests / s")
+    generated = all("tokens_per_s" in r for _, r in rows)
+    rate, low, high = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms") if generated else ("throughput_rps", "p50_ms",
+                                                                                          "p99_ms")
+    axes[0].bar(names, [r[rate] for _, r in rows], color="tab:blue")
+    axes[0].set_ylabel("generated tokens / s" if generated else "requests / s")
     width = 0.38
     positions = range(len(rows))
-    axes[1].bar([p - width / 2 for p in positions], [r["p50_ms"] or 0 for _, r in rows], width, label="p50")
-    axes[1].bar([p + width / 2 for p in positions], [r["p99_ms"] or 0 for _, r in rows], width, label="p99")
+    axes[1].bar([p - width / 2 for p in positions], [r[low] or 0 for _, r in rows], width, label="p50")
+    axes[1].bar([p + width / 2 for p in positions], [r[high] or 0 for _, r in rows], width, label="p99")
     axes[1].set_xticks(list(positions), names)
-    axes[1].set_ylabel("latency (ms)")
+    axes[1].set_ylabel("time to first token (ms)" if generated else "latency (ms)")
     axes[1].legend()
     axes[2].bar(names, [r["peak_rss_bytes"] / 2**20 for _, r in rows], color="tab:gray")
     axes[2].set_ylabel("peak RSS (MiB)")
     workload = report["workload"]
-    figure.suptitle(f"{workload['tenants']} tenants, Zipf α={workload['zipf']}, {workload['mode']} loop "
+    figure.suptitle(f"{workload.get('task', 'classify')}: {workload['tenants']} tenants, Zipf α={workload['zipf']}, "
+                    f"{workload['mode']} loop "
                     f"({report['machine']})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

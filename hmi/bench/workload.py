@@ -24,6 +24,8 @@ class WorkloadSpec:
     rate: float = 50.0
     seed: int = 0
     corpus: Path = DEMO_CORPUS
+    task: str = "classify"        # or "generate": every request generates max_new_tokens (greedy)
+    max_new_tokens: int = 32
 
 
 @dataclass

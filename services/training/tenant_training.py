@@ -1,8 +1,9 @@
-"""`hmi tenant train`: labeled JSONL in, a trained adapter registered for the tenant out.
+"""`hmi tenant train`: labeled JSONL (classifiers) or plain text (generative tenants) in, a trained
+adapter registered for the tenant out.
 
 Runs where the CLI runs (CPU is enough for a few thousand examples): tokenises with the base model's
 tokenizer, fetches the domain's PLOT vectors through the gateway (the inputs serving will see), trains,
-reports eval accuracy, then registers or replaces the tenant without restarting anything.
+reports eval accuracy (or perplexity), then registers or replaces the tenant without restarting anything.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 from services.common.adapter_format import serialize_adapter
 from services.common.errors import InvalidArgument
 from services.common.models import load_tokenizer
+from services.compute.decoder_model import DecoderModel
 from services.compute.model_split import UpperModel
+from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from services.training.trainer import AdapterTrainer, Example, TrainSettings
 
 
@@ -96,3 +99,66 @@ def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_pa
     loss = trainer.fit(train, progress)
     accuracy = trainer.accuracy(evaluation)
     return TrainReport(len(train), len(evaluation), accuracy, loss, labels, serialize_adapter(trainer.adapter()))
+
+
+@dataclass
+class TextTrainReport:
+    train_texts: int
+    eval_texts: int
+    base_perplexity: float       # held-out, the base model alone (same PLOT inputs)
+    eval_perplexity: float       # held-out, with the trained adapter
+    final_loss: float
+    adapter: bytes
+
+
+def read_texts(path: Path, limit: int = 0) -> list[str]:
+    """One text per non-empty line (a JSONL line with a "text" field also works)."""
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    line = str(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+            texts.append(line)
+            if limit and len(texts) >= limit:
+                break
+    if not texts:
+        raise InvalidArgument(f"{path} holds no text")
+    return texts
+
+
+def build_text_examples(client, tokenizer, domain: str, split_layer: int, texts: list[str],
+                        max_tokens: int) -> list[TextExample]:
+    """Texts of at least two tokens, cut at max_tokens, with the PLOT rows serving would use (prefill)."""
+    ids = [np.asarray(e.ids[:max_tokens], dtype=np.int32) for e in tokenizer.encode_batch(texts)]
+    ids = [i for i in ids if len(i) >= 2]
+    vectors: list[np.ndarray | None] = [None] * len(ids)
+    if split_layer > 0:
+        for start in range(0, len(ids), 512):
+            vectors[start:start + 512] = client.lookup(domain, ids[start:start + 512])
+    return [TextExample(i, v) for i, v in zip(ids, vectors)]
+
+
+def train_generative_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_path: Path | None, *,
+                            epochs: int = 1, rank: int = 8, learning_rate: float = 1e-3, batch_size: int = 8,
+                            max_train: int = 0, max_tokens: int = 64, max_steps: int = 0, seed: int = 0,
+                            targets: tuple[str, ...] = ("query", "value"),
+                            progress: Callable[[int, int, float], None] | None = None) -> TextTrainReport:
+    split_layer = client.get_domain(domain).spec.split_layer
+    tokenizer = load_tokenizer(model_dir)
+    train = build_text_examples(client, tokenizer, domain, split_layer, read_texts(train_path, max_train), max_tokens)
+    evaluation = build_text_examples(client, tokenizer, domain, split_layer, read_texts(eval_path), max_tokens) \
+        if eval_path else []
+    trainer = CausalTrainer(DecoderModel(model_dir, torch.device("cpu")),
+                            CausalTrainSettings(split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets,
+                                                epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                                seed=seed, max_steps=max_steps))
+    base = trainer.perplexity(evaluation, with_adapter=False)
+    loss = trainer.fit(train, progress)
+    return TextTrainReport(len(train), len(evaluation), base, trainer.perplexity(evaluation), loss,
+                           serialize_adapter(trainer.adapter()))

@@ -1,0 +1,115 @@
+"""Perplexity study for generative tenants: full model + LoRA against hPLM (PLOT + upper layers + LoRA).
+
+    python bench/perplexity.py --data ../shared/datasets/medical_abstracts [--model smollm2]
+                               [--split-layers 0,1,2,4] [--context 1] --out FILE.json
+
+Texts come from FOLDER/train.jsonl and validation.jsonl ({"text"} per line; labels ignored). For each split
+layer L, a domain's PLOT is built from the training texts with the real store code (L = 0: none, the
+reference), a tenant's LoRA is trained on causal language modelling with the trainer `hmi tenant train`
+uses, on the inputs serving sees, and the held-out perplexity is measured before (base model alone, same
+inputs) and after training. Prints a table, writes FILE.json and a PNG beside it. Runs in process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.accuracy import LocalPlot, parse_list  # noqa: E402
+from services.common.models import load_tokenizer, model_name, resolve_model_dir  # noqa: E402
+from services.compute.decoder_model import DecoderModel  # noqa: E402
+from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
+from services.training.causal_trainer import CausalTrainer, CausalTrainSettings  # noqa: E402
+from services.training.tenant_training import build_text_examples, read_texts  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--split-layers", default="0,1,2,4", help="0 = the full model + LoRA reference")
+    parser.add_argument("--context", type=int, default=1, help="PLOT context depth k")
+    parser.add_argument("--train-texts", type=int, default=400)
+    parser.add_argument("--eval-texts", type=int, default=100)
+    parser.add_argument("--corpus-texts", type=int, default=4000, help="training texts the PLOT is built from")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    corpus = read_texts(args.data / "train.jsonl", args.corpus_texts)
+    train_texts = corpus[:args.train_texts]
+    eval_texts = read_texts(args.data / "validation.jsonl", args.eval_texts)
+    model = DecoderModel(model_dir, torch.device("cpu"))
+    report = {"model": model_name(args.model), "data": str(args.data), "machine": f"{platform.machine()}",
+              "settings": {k: str(v) for k, v in vars(args).items()}, "results": []}
+    with tempfile.TemporaryDirectory(prefix="hmi-ppl-") as folder:
+        store = KnowledgeStore(StoreSettings(Path(folder), model_dir, model_name(args.model), map_size=32 << 30,
+                                             default_learn_threshold=-1))
+        plot = LocalPlot(store)
+        try:
+            for split_layer in parse_list(args.split_layers):
+                started = time.perf_counter()
+                domain, plot_bytes = "", 0
+                if split_layer > 0:
+                    domain = f"d{split_layer}"
+                    record = store.build_domain(domain, "\n".join(corpus), split_layer=split_layer,
+                                                context=args.context, min_count=2)
+                    plot_bytes = record["plot_bytes"]
+                built = time.perf_counter()
+                train = build_text_examples(plot, tokenizer, domain, split_layer, train_texts, args.max_tokens)
+                evaluation = build_text_examples(plot, tokenizer, domain, split_layer, eval_texts, args.max_tokens)
+                trainer = CausalTrainer(model, CausalTrainSettings(
+                    split_layer=split_layer, rank=args.rank, alpha=2.0 * args.rank, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate, seed=args.seed, epochs=1000, max_steps=args.steps))
+                base = trainer.perplexity(evaluation, with_adapter=False)
+                trainer.fit(train)
+                tuned = trainer.perplexity(evaluation)
+                row = {"split_layer": split_layer, "context": args.context if split_layer else 0,
+                       "base_perplexity": base, "perplexity": tuned, "plot_bytes": plot_bytes,
+                       "layers_computed": (model.dims.layers - split_layer) / model.dims.layers,
+                       "build_seconds": built - started, "train_seconds": time.perf_counter() - built}
+                report["results"].append(row)
+                print(f"L={split_layer:2d}  base ppl {base:8.2f}  tenant ppl {tuned:8.2f}  "
+                      f"PLOT {plot_bytes / 2**20:6.1f} MiB  ({row['train_seconds']:.0f}s)", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2))
+        finally:
+            store.close()
+    plot_results(report, args.out.with_suffix(".png"))
+    return 0
+
+
+def plot_results(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = report["results"]
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    labels = [f"L={r['split_layer']}" if r["split_layer"] else "full" for r in rows]
+    axis.bar([i - 0.2 for i in range(len(rows))], [r["base_perplexity"] for r in rows], 0.4, label="base model")
+    axis.bar([i + 0.2 for i in range(len(rows))], [r["perplexity"] for r in rows], 0.4, label="tenant (LoRA)")
+    axis.set_xticks(range(len(rows)), labels)
+    axis.set_ylabel("held-out perplexity")
+    axis.set_title(f"{report['model']} on {Path(report['data']).name}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Trains a generative tenant's LoRA (causal language modelling) on PLOT outputs, through the decoder
+layer code compute serves with; the base weights stay frozen and there is no head (the base LM head
+is shared). Inputs are what serving sees: the domain's PLOT rows of the text (or embeddings at L = 0).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.lora import Segments
+from services.common.adapter_format import Adapter, target_shape
+from services.common.errors import InvalidArgument
+from services.compute.decoder_model import DecoderModel, StepInputs
+from services.training.trainer import Progress
+
+
+@dataclass
+class TextExample:
+    token_ids: np.ndarray            # int32 [T], T >= 2
+    layer_input: np.ndarray | None   # fp16 [T, H] PLOT rows (split layer > 0), None for L = 0
+
+
+@dataclass
+class CausalTrainSettings:
+    split_layer: int
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+    epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    seed: int = 0
+    max_steps: int = 0               # 0 = whole epochs
+
+
+class CausalTrainer:
+    def __init__(self, model: DecoderModel, settings: CausalTrainSettings) -> None:
+        if not 0 <= settings.split_layer < model.dims.layers:
+            raise InvalidArgument(f"split layer {settings.split_layer} is outside 0..{model.dims.layers - 1}")
+        self.model = model
+        self.settings = settings
+        for parameter in model.model.parameters():
+            parameter.requires_grad_(False)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.lora_a: dict[tuple[int, str], torch.nn.Parameter] = {}
+        self.lora_b: dict[tuple[int, str], torch.nn.Parameter] = {}
+        for layer in range(settings.split_layer, model.dims.layers):
+            for target in settings.targets:
+                fan_in, fan_out = target_shape(target, model.dims)
+                bound = 1 / math.sqrt(fan_in)   # PEFT's init: the adapter starts as a no-op
+                a = (torch.rand(1, settings.rank, fan_in, generator=generator) * 2 - 1) * bound
+                self.lora_a[(layer, target)] = torch.nn.Parameter(a)
+                self.lora_b[(layer, target)] = torch.nn.Parameter(torch.zeros(1, fan_out, settings.rank))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.lora_a.values()) + list(self.lora_b.values())
+
+    def token_losses(self, examples: list[TextExample], with_adapter: bool = True) -> torch.Tensor:
+        """Negative log-likelihood of every next token of every example (packed, one segment)."""
+        lengths = [len(e.token_ids) for e in examples]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        if self.settings.split_layer == 0:
+            ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
+            positions = torch.cat([torch.arange(n) for n in lengths])
+            hidden = self.model.embed(ids, positions).clone()
+        else:
+            hidden = torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32))
+        caches = [self.model.new_cache(self.settings.split_layer, n) for n in lengths]
+        scaling = self.settings.alpha / self.settings.rank
+        lora_a = self.lora_a if with_adapter else {}
+        lora_b = {key: b * scaling for key, b in self.lora_b.items()} if with_adapter else {}
+        inputs = StepInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[self.settings.split_layer] * len(examples),
+                            caches=caches, segments=Segments((0,), (bounds[-1],), (0,)))
+        logits = self.model.logits(self.model.run(inputs, lora_a, lora_b))
+        targets = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
+        predict = torch.tensor([p for start, end in zip(bounds[:-1], bounds[1:]) for p in range(start, end - 1)])
+        return F.cross_entropy(logits[predict], targets[predict + 1], reduction="none")
+
+    def fit(self, train: list[TextExample], progress: Progress | None = None) -> float:
+        if not train:
+            raise InvalidArgument("no training text")
+        rng = random.Random(self.settings.seed)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.settings.learning_rate, weight_decay=0.0)
+        steps_per_epoch = math.ceil(len(train) / self.settings.batch_size)
+        total = steps_per_epoch * self.settings.epochs
+        if self.settings.max_steps:
+            total = min(total, self.settings.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
+        order = list(range(len(train)))
+        step, loss_value = 0, float("nan")
+        while step < total:
+            rng.shuffle(order)
+            for start in range(0, len(order), self.settings.batch_size):
+                if step >= total:
+                    break
+                loss = self.token_losses([train[i] for i in order[start:start + self.settings.batch_size]]).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_value = float(loss.detach())
+                if progress is not None:
+                    progress(step, total, loss_value)
+        return loss_value
+
+    @torch.no_grad()
+    def perplexity(self, examples: list[TextExample], with_adapter: bool = True) -> float:
+        """exp(mean next-token NLL) over every predicted token of `examples`."""
+        if not examples:
+            return float("nan")
+        total, count = 0.0, 0
+        for start in range(0, len(examples), 16):
+            losses = self.token_losses(examples[start:start + 16], with_adapter)
+            total += float(losses.sum())
+            count += losses.numel()
+        return math.exp(total / max(1, count))
+
+    def adapter(self) -> Adapter:
+        lora = {key: (self.lora_a[key][0].detach().clone(), self.lora_b[key][0].detach().clone())
+                for key in self.lora_a}
+        hidden = self.model.dims.hidden
+        return Adapter(rank=self.settings.rank, alpha=self.settings.alpha, lora=lora,
+                       head_weight=torch.zeros(0, hidden), head_bias=torch.zeros(0), targets=tuple(self.settings.targets))
