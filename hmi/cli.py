@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip training the real tenants (they need ../shared/datasets)")
     demo.add_argument("--train-examples", type=int, default=1500)
     demo.add_argument("--corpus-lines", type=int, default=8000)
+    demo.add_argument("--no-generate", dest="generate", action="store_false",
+                      help="skip the generative SmolLM2 tenants")
+    demo.add_argument("--new-tokens", type=int, default=32, help="tokens each generative tenant writes")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="naive per-tenant models vs PEFT multi-adapter vs HMI, same workload")

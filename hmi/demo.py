@@ -3,7 +3,9 @@
 Starts the three services, builds the demo domain's PLOT from the corpus the repo ships, registers
 a few hundred tenants with their own random adapters and heads, trains a few real tenants on two more
 domains (movie reviews, biomedical abstracts; when ../shared/datasets is present), classifies a mix of
-tenants through the gateway, prints results and measured throughput, and shuts everything down.
+tenants through the gateway, prints results and measured throughput, then serves a few generative
+tenants of the packaged SmolLM2 from the same deployment (streamed text, continuous batching), and shuts
+everything down.
 """
 from __future__ import annotations
 
@@ -44,9 +46,15 @@ def zipf_choice(rng: random.Random, n: int, alpha: float = 1.0) -> int:
     return rng.choices(range(n), weights=weights)[0]
 
 
+GEN_SPLIT_LAYER = 2        # SmolLM2 tenants: layers [0, 2) of 30 come from PLOT (docs/accuracy.md)
+GEN_PROMPTS = ["Write one sentence about the sea.", "Give me a tip for a rainy day.",
+               "What is a good name for a cat?"]
+
+
 def run_demo(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="hmi-demo-"))
-    services = ServiceSet.on_free_ports(data_dir, log_dir=data_dir / "logs")
+    model = "minilm,smollm2" if args.generate else "minilm"
+    services = ServiceSet.on_free_ports(data_dir, log_dir=data_dir / "logs", model=model)
     print(f"starting store, compute and gateway (data and logs in {data_dir}) ...", flush=True)
     started = time.perf_counter()
     services.start()
@@ -111,6 +119,45 @@ def _run(client: HMIClient, args) -> None:
     print(f"  {len(requests)} requests for {distinct} distinct tenants in {elapsed:.2f}s: "
           f"{len(requests) / elapsed:.1f} requests/s, latency p50 {statistics.median(latencies) * 1e3:.1f} ms, "
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1e3:.1f} ms")
+
+    if args.generate:
+        _generative_tenants(client, corpus, args)
+
+
+def _generative_tenants(client: HMIClient, corpus: str, args) -> None:
+    """SmolLM2 tenants beside the MiniLM ones: a PLOT for the decoder, then prompts generated together."""
+    print(f"
+building PLOT of domain 'stories' for smollm2 (split layer {GEN_SPLIT_LAYER}, context 2) ...", flush=True)
+    progress = BuildBars(sys.stdout, prefix="  ")
+    domain = client.build_domain("stories", corpus, split_layer=GEN_SPLIT_LAYER, context=2, min_count=2,
+                                 model="smollm2", progress=progress)
+    progress.close()
+    print(f"  {domain.nodes} knowledge-tree nodes, {domain.plot_bytes / 2**20:.1f} MiB of fp16 vectors")
+    writers = [f"writer-{i}" for i in range(1, len(GEN_PROMPTS) + 1)]
+    for index, tenant_id in enumerate(writers):
+        client.register_tenant(tenant_id, "stories", [], rank=4, seed=100 + index, model="smollm2")
+    print(f"registered {len(writers)} generative tenants with random adapters; generating for all at once "
+          f"(continuous batching, {args.new_tokens} new tokens each) ...", flush=True)
+
+    def generate(item):
+        tenant_id, prompt = item
+        chat = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        begin, first, text, tokens = time.perf_counter(), None, "", 0
+        for message in client.generate(tenant_id, chat, max_new_tokens=args.new_tokens, seed=1):
+            if message.token_ids and first is None:
+                first = time.perf_counter() - begin
+            text += message.text
+            tokens += len(message.token_ids)
+        return tenant_id, prompt, text.strip(), tokens, first or 0.0
+
+    begin = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(writers)) as pool:
+        results = list(pool.map(generate, zip(writers, GEN_PROMPTS)))
+    elapsed = time.perf_counter() - begin
+    for tenant_id, prompt, text, tokens, first in results:
+        print(f"  {tenant_id}: {prompt}\n    -> {text}  [{tokens} tokens, first after {first * 1e3:.0f} ms]")
+    total = sum(r[3] for r in results)
+    print(f"  {total} tokens for {len(results)} tenants in {elapsed:.2f}s: {total / elapsed:.1f} tokens/s")
 
 
 @dataclass

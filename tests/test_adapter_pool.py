@@ -371,3 +371,16 @@ def test_head_buffer_grows_for_a_tenant_with_many_labels_and_keeps_the_others():
     assert_in_slot(pool, lease.slots[("small", 1)], small)
     assert_in_slot(pool, pool._slot_of[("many", 1)], many)
     lease.release()
+
+
+def test_prefetch_warms_the_host_cache_without_taking_a_slot():
+    fetched = []
+    pool = AdapterPool(DIMS, torch.device("cpu"), slots=2, max_rank=4, host_cache_bytes=1 << 20,
+                       fetch=lambda t, v: fetched.append(t) or random_adapter(DIMS, num_labels=2, rank=2,
+                                                                              first_layer=0, seed=len(fetched)))
+    pool.prefetch(("a", 1))
+    pool.prefetch(("a", 1))                      # already warm: no second fetch
+    assert fetched == ["a"] and pool.used_slots() == 0 and pool.stats.misses == 1
+    lease = pool.acquire([("a", 1)])
+    assert pool.stats.host_hits == 1 and fetched == ["a"]
+    lease.release()

@@ -15,12 +15,15 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
     result = subprocess.run(hmi_command() + ["demo", "--tenants", "12", "--requests", "40", "--clients", "4",
                                             "--data-dir", str(tmp_path), "--train-examples", "300",
-                                            "--corpus-lines", "1500"],
+                                            "--corpus-lines", "1500", "--new-tokens", "8"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\d+ knowledge-tree nodes", result.stdout)
     assert re.search(r"40 requests for \d+ distinct tenants in [\d.]+s: [\d.]+ requests/s", result.stdout)
     assert "services stopped" in result.stdout
+    # Generative SmolLM2 tenants served by the same deployment, streamed together.
+    assert re.search(r"\d+ tokens for 3 tenants in [\d.]+s: [\d.]+ tokens/s", result.stdout), result.stdout[-3000:]
+    assert len(re.findall(r"^  writer-\d: .*\n    -> \S", result.stdout, re.M)) == 3
     for tenant in TRAINED:   # real tenants where the labeled data is present: accuracy well above chance
         if not (tenant.data / "train.jsonl").exists():
             continue

@@ -159,7 +159,9 @@ class GenerationEngine:
         sequence = _Sequence(request, TokenStream(), kv_bytes, tokens=[int(t) for t in request.prompt],
                              pending=[int(t) for t in request.prompt])
         sequence.generator = torch.Generator().manual_seed(params.seed)
-        if request.split_layer > 0:   # the prompt's rows stream in while earlier requests' steps run
+        # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
+        self._prefetch.submit(self.pool.prefetch, (request.tenant_id, request.adapter_version))
+        if request.split_layer > 0:
             prompt = np.asarray(request.prompt, dtype=np.int32)
             sequence.prompt_rows = self._prefetch.submit(self.plot, request.domain, [prompt], [0], [0])
         with self._cond:
