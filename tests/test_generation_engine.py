@@ -135,3 +135,17 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
     drawn = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), generator) for _ in range(200)}
     assert drawn == {0}
     assert sample(logits, SamplingParams(), generator) == 0
+
+
+def test_a_request_whose_adapter_cannot_be_fetched_fails_alone(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    engine = make_engine(decoder_dir, tenant_adapters(dims, 1))      # no adapter for "ghost"
+    try:
+        good = engine.submit(request("t0", [5, 6, 7], max_new_tokens=6))
+        ghost = engine.submit(request("ghost", [5, 6, 7], max_new_tokens=6))
+        with pytest.raises(KeyError):
+            list(ghost)
+        assert len(list(good)) == 6 and good.finish_reason == "length"
+        assert engine.snapshot().kv_bytes_used == 0
+    finally:
+        engine.close()

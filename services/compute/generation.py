@@ -105,6 +105,7 @@ class _Sequence:
     generated: int = 0
     generator: torch.Generator | None = None
     prompt_rows: Future | None = None                     # PLOT rows of the prompt, fetched ahead
+    adapter_ready: Future | None = None                   # the adapter in compute's host cache
 
 
 @dataclass
@@ -160,7 +161,8 @@ class GenerationEngine:
                              pending=[int(t) for t in request.prompt])
         sequence.generator = torch.Generator().manual_seed(params.seed)
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
-        self._prefetch.submit(self.pool.prefetch, (request.tenant_id, request.adapter_version))
+        sequence.adapter_ready = self._prefetch.submit(self.pool.prefetch,
+                                                       (request.tenant_id, request.adapter_version))
         if request.split_layer > 0:
             prompt = np.asarray(request.prompt, dtype=np.int32)
             sequence.prompt_rows = self._prefetch.submit(self.plot, request.domain, [prompt], [0], [0])
@@ -202,7 +204,7 @@ class GenerationEngine:
                 self._admit()
                 running = list(self._running)
             if not running:
-                time.sleep(0.005)   # waiting requests only: a cancelled one freed nothing yet
+                time.sleep(0.005)   # only waiting requests (for room, or their adapter and prompt rows)
                 continue
             try:
                 self._step(running)
@@ -224,9 +226,18 @@ class GenerationEngine:
         self._waiting = deque(kept)
 
     def _admit(self) -> None:
-        """First come, first served: the head of the queue waits for room rather than being overtaken."""
+        """First come, first served: the head of the queue waits for room (and for its adapter and prompt
+        rows, fetched since submit) rather than being overtaken. A request whose fetch failed fails alone."""
         while self._waiting and len(self._running) < self.max_running:
             sequence = self._waiting[0]
+            fetches = [f for f in (sequence.adapter_ready, sequence.prompt_rows) if f is not None]
+            if not all(f.done() for f in fetches):
+                return
+            failed = next((f.exception() for f in fetches if f.exception() is not None), None)
+            if failed is not None:
+                self._waiting.popleft()
+                sequence.stream._put(StreamEvent(error=failed))
+                continue
             if self._kv_used + sequence.kv_bytes > self.kv_budget_bytes:
                 return
             self._waiting.popleft()
