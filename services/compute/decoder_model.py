@@ -156,9 +156,11 @@ class DecoderModel:
         return q4.transpose(1, 2).reshape(q.shape), k4.transpose(1, 2).reshape(k.shape)
 
     def _attention(self, layer: int, q, k, v, bounds: list[int], caches: list[KVCache]) -> torch.Tensor:
-        """Each sequence's new queries over its cached and new keys, causal; writes the new keys/values."""
+        """Each sequence's new queries over its cached and new keys, causal; writes the new keys/values.
+        Sequences decoding one token are attended together (keys padded to the longest), the rest alone."""
         d, heads, kv_heads = self.dims.head_dim, self.dims.heads, self.dims.kv_heads
         out = torch.empty_like(q)
+        decoding: list[int] = []
         for j, cache in enumerate(caches):
             start, end = bounds[j], bounds[j + 1]
             n, past = end - start, cache.length
@@ -167,18 +169,37 @@ class DecoderModel:
             slot = layer - cache.first_layer
             cache.keys[slot][:, past:past + n] = k[start:end].view(n, kv_heads, d).transpose(0, 1)
             cache.values[slot][:, past:past + n] = v[start:end].view(n, kv_heads, d).transpose(0, 1)
-            keys = cache.keys[slot][:, :past + n]
-            values = cache.values[slot][:, :past + n]
-            if self.group > 1:
-                keys = keys.repeat_interleave(self.group, dim=0)
-                values = values.repeat_interleave(self.group, dim=0)
+            if n == 1:
+                decoding.append(j)
+                continue
+            keys = self._grouped(cache.keys[slot][:, :past + n])
+            values = self._grouped(cache.values[slot][:, :past + n])
             query = q[start:end].view(n, heads, d).transpose(0, 1)
             scores = (query @ keys.transpose(1, 2)) * self.scaling                      # [heads, n, past+n]
             causal = torch.arange(past + n, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            weights = torch.softmax(scores, dim=-1)
-            out[start:end] = (weights @ values).transpose(0, 1).reshape(n, heads * d)
+            out[start:end] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1).reshape(n, heads * d)
+        if decoding:
+            rows = torch.tensor([bounds[j] for j in decoding], device=q.device)
+            lengths = [caches[j].length + 1 for j in decoding]
+            width = max(lengths)
+            keys = q.new_zeros(len(decoding), kv_heads, width, d)
+            values = q.new_zeros(len(decoding), kv_heads, width, d)
+            for i, j in enumerate(decoding):
+                slot = layer - caches[j].first_layer
+                keys[i, :, :lengths[i]] = caches[j].keys[slot][:, :lengths[i]]
+                values[i, :, :lengths[i]] = caches[j].values[slot][:, :lengths[i]]
+            keys, values = self._grouped(keys, dim=1), self._grouped(values, dim=1)
+            query = q[rows].view(len(decoding), heads, 1, d)
+            scores = (query @ keys.transpose(2, 3)) * self.scaling                      # [S, heads, 1, width]
+            padding = torch.arange(width, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
+            scores = scores.masked_fill(padding[:, None, None, :], torch.finfo(scores.dtype).min)
+            out[rows] = (torch.softmax(scores, dim=-1) @ values).reshape(len(decoding), heads * d)
         return out
+
+    def _grouped(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Key/value heads repeated for their query heads (grouped-query attention)."""
+        return t.repeat_interleave(self.group, dim=dim) if self.group > 1 else t
 
 
 @dataclass
