@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "deployment's first)")
     p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
     p.add_argument("--split-layer", type=int, default=1,
-                   help="L: PLOT replaces layers [0, L) (default 1: the accuracy study's recommendation)")
+                   help="L: PLOT replaces layers [0, L) (default 1: the accuracy study's recommendation for "
+                        "MiniLM; for SmolLM2 it recommends 0)")
     p.add_argument("--context", type=int, default=1,
                    help="k: context depth of the knowledge tree (default 1, see docs/accuracy.md; > 1 lets the "
                         "tree grow deeper contexts from corpus and traffic)")

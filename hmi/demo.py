@@ -46,7 +46,9 @@ def zipf_choice(rng: random.Random, n: int, alpha: float = 1.0) -> int:
     return rng.choices(range(n), weights=weights)[0]
 
 
-GEN_SPLIT_LAYER = 2        # SmolLM2 tenants: layers [0, 2) of 30 come from PLOT (docs/accuracy.md)
+# SmolLM2 tenants run every layer: PLOT saves a decoder of 30 layers little and costs it perplexity
+# (docs/accuracy.md), and a chat template's special tokens never occur in a plain-text corpus.
+GEN_SPLIT_LAYER = 0
 GEN_PROMPTS = ["Write one sentence about the sea.", "Give me a tip for a rainy day.",
                "What is a good name for a cat?"]
 
@@ -121,18 +123,13 @@ def _run(client: HMIClient, args) -> None:
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1e3:.1f} ms")
 
     if args.generate:
-        _generative_tenants(client, corpus, args)
+        _generative_tenants(client, args)
 
 
-def _generative_tenants(client: HMIClient, corpus: str, args) -> None:
-    """SmolLM2 tenants beside the MiniLM ones: a PLOT for the decoder, then prompts generated together."""
-    print(f"
-building PLOT of domain 'stories' for smollm2 (split layer {GEN_SPLIT_LAYER}, context 2) ...", flush=True)
-    progress = BuildBars(sys.stdout, prefix="  ")
-    domain = client.build_domain("stories", corpus, split_layer=GEN_SPLIT_LAYER, context=2, min_count=2,
-                                 model="smollm2", progress=progress)
-    progress.close()
-    print(f"  {domain.nodes} knowledge-tree nodes, {domain.plot_bytes / 2**20:.1f} MiB of fp16 vectors")
+def _generative_tenants(client: HMIClient, args) -> None:
+    """SmolLM2 tenants beside the MiniLM ones, served by the same gateway; prompts generated together."""
+    print("\ncreating domain 'stories' for smollm2 (split layer 0: every layer in compute) ...", flush=True)
+    client.build_domain("stories", "", split_layer=GEN_SPLIT_LAYER, context=1, min_count=1, model="smollm2")
     writers = [f"writer-{i}" for i in range(1, len(GEN_PROMPTS) + 1)]
     for index, tenant_id in enumerate(writers):
         client.register_tenant(tenant_id, "stories", [], rank=4, seed=100 + index, model="smollm2")
@@ -148,7 +145,7 @@ building PLOT of domain 'stories' for smollm2 (split layer {GEN_SPLIT_LAYER}, co
                 first = time.perf_counter() - begin
             text += message.text
             tokens += len(message.token_ids)
-        return tenant_id, prompt, text.strip(), tokens, first or 0.0
+        return tenant_id, prompt, " ".join(text.split()), tokens, first or 0.0
 
     begin = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(writers)) as pool:

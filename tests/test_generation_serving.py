@@ -7,7 +7,6 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 import torch
 
@@ -216,3 +215,22 @@ def test_hmi_tenant_train_fits_a_generative_tenant_on_plot_outputs(suite, tmp_pa
     assert "generative" in result.stdout
     text, _ids, _reason, _ = collect(client.generate("narrator", "the service was", max_new_tokens=6))
     assert text.startswith(" quick and very good"), f"{family}: {text!r}"
+
+
+def test_hmi_generate_streams_to_the_terminal(suite):
+    import os
+    import subprocess
+
+    from hmi.launcher import hmi_command
+    _family, _model_dir, services, client, _adapters = suite
+    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    command = hmi_command() + ["generate", "writer-1", "the service was", "--max-new-tokens", "5", "--seed", "3",
+                               "--temperature", "0.8"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == again.stdout, "the same seed prints the same text"
+    assert "finish:" in first.stderr and "tokens" in first.stderr
+    missing = subprocess.run(hmi_command() + ["generate", "nobody", "hi"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

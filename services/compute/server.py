@@ -100,8 +100,10 @@ def main(args: argparse.Namespace) -> None:
                             execution_threads=execution_threads(args.execution_threads, device))
         servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
+    # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
+    workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
-                           ["hmi.v1.Compute"], metrics_port=args.metrics_port)
+                           ["hmi.v1.Compute"], workers=workers, metrics_port=args.metrics_port)
     running.set_serving(True)
     log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %s, store %s)", args.listen,
              model_dir, device, args.adapter_slots, args.max_rank, mode, args.store)

@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(lanes, directory), server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(store, directory), server)
 
-    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=64,
+    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=128,
                            metrics_port=args.metrics_port)
     running.set_serving(True)
     log.info("gateway serving on %s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms)",

@@ -3,19 +3,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Counter, Histogram
 
+from hmi.v1 import compute_pb2
 from hmi.v1 import gateway_pb2 as pb
 from hmi.v1 import gateway_pb2_grpc as pb_grpc
 from hmi.v1 import knowledge_store_pb2 as store_pb
 from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
-from dataclasses import dataclass
-
-import grpc
-
-from hmi.v1 import compute_pb2
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.gateway.batcher import Batcher, SequenceResult, SequenceWork
