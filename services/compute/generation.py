@@ -160,6 +160,7 @@ class GenerationEngine:
         sequence = _Sequence(request, TokenStream(), kv_bytes, tokens=[int(t) for t in request.prompt],
                              pending=[int(t) for t in request.prompt])
         sequence.generator = torch.Generator().manual_seed(params.seed)
+        self._check_room()   # before fetching anything for a request that would be refused
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
         sequence.adapter_ready = self._prefetch.submit(self.pool.prefetch,
                                                        (request.tenant_id, request.adapter_version))
@@ -167,14 +168,18 @@ class GenerationEngine:
             prompt = np.asarray(request.prompt, dtype=np.int32)
             sequence.prompt_rows = self._prefetch.submit(self.plot, request.domain, [prompt], [0], [0])
         with self._cond:
+            self._check_room()
+            self._waiting.append(sequence)
+            self._cond.notify()
+        return sequence.stream
+
+    def _check_room(self) -> None:
+        with self._cond:
             if self._stop:
                 raise FailedPrecondition("the generation engine is shutting down")
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhausted(f"{len(self._waiting)} generation requests are already waiting for KV "
                                         f"cache; back off and retry")
-            self._waiting.append(sequence)
-            self._cond.notify()
-        return sequence.stream
 
     def snapshot(self) -> EngineStats:
         with self._cond:
