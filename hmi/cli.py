@@ -167,10 +167,14 @@ def cmd_tenant_register(args) -> int:
     with _client(args) as client:
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
                                         seed=args.seed, model=args.model)
+    _print_tenant(tenant)
+    return 0
+
+
+def _print_tenant(tenant) -> None:
     kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
     print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
-    return 0
 
 
 def cmd_tenant_train(args) -> int:
@@ -205,9 +209,7 @@ def cmd_tenant_train(args) -> int:
             print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
                   f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
             tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)
-    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
-    print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
-          f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
+    _print_tenant(tenant)
     return 0
 
 

@@ -12,18 +12,14 @@ time of every token, so time to first token and inter-token latency are measured
 """
 from __future__ import annotations
 
-import queue
-import tempfile
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from hmi.bench.systems import BenchSettings
-from services.common.adapter_format import Adapter, random_adapter, serialize_adapter
+from hmi.bench.systems import BatchWorker, BenchSettings, HmiDeployment
+from services.common.adapter_format import Adapter, random_adapter
 from services.common.models import ModelDims, eos_token_ids, load_causal_lm, load_tokenizer
 
 TARGETS = ("query", "value")
@@ -73,9 +69,8 @@ class PeftGenerateSystem:
                 self.model.add_adapter(name, config)
             self._load(name, generative_adapter(self.dims, tenant, settings.split_layer))
         self.model.eval()
-        self.queue: queue.Queue = queue.Queue()
-        self.worker = threading.Thread(target=self._serve, name="peft-generate", daemon=True)
-        self.worker.start()
+        self.worker = BatchWorker(self._run, max_batch=settings.max_batch, max_wait=settings.max_wait,
+                                  name="peft-generate")
 
     def _load(self, name: str, adapter: Adapter) -> None:
         modules = {"query": "q_proj", "value": "v_proj"}
@@ -88,31 +83,8 @@ class PeftGenerateSystem:
 
     def generate(self, tenant: int, text: str, max_new_tokens: int) -> Generation:
         future: Future = Future()
-        self.queue.put((tenant, self.tokenizer.encode(text).ids, max_new_tokens, time.perf_counter(), future))
+        self.worker.submit((tenant, self.tokenizer.encode(text).ids, max_new_tokens, time.perf_counter(), future))
         return future.result()
-
-    @torch.inference_mode()
-    def _serve(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.settings.max_wait
-            while len(batch) < self.settings.max_batch and (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    more = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put(None)
-                    break
-                batch.append(more)
-            try:
-                self._run(batch)
-            except Exception as error:  # noqa: BLE001 - handed to every waiting caller
-                for *_, future in batch:
-                    future.set_exception(error)
 
     def _run(self, batch) -> None:
         width = max(len(ids) for _, ids, *_ in batch)
@@ -135,31 +107,17 @@ class PeftGenerateSystem:
         return {"adapters_loaded": len(self.model.peft_config)}
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.worker.join(timeout=30)
+        self.worker.close(timeout=30)
 
 
-class HmiGenerateSystem:
+class HmiGenerateSystem(HmiDeployment):
     name = "hmi"
 
     def __init__(self, settings: BenchSettings, tenants: int) -> None:
-        from tqdm import tqdm
-
         from hmi.bench.workload import DEMO_CORPUS, load_texts
-        from hmi.client import HMIClient
-        from hmi.launcher import ServiceSet
-        self.dims = ModelDims.from_dir(settings.model_dir)
-        self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
-        data = Path(self.folder.name)
-        self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
-        self.services.start(timeout=600)
-        self.client = HMIClient(self.services.gateway_addr, timeout=600)
         corpus = load_texts(settings.corpus or DEMO_CORPUS) if settings.split_layer > 0 else []
-        self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=1,
-                                 min_count=2, learn_threshold=-1)
-        for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
-            adapter = serialize_adapter(generative_adapter(self.dims, tenant, settings.split_layer))
-            self.client.register_tenant(f"t{tenant}", "bench", [], adapter)
+        super().__init__(settings, tenants, labels=[], adapter_of=generative_adapter, context=1, corpus=corpus,
+                         start_timeout=600, call_timeout=600)
 
     def generate(self, tenant: int, text: str, max_new_tokens: int) -> Generation:
         result = Generation([], time.perf_counter())
@@ -170,23 +128,11 @@ class HmiGenerateSystem:
                 result.token_times.extend([now] * len(message.token_ids))
         return result
 
-    def service_pids(self) -> dict[str, int]:
-        return {s.name: s.process.pid for s in self.services.services if s.process is not None}
-
     def details(self) -> dict:
-        import grpc
-
-        from hmi.v1 import compute_pb2, compute_pb2_grpc
-        with grpc.insecure_channel(self.services.compute_addrs[0]) as channel:
-            stats = compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+        stats = self.compute_stats()
         return {"generation_steps": stats.generation_steps, "generated_tokens": stats.generated_tokens,
                 "tokens_per_step": stats.generated_tokens / max(1, stats.generation_steps),
                 "adapter_hits_device": stats.adapter_hits_device, "adapter_misses": stats.adapter_misses}
-
-    def close(self) -> None:
-        self.client.close()
-        self.services.stop()
-        self.folder.cleanup()
 
 
 GENERATE_SYSTEMS = {"peft": PeftGenerateSystem, "hmi": HmiGenerateSystem}

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,6 +58,50 @@ def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1)
+
+
+class BatchWorker:
+    """One thread running batches of queued items: an item waits at most `max_wait` for company, a batch
+    holds at most `max_batch`. Items are tuples whose last element is the caller's Future; when `run`
+    raises, every caller in the batch gets the error."""
+
+    def __init__(self, run: Callable[[list[tuple]], None], *, max_batch: int, max_wait: float, name: str) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, item: tuple) -> None:
+        self.queue.put(item)
+
+    @torch.inference_mode()
+    def _serve(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    more = self.queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                batch.append(more)
+            try:
+                self.run(batch)
+            except Exception as error:  # noqa: BLE001 - handed to every waiting caller
+                for *_, future in batch:
+                    future.set_exception(error)
+
+    def close(self, timeout: float) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=timeout)
 
 
 class NaiveSystem:
@@ -123,9 +168,8 @@ class PeftSystem:
             heads_b.append(adapter.head_bias)
         self.model.eval()
         self.head_weight, self.head_bias = torch.stack(heads_w), torch.stack(heads_b)
-        self.queue: queue.Queue = queue.Queue()
-        self.worker = threading.Thread(target=self._serve, name="peft-batcher", daemon=True)
-        self.worker.start()
+        self.worker = BatchWorker(self._run, max_batch=settings.max_batch, max_wait=settings.max_wait,
+                                  name="peft-batcher")
 
     def _load(self, name: str, adapter: Adapter) -> None:
         encoder = self.model.base_model.model.encoder
@@ -139,83 +183,78 @@ class PeftSystem:
         futures = []
         for ids in encode(self.tokenizer, texts, self.settings.max_tokens):
             future: Future = Future()
-            self.queue.put((tenant, ids, future))
+            self.worker.submit((tenant, ids, future))
             futures.append(future)
         return [f.result() for f in futures]
 
-    @torch.inference_mode()
-    def _serve(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.settings.max_wait
-            while len(batch) < self.settings.max_batch and (remaining := deadline - time.monotonic()) > 0:
-                try:
-                    more = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put(None)
-                    break
-                batch.append(more)
-            try:
-                ids, mask = pad([ids for _, ids, _ in batch])
-                tenants = [tenant for tenant, _, _ in batch]
-                hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
-                                    adapter_names=[f"t{t}" for t in tenants]).last_hidden_state
-                pooled = mean_pool(hidden, mask)
-                index = torch.tensor(tenants)
-                logits = torch.einsum("bh,blh->bl", pooled, self.head_weight[index]) + self.head_bias[index]
-                for (_, _, future), label in zip(batch, logits.argmax(-1).tolist()):
-                    future.set_result(label)
-            except Exception as error:  # noqa: BLE001 - handed to every waiting caller
-                for _, _, future in batch:
-                    future.set_exception(error)
+    def _run(self, batch: list[tuple]) -> None:
+        ids, mask = pad([ids for _, ids, _ in batch])
+        tenants = [tenant for tenant, _, _ in batch]
+        hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                            adapter_names=[f"t{t}" for t in tenants]).last_hidden_state
+        pooled = mean_pool(hidden, mask)
+        index = torch.tensor(tenants)
+        logits = torch.einsum("bh,blh->bl", pooled, self.head_weight[index]) + self.head_bias[index]
+        for (_, _, future), label in zip(batch, logits.argmax(-1).tolist()):
+            future.set_result(label)
 
     def details(self) -> dict:
         return {"adapters_loaded": self.head_weight.shape[0]}
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.worker.join(timeout=10)
+        self.worker.close(timeout=10)
 
 
-class HmiSystem:
-    name = "hmi"
+class HmiDeployment:
+    """The three services started for a run, one domain `bench`, tenants t0..tN-1 registered through the gateway."""
 
-    def __init__(self, settings: BenchSettings, tenants: int) -> None:
+    def __init__(self, settings: BenchSettings, tenants: int, *, labels: list[str], adapter_of: Callable,
+                 context: int, corpus: list[str], start_timeout: float, call_timeout: float) -> None:
         from tqdm import tqdm
 
         from hmi.client import HMIClient
         from hmi.launcher import ServiceSet
-        from hmi.bench.workload import DEMO_CORPUS, load_texts
         self.dims = ModelDims.from_dir(settings.model_dir)
         self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
         data = Path(self.folder.name)
         self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
-        self.services.start(timeout=300)
-        self.client = HMIClient(self.services.gateway_addr, timeout=120)
-        corpus = load_texts(settings.corpus or DEMO_CORPUS)
-        self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=3,
+        self.services.start(timeout=start_timeout)
+        self.client = HMIClient(self.services.gateway_addr, timeout=call_timeout)
+        self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=context,
                                  min_count=2, learn_threshold=-1)
         for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
-            adapter = serialize_adapter(tenant_adapter(self.dims, tenant, settings.split_layer))
-            self.client.register_tenant(f"t{tenant}", "bench", LABELS, adapter)
-
-    def classify(self, tenant: int, texts: list[str]) -> list[int]:
-        return [LABELS.index(p.label) for p in self.client.classify(f"t{tenant}", texts, truncate=True)]
+            adapter = serialize_adapter(adapter_of(self.dims, tenant, settings.split_layer))
+            self.client.register_tenant(f"t{tenant}", "bench", labels, adapter)
 
     def service_pids(self) -> dict[str, int]:
         return {s.name: s.process.pid for s in self.services.services if s.process is not None}
 
-    def details(self) -> dict:
+    def compute_stats(self):
         import grpc
 
         from hmi.v1 import compute_pb2, compute_pb2_grpc
         with grpc.insecure_channel(self.services.compute_addrs[0]) as channel:
-            stats = compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+            return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+
+    def close(self) -> None:
+        self.client.close()
+        self.services.stop()
+        self.folder.cleanup()
+
+
+class HmiSystem(HmiDeployment):
+    name = "hmi"
+
+    def __init__(self, settings: BenchSettings, tenants: int) -> None:
+        from hmi.bench.workload import DEMO_CORPUS, load_texts
+        super().__init__(settings, tenants, labels=LABELS, adapter_of=tenant_adapter, context=3,
+                         corpus=load_texts(settings.corpus or DEMO_CORPUS), start_timeout=300, call_timeout=120)
+
+    def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        return [LABELS.index(p.label) for p in self.client.classify(f"t{tenant}", texts, truncate=True)]
+
+    def details(self) -> dict:
+        stats = self.compute_stats()
         lookups = list(stats.plot_hit_depths)
         return {"adapter_hits_device": stats.adapter_hits_device, "adapter_hits_host": stats.adapter_hits_host,
                 "adapter_misses": stats.adapter_misses, "device_slots": stats.device_slots,
@@ -224,11 +263,6 @@ class HmiSystem:
                 "plot_hit_depths": lookups,
                 "plot_mean_hit_depth": float(np.average(np.arange(1, len(lookups) + 1), weights=lookups))
                 if sum(lookups) else 0.0}
-
-    def close(self) -> None:
-        self.client.close()
-        self.services.stop()
-        self.folder.cleanup()
 
 
 SYSTEMS = {"naive": NaiveSystem, "peft": PeftSystem, "hmi": HmiSystem}

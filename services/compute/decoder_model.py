@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kernels.lora import Segments, sgmv
 from services.common.models import ModelDims, load_causal_lm
@@ -148,7 +149,6 @@ class DecoderModel:
         return x + step.project(inter, mlp.down_proj, "ffn_out")
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
         cos, sin = self.base.rotary_emb(q, positions[None])
         d = self.dims.head_dim
         q4, k4 = q.view(1, -1, self.dims.heads, d).transpose(1, 2), k.view(1, -1, self.dims.kv_heads, d).transpose(1, 2)

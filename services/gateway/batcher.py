@@ -54,17 +54,9 @@ class BatcherSettings:
 class _Forming:
     """A batch being formed: its items, token count and tenants, and whether a limit closed it."""
     items: list[SequenceWork]
-    tokens: int = 0
-    tenants: set[str] = field(default_factory=set)
+    tokens: int
+    tenants: set[str]
     full: bool = False
-
-    def __post_init__(self) -> None:
-        self.tokens = sum(len(item.token_ids) for item in self.items)
-        self.tenants = {item.route.tenant_id for item in self.items}
-
-    @property
-    def tenant_ids(self) -> list[str]:
-        return list(self.tenants)
 
 
 class Batcher:
@@ -106,7 +98,7 @@ class Batcher:
             first = self._take(0.1)
             if first is None:
                 continue
-            batch = _Forming([first])
+            batch = _Forming([first], len(first.token_ids), {first.route.tenant_id})
             closes = time.monotonic() + self.settings.max_wait_ms / 1e3
             while not batch.full:
                 item = self._take(max(0.0, closes - time.monotonic()))
@@ -115,14 +107,14 @@ class Batcher:
                 self._add(batch, item)
             # While every replica is busy the batch keeps growing: under load batches get as big as the
             # replicas can absorb, instead of queueing many small ones (per-batch work is paid once).
-            replica = self.router.try_acquire(batch.tenant_ids)
+            replica = self.router.try_acquire(batch.tenants)
             while replica is None and not batch.full and not self._stop.is_set():
                 item = self._take(0.001)
                 if item is not None:
                     self._add(batch, item)
-                replica = self.router.try_acquire(batch.tenant_ids)
+                replica = self.router.try_acquire(batch.tenants)
             if replica is None:
-                replica = self.router.acquire(batch.tenant_ids)
+                replica = self.router.acquire(batch.tenants)
             items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
             if items:
                 self._dispatch(items, replica)

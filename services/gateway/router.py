@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
+from typing import Collection
 
 from hmi.v1 import compute_pb2_grpc as pb_grpc
 from services.common.rpc import channel
@@ -22,6 +23,9 @@ class Replica:
     down_until: float = 0.0
 
 
+HOMES_CACHED = 100_000
+
+
 class Router:
     def __init__(self, addresses: list[str], *, inflight_per_replica: int = 2, down_seconds: float = 1.0) -> None:
         if not addresses:
@@ -31,10 +35,17 @@ class Router:
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
+        self._homes: dict[str, int] = {}   # the replica list is fixed: a tenant's home is hashed once
 
     def home(self, tenant_id: str) -> int:
         """The tenant's home replica: the highest hash of (tenant, replica); stable when replicas come and go."""
-        return max(range(len(self.replicas)), key=lambda i: _score(tenant_id, self.replicas[i].address))
+        home = self._homes.get(tenant_id)
+        if home is None:
+            if len(self._homes) >= HOMES_CACHED:
+                self._homes.clear()
+            home = self._homes[tenant_id] = max(range(len(self.replicas)),
+                                                key=lambda i: _score(tenant_id, self.replicas[i].address))
+        return home
 
     def home_replica(self, tenant_id: str) -> Replica:
         """For a generation stream (no batch slot): the tenant's home, or the next healthy replica."""
@@ -43,14 +54,14 @@ class Router:
         healthy = [i for i in ranked if self.replicas[i].down_until <= now] or ranked
         return self.replicas[healthy[0]]
 
-    def acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica:
+    def acquire(self, tenant_ids: Collection[str] = ()) -> Replica:
         """Blocks until some replica has room for one more batch (see try_acquire for the choice)."""
         with self._room:
             while (replica := self._pick(tenant_ids)) is None:
                 self._room.wait(0.1)   # woken by release; the timeout re-checks replicas marked down
             return replica
 
-    def try_acquire(self, tenant_ids: list[str] | tuple[str, ...] = ()) -> Replica | None:
+    def try_acquire(self, tenant_ids: Collection[str] = ()) -> Replica | None:
         """A replica with room, or None when all are full: prefers replicas not marked down, then the home
         of most of the batch's tenants, then the one with the fewest batches in flight."""
         with self._lock:

@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> None:
     from hmi.v1 import gateway_pb2_grpc as pb_grpc
     from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, eos_token_ids, load_tokenizer, parse_model_specs
+    from services.common.models import ModelDims, eos_token_ids, parse_model_specs
     from services.common.rpc import channel
     from services.common.server import start_server, wait_for_termination
     from services.gateway.batcher import Batcher, BatcherSettings
@@ -82,14 +82,14 @@ def main(args: argparse.Namespace) -> None:
         batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                                   max_batch_tenants=args.max_batch_tenants,
                                                   max_wait_ms=args.max_wait_ms, max_queue=args.max_queue))
+        encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts)
         generation = None
         if dims.is_decoder:
-            generation = GenerationSupport(load_tokenizer(spec.directory),
+            generation = GenerationSupport(encoder.tokenizer,
                                            GenerationLimits(max_new_tokens=args.max_new_tokens,
                                                             max_prompt_tokens=args.max_prompt_tokens),
                                            dims.max_positions, eos_token_ids(spec.directory), router)
-        lanes[spec.name] = ModelLane(spec.name, TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens,
-                                                            max_texts=args.max_texts), batcher, router, generation)
+        lanes[spec.name] = ModelLane(spec.name, encoder, batcher, router, generation)
 
     def register(server):
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(lanes, directory), server)

@@ -439,11 +439,10 @@ class KnowledgeStore:
             skip = None if context_tokens is None else context_tokens.tolist()
             result = tree.lookup(self.layout, txn, chain, cap, record["hidden_size"], token_ids, offsets,
                                  collect=learning, skip=skip)
-            positions = positions_in_sequences(offsets)
-            if first_positions is not None:
-                positions = positions + np.repeat(first_positions, np.diff(offsets))
+            within = positions_in_sequences(offsets)
+            positions = within if first_positions is None else within + np.repeat(first_positions, np.diff(offsets))
             if skip is not None:
-                wanted = positions_in_sequences(offsets) >= np.repeat(context_tokens, np.diff(offsets))
+                wanted = within >= np.repeat(context_tokens, np.diff(offsets))
                 result.vectors, result.hit_depths, result.owners = (result.vectors[wanted], result.hit_depths[wanted],
                                                                     result.owners[wanted])
                 positions = positions[wanted]

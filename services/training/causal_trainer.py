@@ -5,7 +5,6 @@ is shared). Inputs are what serving sees: the domain's PLOT rows of the text (or
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.lora import Segments
-from services.common.adapter_format import Adapter, target_shape
+from services.common.adapter_format import Adapter
 from services.common.errors import InvalidArgument
 from services.compute.decoder_model import DecoderModel, StepInputs
-from services.training.trainer import Progress
+from services.training.trainer import Progress, entry_states, fit_batches, init_lora
 
 
 @dataclass
@@ -47,29 +46,15 @@ class CausalTrainer:
         for parameter in model.model.parameters():
             parameter.requires_grad_(False)
         generator = torch.Generator().manual_seed(settings.seed)
-        self.lora_a: dict[tuple[int, str], torch.nn.Parameter] = {}
-        self.lora_b: dict[tuple[int, str], torch.nn.Parameter] = {}
-        for layer in range(settings.split_layer, model.dims.layers):
-            for target in settings.targets:
-                fan_in, fan_out = target_shape(target, model.dims)
-                bound = 1 / math.sqrt(fan_in)   # PEFT's init: the adapter starts as a no-op
-                a = (torch.rand(1, settings.rank, fan_in, generator=generator) * 2 - 1) * bound
-                self.lora_a[(layer, target)] = torch.nn.Parameter(a)
-                self.lora_b[(layer, target)] = torch.nn.Parameter(torch.zeros(1, fan_out, settings.rank))
+        self.lora_a, self.lora_b = init_lora(model.dims, settings.split_layer, settings.rank, settings.targets,
+                                             generator)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.lora_a.values()) + list(self.lora_b.values())
 
     def token_losses(self, examples: list[TextExample], with_adapter: bool = True) -> torch.Tensor:
         """Negative log-likelihood of every next token of every example (packed, one segment)."""
-        lengths = [len(e.token_ids) for e in examples]
-        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        if self.settings.split_layer == 0:
-            ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
-            positions = torch.cat([torch.arange(n) for n in lengths])
-            hidden = self.model.embed(ids, positions).clone()
-        else:
-            hidden = torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32))
+        hidden, bounds, lengths = entry_states(self.model, self.settings.split_layer, examples)
         caches = [self.model.new_cache(self.settings.split_layer, n) for n in lengths]
         scaling = self.settings.alpha / self.settings.rank
         lora_a = self.lora_a if with_adapter else {}
@@ -84,30 +69,10 @@ class CausalTrainer:
     def fit(self, train: list[TextExample], progress: Progress | None = None) -> float:
         if not train:
             raise InvalidArgument("no training text")
-        rng = random.Random(self.settings.seed)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.settings.learning_rate, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(train) / self.settings.batch_size)
-        total = steps_per_epoch * self.settings.epochs
-        if self.settings.max_steps:
-            total = min(total, self.settings.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
-        order = list(range(len(train)))
-        step, loss_value = 0, float("nan")
-        while step < total:
-            rng.shuffle(order)
-            for start in range(0, len(order), self.settings.batch_size):
-                if step >= total:
-                    break
-                loss = self.token_losses([train[i] for i in order[start:start + self.settings.batch_size]]).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_value = float(loss.detach())
-                if progress is not None:
-                    progress(step, total, loss_value)
-        return loss_value
+        return fit_batches(self.parameters(), train, lambda batch: self.token_losses(batch).mean(),
+                           epochs=self.settings.epochs, batch_size=self.settings.batch_size,
+                           learning_rate=self.settings.learning_rate, seed=self.settings.seed,
+                           max_steps=self.settings.max_steps, progress=progress)
 
     @torch.no_grad()
     def perplexity(self, examples: list[TextExample], with_adapter: bool = True) -> float:

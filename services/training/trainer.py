@@ -44,6 +44,62 @@ class TrainSettings:
 Progress = Callable[[int, int, float], None]   # (step, total steps, loss)
 
 
+def init_lora(dims, split_layer: int, rank: int, targets: tuple[str, ...], generator: torch.Generator
+              ) -> tuple[dict[tuple[int, str], torch.nn.Parameter], dict[tuple[int, str], torch.nn.Parameter]]:
+    """LoRA parameters on layers [L, N) as PEFT initialises them: A uniform, B zero (a no-op at first)."""
+    lora_a: dict[tuple[int, str], torch.nn.Parameter] = {}
+    lora_b: dict[tuple[int, str], torch.nn.Parameter] = {}
+    for layer in range(split_layer, dims.layers):
+        for target in targets:
+            fan_in, fan_out = target_shape(target, dims)
+            bound = 1 / math.sqrt(fan_in)
+            a = (torch.rand(1, rank, fan_in, generator=generator) * 2 - 1) * bound
+            lora_a[(layer, target)] = torch.nn.Parameter(a)
+            lora_b[(layer, target)] = torch.nn.Parameter(torch.zeros(1, fan_out, rank))
+    return lora_a, lora_b
+
+
+def entry_states(model, split_layer: int, examples) -> tuple[torch.Tensor, list[int], list[int]]:
+    """What the upper layers take for a batch, packed: embeddings at L = 0, else the PLOT rows the examples
+    carry; with the sequences' bounds and lengths."""
+    lengths = [len(e.token_ids) for e in examples]
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    if split_layer == 0:
+        ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        return model.embed(ids, positions).clone(), bounds, lengths
+    return torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32)), bounds, lengths
+
+
+def fit_batches(parameters: list[torch.nn.Parameter], items: list, loss_of: Callable[[list], torch.Tensor], *,
+                epochs: int, batch_size: int, learning_rate: float, weight_decay: float = 0.0, seed: int = 0,
+                max_steps: int = 0, progress: Progress | None = None) -> float:
+    """AdamW with a linearly decaying rate over shuffled batches, for `epochs` (or `max_steps`); the last loss."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    total = math.ceil(len(items) / batch_size) * epochs
+    if max_steps:
+        total = min(total, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
+    order = list(range(len(items)))
+    step, loss_value = 0, float("nan")
+    while step < total:
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            if step >= total:
+                break
+            loss = loss_of([items[i] for i in order[start:start + batch_size]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = float(loss.detach())
+            if progress is not None:
+                progress(step, total, loss_value)
+    return loss_value
+
+
 class AdapterTrainer:
     def __init__(self, model: UpperModel, settings: TrainSettings) -> None:
         if not 0 <= settings.split_layer < model.dims.layers:
@@ -53,15 +109,8 @@ class AdapterTrainer:
         for parameter in model.model.parameters():
             parameter.requires_grad_(False)
         generator = torch.Generator().manual_seed(settings.seed)
-        self.lora_a: dict[tuple[int, str], torch.nn.Parameter] = {}
-        self.lora_b: dict[tuple[int, str], torch.nn.Parameter] = {}
-        for layer in range(settings.split_layer, model.dims.layers):
-            for target in settings.targets:
-                fan_in, fan_out = target_shape(target, model.dims)
-                bound = 1 / math.sqrt(fan_in)   # PEFT's init: A uniform, B zero (the adapter starts as a no-op)
-                a = (torch.rand(1, settings.rank, fan_in, generator=generator) * 2 - 1) * bound
-                self.lora_a[(layer, target)] = torch.nn.Parameter(a)
-                self.lora_b[(layer, target)] = torch.nn.Parameter(torch.zeros(1, fan_out, settings.rank))
+        self.lora_a, self.lora_b = init_lora(model.dims, settings.split_layer, settings.rank, settings.targets,
+                                             generator)
         self.head = torch.nn.Linear(model.dims.hidden, settings.num_labels)
         torch.nn.init.normal_(self.head.weight, std=0.02, generator=generator)
         torch.nn.init.zeros_(self.head.bias)
@@ -71,14 +120,7 @@ class AdapterTrainer:
 
     def logits(self, examples: list[Example]) -> torch.Tensor:
         """Packed forward of one batch of this tenant's examples: every token in one segment (slot 0)."""
-        lengths = [len(e.token_ids) for e in examples]
-        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        if self.settings.split_layer == 0:
-            ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
-            positions = torch.cat([torch.arange(n) for n in lengths])
-            hidden = self.model.embed(ids, positions).clone()
-        else:
-            hidden = torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32))
+        hidden, bounds, lengths = entry_states(self.model, self.settings.split_layer, examples)
         scaling = self.settings.alpha / self.settings.rank
         lora_b = {key: b * scaling for key, b in self.lora_b.items()}
         inputs = LayerInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[self.settings.split_layer] * len(examples),
@@ -92,29 +134,11 @@ class AdapterTrainer:
     def fit(self, train: list[Example], progress: Progress | None = None) -> float:
         if not train:
             raise InvalidArgument("no training examples")
-        rng = random.Random(self.settings.seed)
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.settings.learning_rate,
-                                      weight_decay=self.settings.weight_decay)
-        steps_per_epoch = math.ceil(len(train) / self.settings.batch_size)
-        total = steps_per_epoch * self.settings.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
-        order = list(range(len(train)))
-        step, loss_value = 0, float("nan")
-        for _ in range(self.settings.epochs):
-            rng.shuffle(order)
-            for start in range(0, len(order), self.settings.batch_size):
-                batch = [train[i] for i in order[start:start + self.settings.batch_size]]
-                labels = torch.tensor([e.label for e in batch])
-                loss = F.cross_entropy(self.logits(batch), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_value = float(loss.detach())
-                if progress is not None:
-                    progress(step, total, loss_value)
-        return loss_value
+        return fit_batches(self.parameters(), train,
+                           lambda batch: F.cross_entropy(self.logits(batch), torch.tensor([e.label for e in batch])),
+                           epochs=self.settings.epochs, batch_size=self.settings.batch_size,
+                           learning_rate=self.settings.learning_rate, weight_decay=self.settings.weight_decay,
+                           seed=self.settings.seed, progress=progress)
 
     @torch.no_grad()
     def accuracy(self, examples: list[Example]) -> float:
