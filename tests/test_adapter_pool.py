@@ -384,3 +384,23 @@ def test_prefetch_warms_the_host_cache_without_taking_a_slot():
     lease = pool.acquire([("a", 1)])
     assert pool.stats.host_hits == 1 and fetched == ["a"]
     lease.release()
+
+
+def test_a_batch_of_new_tenants_fetches_them_side_by_side():
+    """Three misses in one batch: every fetch waits for the other two, so only concurrent fetches finish."""
+    store = Store()
+    for tenant in "abc":
+        store.add(tenant)
+    together = threading.Barrier(3, timeout=10)
+    fetch = store.__call__
+
+    def concurrent_fetch(tenant: str, version: int) -> Adapter:
+        together.wait()      # raises BrokenBarrierError if the fetches ran one after another
+        return fetch(tenant, version)
+
+    pool = AdapterPool(DIMS, torch.device("cpu"), slots=4, max_rank=MAX_RANK, host_cache_bytes=BIG_CACHE,
+                       fetch=concurrent_fetch)
+    lease = pool.acquire([("a", 1), ("b", 1), ("c", 1), ("a", 1)])
+    for tenant in "abc":
+        assert_in_slot(pool, lease.slots[(tenant, 1)], store.adapters[(tenant, 1)])
+    assert pool.stats.misses == 3 and sum(store.calls.values()) == 3

@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkloadSpec(**{**spec_fields, "corpus": Path(spec_fields["corpus"])})
     settings_fields = json.loads(args.settings)
     settings = BenchSettings(**{**settings_fields, "model_dir": Path(settings_fields["model_dir"]),
-                                "corpus": Path(settings_fields["corpus"]) if settings_fields["corpus"] else None})
+                                "corpus": Path(settings_fields["corpus"]) if settings_fields["corpus"] else None,
+                                "logs_dir": Path(settings_fields["logs_dir"]) if settings_fields.get("logs_dir")
+                                else None})
     torch_threads()
     result = run(args.system, spec, settings, args.sweep)
     args.out.write_text(json.dumps(result, indent=2))

@@ -57,7 +57,8 @@ def run_bench(args) -> int:
                         task=args.task, max_new_tokens=args.max_new_tokens)
     model = args.model or ("smollm2" if generating else "minilm")
     settings = BenchSettings(model_dir=resolve_model_dir(model), split_layer=args.split_layer,
-                             memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve())
+                             memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve(),
+                             logs_dir=logs_dir(args.out))
     report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir), "split_layer": args.split_layer,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "started": time.time(), "systems": {}}
     with tempfile.TemporaryDirectory(prefix="hmi-bench-") as folder:
@@ -78,7 +79,7 @@ def run_bench(args) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
     plot(report, args.out.with_suffix(".png"))
-    print(f"results in {args.out} and {args.out.with_suffix('.png')}")
+    print(f"results in {args.out} and {args.out.with_suffix('.png')}; HMI's service logs in {logs_dir(args.out)}")
     return 0 if all("failed" not in r for r in report["systems"].values()) else 1
 
 
@@ -90,6 +91,10 @@ def add_ratios(report: dict) -> None:
             report[f"hmi_over_{other}_throughput"] = hmi["throughput_rps"] / theirs["throughput_rps"]
         if hmi.get("tokens_per_s") and theirs.get("tokens_per_s"):
             report[f"hmi_over_{other}_tokens_per_s"] = hmi["tokens_per_s"] / theirs["tokens_per_s"]
+
+
+def logs_dir(out: Path) -> Path:
+    return (out.parent / f"{out.stem}-logs").resolve()
 
 
 def print_table(report: dict) -> None:

@@ -11,6 +11,7 @@ Each answers `classify(tenant, texts) -> labels` from many threads at once.
 from __future__ import annotations
 
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -43,6 +44,7 @@ class BenchSettings:
     max_wait: float = 0.005                # peft: seconds a batch waits to fill
     max_tokens: int = 128
     corpus: Path | None = None             # hmi: the PLOT corpus
+    logs_dir: Path | None = None           # hmi: the services' logs are copied here when a run ends
 
 
 def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
@@ -216,15 +218,20 @@ class HmiDeployment:
         from hmi.launcher import ServiceSet
         self.dims = ModelDims.from_dir(settings.model_dir)
         self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
+        self.logs_dir = settings.logs_dir
         data = Path(self.folder.name)
         self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
-        self.services.start(timeout=start_timeout)
         self.client = HMIClient(self.services.gateway_addr, timeout=call_timeout)
-        self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=context,
-                                 min_count=2, learn_threshold=-1)
-        for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
-            adapter = serialize_adapter(adapter_of(self.dims, tenant, settings.split_layer))
-            self.client.register_tenant(f"t{tenant}", "bench", labels, adapter)
+        try:
+            self.services.start(timeout=start_timeout)
+            self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=context,
+                                     min_count=2, learn_threshold=-1)
+            for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
+                adapter = serialize_adapter(adapter_of(self.dims, tenant, settings.split_layer))
+                self.client.register_tenant(f"t{tenant}", "bench", labels, adapter)
+        except BaseException:
+            self.close()     # stops what started and keeps the logs that say why
+            raise
 
     def service_pids(self) -> dict[str, int]:
         return {s.name: s.process.pid for s in self.services.services if s.process is not None}
@@ -239,6 +246,8 @@ class HmiDeployment:
     def close(self) -> None:
         self.client.close()
         self.services.stop()
+        if self.logs_dir is not None:   # what each service logged (batch sizes, stage times, hit rates)
+            shutil.copytree(Path(self.folder.name) / "logs", self.logs_dir, dirs_exist_ok=True)
         self.folder.cleanup()
 
 

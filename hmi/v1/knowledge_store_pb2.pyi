@@ -272,3 +272,33 @@ class GetAdapterRequest(_message.Message):
     tenant_id: str
     version: int
     def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ListChangesRequest(_message.Message):
+    __slots__ = ("after_revision", "limit")
+    AFTER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after_revision: int
+    limit: int
+    def __init__(self, after_revision: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Change(_message.Message):
+    __slots__ = ("revision", "kind", "name")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    kind: str
+    name: str
+    def __init__(self, revision: _Optional[int] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListChangesResponse(_message.Message):
+    __slots__ = ("store_id", "revision", "changes", "complete")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    revision: int
+    changes: _containers.RepeatedCompositeFieldContainer[Change]
+    complete: bool
+    def __init__(self, store_id: _Optional[str] = ..., revision: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...

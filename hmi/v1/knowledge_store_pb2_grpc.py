@@ -92,6 +92,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListChanges',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
+                _registered_method=True)
 
 
 class KnowledgeStoreServicer:
@@ -177,6 +182,14 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListChanges(self, request, context):
+        """Tenants and domains written after a revision, so gateways can cache
+        their records until they change instead of asking on every request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +247,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -535,6 +553,33 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/GetAdapter',
             hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListChanges',
+            hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

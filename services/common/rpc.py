@@ -26,8 +26,11 @@ CHANNEL_OPTIONS = [
 log = logging.getLogger("hmi.rpc")
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, *, own_connection: bool = False) -> grpc.Channel:
+    """`own_connection`: not shared with other channels to the same address, so failures of a background
+    poller (which grow the reconnect backoff) never make the calls of a request fail fast."""
+    options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
+    return grpc.insecure_channel(address, options=options)
 
 
 def _status(code_name: str) -> grpc.StatusCode:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,18 +49,20 @@ class Lease:
 
 class AdapterPool:
     def __init__(self, dims: ModelDims, device: torch.device, *, slots: int, max_rank: int,
-                 host_cache_bytes: int, fetch: Callable[[str, int], Adapter]) -> None:
+                 host_cache_bytes: int, fetch: Callable[[str, int], Adapter], fetch_workers: int = 4) -> None:
         self.dims = dims
         self.device = device
         self.num_slots = slots
         self.max_rank = max_rank
         self.host_cache_bytes = host_cache_bytes
         self.fetch = fetch
+        self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="adapter-fetch")
         self.stats = PoolStats()
         self._lock = threading.Lock()
         self._fetching: dict[AdapterKey, threading.Event] = {}
         self._host: OrderedDict[AdapterKey, Adapter] = OrderedDict()
         self._host_bytes = 0
+        self._host_version: dict[str, int] = {}   # tenant -> version last fetched (one version per tenant on host)
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order, oldest first
         self._uses: dict[AdapterKey, float] = {}    # acquisitions, halved every `_aging_period` (frequency)
         self._acquisitions = 0
@@ -95,7 +98,7 @@ class AdapterPool:
                         self._pins[slot] += 1
                         slots[key] = slot
                         self.stats.device_hits += 1
-            adapters = {key: self._host_adapter(key) for key in unique if key not in slots}
+            adapters = self._host_adapters([key for key in unique if key not in slots])
             with self._lock:
                 for key, adapter in adapters.items():
                     slots[key] = self._slot_for(key, adapter)
@@ -104,6 +107,20 @@ class AdapterPool:
             self._unpin(slots.values())
             raise
         return Lease(slots, self)
+
+    def _host_adapters(self, keys: list[AdapterKey]) -> dict[AdapterKey, Adapter]:
+        """Host copies of the keys; adapters missing on the host are fetched from the store side by side (a batch of
+        new tenants waits for the slowest fetch, not for their sum)."""
+        with self._lock:
+            missing = [key for key in keys if key not in self._host]
+        if len(missing) < 2:
+            return {key: self._host_adapter(key) for key in keys}
+        futures = {key: self._fetchers.submit(self._host_adapter, key) for key in missing}
+        try:
+            return {key: futures[key].result() if key in futures else self._host_adapter(key) for key in keys}
+        finally:
+            for future in futures.values():
+                future.cancel()
 
     def prefetch(self, key: AdapterKey) -> None:
         """Brings a queued request's adapter into the host cache (no slot taken), so its first step is a
@@ -163,20 +180,31 @@ class AdapterPool:
             event.set()
 
     def _drop_older_versions(self, key: AdapterKey) -> None:
-        for old in [k for k in self._host if k[0] == key[0] and k[1] != key[1]]:
-            self._host_bytes -= self._host.pop(old).nbytes()
+        old_version = self._host_version.get(key[0])
+        if old_version is not None and old_version != key[1] and (key[0], old_version) in self._host:
+            self._host_bytes -= self._host.pop((key[0], old_version)).nbytes()
+        self._host_version[key[0]] = key[1]
         for old in [k for k in self._slot_of if k[0] == key[0] and k[1] != key[1]]:
             if self._pins[self._slot_of[old]] == 0:
                 self._free.append(self._slot_of.pop(old))
 
     def _trim_host(self) -> None:
         """Drops the least recently used host copies, never the newest (about to be loaded into a slot)."""
-        for key in list(self._host)[:-1]:
-            if self._host_bytes <= self.host_cache_bytes or len(self._host) <= 1:
+        excess = self._host_bytes - self.host_cache_bytes
+        if excess <= 0:
+            return
+        newest = next(reversed(self._host))
+        victims = []
+        for key, adapter in self._host.items():   # oldest first; stops as soon as enough is found
+            if excess <= 0 or key == newest:
                 break
-            if key in self._slot_of:
-                continue  # a resident adapter stays warm too
+            if key not in self._slot_of:          # a resident adapter stays warm too
+                victims.append(key)
+                excess -= adapter.nbytes()
+        for key in victims:
             self._host_bytes -= self._host.pop(key).nbytes()
+            if self._host_version.get(key[0]) == key[1]:
+                del self._host_version[key[0]]
 
     def _slot_for(self, key: AdapterKey, adapter: Adapter) -> int:
         slot = self._slot_of.get(key)

@@ -47,6 +47,8 @@ class PipelineStats:
     hit_depth_counts: list[int] = field(default_factory=list)
     io_seconds: float = 0.0          # time batches spent preparing (store lookups, adapter loads)
     io_hidden_seconds: float = 0.0   # ... of which the device was busy executing another batch
+    adapter_seconds: float = 0.0     # ... of which pinning adapters (fetching the missing ones)
+    lookup_seconds: float = 0.0      # ... of which store lookups (side by side with the adapters)
 
     @property
     def io_hidden_share(self) -> float:
@@ -103,13 +105,21 @@ class Pipeline:
         for index, spec in enumerate(batch.sequences):
             if spec.split_layer > 0:
                 by_domain.setdefault(spec.domain, []).append(index)
+        started = time.perf_counter()
         futures = {domain: self._fetchers.submit(self._lookup, batch, indices, timeout)
                    for domain, indices in by_domain.items()}
         lease = self.pool.acquire([(s.tenant_id, s.adapter_version) for s in batch.sequences])
+        adapters_done = time.perf_counter()
         try:
             plot_rows: dict[int, np.ndarray] = {}
+            lookup_seconds = 0.0
             for domain, future in futures.items():
-                plot_rows.update(future.result())
+                rows, seconds = future.result()
+                plot_rows.update(rows)
+                lookup_seconds = max(lookup_seconds, seconds)
+            with self._stats_lock:
+                self.stats.adapter_seconds += adapters_done - started
+                self.stats.lookup_seconds += lookup_seconds
             prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
             self.executor.stage(prepared)   # copy stage: overlaps the batch executing now
         except BaseException:
@@ -117,7 +127,9 @@ class Pipeline:
             raise
         return prepared
 
-    def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> dict[int, np.ndarray]:
+    def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> tuple[dict[int, np.ndarray], float]:
+        """The rows of the sequences of one domain, and how long the store took."""
+        started = time.perf_counter()
         domain = batch.sequences[indices[0]].domain
         pieces = [batch.tokens_of(i) for i in indices]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
@@ -131,7 +143,8 @@ class Pipeline:
             counts.extend([0] * (len(reply.hit_depth_counts) - len(counts)))
             for depth, count in enumerate(reply.hit_depth_counts):
                 counts[depth] += count
-        return {index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)}
+        return ({index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)},
+                time.perf_counter() - started)
 
     def run(self, batch: PackedBatch, timeout: float) -> tuple[BatchResult, Timings]:
         timings = Timings()
@@ -179,10 +192,13 @@ class Pipeline:
             pool = self.pool.stats
             log.info("%d batches, %d sequences, %d tokens so far; adapters: %d device hits, %d host hits, "
                      "%d fetched, %d evictions; PLOT hits per context depth %s; %.0f%% of fetch time hidden behind "
-                     "execution; last batch %d seqs: fetch %.1f ms, execute %.1f ms", self.stats.batches,
-                     self.stats.sequences, self.stats.tokens, pool.device_hits, pool.host_hits, pool.misses,
-                     pool.evictions, self.stats.hit_depth_counts, 100 * self.stats.io_hidden_share, batch.size,
-                     timings.fetch_ms, timings.execute_ms)
+                     "execution; fetch per batch %.1f ms (adapters %.1f, lookups %.1f); last batch %d seqs: fetch "
+                     "%.1f ms, execute %.1f ms", self.stats.batches, self.stats.sequences, self.stats.tokens,
+                     pool.device_hits, pool.host_hits, pool.misses, pool.evictions, self.stats.hit_depth_counts,
+                     100 * self.stats.io_hidden_share, 1e3 * self.stats.io_seconds / self.stats.batches,
+                     1e3 * self.stats.adapter_seconds / self.stats.batches,
+                     1e3 * self.stats.lookup_seconds / self.stats.batches, batch.size, timings.fetch_ms,
+                     timings.execute_ms)
         return result, timings
 
     def close(self) -> None:

@@ -25,6 +25,9 @@ log = logging.getLogger("hmi.gateway.batcher")
 BATCH_SEQUENCES = Histogram("hmi_gateway_batch_sequences", "sequences per batch",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_FAILURES = Counter("hmi_gateway_batch_failures_total", "batches that failed", ["code"])
+BATCH_STAGE_SECONDS = Histogram("hmi_gateway_batch_stage_seconds", "where a batch's time went: waiting in the gateway, "
+                                "and compute's fetch, queue and execute stages", ["stage"])
+STAGES = ("gateway_wait", "fetch", "queue", "execute", "round_trip")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SequenceWork:
     deadline: float                     # time.monotonic() seconds
     want_embedding: bool
     future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -68,6 +72,9 @@ class Batcher:
         self._stop = threading.Event()
         self._sent_batches = 0
         self._sent_sequences = 0
+        self._stage_ms = dict.fromkeys(STAGES, 0.0)     # summed over the batches answered since the last report
+        self._answered = 0
+        self._report_lock = threading.Lock()
         self._last_report = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
@@ -148,14 +155,33 @@ class Batcher:
         BATCH_SEQUENCES.observe(len(batch))
         self._sent_batches += 1
         self._sent_sequences += len(batch)
-        if time.monotonic() - self._last_report > 30.0:
-            self._last_report = time.monotonic()
-            log.info("%d batches, %d sequences sent so far (%.1f per batch); %d waiting", self._sent_batches,
-                     self._sent_sequences, self._sent_sequences / self._sent_batches, self._queue.qsize())
+        sent = time.monotonic()
         call = replica.stub.Forward.future(request, timeout=timeout)
-        call.add_done_callback(lambda done: self._complete(done, batch, replica))
+        call.add_done_callback(lambda done: self._complete(done, batch, replica, sent))
 
-    def _complete(self, call, batch: list[SequenceWork], replica) -> None:
+    def _account(self, batch: list[SequenceWork], sent: float, response) -> None:
+        """Where the time of an answered batch went; logged as means every 30 s (and as histograms)."""
+        stages = {"gateway_wait": 1e3 * (sent - min(item.queued_at for item in batch)), "fetch": response.fetch_ms,
+                  "queue": response.queue_ms, "execute": response.execute_ms,
+                  "round_trip": 1e3 * (time.monotonic() - sent)}
+        for stage, ms in stages.items():
+            BATCH_STAGE_SECONDS.labels(stage).observe(ms / 1e3)
+        with self._report_lock:
+            self._answered += 1
+            for stage, ms in stages.items():
+                self._stage_ms[stage] += ms
+            if time.monotonic() - self._last_report < 30.0:
+                return
+            means = {stage: total / self._answered for stage, total in self._stage_ms.items()}
+            self._stage_ms, self._answered = dict.fromkeys(STAGES, 0.0), 0
+            self._last_report = time.monotonic()
+        log.info("%d batches, %d sequences sent so far (%.1f per batch); %d waiting; per batch lately: %.1f ms "
+                 "waiting here, %.1f ms to compute and back (fetch %.1f, queue %.1f, execute %.1f)",
+                 self._sent_batches, self._sent_sequences, self._sent_sequences / self._sent_batches,
+                 self._queue.qsize(), means["gateway_wait"], means["round_trip"], means["fetch"], means["queue"],
+                 means["execute"])
+
+    def _complete(self, call, batch: list[SequenceWork], replica, sent: float) -> None:
         try:
             response = call.result()
         except grpc.RpcError as error:
@@ -170,6 +196,7 @@ class Batcher:
             return
         self.router.release(replica)
         try:
+            self._account(batch, sent, response)
             logits = decode_tensor(response.logits, field="logits") if response.logit_offsets else None
             embeddings = decode_tensor(response.embeddings, field="embeddings") if response.embeddings.shape else None
             offsets = list(response.logit_offsets)

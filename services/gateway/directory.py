@@ -1,17 +1,29 @@
-"""Tenant and domain records from the knowledge store, cached briefly so the hot path rarely asks.
+"""Tenant and domain records from the knowledge store, cached until they change.
 
-Admin calls through this gateway invalidate entries at once; changes made elsewhere show up after
-the TTL (a replaced adapter is served from the next request after that, never a stale version
-mixed into one request).
+A background thread follows the store's change log (ListChanges, every `poll_seconds`) and forgets the
+tenants and domains written since, so a cached record is served until the store says it changed: with
+thousands of tenants, asking the store on every request would cost a round trip per request. While the
+change log cannot be read (store unreachable, gateway just started), records fall back to living
+`ttl_seconds`. Admin calls through this gateway invalidate entries at once; changes made elsewhere show
+up within one poll (a replaced adapter is served from the next request after that, never a stale
+version mixed into one request).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+
+import grpc
+from prometheus_client import Counter
 
 from hmi.v1 import knowledge_store_pb2 as pb
 from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+
+log = logging.getLogger("hmi.gateway.directory")
+LOOKUPS = Counter("hmi_gateway_directory_lookups_total", "tenant records resolved", ["result"])
 
 
 @dataclass(frozen=True)
@@ -24,43 +36,145 @@ class TenantRoute:
     model: str = ""                     # base model; "" = the deployment's default
 
 
+@dataclass
+class FeedState:
+    """How far this directory has followed the store's change log."""
+    store_id: str = ""
+    revision: int = 0
+    synced_at: float = float("-inf")    # monotonic time at which the last successful poll was sent
+    generation: int = 0                 # bumped whenever cached records were dropped
+
+
 class TenantDirectory:
-    def __init__(self, store: pb_grpc.KnowledgeStoreStub, ttl_seconds: float = 2.0) -> None:
+    def __init__(self, store: pb_grpc.KnowledgeStoreStub, ttl_seconds: float = 2.0, *, poll_seconds: float = 0.5,
+                 max_entries: int = 200_000, feed: pb_grpc.KnowledgeStoreStub | None = None) -> None:
         self.store = store
+        self.feed_stub = feed or store    # polled on its own connection in the service (see rpc.channel)
         self.ttl = ttl_seconds
-        self._cache: dict[str, tuple[float, TenantRoute]] = {}
+        self.poll_seconds = poll_seconds
+        self.max_entries = max_entries
+        self.feed = FeedState()
+        self._cache: OrderedDict[str, tuple[float, TenantRoute]] = OrderedDict()
         self._domains: dict[str, tuple[float, pb.Domain]] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._follow, name="directory-feed", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.sync()
+                if failing:
+                    log.info("following the store's change log again")
+                failing = False
+            except grpc.RpcError as error:
+                if not failing:
+                    log.warning("cannot read the store's change log (%s); tenant records now expire after %.1fs",
+                                error.code().name, self.ttl)
+                failing = True
+            self._stop.wait(self.poll_seconds)
+
+    # ---- lookups ---------------------------------------------------------------------------
 
     def resolve(self, tenant_id: str, timeout: float) -> TenantRoute:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(tenant_id)
-        if cached and now - cached[0] < self.ttl:
-            return cached[1]
+            if cached and self._fresh(cached[0], now):
+                self._cache.move_to_end(tenant_id)
+                LOOKUPS.labels("cached").inc()
+                return cached[1]
+            generation = self.feed.generation
+        LOOKUPS.labels("fetched").inc()
         tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout)
-        domain = self._domain(tenant.spec.domain, timeout, now)
+        domain = self._domain(tenant.spec.domain, timeout, now, generation)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
                             domain.spec.split_layer, tenant.spec.model or domain.model)
         with self._lock:
-            self._cache[tenant_id] = (now, route)
+            if self.feed.generation == generation:   # else a change may have landed after the read: don't keep it
+                self._cache[tenant_id] = (now, route)
+                self._cache.move_to_end(tenant_id)
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
         return route
 
-    def _domain(self, name: str, timeout: float, now: float) -> pb.Domain:
+    def _fresh(self, fetched_at: float, now: float) -> bool:
+        """Kept until changed while the change log is followed (polled within a few intervals), else the TTL."""
+        following = now - self.feed.synced_at <= max(4 * self.poll_seconds, self.ttl)
+        return following or now - fetched_at < self.ttl
+
+    def _domain(self, name: str, timeout: float, now: float, generation: int) -> pb.Domain:
         with self._lock:
             cached = self._domains.get(name)
-        if cached and now - cached[0] < self.ttl:
-            return cached[1]
+            if cached and self._fresh(cached[0], now):
+                return cached[1]
         domain = self.store.GetDomain(pb.GetDomainRequest(name=name), timeout=timeout)
         with self._lock:
-            self._domains[name] = (now, domain)
+            if self.feed.generation == generation:
+                self._domains[name] = (now, domain)
         return domain
+
+    # ---- invalidation ----------------------------------------------------------------------
+
+    def sync(self, timeout: float = 5.0) -> int:
+        """Applies the store's changes since the last poll; returns how many records were affected."""
+        sent = time.monotonic()
+        first = not self.feed.store_id      # everything gets dropped anyway: one change is enough to learn the revision
+        reply = self.feed_stub.ListChanges(pb.ListChangesRequest(after_revision=self.feed.revision, limit=1 if first else 0),
+                                       timeout=timeout)
+        applied = 0
+        with self._lock:
+            if reply.store_id != self.feed.store_id or not reply.complete:
+                if self.feed.store_id:
+                    log.warning("store change log %s; dropping %d cached tenant records",
+                                "incomplete" if reply.store_id == self.feed.store_id else "belongs to another store",
+                                len(self._cache))
+                applied = len(self._cache) + len(self._domains)
+                self._cache.clear()
+                self._domains.clear()
+                self.feed.generation += 1
+                self.feed.store_id = reply.store_id
+                self.feed.revision = reply.revision
+            elif reply.changes:
+                for change in reply.changes:
+                    applied += self._forget(change.name if change.kind == "tenant" else None,
+                                            change.name if change.kind == "domain" else None)
+                self.feed.generation += 1
+                self.feed.revision = reply.changes[-1].revision
+            else:
+                self.feed.revision = reply.revision
+            more = bool(reply.changes) and self.feed.revision < reply.revision
+            if not more:
+                self.feed.synced_at = sent
+        return applied + (self.sync(timeout) if more else 0)
 
     def invalidate(self, tenant_id: str | None = None, domain: str | None = None) -> None:
         with self._lock:
-            if tenant_id is not None:
-                self._cache.pop(tenant_id, None)
-            if domain is not None:
-                self._domains.pop(domain, None)
-                for key in [k for k, (_, route) in self._cache.items() if route.domain == domain]:
-                    self._cache.pop(key, None)
+            self._forget(tenant_id, domain)
+            self.feed.generation += 1
+
+    def _forget(self, tenant_id: str | None, domain: str | None) -> int:
+        dropped = 0
+        if tenant_id is not None:
+            dropped += self._cache.pop(tenant_id, None) is not None
+        if domain is not None:
+            dropped += self._domains.pop(domain, None) is not None
+            for key in [k for k, (_, route) in self._cache.items() if route.domain == domain]:
+                dropped += self._cache.pop(key, None) is not None
+        return dropped
+
+    def cached_tenants(self) -> int:
+        with self._lock:
+            return len(self._cache)

@@ -26,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 3),
                         help="batches in flight per compute replica: enough that one prepares while the replica's "
                              "execution threads run theirs [HMI_INFLIGHT_PER_COMPUTE]")
-    parser.add_argument("--tenant-cache-ttl", type=float, default=env_float("HMI_TENANT_CACHE_TTL", 2.0))
+    parser.add_argument("--tenant-cache-ttl", type=float, default=env_float("HMI_TENANT_CACHE_TTL", 2.0),
+                        help="seconds a cached tenant record lives while the store's change log cannot be read "
+                             "[HMI_TENANT_CACHE_TTL]")
+    parser.add_argument("--change-poll-ms", type=float, default=env_float("HMI_CHANGE_POLL_MS", 500.0),
+                        help="how often the store's change log is read; tenant records are cached until they change, "
+                             "so changes made through another gateway show up within this [HMI_CHANGE_POLL_MS]")
     parser.add_argument("--max-new-tokens", type=int, default=env_int("HMI_MAX_NEW_TOKENS", 1024),
                         help="decoder models: the largest max_new_tokens a request may ask [HMI_MAX_NEW_TOKENS]")
     parser.add_argument("--max-prompt-tokens", type=int, default=env_int("HMI_MAX_PROMPT_TOKENS", 2048),
@@ -67,8 +72,12 @@ def main(args: argparse.Namespace) -> None:
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     targets = compute_targets(args.compute or [v for v in (env("HMI_COMPUTE_ADDRS") or "").split(";") if v],
                               [m.name for m in models])
+    if args.change_poll_ms <= 0 or args.tenant_cache_ttl < 0:
+        raise SystemExit("--change-poll-ms must be > 0 and --tenant-cache-ttl >= 0")
     store = store_grpc.KnowledgeStoreStub(channel(args.store))
-    directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl)
+    directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl, poll_seconds=args.change_poll_ms / 1e3,
+                                feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True)))
+    directory.start()
     lanes: dict[str, ModelLane] = {}
     for spec in models:
         dims = ModelDims.from_dir(spec.directory)
@@ -103,7 +112,9 @@ def main(args: argparse.Namespace) -> None:
              args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms)
 
     def stop():
+        directory.close()
         for lane in lanes.values():
             lane.batcher.close()
+
 
     wait_for_termination(running, log, on_stop=stop)

@@ -1,6 +1,7 @@
 """LMDB layout of the knowledge store: one environment, named databases, fixed key encodings.
 
-    meta      b"schema" -> version; b"next_domain_id" -> u32
+    meta      b"schema" -> version; b"next_domain_id" -> u32; b"store_id" -> random hex (new store = new id);
+              b"revision" -> last change-log revision
     domains   name -> JSON domain record
     nodes     domain_id u32 BE + context path (token, token before it, ...) u32 BE each
               -> (block u32, row u32, count u64) little-endian
@@ -12,6 +13,8 @@
     lower     domain name -> safetensors of the domain-adapted lower layers
     tenants   tenant id -> JSON tenant record
     adapters  tenant id -> safetensors bytes
+    changes   revision u64 BE -> JSON [kind, name] ("tenant" or "domain"): what gateways must forget, written
+              in the same transaction as the change; the last CHANGES_KEPT entries are kept
 
 PLOT vectors live in blocks of many rows, not one value per vector: LMDB gives each small value its
 own 4 KiB page (DESIGN.md measured 100k vectors -> 392 MiB one by one).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,9 @@ NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
 DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "offsets", "lower", "tenants",
-             "adapters")
+             "adapters", "changes")
+CHANGES_KEPT = 100_000      # change-log entries kept; a reader further behind starts over
+_REVISION = struct.Struct(">Q")
 OFFSETS_HEADER = struct.Struct("<III")
 
 
@@ -50,6 +56,9 @@ class StoreLayout:
                 txn.put(b"schema", str(SCHEMA_VERSION).encode(), db=self.db["meta"])
             elif int(stored) != SCHEMA_VERSION:
                 raise RuntimeError(f"store at {path} has schema {int(stored)}, this build reads {SCHEMA_VERSION}")
+            if txn.get(b"store_id", db=self.db["meta"]) is None:
+                txn.put(b"store_id", uuid.uuid4().hex.encode(), db=self.db["meta"])
+            self.store_id = bytes(txn.get(b"store_id", db=self.db["meta"])).decode()
 
     def close(self) -> None:
         self.env.close()
@@ -59,6 +68,33 @@ class StoreLayout:
         value = int(raw) if raw else 1
         txn.put(b"next_domain_id", str(value + 1).encode(), db=self.db["meta"])
         return value
+
+    def record_change(self, txn: lmdb.Transaction, kind: str, name: str) -> int:
+        """Appends to the change log in the writer's transaction, so readers never miss a committed change."""
+        revision = self.revision(txn) + 1
+        txn.put(b"revision", str(revision).encode(), db=self.db["meta"])
+        txn.put(_REVISION.pack(revision), json.dumps([kind, name]).encode(), db=self.db["changes"])
+        if revision > CHANGES_KEPT:
+            txn.delete(_REVISION.pack(revision - CHANGES_KEPT), db=self.db["changes"])
+        return revision
+
+    def revision(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"revision", db=self.db["meta"])
+        return int(raw) if raw else 0
+
+    def changes_after(self, txn: lmdb.Transaction, after: int, limit: int) -> tuple[list[tuple[int, str, str]], bool]:
+        """Up to `limit` changes with a revision above `after`, and whether the log still reaches back that far."""
+        if after < self.revision(txn) - CHANGES_KEPT:
+            return [], False
+        cursor = txn.cursor(db=self.db["changes"])
+        changes: list[tuple[int, str, str]] = []
+        if cursor.set_range(_REVISION.pack(after + 1)):
+            for key, value in cursor:
+                if len(changes) >= limit:
+                    break
+                kind, name = json.loads(bytes(value))
+                changes.append((_REVISION.unpack(bytes(key))[0], kind, name))
+        return changes, True
 
     def get_json(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
         raw = txn.get(key.encode(), db=self.db[db])

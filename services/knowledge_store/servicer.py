@@ -192,3 +192,12 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         _record, data = self.store.get_adapter(request.tenant_id, request.version)
         for chunk in split_chunks(data, CHUNK_BYTES):
             yield tensor_pb2.Chunk(data=chunk)
+
+    @handles_errors
+    def ListChanges(self, request, context) -> pb.ListChangesResponse:
+        if request.limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        feed = self.store.changes_after(request.after_revision, request.limit or 10_000)
+        return pb.ListChangesResponse(
+            store_id=feed.store_id, revision=feed.revision, complete=feed.complete,
+            changes=[pb.Change(revision=revision, kind=kind, name=name) for revision, kind, name in feed.changes])

@@ -58,6 +58,15 @@ DOMAIN_DEFAULTS = {"budget_bytes": 0, "learn_threshold": 0, "rows": None, "mater
                    "traffic_entries": 0, "generation": 1, "lower_model": "base"}
 
 
+@dataclass
+class ChangeFeed:
+    """Changes after a reader's revision; `complete` False: the reader must drop everything it cached."""
+    store_id: str
+    revision: int
+    changes: list[tuple[int, str, str]]       # (revision, "tenant" | "domain", name)
+    complete: bool
+
+
 def with_defaults(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """Domain records written before a field existed read as if it had its default."""
     if record is None:
@@ -276,6 +285,7 @@ class KnowledgeStore:
                 }
                 self.maintenance.prune(txn, record)
                 self.layout.put_json(txn, "domains", name, record)
+                self.layout.record_change(txn, "domain", name)
             self.traffic.forget(domain_id)
             if progress:
                 progress("writing", 1, 1)
@@ -350,6 +360,7 @@ class KnowledgeStore:
                                    "seconds": result.seconds, "adapted_at": time.time()}
                 txn.put(name.encode(), result.weights, db=self.layout.db["lower"])
                 self.layout.put_json(txn, "domains", name, record)
+                self.layout.record_change(txn, "domain", name)
         log.info("adapted domain %s lower layers [0, %d): %d steps on %d sequences in %.0fs, held-out MLM loss "
                  "%.3f -> %.3f", name, split_layer, result.steps, len(sequences), result.seconds, result.base_loss,
                  result.adapted_loss)
@@ -392,6 +403,7 @@ class KnowledgeStore:
             tree.clear_domain(self.layout, txn, record["id"])
             txn.delete(name.encode(), db=self.layout.db["lower"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
+            self.layout.record_change(txn, "domain", name)
         self.traffic.forget(record["id"])
         log.info("deleted domain %s", name)
 
@@ -501,6 +513,7 @@ class KnowledgeStore:
             }
             self.layout.put_json(txn, "tenants", tenant_id, record)
             txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
+            self.layout.record_change(txn, "tenant", tenant_id)
         log.info("%s tenant %s (domain %s, %d labels, rank %d, version %d)",
                  "replaced" if previous else "registered", tenant_id, domain, len(labels), adapter.rank,
                  record["adapter_version"])
@@ -530,7 +543,17 @@ class KnowledgeStore:
                 raise NotFound(f"tenant {tenant_id!r} is not registered")
             txn.delete(tenant_id.encode(), db=self.layout.db["tenants"])
             txn.delete(tenant_id.encode(), db=self.layout.db["adapters"])
+            self.layout.record_change(txn, "tenant", tenant_id)
         log.info("deleted tenant %s", tenant_id)
+
+    def changes_after(self, revision: int, limit: int = 10_000) -> ChangeFeed:
+        """Tenants and domains written after `revision`, for caches elsewhere (the gateway's directory)."""
+        with self.layout.env.begin() as txn:
+            changes, complete = self.layout.changes_after(txn, revision, limit)
+            latest = self.layout.revision(txn)
+        if revision > latest:
+            complete = False    # the reader knew a newer log: the store was replaced by an older copy
+        return ChangeFeed(self.layout.store_id, latest, changes, complete)
 
     def get_adapter(self, tenant_id: str, version: int = 0) -> tuple[dict[str, Any], bytes]:
         with self.layout.env.begin() as txn:

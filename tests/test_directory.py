@@ -1,0 +1,133 @@
+"""The gateway's tenant directory follows the store's change log: cached until changed, never stale for long."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from hmi.client import HMIClient
+from hmi.launcher import ServiceSet, free_port
+from hmi.v1 import knowledge_store_pb2 as pb
+from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.gateway.directory import LOOKUPS, TenantDirectory
+from services.knowledge_store import layout as layout_module
+from services.knowledge_store.layout import StoreLayout
+
+TEXTS = ["the service was quick and friendly", "my order arrived broken", "a fine day at the beach"]
+
+
+def lookups(result: str) -> float:
+    return LOOKUPS.labels(result)._value.get()
+
+
+def wait_for(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def store_stub(services, client):
+    client.build_domain("dir", "\n".join(TEXTS), split_layer=1, context=2, min_count=1)
+    with grpc.insecure_channel(services.store_addr) as channel:
+        yield pb_grpc.KnowledgeStoreStub(channel)
+
+
+def test_records_are_cached_until_the_store_changes_them(store_stub, client):
+    client.register_tenant("dir-a", "dir", ["yes", "no"], seed=1)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0)   # only the feed keeps records
+    directory.sync()
+    first = directory.resolve("dir-a", timeout=10)
+    fetched, cached = lookups("fetched"), lookups("cached")
+    for _ in range(5):
+        assert directory.resolve("dir-a", timeout=10) == first
+    assert (lookups("fetched"), lookups("cached")) == (fetched, cached + 5)
+
+    client.register_tenant("dir-a", "dir", ["x", "y", "z"], seed=2)   # replaced elsewhere
+    assert directory.resolve("dir-a", timeout=10) == first               # not polled yet: still cached
+    assert directory.sync() == 1
+    replaced = directory.resolve("dir-a", timeout=10)
+    assert replaced.labels == ("x", "y", "z") and replaced.adapter_version == first.adapter_version + 1
+
+    client.delete_tenant("dir-a")
+    directory.sync()
+    with pytest.raises(grpc.RpcError) as error:
+        directory.resolve("dir-a", timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_records_expire_when_the_feed_is_not_followed(store_stub, client):
+    client.register_tenant("dir-b", "dir", ["yes", "no"], seed=1)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=0.05)
+    directory.sync()
+    directory.resolve("dir-b", timeout=10)
+    time.sleep(0.3)        # four poll intervals without a sync: the feed counts as lost
+    fetched = lookups("fetched")
+    directory.resolve("dir-b", timeout=10)
+    assert lookups("fetched") == fetched + 1
+
+
+def test_a_rebuilt_domain_drops_its_tenants(store_stub, client):
+    client.register_tenant("dir-c", "dir", ["yes", "no"], seed=1)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0)
+    directory.sync()
+    assert directory.resolve("dir-c", timeout=10).split_layer == 1
+    client.build_domain("dir", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
+    assert directory.sync() >= 2          # the domain and its tenant
+    assert directory.resolve("dir-c", timeout=10).split_layer == 2
+    client.build_domain("dir", "\n".join(TEXTS), split_layer=1, context=2, min_count=1)
+
+
+def test_change_log_is_bounded_and_readers_left_behind_start_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(layout_module, "CHANGES_KEPT", 3)
+    layout = StoreLayout(tmp_path / "lmdb", map_size=1 << 24)
+    with layout.env.begin(write=True) as txn:
+        for index in range(5):
+            layout.record_change(txn, "tenant", f"t{index}")
+    with layout.env.begin() as txn:
+        assert layout.revision(txn) == 5
+        assert layout.changes_after(txn, 2, limit=10) == ([(3, "tenant", "t2"), (4, "tenant", "t3"),
+                                                           (5, "tenant", "t4")], True)
+        assert layout.changes_after(txn, 3, limit=1) == ([(4, "tenant", "t3")], True)
+        assert layout.changes_after(txn, 1, limit=10) == ([], False)        # revision 2 is gone
+        assert sum(1 for _ in txn.cursor(db=layout.db["changes"])) == 3
+    store_id = layout.store_id
+    layout.close()
+    assert StoreLayout(tmp_path / "lmdb", map_size=1 << 24).store_id == store_id   # kept across restarts
+    assert StoreLayout(tmp_path / "other", map_size=1 << 24).store_id != store_id
+
+
+def test_list_changes_rejects_a_negative_limit(store_stub):
+    with pytest.raises(grpc.RpcError) as error:
+        store_stub.ListChanges(pb.ListChangesRequest(after_revision=0, limit=-1), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_second_gateway_serves_changes_made_through_the_first(services, client, tmp_path):
+    """Two real gateway processes: the second never expires records by time, only by the change log."""
+    second = ServiceSet(data_dir=tmp_path, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=services.store_addr,
+                        compute_addrs=services.compute_addrs, model=services.model, log_dir=tmp_path / "logs",
+                        extra_env={"HMI_TENANT_CACHE_TTL": "3600", "HMI_CHANGE_POLL_MS": "100",
+                                   "HMI_TORCH_THREADS": "1"})
+    second.start(only=["gateway"], timeout=120)
+    try:
+        with HMIClient(second.gateway_addr, timeout=60) as other:
+            client.register_tenant("dir-d", "dir", ["yes", "no"], seed=1)
+            assert other.classify("dir-d", [TEXTS[0]])[0].probabilities.keys() == {"yes", "no"}
+            client.register_tenant("dir-d", "dir", ["x", "y", "z"], seed=2)
+            assert wait_for(lambda: other.classify("dir-d", [TEXTS[0]])[0].probabilities.keys() == {"x", "y", "z"})
+            client.delete_tenant("dir-d")
+
+            def gone() -> bool:
+                try:
+                    other.classify("dir-d", [TEXTS[0]])
+                    return False
+                except grpc.RpcError as error:
+                    return error.code() == grpc.StatusCode.NOT_FOUND
+            assert wait_for(gone, timeout=10)
+    finally:
+        second.stop()
