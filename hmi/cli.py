@@ -335,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="base model of the domain and its tenants (default: the "
                                                "deployment's first)")
     p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
-    p.add_argument("--split-layer", type=int, default=1,
-                   help="L: PLOT replaces layers [0, L) (default 1: the accuracy study's recommendation for "
-                        "MiniLM; for SmolLM2 it recommends 0)")
+    p.add_argument("--split-layer", type=int, default=-1,
+                   help="L: PLOT replaces layers [0, L) (default: a rebuild keeps the domain's L; a new domain gets "
+                        "1 for an encoder such as MiniLM and 0 for a decoder such as SmolLM2, the accuracy and "
+                        "perplexity studies' recommendations)")
     p.add_argument("--context", type=int, default=1,
                    help="k: context depth of the knowledge tree (default 1, see docs/accuracy.md; > 1 lets the "
                         "tree grow deeper contexts from corpus and traffic)")

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest LoRA rank a slot holds [HMI_MAX_RANK]")
     parser.add_argument("--host-cache-mib", type=int, default=env_int("HMI_HOST_CACHE_MIB", 1024),
                         help="host-memory adapter cache [HMI_HOST_CACHE_MIB]")
+    parser.add_argument("--adapter-fetch-workers", type=int, default=env_int("HMI_ADAPTER_FETCH_WORKERS", 4),
+                        help="adapters a batch misses are fetched from the store this many at a time "
+                             "[HMI_ADAPTER_FETCH_WORKERS]")
     parser.add_argument("--max-batch-tokens", type=int, default=env_int("HMI_COMPUTE_MAX_BATCH_TOKENS", 16384))
     parser.add_argument("--threads", type=int, default=env_int("HMI_TORCH_THREADS", 0),
                         help="torch CPU threads; 0 = torch's default [HMI_TORCH_THREADS]")
@@ -84,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         model = UpperModel(model_dir, device)
     pool = AdapterPool(model.dims, device, slots=args.adapter_slots, max_rank=args.max_rank,
-                       host_cache_bytes=args.host_cache_mib << 20,
+                       host_cache_bytes=args.host_cache_mib << 20, fetch_workers=max(1, args.adapter_fetch_workers),
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
     if dims.is_decoder:

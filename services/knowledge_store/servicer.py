@@ -110,12 +110,13 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         spec, corpus_bytes = read_spec_and_payload(request_iterator, "spec", "corpus_chunk",
                                                    self.store.settings.max_corpus_bytes)
         corpus = decode_corpus(corpus_bytes)
-        self.store.validate_domain_spec(spec.name, spec.parent, spec.split_layer, spec.context, spec.min_count,
+        split_layer = self.store.requested_split_layer(spec.name, spec.split_layer, spec.model)
+        self.store.validate_domain_spec(spec.name, spec.parent, split_layer, spec.context, spec.min_count,
                                         spec.budget_bytes, spec.learn_threshold, spec.model)
 
         def work(progress):
             return self.store.build_domain(
-                spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, context=spec.context,
+                spec.name, corpus, parent=spec.parent, split_layer=split_layer, context=spec.context,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
                 position_offsets=not spec.no_position_offsets, model=spec.model,
                 progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,

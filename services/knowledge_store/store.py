@@ -196,6 +196,16 @@ class KnowledgeStore:
         threshold = learn_threshold or self.settings.default_learn_threshold
         return threshold if threshold > 0 else -1
 
+    def requested_split_layer(self, name: str, requested: int, model: str = "") -> int:
+        """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (1 for
+        encoders, where the accuracy study found L = 1 free; 0 for decoders, whose perplexity grew with any L)."""
+        if requested >= 0:
+            return requested
+        existing = self._find_domain(name)
+        if existing is not None:
+            return existing["split_layer"]
+        return 0 if self.model_dims[self.model_name(model)].is_decoder else 1
+
     def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int,
                              budget_bytes: int = 0, learn_threshold: int = 0,
                              model: str = "") -> dict[str, Any] | None:
@@ -238,6 +248,7 @@ class KnowledgeStore:
                      position_offsets: bool = True, progress: Progress | None = None,
                      model: str = "") -> dict[str, Any]:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
+        split_layer = self.requested_split_layer(name, split_layer, model)
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
                                                   learn_threshold, model)
         model = self.model_name(model)
