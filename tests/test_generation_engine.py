@@ -74,6 +74,28 @@ def test_mixed_tenants_joining_at_different_steps_match_transformers_generate(de
     assert stats.steps < sum(new_tokens) - 12, "sequences must share steps"
 
 
+def test_long_prompts_prefill_in_chunks_and_still_match_transformers(decoder_dir):
+    """A step feeds at most 3 tokens: prompts of 11 and 17 tokens are prefilled over several steps, beside a
+    sequence that keeps decoding, and every token is still the merged model's."""
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, dims.vocab, size=n).tolist() for n in (2, 11, 17)]
+    tenants, new_tokens = ["t0", "t1", "t0"], [14, 5, 6]
+    engine = make_engine(decoder_dir, adapters, max_running=2, max_step_tokens=3)
+    try:
+        streams = [engine.submit(request(tenant, prompt, max_new_tokens=count))
+                   for tenant, prompt, count in zip(tenants, prompts, new_tokens)]
+        produced = [list(stream) for stream in streams]
+        stats = engine.snapshot()
+    finally:
+        engine.close()
+    for tenant, prompt, count, tokens in zip(tenants, prompts, new_tokens, produced):
+        assert tokens == reference_greedy(decoder_dir, adapters[tenant], prompt, count)
+    assert stats.largest_step <= 3 and stats.prompt_tokens == 2 + 11 + 17
+    assert stats.steps >= (11 + 17) // 3
+
+
 def test_same_seed_same_tokens_and_sampling_limits(decoder_dir):
     dims = ModelDims.from_dir(decoder_dir)
     engine = make_engine(decoder_dir, tenant_adapters(dims, 1))

@@ -31,6 +31,7 @@ log = logging.getLogger("hmi.compute.generation")
 #   -> layer-L rows (fp16) of each window's other tokens
 PlotLookup = Callable[[str, list[np.ndarray], list[int], list[int]], list[np.ndarray]]
 PLOT_WINDOW = 16   # tokens sent for a generated token's lookup: itself and its left context (the deepest k)
+PREFILL_CHUNK_MIN = 16   # prompt tokens a step feeds even when decoding sequences fill its budget
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class _Sequence:
     generated: int = 0
     generator: torch.Generator | None = None
     prompt_rows: Future | None = None                     # PLOT rows of the prompt, fetched ahead
+    prompt_rows_left: np.ndarray | None = None            # ... those of prompt tokens not fed yet (chunked prefill)
     adapter_ready: Future | None = None                   # the adapter in compute's host cache
 
 
@@ -113,6 +115,7 @@ class EngineStats:
     steps: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    largest_step: int = 0           # most tokens one step fed (bounded by max_step_tokens: chunked prefill)
     running: int = 0
     waiting: int = 0
     kv_bytes_used: int = 0
@@ -121,8 +124,11 @@ class EngineStats:
 
 class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
-                 max_waiting: int = 256, max_running: int = 64) -> None:
+                 max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 256) -> None:
         self.model = model
+        # Chunked prefill: a step feeds at most this many tokens (every decoding sequence's one first, prompts
+        # share the rest), so a long prompt joining the batch delays the others' next token by a bounded step.
+        self.max_step_tokens = max(1, max_step_tokens)
         self.pool = pool
         self.plot = plot
         self.kv_budget_bytes = kv_budget_bytes
@@ -258,15 +264,33 @@ class GenerationEngine:
             self._kv_used -= sequence.kv_bytes
             sequence.cache = None
 
+    def _feeds(self, running: list[_Sequence]) -> dict[int, int]:
+        """Tokens each sequence feeds this step: a decoding sequence its one token; prompts, in arrival order,
+        what is left of the step's token budget (the first prompt always gets at least one chunk)."""
+        feeds = {id(s): len(s.pending) for s in running if s.generated > 0}
+        budget = self.max_step_tokens - sum(feeds.values())
+        for sequence in running:
+            if sequence.generated == 0:
+                take = min(len(sequence.pending), max(budget, 0))
+                if take == 0 and not any(feeds.get(id(s)) for s in running if s.generated == 0):
+                    take = min(len(sequence.pending), PREFILL_CHUNK_MIN)   # progress even under many decodes
+                if take:
+                    feeds[id(sequence)] = take
+                    budget -= take
+        return feeds
+
     @torch.inference_mode()
     def _step(self, running: list[_Sequence]) -> None:
+        feeds = self._feeds(running)
+        running = [s for s in running if feeds.get(id(s))]
         lease = self.pool.acquire([(s.request.tenant_id, s.request.adapter_version) for s in running])
         try:
             order = sorted(running, key=lambda s: (s.request.split_layer,
                                                    lease.slots[(s.request.tenant_id, s.request.adapter_version)]))
-            hidden, bounds = self._inputs(order)
+            fed = [feeds[id(s)] for s in order]
+            hidden, bounds = self._inputs(order, fed)
             slots = [lease.slots[(s.request.tenant_id, s.request.adapter_version)] for s in order]
-            per_token = [slot for slot, s in zip(slots, order) for _ in s.pending]
+            per_token = [slot for slot, n in zip(slots, fed) for _ in range(n)]
             inputs = StepInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[s.request.split_layer for s in order],
                                 caches=[s.cache for s in order], segments=find_segments(per_token, bounds))
             out = self.model.run(inputs, self.pool.lora_a, self.pool.lora_b)
@@ -276,8 +300,12 @@ class GenerationEngine:
             lease.release()
         with self._cond:
             self.stats.steps += 1
-            self.stats.prompt_tokens += sum(len(s.pending) for s in order if s.generated == 0)
+            self.stats.prompt_tokens += sum(n for s, n in zip(order, fed) if s.generated == 0)
+            self.stats.largest_step = max(self.stats.largest_step, sum(fed))
             for j, sequence in enumerate(order):
+                sequence.pending = sequence.pending[fed[j]:]
+                if sequence.pending:
+                    continue        # the rest of its prompt comes in the next steps: nothing to sample yet
                 token = sample(logits[j], sequence.request.params, sequence.generator)
                 sequence.generated += 1
                 sequence.tokens.append(token)
@@ -291,15 +319,15 @@ class GenerationEngine:
                     sequence.stream._put(StreamEvent(finish_reason=reason))
                     self._finish(sequence)
 
-    def _inputs(self, order: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
-        """Every sequence's new tokens at its entry layer: embeddings at split layer 0, else PLOT rows by
-        context (a prompt's were prefetched at submit; a generated token's come in one lookup per domain)."""
-        lengths = [len(s.pending) for s in order]
+    def _inputs(self, order: list[_Sequence], lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The first `lengths[j]` pending tokens of every sequence at its entry layer: embeddings at split layer
+        0, else PLOT rows by context (a prompt's were prefetched at submit; a generated token's come in one
+        lookup per domain)."""
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tolist()
         hidden = torch.empty(bounds[-1], self.model.dims.hidden, device=self.model.device)
         embed = [j for j, s in enumerate(order) if s.request.split_layer == 0]
         if embed:
-            ids = torch.tensor([t for j in embed for t in order[j].pending], device=self.model.device)
+            ids = torch.tensor([t for j in embed for t in order[j].pending[:lengths[j]]], device=self.model.device)
             positions = torch.tensor([order[j].cache.length + i for j in embed for i in range(lengths[j])],
                                      device=self.model.device)
             rows = self.model.embed(ids, positions)
@@ -312,9 +340,14 @@ class GenerationEngine:
             if sequence.request.split_layer == 0:
                 continue
             if sequence.prompt_rows is not None:
-                rows = sequence.prompt_rows.result()[0]
+                sequence.prompt_rows_left = np.asarray(sequence.prompt_rows.result()[0], np.float32)
                 sequence.prompt_rows = None
-                hidden[bounds[j]:bounds[j + 1]] = torch.from_numpy(np.asarray(rows, np.float32)).to(hidden.device)
+            if sequence.prompt_rows_left is not None:
+                rows, sequence.prompt_rows_left = (sequence.prompt_rows_left[:lengths[j]],
+                                                   sequence.prompt_rows_left[lengths[j]:])
+                if not len(sequence.prompt_rows_left):
+                    sequence.prompt_rows_left = None
+                hidden[bounds[j]:bounds[j + 1]] = torch.from_numpy(rows).to(hidden.device)
             else:
                 by_domain.setdefault(sequence.request.domain, []).append(j)
         for domain, members in by_domain.items():

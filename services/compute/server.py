@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over torch threads [HMI_EXECUTION_THREADS]")
     parser.add_argument("--kv-cache-mib", type=int, default=env_int("HMI_KV_CACHE_MIB", 1024),
                         help="decoder models: KV-cache budget; requests wait when it is full [HMI_KV_CACHE_MIB]")
+    parser.add_argument("--max-step-tokens", type=int, default=env_int("HMI_MAX_STEP_TOKENS", 256),
+                        help="decoder models: tokens one generation step feeds at most; longer prompts are prefilled "
+                             "in chunks over several steps, so they delay the running sequences' next token less "
+                             "[HMI_MAX_STEP_TOKENS]")
     parser.add_argument("--max-generating", type=int, default=env_int("HMI_MAX_GENERATING", 64),
                         help="decoder models: sequences in the running batch at most [HMI_MAX_GENERATING]")
     parser.add_argument("--max-generation-queue", type=int, default=env_int("HMI_MAX_GENERATION_QUEUE", 256),
@@ -92,7 +96,8 @@ def main(args: argparse.Namespace) -> None:
                                                                    num_labels=None))
     if dims.is_decoder:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
-                                  max_waiting=args.max_generation_queue, max_running=args.max_generating)
+                                  max_waiting=args.max_generation_queue, max_running=args.max_generating,
+                                  max_step_tokens=args.max_step_tokens)
         pipeline = None
         servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=served_name,
                                    engine=engine, pool=pool)
