@@ -124,7 +124,7 @@ class EngineStats:
 
 class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
-                 max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 256) -> None:
+                 max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128) -> None:
         self.model = model
         # Chunked prefill: a step feeds at most this many tokens (every decoding sequence's one first, prompts
         # share the rest), so a long prompt joining the batch delays the others' next token by a bounded step.

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over torch threads [HMI_EXECUTION_THREADS]")
     parser.add_argument("--kv-cache-mib", type=int, default=env_int("HMI_KV_CACHE_MIB", 1024),
                         help="decoder models: KV-cache budget; requests wait when it is full [HMI_KV_CACHE_MIB]")
-    parser.add_argument("--max-step-tokens", type=int, default=env_int("HMI_MAX_STEP_TOKENS", 256),
+    parser.add_argument("--max-step-tokens", type=int, default=env_int("HMI_MAX_STEP_TOKENS", 128),
                         help="decoder models: tokens one generation step feeds at most; longer prompts are prefilled "
                              "in chunks over several steps, so they delay the running sequences' next token less "
                              "[HMI_MAX_STEP_TOKENS]")
