@@ -51,6 +51,17 @@ def reference_greedy(model_dir, adapter, prompt, new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def generate_all(decoder_dir, adapters, jobs, **engine_kwargs):
+    """Submits every (tenant, prompt, new tokens) job at once, greedy; their tokens, streams and the final stats."""
+    engine = make_engine(decoder_dir, adapters, **engine_kwargs)
+    try:
+        streams = [engine.submit(request(tenant, prompt, max_new_tokens=count)) for tenant, prompt, count in jobs]
+        produced = [list(stream) for stream in streams]
+        return produced, streams, engine.snapshot()
+    finally:
+        engine.close()
+
+
 def test_mixed_tenants_joining_at_different_steps_match_transformers_generate(decoder_dir):
     dims = ModelDims.from_dir(decoder_dir)
     adapters = tenant_adapters(dims, 3)
@@ -59,14 +70,8 @@ def test_mixed_tenants_joining_at_different_steps_match_transformers_generate(de
     tenants = ["t0", "t1", "t2", "t0"]
     new_tokens = [12, 6, 10, 8]
     # Two run at once: the third and fourth join (prefill) when others finish, beside one still decoding.
-    engine = make_engine(decoder_dir, adapters, max_running=2)
-    try:
-        streams = [engine.submit(request(tenant, prompt, max_new_tokens=count))
-                   for tenant, prompt, count in zip(tenants, prompts, new_tokens)]
-        produced = [list(stream) for stream in streams]
-        stats = engine.snapshot()
-    finally:
-        engine.close()
+    produced, streams, stats = generate_all(decoder_dir, adapters, zip(tenants, prompts, new_tokens),
+                                            max_running=2)
     for tenant, prompt, count, tokens, stream in zip(tenants, prompts, new_tokens, produced, streams):
         assert tokens == reference_greedy(decoder_dir, adapters[tenant], prompt, count)
         assert stream.finish_reason == "length"
@@ -82,14 +87,8 @@ def test_long_prompts_prefill_in_chunks_and_still_match_transformers(decoder_dir
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, dims.vocab, size=n).tolist() for n in (2, 11, 17)]
     tenants, new_tokens = ["t0", "t1", "t0"], [14, 5, 6]
-    engine = make_engine(decoder_dir, adapters, max_running=2, max_step_tokens=3)
-    try:
-        streams = [engine.submit(request(tenant, prompt, max_new_tokens=count))
-                   for tenant, prompt, count in zip(tenants, prompts, new_tokens)]
-        produced = [list(stream) for stream in streams]
-        stats = engine.snapshot()
-    finally:
-        engine.close()
+    produced, _, stats = generate_all(decoder_dir, adapters, zip(tenants, prompts, new_tokens), max_running=2,
+                                      max_step_tokens=3)
     for tenant, prompt, count, tokens in zip(tenants, prompts, new_tokens, produced):
         assert tokens == reference_greedy(decoder_dir, adapters[tenant], prompt, count)
     assert stats.largest_step <= 3 and stats.prompt_tokens == 2 + 11 + 17

@@ -264,30 +264,30 @@ class GenerationEngine:
             self._kv_used -= sequence.kv_bytes
             sequence.cache = None
 
-    def _feeds(self, running: list[_Sequence]) -> dict[int, int]:
+    def _feeds(self, running: list[_Sequence]) -> dict[_Sequence, int]:
         """Tokens each sequence feeds this step: a decoding sequence its one token; prompts, in arrival order,
         what is left of the step's token budget (the first prompt always gets at least one chunk)."""
-        feeds = {id(s): len(s.pending) for s in running if s.generated > 0}
+        feeds = {s: len(s.pending) for s in running if s.generated > 0}
         budget = self.max_step_tokens - sum(feeds.values())
         for sequence in running:
             if sequence.generated == 0:
                 take = min(len(sequence.pending), max(budget, 0))
-                if take == 0 and not any(feeds.get(id(s)) for s in running if s.generated == 0):
+                if take == 0 and not any(feeds.get(s) for s in running if s.generated == 0):
                     take = min(len(sequence.pending), PREFILL_CHUNK_MIN)   # progress even under many decodes
                 if take:
-                    feeds[id(sequence)] = take
+                    feeds[sequence] = take
                     budget -= take
         return feeds
 
     @torch.inference_mode()
     def _step(self, running: list[_Sequence]) -> None:
         feeds = self._feeds(running)
-        running = [s for s in running if feeds.get(id(s))]
+        running = [s for s in running if feeds.get(s)]
         lease = self.pool.acquire([(s.request.tenant_id, s.request.adapter_version) for s in running])
         try:
             order = sorted(running, key=lambda s: (s.request.split_layer,
                                                    lease.slots[(s.request.tenant_id, s.request.adapter_version)]))
-            fed = [feeds[id(s)] for s in order]
+            fed = [feeds[s] for s in order]
             hidden, bounds = self._inputs(order, fed)
             slots = [lease.slots[(s.request.tenant_id, s.request.adapter_version)] for s in order]
             per_token = [slot for slot, n in zip(slots, fed) for _ in range(n)]
