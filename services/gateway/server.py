@@ -116,5 +116,4 @@ def main(args: argparse.Namespace) -> None:
         for lane in lanes.values():
             lane.batcher.close()
 
-
     wait_for_termination(running, log, on_stop=stop)

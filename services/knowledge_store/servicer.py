@@ -15,7 +15,7 @@ from services.common.errors import InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.records import domain_to_pb, tenant_to_pb
-from services.knowledge_store.store import KnowledgeStore
+from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
 
 
 def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int, extra_field: str = ""):
@@ -198,7 +198,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def ListChanges(self, request, context) -> pb.ListChangesResponse:
         if request.limit < 0:
             raise InvalidArgument("limit must be >= 0")
-        feed = self.store.changes_after(request.after_revision, request.limit or 10_000)
+        feed = self.store.changes_after(request.after_revision, request.limit or CHANGES_PER_REPLY)
         return pb.ListChangesResponse(
             store_id=feed.store_id, revision=feed.revision, complete=feed.complete,
             changes=[pb.Change(revision=revision, kind=kind, name=name) for revision, kind, name in feed.changes])

@@ -32,6 +32,7 @@ log = logging.getLogger("hmi.store")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_CONTEXT = 16
 MAX_LABELS = 1000
+CHANGES_PER_REPLY = 10_000   # change-log entries one ListChanges answer holds at most by default
 
 
 @dataclass
@@ -557,7 +558,7 @@ class KnowledgeStore:
             self.layout.record_change(txn, "tenant", tenant_id)
         log.info("deleted tenant %s", tenant_id)
 
-    def changes_after(self, revision: int, limit: int = 10_000) -> ChangeFeed:
+    def changes_after(self, revision: int, limit: int = CHANGES_PER_REPLY) -> ChangeFeed:
         """Tenants and domains written after `revision`, for caches elsewhere (the gateway's directory)."""
         with self.layout.env.begin() as txn:
             changes, complete = self.layout.changes_after(txn, revision, limit)
