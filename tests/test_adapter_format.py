@@ -8,8 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from services.common.adapter_format import (FORMAT, Adapter, parse_adapter, random_adapter,
-                                            serialize_adapter, target_shape)
+from services.common.adapter_format import (
+    FORMAT,
+    Adapter,
+    parse_adapter,
+    random_adapter,
+    serialize_adapter,
+    target_shape,
+)
 from services.common.errors import InvalidArgument
 from services.common.models import ModelDims
 

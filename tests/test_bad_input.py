@@ -4,10 +4,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from safetensors.torch import save as save_safetensors
 import torch
+from safetensors.torch import save as save_safetensors
 
-from hmi.v1 import compute_pb2, compute_pb2_grpc, tensor_pb2
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc, tensor_pb2
 from services.common.adapter_format import random_adapter, serialize_adapter
 from services.common.models import ModelDims
 from services.common.rpc import channel

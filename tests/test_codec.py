@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hmi.v1 import tensor_pb2
-from services.common.codec import (decode_tensor, encode_tensor, join_chunks, split_chunks,
-                                   validate_offsets)
+from hmi_proto.v1 import tensor_pb2
+from services.common.codec import decode_tensor, encode_tensor, join_chunks, split_chunks, validate_offsets
 from services.common.errors import InvalidArgument
-
 
 # ---- tensors ---------------------------------------------------------------------------------
 

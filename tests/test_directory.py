@@ -8,8 +8,8 @@ import pytest
 
 from hmi.client import HMIClient
 from hmi.launcher import ServiceSet, free_port
-from hmi.v1 import knowledge_store_pb2 as pb
-from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from hmi_proto.v1 import knowledge_store_pb2 as pb
+from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.gateway.directory import LOOKUPS, TenantDirectory
 from services.knowledge_store import layout as layout_module
 from services.knowledge_store.layout import StoreLayout

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from hmi.v1 import compute_pb2, compute_pb2_grpc
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
 from services.common.adapter_format import parse_adapter, random_adapter, serialize_adapter
 from services.common.lora_merge import merged_model
 from services.common.models import ModelDims, load_causal_lm, load_tokenizer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.knowledge_store.knowledge_tree import TreeContents, lookup, write_tree
-from services.knowledge_store.layout import (ROWS_PER_BLOCK, StoreLayout, domain_prefix, node_key)
+from services.knowledge_store.layout import ROWS_PER_BLOCK, StoreLayout, domain_prefix, node_key
 
 VOCAB = 100  # > ROWS_PER_BLOCK, so vectors span several blocks
 HIDDEN = 8

@@ -11,8 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_generated_stubs_are_up_to_date(tmp_path):
     protos = sorted((REPO / "protos" / "hmi" / "v1").glob("*.proto"))
     assert protos, "no .proto files found"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'protos'}", f"--python_out={tmp_path}",
-                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *map(str, protos)], check=True)
+    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), str(tmp_path)], check=True)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated, "protoc generated nothing"
     stale = [str(p) for p in generated if (tmp_path / p).read_bytes() != (REPO / p).read_bytes()]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmi.v1 import compute_pb2, compute_pb2_grpc
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
 from services.common.adapter_format import parse_adapter, random_adapter, serialize_adapter
 from services.common.codec import decode_tensor, encode_tensor
 from services.common.models import ModelDims

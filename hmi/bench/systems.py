@@ -239,7 +239,7 @@ class HmiDeployment:
     def compute_stats(self):
         import grpc
 
-        from hmi.v1 import compute_pb2, compute_pb2_grpc
+        from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
         with grpc.insecure_channel(self.services.compute_addrs[0]) as channel:
             return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
 

@@ -11,8 +11,8 @@ Metadata: {"format": "hmi-lora-v1", "rank": "8", "alpha": "16"}. The delta of a 
 from __future__ import annotations
 
 import json
-import secrets
 import re
+import secrets
 import struct
 from dataclasses import dataclass, field
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmi.v1 import compute_pb2 as pb
+from hmi_proto.v1 import compute_pb2 as pb
 from services.common.codec import decode_tensor, encode_tensor, validate_offsets
 from services.common.errors import InvalidArgument
 

@@ -72,7 +72,8 @@ class DecoderModel:
         self.group = self.dims.heads // self.dims.kv_heads
         self.scaling = self.dims.head_dim ** -0.5
         if self.family == "gpt2":
-            if config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn or not config.scale_attn_weights:
+            if (config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn
+                    or not config.scale_attn_weights):
                 raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or "
                                  "unscaled attention are not supported")
 
@@ -176,7 +177,8 @@ class DecoderModel:
             values = self._grouped(cache.values[slot][:, :past + n])
             query = q[start:end].view(n, heads, d).transpose(0, 1)
             scores = (query @ keys.transpose(1, 2)) * self.scaling                      # [heads, n, past+n]
-            causal = torch.arange(past + n, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+            causal = (torch.arange(past + n, device=q.device)[None, :]
+                      <= (past + torch.arange(n, device=q.device))[:, None])
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
             out[start:end] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1).reshape(n, heads * d)
         if decoding:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,7 +113,7 @@ class Pipeline:
         try:
             plot_rows: dict[int, np.ndarray] = {}
             lookup_seconds = 0.0
-            for domain, future in futures.items():
+            for future in futures.values():
                 rows, seconds = future.result()
                 plot_rows.update(rows)
                 lookup_seconds = max(lookup_seconds, seconds)

@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on [HMI_COMPUTE_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
     parser.add_argument("--model", default=env("HMI_MODEL"),
-                        help="the one base model this replica serves: NAME=DIR, minilm, smollm2 or a folder [HMI_MODEL]")
+                        help="the one base model this replica serves: NAME=DIR, minilm, smollm2 or a folder "
+                             "[HMI_MODEL]")
     parser.add_argument("--device", default=env("HMI_DEVICE", "auto"), help="auto, cpu or cuda[:N] [HMI_DEVICE]")
     parser.add_argument("--adapter-slots", type=int, default=env_int("HMI_ADAPTER_SLOTS", 128),
                         help="adapters resident in device memory [HMI_ADAPTER_SLOTS]")
@@ -63,7 +64,8 @@ def execution_threads(requested: int, device) -> int:
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
     import torch
-    from hmi.v1 import compute_pb2_grpc as pb_grpc
+
+    from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
     from services.common.adapter_format import parse_adapter
     from services.common.logs import setup_logging
     from services.common.models import ModelDims, parse_model_specs

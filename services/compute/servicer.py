@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hmi.v1 import compute_pb2 as pb
-from hmi.v1 import compute_pb2_grpc as pb_grpc
+from hmi_proto.v1 import compute_pb2 as pb
+from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.compute.adapter_pool import AdapterPool

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmi.v1 import knowledge_store_pb2 as pb
-from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from hmi_proto.v1 import knowledge_store_pb2 as pb
+from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument
 from services.common.rpc import channel

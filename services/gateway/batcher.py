@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from hmi.v1 import compute_pb2 as pb
+from hmi_proto.v1 import compute_pb2 as pb
 from services.common.codec import decode_tensor, encode_tensor
 from services.common.errors import ResourceExhausted
 from services.gateway.directory import TenantRoute

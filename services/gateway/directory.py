@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
-from hmi.v1 import knowledge_store_pb2 as pb
-from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+from hmi_proto.v1 import knowledge_store_pb2 as pb
+from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 
 log = logging.getLogger("hmi.gateway.directory")
 LOOKUPS = Counter("hmi_gateway_directory_lookups_total", "tenant records resolved", ["result"])
@@ -132,8 +132,8 @@ class TenantDirectory:
         """Applies the store's changes since the last poll; returns how many records were affected."""
         sent = time.monotonic()
         first = not self.feed.store_id      # everything gets dropped anyway: one change is enough to learn the revision
-        reply = self.feed_stub.ListChanges(pb.ListChangesRequest(after_revision=self.feed.revision, limit=1 if first else 0),
-                                       timeout=timeout)
+        request = pb.ListChangesRequest(after_revision=self.feed.revision, limit=1 if first else 0)
+        reply = self.feed_stub.ListChanges(request, timeout=timeout)
         applied = 0
         with self._lock:
             if reply.store_id != self.feed.store_id or not reply.complete:

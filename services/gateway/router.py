@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Collection
 
-from hmi.v1 import compute_pb2_grpc as pb_grpc
+from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common.rpc import channel
 
 

@@ -56,8 +56,8 @@ def compute_targets(values: list[str], models: list[str]) -> dict[str, list[str]
 
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
-    from hmi.v1 import gateway_pb2_grpc as pb_grpc
-    from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
+    from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
+    from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
     from services.common.logs import setup_logging
     from services.common.models import ModelDims, eos_token_ids, parse_model_specs
     from services.common.rpc import channel

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from hmi.v1 import compute_pb2
-from hmi.v1 import gateway_pb2 as pb
-from hmi.v1 import gateway_pb2_grpc as pb_grpc
-from hmi.v1 import knowledge_store_pb2 as store_pb
-from hmi.v1 import knowledge_store_pb2_grpc as store_grpc
+from hmi_proto.v1 import compute_pb2
+from hmi_proto.v1 import gateway_pb2 as pb
+from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
+from hmi_proto.v1 import knowledge_store_pb2 as store_pb
+from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.gateway.batcher import Batcher, SequenceResult, SequenceWork

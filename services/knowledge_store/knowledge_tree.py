@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 import lmdb
 import numpy as np
 
-from services.knowledge_store.layout import (NODE_VALUE, OFFSETS_HEADER, ROWS_PER_BLOCK, StoreLayout, block_key,
-                                             domain_prefix, free_row_key, node_key)
+from services.knowledge_store.layout import (
+    NODE_VALUE,
+    OFFSETS_HEADER,
+    ROWS_PER_BLOCK,
+    StoreLayout,
+    block_key,
+    domain_prefix,
+    free_row_key,
+    node_key,
+)
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hmi.v1 import knowledge_store_pb2 as pb
+from hmi_proto.v1 import knowledge_store_pb2 as pb
 
 
 def domain_to_pb(record: dict[str, Any]) -> pb.Domain:

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
     from pathlib import Path
-    from hmi.v1 import knowledge_store_pb2_grpc as pb_grpc
+
+    from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
     from services.common.logs import setup_logging
     from services.common.models import parse_model_specs
     from services.common.server import start_server, wait_for_termination

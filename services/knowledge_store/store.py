@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from services.common.adapter_format import (DEFAULT_TARGETS, parse_adapter, random_adapter,
-                                            serialize_adapter)
+from services.common.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.models import ModelDims, load_bert, load_causal_lm, load_tokenizer
 from services.knowledge_store import knowledge_tree as tree

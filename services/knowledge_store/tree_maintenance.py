@@ -11,8 +11,13 @@ import numpy as np
 
 from services.knowledge_store import knowledge_tree as tree
 from services.knowledge_store.layout import path_of
-from services.knowledge_store.tree_learning import (SAMPLES_PER_CONTEXT, PendingTraffic, decode_traffic,
-                                                    encode_traffic, merge_samples)
+from services.knowledge_store.tree_learning import (
+    SAMPLES_PER_CONTEXT,
+    PendingTraffic,
+    decode_traffic,
+    encode_traffic,
+    merge_samples,
+)
 
 if TYPE_CHECKING:
     from services.knowledge_store.store import KnowledgeStore
@@ -131,7 +136,8 @@ class TreeMaintenance:
                 else:
                     txn.delete(key, db=self.store.layout.db["traffic"])
                     current["traffic_entries"] -= 1
-            rows, current["rows"] = tree.allocate_rows(self.store.layout, txn, current["id"], current["rows"], len(chosen))
+            rows, current["rows"] = tree.allocate_rows(self.store.layout, txn, current["id"], current["rows"],
+                                                       len(chosen))
             tree.write_rows(self.store.layout, txn, current["id"], current["hidden_size"], rows, vectors[chosen])
             for row, index in zip(rows, chosen):
                 key = keys[index]

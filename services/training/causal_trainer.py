@@ -91,4 +91,5 @@ class CausalTrainer:
                 for key in self.lora_a}
         hidden = self.model.dims.hidden
         return Adapter(rank=self.settings.rank, alpha=self.settings.alpha, lora=lora,
-                       head_weight=torch.zeros(0, hidden), head_bias=torch.zeros(0), targets=tuple(self.settings.targets))
+                       head_weight=torch.zeros(0, hidden), head_bias=torch.zeros(0),
+                       targets=tuple(self.settings.targets))

@@ -44,7 +44,8 @@ def read_labeled(path: Path, limit: int = 0) -> list[tuple[str, str]]:
                 record = json.loads(line)
                 text, label = record["text"], record["label"]
             except (ValueError, KeyError, TypeError) as error:
-                raise InvalidArgument(f"{path}:{number}: expected a JSON object with \"text\" and \"label\" ({error})")
+                raise InvalidArgument(f"{path}:{number}: expected a JSON object with \"text\" and \"label\" "
+                                      f"({error})") from error
             if not isinstance(text, str) or not text.strip():
                 raise InvalidArgument(f"{path}:{number}: empty text")
             rows.append((text, str(label)))

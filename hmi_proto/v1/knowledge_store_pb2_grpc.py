@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from hmi.v1 import gateway_pb2 as hmi_dot_v1_dot_gateway__pb2
-from hmi.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
+from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
+from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,177 +19,16 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in hmi/v1/gateway_pb2_grpc.py depends on'
+        + ' but the generated code in hmi/v1/knowledge_store_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class GatewayStub:
-    """The public API: text in, results out. Tokenises, batches across tenants, routes to compute.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Classify = channel.unary_unary(
-                '/hmi.v1.Gateway/Classify',
-                request_serializer=hmi_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
-                _registered_method=True)
-        self.Embed = channel.unary_unary(
-                '/hmi.v1.Gateway/Embed',
-                request_serializer=hmi_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
-                _registered_method=True)
-        self.Generate = channel.unary_stream(
-                '/hmi.v1.Gateway/Generate',
-                request_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
-                _registered_method=True)
-
-
-class GatewayServicer:
-    """The public API: text in, results out. Tokenises, batches across tenants, routes to compute.
-    """
-
-    def Classify(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Embed(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Generate(self, request, context):
-        """Tenants of a decoder base model: text streams back as it is generated.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_GatewayServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Classify': grpc.unary_unary_rpc_method_handler(
-                    servicer.Classify,
-                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.ClassifyRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_gateway__pb2.ClassifyResponse.SerializeToString,
-            ),
-            'Embed': grpc.unary_unary_rpc_method_handler(
-                    servicer.Embed,
-                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
-            ),
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'hmi.v1.Gateway', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('hmi.v1.Gateway', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class Gateway:
-    """The public API: text in, results out. Tokenises, batches across tenants, routes to compute.
-    """
-
-    @staticmethod
-    def Classify(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hmi.v1.Gateway/Classify',
-            hmi_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
-            hmi_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Embed(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hmi.v1.Gateway/Embed',
-            hmi_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
-            hmi_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/hmi.v1.Gateway/Generate',
-            hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
-            hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-
-class AdminStub:
-    """Administration of domains and tenants (proxied to the knowledge store).
+class KnowledgeStoreStub:
+    """The knowledge store: domains with their PLOT (knowledge tree of layer-L vectors),
+    tenants and adapter blobs, in LMDB on local disk.
     """
 
     def __init__(self, channel):
@@ -199,69 +38,77 @@ class AdminStub:
             channel: A grpc.Channel.
         """
         self.BuildDomain = channel.stream_stream(
-                '/hmi.v1.Admin/BuildDomain',
+                '/hmi.v1.KnowledgeStore/BuildDomain',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
-        self.AdaptDomain = channel.stream_stream(
-                '/hmi.v1.Admin/AdaptDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
-                _registered_method=True)
         self.GetDomain = channel.unary_unary(
-                '/hmi.v1.Admin/GetDomain',
+                '/hmi.v1.KnowledgeStore/GetDomain',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
                 _registered_method=True)
         self.ListDomains = channel.unary_unary(
-                '/hmi.v1.Admin/ListDomains',
+                '/hmi.v1.KnowledgeStore/ListDomains',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
                 _registered_method=True)
         self.DeleteDomain = channel.unary_unary(
-                '/hmi.v1.Admin/DeleteDomain',
+                '/hmi.v1.KnowledgeStore/DeleteDomain',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
                 _registered_method=True)
-        self.RegisterTenant = channel.stream_unary(
-                '/hmi.v1.Admin/RegisterTenant',
+        self.AdaptDomain = channel.stream_stream(
+                '/hmi.v1.KnowledgeStore/AdaptDomain',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                _registered_method=True)
+        self.Lookup = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/Lookup',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.PutTenant = channel.stream_unary(
+                '/hmi.v1.KnowledgeStore/PutTenant',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
                 _registered_method=True)
         self.GetTenant = channel.unary_unary(
-                '/hmi.v1.Admin/GetTenant',
+                '/hmi.v1.KnowledgeStore/GetTenant',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
                 _registered_method=True)
         self.ListTenants = channel.unary_unary(
-                '/hmi.v1.Admin/ListTenants',
+                '/hmi.v1.KnowledgeStore/ListTenants',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
         self.DeleteTenant = channel.unary_unary(
-                '/hmi.v1.Admin/DeleteTenant',
+                '/hmi.v1.KnowledgeStore/DeleteTenant',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
-        self.Lookup = channel.unary_stream(
-                '/hmi.v1.Admin/Lookup',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+        self.GetAdapter = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/GetAdapter',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.ListChanges = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListChanges',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
 
 
-class AdminServicer:
-    """Administration of domains and tenants (proxied to the knowledge store).
+class KnowledgeStoreServicer:
+    """The knowledge store: domains with their PLOT (knowledge tree of layer-L vectors),
+    tenants and adapter blobs, in LMDB on local disk.
     """
 
     def BuildDomain(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def AdaptDomain(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Builds (or rebuilds) a domain's PLOT from a corpus. The client streams the
+        spec first, then the corpus text in chunks; the store streams progress and
+        finally the domain record.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -284,8 +131,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RegisterTenant(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+    def AdaptDomain(self, request_iterator, context):
+        """Continues masked-language-model pretraining of the lower layers [0, L) on
+        a domain corpus (upper layers frozen, so the shared upper layers still fit)
+        and stores the result as the domain's lower model; BuildDomain then builds
+        the PLOT with it. Streams the spec, then the corpus in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """Layer-L vector of every token of every packed sequence (deepest matching
+        context). Streams a LookupHeader, then the fp16 rows in ordered chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutTenant(self, request_iterator, context):
+        """Registers or replaces a tenant. First message carries the spec, the
+        following ones the adapter's safetensors bytes (none: a random adapter).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -308,24 +175,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Lookup(self, request, context):
-        """A domain's PLOT vectors for packed token ids (what `hmi tenant train` trains on).
+    def GetAdapter(self, request, context):
+        """Streams the tenant's adapter (safetensors) in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChanges(self, request, context):
+        """Tenants and domains written after a revision, so gateways can cache
+        their records until they change instead of asking on every request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AdminServicer_to_server(servicer, server):
+def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'BuildDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.BuildDomain,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
-            ),
-            'AdaptDomain': grpc.stream_stream_rpc_method_handler(
-                    servicer.AdaptDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
             ),
             'GetDomain': grpc.unary_unary_rpc_method_handler(
@@ -343,8 +213,18 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.SerializeToString,
             ),
-            'RegisterTenant': grpc.stream_unary_rpc_method_handler(
-                    servicer.RegisterTenant,
+            'AdaptDomain': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdaptDomain,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+            ),
+            'Lookup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
+            ),
+            'PutTenant': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTenant,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.SerializeToString,
             ),
@@ -363,21 +243,27 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.SerializeToString,
             ),
-            'Lookup': grpc.unary_stream_rpc_method_handler(
-                    servicer.Lookup,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
+            'GetAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'ListChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChanges,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'hmi.v1.Admin', rpc_method_handlers)
+            'hmi.v1.KnowledgeStore', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('hmi.v1.Admin', rpc_method_handlers)
+    server.add_registered_method_handlers('hmi.v1.KnowledgeStore', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Admin:
-    """Administration of domains and tenants (proxied to the knowledge store).
+class KnowledgeStore:
+    """The knowledge store: domains with their PLOT (knowledge tree of layer-L vectors),
+    tenants and adapter blobs, in LMDB on local disk.
     """
 
     @staticmethod
@@ -394,35 +280,8 @@ class Admin:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/hmi.v1.Admin/BuildDomain',
+            '/hmi.v1.KnowledgeStore/BuildDomain',
             hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def AdaptDomain(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/hmi.v1.Admin/AdaptDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
@@ -448,7 +307,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/GetDomain',
+            '/hmi.v1.KnowledgeStore/GetDomain',
             hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
             options,
@@ -475,7 +334,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/ListDomains',
+            '/hmi.v1.KnowledgeStore/ListDomains',
             hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
             options,
@@ -502,7 +361,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/DeleteDomain',
+            '/hmi.v1.KnowledgeStore/DeleteDomain',
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
             options,
@@ -516,7 +375,61 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
-    def RegisterTenant(request_iterator,
+    def AdaptDomain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hmi.v1.KnowledgeStore/AdaptDomain',
+            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/Lookup',
+            hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTenant(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -529,7 +442,7 @@ class Admin:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/hmi.v1.Admin/RegisterTenant',
+            '/hmi.v1.KnowledgeStore/PutTenant',
             hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
             options,
@@ -556,7 +469,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/GetTenant',
+            '/hmi.v1.KnowledgeStore/GetTenant',
             hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
             options,
@@ -583,7 +496,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/ListTenants',
+            '/hmi.v1.KnowledgeStore/ListTenants',
             hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
             options,
@@ -610,7 +523,7 @@ class Admin:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/hmi.v1.Admin/DeleteTenant',
+            '/hmi.v1.KnowledgeStore/DeleteTenant',
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
             options,
@@ -624,7 +537,7 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
-    def Lookup(request,
+    def GetAdapter(request,
             target,
             options=(),
             channel_credentials=None,
@@ -637,9 +550,36 @@ class Admin:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/hmi.v1.Admin/Lookup',
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+            '/hmi.v1.KnowledgeStore/GetAdapter',
+            hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListChanges',
+            hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,
