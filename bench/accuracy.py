@@ -16,6 +16,7 @@ layer, a domain whose lower layers were MLM-adapted on the corpus (`hmi domain a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -29,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.common.adapter_format import serialize_adapter  # noqa: E402
-from services.common.models import load_tokenizer, model_name, resolve_model_dir  # noqa: E402
-from services.compute.model_split import UpperModel  # noqa: E402
+from models.adapter_format import serialize_adapter  # noqa: E402
+from models.encoder import EncoderModel  # noqa: E402
+from models.loading import load_tokenizer  # noqa: E402
+from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
 from services.knowledge_store.domain_adaptation import AdaptSettings  # noqa: E402
 from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
 from services.training.tenant_training import build_examples, read_labeled  # noqa: E402
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = "\n".join(text for text, _ in corpus_rows)
     label_index = {label: i for i, label in enumerate(sorted({label for _, label in train_rows}))}
     tokenizer = load_tokenizer(model_dir)
-    model = UpperModel(model_dir, torch.device("cpu"))
+    model = EncoderModel(model_dir, torch.device("cpu"))
     layers = model.dims.layers
 
     results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
@@ -147,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 if adapted:
                     record = store.adapt_domain(name, corpus, split_layer=split_layer, settings=AdaptSettings(
                         split_layer, steps=args.adapt_steps, seed=args.seed))
-                    adapt_report = record["adapt"]
-                    print(f"L={split_layer}: adapted lower layers, held-out MLM loss {adapt_report['base_loss']:.3f}"
-                          f" -> {adapt_report['adapted_loss']:.3f} ({adapt_report['seconds']:.0f}s)", flush=True)
+                    adapt_report = dataclasses.asdict(record.adapt)
+                    print(f"L={split_layer}: adapted lower layers, held-out MLM loss {record.adapt.base_loss:.3f}"
+                          f" -> {record.adapt.adapted_loss:.3f} ({record.adapt.seconds:.0f}s)", flush=True)
                 record = store.build_domain(name, corpus, split_layer=split_layer, context=max(contexts),
                                             min_count=args.min_count, position_offsets=not args.no_position_offsets)
                 build_seconds = time.perf_counter() - started
@@ -157,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                     plot.context = context
                     accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, name, split_layer, train_rows,
                                                                eval_rows, label_index, args)
-                    nodes = int(sum(record["nodes_per_depth"][:context]))
+                    nodes = int(sum(record.nodes_per_depth[:context]))
                     row = {"split_layer": split_layer, "context": context, "domain_adapted": adapted,
                            "position_offsets": not args.no_position_offsets,
                            "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
                            "accuracy_loss_points": 100 * (results["reference"]["accuracy"] - accuracy.mean),
                            "plot_bytes": nodes * model.dims.hidden * 2, "nodes": nodes,
-                           "nodes_per_depth": record["nodes_per_depth"][:context], "adapter_bytes": adapter_bytes,
+                           "nodes_per_depth": record.nodes_per_depth[:context], "adapter_bytes": adapter_bytes,
                            "upper_layer_share": (layers - split_layer) / layers,
                            "gflops_per_token": gflops_per_token(model.dims, layers - split_layer),
                            "build_seconds": build_seconds, "train_seconds": seconds, "adapt": adapt_report}

@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accuracy import LocalPlot, parse_list  # noqa: E402
-from services.common.models import load_tokenizer, model_name, resolve_model_dir  # noqa: E402
-from services.compute.decoder_model import DecoderModel  # noqa: E402
+from models.decoder import DecoderModel  # noqa: E402
+from models.loading import load_tokenizer  # noqa: E402
+from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
 from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
 from services.training.causal_trainer import CausalTrainer, CausalTrainSettings  # noqa: E402
 from services.training.tenant_training import build_text_examples, read_texts  # noqa: E402
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                     domain = f"d{split_layer}"
                     record = store.build_domain(domain, "\n".join(corpus), split_layer=split_layer,
                                                 context=args.context, min_count=2)
-                    plot_bytes = record["plot_bytes"]
+                    plot_bytes = record.plot_bytes
                 built = time.perf_counter()
                 train = build_text_examples(plot, tokenizer, domain, split_layer, train_texts, args.max_tokens)
                 evaluation = build_text_examples(plot, tokenizer, domain, split_layer, eval_texts, args.max_tokens)

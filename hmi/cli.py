@@ -180,7 +180,8 @@ def _print_tenant(tenant) -> None:
 
 def cmd_tenant_train(args) -> int:
     from hmi.progress import TrainBar
-    from services.common.models import KNOWN_MODELS, ModelDims, resolve_model_dir
+    from models.dims import ModelDims
+    from services.common.model_specs import KNOWN_MODELS, resolve_model_dir
     from services.training.tenant_training import train_generative_tenant, train_tenant
 
     progress = TrainBar(sys.stderr)

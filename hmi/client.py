@@ -13,7 +13,7 @@ from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from services.common.codec import split_chunks
 from services.common.rpc import channel
-from services.compute.store_client import lookup_request, read_lookup_stream
+from services.knowledge_store.client import lookup_request, read_lookup_stream
 
 
 @dataclass

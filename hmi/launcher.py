@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from hmi.client import is_serving
-from services.common.models import model_name
+from services.common.model_specs import model_name
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """Segmented multi-adapter LoRA over a packed batch (Punica's SGMV idea), PyTorch reference.
 
 Tokens of one tenant are contiguous (a *segment*); every segment names the device slot of its
-adapter. The reference is also the CPU path; CUDA kernels (issue 4) must match it.
+adapter. The reference is also the CPU path; the CUDA kernels (kernels/cuda/lora.cu) must match it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 class Segments:
     """Token ranges [starts[i], ends[i]) that all use adapter slot slots[i]; computed once per batch.
 
-    `device_slots` (int32 per token, on the GPU) is set when the CUDA kernels run the batch."""
+    `device_slots` (int32 per token, on the GPU) is set when the CUDA kernels run the batch (kernels/dispatch.py)."""
     starts: tuple[int, ...]
     ends: tuple[int, ...]
     slots: tuple[int, ...]
@@ -62,8 +62,12 @@ def sgmv_reference(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_
 
 def sgmv(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_a: torch.Tensor, lora_b: torch.Tensor,
          slot_ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA kernels when the batch is on a GPU with CuPy (segments.on_device was called), else the reference."""
-    if segments.device_slots is not None and slot_ranks is not None and x.is_cuda:
+    """The CUDA kernels where kernels/dispatch.py says so (the batch's segments were put on the device), else
+    the reference. `slot_ranks` lets the kernels skip each slot's zero padding (None: every rank is used)."""
+    from kernels.dispatch import use_cuda_kernels
+    if segments.device_slots is not None and use_cuda_kernels(x):
+        if slot_ranks is None:
+            slot_ranks = torch.full((lora_a.shape[0],), lora_a.shape[1], dtype=torch.int32, device=x.device)
         return sgmv_cuda(out, x.contiguous(), segments.device_slots, slot_ranks, lora_a, lora_b)
     return sgmv_reference(out, x, segments, lora_a, lora_b)
 

@@ -23,7 +23,8 @@ def gather_cuda(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor) ->
 
 
 def gather(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-    from kernels.runtime import cuda_available
-    if hidden.is_cuda and cuda_available():
+    """The kernel reads fp16 rows; rows of another dtype take the reference."""
+    from kernels.dispatch import use_cuda_kernels
+    if use_cuda_kernels(hidden) and rows.dtype == torch.float16:
         return gather_cuda(hidden, rows, dest)
     return gather_reference(hidden, rows, dest)

@@ -33,7 +33,7 @@ def head_cuda(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, se
 
 def tenant_heads(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_slot: torch.Tensor,
                  seq_labels: torch.Tensor) -> torch.Tensor:
-    from kernels.runtime import cuda_available
-    if pooled.is_cuda and cuda_available():
+    from kernels.dispatch import use_cuda_kernels
+    if use_cuda_kernels(pooled):
         return head_cuda(pooled, weight, bias, seq_slot, seq_labels)
     return head_reference(pooled, weight, bias, seq_slot, seq_labels)

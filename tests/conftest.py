@@ -17,7 +17,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from services.common.models import packaged_minilm_dir
+    from services.common.packaged_models import packaged_minilm_dir
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -33,13 +33,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from services.common.models import load_bert
+    from models.loading import load_bert
     return load_bert(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from services.common.models import load_tokenizer
+    from models.loading import load_tokenizer
     return load_tokenizer(tiny_model_dir)
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from services.common.adapter_format import Adapter
-from services.common.lora_merge import merged_model
+from models.adapter_format import Adapter
+from models.lora_merge import merged_model
 
 
 @torch.no_grad()

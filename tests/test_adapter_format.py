@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from services.common.adapter_format import (
+from models.adapter_format import (
     FORMAT,
     Adapter,
     parse_adapter,
@@ -16,8 +16,8 @@ from services.common.adapter_format import (
     serialize_adapter,
     target_shape,
 )
+from models.dims import ModelDims
 from services.common.errors import InvalidArgument
-from services.common.models import ModelDims
 
 DIMS = ModelDims(family="bert", hidden=32, intermediate=64, layers=4, heads=4, vocab=100, max_positions=64)
 LABELS = 3

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 import torch
 
-from services.common.adapter_format import Adapter, random_adapter
+from models.adapter_format import Adapter, random_adapter
+from models.dims import ModelDims
 from services.common.errors import FailedPrecondition, ResourceExhausted
-from services.common.models import ModelDims
 from services.compute.adapter_pool import AdapterPool
 
 DIMS = ModelDims(family="bert", hidden=32, intermediate=64, layers=4, heads=4, vocab=100, max_positions=64)

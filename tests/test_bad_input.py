@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from hmi_proto.v1 import compute_pb2, compute_pb2_grpc, tensor_pb2
-from services.common.adapter_format import random_adapter, serialize_adapter
-from services.common.models import ModelDims
+from models.adapter_format import random_adapter, serialize_adapter
+from models.dims import ModelDims
 from services.common.rpc import channel
 from tests.helpers import expect_status
 

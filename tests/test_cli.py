@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from hmi.launcher import hmi_command
-from services.common.adapter_format import random_adapter, serialize_adapter
-from services.common.models import ModelDims
+from models.adapter_format import random_adapter, serialize_adapter
+from models.dims import ModelDims
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.models import load_causal_lm, load_tokenizer
-from services.knowledge_store.store import KnowledgeStore, StoreSettings, decoder_base
+from models.loading import decoder_base, load_causal_lm, load_tokenizer
+from services.knowledge_store.store import KnowledgeStore, StoreSettings
 from tests.helpers import tiny_decoder
 
 LINES = ["the quick brown fox jumps over the lazy dog near the river bank",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.lower import lower_model
 from services.common.errors import InvalidArgument
 from services.knowledge_store.domain_adaptation import AdaptSettings, with_lower_layers
-from services.knowledge_store.plot_builder import lower_model
 from services.knowledge_store.store import KnowledgeStore, StoreSettings
 
 DOMAIN = ["the patient was given aspirin for the pain", "the patient was given insulin for diabetes",

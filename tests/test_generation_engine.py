@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.adapter_format import random_adapter
+from models.adapter_format import random_adapter
+from models.decoder import DecoderModel, cache_bytes_per_token
+from models.dims import ModelDims
+from models.loading import load_causal_lm
+from models.lora_merge import merged_model
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.lora_merge import merged_model
-from services.common.models import ModelDims, load_causal_lm
 from services.compute.adapter_pool import AdapterPool
-from services.compute.decoder_model import DecoderModel, cache_bytes_per_token
-from services.compute.generation import GenerationEngine, GenerationRequest, SamplingParams, sample
+from services.compute.generation import GenerationEngine
+from services.compute.generation_scheduler import GenerationRequest, SamplingParams
+from services.compute.sampling import sample
 
 TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
            "llama": ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")}

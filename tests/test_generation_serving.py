@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
-from services.common.adapter_format import parse_adapter, random_adapter, serialize_adapter
-from services.common.lora_merge import merged_model
-from services.common.models import ModelDims, load_causal_lm, load_tokenizer
+from models.adapter_format import parse_adapter, random_adapter, serialize_adapter
+from models.dims import ModelDims
+from models.loading import load_causal_lm, load_tokenizer
+from models.lora_merge import merged_model
 from tests.conftest import start_services
 from tests.helpers import expect_status, tiny_decoder
 

@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from services.common.adapter_format import random_adapter
-from services.common.models import ModelDims
+from models.adapter_format import random_adapter
+from models.dims import ModelDims
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceSpec
 from services.compute.pipeline import Pipeline
-from services.compute.store_client import LookupReply
+from services.knowledge_store.client import LookupReply
 
 DIMS = ModelDims(family="bert", hidden=8, intermediate=16, layers=2, heads=2, vocab=50, max_positions=32)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
-from services.common.adapter_format import parse_adapter, random_adapter, serialize_adapter
+from models.adapter_format import parse_adapter, random_adapter, serialize_adapter
+from models.dims import ModelDims
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.models import ModelDims
 from services.common.rpc import channel
-from services.compute.store_client import StoreClient
+from services.knowledge_store.client import StoreClient
 from tests.reference import reference_logits, reference_logits_from_layer
 
 pytestmark = pytest.mark.integration

@@ -51,8 +51,8 @@ def test_trained_tenant_is_accurate_through_the_gateway(services, client, tmp_pa
 
 def test_retrained_adapter_is_served_on_the_next_request(services, client, tmp_path, tiny_model_dir):
     """Replacing a tenant's adapter: the gateway invalidates at once, compute loads the new version."""
-    from services.common.adapter_format import random_adapter, serialize_adapter
-    from services.common.models import ModelDims
+    from models.adapter_format import random_adapter, serialize_adapter
+    from models.dims import ModelDims
     dims = ModelDims.from_dir(tiny_model_dir)
     client.build_domain("swap", "", split_layer=0, context=1, min_count=1)
     first = serialize_adapter(random_adapter(dims, num_labels=2, rank=4, first_layer=0, seed=1))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.lower import lower_model
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.knowledge_store.plot_builder import lower_model
 from services.knowledge_store.store import KnowledgeStore, StoreSettings
 
 CORPUS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree"]

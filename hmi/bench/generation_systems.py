@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hmi.bench.systems import BatchWorker, BenchSettings, HmiDeployment
-from services.common.adapter_format import Adapter, random_adapter
-from services.common.models import ModelDims, eos_token_ids, load_causal_lm, load_tokenizer
+from models.adapter_format import Adapter, random_adapter
+from models.dims import ModelDims
+from models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 
 TARGETS = ("query", "value")
 RANK = 8

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
 def run_bench(args) -> int:
     from hmi.bench.driver import as_json
     from hmi.bench.systems import BenchSettings
-    from services.common.models import resolve_model_dir
+    from services.common.model_specs import resolve_model_dir
     generating = args.task == "generate"
     known = {"peft", "hmi"} if generating else {"naive", "peft", "hmi"}
     systems = [name.strip() for name in (args.systems or ",".join(sorted(known))).split(",") if name.strip()]

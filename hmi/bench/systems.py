@@ -24,10 +24,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from services.common.adapter_format import Adapter, random_adapter, serialize_adapter
-from services.common.lora_merge import merged_model
-from services.common.models import ModelDims, load_bert, load_tokenizer
-from services.knowledge_store.plot_builder import pad_batch as pad
+from models.adapter_format import Adapter, random_adapter, serialize_adapter
+from models.dims import ModelDims
+from models.loading import load_bert, load_tokenizer
+from models.lora_merge import merged_model
+from models.lower import pad_batch as pad
 from services.training.tenant_training import encode as encode_texts
 
 TARGETS = ("query", "value")

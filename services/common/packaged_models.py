@@ -14,6 +14,8 @@ from pathlib import Path
 
 from services.common.errors import InvalidArgument
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the GGUF conversion below must never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger("hmi.models")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"

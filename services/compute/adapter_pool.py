@@ -4,7 +4,8 @@ Device memory for LoRA is preallocated per (layer, target) as [slots, max_rank, 
 tensors, so loading an adapter is a copy into a slot, never an allocation per request. Smaller ranks
 are zero-padded (exact: the padding contributes nothing; the CUDA kernels skip it). Slots in use by a
 batch in flight are pinned and never evicted; on a miss the least used unpinned slot (recency breaks ties,
-use counts halve over time) is reused. On CUDA the host cache holds page-locked copies.
+use counts halve over time) is reused. On CUDA the host cache holds page-locked copies. A batch reads the
+slots through one `SlotTensors` view, taken after its lease pinned them.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable
 
 import torch
 
-from services.common.adapter_format import Adapter, target_shape
+from models.adapter_format import Adapter, target_shape
+from models.dims import ModelDims
+from models.lora import LoRAWeights
 from services.common.errors import FailedPrecondition, ResourceExhausted
-from services.common.models import ModelDims
 
 log = logging.getLogger("hmi.compute.pool")
 AdapterKey = tuple[str, int]  # (tenant id, adapter version)
@@ -32,6 +35,16 @@ class PoolStats:
     host_hits: int = 0
     misses: int = 0
     evictions: int = 0
+
+
+@dataclass(frozen=True)
+class SlotTensors:
+    """Every slot's device tensors, as a batch reads them: LoRA per (layer, target) with each slot's rank, and the
+    classification heads [slots, max_labels, H] with each slot's label count."""
+    lora: LoRAWeights
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    slot_labels: torch.Tensor
 
 
 @dataclass
@@ -80,6 +93,12 @@ class AdapterPool:
         self.slot_ranks = torch.full((slots,), max_rank, dtype=torch.int32, device=device)
 
     # ---- public ----------------------------------------------------------------------------
+
+    def slot_tensors(self) -> SlotTensors:
+        """The view a batch computes with. LoRA buffers are live (a projection no adapter targeted yet has none);
+        the head buffers are those of now (a later growth leaves this batch's unchanged)."""
+        return SlotTensors(LoRAWeights(MappingProxyType(self.lora_a), MappingProxyType(self.lora_b), self.slot_ranks),
+                           self.head_weight, self.head_bias, self.slot_labels)
 
     def acquire(self, keys: list[AdapterKey]) -> Lease:
         """Pins a slot for every key, loading what is missing; fetches from the store run unlocked."""

@@ -23,7 +23,7 @@ from services.common.errors import DeadlineExceeded, FailedPrecondition
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch
 from services.compute.executor import Executor, PreparedBatch
-from services.compute.store_client import StoreClient
+from services.knowledge_store.client import StoreClient
 
 log = logging.getLogger("hmi.compute.pipeline")
 STAGE_SECONDS = Histogram("hmi_compute_stage_seconds", "time per pipeline stage", ["stage"])

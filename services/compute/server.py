@@ -66,18 +66,19 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
-    from services.common.adapter_format import parse_adapter
+    from models.adapter_format import parse_adapter
+    from models.decoder import DecoderModel
+    from models.dims import ModelDims
+    from models.encoder import EncoderModel
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, parse_model_specs
+    from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
     from services.compute.adapter_pool import AdapterPool
-    from services.compute.decoder_model import DecoderModel
     from services.compute.executor import Executor
     from services.compute.generation import GenerationEngine
-    from services.compute.model_split import UpperModel
     from services.compute.pipeline import Pipeline
     from services.compute.servicer import ComputeServicer
-    from services.compute.store_client import StoreClient
+    from services.knowledge_store.client import StoreClient
     log = setup_logging("compute")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +92,7 @@ def main(args: argparse.Namespace) -> None:
     if dims.is_decoder:
         model = DecoderModel(model_dir, device)
     else:
-        model = UpperModel(model_dir, device)
+        model = EncoderModel(model_dir, device)
     pool = AdapterPool(model.dims, device, slots=args.adapter_slots, max_rank=args.max_rank,
                        host_cache_bytes=args.host_cache_mib << 20, fetch_workers=max(1, args.adapter_fetch_workers),
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,

@@ -9,7 +9,8 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import PackedBatch
-from services.compute.generation import GenerationEngine, GenerationRequest, SamplingParams
+from services.compute.generation import GenerationEngine
+from services.compute.generation_scheduler import GenerationRequest, SamplingParams
 from services.compute.pipeline import Pipeline, PipelineStats
 
 

@@ -58,8 +58,10 @@ def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
     from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
     from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
+    from models.dims import ModelDims
+    from models.loading import eos_token_ids
     from services.common.logs import setup_logging
-    from services.common.models import ModelDims, eos_token_ids, parse_model_specs
+    from services.common.model_specs import parse_model_specs
     from services.common.rpc import channel
     from services.common.server import start_server, wait_for_termination
     from services.gateway.batcher import Batcher, BatcherSettings

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.loading import load_tokenizer
 from services.common.errors import InvalidArgument
-from services.common.models import load_tokenizer
 
 
 class TextEncoder:

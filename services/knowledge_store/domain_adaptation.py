@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from models.lower import pad_batch, with_layers
 from services.common.errors import InvalidArgument
-from services.knowledge_store.plot_builder import pad_batch, with_layers
 
 Progress = Callable[[str, int, int, float], None]
 MASK_PROBABILITY = 0.15

@@ -6,13 +6,13 @@ then encode and accumulate sums only for kept nodes.
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from models.lower import is_decoder_base, lower_states
 from services.common.errors import InvalidArgument
 from services.knowledge_store.knowledge_tree import TreeContents
 from services.knowledge_store.position_offsets import PositionResiduals
@@ -35,51 +35,6 @@ def context_paths(ids: list[int], context: int):
     for position in range(len(ids)):
         for depth in range(1, min(context, position + 1) + 1):
             yield position, tuple(ids[position - depth + 1:position + 1][::-1])
-
-
-def with_layers(model, layers: list[torch.nn.Module]):
-    """A shallow copy of a transformers BERT whose encoder runs `layers`; every other module is shared."""
-    copied = copy.copy(model)
-    copied._modules = dict(model._modules)
-    encoder = copy.copy(model.encoder)
-    encoder._modules = dict(model.encoder._modules)
-    encoder.layer = torch.nn.ModuleList(layers)
-    copied.encoder = encoder
-    return copied
-
-
-def lower_model(model, split_layer: int):
-    """The same transformers model with only layers [0, L): shares every weight, runs only what PLOT needs."""
-    if is_decoder_base(model):
-        return with_decoder_layers(model, split_layer)
-    return with_layers(model, list(model.encoder.layer)[:split_layer])
-
-
-def is_decoder_base(model) -> bool:
-    return model.config.model_type in ("gpt2", "llama")
-
-
-def with_decoder_layers(model, split_layer: int):
-    """A shallow copy of a GPT2Model / LlamaModel running blocks [0, L) and no final norm, so its last hidden
-    state is the residual stream that block L reads (what the upper layers in compute take as input)."""
-    copied = copy.copy(model)
-    copied._modules = dict(model._modules)
-    blocks = "h" if model.config.model_type == "gpt2" else "layers"
-    norm = "ln_f" if model.config.model_type == "gpt2" else "norm"
-    copied._modules[blocks] = torch.nn.ModuleList(list(getattr(model, blocks))[:split_layer])
-    copied._modules[norm] = torch.nn.Identity()
-    return copied
-
-
-def pad_batch(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token ids [B, T] and their attention mask."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids)] = 1
-    return input_ids, mask
 
 
 class PlotBuilder:
@@ -120,16 +75,9 @@ class PlotBuilder:
         return [enc.ids[:max_tokens - 1] + enc.ids[-1:] if len(enc.ids) > max_tokens else enc.ids
                 for enc in encodings]
 
-    @torch.inference_mode()
     def lower_outputs(self, batch: list[list[int]], split_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer-L hidden states [B, T, H] of padded sequences and their mask, from plain transformers."""
-        input_ids, mask = pad_batch(batch)
-        if is_decoder_base(self.model):   # right padding: a causal model's real tokens never see it
-            output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            return output.last_hidden_state, mask
-        output = lower_model(self.model, split_layer)(input_ids=input_ids, attention_mask=mask,
-                                                       token_type_ids=torch.zeros_like(input_ids))
-        return output.last_hidden_state, mask
+        return lower_states(self.model, batch, split_layer)
 
     def build(self, lines: list[str], settings: BuildSettings, progress: Progress | None = None, *,
               full_vocabulary: bool = True) -> TreeContents:

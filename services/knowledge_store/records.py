@@ -1,39 +1,136 @@
-"""Conversions between the store's JSON records and protobuf messages (shared by store and gateway)."""
+"""The store's records of domains and tenants: typed, with explicit JSON conversion for LMDB.
+
+Every record is written with `version` = RECORD_VERSION. A record written before a field existed reads as
+if it had the field's default (`_upgrade_v1`: version 1 is every record written before versions were kept),
+so old stores keep working. Records also read by key (`record["nodes"]`), as the studies' scripts do.
+"""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
-from hmi_proto.v1 import knowledge_store_pb2 as pb
+RECORD_VERSION = 2
 
 
-def domain_to_pb(record: dict[str, Any]) -> pb.Domain:
-    return pb.Domain(
-        spec=pb.DomainSpec(name=record["name"], parent=record.get("parent", ""),
-                           split_layer=record["split_layer"], context=record["context"],
-                           min_count=record["min_count"], budget_bytes=record.get("budget_bytes", 0),
-                           learn_threshold=record.get("learn_threshold", 0),
-                           no_position_offsets=not record.get("position_offsets", False), model=record["model"]),
-        model=record["model"], hidden_size=record["hidden_size"], nodes=record["nodes"],
-        nodes_per_depth=record["nodes_per_depth"], plot_bytes=record["plot_bytes"],
-        corpus_sequences=record["corpus_sequences"], corpus_tokens=record["corpus_tokens"],
-        built_at=record["built_at"], lower_model=record.get("lower_model", "base"),
-        budget_bytes=record.get("effective_budget", 0), learn_threshold=record.get("effective_threshold", 0),
-        materialized_nodes=record.get("materialized", 0), pruned_nodes=record.get("pruned", 0),
-        pending_contexts=record.get("traffic_entries", 0), recent_hit_depths=record.get("recent_hit_depths", []),
-        adapt=adapt_to_pb(record.get("adapt")), position_offsets=record.get("position_offsets", False))
+class _ByKey:
+    """Read access by field name, for scripts that treat a record as a mapping."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
-def adapt_to_pb(adapt: dict[str, Any] | None) -> pb.AdaptReport | None:
-    if not adapt:
-        return None
-    return pb.AdaptReport(steps=adapt["steps"], corpus_sequences=adapt["corpus_sequences"],
-                          base_loss=adapt["base_loss"], adapted_loss=adapt["adapted_loss"], seconds=adapt["seconds"])
+@dataclass
+class AdaptReport(_ByKey):
+    """How a domain's lower layers were MLM-adapted (`hmi domain adapt`)."""
+    steps: int
+    corpus_sequences: int
+    base_loss: float
+    adapted_loss: float
+    seconds: float
+    adapted_at: float            # time.time(); the cached adapted lower model is keyed by it
 
 
-def tenant_to_pb(record: dict[str, Any]) -> pb.Tenant:
-    return pb.Tenant(
-        spec=pb.TenantSpec(tenant_id=record["tenant_id"], domain=record["domain"], labels=record["labels"],
-                           rank=record["rank"], seed=record.get("seed", 0), model=record.get("model", "")),
-        adapter_version=record["adapter_version"], adapter_bytes=record["adapter_bytes"], rank=record["rank"],
-        targets=record["targets"], layers=record["layers"], updated_at=record["updated_at"],
-        split_layer=record["split_layer"])
+@dataclass
+class DomainRecord(_ByKey):
+    """A domain: its PLOT's spec (split layer, context depth, ...), its tree's size and its learning counters."""
+    id: int
+    name: str
+    split_layer: int
+    context: int
+    min_count: int
+    model: str
+    hidden_size: int
+    parent: str = ""
+    budget_bytes: int = 0            # 0: the store's default budget
+    learn_threshold: int = 0         # 0: the store's default, -1: not learning from traffic
+    nodes: int = 0
+    nodes_per_depth: list[int] = field(default_factory=list)
+    rows: int = 0                    # rows allocated (high water); pruning frees rows below it
+    plot_bytes: int = 0
+    materialized: int = 0            # nodes added from traffic
+    pruned: int = 0
+    traffic_entries: int = 0         # contexts counted, not (yet) in the tree
+    corpus_sequences: int = 0
+    corpus_tokens: int = 0
+    built_at: float = 0.0            # 0: no PLOT built yet
+    generation: int = 1              # bumped by every build: maintenance drops counts of a tree that is gone
+    lower_model: str = "base"        # or "adapted": the domain's own lower layers
+    position_offsets: bool = False
+    adapt: AdaptReport | None = None
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one fp16 PLOT row."""
+        return self.hidden_size * 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": RECORD_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], default_model: str) -> DomainRecord:
+        data = _upgrade(data, default_model)
+        data = _upgrade_domain_v1(data) if data.pop("version") < 2 else data
+        adapt = data.pop("adapt", None)
+        return cls(**_known(cls, data), adapt=AdaptReport(**_known(AdaptReport, adapt)) if adapt else None)
+
+
+@dataclass
+class DomainStatus(DomainRecord):
+    """A domain record as answered: with what the store sees live and the defaults in force."""
+    recent_hit_depths: list[int] = field(default_factory=list)   # tokens per hit depth, recent lookups
+    effective_budget: int = 0
+    effective_threshold: int = 0
+
+
+@dataclass
+class TenantRecord(_ByKey):
+    """A tenant: its domain (hence base model and split layer), labels and adapter version."""
+    tenant_id: str
+    domain: str
+    labels: list[str]
+    adapter_version: int
+    adapter_bytes: int
+    rank: int
+    targets: list[str]
+    layers: list[int]
+    updated_at: float
+    split_layer: int
+    seed: int = 0
+    model: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": RECORD_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], default_model: str) -> TenantRecord:
+        data = _upgrade(data, default_model)
+        data.pop("version")
+        return cls(**_known(cls, data))
+
+
+def _upgrade(data: dict[str, Any], default_model: str) -> dict[str, Any]:
+    """A copy with its version; records from before several models per store belong to the default one."""
+    data = dict(data)
+    version = data.setdefault("version", 1)
+    if version > RECORD_VERSION:
+        raise RuntimeError(f"record of version {version} was written by a newer build (this one reads up to "
+                           f"{RECORD_VERSION})")
+    data["model"] = data.get("model") or default_model
+    return data
+
+
+def _upgrade_domain_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 domain records may lack the fields added over time: they read as their defaults."""
+    defaults = {"budget_bytes": 0, "learn_threshold": 0, "materialized": 0, "pruned": 0, "traffic_entries": 0,
+                "generation": 1, "lower_model": "base", "parent": "", "position_offsets": False}
+    upgraded = {**defaults, **{k: v for k, v in data.items() if v is not None}}
+    upgraded.setdefault("rows", data.get("nodes", 0))   # before pruning freed rows, rows = nodes
+    return upgraded
+
+
+def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"adapt"}
+    return {key: value for key, value in data.items() if key in names}

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> None:
 
     from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
     from services.common.logs import setup_logging
-    from services.common.models import parse_model_specs
+    from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
     from services.knowledge_store.servicer import KnowledgeStoreServicer
     from services.knowledge_store.store import KnowledgeStore, StoreSettings

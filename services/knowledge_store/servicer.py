@@ -1,4 +1,4 @@
-"""gRPC surface of the knowledge store: validation of wire input, streaming, error mapping."""
+"""gRPC surface of the knowledge store: validation of wire input, streaming, records to messages, error mapping."""
 from __future__ import annotations
 
 import queue
@@ -14,8 +14,40 @@ from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, vali
 from services.common.errors import InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.domain_adaptation import AdaptSettings
-from services.knowledge_store.records import domain_to_pb, tenant_to_pb
+from services.knowledge_store.records import AdaptReport, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
+
+
+def domain_to_pb(record: DomainStatus) -> pb.Domain:
+    return pb.Domain(
+        spec=pb.DomainSpec(name=record.name, parent=record.parent, split_layer=record.split_layer,
+                           context=record.context, min_count=record.min_count, budget_bytes=record.budget_bytes,
+                           learn_threshold=record.learn_threshold, no_position_offsets=not record.position_offsets,
+                           model=record.model),
+        model=record.model, hidden_size=record.hidden_size, nodes=record.nodes,
+        nodes_per_depth=record.nodes_per_depth, plot_bytes=record.plot_bytes,
+        corpus_sequences=record.corpus_sequences, corpus_tokens=record.corpus_tokens,
+        built_at=record.built_at, lower_model=record.lower_model,
+        budget_bytes=record.effective_budget, learn_threshold=record.effective_threshold,
+        materialized_nodes=record.materialized, pruned_nodes=record.pruned,
+        pending_contexts=record.traffic_entries, recent_hit_depths=record.recent_hit_depths,
+        adapt=adapt_to_pb(record.adapt), position_offsets=record.position_offsets)
+
+
+def adapt_to_pb(adapt: AdaptReport | None) -> pb.AdaptReport | None:
+    if adapt is None:
+        return None
+    return pb.AdaptReport(steps=adapt.steps, corpus_sequences=adapt.corpus_sequences, base_loss=adapt.base_loss,
+                          adapted_loss=adapt.adapted_loss, seconds=adapt.seconds)
+
+
+def tenant_to_pb(record: TenantRecord) -> pb.Tenant:
+    return pb.Tenant(
+        spec=pb.TenantSpec(tenant_id=record.tenant_id, domain=record.domain, labels=record.labels,
+                           rank=record.rank, seed=record.seed, model=record.model),
+        adapter_version=record.adapter_version, adapter_bytes=record.adapter_bytes, rank=record.rank,
+        targets=record.targets, layers=record.layers, updated_at=record.updated_at,
+        split_layer=record.split_layer)
 
 
 def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int, extra_field: str = ""):
@@ -157,9 +189,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         first, skip = window_fields(request, offsets)
         record, result = self.store.lookup(request.domain, token_ids, offsets, first_positions=first,
                                            context_tokens=skip)
-        depth_counts = np.bincount(result.hit_depths, minlength=record["context"] + 1)[1:]
+        depth_counts = np.bincount(result.hit_depths, minlength=record.context + 1)[1:]
         yield pb.LookupResponse(header=pb.LookupHeader(
-            dtype="float16", shape=list(result.vectors.shape), split_layer=record["split_layer"],
+            dtype="float16", shape=list(result.vectors.shape), split_layer=record.split_layer,
             hit_depth_counts=depth_counts.tolist()))
         for chunk in split_chunks(result.vectors.tobytes()):
             yield pb.LookupResponse(chunk=chunk)

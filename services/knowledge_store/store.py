@@ -1,35 +1,40 @@
 """Knowledge-store logic: domains and their PLOT, tenants and adapters, over one LMDB environment.
 
-No gRPC here: the servicer, the tests and the CLI call this directly. Every write is one LMDB
-transaction, so a killed process loses nothing committed and readers never see half a write.
+No gRPC here: the servicer, the tests and the studies call this directly. Every write is one LMDB
+transaction, so a killed process loses nothing committed and readers never see half a write. Records
+are typed (records.py); tree maintenance (tree_maintenance.py) works through the public methods below.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+import lmdb
 import numpy as np
 
-from services.common.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
+from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
+from models.dims import ModelDims
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.models import ModelDims, load_bert, load_causal_lm, load_tokenizer
+from services.common.limits import MAX_CONTEXT
 from services.knowledge_store import knowledge_tree as tree
-from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers, with_lower_layers
+from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
 from services.knowledge_store.layout import StoreLayout
+from services.knowledge_store.lower_models import LowerModels
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
 from services.knowledge_store.position_offsets import apply_offsets
+from services.knowledge_store.records import AdaptReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.tree_learning import TrafficLog
 from services.knowledge_store.tree_maintenance import TreeMaintenance
 
 log = logging.getLogger("hmi.store")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_CONTEXT = 16
 MAX_LABELS = 1000
 CHANGES_PER_REPLY = 10_000   # change-log entries one ListChanges answer holds at most by default
 
@@ -54,10 +59,6 @@ class StoreSettings:
     extra_models: dict[str, Path] = field(default_factory=dict)   # more base models: name -> folder
 
 
-DOMAIN_DEFAULTS = {"budget_bytes": 0, "learn_threshold": 0, "rows": None, "materialized": 0, "pruned": 0,
-                   "traffic_entries": 0, "generation": 1, "lower_model": "base"}
-
-
 @dataclass
 class ChangeFeed:
     """Changes after a reader's revision; `complete` False: the reader must drop everything it cached."""
@@ -67,25 +68,10 @@ class ChangeFeed:
     complete: bool
 
 
-def with_defaults(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Domain records written before a field existed read as if it had its default."""
-    if record is None:
-        return None
-    filled = {key: record.get(key, default) for key, default in DOMAIN_DEFAULTS.items()}
-    if filled["rows"] is None:
-        filled["rows"] = record.get("nodes", 0)
-    return {**record, **filled}
-
-
 def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
     """Position of every packed token within its own sequence."""
     lengths = np.diff(offsets)
     return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
-
-
-def decoder_base(causal_lm):
-    """The GPT2Model / LlamaModel inside a causal LM (the lower layers live there; no LM head needed)."""
-    return causal_lm.transformer if causal_lm.config.model_type == "gpt2" else causal_lm.model
 
 
 def check_name(kind: str, name: str) -> str:
@@ -103,9 +89,7 @@ class KnowledgeStore:
         self.model_dirs = {settings.model_name: settings.model_dir, **settings.extra_models}
         self.model_dims = {name: ModelDims.from_dir(path) for name, path in self.model_dirs.items()}
         self.dims = self.model_dims[settings.model_name]      # the default model's
-        self._builders: dict[str, PlotBuilder] = {}
-        self._adapted: dict[str, tuple[float, PlotBuilder]] = {}
-        self._builder_lock = threading.Lock()
+        self.lower_models = LowerModels(self.layout, self.model_dirs, self.model_dims)
         self._build_lock = threading.Lock()
         self.traffic = TrafficLog(settings.max_pending_contexts, settings.max_sequence_tokens)
         self._stop = threading.Event()
@@ -135,7 +119,7 @@ class KnowledgeStore:
             self._maintainer.join(timeout=30)
         self.layout.close()
 
-    # ---- domains -------------------------------------------------------------------------------
+    # ---- models --------------------------------------------------------------------------------
 
     def model_name(self, requested: str = "") -> str:
         """A model this store serves ('' = the default one)."""
@@ -145,48 +129,43 @@ class KnowledgeStore:
                                   f"{', '.join(self.model_dims)}); start it with --model {name}=DIR")
         return name
 
-    def dims_of(self, record: dict[str, Any]) -> ModelDims:
-        """The dimensions of the model a domain or tenant record belongs to."""
-        name = record.get("model") or self.settings.model_name
-        if name not in self.model_dims:
-            raise FailedPrecondition(f"{record.get('name') or record.get('tenant_id')!r} belongs to base model "
-                                     f"{name!r}, which this store was not started with (--model {name}=DIR)")
-        return self.model_dims[name]
+    def dims_of(self, record: DomainRecord) -> ModelDims:
+        """The dimensions of the model a domain belongs to."""
+        if record.model not in self.model_dims:
+            raise FailedPrecondition(f"{record.name!r} belongs to base model {record.model!r}, which this store was "
+                                     f"not started with (--model {record.model}=DIR)")
+        return self.model_dims[record.model]
 
-    def _base_builder(self, model: str) -> PlotBuilder:
-        with self._builder_lock:
-            if model not in self._builders:
-                log.info("loading lower model %s from %s", model, self.model_dirs[model])
-                folder = self.model_dirs[model]
-                decoder = self.model_dims[model].is_decoder
-                base = decoder_base(load_causal_lm(folder)) if decoder else load_bert(folder)
-                self._builders[model] = PlotBuilder(base, load_tokenizer(folder), self.model_dims[model].vocab)
-            return self._builders[model]
-
-    def _domain_builder(self, record: dict[str, Any]) -> PlotBuilder:
+    def lower_model(self, record: DomainRecord) -> PlotBuilder:
         """The builder running the domain's lower model: the base one, or its domain-adapted layers."""
-        base = self._base_builder(self.model_name(record.get("model", "")))
-        if record.get("lower_model") != "adapted":
-            return base
-        with self._builder_lock:
-            cached = self._adapted.get(record["name"])
-            if cached is not None and cached[0] == record["adapt"]["adapted_at"]:
-                return cached[1]
-        with self.layout.env.begin() as txn:
-            weights = txn.get(record["name"].encode(), db=self.layout.db["lower"])
-        if weights is None:
-            raise FailedPrecondition(f"domain {record['name']!r} lost its adapted lower model; adapt it again")
-        builder = PlotBuilder(with_lower_layers(base.model, bytes(weights)), base.tokenizer, base.vocab_size)
-        with self._builder_lock:
-            if len(self._adapted) >= 4:
-                self._adapted.pop(next(iter(self._adapted)))
-            self._adapted[record["name"]] = (record["adapt"]["adapted_at"], builder)
-        return builder
+        self.model_name(record.model)
+        return self.lower_models.of(record)
 
-    @staticmethod
-    def row_bytes(record: dict[str, Any]) -> int:
-        """Bytes of one fp16 PLOT row of a domain."""
-        return record["hidden_size"] * 2
+    # ---- domain records: what tree maintenance works with -------------------------------------
+
+    def domain_in(self, txn: lmdb.Transaction, name: str) -> DomainRecord | None:
+        """The domain's record as the transaction sees it."""
+        data = self.layout.get_json(txn, "domains", name)
+        return None if data is None else DomainRecord.from_json(data, self.settings.model_name)
+
+    def save_domain(self, txn: lmdb.Transaction, record: DomainRecord) -> None:
+        self.layout.put_json(txn, "domains", record.name, record.to_json())
+
+    def ancestry(self, txn: lmdb.Transaction, record: DomainRecord) -> list[int]:
+        """The domain's id, then its ancestors' (where lookups fall back)."""
+        chain = [record.id]
+        while record.parent:
+            record = self.domain_in(txn, record.parent)
+            if record is None:
+                break
+            chain.append(record.id)
+        return chain
+
+    def position_offsets(self, record: DomainRecord) -> np.ndarray | None:
+        """The domain's position-offset table (position_offsets.py), None when built without."""
+        with self.layout.env.begin() as txn:
+            table = tree.read_offsets(self.layout, txn, record.id)
+            return None if table is None else table.copy()
 
     def effective_budget(self, budget_bytes: int) -> int:
         return budget_bytes or self.settings.default_budget_bytes
@@ -196,6 +175,8 @@ class KnowledgeStore:
         threshold = learn_threshold or self.settings.default_learn_threshold
         return threshold if threshold > 0 else -1
 
+    # ---- domains -------------------------------------------------------------------------------
+
     def requested_split_layer(self, name: str, requested: int, model: str = "") -> int:
         """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (1 for
         encoders, where the accuracy study found L = 1 free; 0 for decoders, whose perplexity grew with any L)."""
@@ -203,12 +184,12 @@ class KnowledgeStore:
             return requested
         existing = self._find_domain(name)
         if existing is not None:
-            return existing["split_layer"]
+            return existing.split_layer
         return 0 if self.model_dims[self.model_name(model)].is_decoder else 1
 
     def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int,
                              budget_bytes: int = 0, learn_threshold: int = 0,
-                             model: str = "") -> dict[str, Any] | None:
+                             model: str = "") -> DomainRecord | None:
         """Checks a spec against the model and the parent; returns the parent's record (None: a root)."""
         check_name("domain", name)
         dims = self.model_dims[self.model_name(model)]
@@ -226,17 +207,17 @@ class KnowledgeStore:
             if parent == name:
                 raise InvalidArgument("a domain cannot be its own parent")
             parent_record = self.get_domain(parent)
-            if (parent_record.get("model") or self.settings.model_name) != self.model_name(model):
+            if parent_record.model != self.model_name(model):
                 raise InvalidArgument(f"a child domain must use its parent's base model: {parent!r} belongs to "
-                                      f"{parent_record.get('model')!r}")
-            if parent_record["split_layer"] != split_layer or split_layer == 0:
+                                      f"{parent_record.model!r}")
+            if parent_record.split_layer != split_layer or split_layer == 0:
                 raise InvalidArgument(f"a child domain must use its parent's split layer (> 0): {parent!r} has "
-                                      f"split layer {parent_record['split_layer']}, this spec {split_layer}")
+                                      f"split layer {parent_record.split_layer}, this spec {split_layer}")
             ancestor = parent_record
-            while ancestor.get("parent"):
-                if ancestor["parent"] == name:
+            while ancestor.parent:
+                if ancestor.parent == name:
                     raise InvalidArgument(f"parent {parent!r} descends from {name!r}: domains form a tree")
-                ancestor = self.get_domain(ancestor["parent"])
+                ancestor = self.get_domain(ancestor.parent)
         vocabulary_bytes = dims.vocab * dims.hidden * 2
         if split_layer > 0 and parent_record is None and self.effective_budget(budget_bytes) < vocabulary_bytes:
             raise InvalidArgument(f"budget of {self.effective_budget(budget_bytes)} bytes cannot hold the "
@@ -246,7 +227,7 @@ class KnowledgeStore:
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Progress | None = None,
-                     model: str = "") -> dict[str, Any]:
+                     model: str = "") -> DomainStatus:
         """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
         split_layer = self.requested_split_layer(name, split_layer, model)
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
@@ -263,15 +244,15 @@ class KnowledgeStore:
                 self._check_rebuild(existing, split_layer, model)
             contents = None
             if split_layer > 0:
-                builder = self._domain_builder(existing) if existing else self._base_builder(model)
+                builder = self.lower_model(existing) if existing else self.lower_models.base(model)
                 settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens,
                                          position_offsets=position_offsets)
                 contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
             if progress:
                 progress("writing", 0, 1)
             with self.layout.env.begin(write=True) as txn:
-                record = self._domain_record(txn, name)
-                domain_id = record["id"] if record else self.layout.next_domain_id(txn)
+                previous = self.domain_in(txn, name)
+                domain_id = previous.id if previous else self.layout.next_domain_id(txn)
                 if contents is not None:
                     tree.write_tree(self.layout, txn, domain_id, contents)
                 else:
@@ -281,51 +262,50 @@ class KnowledgeStore:
                 for path, count in zip(contents.paths, contents.counts.tolist()) if contents else ():
                     per_depth[len(path) - 1] += 1
                     tokens += count if len(path) == 1 else 0
-                record = {
-                    **(record or {}), "id": domain_id, "name": name, "parent": parent if parent_record else "",
-                    "split_layer": split_layer, "context": context, "min_count": min_count,
-                    "budget_bytes": budget_bytes, "learn_threshold": learn_threshold,
-                    "model": model, "hidden_size": dims.hidden,
-                    "nodes": sum(per_depth), "nodes_per_depth": per_depth, "rows": sum(per_depth),
-                    "plot_bytes": sum(per_depth) * dims.hidden * 2, "materialized": 0, "pruned": 0,
-                    "traffic_entries": 0, "corpus_sequences": sum(1 for line in lines if line.strip()),
-                    "corpus_tokens": tokens, "built_at": time.time(),
-                    "generation": (record or {}).get("generation", 0) + 1,
-                    "lower_model": (record or {}).get("lower_model", "base"),
-                    "position_offsets": contents is not None and contents.offsets is not None,
-                }
+                record = DomainRecord(
+                    id=domain_id, name=name, parent=parent if parent_record else "", split_layer=split_layer,
+                    context=context, min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,
+                    model=model, hidden_size=dims.hidden, nodes=sum(per_depth), nodes_per_depth=per_depth,
+                    rows=sum(per_depth), plot_bytes=sum(per_depth) * dims.hidden * 2, materialized=0, pruned=0,
+                    traffic_entries=0, corpus_sequences=sum(1 for line in lines if line.strip()),
+                    corpus_tokens=tokens, built_at=time.time(),
+                    generation=(previous.generation if previous else 0) + 1,
+                    lower_model=previous.lower_model if previous else "base",
+                    position_offsets=contents is not None and contents.offsets is not None,
+                    adapt=previous.adapt if previous else None)
                 self.maintenance.prune(txn, record)
-                self.layout.put_json(txn, "domains", name, record)
+                self.save_domain(txn, record)
                 self.layout.record_change(txn, "domain", name)
             self.traffic.forget(domain_id)
             if progress:
                 progress("writing", 1, 1)
             log.info("built domain %s: L=%d k=%d nodes=%d (%s per depth) %.1f MiB in %.1fs (%s lower model)", name,
-                     split_layer, context, record["nodes"], record["nodes_per_depth"], record["plot_bytes"] / 2**20,
-                     time.time() - started, record["lower_model"])
-            return self._with_live_stats(record)
+                     split_layer, context, record.nodes, record.nodes_per_depth, record.plot_bytes / 2**20,
+                     time.time() - started, record.lower_model)
+            return self._status(record)
 
-    def _check_rebuild(self, existing: dict[str, Any], split_layer: int, model: str) -> None:
-        if (existing.get("model") or self.settings.model_name) != model:
-            users = [t["tenant_id"] for t in self.list_tenants(existing["name"])[0]]
-            children = [d["name"] for d in self.list_domains() if d.get("parent") == existing["name"]]
+    def _check_rebuild(self, existing: DomainRecord, split_layer: int, model: str,
+                       lower_model: str | None = None) -> None:
+        if existing.model != model:
+            users = [t.tenant_id for t in self.list_tenants(existing.name)[0]]
+            children = [d.name for d in self.list_domains() if d.parent == existing.name]
             if users or children:
-                raise FailedPrecondition(f"domain {existing['name']!r} belongs to base model {existing.get('model')!r}"
+                raise FailedPrecondition(f"domain {existing.name!r} belongs to base model {existing.model!r}"
                                          f" and has tenants or children; delete them before moving it to {model!r}")
-        if existing.get("lower_model") == "adapted" and existing["split_layer"] != split_layer:
-            raise InvalidArgument(f"domain {existing['name']!r} has a lower model adapted for split layer "
-                                  f"{existing['split_layer']}; build it with --split-layer "
-                                  f"{existing['split_layer']} or adapt it again")
-        if existing["split_layer"] != split_layer:
-            children = [d["name"] for d in self.list_domains() if d.get("parent") == existing["name"]]
+        if (lower_model or existing.lower_model) == "adapted" and existing.split_layer != split_layer:
+            raise InvalidArgument(f"domain {existing.name!r} has a lower model adapted for split layer "
+                                  f"{existing.split_layer}; build it with --split-layer "
+                                  f"{existing.split_layer} or adapt it again")
+        if existing.split_layer != split_layer:
+            children = [d.name for d in self.list_domains() if d.parent == existing.name]
             if children:
-                raise FailedPrecondition(f"domain {existing['name']!r} is the parent of {children[0]!r}, which "
-                                         f"needs split layer {existing['split_layer']}")
+                raise FailedPrecondition(f"domain {existing.name!r} is the parent of {children[0]!r}, which "
+                                         f"needs split layer {existing.split_layer}")
 
     def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1,
                      settings: AdaptSettings | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None,
-                     model: str = "") -> dict[str, Any]:
+                     model: str = "") -> DomainStatus:
         """MLM-adapts the lower layers on the corpus and stores them as the domain's lower model.
 
         A new domain is created without a PLOT (build it next); an existing one keeps serving its current
@@ -343,65 +323,60 @@ class KnowledgeStore:
         lines = [line.strip() for line in corpus.splitlines() if line.strip()]
         with self._build_lock:
             existing = self._find_domain(name)
-            if existing is not None and existing["split_layer"] != split_layer:
-                users = [t["tenant_id"] for t in self.list_tenants(name)[0]]
+            if existing is not None and existing.split_layer != split_layer:
+                users = [t.tenant_id for t in self.list_tenants(name)[0]]
                 if users:
                     raise FailedPrecondition(f"domain {name!r} serves {len(users)} tenant(s) at split layer "
-                                             f"{existing['split_layer']}; adapt it for that layer or delete them")
-                self._check_rebuild({**existing, "lower_model": "base"}, split_layer, model)
-            builder = self._base_builder(model)
+                                             f"{existing.split_layer}; adapt it for that layer or delete them")
+                self._check_rebuild(existing, split_layer, model, lower_model="base")
+            builder = self.lower_models.base(model)
             sequences = builder.tokenize(lines, settings.max_tokens) if lines else []
             result = adapt_lower_layers(builder.model, builder.tokenizer, sequences, settings, progress)
             with self.layout.env.begin(write=True) as txn:
-                record = self._domain_record(txn, name)
-                if record is None or record["split_layer"] != split_layer:
-                    domain_id = record["id"] if record else self.layout.next_domain_id(txn)
+                record = self.domain_in(txn, name)
+                if record is None or record.split_layer != split_layer:
+                    domain_id = record.id if record else self.layout.next_domain_id(txn)
                     tree.clear_domain(self.layout, txn, domain_id)
-                    record = {
-                        "id": domain_id, "name": name, "parent": parent if parent_record else "",
-                        "split_layer": split_layer, "context": 1, "min_count": 1, "budget_bytes": 0,
-                        "learn_threshold": 0, "model": model, "hidden_size": self.model_dims[model].hidden,
-                        "nodes": 0, "nodes_per_depth": [], "rows": 0, "plot_bytes": 0, "materialized": 0,
-                        "pruned": 0, "traffic_entries": 0, "corpus_sequences": 0, "corpus_tokens": 0,
-                        "built_at": 0.0, "generation": (record or {}).get("generation", 0) + 1,
-                    }
-                record["lower_model"] = "adapted"
-                record["adapt"] = {"steps": result.steps, "corpus_sequences": result.corpus_sequences,
-                                   "base_loss": result.base_loss, "adapted_loss": result.adapted_loss,
-                                   "seconds": result.seconds, "adapted_at": time.time()}
+                    record = DomainRecord(
+                        id=domain_id, name=name, parent=parent if parent_record else "", split_layer=split_layer,
+                        context=1, min_count=1, model=model, hidden_size=self.model_dims[model].hidden,
+                        generation=(record.generation if record else 0) + 1)
+                record.lower_model = "adapted"
+                record.adapt = AdaptReport(steps=result.steps, corpus_sequences=result.corpus_sequences,
+                                           base_loss=result.base_loss, adapted_loss=result.adapted_loss,
+                                           seconds=result.seconds, adapted_at=time.time())
                 txn.put(name.encode(), result.weights, db=self.layout.db["lower"])
-                self.layout.put_json(txn, "domains", name, record)
+                self.save_domain(txn, record)
                 self.layout.record_change(txn, "domain", name)
         log.info("adapted domain %s lower layers [0, %d): %d steps on %d sequences in %.0fs, held-out MLM loss "
                  "%.3f -> %.3f", name, split_layer, result.steps, len(sequences), result.seconds, result.base_loss,
                  result.adapted_loss)
-        return self._with_live_stats(record)
+        return self._status(record)
 
-    def _domain_record(self, txn, name: str) -> dict[str, Any] | None:
-        return with_defaults(self.layout.get_json(txn, "domains", name))
-
-    def _find_domain(self, name: str) -> dict[str, Any] | None:
+    def _find_domain(self, name: str) -> DomainRecord | None:
         with self.layout.env.begin() as txn:
-            return self._domain_record(txn, name)
+            return self.domain_in(txn, name)
 
-    def get_domain(self, name: str) -> dict[str, Any]:
+    def get_domain(self, name: str) -> DomainStatus:
         record = self._find_domain(name)
         if record is None:
             raise NotFound(f"domain {name!r} does not exist; create it with `hmi domain build {name} --corpus FILE`")
-        return self._with_live_stats(record)
+        return self._status(record)
 
-    def _with_live_stats(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "recent_hit_depths": self.traffic.recent_hit_depths(record["id"], record["context"]),
-                "effective_budget": self.effective_budget(record.get("budget_bytes", 0)),
-                "effective_threshold": self.effective_threshold(record.get("learn_threshold", 0))}
+    def _status(self, record: DomainRecord) -> DomainStatus:
+        return DomainStatus(**{f.name: getattr(record, f.name) for f in dataclasses.fields(DomainRecord)},
+                            recent_hit_depths=self.traffic.recent_hit_depths(record.id, record.context),
+                            effective_budget=self.effective_budget(record.budget_bytes),
+                            effective_threshold=self.effective_threshold(record.learn_threshold))
 
-    def list_domains(self) -> list[dict[str, Any]]:
+    def list_domains(self) -> list[DomainStatus]:
         with self.layout.env.begin() as txn:
-            return [self._with_live_stats(with_defaults(record)) for _, record in self.layout.iter_json(txn, "domains")]
+            return [self._status(DomainRecord.from_json(data, self.settings.model_name))
+                    for _, data in self.layout.iter_json(txn, "domains")]
 
     def delete_domain(self, name: str) -> None:
         with self.layout.env.begin(write=True) as txn:
-            record = self._domain_record(txn, name)
+            record = self.domain_in(txn, name)
             if record is None:
                 raise NotFound(f"domain {name!r} does not exist")
             users = [tid for tid, tenant in self.layout.iter_json(txn, "tenants") if tenant["domain"] == name]
@@ -411,31 +386,16 @@ class KnowledgeStore:
             children = [d for _, d in self.layout.iter_json(txn, "domains") if d.get("parent") == name]
             if children:
                 raise FailedPrecondition(f"domain {name!r} is the parent of {children[0]['name']!r}; delete it first")
-            tree.clear_domain(self.layout, txn, record["id"])
+            tree.clear_domain(self.layout, txn, record.id)
             txn.delete(name.encode(), db=self.layout.db["lower"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
             self.layout.record_change(txn, "domain", name)
-        self.traffic.forget(record["id"])
+        self.traffic.forget(record.id)
         log.info("deleted domain %s", name)
-
-    def _offsets(self, record: dict[str, Any]) -> np.ndarray | None:
-        with self.layout.env.begin() as txn:
-            table = tree.read_offsets(self.layout, txn, record["id"])
-            return None if table is None else table.copy()
-
-    def _chain(self, txn, record: dict[str, Any]) -> list[int]:
-        """The domain's id, then its ancestors' (where lookups fall back)."""
-        chain = [record["id"]]
-        while record.get("parent"):
-            record = self._domain_record(txn, record["parent"])
-            if record is None:
-                break
-            chain.append(record["id"])
-        return chain
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray, context: int = 0,
                first_positions: np.ndarray | None = None,
-               context_tokens: np.ndarray | None = None) -> tuple[dict[str, Any], LookupResult]:
+               context_tokens: np.ndarray | None = None) -> tuple[DomainRecord, LookupResult]:
         """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k.
 
         A generating decoder sends a window of recent tokens per sequence: `first_positions` gives the
@@ -445,22 +405,22 @@ class KnowledgeStore:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
                                   f"{self.settings.max_lookup_tokens}")
         with self.layout.env.begin(buffers=True) as txn:
-            record = self._domain_record(txn, domain)
+            record = self.domain_in(txn, domain)
             if record is None:
                 raise NotFound(f"domain {domain!r} does not exist")
             vocab = self.dims_of(record).vocab
             if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
                 raise InvalidArgument(f"token ids must lie in [0, {vocab})")
-            if record["split_layer"] == 0:
+            if record.split_layer == 0:
                 raise FailedPrecondition(f"domain {domain!r} has split layer 0: it has no PLOT to look up")
-            if not record["built_at"]:
+            if not record.built_at:
                 raise FailedPrecondition(f"domain {domain!r} has no PLOT yet: run `hmi domain build {domain} "
-                                         f"--corpus FILE --split-layer {record['split_layer']}`")
-            learning = not context and self.effective_threshold(record.get("learn_threshold", 0)) > 0
-            cap = min(context or MAX_CONTEXT, record["context"])
-            chain = self._chain(txn, record)
+                                         f"--corpus FILE --split-layer {record.split_layer}`")
+            learning = not context and self.effective_threshold(record.learn_threshold) > 0
+            cap = min(context or MAX_CONTEXT, record.context)
+            chain = self.ancestry(txn, record)
             skip = None if context_tokens is None else context_tokens.tolist()
-            result = tree.lookup(self.layout, txn, chain, cap, record["hidden_size"], token_ids, offsets,
+            result = tree.lookup(self.layout, txn, chain, cap, record.hidden_size, token_ids, offsets,
                                  collect=learning, skip=skip)
             within = positions_in_sequences(offsets)
             positions = within if first_positions is None else within + np.repeat(first_positions, np.diff(offsets))
@@ -475,20 +435,20 @@ class KnowledgeStore:
                     served = result.owners == link
                     if table is not None and served.any():
                         result.vectors[served] = apply_offsets(result.vectors[served], table, cap, positions[served])
-        self.traffic.record(record["id"], result, token_ids, offsets, learning)
+        self.traffic.record(record.id, result, token_ids, offsets, learning)
         return record, result
 
     # ---- tenants -------------------------------------------------------------------------------
 
     def put_tenant(self, tenant_id: str, domain: str, labels: list[str], adapter_bytes: bytes | None = None,
-                   *, rank: int = 0, seed: int = 0, model: str = "") -> dict[str, Any]:
+                   *, rank: int = 0, seed: int = 0, model: str = "") -> TenantRecord:
         """Registers or replaces a tenant; the adapter is validated against the model and the labels.
 
         The tenant's base model is its domain's; `model`, when given, must name the same one."""
         check_name("tenant id", tenant_id)
         labels = [label.strip() for label in labels]
         domain_record = self.get_domain(domain)
-        model_of_domain = domain_record.get("model") or self.settings.model_name
+        model_of_domain = domain_record.model
         if model and model != model_of_domain:
             raise InvalidArgument(f"tenant {tenant_id!r} names base model {model!r} but domain {domain!r} belongs to "
                                   f"{model_of_domain!r}; pick a domain of {model!r} (hmi domain build NAME --model "
@@ -501,7 +461,7 @@ class KnowledgeStore:
             raise InvalidArgument(f"a classifier needs 2..{MAX_LABELS} labels, got {len(labels)}")
         if any(not label for label in labels) or len(set(labels)) != len(labels):
             raise InvalidArgument("labels must be non-empty and distinct")
-        split_layer = domain_record["split_layer"]
+        split_layer = domain_record.split_layer
         if adapter_bytes:
             if len(adapter_bytes) > self.settings.max_adapter_bytes:
                 raise InvalidArgument(f"adapter of {len(adapter_bytes)} bytes exceeds the limit of "
@@ -512,32 +472,34 @@ class KnowledgeStore:
                                      first_layer=split_layer, targets=DEFAULT_TARGETS, seed=seed or None)
             adapter_bytes = serialize_adapter(adapter)
         with self.layout.env.begin(write=True) as txn:
-            if self._domain_record(txn, domain) is None:
+            if self.domain_in(txn, domain) is None:
                 raise NotFound(f"domain {domain!r} was deleted meanwhile")
-            previous = self.layout.get_json(txn, "tenants", tenant_id)
-            record = {
-                "tenant_id": tenant_id, "domain": domain, "labels": labels,
-                "adapter_version": (previous["adapter_version"] + 1) if previous else 1,
-                "adapter_bytes": len(adapter_bytes), "rank": adapter.rank, "targets": list(adapter.targets),
-                "layers": adapter.layers, "updated_at": time.time(), "split_layer": split_layer, "seed": seed,
-                "model": model_of_domain,
-            }
-            self.layout.put_json(txn, "tenants", tenant_id, record)
+            previous = self._tenant_in(txn, tenant_id)
+            record = TenantRecord(
+                tenant_id=tenant_id, domain=domain, labels=labels,
+                adapter_version=(previous.adapter_version + 1) if previous else 1, adapter_bytes=len(adapter_bytes),
+                rank=adapter.rank, targets=list(adapter.targets), layers=adapter.layers, updated_at=time.time(),
+                split_layer=split_layer, seed=seed, model=model_of_domain)
+            self.layout.put_json(txn, "tenants", tenant_id, record.to_json())
             txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
             self.layout.record_change(txn, "tenant", tenant_id)
         log.info("%s tenant %s (domain %s, %d labels, rank %d, version %d)",
                  "replaced" if previous else "registered", tenant_id, domain, len(labels), adapter.rank,
-                 record["adapter_version"])
+                 record.adapter_version)
         return record
 
-    def get_tenant(self, tenant_id: str) -> dict[str, Any]:
+    def _tenant_in(self, txn: lmdb.Transaction, tenant_id: str) -> TenantRecord | None:
+        data = self.layout.get_json(txn, "tenants", tenant_id)
+        return None if data is None else TenantRecord.from_json(data, self.settings.model_name)
+
+    def get_tenant(self, tenant_id: str) -> TenantRecord:
         with self.layout.env.begin() as txn:
-            record = self.layout.get_json(txn, "tenants", tenant_id)
+            record = self._tenant_in(txn, tenant_id)
         if record is None:
             raise NotFound(f"tenant {tenant_id!r} is not registered")
-        return {"model": self.settings.model_name, **record}   # records from before several models: the default
+        return record
 
-    def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> tuple[list[dict[str, Any]], int]:
+    def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> tuple[list[TenantRecord], int]:
         with self.layout.env.begin() as txn:
             selected, total = [], 0
             for tenant_id, record in self.layout.iter_json(txn, "tenants"):
@@ -545,7 +507,7 @@ class KnowledgeStore:
                     continue
                 total += 1
                 if tenant_id > after and (not limit or len(selected) < limit):
-                    selected.append({"model": self.settings.model_name, **record})
+                    selected.append(TenantRecord.from_json(record, self.settings.model_name))
         return selected, total
 
     def delete_tenant(self, tenant_id: str) -> None:
@@ -566,13 +528,13 @@ class KnowledgeStore:
             complete = False    # the reader knew a newer log: the store was replaced by an older copy
         return ChangeFeed(self.layout.store_id, latest, changes, complete)
 
-    def get_adapter(self, tenant_id: str, version: int = 0) -> tuple[dict[str, Any], bytes]:
+    def get_adapter(self, tenant_id: str, version: int = 0) -> tuple[TenantRecord, bytes]:
         with self.layout.env.begin() as txn:
-            record = self.layout.get_json(txn, "tenants", tenant_id)
+            record = self._tenant_in(txn, tenant_id)
             if record is None:
                 raise NotFound(f"tenant {tenant_id!r} is not registered")
-            if version and record["adapter_version"] != version:
-                raise FailedPrecondition(f"tenant {tenant_id!r} has adapter version {record['adapter_version']}, "
+            if version and record.adapter_version != version:
+                raise FailedPrecondition(f"tenant {tenant_id!r} has adapter version {record.adapter_version}, "
                                          f"not {version}")
             data = txn.get(tenant_id.encode(), db=self.layout.db["adapters"])
         return record, bytes(data)

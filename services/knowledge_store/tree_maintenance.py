@@ -1,33 +1,58 @@
 """Frequency-based tree management: flushing the traffic log, materialising hot contexts, pruning cold
 leaves to the budget. The traffic it works from is collected by `TrafficLog` (tree_learning.py) during
 lookups; every change is one LMDB write transaction, so readers see whole tree states only.
+
+It works through a narrow, public part of the store (`MaintainedStore`): domain records read and saved
+inside its transactions, a domain's ancestry, lower model and position offsets, and the budget policy.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
+import lmdb
 import numpy as np
 
 from services.knowledge_store import knowledge_tree as tree
-from services.knowledge_store.layout import path_of
+from services.knowledge_store.layout import StoreLayout, path_of
+from services.knowledge_store.plot_builder import PlotBuilder
+from services.knowledge_store.records import DomainRecord
 from services.knowledge_store.tree_learning import (
     SAMPLES_PER_CONTEXT,
     PendingTraffic,
+    TrafficLog,
     decode_traffic,
     encode_traffic,
     merge_samples,
 )
 
 if TYPE_CHECKING:
-    from services.knowledge_store.store import KnowledgeStore
+    from services.knowledge_store.store import StoreSettings
 
 log = logging.getLogger("hmi.store")
 
 
+class MaintainedStore(Protocol):
+    """What tree maintenance needs of the store."""
+    layout: StoreLayout
+    settings: StoreSettings
+    traffic: TrafficLog
+
+    def list_domains(self) -> list[DomainRecord]: ...
+    def domain_in(self, txn: lmdb.Transaction, name: str) -> DomainRecord | None: ...
+    def save_domain(self, txn: lmdb.Transaction, record: DomainRecord) -> None: ...
+    def ancestry(self, txn: lmdb.Transaction, record: DomainRecord) -> list[int]: ...
+    def lower_model(self, record: DomainRecord) -> PlotBuilder: ...
+    def position_offsets(self, record: DomainRecord) -> np.ndarray | None: ...
+    def effective_budget(self, budget_bytes: int) -> int: ...
+    def effective_threshold(self, learn_threshold: int) -> int: ...
+
+
 class TreeMaintenance:
-    def __init__(self, store: "KnowledgeStore") -> None:
+    def __init__(self, store: MaintainedStore) -> None:
         self.store = store
+        self.layout = store.layout
+        self.settings = store.settings
 
     def learn_once(self) -> dict[str, int]:
         """Flushes the traffic log: counts, then materialisation and pruning. Returns what changed."""
@@ -35,7 +60,7 @@ class TreeMaintenance:
         pending_all = self.store.traffic.take()
         if not pending_all:
             return summary
-        names = {record["id"]: record["name"] for record in self.store.list_domains()}
+        names = {record.id: record.name for record in self.store.list_domains()}
         for domain_id, pending in pending_all.items():
             if domain_id not in names:
                 continue
@@ -51,38 +76,39 @@ class TreeMaintenance:
     def _count_traffic(self, name: str, pending: PendingTraffic):
         """One write txn: node hit counts and missing-context counts; returns contexts over the threshold."""
         candidates: dict[bytes, list] = {}
-        with self.store.layout.env.begin(write=True) as txn:
-            record = self.store._domain_record(txn, name)
+        traffic = self.layout.db["traffic"]
+        with self.layout.env.begin(write=True) as txn:
+            record = self.store.domain_in(txn, name)
             if record is None:
                 return candidates, None
-            threshold = self.store.effective_threshold(record.get("learn_threshold", 0))
-            traffic = self.store.layout.db["traffic"]
-            tree.add_hits(self.store.layout, txn, pending.hits)
+            threshold = self.store.effective_threshold(record.learn_threshold)
+            tree.add_hits(self.layout, txn, pending.hits)
             for key, count in pending.counts.items():
                 old = txn.get(key, db=traffic)
                 if old is None:
                     total, samples = count, pending.samples.get(key, [])
-                    record["traffic_entries"] = record.get("traffic_entries", 0) + 1
+                    record.traffic_entries += 1
                 else:
                     total, samples = decode_traffic(bytes(old))
                     total += count
                     if len(samples) < SAMPLES_PER_CONTEXT:
                         samples = merge_samples(samples, pending.samples.get(key, []))
                 txn.put(key, encode_traffic(total, samples), db=traffic)
-                if 0 < threshold <= total and len(candidates) < self.store.settings.max_materialize:
+                if 0 < threshold <= total and len(candidates) < self.settings.max_materialize:
                     candidates[key] = [total, samples]
-            if record["traffic_entries"] > self.store.settings.max_traffic_entries:
-                record["traffic_entries"] -= self._forget_rare_traffic(txn, record)
-            self.store.layout.put_json(txn, "domains", name, record)
+            if record.traffic_entries > self.settings.max_traffic_entries:
+                record.traffic_entries -= self._forget_rare_traffic(txn, record)
+            self.store.save_domain(txn, record)
         if pending.dropped:
             log.warning("domain %s: %d contexts not counted (more than %d distinct per flush)", name,
-                        pending.dropped, self.store.settings.max_pending_contexts)
+                        pending.dropped, self.settings.max_pending_contexts)
         return candidates, record
 
-    def _forget_rare_traffic(self, txn, record: dict[str, Any]) -> int:
+    def _forget_rare_traffic(self, txn, record: DomainRecord) -> int:
         """Keeps the counted-context table bounded: drops the entries at or below the median count."""
-        cursor = txn.cursor(db=self.store.layout.db["traffic"])
-        prefix = record["id"].to_bytes(4, "big")
+        traffic = self.layout.db["traffic"]
+        cursor = txn.cursor(db=traffic)
+        prefix = record.id.to_bytes(4, "big")
         entries = []
         if cursor.set_range(prefix):
             for key, value in cursor:
@@ -93,13 +119,13 @@ class TreeMaintenance:
         removed = 0
         for count, key in entries:
             if count <= median:
-                txn.delete(key, db=self.store.layout.db["traffic"])
+                txn.delete(key, db=traffic)
                 removed += 1
         return removed
 
-    def _materialize(self, record: dict[str, Any], candidates: dict[bytes, list]) -> tuple[int, int]:
+    def _materialize(self, record: DomainRecord, candidates: dict[bytes, list]) -> tuple[int, int]:
         """Vectors by the domain's lower model (outside any txn), then nodes added and the budget kept in one txn."""
-        builder = self.store._domain_builder(record)
+        builder = self.store.lower_model(record)
         keys = sorted(candidates, key=len)   # parents before children
         batch, where = [], []
         for index, key in enumerate(keys):
@@ -108,12 +134,12 @@ class TreeMaintenance:
                 where.append((index, sample.position))
         if not batch:
             return 0, 0
-        sums = np.zeros((len(keys), record["hidden_size"]), dtype=np.float64)
+        sums = np.zeros((len(keys), record.hidden_size), dtype=np.float64)
         seen = np.zeros(len(keys), dtype=np.int64)
-        table = self.store._offsets(record)   # node + offset[position] should give the states seen
+        table = self.store.position_offsets(record)   # node + offset[position] should give the states seen
         shift = table[-1] if table is not None else None
         for start in range(0, len(batch), 32):
-            hidden, _ = builder.lower_outputs(batch[start:start + 32], record["split_layer"])
+            hidden, _ = builder.lower_outputs(batch[start:start + 32], record.split_layer)
             for row, (index, position) in enumerate(where[start:start + 32]):
                 state = hidden[row, position].double().numpy()
                 if shift is not None:
@@ -121,58 +147,58 @@ class TreeMaintenance:
                 sums[index] += state
                 seen[index] += 1
         vectors = (sums / np.maximum(seen, 1)[:, None]).astype(np.float16)
-        with self.store.layout.env.begin(write=True) as txn:
-            current = self.store._domain_record(txn, record["name"])
-            if current is None or current["generation"] != record["generation"]:
+        traffic = self.layout.db["traffic"]
+        with self.layout.env.begin(write=True) as txn:
+            current = self.store.domain_in(txn, record.name)
+            if current is None or current.generation != record.generation:
                 return 0, 0   # rebuilt or deleted meanwhile: these counts belong to a tree that is gone
-            chain = self.store._chain(txn, current)
+            chain = self.store.ancestry(txn, current)
             chosen = []
             for index, key in enumerate(keys):
                 path = path_of(key)
-                missing = not tree.node_exists(self.store.layout, txn, chain, path)
-                has_parent = len(path) == 1 or tree.node_exists(self.store.layout, txn, chain, path[:-1])
+                missing = not tree.node_exists(self.layout, txn, chain, path)
+                has_parent = len(path) == 1 or tree.node_exists(self.layout, txn, chain, path[:-1])
                 if seen[index] and missing and has_parent:
                     chosen.append(index)
                 else:
-                    txn.delete(key, db=self.store.layout.db["traffic"])
-                    current["traffic_entries"] -= 1
-            rows, current["rows"] = tree.allocate_rows(self.store.layout, txn, current["id"], current["rows"],
-                                                       len(chosen))
-            tree.write_rows(self.store.layout, txn, current["id"], current["hidden_size"], rows, vectors[chosen])
+                    txn.delete(key, db=traffic)
+                    current.traffic_entries -= 1
+            rows, current.rows = tree.allocate_rows(self.layout, txn, current.id, current.rows, len(chosen))
+            tree.write_rows(self.layout, txn, current.id, current.hidden_size, rows, vectors[chosen])
             for row, index in zip(rows, chosen):
                 key = keys[index]
                 path = path_of(key)
-                tree.add_node(self.store.layout, txn, current["id"], path, row, candidates[key][0])
-                txn.delete(key, db=self.store.layout.db["traffic"])
-                current["traffic_entries"] -= 1
-                while len(current["nodes_per_depth"]) < len(path):
-                    current["nodes_per_depth"].append(0)
-                current["nodes_per_depth"][len(path) - 1] += 1
-            current["nodes"] += len(chosen)
-            current["materialized"] = current.get("materialized", 0) + len(chosen)
-            current["plot_bytes"] = current["nodes"] * self.store.row_bytes(record)
+                tree.add_node(self.layout, txn, current.id, path, row, candidates[key][0])
+                txn.delete(key, db=traffic)
+                current.traffic_entries -= 1
+                while len(current.nodes_per_depth) < len(path):
+                    current.nodes_per_depth.append(0)
+                current.nodes_per_depth[len(path) - 1] += 1
+            current.nodes += len(chosen)
+            current.materialized += len(chosen)
+            current.plot_bytes = current.nodes * record.row_bytes
             pruned = self.prune(txn, current)
-            self.store.layout.put_json(txn, "domains", current["name"], current)
+            self.store.save_domain(txn, current)
         if chosen:
-            log.info("domain %s: materialised %d context(s) from traffic, pruned %d", record["name"], len(chosen),
+            log.info("domain %s: materialised %d context(s) from traffic, pruned %d", record.name, len(chosen),
                      pruned)
         return len(chosen), pruned
 
-    def prune(self, txn, record: dict[str, Any]) -> int:
+    def prune(self, txn, record: DomainRecord) -> int:
         """Removes the coldest leaves until the domain's vectors fit its budget (updates the record)."""
-        budget = self.store.effective_budget(record.get("budget_bytes", 0))
+        budget = self.store.effective_budget(record.budget_bytes)
         removed_total = 0
-        min_depth = 1 if record.get("parent") else 2   # a root's depth-1 nodes are every lookup's last resort
-        while record["nodes"] * self.store.row_bytes(record) > budget:
-            excess = record["nodes"] - budget // self.store.row_bytes(record)
-            leaves = sorted(tree.leaves(self.store.layout, txn, record["id"], min_depth), key=lambda leaf: leaf.count)
+        min_depth = 1 if record.parent else 2   # a root's depth-1 nodes are every lookup's last resort
+        while record.nodes * record.row_bytes > budget:
+            excess = record.nodes - budget // record.row_bytes
+            leaves = sorted(tree.leaves(self.layout, txn, record.id, min_depth), key=lambda leaf: leaf.count)
             if not leaves:
                 break
-            removed = tree.remove_leaves(self.store.layout, txn, record["id"], leaves[:excess])
+            removed = tree.remove_leaves(self.layout, txn, record.id, leaves[:excess])
             for depth, count in enumerate(removed):
-                record["nodes_per_depth"][depth] -= count
-            record["nodes"] -= sum(removed)
+                record.nodes_per_depth[depth] -= count
+            record.nodes -= sum(removed)
             removed_total += sum(removed)
-        record["pruned"] = record.get("pruned", 0) + removed_total
-        record["plot_bytes"] = record["nodes"] * self.store.row_bytes(record)
+        record.pruned += removed_total
+        record.plot_bytes = record.nodes * record.row_bytes
         return removed_total

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.lora import Segments
-from services.common.adapter_format import Adapter
+from models.adapter_format import Adapter
+from models.decoder import DecoderModel
+from models.lora import LoRAWeights
 from services.common.errors import InvalidArgument
-from services.compute.decoder_model import DecoderModel, StepInputs
 from services.training.trainer import Progress, entry_states, fit_batches, init_lora
 
 
@@ -54,14 +54,13 @@ class CausalTrainer:
 
     def token_losses(self, examples: list[TextExample], with_adapter: bool = True) -> torch.Tensor:
         """Negative log-likelihood of every next token of every example (packed, one segment)."""
-        hidden, bounds, lengths = entry_states(self.model, self.settings.split_layer, examples)
+        inputs, lengths = entry_states(self.model, self.settings.split_layer, examples)
+        bounds = inputs.bounds
         caches = [self.model.new_cache(self.settings.split_layer, n) for n in lengths]
         scaling = self.settings.alpha / self.settings.rank
         lora_a = self.lora_a if with_adapter else {}
         lora_b = {key: b * scaling for key, b in self.lora_b.items()} if with_adapter else {}
-        inputs = StepInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[self.settings.split_layer] * len(examples),
-                            caches=caches, segments=Segments((0,), (bounds[-1],), (0,)))
-        logits = self.model.logits(self.model.run(inputs, lora_a, lora_b))
+        logits = self.model.logits(self.model.run(inputs, caches, LoRAWeights(lora_a, lora_b)))
         targets = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
         predict = torch.tensor([p for start, end in zip(bounds[:-1], bounds[1:]) for p in range(start, end - 1)])
         return F.cross_entropy(logits[predict], targets[predict + 1], reduction="none")

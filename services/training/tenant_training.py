@@ -15,11 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from services.common.adapter_format import serialize_adapter
+from models.adapter_format import serialize_adapter
+from models.decoder import DecoderModel
+from models.encoder import EncoderModel
+from models.loading import load_tokenizer
 from services.common.errors import InvalidArgument
-from services.common.models import load_tokenizer
-from services.compute.decoder_model import DecoderModel
-from services.compute.model_split import UpperModel
 from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from services.training.trainer import AdapterTrainer, Example, TrainSettings
 
@@ -93,7 +93,7 @@ def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_pa
     tokenizer = load_tokenizer(model_dir)
     train = build_examples(client, tokenizer, domain, split_layer, train_rows, label_index, max_tokens)
     evaluation = build_examples(client, tokenizer, domain, split_layer, eval_rows, label_index, max_tokens)
-    model = UpperModel(model_dir, torch.device("cpu"))
+    model = EncoderModel(model_dir, torch.device("cpu"))
     trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(labels), rank=rank,
                                                   alpha=2.0 * rank, epochs=epochs, batch_size=batch_size,
                                                   learning_rate=learning_rate, seed=seed))

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.lora import Segments
-from services.common.adapter_format import DEFAULT_TARGETS, Adapter, target_shape
+from models.adapter_format import DEFAULT_TARGETS, Adapter, target_shape
+from models.encoder import EncoderModel
+from models.lora import LoRAWeights
+from models.packing import PackedInputs, PackedLayout, pack_inputs, plot_rows
 from services.common.errors import InvalidArgument
-from services.compute.model_split import LayerInputs, UpperModel
 
 
 @dataclass
@@ -59,16 +60,16 @@ def init_lora(dims, split_layer: int, rank: int, targets: tuple[str, ...], gener
     return lora_a, lora_b
 
 
-def entry_states(model, split_layer: int, examples) -> tuple[torch.Tensor, list[int], list[int]]:
-    """What the upper layers take for a batch, packed: embeddings at L = 0, else the PLOT rows the examples
-    carry; with the sequences' bounds and lengths."""
-    lengths = [len(e.token_ids) for e in examples]
-    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    if split_layer == 0:
-        ids = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        return model.embed(ids, positions).clone(), bounds, lengths
-    return torch.from_numpy(np.concatenate([e.layer_input for e in examples]).astype(np.float32)), bounds, lengths
+def entry_states(model, split_layer: int, examples) -> tuple[PackedInputs, list[int]]:
+    """What the upper layers take for a batch of one tenant's examples, packed as serving packs it (one LoRA
+    segment, slot 0): embeddings at L = 0, else the PLOT rows the examples carry; and the sequences' lengths."""
+    layout = PackedLayout.of([split_layer] * len(examples), [0] * len(examples),
+                             [len(e.token_ids) for e in examples])
+    plot = plot_rows(layout, lambda j: examples[layout.order[j]].layer_input)
+    inputs = pack_inputs(layout, hidden_size=model.dims.hidden, device=model.device, embed=model.embed,
+                         token_ids_of=lambda j: examples[layout.order[j]].token_ids, first_position_of=lambda j: 0,
+                         plot=plot)
+    return inputs, layout.lengths
 
 
 def fit_batches(parameters: list[torch.nn.Parameter], items: list, loss_of: Callable[[list], torch.Tensor], *,
@@ -101,7 +102,7 @@ def fit_batches(parameters: list[torch.nn.Parameter], items: list, loss_of: Call
 
 
 class AdapterTrainer:
-    def __init__(self, model: UpperModel, settings: TrainSettings) -> None:
+    def __init__(self, model: EncoderModel, settings: TrainSettings) -> None:
         if not 0 <= settings.split_layer < model.dims.layers:
             raise InvalidArgument(f"split layer {settings.split_layer} is outside 0..{model.dims.layers - 1}")
         self.model = model
@@ -120,12 +121,10 @@ class AdapterTrainer:
 
     def logits(self, examples: list[Example]) -> torch.Tensor:
         """Packed forward of one batch of this tenant's examples: every token in one segment (slot 0)."""
-        hidden, bounds, lengths = entry_states(self.model, self.settings.split_layer, examples)
+        inputs, lengths = entry_states(self.model, self.settings.split_layer, examples)
         scaling = self.settings.alpha / self.settings.rank
         lora_b = {key: b * scaling for key, b in self.lora_b.items()}
-        inputs = LayerInputs(hidden=hidden, seq_bounds=bounds, entry_layers=[self.settings.split_layer] * len(examples),
-                             segments=Segments((0,), (bounds[-1],), (0,)))
-        out = self.model.run(inputs, self.lora_a, lora_b)
+        out = self.model.run(inputs, LoRAWeights(self.lora_a, lora_b))
         seq_index = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(lengths))
         pooled = torch.zeros(len(examples), out.shape[1]).index_add(0, seq_index, out)
         pooled = pooled / torch.tensor(lengths, dtype=torch.float32)[:, None]

@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from services.common.adapter_format import Adapter
+from models.adapter_format import Adapter
 
 BERT_MODULES = {
     "query": lambda layer: layer.attention.self.query,

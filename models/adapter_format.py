@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from models.dims import ModelDims
 from services.common.errors import InvalidArgument
-from services.common.models import ModelDims
 
 FORMAT = "hmi-lora-v1"
 TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")   # ffn_gate: Llama only

@@ -3,8 +3,8 @@ sequences, each with its own KV cache: one step of continuous batching.
 
 A step mixes sequences in prefill (the whole prompt at once) with sequences decoding one token; every
 projection runs once over all new tokens with the shared weights, each tenant's LoRA is added by
-segment, and attention runs per sequence over its cache. Sequences are ordered by entry layer (their
-domain's split layer), so the tokens active at layer i are a prefix, as in the encoder.
+segment (lora.py), and attention runs per sequence over its cache. Sequences are ordered by entry layer
+(their domain's split layer), so the tokens active at layer i are a prefix (active_prefix.py).
 
 Positions: GPT-2 adds learned position embeddings to the input (so PLOT vectors carry them, and the
 store's position offsets apply as for BERT); Llama has none in the residual stream and rotates queries
@@ -12,7 +12,7 @@ and keys by their true positions inside every upper layer, so a PLOT vector need
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels.lora import Segments, sgmv
-from services.common.models import ModelDims, load_causal_lm
+from models.active_prefix import ActivePrefix, run_active_prefix
+from models.dims import ModelDims
+from models.loading import load_causal_lm
+from models.lora import LayerLoRA, LoRAWeights
+from models.packing import PackedInputs
 
 
 @dataclass
@@ -41,19 +44,8 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-@dataclass
-class StepInputs:
-    """Per-step structure shared by every layer."""
-    hidden: torch.Tensor                 # [tokens, H]: the new tokens' inputs at their entry layers
-    seq_bounds: list[int]                # n+1 offsets of each sequence's new tokens, in execution order
-    entry_layers: list[int]              # per sequence, non-decreasing
-    caches: list[KVCache]                # per sequence; length = tokens already cached
-    segments: Segments
-    positions: torch.Tensor = field(default=None)   # [tokens] absolute positions, set by the model
-    slot_ranks: torch.Tensor | None = None
-
-
 def cache_bytes_per_token(dims: ModelDims, layers: int, dtype: torch.dtype = torch.float32) -> int:
+    """KV-cache bytes one token takes over `layers` layers (keys and values)."""
     return 2 * layers * dims.kv_heads * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -99,55 +91,51 @@ class DecoderModel:
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def run(self, inputs: StepInputs, lora_a: dict, lora_b: dict) -> torch.Tensor:
-        """Hidden states after the last layer for every new token; appends the new keys/values to the caches."""
-        bounds = inputs.seq_bounds
+    def run(self, inputs: PackedInputs, caches: list[KVCache], lora: LoRAWeights) -> torch.Tensor:
+        """Hidden states after the last layer for every new token (inputs.hidden: the new tokens of each sequence,
+        after the `length` its cache already holds); appends the new keys/values to the caches."""
+        bounds = inputs.bounds
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        inputs.positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(inputs.caches, lengths)]
-                                     ).to(self.device)
-        hidden = inputs.hidden
-        for index, block in enumerate(self.blocks):
-            active_seqs = sum(1 for entry in inputs.entry_layers if entry <= index)
-            if active_seqs == 0:
-                continue
-            active = bounds[active_seqs]
-            segments = inputs.segments.within(active)
-            step = _LayerStep(self, index, segments, lora_a, lora_b, inputs.slot_ranks)
-            caches = inputs.caches[:active_seqs]
-            updated = self._block(step, block, hidden[:active], bounds[:active_seqs + 1], caches,
-                                  inputs.positions[:active])
-            hidden = updated if active == len(hidden) else torch.cat([updated, hidden[active:]])
-        for cache, n in zip(inputs.caches, lengths):
+        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths)]
+                              ).to(self.device)
+
+        def step(prefix: ActivePrefix, x: torch.Tensor) -> torch.Tensor:
+            tenant_lora = LayerLoRA(lora, prefix.layer, inputs.segments.within(prefix.tokens))
+            return self._block(tenant_lora, self.blocks[prefix.layer], x, bounds[:prefix.sequences + 1],
+                               caches[:prefix.sequences], positions[:prefix.tokens])
+
+        hidden = run_active_prefix(inputs.hidden, bounds, inputs.entry_layers, len(self.blocks), step)
+        for cache, n in zip(caches, lengths):
             cache.length += n
         return hidden
 
-    def _block(self, step: "_LayerStep", block, x, bounds, caches, positions) -> torch.Tensor:
+    def _block(self, lora: LayerLoRA, block, x, bounds, caches, positions) -> torch.Tensor:
         if self.family == "gpt2":
             h = block.ln_1(x)
             fused = F.linear(h, block.attn.c_attn.weight.T, block.attn.c_attn.bias)   # Conv1D: x @ W + b
             q, k, v = (piece.contiguous() for piece in fused.split(self.dims.hidden, dim=-1))
-            step.lora(q, h, "query")
-            step.lora(k, h, "key")
-            step.lora(v, h, "value")
-            context = self._attention(step.index, q, k, v, bounds, caches)
-            out = step.lora(F.linear(context, block.attn.c_proj.weight.T, block.attn.c_proj.bias), context,
-                            "attn_out")
+            lora.add(q, h, "query")
+            lora.add(k, h, "key")
+            lora.add(v, h, "value")
+            context = self._attention(lora.layer, q, k, v, bounds, caches)
+            out = lora.add(F.linear(context, block.attn.c_proj.weight.T, block.attn.c_proj.bias), context,
+                           "attn_out")
             x = x + out
             h = block.ln_2(x)
-            inter = self.act(step.lora(F.linear(h, block.mlp.c_fc.weight.T, block.mlp.c_fc.bias), h, "ffn_in"))
-            return x + step.lora(F.linear(inter, block.mlp.c_proj.weight.T, block.mlp.c_proj.bias), inter,
-                                 "ffn_out")
+            inter = self.act(lora.add(F.linear(h, block.mlp.c_fc.weight.T, block.mlp.c_fc.bias), h, "ffn_in"))
+            return x + lora.add(F.linear(inter, block.mlp.c_proj.weight.T, block.mlp.c_proj.bias), inter,
+                                "ffn_out")
         attention, mlp = block.self_attn, block.mlp
         h = block.input_layernorm(x)
-        q = step.project(h, attention.q_proj, "query")
-        k = step.project(h, attention.k_proj, "key")
-        v = step.project(h, attention.v_proj, "value")
+        q = lora.project(h, attention.q_proj, "query")
+        k = lora.project(h, attention.k_proj, "key")
+        v = lora.project(h, attention.v_proj, "value")
         q, k = self._rotate(q, k, positions)
-        context = self._attention(step.index, q, k, v, bounds, caches)
-        x = x + step.project(context, attention.o_proj, "attn_out")
+        context = self._attention(lora.layer, q, k, v, bounds, caches)
+        x = x + lora.project(context, attention.o_proj, "attn_out")
         h = block.post_attention_layernorm(x)
-        inter = self.act(step.project(h, mlp.gate_proj, "ffn_gate")) * step.project(h, mlp.up_proj, "ffn_in")
-        return x + step.project(inter, mlp.down_proj, "ffn_out")
+        inter = self.act(lora.project(h, mlp.gate_proj, "ffn_gate")) * lora.project(h, mlp.up_proj, "ffn_in")
+        return x + lora.project(inter, mlp.down_proj, "ffn_out")
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.base.rotary_emb(q, positions[None])
@@ -202,23 +190,3 @@ class DecoderModel:
     def _grouped(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Key/value heads repeated for their query heads (grouped-query attention)."""
         return t.repeat_interleave(self.group, dim=dim) if self.group > 1 else t
-
-
-@dataclass
-class _LayerStep:
-    """What every projection of one layer needs to add its tenants' LoRA."""
-    model: DecoderModel
-    index: int
-    segments: Segments
-    lora_a: dict
-    lora_b: dict
-    slot_ranks: torch.Tensor | None
-
-    def lora(self, out: torch.Tensor, x: torch.Tensor, target: str) -> torch.Tensor:
-        key = (self.index, target)
-        if key in self.lora_a:
-            sgmv(out, x, self.segments, self.lora_a[key], self.lora_b[key], self.slot_ranks)
-        return out
-
-    def project(self, x: torch.Tensor, linear, target: str) -> torch.Tensor:
-        return self.lora(F.linear(x, linear.weight, linear.bias), x, target)

@@ -1,4 +1,8 @@
-"""Compute's client of the knowledge store: PLOT lookups and adapter fetches (both streamed)."""
+"""The knowledge store's wire client: PLOT lookups and adapter fetches (both streamed).
+
+Compute uses StoreClient; the CLI's client and the bench read lookup streams proxied by the gateway with
+the same `lookup_request` / `read_lookup_stream`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,0 +1,102 @@
+"""The tensor side of continuous batching: one decoder step over the sequences a `StepPlan` feeds.
+
+Packs the fed tokens of every sequence (embeddings at split layer 0, else PLOT rows: a prompt's were
+fetched when it was submitted, a generated token's come from one lookup per domain by its left context),
+runs the upper layers with each sequence's KV cache and tenant LoRA, and samples the next token of the
+sequences that fed their last pending one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from models.decoder import DecoderModel, KVCache
+from models.packing import PackedLayout, pack_inputs, plot_rows
+from services.common.limits import MAX_CONTEXT
+from services.compute.adapter_pool import AdapterPool
+from services.compute.generation_scheduler import ScheduledSequence, StepPlan
+from services.compute.sampling import sample
+
+# (domain, token windows, first position of each window, leading context-only tokens per window)
+#   -> layer-L rows (fp16) of each window's other tokens
+PlotLookup = Callable[[str, list[np.ndarray], list[int], list[int]], list[np.ndarray]]
+
+
+@dataclass
+class SequenceTensors:
+    """A running sequence's tensors: its KV cache, its sampler, and the PLOT rows of its prompt not fed yet."""
+    cache: KVCache
+    generator: torch.Generator
+    prompt_rows_left: np.ndarray | None = None
+
+
+class StepRunner:
+    def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None) -> None:
+        self.model = model
+        self.pool = pool
+        self.plot = plot
+
+    def admit(self, sequence: ScheduledSequence) -> None:
+        """Allocates the cache for the sequence's whole length (a step never allocates) and its sampler."""
+        request = sequence.request
+        prompt_rows = None
+        if sequence.prompt_rows is not None:   # done: admission waited for it
+            prompt_rows = np.asarray(sequence.prompt_rows.result()[0])
+        sequence.state = SequenceTensors(
+            self.model.new_cache(request.split_layer, len(request.prompt) + request.params.max_new_tokens),
+            torch.Generator().manual_seed(request.params.seed), prompt_rows)
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> dict[ScheduledSequence, int]:
+        """Runs the step; returns the sampled token of every sequence that fed its last pending token."""
+        sequences = plan.sequences
+        lease = self.pool.acquire([(s.request.tenant_id, s.request.adapter_version) for s in sequences])
+        try:
+            layout = PackedLayout.of([s.request.split_layer for s in sequences],
+                                     [lease.slots[(s.request.tenant_id, s.request.adapter_version)] for s in sequences],
+                                     [plan.feeds[s] for s in sequences])
+            ordered = [sequences[i] for i in layout.order]
+            states: list[SequenceTensors] = [s.state for s in ordered]
+            rows = self._plot_rows(ordered, layout.lengths)
+            inputs = pack_inputs(layout, hidden_size=self.model.dims.hidden, device=self.model.device,
+                                 embed=self.model.embed,
+                                 token_ids_of=lambda j: np.asarray(ordered[j].pending[:layout.lengths[j]]),
+                                 first_position_of=lambda j: states[j].cache.length,
+                                 plot=plot_rows(layout, rows.__getitem__))
+            out = self.model.run(inputs, [state.cache for state in states], self.pool.slot_tensors().lora)
+            last = torch.tensor([end - 1 for end in inputs.bounds[1:]], device=out.device)
+            logits = self.model.logits(out[last]).float().cpu()
+        finally:
+            lease.release()
+        return {s: sample(logits[j], s.request.params, states[j].generator)
+                for j, s in enumerate(ordered) if plan.samples(s)}
+
+    def _plot_rows(self, ordered: list[ScheduledSequence], lengths: list[int]) -> dict[int, np.ndarray]:
+        """Layer-L rows of the fed tokens of every sequence above split layer 0, by execution position: the
+        prompt's next chunk from the rows prefetched at submit, else the generated token's by its context."""
+        rows: dict[int, np.ndarray] = {}
+        by_domain: dict[str, list[int]] = {}
+        for j, sequence in enumerate(ordered):
+            if sequence.request.split_layer == 0:
+                continue
+            state: SequenceTensors = sequence.state
+            left = state.prompt_rows_left
+            if left is not None:
+                rows[j], left = left[:lengths[j]], left[lengths[j]:]
+                state.prompt_rows_left = left if len(left) else None
+            else:
+                by_domain.setdefault(sequence.request.domain, []).append(j)
+        for domain, members in by_domain.items():
+            windows, firsts, skips = [], [], []
+            for j in members:
+                tokens = ordered[j].tokens
+                start = max(0, len(tokens) - MAX_CONTEXT)
+                windows.append(np.asarray(tokens[start:], dtype=np.int32))
+                firsts.append(start)
+                skips.append(len(tokens) - start - lengths[j])
+            for j, found in zip(members, self.plot(domain, windows, firsts, skips)):
+                rows[j] = np.asarray(found)
+        return rows

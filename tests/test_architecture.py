@@ -1,0 +1,74 @@
+"""The import rules of the layout (docs/architecture.md), checked on every module's source:
+
+- no module under services/ imports the CLI package `hmi`;
+- a service imports another service only through its wire client (`services.<other>.client`);
+- the shared libraries (`hmi_proto`, `kernels`, `models`, `services.common`) import no service, and each
+  only what lies below it: hmi_proto and kernels nothing of ours, models kernels and services.common.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = sorted(p.name for p in (REPO / "services").iterdir() if (p / "__init__.py").is_file() and p.name != "common")
+OURS = ("hmi", "hmi_proto", "kernels", "models", "services", "bench", "tests")
+SHARED_MAY_IMPORT = {
+    "hmi_proto": ("hmi_proto",),
+    "kernels": ("kernels",),
+    "services.common": ("services.common", "hmi_proto"),
+    "models": ("models", "kernels", "services.common"),
+}
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """Every module an import statement names (function-level imports included), with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return [(line, name) for line, name in found if name.split(".")[0] in OURS]
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted(p for p in (REPO / folder).rglob("*.py") if "_pb2" not in p.name)
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_services_do_not_import_the_cli_package():
+    offending = [f"{path.relative_to(REPO)}:{line} imports {name}" for path in modules("services")
+                 for line, name in imports(path) if within(name, "hmi")]
+    assert not offending, offending
+
+
+def test_a_service_reaches_another_only_through_its_client():
+    offending = []
+    for service in SERVICES:
+        for path in modules(f"services/{service}"):
+            for line, name in imports(path):
+                other = next((s for s in SERVICES if within(name, f"services.{s}")), None)
+                if other and other != service and not within(name, f"services.{other}.client"):
+                    offending.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not offending, offending
+
+
+def test_shared_libraries_import_only_what_lies_below_them():
+    offending = []
+    for package, allowed in SHARED_MAY_IMPORT.items():
+        for path in modules(package.replace(".", "/")):
+            for line, name in imports(path):
+                if not any(within(name, below) for below in allowed):
+                    offending.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not offending, offending
+
+
+def test_the_rules_see_the_imports_they_check():
+    """Guards the checker itself: it finds function-level imports and every service."""
+    assert {"compute", "gateway", "knowledge_store", "training"} <= set(SERVICES)
+    server = imports(REPO / "services" / "compute" / "server.py")
+    assert any(within(name, "services.knowledge_store.client") for _, name in server)
