@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY hmi ./hmi
 COPY hmi_proto ./hmi_proto
 COPY services ./services
+COPY models ./models
 COPY kernels ./kernels
 COPY protos ./protos
 COPY data ./data

@@ -1,7 +1,7 @@
 """A decoder base model's upper layers (GPT-2 or Llama family) over the packed new tokens of many
 sequences, each with its own KV cache: one step of continuous batching.
 
-A step mixes sequences in prefill (the whole prompt at once) with sequences decoding one token; every
+A step mixes sequences in prefill (a chunk of their prompt) with sequences decoding one token; every
 projection runs once over all new tokens with the shared weights, each tenant's LoRA is added by
 segment (lora.py), and attention runs per sequence over its cache. Sequences are ordered by entry layer
 (their domain's split layer), so the tokens active at layer i are a prefix (active_prefix.py).

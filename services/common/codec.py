@@ -8,7 +8,7 @@ import numpy as np
 from hmi_proto.v1 import tensor_pb2
 from services.common.errors import InvalidArgument
 
-# 1 MiB chunks: measured ~1.5 GB/s on loopback, versus ~0.7 GB/s for 4 MiB ones (DESIGN.md).
+# 1 MiB chunks: measured ~1.5 GB/s on loopback, versus ~0.7 GB/s for 4 MiB ones (docs/architecture.md).
 CHUNK_BYTES = 1 << 20
 
 DTYPES: dict[str, np.dtype] = {

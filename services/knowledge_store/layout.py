@@ -17,7 +17,7 @@
               in the same transaction as the change; the last CHANGES_KEPT entries are kept
 
 PLOT vectors live in blocks of many rows, not one value per vector: LMDB gives each small value its
-own 4 KiB page (DESIGN.md measured 100k vectors -> 392 MiB one by one).
+own 4 KiB page (100k vectors stored one by one took 392 MiB; docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -1,0 +1,129 @@
+"""`hmi tenant register | train | list | show | delete`: tenants and their adapters, through the gateway."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hmi.commands import client_parser, connect, print_message
+from services.common.config import env
+
+
+def cmd_tenant_register(args) -> int:
+    adapter = Path(args.adapter).read_bytes() if args.adapter else None
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
+    with connect(args) as client:
+        tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
+                                        seed=args.seed, model=args.model)
+    _print_tenant(tenant)
+    return 0
+
+
+def _print_tenant(tenant) -> None:
+    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
+    print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
+          f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
+
+
+def cmd_tenant_train(args) -> int:
+    from hmi.progress import TrainBar
+    from models.dims import ModelDims
+    from services.common.model_specs import KNOWN_MODELS, resolve_model_dir
+    from services.training.tenant_training import train_generative_tenant, train_tenant
+
+    progress = TrainBar(sys.stderr)
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    with connect(args) as client:
+        domain = client.get_domain(args.domain)
+        # --model, else the domain's base model when it is a packaged one, else HMI_MODEL.
+        model_dir = resolve_model_dir(args.model or (domain.model if domain.model in KNOWN_MODELS
+                                                     else env("HMI_MODEL").split(",")[0]))
+        if ModelDims.from_dir(model_dir).is_decoder:
+            report = train_generative_tenant(
+                client, model_dir, args.domain, Path(args.train), Path(args.eval) if args.eval else None,
+                epochs=args.epochs, rank=args.rank, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                max_train=args.max_train, max_steps=args.max_steps, seed=args.seed, progress=progress,
+                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+            progress.close()
+            print(f"trained on {report.train_texts} texts; held-out perplexity {report.base_perplexity:.2f} (base) "
+                  f"-> {report.eval_perplexity:.2f} (tenant) on {report.eval_texts} texts "
+                  f"(final loss {report.final_loss:.4f})")
+            tenant = client.register_tenant(args.tenant_id, args.domain, [], report.adapter)
+        else:
+            report = train_tenant(client, model_dir, args.domain, Path(args.train),
+                                  Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
+                                  learning_rate=args.learning_rate, batch_size=args.batch_size,
+                                  max_train=args.max_train, seed=args.seed, progress=progress)
+            progress.close()
+            print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
+                  f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
+            tenant = client.register_tenant(args.tenant_id, args.domain, report.labels, report.adapter)
+    _print_tenant(tenant)
+    return 0
+
+
+def cmd_tenant_list(args) -> int:
+    with connect(args) as client:
+        reply = client.list_tenants(args.domain, args.limit)
+    for tenant in reply.tenants:
+        print(f"{tenant.spec.tenant_id}\t{tenant.spec.domain}\t{','.join(tenant.spec.labels)}\tv{tenant.adapter_version}")
+    print(f"{len(reply.tenants)} of {reply.total} tenants", file=sys.stderr)
+    return 0
+
+
+def cmd_tenant_show(args) -> int:
+    with connect(args) as client:
+        print_message(client.get_tenant(args.tenant_id))
+    return 0
+
+
+def cmd_tenant_delete(args) -> int:
+    with connect(args) as client:
+        client.delete_tenant(args.tenant_id)
+    print(f"deleted tenant {args.tenant_id}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    tenant = sub.add_parser("tenant", help="tenants and their adapters")
+    group = tenant.add_subparsers(dest="action", required=True)
+    p = client_parser(group, "register", help="register or replace a tenant")
+    p.add_argument("tenant_id")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--model", default="", help="base model (default: its domain's; must match it when given)")
+    p.add_argument("--labels", default="", help="comma-separated class names, in head order (classifiers of an "
+                                                "encoder model; generative tenants of a decoder take none)")
+    p.add_argument("--adapter", help="adapter .safetensors; none: a fresh random adapter")
+    p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
+    p.set_defaults(func=cmd_tenant_register)
+    p = client_parser(group, "train",
+                      help="train the tenant's LoRA adapter (and head) on PLOT outputs, then register it")
+    p.add_argument("tenant_id")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--train", required=True, help="classifiers: JSONL of {\"text\", \"label\"}; generative "
+                                                  "tenants (decoder models): a text file, one text per line")
+    p.add_argument("--eval", help="held-out data in the same format, for the accuracy (or perplexity) report")
+    p.add_argument("--labels", help="comma-separated class names in head order (default: sorted labels of --train)")
+    p.add_argument("--model", default=None, help="the domain's base model folder (default: the domain's packaged "
+                                                 "model, else HMI_MODEL)")
+    p.add_argument("--max-steps", type=int, default=0, help="generative tenants: stop after N steps (0: epochs)")
+    p.add_argument("--targets", default="query,value",
+                   help="generative tenants: projections that get LoRA (query,key,value,attn_out,ffn_in,ffn_out; "
+                        "Llama also ffn_gate)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-train", type=int, default=0, help="use at most N training examples (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tenant_train, timeout=600.0)
+    p = client_parser(group, "list")
+    p.add_argument("--domain", default="")
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(func=cmd_tenant_list)
+    p = client_parser(group, "show")
+    p.add_argument("tenant_id")
+    p.set_defaults(func=cmd_tenant_show)
+    p = client_parser(group, "delete")
+    p.add_argument("tenant_id")
+    p.set_defaults(func=cmd_tenant_delete)

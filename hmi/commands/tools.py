@@ -1,0 +1,45 @@
+"""`hmi health` (for health checks), `hmi demo` and `hmi bench`."""
+from __future__ import annotations
+
+
+def cmd_health(args) -> int:
+    from hmi.client import is_serving
+    serving = is_serving(args.address, timeout=args.timeout)
+    print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if serving else 1
+
+
+def cmd_demo(args) -> int:
+    from hmi.demo import run_demo
+    return run_demo(args)
+
+
+def cmd_bench(args) -> int:
+    from hmi.bench.runner import run_bench
+    return run_bench(args)
+
+
+def add_parsers(sub) -> None:
+    health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")
+    health.add_argument("address")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
+
+    demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")
+    demo.add_argument("--tenants", type=int, default=300)
+    demo.add_argument("--requests", type=int, default=600)
+    demo.add_argument("--clients", type=int, default=16)
+    demo.add_argument("--data-dir", default=None, help="default: a fresh temporary folder")
+    demo.add_argument("--no-trained", dest="trained", action="store_false",
+                      help="skip training the real tenants (they need ../shared/datasets)")
+    demo.add_argument("--train-examples", type=int, default=1500)
+    demo.add_argument("--corpus-lines", type=int, default=8000)
+    demo.add_argument("--no-generate", dest="generate", action="store_false",
+                      help="skip the generative SmolLM2 tenants")
+    demo.add_argument("--new-tokens", type=int, default=32, help="tokens each generative tenant writes")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="naive per-tenant models vs PEFT multi-adapter vs HMI, same workload")
+    from hmi.bench.runner import add_arguments as bench_args
+    bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
