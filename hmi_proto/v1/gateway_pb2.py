@@ -22,34 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
+from hmi_proto.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
+from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x1chmi/v1/knowledge_store.proto\"E\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\";\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\"\xad\x01\n\x13GenerateTextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"e\n\x14GenerateTextResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\"B\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"6\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding2\xc7\x01\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse\x12G\n\x08Generate\x12\x1b.hmi.v1.GenerateTextRequest\x1a\x1c.hmi.v1.GenerateTextResponse0\x01\x32\xac\x05\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\"E\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\"R\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"\xad\x01\n\x13GenerateTextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"e\n\x14GenerateTextResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\"B\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x32\xc7\x01\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse\x12G\n\x08Generate\x12\x1b.hmi.v1.GenerateTextRequest\x1a\x1c.hmi.v1.GenerateTextResponse0\x01\x32\xe6\x05\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x42J\n\x0e\x64\x65v.hmi.api.v1B\x0cGatewayProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmi_proto.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=62
-  _globals['_CLASSIFYREQUEST']._serialized_end=131
-  _globals['_CLASSIFICATION']._serialized_start=133
-  _globals['_CLASSIFICATION']._serialized_end=203
-  _globals['_CLASSIFYRESPONSE']._serialized_start=205
-  _globals['_CLASSIFYRESPONSE']._serialized_end=264
-  _globals['_GENERATETEXTREQUEST']._serialized_start=267
-  _globals['_GENERATETEXTREQUEST']._serialized_end=440
-  _globals['_GENERATETEXTRESPONSE']._serialized_start=442
-  _globals['_GENERATETEXTRESPONSE']._serialized_end=543
-  _globals['_EMBEDREQUEST']._serialized_start=545
-  _globals['_EMBEDREQUEST']._serialized_end=611
-  _globals['_EMBEDDING']._serialized_start=613
-  _globals['_EMBEDDING']._serialized_end=640
-  _globals['_EMBEDRESPONSE']._serialized_start=642
-  _globals['_EMBEDRESPONSE']._serialized_end=696
-  _globals['_GATEWAY']._serialized_start=699
-  _globals['_GATEWAY']._serialized_end=898
-  _globals['_ADMIN']._serialized_start=901
-  _globals['_ADMIN']._serialized_end=1585
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.hmi.api.v1B\014GatewayProtoP\001Z\037hmi.dev/api/gen/go/hmi/v1;hmiv1\252\002\006Hmi.V1'
+  _globals['_CLASSIFYREQUEST']._serialized_start=75
+  _globals['_CLASSIFYREQUEST']._serialized_end=144
+  _globals['_CLASSIFICATION']._serialized_start=146
+  _globals['_CLASSIFICATION']._serialized_end=216
+  _globals['_CLASSIFYRESPONSE']._serialized_start=218
+  _globals['_CLASSIFYRESPONSE']._serialized_end=300
+  _globals['_GENERATETEXTREQUEST']._serialized_start=303
+  _globals['_GENERATETEXTREQUEST']._serialized_end=476
+  _globals['_GENERATETEXTRESPONSE']._serialized_start=478
+  _globals['_GENERATETEXTRESPONSE']._serialized_end=579
+  _globals['_EMBEDREQUEST']._serialized_start=581
+  _globals['_EMBEDREQUEST']._serialized_end=647
+  _globals['_EMBEDDING']._serialized_start=649
+  _globals['_EMBEDDING']._serialized_end=676
+  _globals['_EMBEDRESPONSE']._serialized_start=678
+  _globals['_EMBEDRESPONSE']._serialized_end=755
+  _globals['_GATEWAY']._serialized_start=758
+  _globals['_GATEWAY']._serialized_end=957
+  _globals['_ADMIN']._serialized_start=960
+  _globals['_ADMIN']._serialized_end=1702
 # @@protoc_insertion_point(module_scope)

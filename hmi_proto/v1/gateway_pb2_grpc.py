@@ -3,8 +3,9 @@
 import grpc
 import warnings
 
+from hmi_proto.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_proto.v1 import gateway_pb2 as hmi_dot_v1_dot_gateway__pb2
-from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
+from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -200,53 +201,58 @@ class AdminStub:
         """
         self.BuildDomain = channel.stream_stream(
                 '/hmi.v1.Admin/BuildDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
         self.AdaptDomain = channel.stream_stream(
                 '/hmi.v1.Admin/AdaptDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
         self.GetDomain = channel.unary_unary(
                 '/hmi.v1.Admin/GetDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Domain.FromString,
                 _registered_method=True)
         self.ListDomains = channel.unary_unary(
                 '/hmi.v1.Admin/ListDomains',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.FromString,
                 _registered_method=True)
         self.DeleteDomain = channel.unary_unary(
                 '/hmi.v1.Admin/DeleteDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.FromString,
                 _registered_method=True)
         self.RegisterTenant = channel.stream_unary(
                 '/hmi.v1.Admin/RegisterTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
                 _registered_method=True)
         self.GetTenant = channel.unary_unary(
                 '/hmi.v1.Admin/GetTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
                 _registered_method=True)
         self.ListTenants = channel.unary_unary(
                 '/hmi.v1.Admin/ListTenants',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
         self.DeleteTenant = channel.unary_unary(
                 '/hmi.v1.Admin/DeleteTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
         self.Lookup = channel.unary_stream(
                 '/hmi.v1.Admin/Lookup',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.LookupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_stream(
+                '/hmi.v1.Admin/GetAdapter',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
 
 
@@ -315,58 +321,70 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAdapter(self, request, context):
+        """The tenant's adapter file (HMI's safetensors format) in chunks (what `hmi tenant export` converts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'BuildDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.BuildDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.SerializeToString,
             ),
             'AdaptDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.AdaptDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.SerializeToString,
             ),
             'GetDomain': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Domain.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Domain.SerializeToString,
             ),
             'ListDomains': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDomains,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.SerializeToString,
             ),
             'DeleteDomain': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.SerializeToString,
             ),
             'RegisterTenant': grpc.stream_unary_rpc_method_handler(
                     servicer.RegisterTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Tenant.SerializeToString,
             ),
             'GetTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Tenant.SerializeToString,
             ),
             'ListTenants': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTenants,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.SerializeToString,
             ),
             'DeleteTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_stream_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.LookupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.LookupResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,8 +413,8 @@ class Admin:
             request_iterator,
             target,
             '/hmi.v1.Admin/BuildDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,8 +440,8 @@ class Admin:
             request_iterator,
             target,
             '/hmi.v1.Admin/AdaptDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -449,8 +467,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/GetDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
+            hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Domain.FromString,
             options,
             channel_credentials,
             insecure,
@@ -476,8 +494,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/ListDomains',
-            hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -503,8 +521,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/DeleteDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -530,8 +548,8 @@ class Admin:
             request_iterator,
             target,
             '/hmi.v1.Admin/RegisterTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+            hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
             options,
             channel_credentials,
             insecure,
@@ -557,8 +575,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/GetTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+            hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
             options,
             channel_credentials,
             insecure,
@@ -584,8 +602,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/ListTenants',
-            hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -611,8 +629,8 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/DeleteTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -638,8 +656,35 @@ class Admin:
             request,
             target,
             '/hmi.v1.Admin/Lookup',
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.LookupRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.Admin/GetAdapter',
+            hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,70 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from hmi_proto.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
+from hmi_proto.v1.catalog_pb2 import *
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chmi/v1/knowledge_store.proto\x12\x06hmi.v1\x1a\x13hmi/v1/tensor.proto\"\xbe\x01\n\nDomainSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x03 \x01(\x05\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\x05\x12\x11\n\tmin_count\x18\x05 \x01(\x05\x12\x14\n\x0c\x62udget_bytes\x18\x06 \x01(\x03\x12\x17\n\x0flearn_threshold\x18\x07 \x01(\x05\x12\x1b\n\x13no_position_offsets\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\"\xb6\x03\n\x06\x44omain\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.hmi.v1.DomainSpec\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\r\n\x05nodes\x18\x04 \x01(\x03\x12\x17\n\x0fnodes_per_depth\x18\x05 \x03(\x03\x12\x12\n\nplot_bytes\x18\x06 \x01(\x03\x12\x18\n\x10\x63orpus_sequences\x18\x07 \x01(\x03\x12\x15\n\rcorpus_tokens\x18\x08 \x01(\x03\x12\x10\n\x08\x62uilt_at\x18\t \x01(\x01\x12\x13\n\x0blower_model\x18\n \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x0b \x01(\x03\x12\x17\n\x0flearn_threshold\x18\x0c \x01(\x05\x12\x1a\n\x12materialized_nodes\x18\r \x01(\x03\x12\x14\n\x0cpruned_nodes\x18\x0e \x01(\x03\x12\x18\n\x10pending_contexts\x18\x0f \x01(\x03\x12\x19\n\x11recent_hit_depths\x18\x10 \x03(\x03\x12\"\n\x05\x61\x64\x61pt\x18\x11 \x01(\x0b\x32\x13.hmi.v1.AdaptReport\x12\x18\n\x10position_offsets\x18\x12 \x01(\x08\"W\n\rAdaptSettings\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"p\n\x0b\x41\x64\x61ptReport\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x18\n\x10\x63orpus_sequences\x18\x02 \x01(\x03\x12\x11\n\tbase_loss\x18\x03 \x01(\x01\x12\x14\n\x0c\x61\x64\x61pted_loss\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"\x83\x01\n\x12\x41\x64\x61ptDomainRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x12.hmi.v1.DomainSpecH\x00\x12\x16\n\x0c\x63orpus_chunk\x18\x02 \x01(\x0cH\x00\x12)\n\x08settings\x18\x03 \x01(\x0b\x32\x15.hmi.v1.AdaptSettingsH\x00\x42\x06\n\x04item\"X\n\x12\x42uildDomainRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x12.hmi.v1.DomainSpecH\x00\x12\x16\n\x0c\x63orpus_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"o\n\x13\x42uildDomainProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x1e\n\x06\x64omain\x18\x04 \x01(\x0b\x32\x0e.hmi.v1.Domain\x12\x0c\n\x04loss\x18\x05 \x01(\x01\" \n\x10GetDomainRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListDomainsRequest\"6\n\x13ListDomainsResponse\x12\x1f\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x0e.hmi.v1.Domain\"#\n\x13\x44\x65leteDomainRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteDomainResponse\"\x84\x01\n\rLookupRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12!\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x0f\n\x07offsets\x18\x03 \x03(\x03\x12\x17\n\x0f\x66irst_positions\x18\x04 \x03(\x03\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x03(\x03\"[\n\x0cLookupHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0bsplit_layer\x18\x03 \x01(\x05\x12\x18\n\x10hit_depth_counts\x18\x04 \x03(\x05\"Q\n\x0eLookupResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.hmi.v1.LookupHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"j\n\nTenantSpec\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\r\n\x05model\x18\x06 \x01(\t\"\xb2\x01\n\x06Tenant\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.hmi.v1.TenantSpec\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12\x15\n\radapter_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0f\n\x07targets\x18\x05 \x03(\t\x12\x0e\n\x06layers\x18\x06 \x03(\x05\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x13\n\x0bsplit_layer\x18\x08 \x01(\x05\"W\n\x10PutTenantRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x12.hmi.v1.TenantSpecH\x00\x12\x17\n\radapter_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"B\n\x12ListTenantsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"E\n\x13ListTenantsResponse\x12\x1f\n\x07tenants\x18\x01 \x03(\x0b\x32\x0e.hmi.v1.Tenant\x12\r\n\x05total\x18\x02 \x01(\x03\"(\n\x13\x44\x65leteTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteTenantResponse\"7\n\x11GetAdapterRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x12ListChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"l\n\x13ListChangesResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1f\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x0e.hmi.v1.Change\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\xb2\x06\n\x0eKnowledgeStore\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x37\n\tPutTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x46\n\x0bListChanges\x12\x1a.hmi.v1.ListChangesRequest\x1a\x1b.hmi.v1.ListChangesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chmi/v1/knowledge_store.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\";\n\x12ListChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"l\n\x13ListChangesResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1f\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x0e.hmi.v1.Change\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\xb2\x06\n\x0eKnowledgeStore\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x37\n\tPutTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x46\n\x0bListChanges\x12\x1a.hmi.v1.ListChangesRequest\x1a\x1b.hmi.v1.ListChangesResponseBQ\n\x0e\x64\x65v.hmi.api.v1B\x13KnowledgeStoreProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1P\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmi_proto.v1.knowledge_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_DOMAINSPEC']._serialized_start=62
-  _globals['_DOMAINSPEC']._serialized_end=252
-  _globals['_DOMAIN']._serialized_start=255
-  _globals['_DOMAIN']._serialized_end=693
-  _globals['_ADAPTSETTINGS']._serialized_start=695
-  _globals['_ADAPTSETTINGS']._serialized_end=782
-  _globals['_ADAPTREPORT']._serialized_start=784
-  _globals['_ADAPTREPORT']._serialized_end=896
-  _globals['_ADAPTDOMAINREQUEST']._serialized_start=899
-  _globals['_ADAPTDOMAINREQUEST']._serialized_end=1030
-  _globals['_BUILDDOMAINREQUEST']._serialized_start=1032
-  _globals['_BUILDDOMAINREQUEST']._serialized_end=1120
-  _globals['_BUILDDOMAINPROGRESS']._serialized_start=1122
-  _globals['_BUILDDOMAINPROGRESS']._serialized_end=1233
-  _globals['_GETDOMAINREQUEST']._serialized_start=1235
-  _globals['_GETDOMAINREQUEST']._serialized_end=1267
-  _globals['_LISTDOMAINSREQUEST']._serialized_start=1269
-  _globals['_LISTDOMAINSREQUEST']._serialized_end=1289
-  _globals['_LISTDOMAINSRESPONSE']._serialized_start=1291
-  _globals['_LISTDOMAINSRESPONSE']._serialized_end=1345
-  _globals['_DELETEDOMAINREQUEST']._serialized_start=1347
-  _globals['_DELETEDOMAINREQUEST']._serialized_end=1382
-  _globals['_DELETEDOMAINRESPONSE']._serialized_start=1384
-  _globals['_DELETEDOMAINRESPONSE']._serialized_end=1406
-  _globals['_LOOKUPREQUEST']._serialized_start=1409
-  _globals['_LOOKUPREQUEST']._serialized_end=1541
-  _globals['_LOOKUPHEADER']._serialized_start=1543
-  _globals['_LOOKUPHEADER']._serialized_end=1634
-  _globals['_LOOKUPRESPONSE']._serialized_start=1636
-  _globals['_LOOKUPRESPONSE']._serialized_end=1717
-  _globals['_TENANTSPEC']._serialized_start=1719
-  _globals['_TENANTSPEC']._serialized_end=1825
-  _globals['_TENANT']._serialized_start=1828
-  _globals['_TENANT']._serialized_end=2006
-  _globals['_PUTTENANTREQUEST']._serialized_start=2008
-  _globals['_PUTTENANTREQUEST']._serialized_end=2095
-  _globals['_GETTENANTREQUEST']._serialized_start=2097
-  _globals['_GETTENANTREQUEST']._serialized_end=2134
-  _globals['_LISTTENANTSREQUEST']._serialized_start=2136
-  _globals['_LISTTENANTSREQUEST']._serialized_end=2202
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=2204
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=2273
-  _globals['_DELETETENANTREQUEST']._serialized_start=2275
-  _globals['_DELETETENANTREQUEST']._serialized_end=2315
-  _globals['_DELETETENANTRESPONSE']._serialized_start=2317
-  _globals['_DELETETENANTRESPONSE']._serialized_end=2339
-  _globals['_GETADAPTERREQUEST']._serialized_start=2341
-  _globals['_GETADAPTERREQUEST']._serialized_end=2396
-  _globals['_LISTCHANGESREQUEST']._serialized_start=2398
-  _globals['_LISTCHANGESREQUEST']._serialized_end=2457
-  _globals['_CHANGE']._serialized_start=2459
-  _globals['_CHANGE']._serialized_end=2513
-  _globals['_LISTCHANGESRESPONSE']._serialized_start=2515
-  _globals['_LISTCHANGESRESPONSE']._serialized_end=2623
-  _globals['_KNOWLEDGESTORE']._serialized_start=2626
-  _globals['_KNOWLEDGESTORE']._serialized_end=3444
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.hmi.api.v1B\023KnowledgeStoreProtoP\001Z\037hmi.dev/api/gen/go/hmi/v1;hmiv1\252\002\006Hmi.V1'
+  _globals['_LISTCHANGESREQUEST']._serialized_start=83
+  _globals['_LISTCHANGESREQUEST']._serialized_end=142
+  _globals['_CHANGE']._serialized_start=144
+  _globals['_CHANGE']._serialized_end=198
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=200
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=308
+  _globals['_KNOWLEDGESTORE']._serialized_start=311
+  _globals['_KNOWLEDGESTORE']._serialized_end=1129
 # @@protoc_insertion_point(module_scope)

@@ -1,277 +1,36 @@
+from hmi_proto.v1 import catalog_pb2 as _catalog_pb2
 from hmi_proto.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from hmi_proto.v1.catalog_pb2 import DomainSpec as DomainSpec
+from hmi_proto.v1.catalog_pb2 import Domain as Domain
+from hmi_proto.v1.catalog_pb2 import AdaptSettings as AdaptSettings
+from hmi_proto.v1.catalog_pb2 import AdaptReport as AdaptReport
+from hmi_proto.v1.catalog_pb2 import AdaptDomainRequest as AdaptDomainRequest
+from hmi_proto.v1.catalog_pb2 import BuildDomainRequest as BuildDomainRequest
+from hmi_proto.v1.catalog_pb2 import BuildDomainProgress as BuildDomainProgress
+from hmi_proto.v1.catalog_pb2 import GetDomainRequest as GetDomainRequest
+from hmi_proto.v1.catalog_pb2 import ListDomainsRequest as ListDomainsRequest
+from hmi_proto.v1.catalog_pb2 import ListDomainsResponse as ListDomainsResponse
+from hmi_proto.v1.catalog_pb2 import DeleteDomainRequest as DeleteDomainRequest
+from hmi_proto.v1.catalog_pb2 import DeleteDomainResponse as DeleteDomainResponse
+from hmi_proto.v1.catalog_pb2 import LookupRequest as LookupRequest
+from hmi_proto.v1.catalog_pb2 import LookupHeader as LookupHeader
+from hmi_proto.v1.catalog_pb2 import LookupResponse as LookupResponse
+from hmi_proto.v1.catalog_pb2 import TenantSpec as TenantSpec
+from hmi_proto.v1.catalog_pb2 import Tenant as Tenant
+from hmi_proto.v1.catalog_pb2 import PutTenantRequest as PutTenantRequest
+from hmi_proto.v1.catalog_pb2 import GetTenantRequest as GetTenantRequest
+from hmi_proto.v1.catalog_pb2 import ListTenantsRequest as ListTenantsRequest
+from hmi_proto.v1.catalog_pb2 import ListTenantsResponse as ListTenantsResponse
+from hmi_proto.v1.catalog_pb2 import DeleteTenantRequest as DeleteTenantRequest
+from hmi_proto.v1.catalog_pb2 import DeleteTenantResponse as DeleteTenantResponse
+from hmi_proto.v1.catalog_pb2 import GetAdapterRequest as GetAdapterRequest
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    PARENT_FIELD_NUMBER: _ClassVar[int]
-    SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
-    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
-    LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
-    NO_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    parent: str
-    split_layer: int
-    context: int
-    min_count: int
-    budget_bytes: int
-    learn_threshold: int
-    no_position_offsets: bool
-    model: str
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
-
-class Domain(_message.Message):
-    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
-    NODES_FIELD_NUMBER: _ClassVar[int]
-    NODES_PER_DEPTH_FIELD_NUMBER: _ClassVar[int]
-    PLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    BUILT_AT_FIELD_NUMBER: _ClassVar[int]
-    LOWER_MODEL_FIELD_NUMBER: _ClassVar[int]
-    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
-    LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
-    MATERIALIZED_NODES_FIELD_NUMBER: _ClassVar[int]
-    PRUNED_NODES_FIELD_NUMBER: _ClassVar[int]
-    PENDING_CONTEXTS_FIELD_NUMBER: _ClassVar[int]
-    RECENT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
-    ADAPT_FIELD_NUMBER: _ClassVar[int]
-    POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
-    spec: DomainSpec
-    model: str
-    hidden_size: int
-    nodes: int
-    nodes_per_depth: _containers.RepeatedScalarFieldContainer[int]
-    plot_bytes: int
-    corpus_sequences: int
-    corpus_tokens: int
-    built_at: float
-    lower_model: str
-    budget_bytes: int
-    learn_threshold: int
-    materialized_nodes: int
-    pruned_nodes: int
-    pending_contexts: int
-    recent_hit_depths: _containers.RepeatedScalarFieldContainer[int]
-    adapt: AdaptReport
-    position_offsets: bool
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ...) -> None: ...
-
-class AdaptSettings(_message.Message):
-    __slots__ = ("steps", "batch_size", "learning_rate", "seed")
-    STEPS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    steps: int
-    batch_size: int
-    learning_rate: float
-    seed: int
-    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
-
-class AdaptReport(_message.Message):
-    __slots__ = ("steps", "corpus_sequences", "base_loss", "adapted_loss", "seconds")
-    STEPS_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
-    BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
-    ADAPTED_LOSS_FIELD_NUMBER: _ClassVar[int]
-    SECONDS_FIELD_NUMBER: _ClassVar[int]
-    steps: int
-    corpus_sequences: int
-    base_loss: float
-    adapted_loss: float
-    seconds: float
-    def __init__(self, steps: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., base_loss: _Optional[float] = ..., adapted_loss: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
-
-class AdaptDomainRequest(_message.Message):
-    __slots__ = ("spec", "corpus_chunk", "settings")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_CHUNK_FIELD_NUMBER: _ClassVar[int]
-    SETTINGS_FIELD_NUMBER: _ClassVar[int]
-    spec: DomainSpec
-    corpus_chunk: bytes
-    settings: AdaptSettings
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., corpus_chunk: _Optional[bytes] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ...) -> None: ...
-
-class BuildDomainRequest(_message.Message):
-    __slots__ = ("spec", "corpus_chunk")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    CORPUS_CHUNK_FIELD_NUMBER: _ClassVar[int]
-    spec: DomainSpec
-    corpus_chunk: bytes
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., corpus_chunk: _Optional[bytes] = ...) -> None: ...
-
-class BuildDomainProgress(_message.Message):
-    __slots__ = ("stage", "done", "total", "domain", "loss")
-    STAGE_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_FIELD_NUMBER: _ClassVar[int]
-    DOMAIN_FIELD_NUMBER: _ClassVar[int]
-    LOSS_FIELD_NUMBER: _ClassVar[int]
-    stage: str
-    done: int
-    total: int
-    domain: Domain
-    loss: float
-    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., loss: _Optional[float] = ...) -> None: ...
-
-class GetDomainRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class ListDomainsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class ListDomainsResponse(_message.Message):
-    __slots__ = ("domains",)
-    DOMAINS_FIELD_NUMBER: _ClassVar[int]
-    domains: _containers.RepeatedCompositeFieldContainer[Domain]
-    def __init__(self, domains: _Optional[_Iterable[_Union[Domain, _Mapping]]] = ...) -> None: ...
-
-class DeleteDomainRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
-
-class DeleteDomainResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class LookupRequest(_message.Message):
-    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens")
-    DOMAIN_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    OFFSETS_FIELD_NUMBER: _ClassVar[int]
-    FIRST_POSITIONS_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    domain: str
-    token_ids: _tensor_pb2.Tensor
-    offsets: _containers.RepeatedScalarFieldContainer[int]
-    first_positions: _containers.RepeatedScalarFieldContainer[int]
-    context_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class LookupHeader(_message.Message):
-    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts")
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
-    HIT_DEPTH_COUNTS_FIELD_NUMBER: _ClassVar[int]
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    split_layer: int
-    hit_depth_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class LookupResponse(_message.Message):
-    __slots__ = ("header", "chunk")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    header: LookupHeader
-    chunk: bytes
-    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
-
-class TenantSpec(_message.Message):
-    __slots__ = ("tenant_id", "domain", "labels", "rank", "seed", "model")
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    DOMAIN_FIELD_NUMBER: _ClassVar[int]
-    LABELS_FIELD_NUMBER: _ClassVar[int]
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    tenant_id: str
-    domain: str
-    labels: _containers.RepeatedScalarFieldContainer[str]
-    rank: int
-    seed: int
-    model: str
-    def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
-
-class Tenant(_message.Message):
-    __slots__ = ("spec", "adapter_version", "adapter_bytes", "rank", "targets", "layers", "updated_at", "split_layer")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
-    ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    TARGETS_FIELD_NUMBER: _ClassVar[int]
-    LAYERS_FIELD_NUMBER: _ClassVar[int]
-    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
-    SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
-    spec: TenantSpec
-    adapter_version: int
-    adapter_bytes: int
-    rank: int
-    targets: _containers.RepeatedScalarFieldContainer[str]
-    layers: _containers.RepeatedScalarFieldContainer[int]
-    updated_at: float
-    split_layer: int
-    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ..., adapter_version: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., updated_at: _Optional[float] = ..., split_layer: _Optional[int] = ...) -> None: ...
-
-class PutTenantRequest(_message.Message):
-    __slots__ = ("spec", "adapter_chunk")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
-    ADAPTER_CHUNK_FIELD_NUMBER: _ClassVar[int]
-    spec: TenantSpec
-    adapter_chunk: bytes
-    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ..., adapter_chunk: _Optional[bytes] = ...) -> None: ...
-
-class GetTenantRequest(_message.Message):
-    __slots__ = ("tenant_id",)
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    tenant_id: str
-    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
-
-class ListTenantsRequest(_message.Message):
-    __slots__ = ("domain", "limit", "after")
-    DOMAIN_FIELD_NUMBER: _ClassVar[int]
-    LIMIT_FIELD_NUMBER: _ClassVar[int]
-    AFTER_FIELD_NUMBER: _ClassVar[int]
-    domain: str
-    limit: int
-    after: str
-    def __init__(self, domain: _Optional[str] = ..., limit: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
-
-class ListTenantsResponse(_message.Message):
-    __slots__ = ("tenants", "total")
-    TENANTS_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_FIELD_NUMBER: _ClassVar[int]
-    tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
-    total: int
-    def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
-
-class DeleteTenantRequest(_message.Message):
-    __slots__ = ("tenant_id",)
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    tenant_id: str
-    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
-
-class DeleteTenantResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class GetAdapterRequest(_message.Message):
-    __slots__ = ("tenant_id", "version")
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    tenant_id: str
-    version: int
-    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListChangesRequest(_message.Message):
     __slots__ = ("after_revision", "limit")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from hmi_proto.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
 from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
@@ -39,57 +40,57 @@ class KnowledgeStoreStub:
         """
         self.BuildDomain = channel.stream_stream(
                 '/hmi.v1.KnowledgeStore/BuildDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
         self.GetDomain = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/GetDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Domain.FromString,
                 _registered_method=True)
         self.ListDomains = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/ListDomains',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.FromString,
                 _registered_method=True)
         self.DeleteDomain = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/DeleteDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.FromString,
                 _registered_method=True)
         self.AdaptDomain = channel.stream_stream(
                 '/hmi.v1.KnowledgeStore/AdaptDomain',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
                 _registered_method=True)
         self.Lookup = channel.unary_stream(
                 '/hmi.v1.KnowledgeStore/Lookup',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.LookupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.LookupResponse.FromString,
                 _registered_method=True)
         self.PutTenant = channel.stream_unary(
                 '/hmi.v1.KnowledgeStore/PutTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
                 _registered_method=True)
         self.GetTenant = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/GetTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
                 _registered_method=True)
         self.ListTenants = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/ListTenants',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
         self.DeleteTenant = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/DeleteTenant',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
-                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.FromString,
                 _registered_method=True)
         self.GetAdapter = channel.unary_stream(
                 '/hmi.v1.KnowledgeStore/GetAdapter',
-                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
         self.ListChanges = channel.unary_unary(
@@ -195,57 +196,57 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'BuildDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.BuildDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.SerializeToString,
             ),
             'GetDomain': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Domain.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Domain.SerializeToString,
             ),
             'ListDomains': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDomains,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.SerializeToString,
             ),
             'DeleteDomain': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.SerializeToString,
             ),
             'AdaptDomain': grpc.stream_stream_rpc_method_handler(
                     servicer.AdaptDomain,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.SerializeToString,
             ),
             'Lookup': grpc.unary_stream_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.LookupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.LookupResponse.SerializeToString,
             ),
             'PutTenant': grpc.stream_unary_rpc_method_handler(
                     servicer.PutTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Tenant.SerializeToString,
             ),
             'GetTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.Tenant.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.Tenant.SerializeToString,
             ),
             'ListTenants': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTenants,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.SerializeToString,
             ),
             'DeleteTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTenant,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.FromString,
-                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.SerializeToString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.SerializeToString,
             ),
             'GetAdapter': grpc.unary_stream_rpc_method_handler(
                     servicer.GetAdapter,
-                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.FromString,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
             'ListChanges': grpc.unary_unary_rpc_method_handler(
@@ -281,8 +282,8 @@ class KnowledgeStore:
             request_iterator,
             target,
             '/hmi.v1.KnowledgeStore/BuildDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -308,8 +309,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/GetDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.GetDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Domain.FromString,
+            hmi_dot_v1_dot_catalog__pb2.GetDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Domain.FromString,
             options,
             channel_credentials,
             insecure,
@@ -335,8 +336,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/ListDomains',
-            hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.ListDomainsResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.ListDomainsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListDomainsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -362,8 +363,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/DeleteDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteDomainResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteDomainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -389,8 +390,8 @@ class KnowledgeStore:
             request_iterator,
             target,
             '/hmi.v1.KnowledgeStore/AdaptDomain',
-            hmi_dot_v1_dot_knowledge__store__pb2.AdaptDomainRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.BuildDomainProgress.FromString,
+            hmi_dot_v1_dot_catalog__pb2.AdaptDomainRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BuildDomainProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -416,8 +417,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/Lookup',
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.LookupRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -443,8 +444,8 @@ class KnowledgeStore:
             request_iterator,
             target,
             '/hmi.v1.KnowledgeStore/PutTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.PutTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+            hmi_dot_v1_dot_catalog__pb2.PutTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
             options,
             channel_credentials,
             insecure,
@@ -470,8 +471,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/GetTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.GetTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.Tenant.FromString,
+            hmi_dot_v1_dot_catalog__pb2.GetTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.Tenant.FromString,
             options,
             channel_credentials,
             insecure,
@@ -497,8 +498,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/ListTenants',
-            hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.ListTenantsResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.ListTenantsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -524,8 +525,8 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/DeleteTenant',
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantRequest.SerializeToString,
-            hmi_dot_v1_dot_knowledge__store__pb2.DeleteTenantResponse.FromString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteTenantRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.DeleteTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -551,7 +552,7 @@ class KnowledgeStore:
             request,
             target,
             '/hmi.v1.KnowledgeStore/GetAdapter',
-            hmi_dot_v1_dot_knowledge__store__pb2.GetAdapterRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
             options,
             channel_credentials,

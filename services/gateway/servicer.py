@@ -68,16 +68,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      f"--model {route.model}=DIR and --compute {route.model}=ADDRESS")
         return lane
 
-    def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...]]:
+    def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...], int]:
+        """Results per text, the tenant's labels and the tokens the texts came to."""
         timeout = remaining_timeout(context, self.default_timeout)
         deadline = time.monotonic() + timeout
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
         route = self.directory.resolve(request.tenant_id, timeout)
-        if not route.labels:
+        lane = self._lane(route)
+        if lane.generation is not None:
             raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a decoder): "
                                      f"call Generate")
-        lane = self._lane(route)
+        if not route.labels and not want_embedding:
+            raise FailedPrecondition(f"tenant {request.tenant_id!r} is embedding-only (registered without labels, "
+                                     f"its adapter has no classification head): call Embed, or register it again "
+                                     f"with --labels and a head to classify")
         sequences = lane.encoder.encode(list(request.texts), request.truncate)
         work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
         lane.batcher.submit(work)
@@ -88,14 +93,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 item.future.cancel()
             raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
                                    f"or the deadline too short") from None
-        return results, route.labels
+        return results, route.labels, sum(len(ids) for ids in sequences)
 
     @handles_errors
     def Classify(self, request, context) -> pb.ClassifyResponse:
         REQUESTS.labels("Classify").inc()
         with LATENCY.labels("Classify").time():
-            results, labels = self._run(request, context, want_embedding=False)
-            response = pb.ClassifyResponse()
+            results, labels, tokens = self._run(request, context, want_embedding=False)
+            response = pb.ClassifyResponse(prompt_tokens=tokens)
             for result in results:
                 probabilities = softmax(result.logits.astype(np.float64))
                 response.results.add(label=labels[int(np.argmax(probabilities))],
@@ -106,8 +111,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Embed(self, request, context) -> pb.EmbedResponse:
         REQUESTS.labels("Embed").inc()
         with LATENCY.labels("Embed").time():
-            results, _ = self._run(request, context, want_embedding=True)
-            return pb.EmbedResponse(embeddings=[pb.Embedding(values=r.embedding.tolist()) for r in results])
+            results, _, tokens = self._run(request, context, want_embedding=True)
+            return pb.EmbedResponse(embeddings=[pb.Embedding(values=r.embedding.tolist()) for r in results],
+                                    prompt_tokens=tokens)
 
     @handles_stream_errors
     def Generate(self, request, context):
@@ -205,6 +211,10 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_stream_errors
     def Lookup(self, request, context):
         yield from self.store.Lookup(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    @handles_stream_errors
+    def GetAdapter(self, request, context):
+        yield from self.store.GetAdapter(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def DeleteTenant(self, request, context):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.config import env, env_float, env_int
+from services.common.limits import DEFAULT_MAX_RANK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LMDB map size (upper bound of the store's size) [HMI_STORE_MAP_SIZE_GIB]")
     parser.add_argument("--default-rank", type=int, default=env_int("HMI_DEFAULT_RANK", 8),
                         help="LoRA rank of random adapters [HMI_DEFAULT_RANK]")
+    parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", DEFAULT_MAX_RANK),
+                        help="largest LoRA rank a tenant may register: keep it equal to compute's --max-rank "
+                             "(both read HMI_MAX_RANK) [HMI_MAX_RANK]")
     parser.add_argument("--domain-budget-mib", type=int, default=env_int("HMI_DOMAIN_BUDGET_MIB", 512),
                         help="default storage budget of a domain's vectors [HMI_DOMAIN_BUDGET_MIB]")
     parser.add_argument("--learn-threshold", type=int, default=env_int("HMI_LEARN_THRESHOLD", 8),
@@ -40,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=models[0].directory, model_name=models[0].name,
                              extra_models={spec.name: spec.directory for spec in models[1:]},
-                             map_size=args.map_size_gib << 30, default_rank=args.default_rank,
+                             map_size=args.map_size_gib << 30, default_rank=args.default_rank, max_rank=args.max_rank,
                              default_budget_bytes=args.domain_budget_mib << 20,
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
     store = KnowledgeStore(settings)

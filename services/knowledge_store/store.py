@@ -21,7 +21,7 @@ import numpy as np
 from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
 from models.dims import ModelDims
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.limits import MAX_CONTEXT
+from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import knowledge_tree as tree
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
@@ -46,6 +46,7 @@ class StoreSettings:
     model_name: str
     map_size: int = 64 << 30
     default_rank: int = 8
+    max_rank: int = DEFAULT_MAX_RANK          # what compute's adapter slots hold (both read HMI_MAX_RANK)
     max_corpus_bytes: int = 256 << 20
     max_adapter_bytes: int = 256 << 20
     max_lookup_tokens: int = 1 << 20
@@ -457,8 +458,9 @@ class KnowledgeStore:
         if dims.is_decoder and labels:
             raise InvalidArgument(f"base model {model_of_domain!r} is a decoder ({dims.family}): its tenants generate "
                                   f"text and take no labels")
-        if not dims.is_decoder and not 2 <= len(labels) <= MAX_LABELS:
-            raise InvalidArgument(f"a classifier needs 2..{MAX_LABELS} labels, got {len(labels)}")
+        if not dims.is_decoder and labels and not 2 <= len(labels) <= MAX_LABELS:
+            raise InvalidArgument(f"a classifier needs 2..{MAX_LABELS} labels, got {len(labels)} (no labels: an "
+                                  f"embedding-only tenant)")
         if any(not label for label in labels) or len(set(labels)) != len(labels):
             raise InvalidArgument("labels must be non-empty and distinct")
         split_layer = domain_record.split_layer
@@ -471,6 +473,10 @@ class KnowledgeStore:
             adapter = random_adapter(dims, num_labels=len(labels), rank=rank or self.settings.default_rank,
                                      first_layer=split_layer, targets=DEFAULT_TARGETS, seed=seed or None)
             adapter_bytes = serialize_adapter(adapter)
+        if adapter.lora and adapter.rank > self.settings.max_rank:
+            raise InvalidArgument(f"adapter rank {adapter.rank} is above this deployment's limit of "
+                                  f"{self.settings.max_rank} (compute's and the store's --max-rank, HMI_MAX_RANK): "
+                                  f"use a smaller rank or raise the limit of both")
         with self.layout.env.begin(write=True) as txn:
             if self.domain_in(txn, domain) is None:
                 raise NotFound(f"domain {domain!r} was deleted meanwhile")

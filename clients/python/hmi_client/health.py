@@ -1,0 +1,43 @@
+"""The standard gRPC health check (grpc.health.v1.Health/Check) without the grpcio-health-checking package.
+
+Its two messages are built in a private descriptor pool, so this module never clashes with the generated
+health stubs that a process may load as well."""
+from __future__ import annotations
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_FILE = descriptor_pb2.FileDescriptorProto(name="hmi_client/health_check.proto", package="grpc.health.v1",
+                                           syntax="proto3")
+_request = _FILE.message_type.add(name="HealthCheckRequest")
+_request.field.add(name="service", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                   label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+_response = _FILE.message_type.add(name="HealthCheckResponse")
+_status = _response.enum_type.add(name="ServingStatus")
+for _number, _name in enumerate(("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")):
+    _status.value.add(name=_name, number=_number)
+_response.field.add(name="status", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
+                    type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
+                    label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(_FILE)
+HealthCheckRequest = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest"))
+HealthCheckResponse = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse"))
+SERVING = 1
+
+
+def check(channel: grpc.Channel, service: str = "", timeout: float = 1.0) -> int:
+    """The serving status of `service` ("" = the whole server) behind the channel (1 = SERVING)."""
+    call = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=HealthCheckRequest.SerializeToString,
+                               response_deserializer=HealthCheckResponse.FromString)
+    return call(HealthCheckRequest(service=service), timeout=timeout).status
+
+
+def is_serving(address: str, timeout: float = 1.0) -> bool:
+    """True when the service at `address` answers SERVING."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return check(channel, timeout=timeout) == SERVING
+    except grpc.RpcError:
+        return False

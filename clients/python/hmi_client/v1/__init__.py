@@ -1,0 +1,1 @@
+"""Generated stubs of the public protos (`make protos`); never edited by hand."""
