@@ -52,6 +52,7 @@ class ServiceSet:
     extra_env: dict[str, str] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
     other_compute: dict[str, str] = field(default_factory=dict)   # one replica per further model: name -> address
+    http_addr: str = "off"               # the gateway's HTTP front door (HOST:PORT), or "off"
 
     def __post_init__(self) -> None:
         for entry in self.model_entries()[1:]:
@@ -59,6 +60,7 @@ class ServiceSet:
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, computes: int = 1, **kwargs) -> "ServiceSet":
+        kwargs.setdefault("http_addr", f"127.0.0.1:{free_port()}")
         return cls(data_dir=data_dir, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=f"127.0.0.1:{free_port()}",
                    compute_addrs=[f"127.0.0.1:{free_port()}" for _ in range(computes)], **kwargs)
 
@@ -82,7 +84,8 @@ class ServiceSet:
         routes = [f"{model_name(entries[0])}={','.join(self.compute_addrs)}"] + [
             f"{name}={address}" for name, address in self.other_compute.items()]
         services.append(Service("gateway", self.gateway_addr,
-                                ["gateway", "--listen", self.gateway_addr, "--store", self.store_addr]
+                                ["gateway", "--listen", self.gateway_addr, "--http", self.http_addr,
+                                 "--store", self.store_addr]
                                 + [arg for route in routes for arg in ("--compute", route)] + every_model))
         return services
 

@@ -65,3 +65,33 @@ def client(services):
     from hmi.client import HMIClient
     with HMIClient(services.gateway_addr, timeout=60) as hmi_client:
         yield hmi_client
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The tests' tiny random Llama (tests/helpers.py) with a chat template, as instruction models ship one."""
+    import json
+
+    from tests.helpers import tiny_decoder
+    folder = tiny_decoder("llama", tmp_path_factory.mktemp("tiny-llama-chat"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def front_door(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
+    """One deployment of an encoder (`enc`, the tiny BERT) and a decoder (`gen`, the tiny Llama) with its HTTP
+    front door, shared by the tests of the HTTP API, PEFT adapters, the slim client and the examples."""
+    from hmi.launcher import ServiceSet
+    data = tmp_path_factory.mktemp("front-door")
+    running = ServiceSet.on_free_ports(data, model=f"enc={tiny_model_dir},gen={tiny_llama_dir}", log_dir=data / "logs",
+                                       extra_env={"HMI_MAX_WAIT_MS": "5", "HMI_TORCH_THREADS": "1"})
+    running.start(timeout=180)
+    yield running
+    running.stop()

@@ -30,14 +30,15 @@ def cmd_up(args) -> int:
     services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=args.store_addr,
                           compute_addrs=compute[:max(1, args.computes)],
                           model=",".join(args.model) if args.model else env("HMI_MODEL"),
-                          log_dir=Path(args.log_dir) if args.log_dir else None)
+                          log_dir=Path(args.log_dir) if args.log_dir else None, http_addr=args.http)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         services.start(timeout=args.start_timeout)
         others = "".join(f", {name} compute {address}" for name, address in services.other_compute.items())
-        print(f"HMI is ready: gateway {args.gateway}, store {args.store_addr}, "
+        http = f", http http://{args.http}" if args.http.lower() != "off" else ""
+        print(f"HMI is ready: gateway {args.gateway}{http}, store {args.store_addr}, "
               f"compute {','.join(services.compute_addrs)}{others}"
               f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
         while not stop.wait(1.0):
@@ -53,6 +54,8 @@ def cmd_up(args) -> int:
 def add_parsers(sub) -> None:
     up = sub.add_parser("up", help="start store, compute and gateway as local processes")
     up.add_argument("--gateway", default=env("HMI_GATEWAY_ADDR"), help="[HMI_GATEWAY_ADDR]")
+    up.add_argument("--http", default=env("HMI_HTTP_ADDR"),
+                    help="the gateway's HTTP front door (OpenAI-compatible API), HOST:PORT or 'off' [HMI_HTTP_ADDR]")
     up.add_argument("--store-addr", default=env("HMI_STORE_ADDR"), help="[HMI_STORE_ADDR]")
     up.add_argument("--compute-addrs", default=env("HMI_COMPUTE_ADDRS"), help="[HMI_COMPUTE_ADDRS]")
     up.add_argument("--computes", type=int, default=1, help="compute replicas to start")

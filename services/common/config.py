@@ -5,6 +5,7 @@ import os
 
 DEFAULTS = {
     "HMI_GATEWAY_ADDR": "127.0.0.1:50051",
+    "HMI_HTTP_ADDR": "127.0.0.1:8000",
     "HMI_STORE_ADDR": "127.0.0.1:50052",
     "HMI_COMPUTE_ADDRS": "127.0.0.1:50053",
     "HMI_DATA_DIR": "./var",

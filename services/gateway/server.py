@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
 from services.common.config import env, env_float, env_int, split_addresses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=env("HMI_GATEWAY_ADDR"), help="address to listen on [HMI_GATEWAY_ADDR]")
+    parser.add_argument("--http", default=env("HMI_HTTP_ADDR"),
+                        help="HOST:PORT of the HTTP front door (OpenAI-compatible API, /v1/classify, /docs); "
+                             "'off' = gRPC only [HMI_HTTP_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
     parser.add_argument("--compute", action="append", default=None,
                         help="compute replicas: comma-separated addresses of the default model's replicas, or "
@@ -102,18 +106,34 @@ def main(args: argparse.Namespace) -> None:
                                            dims.max_positions, eos_token_ids(spec.directory), router)
         lanes[spec.name] = ModelLane(spec.name, encoder, batcher, router, generation)
 
+    gateway, admin = GatewayServicer(lanes, directory), AdminServicer(store, directory)
+
     def register(server):
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(lanes, directory), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(store, directory), server)
+        pb_grpc.add_GatewayServicer_to_server(gateway, server)
+        pb_grpc.add_AdminServicer_to_server(admin, server)
 
     running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=128,
                            metrics_port=args.metrics_port)
+    serving = threading.Event()
+    http = None
+    if args.http and args.http.lower() != "off":
+        # The HTTP front door calls the same servicers in process (services/gateway/http).
+        from services.gateway.http.app import Doors, create_app
+        from services.gateway.http.server import HttpServer
+        http = HttpServer(create_app(Doors(gateway, admin, {m.name: m.directory for m in models},
+                                           ready=serving.is_set)), args.http)
+        http.start()
     running.set_serving(True)
-    log.info("gateway serving on %s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms)",
-             args.listen, args.store, "; ".join(f"{name}: compute {','.join(targets[name])}" for name in lanes),
+    serving.set()
+    log.info("gateway serving on %s%s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms)",
+             args.listen, f" and http://{args.http}" if http else "", args.store,
+             "; ".join(f"{name}: compute {','.join(targets[name])}" for name in lanes),
              args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms)
 
     def stop():
+        serving.clear()
+        if http is not None:
+            http.stop()
         directory.close()
         for lane in lanes.values():
             lane.batcher.close()
