@@ -133,14 +133,14 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
     head: dict[str, np.ndarray] = {}
+    others = []
     for name, tensor in tensors.items():
         if (lora := _LORA_KEY.match(name)) is not None:
             pairs.setdefault(lora["module"], {})[lora["which"]] = tensor
         elif (found := _HEAD_KEY.match(name)) is not None:
             head[found["part"]] = tensor
         else:
-            raise InvalidArgument(f"tensor {name!r} is neither a LoRA matrix (…lora_A.weight / lora_B.weight) nor a "
-                                  f"classification head (classifier / score in modules_to_save): HMI cannot serve it")
+            others.append(name)
     if not pairs:
         raise InvalidArgument(f"{weights} holds no LoRA matrices")
 
@@ -165,6 +165,9 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
                 modules[(layer, name)] = (a, b[index * width:(index + 1) * width], scale)
         else:
             modules[(layer, target)] = (a, b, scale)
+    if others:
+        raise InvalidArgument(f"tensor {others[0]!r} is neither a LoRA matrix (…lora_A.weight / lora_B.weight) nor a "
+                              f"classification head (classifier / score in modules_to_save): HMI cannot serve it")
     if len(families) > 1:
         raise InvalidArgument(f"the adapter mixes module names of several model families ({sorted(families)})")
     found_family = families.pop()

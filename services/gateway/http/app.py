@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -111,6 +111,9 @@ def current_caller(request: Request) -> Caller:
     return request.app.state.authenticate(bearer_key(request.headers.get("authorization")))
 
 
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
 def doors_of(request: Request) -> Doors:
     return request.app.state.doors
 
@@ -161,8 +164,6 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
                             for e in problems) or "invalid request"
         return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
 
-    caller = Depends(current_caller)
-
     @app.get("/health", tags=["health"], summary="liveness: the gateway process answers")
     async def health() -> dict:
         return {"status": "ok"}
@@ -174,7 +175,7 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
         return {"status": "ready", "models": list(doors.gateway.lanes)}
 
     @app.post("/v1/classify", tags=["hmi"], summary="label and probabilities per text (a classifier tenant)")
-    async def classify(body: ClassifyBody, who: Caller = caller) -> dict:
+    async def classify(body: ClassifyBody, who: CallerDep) -> dict:
         texts = texts_of(body.input)
         reply = await doors.call(who, doors.gateway.Classify,
                                  pb.ClassifyRequest(tenant_id=body.model, texts=texts, truncate=body.truncate))

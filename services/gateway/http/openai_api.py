@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
-from services.gateway.http.app import ApiError, Doors, current_caller, doors_of, now, texts_of
+from services.gateway.http.app import ApiError, CallerDep, Doors, doors_of, now, texts_of
 from services.gateway.http.auth import Caller
 from services.gateway.http.calls import CallFailed, http_error
 
@@ -222,7 +222,7 @@ async def _respond(doors: Doors, who: Caller, request: pb.GenerateTextRequest, b
 
 
 @router.post("/completions", summary="text completion by a generative tenant (OpenAI-compatible)")
-async def completions(body: CompletionBody, request: Request, who: Caller = Depends(current_caller)):
+async def completions(body: CompletionBody, request: Request, who: CallerDep):
     prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -233,7 +233,7 @@ async def completions(body: CompletionBody, request: Request, who: Caller = Depe
 
 
 @router.post("/chat/completions", summary="chat completion by a generative tenant (OpenAI-compatible)")
-async def chat_completions(body: ChatBody, request: Request, who: Caller = Depends(current_caller)):
+async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
     doors = doors_of(request)
     messages = []
     for index, message in enumerate(body.messages):
@@ -255,7 +255,7 @@ async def chat_completions(body: ChatBody, request: Request, who: Caller = Depen
 
 
 @router.post("/embeddings", summary="pooled vectors of texts by an encoder tenant (OpenAI-compatible)")
-async def embeddings(body: EmbeddingBody, request: Request, who: Caller = Depends(current_caller)):
+async def embeddings(body: EmbeddingBody, request: Request, who: CallerDep):
     doors = doors_of(request)
     texts = texts_of(body.input)
     reply = await doors.call(who, doors.gateway.Embed, pb.EmbedRequest(tenant_id=body.model, texts=texts))
@@ -283,7 +283,7 @@ def _model_entry(doors: Doors, tenant: store_pb.Tenant) -> dict:
 
 
 @router.get("/models", summary="the tenants the caller may use (OpenAI-compatible)")
-async def list_models(request: Request, who: Caller = Depends(current_caller)):
+async def list_models(request: Request, who: CallerDep):
     doors = doors_of(request)
     entries, after = [], ""
     while True:
@@ -297,7 +297,7 @@ async def list_models(request: Request, who: Caller = Depends(current_caller)):
 
 
 @router.get("/models/{model}", summary="one tenant (OpenAI-compatible)")
-async def get_model(model: str, request: Request, who: Caller = Depends(current_caller)):
+async def get_model(model: str, request: Request, who: CallerDep):
     doors = doors_of(request)
     tenant = await doors.call(who, doors.admin.GetTenant, store_pb.GetTenantRequest(tenant_id=model))
     return _model_entry(doors, tenant)

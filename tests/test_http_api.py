@@ -1,0 +1,198 @@
+"""The HTTP front door through the official `openai` client and plain HTTP, against real processes (tiny
+BERT `enc` and tiny Llama `gen`): every answer equals what the gRPC API gives for the same tenant and input;
+streamed text equals the whole text; bad requests come back as the client's typed errors; a streaming
+client that goes away stops the generation."""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import grpc
+import numpy as np
+import openai
+import pytest
+from hmi_client import FailedPrecondition
+
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
+from tests.helpers import expect_status
+
+pytestmark = pytest.mark.integration
+TEXTS = ["the service was quick and friendly", "rain is expected tomorrow"]
+
+
+@pytest.fixture(scope="module")
+def deployment(front_door):
+    """Tenants of every kind: a classifier, an embedding-only tenant and a generative one."""
+    from hmi.client import HMIClient
+    client = HMIClient(front_door.gateway_addr, timeout=60)
+    client.build_domain("http-reviews", "", split_layer=0, context=1, min_count=1)
+    client.build_domain("http-stories", "", split_layer=0, context=1, min_count=1, model="gen")
+    client.register_tenant("http-critic", "http-reviews", ["neg", "pos"], seed=1)
+    client.register_tenant("http-embedder", "http-reviews", [], seed=2)
+    client.register_tenant("http-bard", "http-stories", [], seed=3)
+    api = openai.OpenAI(base_url=f"http://{front_door.http_addr}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield front_door, client, api
+    client.close()
+
+
+def grpc_text(client, tenant: str, prompt: str, **kwargs) -> str:
+    return client.generate(tenant, prompt, **kwargs).collect().text
+
+
+def test_models_list_names_every_tenant_with_what_it_does(deployment):
+    _services, _client, api = deployment
+    models = {model.id: model for model in api.models.list()}
+    assert {"http-critic", "http-embedder", "http-bard"} <= set(models)
+    assert models["http-critic"].task == "classify" and models["http-critic"].labels == ["neg", "pos"]
+    assert models["http-embedder"].task == "embed" and models["http-bard"].task == "generate"
+    assert api.models.retrieve("http-bard").base_model == "gen"
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("nobody")
+
+
+def test_embeddings_equal_grpc_embed_as_floats_and_base64(deployment):
+    _services, client, api = deployment
+    expected = np.array(client.embed("http-embedder", TEXTS))
+    for encoding in ("float", "base64"):
+        reply = api.embeddings.create(model="http-embedder", input=TEXTS, encoding_format=encoding)
+        if encoding == "base64":     # the client hands base64 through as it came
+            import base64
+            got = np.array([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in reply.data])
+        else:
+            got = np.array([d.embedding for d in reply.data])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert reply.usage.prompt_tokens > len(TEXTS)
+    # The client's default asks for base64 and decodes it.
+    default = api.embeddings.create(model="http-embedder", input=TEXTS[0])
+    np.testing.assert_allclose(default.data[0].embedding, expected[0], atol=1e-6)
+    # A classifier embeds too; classifying an embedding-only tenant says why it cannot.
+    assert len(api.embeddings.create(model="http-critic", input="a").data[0].embedding) == 64
+    assert "embedding-only" in expect_status(grpc.StatusCode.FAILED_PRECONDITION, client.classify, "http-embedder",
+                                             ["hi"])
+    with pytest.raises(FailedPrecondition):
+        client.classify("http-embedder", ["hi"])
+
+
+def test_completions_equal_grpc_generate_streamed_or_not(deployment):
+    _services, client, api = deployment
+    greedy = api.completions.create(model="http-bard", prompt="the service was", max_tokens=10, temperature=0)
+    assert greedy.choices[0].text == grpc_text(client, "http-bard", "the service was", max_new_tokens=10)
+    assert greedy.usage.completion_tokens == 10 and greedy.usage.prompt_tokens > 0
+    assert greedy.choices[0].finish_reason == "length"
+    sampled = dict(model="http-bard", prompt="rain is expected", max_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+    whole = api.completions.create(**sampled).choices[0].text
+    chunks = list(api.completions.create(**sampled, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert len(chunks) > 3, "text must arrive in several events"
+    assert chunks[-1].usage.completion_tokens == 12
+    assert whole == grpc_text(client, "http-bard", "rain is expected", max_new_tokens=12, temperature=0.9,
+                              top_p=0.95, seed=7)
+    # OpenAI's stop strings end the text before them (HMI's gRPC API keeps them).
+    full = greedy.choices[0].text
+    if len(full.strip()) > 4:
+        stop = full.strip()[2:4]
+        stopped = api.completions.create(model="http-bard", prompt="the service was", max_tokens=10, temperature=0,
+                                         stop=[stop])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].text == full[:full.index(stop)]
+
+
+def test_chat_uses_the_models_chat_template_streamed_or_not(deployment, tiny_llama_dir):
+    from transformers import AutoTokenizer
+    _services, client, api = deployment
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a great film"}]
+    kwargs = dict(model="http-bard", messages=messages, max_tokens=8, temperature=0.8, seed=5)
+    whole = api.chat.completions.create(**kwargs)
+    streamed = list(api.chat.completions.create(**kwargs, stream=True))
+    assert whole.choices[0].message.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole.choices[0].message.content
+    assert streamed[0].choices[0].delta.role == "assistant" and streamed[-1].choices[0].finish_reason == "length"
+    prompt = AutoTokenizer.from_pretrained(str(tiny_llama_dir)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("assistant:")
+    assert whole.choices[0].message.content == grpc_text(client, "http-bard", prompt, max_new_tokens=8,
+                                                         temperature=0.8, seed=5)
+
+
+def test_bad_requests_are_the_clients_typed_errors(deployment):
+    _services, _client, api = deployment
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.completions.create(model="nobody", prompt="hi")
+    assert missing.value.status_code == 404 and "nobody" in missing.value.message
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.NotFoundError):
+        api.embeddings.create(model="nobody", input="hi")
+    bad = [dict(n=2), dict(temperature=-1), dict(max_tokens=100_000), dict(top_p=1.5), dict(logprobs=2)]
+    for params in bad:
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.completions.create(model="http-bard", prompt="hi", **params)
+        assert refused.value.status_code == 400 and refused.value.message, params
+    with pytest.raises(openai.BadRequestError, match="generate"):
+        api.embeddings.create(model="http-bard", input="hi")
+    with pytest.raises(openai.BadRequestError, match="does not generate|classifier"):
+        api.chat.completions.create(model="http-critic", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        api.embeddings.create(model="http-embedder", input="hi", dimensions=3)
+
+
+def request(address: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    connection = http.client.HTTPConnection(address, timeout=30)
+    try:
+        connection.request(method, path, body=json.dumps(body) if body is not None else None,
+                           headers={"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        data = reply.read().decode()
+        return reply.status, json.loads(data) if reply.getheader("content-type", "").startswith("application/json") \
+            else data
+    finally:
+        connection.close()
+
+
+def test_classify_health_ready_and_docs_over_plain_http(deployment):
+    services, client, _api = deployment
+    address = services.http_addr
+    status, reply = request(address, "POST", "/v1/classify", {"model": "http-critic", "input": TEXTS})
+    assert status == 200, reply
+    expected = client.classify("http-critic", TEXTS)
+    for got, want in zip(reply["data"], expected):
+        assert got["label"] == want.label
+        assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
+    status, refused = request(address, "POST", "/v1/classify", {"model": "http-embedder", "input": ["hi"]})
+    assert status == 400 and "embedding-only" in refused["error"]["message"]
+    status, missing = request(address, "POST", "/v1/classify", {"model": "nobody", "input": "hi"})
+    assert status == 404 and missing["error"]["code"] == "model_not_found"
+    assert request(address, "POST", "/v1/classify", {"input": "hi"})[0] == 400
+    assert request(address, "GET", "/health") == (200, {"status": "ok"})
+    assert request(address, "GET", "/ready")[1]["status"] == "ready"
+    assert request(address, "GET", "/docs")[0] == 200
+    assert "/v1/chat/completions" in request(address, "GET", "/openapi.json")[1]["paths"]
+
+
+def generated_tokens(address: str) -> compute_pb2.StatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=5)
+
+
+def test_a_streaming_client_that_goes_away_stops_the_generation(deployment):
+    services, _client, _api = deployment
+    compute = services.other_compute["gen"]
+    before = generated_tokens(compute).generated_tokens
+    body = {"model": "http-bard", "prompt": "the service was", "max_tokens": 120, "temperature": 1.0, "seed": 1,
+            "stream": True}
+    connection = http.client.HTTPConnection(services.http_addr, timeout=30)
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200
+    assert reply.readline().startswith(b"data: ")
+    connection.sock.shutdown(2)
+    connection.close()
+    deadline = time.monotonic() + 10
+    while True:
+        stats = generated_tokens(compute)
+        if stats.generating == 0 and stats.kv_bytes_used == 0:
+            break
+        assert time.monotonic() < deadline, f"the generation goes on after the client left: {stats}"
+        time.sleep(0.05)
+    assert stats.generated_tokens - before < 120, "the generation must stop before its end"
