@@ -72,3 +72,16 @@ def test_the_rules_see_the_imports_they_check():
     assert {"compute", "gateway", "knowledge_store", "training"} <= set(SERVICES)
     server = imports(REPO / "services" / "compute" / "server.py")
     assert any(within(name, "services.knowledge_store.client") for _, name in server)
+
+
+def test_the_slim_client_imports_only_grpc_protobuf_and_the_standard_library():
+    """clients/python installs with grpcio and protobuf alone (tests/test_slim_client.py runs it without torch)."""
+    import sys
+    allowed = {"hmi_client", "grpc", "google"} | set(sys.stdlib_module_names)
+    offending = []
+    for path in sorted((REPO / "clients" / "python" / "hmi_client").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            offending += [f"{path.relative_to(REPO)} imports {n}" for n in names if n.split(".")[0] not in allowed]
+    assert not offending, offending

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import openai
 import pytest
-from hmi_client import FailedPrecondition
 
+from hmi_client import FailedPrecondition
 from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
 from tests.helpers import expect_status
 
