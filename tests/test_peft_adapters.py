@@ -104,8 +104,8 @@ def domains(front_door):
     from hmi.client import HMIClient
     client = HMIClient(front_door.gateway_addr, timeout=60)
     client.build_domain("peft-reviews", "", split_layer=0, context=1, min_count=1)
-    client.build_domain("peft-reviews-l2", "the service was quick\nrain is expected", split_layer=2, context=1,
-                        min_count=1)
+    client.build_domain("peft-stories-l2", "the service was quick\nrain is expected", split_layer=2, context=1,
+                        min_count=1, model="gen")
     client.build_domain("peft-stories", "", split_layer=0, context=1, min_count=1, model="gen")
     yield front_door, client
     client.close()
@@ -137,11 +137,8 @@ def test_a_peft_bert_classifier_serves_peft_logits_and_exports_back(domains, tin
                                    atol=1e-4)
         np.testing.assert_allclose(vector, pooled[0].numpy(), atol=1e-4)
 
-    # Refused before anything is stored: layers below a domain's split layer, a missing --labels, a rank
-    # above the deployment's limit.
+    # Refused before anything is stored: a missing --labels, a rank above the deployment's limit.
     capsys.readouterr()
-    assert register(services, "peft-low", "peft-reviews-l2", tmp_path / "bert", "--labels", "a,b,c") == 2
-    assert "layer(s) [1], below domain 'peft-reviews-l2''s split layer 2" in capsys.readouterr().err
     assert register(services, "peft-nolabels", "peft-reviews", tmp_path / "bert") == 2
     assert "--labels with 3 names" in capsys.readouterr().err
     get_peft_model(copy.deepcopy(base.bert), LoraConfig(r=32, target_modules=["query"])).save_pretrained(
@@ -169,7 +166,7 @@ def test_a_peft_bert_classifier_serves_peft_logits_and_exports_back(domains, tin
 
 
 @pytest.mark.integration
-def test_a_peft_llama_generates_what_peft_generates_and_exports_back(domains, tiny_llama_dir, tmp_path):
+def test_a_peft_llama_generates_what_peft_generates_and_exports_back(domains, tiny_llama_dir, tmp_path, capsys):
     from models.loading import load_causal_lm, load_tokenizer
     services, client = domains
     base = load_causal_lm(tiny_llama_dir)
@@ -178,6 +175,9 @@ def test_a_peft_llama_generates_what_peft_generates_and_exports_back(domains, ti
     peft_model = randomized(get_peft_model(copy.deepcopy(base), config), seed=3)
     peft_model.save_pretrained(tmp_path / "llama")
     assert register(services, "peft-bard", "peft-stories", tmp_path / "llama") == 0
+    capsys.readouterr()      # layers below a domain's split layer come from PLOT: refused before anything is sent
+    assert register(services, "peft-low", "peft-stories-l2", tmp_path / "llama") == 2
+    assert "layer(s) [0, 1], below domain 'peft-stories-l2''s split layer 2" in capsys.readouterr().err
     tokenizer = load_tokenizer(tiny_llama_dir)
     prompt = "the service was"
     ids = torch.tensor([tokenizer.encode(prompt).ids])

@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -94,13 +94,6 @@ class ServerStream:
         """The next message, or None at the end; raises CallFailed."""
         item = await asyncio.get_running_loop().run_in_executor(self.doors.pool, self._next)
         return None if item is self._END else item
-
-    async def __aiter__(self) -> AsyncIterator:
-        try:
-            while (item := await self.next()) is not None:
-                yield item
-        finally:
-            self.cancel()
 
     def cancel(self) -> None:
         self.context.cancel()
