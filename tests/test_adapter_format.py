@@ -127,6 +127,18 @@ def test_num_labels_none_accepts_any_head_size():
         parse(file_of(tensors), num_labels=None)
 
 
+def test_an_encoder_adapter_without_head_is_an_embedding_only_tenant():
+    """No labels, no head: the LoRA alone (compute serves the pooled vector); a head without labels is refused."""
+    tensors = {k: v for k, v in tensors_of(make()).items() if not k.startswith("head.")}
+    for num_labels in (0, None):
+        parsed = parse(file_of(tensors), num_labels=num_labels)
+        assert parsed.num_labels == 0 and parsed.lora
+    with pytest.raises(InvalidArgument, match="no labels"):
+        parse(serialize_adapter(make()), num_labels=0)
+    with pytest.raises(InvalidArgument, match="head"):
+        parse(file_of(tensors), num_labels=LABELS)
+
+
 def test_min_layer_allows_layers_at_and_above_it():
     parsed = parse(serialize_adapter(make()), min_layer=FIRST)
     assert min(parsed.layers) == FIRST
