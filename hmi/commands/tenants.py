@@ -10,6 +10,8 @@ from services.common.config import env
 
 def cmd_tenant_register(args) -> int:
     adapter = Path(args.adapter).read_bytes() if args.adapter else None
+    if adapter is not None and not adapter:
+        raise ValueError(f"adapter file {args.adapter} is empty (0 bytes)")
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else []
     with connect(args) as client:
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,

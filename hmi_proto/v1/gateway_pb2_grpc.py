@@ -248,6 +248,11 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/hmi.v1.Admin/Backup',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BackupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BackupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -315,6 +320,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """A consistent copy of the knowledge store into a folder on the store's machine (`hmi store backup`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -367,6 +379,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.BackupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.BackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -640,6 +657,33 @@ class Admin:
             '/hmi.v1.Admin/Lookup',
             hmi_dot_v1_dot_knowledge__store__pb2.LookupRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/Backup',
+            hmi_dot_v1_dot_knowledge__store__pb2.BackupRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.BackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,3 +4,7 @@ from __future__ import annotations
 # The deepest context path (k) a knowledge tree keys: the store refuses deeper domains, and a generating
 # compute sends each new token's PLOT lookup with that many tokens (itself and its left context).
 MAX_CONTEXT = 16
+
+# The largest LoRA rank a compute replica's adapter slots hold by default (compute's --max-rank); the store
+# refuses adapters above its own --max-rank, which defaults to the same, so nothing registered is unservable.
+DEFAULT_MAX_RANK = 16

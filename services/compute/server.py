@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.config import env, env_int
+from services.common.limits import DEFAULT_MAX_RANK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=env("HMI_DEVICE", "auto"), help="auto, cpu or cuda[:N] [HMI_DEVICE]")
     parser.add_argument("--adapter-slots", type=int, default=env_int("HMI_ADAPTER_SLOTS", 128),
                         help="adapters resident in device memory [HMI_ADAPTER_SLOTS]")
-    parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", 16),
-                        help="largest LoRA rank a slot holds [HMI_MAX_RANK]")
+    parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", DEFAULT_MAX_RANK),
+                        help="largest LoRA rank a slot holds; the store's --max-rank must not exceed it [HMI_MAX_RANK]")
     parser.add_argument("--host-cache-mib", type=int, default=env_int("HMI_HOST_CACHE_MIB", 1024),
                         help="host-memory adapter cache [HMI_HOST_CACHE_MIB]")
     parser.add_argument("--adapter-fetch-workers", type=int, default=env_int("HMI_ADAPTER_FETCH_WORKERS", 4),

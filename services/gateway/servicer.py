@@ -15,7 +15,7 @@ from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
-from services.gateway.batcher import Batcher, SequenceResult, SequenceWork
+from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
 from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationLimits, TextStreamer, plan_generation
 from services.gateway.router import Router
@@ -69,26 +69,41 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return lane
 
     def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...]]:
+        """Resolves the tenant, queues its sequences and waits for them. Labels and adapter always come from one
+        resolved version: when compute finds that version gone (the tenant was replaced or deleted, or its domain
+        rebuilt, since this gateway resolved it), the tenant is resolved again and the request runs once more."""
         timeout = remaining_timeout(context, self.default_timeout)
         deadline = time.monotonic() + timeout
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
-        route = self.directory.resolve(request.tenant_id, timeout)
-        if not route.labels:
-            raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a decoder): "
-                                     f"call Generate")
-        lane = self._lane(route)
-        sequences = lane.encoder.encode(list(request.texts), request.truncate)
-        work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
-        lane.batcher.submit(work)
-        try:
-            results = [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
-        except FutureTimeout:
-            for item in work:
-                item.future.cancel()
-            raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
-                                   f"or the deadline too short") from None
-        return results, route.labels
+        work: list[SequenceWork] = []
+        context.add_callback(lambda: [item.future.cancel() for item in work])   # the caller went away
+        encoded: tuple[str, list] | None = None
+        for attempt in range(2):
+            route = self.directory.resolve(request.tenant_id, max(0.05, deadline - time.monotonic()))
+            if not route.labels:
+                raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a "
+                                         f"decoder): call Generate")
+            lane = self._lane(route)
+            if encoded is None or encoded[0] != lane.name:
+                encoded = (lane.name, lane.encoder.encode(list(request.texts), request.truncate))
+            work[:] = [SequenceWork(ids, route, deadline, want_embedding) for ids in encoded[1]]
+            lane.batcher.submit(work)
+            try:
+                return [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work], \
+                    route.labels
+            except FutureTimeout:
+                for item in work:
+                    item.future.cancel()
+                raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
+                                       f"or the deadline too short") from None
+            except SequenceFailed as failure:
+                for item in work:
+                    item.future.cancel()
+                if not failure.stale or attempt:
+                    raise
+                self.directory.invalidate(tenant_id=request.tenant_id, domain=route.domain)
+        raise AssertionError("unreachable")
 
     @handles_errors
     def Classify(self, request, context) -> pb.ClassifyResponse:
@@ -147,7 +162,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                             top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
                                             stop_token_ids=list(plan.stop_token_ids))
         spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
-                                        domain=route.domain, split_layer=route.split_layer, model=route.model)
+                                        domain=route.domain, split_layer=route.split_layer, model=route.model,
+                                        domain_revision=route.domain_revision)
         return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
                                                                  params=params),
                                      timeout=remaining_timeout(context, support.timeout))
@@ -211,3 +227,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         self.directory.invalidate(tenant_id=request.tenant_id)
         return response
+
+    @handles_errors
+    def Backup(self, request, context):
+        return self.store.Backup(request, timeout=remaining_timeout(context, BUILD_TIMEOUT))
