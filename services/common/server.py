@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.decoding import DecodeRequests
+from services.common.memory import limit_arenas, start_trimming
 from services.common.rpc import CHANNEL_OPTIONS
 
 
@@ -31,7 +32,10 @@ class RunningServer:
 
 def start_server(address: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
                  *, workers: int = 32, metrics_port: int = 0) -> RunningServer:
-    """Binds, registers health (NOT_SERVING until the caller says otherwise) and reflection, starts."""
+    """Binds, registers health (NOT_SERVING until the caller says otherwise) and reflection, starts; memory
+    freed after a burst goes back to the system (services/common/memory.py)."""
+    limit_arenas()
+    start_trimming()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                          options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=workers * 8,
                          interceptors=[DecodeRequests()])
