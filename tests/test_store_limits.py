@@ -154,3 +154,22 @@ def test_backup_folder_must_be_new(store, tmp_path):
         store.backup(tmp_path / "taken")
     report = store.backup(tmp_path / "copy")
     assert (tmp_path / "copy" / "data.mdb").stat().st_size == report["bytes"] > 0
+
+
+def test_large_lookups_stream_in_slices_and_are_capped(tmp_path, tiny_model_dir):
+    import numpy as np
+    store = KnowledgeStore(StoreSettings(data_dir=tmp_path, model_dir=tiny_model_dir, model_name="tiny",
+                                         map_size=1 << 26, max_lookup_tokens=1000))
+    try:
+        store.build_domain("p", "the cat sat on the mat\na dog ran far", split_layer=1, context=2, min_count=1)
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1000, 3000, size=800).astype(np.int32)
+        offsets = np.arange(0, 801, 20)
+        whole = store.lookup("p", ids, offsets)[1].vectors
+        slices = [result.vectors for _, result in store.lookup_slices("p", ids, offsets, slice_tokens=100)]
+        assert len(slices) == 8 and all(len(s) <= 100 for s in slices)
+        np.testing.assert_array_equal(np.concatenate(slices), whole)
+        with pytest.raises(InvalidArgument, match="1000"):
+            next(store.lookup_slices("p", np.ones(1200, np.int32), np.asarray([0, 600, 1200])))
+    finally:
+        store.close()
