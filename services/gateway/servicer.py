@@ -5,6 +5,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
@@ -13,6 +14,7 @@ from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
+from services.common.decoding import UndecodableRequest
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
@@ -169,6 +171,28 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      timeout=remaining_timeout(context, support.timeout))
 
 
+class Relayed:
+    """A client stream passed on to the store. When one of its messages does not parse, gRPC cancels the call to
+    the store (which so never sees half a stream) and reports UNKNOWN; `answer` gives the real reason instead."""
+
+    def __init__(self, requests) -> None:
+        self._requests = iter(requests)
+        self.error: UndecodableRequest | None = None
+
+    def __iter__(self) -> "Relayed":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._requests)
+        except UndecodableRequest as error:
+            self.error = error
+            raise
+
+    def answer(self, error: grpc.RpcError) -> BaseException:
+        return self.error if self.error is not None else error
+
+
 class AdminServicer(pb_grpc.AdminServicer):
     """Proxies to the knowledge store and keeps the tenant directory fresh."""
 
@@ -178,17 +202,21 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_stream_errors
     def BuildDomain(self, request_iterator, context):
-        for progress in self.store.BuildDomain(request_iterator, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
-            if progress.stage == "done":
-                self.directory.invalidate(domain=progress.domain.spec.name)
-            yield progress
+        yield from self._job(self.store.BuildDomain, request_iterator, context)
 
     @handles_stream_errors
     def AdaptDomain(self, request_iterator, context):
-        for progress in self.store.AdaptDomain(request_iterator, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
-            if progress.stage == "done":
-                self.directory.invalidate(domain=progress.domain.spec.name)
-            yield progress
+        yield from self._job(self.store.AdaptDomain, request_iterator, context)
+
+    def _job(self, method, request_iterator, context):
+        requests = Relayed(request_iterator)
+        try:
+            for progress in method(requests, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
+                if progress.stage == "done":
+                    self.directory.invalidate(domain=progress.domain.spec.name)
+                yield progress
+        except grpc.RpcError as error:
+            raise requests.answer(error) from None
 
     @handles_errors
     def GetDomain(self, request, context):
@@ -206,7 +234,11 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_errors
     def RegisterTenant(self, request_iterator, context) -> store_pb.Tenant:
-        tenant = self.store.PutTenant(request_iterator, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        requests = Relayed(request_iterator)
+        try:
+            tenant = self.store.PutTenant(requests, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        except grpc.RpcError as error:
+            raise requests.answer(error) from None
         self.directory.invalidate(tenant_id=tenant.spec.tenant_id)
         return tenant
 

@@ -57,6 +57,7 @@ _REVISION = struct.Struct(">Q")
 OFFSETS_HEADER = struct.Struct("<III")
 
 
+MAX_KEY_BYTES = 511         # LMDB's default key size limit
 GROW_AT = 0.8               # grow the map before a write once this share of it is in use
 
 
@@ -189,7 +190,10 @@ class StoreLayout:
         return changes, True
 
     def get_json(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
-        raw = txn.get(key.encode(), db=self.db[db])
+        encoded = key.encode()
+        if not 0 < len(encoded) <= MAX_KEY_BYTES:
+            return None                 # no record can have such a key (names are checked when written)
+        raw = txn.get(encoded, db=self.db[db])
         return json.loads(bytes(raw)) if raw is not None else None
 
     def put_json(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:

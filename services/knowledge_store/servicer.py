@@ -281,8 +281,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     @handles_errors
     def Backup(self, request, context) -> pb.BackupResponse:
-        if not request.path:
-            raise InvalidArgument("path is required: a new folder on the store's machine")
+        if not request.path or not Path(request.path).is_absolute():
+            raise InvalidArgument(f"path {request.path!r} must be an absolute path: a new folder on the store's "
+                                  f"machine")
         copy = self.store.backup(Path(request.path))
         return pb.BackupResponse(path=copy["path"], bytes=int(copy["bytes"]), revision=int(copy["revision"]),
                                  seconds=copy["seconds"])

@@ -201,6 +201,7 @@ class KnowledgeStore:
     def requested_split_layer(self, name: str, requested: int, model: str = "") -> int:
         """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (1 for
         encoders, where the accuracy study found L = 1 free; 0 for decoders, whose perplexity grew with any L)."""
+        check_name("domain", name)
         if requested >= 0:
             return requested
         if requested != -1:
