@@ -57,6 +57,8 @@ def test_backup_under_writes_restores_everything_acknowledged_before_it(services
                 assert not missing, f"{mode}: acknowledged writes missing from the backup: {missing[:5]}"
                 assert store.get_adapter(next(iter(before)))[1], "adapters are in the backup"
                 assert store.layout.store_id != services_store_id(services)   # followers start over
+                with store.layout.read() as txn:     # new versions never repeat one written after the backup
+                    assert store.layout.revision(txn) > 2**32
             finally:
                 store.close()
     finally:

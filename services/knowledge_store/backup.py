@@ -4,7 +4,9 @@ runs these directly on a data dir; the running store's Backup RPC uses the same 
 A backup is a folder holding one compacted `data.mdb`: LMDB's copy of a single read snapshot, so it holds
 every write committed before the copy began and nothing half-written, while writers go on. Restoring puts
 it in place as `DATA_DIR/store.lmdb` and gives the store a new id, so every gateway following the old
-store's change log starts over instead of trusting records cached from a future the backup never saw.
+store's change log starts over instead of trusting records cached from a future the backup never saw. Its
+revision counter jumps by RESTORE_REVISION_JUMP, so adapter versions written after the restore never repeat
+one written after the backup but before the restore (which a compute replica may still cache).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.knowledge_store.layout import DATABASES, SCHEMA_VERSION
 
 STORE_FOLDER = "store.lmdb"
+RESTORE_REVISION_JUMP = 1 << 32
 
 
 @dataclass
@@ -87,6 +90,7 @@ def restore(backup: Path, data_dir: Path, *, force: bool = False) -> BackupRepor
             meta = env.open_db(b"meta", create=False)
             with env.begin(write=True) as txn:     # a new identity: followers of the old store start over
                 txn.put(b"store_id", uuid.uuid4().hex.encode(), db=meta)
+                txn.put(b"revision", str(revision + RESTORE_REVISION_JUMP).encode(), db=meta)
         finally:
             env.close()
         if target.exists():
