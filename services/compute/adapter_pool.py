@@ -168,6 +168,22 @@ class AdapterPool:
         if self._acquisitions % self._aging_period == 0:   # old popularity fades
             self._uses = {k: v / 2 for k, v in self._uses.items() if v >= 0.5 or k in self._slot_of}
 
+    def forget(self, tenant_id: str) -> int:
+        """Drops every version of the tenant from the host cache and from unpinned slots (it was replaced or
+        deleted: its memory goes back, and the next request fetches what is current). Returns entries dropped."""
+        dropped = 0
+        with self._lock:
+            for key in [k for k in self._host if k[0] == tenant_id]:
+                self._host_bytes -= self._host.pop(key).nbytes()
+                dropped += 1
+            self._host_version.pop(tenant_id, None)
+            for key in [k for k in self._slot_of if k[0] == tenant_id]:
+                if self._pins[self._slot_of[key]] == 0:
+                    self._free.append(self._slot_of.pop(key))
+                    self._uses.pop(key, None)
+                    dropped += 1
+        return dropped
+
     def used_slots(self) -> int:
         with self._lock:
             return len(self._slot_of)

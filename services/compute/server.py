@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> None:
     from services.common.logs import setup_logging
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
+    from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
     from services.compute.executor import Executor
     from services.compute.generation import GenerationEngine
@@ -112,6 +113,8 @@ def main(args: argparse.Namespace) -> None:
                             execution_threads=execution_threads(args.execution_threads, device))
         servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
+    invalidation = AdapterInvalidation(store, pool)
+    invalidation.start()
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
@@ -121,6 +124,7 @@ def main(args: argparse.Namespace) -> None:
              model_dir, device, args.adapter_slots, args.max_rank, mode, args.store)
 
     def stop():
+        invalidation.close()
         if pipeline is not None:
             pipeline.close()
         if engine is not None:

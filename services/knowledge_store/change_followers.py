@@ -27,10 +27,11 @@ class Follower:
 
 
 class ChangeFollowers:
-    def __init__(self, *, max_wait: float = 2.0, live_seconds: float = 1.0, max_polls: int = 64) -> None:
+    def __init__(self, *, max_wait: float = 2.0, live_seconds: float = 1.0, max_polls: int = 16) -> None:
         self.max_wait = max_wait
         self.live_seconds = live_seconds
-        self.max_polls = max_polls            # long polls held at once (each holds an RPC thread)
+        self.max_polls = max_polls            # long polls held at once (each holds one of the store's 32 RPC threads;
+                                              # beyond, polls are answered at once and their gateways poll at intervals)
         self.revision = 0                     # latest committed revision
         self._followers: dict[str, Follower] = {}
         self._polls = 0

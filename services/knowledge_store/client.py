@@ -57,6 +57,11 @@ class StoreClient:
                                           timeout=timeout or self.timeout)
             return join_chunks(chunk.data for chunk in stream)
 
+    def changes(self, after: int, wait: float = 0.0, timeout: float = 10.0) -> pb.ListChangesResponse:
+        """The change log after a revision (a long poll with `wait`); no follower id: writes never wait for it."""
+        return self.stub.ListChanges(pb.ListChangesRequest(after_revision=after, wait_ms=int(wait * 1e3)),
+                                     timeout=timeout + wait)
+
     def close(self) -> None:
         self.channel.close()
 
