@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 
@@ -48,7 +49,11 @@ class AdapterInvalidation:
 
     def _follow(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self.poll_once()
+                changed = self.poll_once()
             except grpc.RpcError:
                 self._stop.wait(self.wait)    # the store is down or restarting: try again
+                continue
+            if not changed and time.monotonic() - started < self.wait / 4:
+                self._stop.wait(self.wait)    # the store did not hold the poll (too many held): poll at intervals
