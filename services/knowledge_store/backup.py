@@ -84,7 +84,9 @@ def restore(backup: Path, data_dir: Path, *, force: bool = False) -> BackupRepor
     staging.mkdir(parents=True)
     try:
         shutil.copyfile(backup / "data.mdb", staging / "data.mdb")
-        env = lmdb.open(str(staging), max_dbs=len(DATABASES) + 2, subdir=True)
+        # Room beyond the compacted file for the few pages the identity change copies on write.
+        room = (staging / "data.mdb").stat().st_size + (64 << 20)
+        env = lmdb.open(str(staging), map_size=room, max_dbs=len(DATABASES) + 2, subdir=True)
         try:
             revision = _revision(env)
             meta = env.open_db(b"meta", create=False)
