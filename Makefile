@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos venv clean bench
+.PHONY: demo test chaos lint protos venv clean bench
 
 venv: $(STAMP)
 
@@ -25,7 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not chaos"
+
+# Kills each service with SIGKILL under load and restarts it (about 1.5 minutes); CI runs it after `make test`.
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -s -m chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from hmi.commands import deployment, domains, inference, tenants, tools
+from hmi.commands import deployment, domains, inference, store, tenants, tools
 from services.common.errors import HMIError
 
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (deployment, domains, tenants, inference, tools):
+    for group in (deployment, domains, tenants, inference, store, tools):
         group.add_parsers(sub)
     return parser
 

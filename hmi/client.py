@@ -2,7 +2,7 @@
 (grpcio and protobuf only; clients/python) plus what needs numpy, PLOT lookups for `hmi tenant train`.
 
 `from hmi.client import HMIClient` keeps working; programs that only call the API can depend on the slim
-package alone."""
+package alone. Retries on UNAVAILABLE and request ids for writes come from the slim client."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,5 +21,5 @@ class HMIClient(SlimClient):
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
         request = lookup_request(domain, np.concatenate(sequences), offsets)
         with translated():
-            reply = read_lookup_stream(self.admin.Lookup(request, timeout=self.timeout))
+            reply = self._retrying(lambda left: read_lookup_stream(self.admin.Lookup(request, timeout=left)))
         return [reply.vectors[offsets[i]:offsets[i + 1]] for i in range(len(sequences))]

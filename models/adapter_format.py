@@ -8,10 +8,13 @@ Tensor names (fp32, fp16 or bf16 accepted; kept as fp32):
     head.bias                    [num_labels]
 Metadata: {"format": "hmi-lora-v1", "rank": "8", "alpha": "16"}. The delta of a projection is
 (alpha / rank) * B @ A, as in PEFT. Bytes from the wire are parsed by safetensors only (never pickle).
+Everything serving relies on is checked here: finite values within MAX_WEIGHT, alpha finite in
+(0, MAX_ALPHA], shapes against the model (the store also checks the rank against compute's limit).
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import struct
@@ -28,6 +31,8 @@ FORMAT = "hmi-lora-v1"
 TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")   # ffn_gate: Llama only
 DEFAULT_TARGETS = ("query", "value")
 MAX_RANK = 256
+MAX_ALPHA = 4096.0        # PEFT's alpha is typically 1-2x the rank; far above this, logits overflow
+MAX_WEIGHT = 1e4          # |value| of any adapter tensor: trained LoRA factors and heads are orders smaller
 _NAME = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.lora_([AB])$")
 
 
@@ -104,6 +109,9 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         alpha = float(meta["alpha"]) if "alpha" in meta else None
     except ValueError as error:
         raise InvalidArgument(f"adapter metadata rank/alpha must be numbers: {error}") from error
+    if alpha is not None and not (math.isfinite(alpha) and 0 < alpha <= MAX_ALPHA):
+        raise InvalidArgument(f"adapter metadata alpha = {meta['alpha']!r} must be a finite number in "
+                              f"(0, {MAX_ALPHA:g}]")
 
     def as_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -111,6 +119,9 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         tensor = tensor.to(torch.float32)
         if not torch.isfinite(tensor).all():
             raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
+        if tensor.numel() and tensor.abs().max().item() > MAX_WEIGHT:
+            raise InvalidArgument(f"adapter tensor {name} has values up to {tensor.abs().max().item():.3g}, above "
+                                  f"the limit of {MAX_WEIGHT:g}")
         return tensor.contiguous()
 
     if "head.weight" not in tensors and "head.bias" not in tensors and not num_labels:

@@ -404,3 +404,31 @@ def test_a_batch_of_new_tenants_fetches_them_side_by_side():
     for tenant in "abc":
         assert_in_slot(pool, lease.slots[(tenant, 1)], store.adapters[(tenant, 1)])
     assert pool.stats.misses == 3 and sum(store.calls.values()) == 3
+
+
+def test_forgotten_tenants_give_their_memory_back_and_are_fetched_again():
+    from hmi_proto.v1 import knowledge_store_pb2 as pb
+    from services.compute.adapter_invalidation import AdapterInvalidation
+    store = Store()
+    store.add("kept")
+    store.add("churned")
+    pool = make_pool(store, slots=4)
+    pool.acquire([("kept", 1), ("churned", 1)]).release()
+    before = pool.host_bytes()
+
+    class ChangeLog:      # what the store's ListChanges answers, in order
+        replies = [pb.ListChangesResponse(store_id="s", revision=7, complete=True),
+                   pb.ListChangesResponse(store_id="s", revision=8, complete=True,
+                                          changes=[pb.Change(revision=8, kind="tenant", name="churned")])]
+
+        def changes(self, after, wait=0.0, timeout=10.0):
+            return self.replies.pop(0)
+
+    follower = AdapterInvalidation(ChangeLog(), pool)
+    assert follower.poll_once() == 0 and follower.revision == 7     # the first poll only learns where the log is
+    assert follower.poll_once() == 2 and follower.revision == 8     # host copy and slot of "churned"
+    assert pool.host_bytes() < before and pool.used_slots() == 1
+    pool.acquire([("kept", 1)]).release()
+    assert store.calls[("kept", 1)] == 1                             # the other tenant stays cached
+    pool.acquire([("churned", 1)]).release()
+    assert store.calls[("churned", 1)] == 2                          # fetched again

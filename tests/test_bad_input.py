@@ -114,5 +114,44 @@ def test_stale_split_layer_is_refused_not_mis_served(services, client, domain):
                                     domain=domain, split_layer=2)  # the domain's L is 1
     request = compute_pb2.ForwardRequest(token_ids=tensor_pb2.Tensor(dtype="int32", shape=[3], data=ids.tobytes()),
                                          offsets=[0, 3], sequences=[spec], want_logits=True)
-    assert "split layer 1" in expect_status(Code.FAILED_PRECONDITION, forward, services, request)
+    response = forward(services, request)      # the sequence fails alone, marked stale: the gateway resolves again
+    assert [(f.index, f.code, f.stale) for f in response.failures] == [(0, "FAILED_PRECONDITION", True)]
+    assert "split layer 1" in response.failures[0].message
+    assert list(response.logit_offsets) == [0, 0]
+    still_serving(client)
+
+
+def test_unservable_adapters_are_refused_at_registration(client, domain, tiny_model_dir):
+    from tests.test_store_limits import adapter_with
+    dims = ModelDims.from_dir(tiny_model_dir)
+    for alpha in ("nan", "inf", "1e38"):
+        assert "alpha" in expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "bad-alpha", domain,
+                                        ["a", "b"], adapter_with(dims, alpha=alpha))
+    big = serialize_adapter(random_adapter(dims, num_labels=2, rank=64, first_layer=1, seed=1))
+    assert "--max-rank" in expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "bad-rank", domain,
+                                         ["a", "b"], big)
+    assert "empty" in expect_status(Code.INVALID_ARGUMENT, client.register_tenant, "bad-empty", domain, ["a", "b"],
+                                    b"")
+    expect_status(Code.NOT_FOUND, client.get_tenant, "bad-empty")
+    still_serving(client)
+
+
+def test_empty_and_oversized_names_are_invalid(client, domain):
+    expect_status(Code.INVALID_ARGUMENT, client.get_tenant, "")
+    expect_status(Code.INVALID_ARGUMENT, client.get_domain, "")
+    expect_status(Code.INVALID_ARGUMENT, client.delete_tenant, "x" * 1000)
+    expect_status(Code.INVALID_ARGUMENT, client.build_domain, "neg", "text", split_layer=-7, context=1, min_count=1)
+    still_serving(client)
+
+
+def test_characters_are_capped_before_tokenising(client, domain):
+    client.build_domain("chars", "", split_layer=0, context=1, min_count=1)   # no PLOT: no learning between calls
+    client.register_tenant("chars-t", "chars", ["no", "yes"], seed=5)
+    long_text = "word " * 2000                     # 10,000 characters: above 16 x 256
+    assert "--max-text-chars" in expect_status(Code.INVALID_ARGUMENT, client.classify, "chars-t", [long_text])
+    truncated = client.classify("chars-t", [long_text], truncate=True)[0].probabilities
+    head = client.classify("chars-t", ["word " * 254], truncate=False)[0].probabilities
+    assert truncated == pytest.approx(head, abs=1e-5)      # cut, then truncated to the same head
+    many = ["word " * 800] * 100                   # 400,000 characters in one request
+    assert "--max-request-chars" in expect_status(Code.INVALID_ARGUMENT, client.classify, "good", many)
     still_serving(client)

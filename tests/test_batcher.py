@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.gateway.batcher import Batcher, BatcherSettings, SequenceWork
 from services.gateway.directory import TenantRoute
 from services.gateway.router import Router
@@ -115,3 +115,45 @@ def test_router_acquire_waits_for_a_release():
     begin = time.monotonic()
     assert router.acquire() is first
     assert 0.15 < time.monotonic() - begin < 2
+
+
+def test_admission_is_all_or_nothing_and_costs_tokens():
+    router = Router(["127.0.0.1:1"], inflight_per_replica=0)    # nothing leaves: the queue only fills
+    batcher = Batcher(router, BatcherSettings(max_queue=100, max_queue_tokens=40, max_wait_ms=1, max_batch_tokens=4))
+    try:
+        batcher.submit([work("a", 4)])          # formed into the blocked batch
+        time.sleep(0.1)
+        batcher.submit([work("b", 10), work("b", 10)])
+        assert batcher.queued() == (2, 20)
+        with pytest.raises(ResourceExhausted, match="25 tokens was not queued"):
+            batcher.submit([work("c", 5)] * 5)      # 25 more tokens do not fit: none of them is queued
+        assert batcher.queued() == (2, 20)
+        batcher.submit([work("d", 10), work("d", 10)])  # exactly fits
+        assert batcher.queued() == (4, 40)
+    finally:
+        router.replicas[0].capacity = 1
+        batcher.close()
+
+
+def test_expired_and_abandoned_work_never_reaches_compute():
+    router = Router(["127.0.0.1:1"], inflight_per_replica=1)
+    busy = router.acquire(["other"])            # the only replica is busy: work waits at the gateway
+    batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=1000, max_wait_ms=1))
+    try:
+        expired = work("late", 5)
+        expired.deadline = time.monotonic() + 0.05
+        abandoned = work("gone", 5)
+        alive = work("alive", 5)
+        batcher.submit([expired])
+        batcher.submit([abandoned])
+        batcher.submit([alive])
+        abandoned.future.cancel()               # its caller went away
+        time.sleep(0.2)                         # the deadline passes while everything waits
+        router.release(busy)
+        alive.future.result(timeout=5)
+        with pytest.raises(DeadlineExceeded):
+            expired.future.result(timeout=5)
+    finally:
+        batcher.close()
+    sent = [item.route.tenant_id for batch in batcher.batches for item in batch]
+    assert sent == ["alive"] and batcher.dropped == 2

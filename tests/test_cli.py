@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -31,13 +32,21 @@ def test_domain_tenant_classify_embed_round_trip(services, tmp_path, tiny_model_
     assert json.loads(hmi(services, "domain", "show", "cli", "--raw").stdout)["spec"]["split_layer"] == 2
     assert "cli" in hmi(services, "domain", "list").stdout
 
-    assert "adapter v1" in hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos").stdout
+    first = hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos").stdout
+    first_version = int(re.search(r"adapter v(\d+)", first).group(1))
     dims = ModelDims.from_dir(tiny_model_dir)
     adapter = tmp_path / "adapter.safetensors"
     adapter.write_bytes(serialize_adapter(random_adapter(dims, num_labels=2, rank=4, first_layer=2, seed=4)))
-    assert "adapter v2" in hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos",
-                               "--adapter", str(adapter)).stdout
-    assert json.loads(hmi(services, "tenant", "show", "cli-t").stdout)["adapter_version"] == "2"
+    second = hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos",
+                 "--adapter", str(adapter)).stdout
+    second_version = int(re.search(r"adapter v(\d+)", second).group(1))
+    assert second_version > first_version       # versions are change-log revisions: they only grow
+    assert json.loads(hmi(services, "tenant", "show", "cli-t").stdout)["adapter_version"] == str(second_version)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    refused = hmi(services, "tenant", "register", "cli-t", "--domain", "cli", "--labels", "neg,pos",
+                  "--adapter", str(empty), check=False)
+    assert refused.returncode != 0 and "empty" in refused.stderr
     assert "cli-t" in hmi(services, "tenant", "list", "--domain", "cli").stdout
 
     lines = hmi(services, "classify", "cli-t", "the service was great", "a refund please").stdout.splitlines()

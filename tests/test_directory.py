@@ -51,7 +51,7 @@ def test_records_are_cached_until_the_store_changes_them(store_stub, client):
     assert directory.resolve("dir-a", timeout=10) == first               # not polled yet: still cached
     assert directory.sync() == 1
     replaced = directory.resolve("dir-a", timeout=10)
-    assert replaced.labels == ("x", "y", "z") and replaced.adapter_version == first.adapter_version + 1
+    assert replaced.labels == ("x", "y", "z") and replaced.adapter_version > first.adapter_version
 
     client.delete_tenant("dir-a")
     directory.sync()

@@ -24,7 +24,7 @@ class SlowStore:
     def __init__(self, intervals):
         self.intervals = intervals
 
-    def lookup(self, domain, token_ids, offsets, timeout=None):
+    def lookup(self, domain, token_ids, offsets, timeout=None, domain_revision=0):
         begin = time.monotonic()
         time.sleep(0.15)
         self.intervals.append(("fetch", begin, time.monotonic()))
@@ -103,3 +103,41 @@ def test_execution_threads_run_batches_side_by_side():
     assert len(results) == 4 and executor.most == 2
     assert 0.0 <= pipeline.stats.io_hidden_seconds <= pipeline.stats.io_seconds
     assert pool.used_slots() == 1 and all(p == 0 for p in pool._pins), "leases must be released"
+
+
+class RecordingExecutor:
+    def __init__(self):
+        self.batches = []
+
+    def stage(self, prepared):
+        pass
+
+    def run(self, prepared):
+        self.batches.append([spec.tenant_id for spec in prepared.batch.sequences])
+        return BatchResult(logits=[np.full(2, i, np.float32) for i in range(prepared.batch.size)], embeddings=None)
+
+
+def test_a_stale_tenant_fails_alone_and_dead_work_is_not_run():
+    from services.common.errors import Cancelled, StaleVersion
+
+    def fetch(tenant, version):
+        if tenant == "replaced":
+            raise StaleVersion(f"tenant {tenant!r} has another version")
+        return random_adapter(DIMS, num_labels=2, rank=2, first_layer=1, seed=1)
+
+    executor = RecordingExecutor()
+    pool = AdapterPool(DIMS, torch.device("cpu"), slots=4, max_rank=4, host_cache_bytes=1 << 20, fetch=fetch)
+    pipeline = Pipeline(executor, pool, SlowStore([]))
+    specs = [SequenceSpec("a", 1, "d", 1), SequenceSpec("replaced", 1, "d", 1), SequenceSpec("b", 1, "d", 1)]
+    batch = PackedBatch(np.array([1, 2, 3, 4, 5, 6], np.int32), np.array([0, 2, 4, 6]), specs)
+    result, _ = pipeline.run(batch, timeout=10)
+    assert executor.batches == [["a", "b"]]
+    assert set(result.failures) == {1} and result.failures[1].stale and "another version" in result.failures[1].message
+    assert [r.tolist() for r in result.logits] == [[0.0, 0.0], [], [1.0, 1.0]]
+    response = result.to_pb()
+    assert [(f.index, f.code) for f in response.failures] == [(1, "FAILED_PRECONDITION")]
+
+    import pytest
+    with pytest.raises(Cancelled):
+        pipeline.run(batch, timeout=10, wanted=lambda: False)      # the caller went away: nothing executes
+    assert len(executor.batches) == 1 and pipeline.stats.dropped_batches == 1

@@ -16,6 +16,8 @@ def cmd_tenant_register(args) -> int:
             adapter, labels = _from_peft(client, args, labels)
         elif args.adapter:
             adapter = Path(args.adapter).read_bytes()
+            if not adapter:
+                raise ValueError(f"adapter file {args.adapter} is empty (0 bytes)")
         tenant = client.register_tenant(args.tenant_id, args.domain, labels, adapter, rank=args.rank,
                                         seed=args.seed, model=args.model)
     _print_tenant(tenant)

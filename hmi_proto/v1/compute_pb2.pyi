@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSpec(_message.Message):
-    __slots__ = ("tenant_id", "adapter_version", "domain", "split_layer", "model")
+    __slots__ = ("tenant_id", "adapter_version", "domain", "split_layer", "model", "domain_revision")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_REVISION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     adapter_version: int
     domain: str
     split_layer: int
     model: str
-    def __init__(self, tenant_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., domain: _Optional[str] = ..., split_layer: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    domain_revision: int
+    def __init__(self, tenant_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., domain: _Optional[str] = ..., split_layer: _Optional[int] = ..., model: _Optional[str] = ..., domain_revision: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("token_ids", "offsets", "sequences", "want_logits", "want_embeddings")
@@ -36,20 +38,34 @@ class ForwardRequest(_message.Message):
     def __init__(self, token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceSpec, _Mapping]]] = ..., want_logits: _Optional[bool] = ..., want_embeddings: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("logits", "logit_offsets", "embeddings", "queue_ms", "fetch_ms", "execute_ms")
+    __slots__ = ("logits", "logit_offsets", "embeddings", "queue_ms", "fetch_ms", "execute_ms", "failures")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     FETCH_MS_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     logits: _tensor_pb2.Tensor
     logit_offsets: _containers.RepeatedScalarFieldContainer[int]
     embeddings: _tensor_pb2.Tensor
     queue_ms: float
     fetch_ms: float
     execute_ms: float
-    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logit_offsets: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., execute_ms: _Optional[float] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[SequenceFailure]
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logit_offsets: _Optional[_Iterable[int]] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ..., execute_ms: _Optional[float] = ..., failures: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ...) -> None: ...
+
+class SequenceFailure(_message.Message):
+    __slots__ = ("index", "code", "message", "stale")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: str
+    message: str
+    stale: bool
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids")

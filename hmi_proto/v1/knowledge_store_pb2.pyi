@@ -29,16 +29,22 @@ from hmi_proto.v1.catalog_pb2 import ListTenantsResponse as ListTenantsResponse
 from hmi_proto.v1.catalog_pb2 import DeleteTenantRequest as DeleteTenantRequest
 from hmi_proto.v1.catalog_pb2 import DeleteTenantResponse as DeleteTenantResponse
 from hmi_proto.v1.catalog_pb2 import GetAdapterRequest as GetAdapterRequest
+from hmi_proto.v1.catalog_pb2 import BackupRequest as BackupRequest
+from hmi_proto.v1.catalog_pb2 import BackupResponse as BackupResponse
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ListChangesRequest(_message.Message):
-    __slots__ = ("after_revision", "limit")
+    __slots__ = ("after_revision", "limit", "wait_ms", "follower")
     AFTER_REVISION_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWER_FIELD_NUMBER: _ClassVar[int]
     after_revision: int
     limit: int
-    def __init__(self, after_revision: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    wait_ms: int
+    follower: str
+    def __init__(self, after_revision: _Optional[int] = ..., limit: _Optional[int] = ..., wait_ms: _Optional[int] = ..., follower: _Optional[str] = ...) -> None: ...
 
 class Change(_message.Message):
     __slots__ = ("revision", "kind", "name")

@@ -98,6 +98,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/Backup',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
+                _registered_method=True)
 
 
 class KnowledgeStoreServicer:
@@ -191,6 +196,14 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """A consistent, compacted copy of the whole store (LMDB environment) into a new folder on the
+        store's machine, taken while it serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +266,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.ListChanges,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +599,33 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/ListChanges',
             hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/Backup',
+            hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

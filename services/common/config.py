@@ -32,5 +32,18 @@ def env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (e.g. `--map-size-gib 0.5`)."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
+    return value
+
+
 def split_addresses(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]

@@ -37,3 +37,12 @@ class ResourceExhausted(HMIError):
 
 class DeadlineExceeded(HMIError):
     code_name = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(HMIError):
+    """The caller went away or the service is stopping: the work was abandoned, nothing was written."""
+    code_name = "CANCELLED"
+
+
+class StaleVersion(FailedPrecondition):
+    """A tenant or domain changed since the caller resolved it: resolve it again and retry."""

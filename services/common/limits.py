@@ -5,6 +5,6 @@ from __future__ import annotations
 # compute sends each new token's PLOT lookup with that many tokens (itself and its left context).
 MAX_CONTEXT = 16
 
-# The largest LoRA rank compute's adapter slots hold by default (--max-rank, HMI_MAX_RANK): the store refuses
-# adapters above it at registration, so a tenant that registers is one compute can serve.
+# The largest LoRA rank a compute replica's adapter slots hold by default (compute's --max-rank); the store
+# refuses adapters above its own --max-rank, which defaults to the same, so nothing registered is unservable.
 DEFAULT_MAX_RANK = 16

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -12,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.decoding import DecodeRequests
+from services.common.memory import limit_arenas, start_trimming
 from services.common.rpc import CHANNEL_OPTIONS
 
 
@@ -29,9 +32,13 @@ class RunningServer:
 
 def start_server(address: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
                  *, workers: int = 32, metrics_port: int = 0) -> RunningServer:
-    """Binds, registers health (NOT_SERVING until the caller says otherwise) and reflection, starts."""
+    """Binds, registers health (NOT_SERVING until the caller says otherwise) and reflection, starts; memory
+    freed after a burst goes back to the system (services/common/memory.py)."""
+    limit_arenas()
+    start_trimming()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                         options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=workers * 8)
+                         options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=workers * 8,
+                         interceptors=[DecodeRequests()])
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -50,19 +57,37 @@ def start_server(address: str, register: Callable[[grpc.Server], None], service_
 
 
 def wait_for_termination(running: RunningServer, log: logging.Logger,
-                         on_stop: Callable[[], None] | None = None, grace: float = 5.0) -> None:
-    """Blocks until SIGINT/SIGTERM, then drains in-flight calls for `grace` seconds."""
+                         on_stop: Callable[[], None] | None = None, grace: float = 5.0,
+                         on_signal: Callable[[], None] | None = None, hard_limit: float = 15.0) -> None:
+    """Blocks until SIGINT/SIGTERM, then drains: `on_signal` first (cancel long jobs), in-flight calls for `grace`
+    seconds, then `on_stop`. A drain that takes longer than `hard_limit` seconds, or a second signal, ends the
+    process at once (every write is an LMDB transaction, so that loses nothing committed)."""
     stop = threading.Event()
 
     def handle(signum, _frame):
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("received %s, shutting down (at most %.0fs)", signal.Signals(signum).name, hard_limit)
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     stop.wait()
+    watchdog = threading.Timer(hard_limit, _give_up, args=(log, hard_limit))
+    watchdog.daemon = True
+    watchdog.start()
+    if on_signal is not None:
+        on_signal()
     running.set_serving(False)
     running.server.stop(grace).wait()
     if on_stop is not None:
         on_stop()
+    watchdog.cancel()
     log.info("stopped")
+
+
+def _give_up(log: logging.Logger, limit: float) -> None:
+    log.error("still draining %.0fs after the signal: exiting without finishing", limit)
+    logging.shutdown()
+    os._exit(1)

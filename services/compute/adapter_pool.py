@@ -23,7 +23,7 @@ import torch
 from models.adapter_format import Adapter, target_shape
 from models.dims import ModelDims
 from models.lora import LoRAWeights
-from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.errors import FailedPrecondition, HMIError, ResourceExhausted
 
 log = logging.getLogger("hmi.compute.pool")
 AdapterKey = tuple[str, int]  # (tenant id, adapter version)
@@ -49,10 +49,12 @@ class SlotTensors:
 
 @dataclass
 class Lease:
-    """Slots pinned for one batch; release() unpins them."""
+    """Slots pinned for one batch; release() unpins them. `failed`: adapters that could not be loaded (the
+    tenant was deleted or replaced, ...) when the caller asked to go on without them."""
     slots: dict[AdapterKey, int]
     pool: "AdapterPool"
     released: bool = field(default=False)
+    failed: dict[AdapterKey, HMIError] = field(default_factory=dict)
 
     def release(self) -> None:
         if not self.released:
@@ -100,8 +102,10 @@ class AdapterPool:
         return SlotTensors(LoRAWeights(MappingProxyType(self.lora_a), MappingProxyType(self.lora_b), self.slot_ranks),
                            self.head_weight, self.head_bias, self.slot_labels)
 
-    def acquire(self, keys: list[AdapterKey]) -> Lease:
-        """Pins a slot for every key, loading what is missing; fetches from the store run unlocked."""
+    def acquire(self, keys: list[AdapterKey], *, skip_failed: bool = False) -> Lease:
+        """Pins a slot for every key, loading what is missing; fetches from the store run unlocked. With
+        `skip_failed`, an adapter that fails for its own tenant (HMIError: deleted, replaced, over the rank)
+        is left out and reported in `lease.failed`, so only that tenant's sequences fail."""
         unique = list(dict.fromkeys(keys))
         if len(unique) > self.num_slots:
             raise ResourceExhausted(f"a batch needs {len(unique)} adapters but compute has {self.num_slots} "
@@ -117,7 +121,7 @@ class AdapterPool:
                         self._pins[slot] += 1
                         slots[key] = slot
                         self.stats.device_hits += 1
-            adapters = self._host_adapters([key for key in unique if key not in slots])
+            adapters, failed = self._host_adapters([key for key in unique if key not in slots], skip_failed)
             with self._lock:
                 for key, adapter in adapters.items():
                     slots[key] = self._slot_for(key, adapter)
@@ -125,18 +129,26 @@ class AdapterPool:
         except BaseException:
             self._unpin(slots.values())
             raise
-        return Lease(slots, self)
+        return Lease(slots, self, failed=failed)
 
-    def _host_adapters(self, keys: list[AdapterKey]) -> dict[AdapterKey, Adapter]:
+    def _host_adapters(self, keys: list[AdapterKey],
+                       skip_failed: bool = False) -> tuple[dict[AdapterKey, Adapter], dict[AdapterKey, HMIError]]:
         """Host copies of the keys; adapters missing on the host are fetched from the store side by side (a batch of
         new tenants waits for the slowest fetch, not for their sum)."""
         with self._lock:
             missing = [key for key in keys if key not in self._host]
-        if len(missing) < 2:
-            return {key: self._host_adapter(key) for key in keys}
-        futures = {key: self._fetchers.submit(self._host_adapter, key) for key in missing}
+        futures = {key: self._fetchers.submit(self._host_adapter, key) for key in missing} if len(missing) > 1 else {}
+        adapters: dict[AdapterKey, Adapter] = {}
+        failed: dict[AdapterKey, HMIError] = {}
         try:
-            return {key: futures[key].result() if key in futures else self._host_adapter(key) for key in keys}
+            for key in keys:
+                try:
+                    adapters[key] = futures[key].result() if key in futures else self._host_adapter(key)
+                except HMIError as error:
+                    if not skip_failed:
+                        raise
+                    failed[key] = error
+            return adapters, failed
         finally:
             for future in futures.values():
                 future.cancel()
@@ -155,6 +167,22 @@ class AdapterPool:
         self._acquisitions += 1
         if self._acquisitions % self._aging_period == 0:   # old popularity fades
             self._uses = {k: v / 2 for k, v in self._uses.items() if v >= 0.5 or k in self._slot_of}
+
+    def forget(self, tenant_id: str) -> int:
+        """Drops every version of the tenant from the host cache and from unpinned slots (it was replaced or
+        deleted: its memory goes back, and the next request fetches what is current). Returns entries dropped."""
+        dropped = 0
+        with self._lock:
+            for key in [k for k in self._host if k[0] == tenant_id]:
+                self._host_bytes -= self._host.pop(key).nbytes()
+                dropped += 1
+            self._host_version.pop(tenant_id, None)
+            for key in [k for k in self._slot_of if k[0] == tenant_id]:
+                if self._pins[self._slot_of[key]] == 0:
+                    self._free.append(self._slot_of.pop(key))
+                    self._uses.pop(key, None)
+                    dropped += 1
+        return dropped
 
     def used_slots(self) -> int:
         with self._lock:

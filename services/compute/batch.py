@@ -5,7 +5,7 @@ turned into the execution order (`plan`), results back to the wire (`to_pb`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,15 @@ class SequenceSpec:
     adapter_version: int
     domain: str
     split_layer: int
+    domain_revision: int = 0      # 0: unchecked
+
+
+@dataclass(frozen=True)
+class SequenceFailure:
+    """A sequence that could not run for a reason of its own tenant or domain; the rest of the batch ran."""
+    code: str                     # gRPC status code name
+    message: str
+    stale: bool                   # the gateway should resolve the tenant again
 
 
 @dataclass
@@ -33,6 +42,13 @@ class PackedBatch:
     @property
     def size(self) -> int:
         return len(self.sequences)
+
+    def subset(self, indices: list[int]) -> "PackedBatch":
+        """The batch of only these sequences (in this order)."""
+        pieces = [self.tokens_of(i) for i in indices]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+        return PackedBatch(np.concatenate(pieces).astype(np.int32), offsets, [self.sequences[i] for i in indices],
+                           self.want_logits, self.want_embeddings)
 
     def tokens_of(self, index: int) -> np.ndarray:
         return self.token_ids[self.offsets[index]:self.offsets[index + 1]]
@@ -58,7 +74,8 @@ class PackedBatch:
                 raise InvalidArgument("every sequence needs a tenant id and an adapter version >= 1")
             if spec.split_layer > 0 and not spec.domain:
                 raise InvalidArgument("a sequence with split layer > 0 needs its domain for the PLOT lookup")
-            sequences.append(SequenceSpec(spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer))
+            sequences.append(SequenceSpec(spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer,
+                                          spec.domain_revision))
         return cls(token_ids, offsets, sequences, request.want_logits, request.want_embeddings)
 
 
@@ -66,9 +83,25 @@ class PackedBatch:
 class BatchResult:
     logits: list[np.ndarray]             # per sequence, in request order
     embeddings: np.ndarray | None        # float32 [n, hidden]
+    failures: dict[int, SequenceFailure] = field(default_factory=dict)   # sequence index -> why it did not run
+
+    @classmethod
+    def merged(cls, batch: "PackedBatch", ran: list[int], result: "BatchResult | None",
+               failures: dict[int, SequenceFailure], hidden: int) -> "BatchResult":
+        """The whole batch's result from the sub-batch that ran (`ran`: its sequences' indices) and the failures."""
+        logits = [np.empty(0, np.float32)] * batch.size if batch.want_logits else []
+        embeddings = np.zeros((batch.size, hidden), np.float32) if batch.want_embeddings else None
+        for position, index in enumerate(ran):
+            if batch.want_logits:
+                logits[index] = result.logits[position]
+            if embeddings is not None:
+                embeddings[index] = result.embeddings[position]
+        return cls(logits, embeddings, failures)
 
     def to_pb(self) -> pb.ForwardResponse:
         response = pb.ForwardResponse()
+        for index, failure in sorted(self.failures.items()):
+            response.failures.add(index=index, code=failure.code, message=failure.message, stale=failure.stale)
         if self.logits:
             flat = np.concatenate(self.logits).astype(np.float32)
             response.logits.CopyFrom(encode_tensor(flat))

@@ -15,13 +15,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import DeadlineExceeded, FailedPrecondition
+from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound
 from services.compute.adapter_pool import AdapterPool
-from services.compute.batch import BatchResult, PackedBatch
+from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
 from services.compute.executor import Executor, PreparedBatch
 from services.knowledge_store.client import StoreClient
 
@@ -29,6 +30,7 @@ log = logging.getLogger("hmi.compute.pipeline")
 STAGE_SECONDS = Histogram("hmi_compute_stage_seconds", "time per pipeline stage", ["stage"])
 TOKENS = Counter("hmi_compute_tokens_total", "tokens executed")
 BATCHES = Counter("hmi_compute_batches_total", "batches executed")
+DROPPED = Counter("hmi_compute_dropped_batches_total", "batches not executed: deadline passed or caller gone")
 REPORT_SECONDS = 30.0
 
 
@@ -49,6 +51,8 @@ class PipelineStats:
     io_hidden_seconds: float = 0.0   # ... of which the device was busy executing another batch
     adapter_seconds: float = 0.0     # ... of which pinning adapters (fetching the missing ones)
     lookup_seconds: float = 0.0      # ... of which store lookups (side by side with the adapters)
+    dropped_batches: int = 0         # deadline passed or caller gone before execution: not run
+    failed_sequences: int = 0        # tenant or domain changed or gone: answered as failures, the rest ran
 
     @property
     def io_hidden_share(self) -> float:
@@ -99,41 +103,64 @@ class Pipeline:
         self._last_report = time.monotonic()
         self._busy = BusyLog()
 
-    def prepare(self, batch: PackedBatch, timeout: float) -> PreparedBatch:
-        """Lookups per domain and adapter loads run concurrently; a failure releases what was pinned."""
-        by_domain: dict[str, list[int]] = {}
+    def prepare(self, batch: PackedBatch,
+                timeout: float) -> tuple[PreparedBatch | None, list[int], dict[int, SequenceFailure]]:
+        """Lookups per domain and adapter loads run concurrently; a failure releases what was pinned.
+
+        A sequence whose tenant or domain changed or went away since the gateway resolved it (or whose adapter
+        is unusable) fails alone: returns the prepared batch of the others (None if none is left), their
+        indices in `batch`, and the failures by index."""
+        by_domain: dict[tuple[str, int], list[int]] = {}
         for index, spec in enumerate(batch.sequences):
             if spec.split_layer > 0:
-                by_domain.setdefault(spec.domain, []).append(index)
+                by_domain.setdefault((spec.domain, spec.domain_revision), []).append(index)
         started = time.perf_counter()
-        futures = {domain: self._fetchers.submit(self._lookup, batch, indices, timeout)
-                   for domain, indices in by_domain.items()}
-        lease = self.pool.acquire([(s.tenant_id, s.adapter_version) for s in batch.sequences])
+        futures = {key: self._fetchers.submit(self._lookup, batch, indices, timeout)
+                   for key, indices in by_domain.items()}
+        lease = self.pool.acquire([(s.tenant_id, s.adapter_version) for s in batch.sequences], skip_failed=True)
         adapters_done = time.perf_counter()
         try:
             plot_rows: dict[int, np.ndarray] = {}
+            failures: dict[int, SequenceFailure] = {}
             lookup_seconds = 0.0
-            for future in futures.values():
-                rows, seconds = future.result()
+            for key, future in futures.items():
+                try:
+                    rows, seconds = future.result()
+                except HMIError as error:
+                    failures.update(dict.fromkeys(by_domain[key], failure_of(error)))
+                    continue
                 plot_rows.update(rows)
                 lookup_seconds = max(lookup_seconds, seconds)
+            for index, spec in enumerate(batch.sequences):
+                error = lease.failed.get((spec.tenant_id, spec.adapter_version))
+                if error is not None:
+                    failures.setdefault(index, failure_of(error))
             with self._stats_lock:
                 self.stats.adapter_seconds += adapters_done - started
                 self.stats.lookup_seconds += lookup_seconds
+                self.stats.failed_sequences += len(failures)
+            ran = [index for index in range(batch.size) if index not in failures]
+            if not ran:
+                lease.release()
+                return None, ran, failures
+            if failures:
+                plot_rows = {new: plot_rows[old] for new, old in enumerate(ran) if old in plot_rows}
+                batch = batch.subset(ran)
             prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
             self.executor.stage(prepared)   # copy stage: overlaps the batch executing now
         except BaseException:
             lease.release()
             raise
-        return prepared
+        return prepared, ran, failures
 
     def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> tuple[dict[int, np.ndarray], float]:
-        """The rows of the sequences of one domain, and how long the store took."""
+        """The rows of the sequences of one domain (at one revision), and how long the store took."""
         started = time.perf_counter()
         domain = batch.sequences[indices[0]].domain
         pieces = [batch.tokens_of(i) for i in indices]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
-        reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout)
+        reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout,
+                                  domain_revision=batch.sequences[indices[0]].domain_revision)
         expected = batch.sequences[indices[0]].split_layer
         if reply.split_layer != expected:
             raise FailedPrecondition(f"domain {domain!r} was rebuilt with split layer {reply.split_layer} (the request "
@@ -146,15 +173,27 @@ class Pipeline:
         return ({index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)},
                 time.perf_counter() - started)
 
-    def run(self, batch: PackedBatch, timeout: float) -> tuple[BatchResult, Timings]:
+    def run(self, batch: PackedBatch, timeout: float,
+            wanted: Callable[[], bool] = lambda: True) -> tuple[BatchResult, Timings]:
+        """Prepares and executes the batch. Work whose deadline passed or whose caller went away (`wanted`
+        False) while it queued is dropped before it runs."""
         timings = Timings()
         started = time.perf_counter()
-        prepared = self.prepare(batch, timeout)
+        deadline = started + timeout
+        prepared, ran, failures = self.prepare(batch, timeout)
         fetched = time.perf_counter()
         timings.fetch_ms = (fetched - started) * 1e3
+        hidden_size = self.pool.dims.hidden
+        if prepared is None:
+            return BatchResult.merged(batch, ran, None, failures, hidden_size), timings
         hidden = self._busy.overlap(started, fetched)
 
         def execute():
+            if not wanted() or time.perf_counter() > deadline:
+                with self._stats_lock:
+                    self.stats.dropped_batches += 1
+                DROPPED.inc()
+                raise Cancelled("the caller's deadline passed or it went away while the batch queued: not run")
             begin = time.perf_counter()
             self._busy.begin(begin)
             try:
@@ -169,20 +208,22 @@ class Pipeline:
         future = self._device.submit(execute)
         future.add_done_callback(lambda _: prepared.lease.release())
         try:
-            result, begin, end = future.result(timeout=max(0.05, timeout - (fetched - started)))
+            result, begin, end = future.result(timeout=max(0.05, deadline - time.perf_counter()))
         except FutureTimeout:
             future.cancel()
             raise DeadlineExceeded(f"batch not executed within the deadline ({timeout:.2f}s)") from None
+        if failures:
+            result = BatchResult.merged(batch, ran, result, failures, hidden_size)
         timings.queue_ms = (begin - fetched) * 1e3
         timings.execute_ms = (end - begin) * 1e3
         STAGE_SECONDS.labels("fetch").observe(timings.fetch_ms / 1e3)
         STAGE_SECONDS.labels("execute").observe(timings.execute_ms / 1e3)
-        TOKENS.inc(len(batch.token_ids))
+        TOKENS.inc(len(prepared.batch.token_ids))
         BATCHES.inc()
         with self._stats_lock:
             self.stats.batches += 1
-            self.stats.sequences += batch.size
-            self.stats.tokens += len(batch.token_ids)
+            self.stats.sequences += len(ran)
+            self.stats.tokens += len(prepared.batch.token_ids)
             self.stats.io_seconds += fetched - started
             self.stats.io_hidden_seconds += hidden
             report = time.monotonic() - self._last_report > REPORT_SECONDS
@@ -190,11 +231,13 @@ class Pipeline:
                 self._last_report = time.monotonic()
         if report:
             pool = self.pool.stats
-            log.info("%d batches, %d sequences, %d tokens so far; adapters: %d device hits, %d host hits, "
+            log.info("%d batches, %d sequences, %d tokens so far (%d batches dropped: deadline passed or caller gone; "
+                     "%d sequences failed: tenant or domain changed); adapters: %d device hits, %d host hits, "
                      "%d fetched, %d evictions; PLOT hits per context depth %s; %.0f%% of fetch time hidden behind "
                      "execution; fetch per batch %.1f ms (adapters %.1f, lookups %.1f); last batch %d seqs: fetch "
                      "%.1f ms, execute %.1f ms", self.stats.batches, self.stats.sequences, self.stats.tokens,
-                     pool.device_hits, pool.host_hits, pool.misses, pool.evictions, self.stats.hit_depth_counts,
+                     self.stats.dropped_batches, self.stats.failed_sequences, pool.device_hits, pool.host_hits,
+                     pool.misses, pool.evictions, self.stats.hit_depth_counts,
                      100 * self.stats.io_hidden_share, 1e3 * self.stats.io_seconds / self.stats.batches,
                      1e3 * self.stats.adapter_seconds / self.stats.batches,
                      1e3 * self.stats.lookup_seconds / self.stats.batches, batch.size, timings.fetch_ms,
@@ -204,3 +247,9 @@ class Pipeline:
     def close(self) -> None:
         self._fetchers.shutdown(wait=False, cancel_futures=True)
         self._device.shutdown(wait=False, cancel_futures=True)
+
+
+def failure_of(error: HMIError) -> SequenceFailure:
+    """A tenant's or domain's own error: NOT_FOUND and FAILED_PRECONDITION mean it changed or went away since
+    the gateway resolved it (stale), which resolving it again may fix."""
+    return SequenceFailure(error.code_name, str(error), stale=isinstance(error, (NotFound, FailedPrecondition)))

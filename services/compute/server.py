@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-slots", type=int, default=env_int("HMI_ADAPTER_SLOTS", 128),
                         help="adapters resident in device memory [HMI_ADAPTER_SLOTS]")
     parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", DEFAULT_MAX_RANK),
-                        help="largest LoRA rank a slot holds (the store refuses larger adapters with the same "
-                             "setting) [HMI_MAX_RANK]")
+                        help="largest LoRA rank a slot holds; the store's --max-rank must not exceed it [HMI_MAX_RANK]")
     parser.add_argument("--host-cache-mib", type=int, default=env_int("HMI_HOST_CACHE_MIB", 1024),
                         help="host-memory adapter cache [HMI_HOST_CACHE_MIB]")
     parser.add_argument("--adapter-fetch-workers", type=int, default=env_int("HMI_ADAPTER_FETCH_WORKERS", 4),
@@ -75,6 +74,7 @@ def main(args: argparse.Namespace) -> None:
     from services.common.logs import setup_logging
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
+    from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
     from services.compute.executor import Executor
     from services.compute.generation import GenerationEngine
@@ -113,6 +113,8 @@ def main(args: argparse.Namespace) -> None:
                             execution_threads=execution_threads(args.execution_threads, device))
         servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
+    invalidation = AdapterInvalidation(store, pool)
+    invalidation.start()
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
@@ -122,6 +124,7 @@ def main(args: argparse.Namespace) -> None:
              model_dir, device, args.adapter_slots, args.max_rank, mode, args.store)
 
     def stop():
+        invalidation.close()
         if pipeline is not None:
             pipeline.close()
         if engine is not None:

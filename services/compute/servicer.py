@@ -36,7 +36,8 @@ class ComputeServicer(pb_grpc.ComputeServicer):
         dims = self.pipeline.pool.dims
         batch = PackedBatch.from_pb(request, num_layers=dims.layers, vocab=dims.vocab,
                                     max_positions=dims.max_positions, max_tokens=self.max_batch_tokens)
-        result, timings = self.pipeline.run(batch, remaining_timeout(context, self.default_timeout))
+        result, timings = self.pipeline.run(batch, remaining_timeout(context, self.default_timeout),
+                                            wanted=context.is_active)
         response = result.to_pb()
         response.queue_ms, response.fetch_ms, response.execute_ms = (timings.queue_ms, timings.fetch_ms,
                                                                      timings.execute_ms)

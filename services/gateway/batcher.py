@@ -1,13 +1,19 @@
 """Dynamic batching across tenants: sequences wait at most `max_wait` for company, longer only while
 every compute replica already has its batches in flight (then the batch grows until one has room), a
 batch holds at most `max_batch_tokens` tokens and `max_batch_tenants` distinct adapters, and the queue
-is bounded."""
+is bounded in sequences and in tokens.
+
+Admission is all or nothing per request and costs its tokens: a request whose sequences do not all fit
+is refused whole (RESOURCE_EXHAUSTED) and leaves nothing queued, so under overload compute only runs work
+someone still waits for. Sequences whose deadline passed or whose caller went away (their future was
+cancelled) are dropped when a batch is formed, before any compute sees them.
+"""
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -17,7 +23,7 @@ from prometheus_client import Counter, Histogram
 
 from hmi_proto.v1 import compute_pb2 as pb
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.errors import ResourceExhausted
+from services.common.errors import DeadlineExceeded, HMIError, ResourceExhausted
 from services.gateway.directory import TenantRoute
 from services.gateway.router import Router
 
@@ -25,6 +31,8 @@ log = logging.getLogger("hmi.gateway.batcher")
 BATCH_SEQUENCES = Histogram("hmi_gateway_batch_sequences", "sequences per batch",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_FAILURES = Counter("hmi_gateway_batch_failures_total", "batches that failed", ["code"])
+DROPPED = Counter("hmi_gateway_dropped_sequences_total", "sequences dropped before compute: deadline passed or "
+                  "caller gone")
 BATCH_STAGE_SECONDS = Histogram("hmi_gateway_batch_stage_seconds", "where a batch's time went: waiting in the gateway, "
                                 "and compute's fetch, queue and execute stages", ["stage"])
 STAGES = ("gateway_wait", "fetch", "queue", "execute", "round_trip")
@@ -46,12 +54,23 @@ class SequenceResult:
     embedding: np.ndarray | None
 
 
+class SequenceFailed(HMIError):
+    """Compute could not run this sequence for a reason of its own tenant or domain (the rest of its batch
+    ran); `stale`: the tenant or domain changed since it was resolved, so resolving it again may fix it."""
+
+    def __init__(self, code_name: str, message: str, stale: bool) -> None:
+        super().__init__(message)
+        self.code_name = code_name
+        self.stale = stale
+
+
 @dataclass
 class BatcherSettings:
     max_batch_tokens: int = 8192
     max_batch_tenants: int = 64
     max_wait_ms: float = 5.0
-    max_queue: int = 4096
+    max_queue: int = 4096               # sequences waiting
+    max_queue_tokens: int = 65536       # their tokens
 
 
 @dataclass
@@ -67,8 +86,11 @@ class Batcher:
     def __init__(self, router: Router, settings: BatcherSettings) -> None:
         self.router = router
         self.settings = settings
-        self._queue: queue.Queue[SequenceWork] = queue.Queue(maxsize=settings.max_queue)
+        self._queue: deque[SequenceWork] = deque()
+        self._queued_tokens = 0
+        self._queue_lock = threading.Condition()
         self._carry: SequenceWork | None = None
+        self.dropped = 0                    # sequences dropped before compute (deadline passed, caller gone)
         self._stop = threading.Event()
         self._sent_batches = 0
         self._sent_sequences = 0
@@ -80,25 +102,61 @@ class Batcher:
         self._thread.start()
 
     def submit(self, items: list[SequenceWork]) -> None:
-        for item in items:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                raise ResourceExhausted(f"the gateway queue is full ({self.settings.max_queue} sequences waiting); "
-                                        f"back off and retry") from None
+        """Queues every item or none (RESOURCE_EXHAUSTED): a request is admitted whole, by its tokens."""
+        tokens = sum(len(item.token_ids) for item in items)
+        with self._queue_lock:
+            if (len(self._queue) + len(items) > self.settings.max_queue
+                    or self._queued_tokens + tokens > self.settings.max_queue_tokens):
+                raise ResourceExhausted(
+                    f"the gateway queue is full ({len(self._queue)} sequences, {self._queued_tokens} tokens waiting; "
+                    f"limits --max-queue {self.settings.max_queue}, --max-queue-tokens "
+                    f"{self.settings.max_queue_tokens}); this request of {len(items)} sequences, {tokens} tokens "
+                    f"was not queued: back off and retry")
+            self._queue.extend(items)
+            self._queued_tokens += tokens
+            self._queue_lock.notify()
+
+    def queued(self) -> tuple[int, int]:
+        """Sequences and tokens waiting."""
+        with self._queue_lock:
+            return len(self._queue), self._queued_tokens
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
 
     def _take(self, timeout: float) -> SequenceWork | None:
+        """The next live item (waiting up to `timeout`); items nobody waits for any more are dropped here."""
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._queue_lock:
+                while not self._queue:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._queue_lock.wait(left):
+                        if not self._queue:
+                            return None
+                item = self._queue.popleft()
+                self._queued_tokens -= len(item.token_ids)
+            if self._live(item):
+                return item
+
+    def _live(self, item: SequenceWork) -> bool:
+        """False (and the item answered) when its caller went away or its deadline passed."""
+        if item.future.cancelled():
+            self.dropped += 1
+            DROPPED.inc()
+            return False
+        if time.monotonic() >= item.deadline:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(DeadlineExceeded("the deadline passed while the request queued at the "
+                                                           "gateway; it was not computed"))
+            self.dropped += 1
+            DROPPED.inc()
+            return False
+        return True
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -122,7 +180,7 @@ class Batcher:
                 replica = self.router.try_acquire(batch.tenants)
             if replica is None:
                 replica = self.router.acquire(batch.tenants)
-            items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
+            items = [item for item in batch.items if self._live(item) and item.future.set_running_or_notify_cancel()]
             if items:
                 self._dispatch(items, replica)
             else:
@@ -148,7 +206,7 @@ class Batcher:
             offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
             sequences=[pb.SequenceSpec(tenant_id=item.route.tenant_id, adapter_version=item.route.adapter_version,
                                        domain=item.route.domain, split_layer=item.route.split_layer,
-                                       model=item.route.model)
+                                       model=item.route.model, domain_revision=item.route.domain_revision)
                        for item in batch],
             want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
@@ -175,11 +233,12 @@ class Batcher:
             means = {stage: total / self._answered for stage, total in self._stage_ms.items()}
             self._stage_ms, self._answered = dict.fromkeys(STAGES, 0.0), 0
             self._last_report = time.monotonic()
-        log.info("%d batches, %d sequences sent so far (%.1f per batch); %d waiting; per batch lately: %.1f ms "
-                 "waiting here, %.1f ms to compute and back (fetch %.1f, queue %.1f, execute %.1f)",
+        log.info("%d batches, %d sequences sent so far (%.1f per batch); %d waiting, %d dropped (deadline passed or "
+                 "caller gone); per batch lately: %.1f ms waiting here, %.1f ms to compute and back (fetch %.1f, "
+                 "queue %.1f, execute %.1f)",
                  self._sent_batches, self._sent_sequences, self._sent_sequences / self._sent_batches,
-                 self._queue.qsize(), means["gateway_wait"], means["round_trip"], means["fetch"], means["queue"],
-                 means["execute"])
+                 self.queued()[0], self.dropped, means["gateway_wait"], means["round_trip"], means["fetch"],
+                 means["queue"], means["execute"])
 
     def _complete(self, call, batch: list[SequenceWork], replica, sent: float) -> None:
         try:
@@ -200,7 +259,12 @@ class Batcher:
             logits = decode_tensor(response.logits, field="logits") if response.logit_offsets else None
             embeddings = decode_tensor(response.embeddings, field="embeddings") if response.embeddings.shape else None
             offsets = list(response.logit_offsets)
+            failures = {failure.index: failure for failure in response.failures}
             for index, item in enumerate(batch):
+                failure = failures.get(index)
+                if failure is not None:
+                    item.future.set_exception(SequenceFailed(failure.code, failure.message, failure.stale))
+                    continue
                 item.future.set_result(SequenceResult(
                     logits=logits[offsets[index]:offsets[index + 1]] if logits is not None else None,
                     embedding=embeddings[index] if embeddings is not None and item.want_embedding else None))

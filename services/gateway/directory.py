@@ -1,18 +1,23 @@
 """Tenant and domain records from the knowledge store, cached until they change.
 
-A background thread follows the store's change log (ListChanges, every `poll_seconds`) and forgets the
-tenants and domains written since, so a cached record is served until the store says it changed: with
-thousands of tenants, asking the store on every request would cost a round trip per request. While the
-change log cannot be read (store unreachable, gateway just started), records fall back to living
-`ttl_seconds`. Admin calls through this gateway invalidate entries at once; changes made elsewhere show
-up within one poll (a replaced adapter is served from the next request after that, never a stale
-version mixed into one request).
+A background thread follows the store's change log (ListChanges as a long poll: the store answers as soon
+as a change commits, else after `poll_seconds`) and forgets the tenants and domains written since, so a
+cached record is served until the store says it changed: with thousands of tenants, asking the store on
+every request would cost a round trip per request. The directory follows under a stable follower id, and
+the store answers a write only once every live follower has read past it (bounded, see
+services/knowledge_store/change_followers.py), so a tenant registered, replaced or deleted through any
+gateway is served as such by every gateway from the moment the call returns. While the change log cannot
+be read (store unreachable, gateway just started), records fall back to living `ttl_seconds`. Should a
+request still carry an outdated version (a follower that lagged), compute answers its sequences as stale
+and the gateway resolves the tenant again (servicer.py): adapter versions and domain revisions are unique
+over a name's whole history, so an old version is never mistaken for the current one.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -34,6 +39,7 @@ class TenantRoute:
     domain: str
     split_layer: int
     model: str = ""                     # base model; "" = the deployment's default
+    domain_revision: int = 0            # the domain's build the route was resolved against (0: unknown)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class FeedState:
     revision: int = 0
     synced_at: float = float("-inf")    # monotonic time at which the last successful poll was sent
     generation: int = 0                 # bumped whenever cached records were dropped
+    last_changes: int = 0               # changes in the last reply
 
 
 class TenantDirectory:
@@ -59,6 +66,7 @@ class TenantDirectory:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.follower_id = f"gateway-{uuid.uuid4().hex[:12]}"   # sent only while the feed thread follows
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -74,8 +82,9 @@ class TenantDirectory:
     def _follow(self) -> None:
         failing = False
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self.sync()
+                self.sync(wait=self.poll_seconds)
                 if failing:
                     log.info("following the store's change log again")
                 failing = False
@@ -84,7 +93,12 @@ class TenantDirectory:
                     log.warning("cannot read the store's change log (%s); tenant records now expire after %.1fs",
                                 error.code().name, self.ttl)
                 failing = True
-            self._stop.wait(self.poll_seconds)
+                self._stop.wait(self.poll_seconds)
+                continue
+            # The store holds a poll until something changes; one that answered at once with nothing new does
+            # not hold polls (an older store): poll at intervals instead.
+            if not self.feed.last_changes and time.monotonic() - started < self.poll_seconds / 4:
+                self._stop.wait(self.poll_seconds)
 
     # ---- lookups ---------------------------------------------------------------------------
 
@@ -101,7 +115,7 @@ class TenantDirectory:
         tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout)
         domain = self._domain(tenant.spec.domain, timeout, now, generation)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
-                            domain.spec.split_layer, tenant.spec.model or domain.model)
+                            domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision)
         with self._lock:
             if self.feed.generation == generation:   # else a change may have landed after the read: don't keep it
                 self._cache[tenant_id] = (now, route)
@@ -128,12 +142,16 @@ class TenantDirectory:
 
     # ---- invalidation ----------------------------------------------------------------------
 
-    def sync(self, timeout: float = 5.0) -> int:
-        """Applies the store's changes since the last poll; returns how many records were affected."""
+    def sync(self, timeout: float = 5.0, wait: float = 0.0) -> int:
+        """Applies the store's changes since the last poll; returns how many records were affected. With
+        `wait`, the store holds the poll up to that long until a change commits."""
         sent = time.monotonic()
         first = not self.feed.store_id      # everything gets dropped anyway: one change is enough to learn the revision
-        request = pb.ListChangesRequest(after_revision=self.feed.revision, limit=1 if first else 0)
-        reply = self.feed_stub.ListChanges(request, timeout=timeout)
+        request = pb.ListChangesRequest(after_revision=self.feed.revision, limit=1 if first else 0,
+                                        wait_ms=0 if first else int(wait * 1e3),
+                                        follower=self.follower_id if self._thread is not None else "")
+        reply = self.feed_stub.ListChanges(request, timeout=timeout + wait)
+        self.feed.last_changes = len(reply.changes)
         applied = 0
         with self._lock:
             if reply.store_id != self.feed.store_id or not reply.complete:

@@ -24,9 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distinct adapters per batch; keep below compute's slots / in-flight batches")
     parser.add_argument("--max-wait-ms", type=float, default=env_float("HMI_MAX_WAIT_MS", 5.0))
     parser.add_argument("--max-queue", type=int, default=env_int("HMI_MAX_QUEUE", 4096),
-                        help="sequences waiting before RESOURCE_EXHAUSTED [HMI_MAX_QUEUE]")
+                        help="sequences waiting; a request that does not fit whole is refused with "
+                             "RESOURCE_EXHAUSTED [HMI_MAX_QUEUE]")
+    parser.add_argument("--max-queue-tokens", type=int, default=env_int("HMI_MAX_QUEUE_TOKENS", 65536),
+                        help="tokens waiting: admission costs a request's tokens [HMI_MAX_QUEUE_TOKENS]")
     parser.add_argument("--max-sequence-tokens", type=int, default=env_int("HMI_MAX_SEQUENCE_TOKENS", 256))
     parser.add_argument("--max-texts", type=int, default=env_int("HMI_MAX_TEXTS", 256), help="texts per request")
+    parser.add_argument("--max-text-chars", type=int, default=env_int("HMI_MAX_TEXT_CHARS", 0),
+                        help="characters per text, checked before tokenising (with truncate: cut to this); "
+                             "0 = 16 x --max-sequence-tokens [HMI_MAX_TEXT_CHARS]")
+    parser.add_argument("--max-request-chars", type=int, default=env_int("HMI_MAX_REQUEST_CHARS", 262144),
+                        help="characters of all texts of one request [HMI_MAX_REQUEST_CHARS]")
     parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 3),
                         help="batches in flight per compute replica: enough that one prepares while the replica's "
                              "execution threads run theirs [HMI_INFLIGHT_PER_COMPUTE]")
@@ -96,8 +104,10 @@ def main(args: argparse.Namespace) -> None:
         router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute)
         batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                                   max_batch_tenants=args.max_batch_tenants,
-                                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue))
-        encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts)
+                                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                                                  max_queue_tokens=args.max_queue_tokens))
+        encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts,
+                              max_text_chars=args.max_text_chars, max_request_chars=args.max_request_chars)
         generation = None
         if dims.is_decoder:
             generation = GenerationSupport(encoder.tokenizer,

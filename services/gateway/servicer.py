@@ -5,6 +5,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
@@ -13,9 +14,10 @@ from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
+from services.common.decoding import UndecodableRequest
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
-from services.gateway.batcher import Batcher, SequenceResult, SequenceWork
+from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
 from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationLimits, TextStreamer, plan_generation
 from services.gateway.router import Router
@@ -69,31 +71,47 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return lane
 
     def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...], int]:
-        """Results per text, the tenant's labels and the tokens the texts came to."""
+        """Results per text, the tenant's labels and the tokens the texts came to.
+
+        Resolves the tenant, queues its sequences and waits for them. Labels and adapter always come from one
+        resolved version: when compute finds that version gone (the tenant was replaced or deleted, or its domain
+        rebuilt, since this gateway resolved it), the tenant is resolved again and the request runs once more."""
         timeout = remaining_timeout(context, self.default_timeout)
         deadline = time.monotonic() + timeout
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
-        route = self.directory.resolve(request.tenant_id, timeout)
-        lane = self._lane(route)
-        if lane.generation is not None:
-            raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a decoder): "
-                                     f"call Generate")
-        if not route.labels and not want_embedding:
-            raise FailedPrecondition(f"tenant {request.tenant_id!r} is embedding-only (registered without labels, "
-                                     f"its adapter has no classification head): call Embed, or register it again "
-                                     f"with --labels and a head to classify")
-        sequences = lane.encoder.encode(list(request.texts), request.truncate)
-        work = [SequenceWork(ids, route, deadline, want_embedding) for ids in sequences]
-        lane.batcher.submit(work)
-        try:
-            results = [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
-        except FutureTimeout:
-            for item in work:
-                item.future.cancel()
-            raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
-                                   f"or the deadline too short") from None
-        return results, route.labels, sum(len(ids) for ids in sequences)
+        work: list[SequenceWork] = []
+        context.add_callback(lambda: [item.future.cancel() for item in work])   # the caller went away
+        encoded: tuple[str, list] | None = None
+        for attempt in range(2):
+            route = self.directory.resolve(request.tenant_id, max(0.05, deadline - time.monotonic()))
+            lane = self._lane(route)
+            if lane.generation is not None:
+                raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a "
+                                         f"decoder): call Generate")
+            if not route.labels and not want_embedding:
+                raise FailedPrecondition(f"tenant {request.tenant_id!r} is embedding-only (registered without "
+                                         f"labels, its adapter has no classification head): call Embed, or register "
+                                         f"it again with --labels and a head to classify")
+            if encoded is None or encoded[0] != lane.name:
+                encoded = (lane.name, lane.encoder.encode(list(request.texts), request.truncate))
+            work[:] = [SequenceWork(ids, route, deadline, want_embedding) for ids in encoded[1]]
+            lane.batcher.submit(work)
+            try:
+                results = [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
+                return results, route.labels, sum(len(ids) for ids in encoded[1])
+            except FutureTimeout:
+                for item in work:
+                    item.future.cancel()
+                raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
+                                       f"or the deadline too short") from None
+            except SequenceFailed as failure:
+                for item in work:
+                    item.future.cancel()
+                if not failure.stale or attempt:
+                    raise
+                self.directory.invalidate(tenant_id=request.tenant_id, domain=route.domain)
+        raise AssertionError("unreachable")
 
     @handles_errors
     def Classify(self, request, context) -> pb.ClassifyResponse:
@@ -153,10 +171,33 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                             top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
                                             stop_token_ids=list(plan.stop_token_ids))
         spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
-                                        domain=route.domain, split_layer=route.split_layer, model=route.model)
+                                        domain=route.domain, split_layer=route.split_layer, model=route.model,
+                                        domain_revision=route.domain_revision)
         return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
                                                                  params=params),
                                      timeout=remaining_timeout(context, support.timeout))
+
+
+class Relayed:
+    """A client stream passed on to the store. When one of its messages does not parse, gRPC cancels the call to
+    the store (which so never sees half a stream) and reports UNKNOWN; `answer` gives the real reason instead."""
+
+    def __init__(self, requests) -> None:
+        self._requests = iter(requests)
+        self.error: UndecodableRequest | None = None
+
+    def __iter__(self) -> "Relayed":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._requests)
+        except UndecodableRequest as error:
+            self.error = error
+            raise
+
+    def answer(self, error: grpc.RpcError) -> BaseException:
+        return self.error if self.error is not None else error
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -168,17 +209,21 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_stream_errors
     def BuildDomain(self, request_iterator, context):
-        for progress in self.store.BuildDomain(request_iterator, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
-            if progress.stage == "done":
-                self.directory.invalidate(domain=progress.domain.spec.name)
-            yield progress
+        yield from self._job(self.store.BuildDomain, request_iterator, context)
 
     @handles_stream_errors
     def AdaptDomain(self, request_iterator, context):
-        for progress in self.store.AdaptDomain(request_iterator, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
-            if progress.stage == "done":
-                self.directory.invalidate(domain=progress.domain.spec.name)
-            yield progress
+        yield from self._job(self.store.AdaptDomain, request_iterator, context)
+
+    def _job(self, method, request_iterator, context):
+        requests = Relayed(request_iterator)
+        try:
+            for progress in method(requests, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
+                if progress.stage == "done":
+                    self.directory.invalidate(domain=progress.domain.spec.name)
+                yield progress
+        except grpc.RpcError as error:
+            raise requests.answer(error) from None
 
     @handles_errors
     def GetDomain(self, request, context):
@@ -196,7 +241,11 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_errors
     def RegisterTenant(self, request_iterator, context) -> store_pb.Tenant:
-        tenant = self.store.PutTenant(request_iterator, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        requests = Relayed(request_iterator)
+        try:
+            tenant = self.store.PutTenant(requests, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        except grpc.RpcError as error:
+            raise requests.answer(error) from None
         self.directory.invalidate(tenant_id=tenant.spec.tenant_id)
         return tenant
 
@@ -221,3 +270,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         self.directory.invalidate(tenant_id=request.tenant_id)
         return response
+
+    @handles_errors
+    def Backup(self, request, context):
+        return self.store.Backup(request, timeout=remaining_timeout(context, BUILD_TIMEOUT))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.codec import encode_tensor, join_chunks
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
 
 
@@ -31,9 +32,12 @@ class StoreClient:
         self.stub = pb_grpc.KnowledgeStoreStub(self.channel)
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
-               timeout: float | None = None) -> LookupReply:
+               timeout: float | None = None, domain_revision: int = 0) -> LookupReply:
+        """NotFound / StaleVersion when the domain is gone or is not the revision the caller resolved."""
         request = lookup_request(domain, token_ids, offsets)
-        return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+        request.domain_revision = domain_revision
+        with resolved_errors():
+            return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
 
     def plot_rows(self, domain: str, windows: list[np.ndarray], first_positions: list[int],
                   context_tokens: list[int], timeout: float | None = None) -> list[np.ndarray]:
@@ -47,12 +51,35 @@ class StoreClient:
         return [reply.vectors[kept[i]:kept[i + 1]] for i in range(len(windows))]
 
     def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
-        stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
-                                      timeout=timeout or self.timeout)
-        return join_chunks(chunk.data for chunk in stream)
+        """NotFound (deleted) or StaleVersion (replaced) when `version` is no longer the tenant's."""
+        with resolved_errors():
+            stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
+                                          timeout=timeout or self.timeout)
+            return join_chunks(chunk.data for chunk in stream)
+
+    def changes(self, after: int, wait: float = 0.0, timeout: float = 10.0) -> pb.ListChangesResponse:
+        """The change log after a revision (a long poll with `wait`); no follower id: writes never wait for it."""
+        return self.stub.ListChanges(pb.ListChangesRequest(after_revision=after, wait_ms=int(wait * 1e3)),
+                                     timeout=timeout + wait)
 
     def close(self) -> None:
         self.channel.close()
+
+
+class resolved_errors:
+    """Context manager: the store's NOT_FOUND / FAILED_PRECONDITION become NotFound / StaleVersion, errors of the
+    one tenant or domain (its sequences fail alone); other statuses (the store down, ...) pass unchanged."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(error.details()) from None
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise StaleVersion(error.details()) from None
+        return False
 
 
 def lookup_request(domain: str, token_ids: np.ndarray, offsets: np.ndarray) -> pb.LookupRequest:

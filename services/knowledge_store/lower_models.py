@@ -48,7 +48,7 @@ class LowerModels:
             cached = self._adapted.get(record.name)
             if cached is not None and cached[0] == adapted_at:
                 return cached[1]
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             weights = txn.get(record.name.encode(), db=self.layout.db["lower"])
         if weights is None:
             raise FailedPrecondition(f"domain {record.name!r} lost its adapted lower model; adapt it again")

@@ -59,6 +59,7 @@ class DomainRecord(_ByKey):
     generation: int = 1              # bumped by every build: maintenance drops counts of a tree that is gone
     lower_model: str = "base"        # or "adapted": the domain's own lower layers
     position_offsets: bool = False
+    revision: int = 0                # change-log revision of the last build or adaptation (0: written before kept)
     adapt: AdaptReport | None = None
 
     @property
@@ -87,7 +88,8 @@ class DomainStatus(DomainRecord):
 
 @dataclass
 class TenantRecord(_ByKey):
-    """A tenant: its domain (hence base model and split layer), labels and adapter version."""
+    """A tenant: its domain (hence base model and split layer), labels and adapter version (the change-log
+    revision that wrote it, so unique over the id's whole history)."""
     tenant_id: str
     domain: str
     labels: list[str]

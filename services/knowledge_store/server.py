@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.common.config import env, env_float, env_int
+from services.common.config import env, env_float, env_int, positive_float
 from services.common.limits import DEFAULT_MAX_RANK
 
 
@@ -13,13 +13,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="base model: NAME=DIR, minilm, smollm2 or a folder; repeat for several (the first is "
                              "the default) [HMI_MODEL, comma-separated]")
-    parser.add_argument("--map-size-gib", type=int, default=env_int("HMI_STORE_MAP_SIZE_GIB", 64),
-                        help="LMDB map size (upper bound of the store's size) [HMI_STORE_MAP_SIZE_GIB]")
+    parser.add_argument("--map-size-gib", type=positive_float, default=env_float("HMI_STORE_MAP_SIZE_GIB", 1.0),
+                        help="initial LMDB map size in GiB (fractions allowed); the store doubles it when it fills, "
+                             "up to --max-map-size-gib [HMI_STORE_MAP_SIZE_GIB]")
+    parser.add_argument("--max-map-size-gib", type=positive_float,
+                        default=env_float("HMI_STORE_MAX_MAP_SIZE_GIB", 64.0),
+                        help="ceiling of the LMDB map (the store's largest size on disk); a write past it fails with "
+                             "RESOURCE_EXHAUSTED [HMI_STORE_MAX_MAP_SIZE_GIB]")
     parser.add_argument("--default-rank", type=int, default=env_int("HMI_DEFAULT_RANK", 8),
                         help="LoRA rank of random adapters [HMI_DEFAULT_RANK]")
     parser.add_argument("--max-rank", type=int, default=env_int("HMI_MAX_RANK", DEFAULT_MAX_RANK),
-                        help="largest LoRA rank a tenant may register: keep it equal to compute's --max-rank "
-                             "(both read HMI_MAX_RANK) [HMI_MAX_RANK]")
+                        help="largest LoRA rank registration accepts: set it to the compute services' --max-rank "
+                             "(the same variable sets both) [HMI_MAX_RANK]")
+    parser.add_argument("--max-lookup-tokens", type=int, default=env_int("HMI_MAX_LOOKUP_TOKENS", 65536),
+                        help="tokens one Lookup may ask rows for [HMI_MAX_LOOKUP_TOKENS]")
+    parser.add_argument("--max-adapt-steps", type=int, default=env_int("HMI_MAX_ADAPT_STEPS", 5000),
+                        help="most optimisation steps one domain adaptation may ask [HMI_MAX_ADAPT_STEPS]")
+    parser.add_argument("--max-adapt-batch", type=int, default=env_int("HMI_MAX_ADAPT_BATCH", 64),
+                        help="most sequences per adaptation step [HMI_MAX_ADAPT_BATCH]")
+    parser.add_argument("--follower-wait-ms", type=float, default=env_float("HMI_FOLLOWER_WAIT_MS", 2000.0),
+                        help="a write answers once every live gateway has read it, waiting at most this long "
+                             "[HMI_FOLLOWER_WAIT_MS]")
     parser.add_argument("--domain-budget-mib", type=int, default=env_int("HMI_DOMAIN_BUDGET_MIB", 512),
                         help="default storage budget of a domain's vectors [HMI_DOMAIN_BUDGET_MIB]")
     parser.add_argument("--learn-threshold", type=int, default=env_int("HMI_LEARN_THRESHOLD", 8),
@@ -44,7 +58,11 @@ def main(args: argparse.Namespace) -> None:
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=models[0].directory, model_name=models[0].name,
                              extra_models={spec.name: spec.directory for spec in models[1:]},
-                             map_size=args.map_size_gib << 30, default_rank=args.default_rank, max_rank=args.max_rank,
+                             map_size=int(args.map_size_gib * 2**30),
+                             max_map_size=int(max(args.max_map_size_gib, args.map_size_gib) * 2**30),
+                             default_rank=args.default_rank, max_rank=args.max_rank,
+                             max_lookup_tokens=args.max_lookup_tokens, max_adapt_steps=args.max_adapt_steps,
+                             max_adapt_batch=args.max_adapt_batch, follower_wait=args.follower_wait_ms / 1e3,
                              default_budget_bytes=args.domain_budget_mib << 20,
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
     store = KnowledgeStore(settings)
@@ -57,4 +75,9 @@ def main(args: argparse.Namespace) -> None:
     log.info("knowledge store serving on %s (data %s, models %s, %d domains)", args.listen,
              settings.data_dir.resolve(), ", ".join(f"{m.name}={m.directory}" for m in models),
              len(store.list_domains()))
-    wait_for_termination(running, log, on_stop=store.close)
+
+    def cancel_jobs() -> None:      # builds and adaptations stop at their next progress report; long polls end
+        store.stopping.set()
+        store.followers.close()
+
+    wait_for_termination(running, log, on_stop=store.close, on_signal=cancel_jobs)

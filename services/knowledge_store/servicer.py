@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -11,11 +12,13 @@ from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from hmi_proto.v1 import tensor_pb2
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
-from services.common.errors import InvalidArgument
+from services.common.errors import Cancelled, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.records import AdaptReport, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
+
+MAX_POLL_MS = 5000          # the longest a ListChanges long poll is held
 
 
 def domain_to_pb(record: DomainStatus) -> pb.Domain:
@@ -31,7 +34,7 @@ def domain_to_pb(record: DomainStatus) -> pb.Domain:
         budget_bytes=record.effective_budget, learn_threshold=record.effective_threshold,
         materialized_nodes=record.materialized, pruned_nodes=record.pruned,
         pending_contexts=record.traffic_entries, recent_hit_depths=record.recent_hit_depths,
-        adapt=adapt_to_pb(record.adapt), position_offsets=record.position_offsets)
+        adapt=adapt_to_pb(record.adapt), position_offsets=record.position_offsets, revision=record.revision)
 
 
 def adapt_to_pb(adapt: AdaptReport | None) -> pb.AdaptReport | None:
@@ -84,23 +87,35 @@ def decode_corpus(corpus_bytes: bytes) -> str:
 def adapt_settings(wire: pb.AdaptSettings | None, split_layer: int) -> AdaptSettings:
     settings = AdaptSettings(split_layer)
     if wire is not None:
+        if wire.steps < 0 or wire.batch_size < 0:
+            raise InvalidArgument("adaptation steps and batch size must be >= 0 (0 = default)")
         settings.steps = wire.steps or settings.steps
         settings.batch_size = wire.batch_size or settings.batch_size
         settings.learning_rate = wire.learning_rate or settings.learning_rate
         settings.seed = wire.seed
-    if settings.learning_rate <= 0 or settings.learning_rate > 1:
+    if not 0 < settings.learning_rate <= 1:    # also refuses NaN
         raise InvalidArgument(f"learning rate {settings.learning_rate} is outside (0, 1]")
     return settings
 
 
-def stream_progress(work, context, thread_name: str) -> Iterator[pb.BuildDomainProgress]:
-    """Runs a long store job in a thread and streams its progress; the last message carries the domain."""
+def stream_progress(work, context, stopping: threading.Event, thread_name: str) -> Iterator[pb.BuildDomainProgress]:
+    """Runs a long store job in a thread and streams its progress; the last message carries the domain.
+
+    The job gives up (its next progress report raises Cancelled, before anything is written) when the caller
+    goes away (cancelled, deadline passed, connection lost) or the store is stopping."""
     updates: queue.Queue = queue.Queue()
     outcome: dict = {}
+    gone = threading.Event()
+    context.add_callback(gone.set)       # runs when the RPC ends for any reason
+
+    def report(update) -> None:
+        if gone.is_set() or stopping.is_set():
+            raise Cancelled("the caller went away or the store is stopping; nothing was written")
+        updates.put(update)
 
     def run() -> None:
         try:
-            outcome["record"] = work(updates.put)
+            outcome["record"] = work(report)
         except BaseException as error:  # noqa: BLE001 - re-raised in the RPC thread below
             outcome["error"] = error
         finally:
@@ -137,6 +152,11 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def __init__(self, store: KnowledgeStore) -> None:
         self.store = store
 
+    def _settle(self) -> None:
+        """After a write: wait (bounded) until every live gateway has read the change log past it, so the
+        caller's next request through any gateway sees the write."""
+        self.store.followers.wait_for(self.store.followers.revision)
+
     @handles_stream_errors
     def BuildDomain(self, request_iterator, context) -> Iterator[pb.BuildDomainProgress]:
         spec, corpus_bytes = read_spec_and_payload(request_iterator, "spec", "corpus_chunk",
@@ -150,10 +170,13 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             return self.store.build_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=split_layer, context=spec.context,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
-                position_offsets=not spec.no_position_offsets, model=spec.model,
+                position_offsets=not spec.no_position_offsets, model=spec.model, request_id=spec.request_id,
                 progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
                                                                                     total=total)))
-        yield from stream_progress(work, context, f"build-{spec.name}")
+        for update in stream_progress(work, context, self.store.stopping, f"build-{spec.name}"):
+            if update.stage == "done":
+                self._settle()
+            yield update
 
     @handles_stream_errors
     def AdaptDomain(self, request_iterator, context) -> Iterator[pb.BuildDomainProgress]:
@@ -165,9 +188,13 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         def work(progress):
             return self.store.adapt_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=spec.split_layer, settings=settings,
-                model=spec.model, progress=lambda stage, done, total, loss: progress(pb.BuildDomainProgress(
+                model=spec.model, request_id=spec.request_id,
+                progress=lambda stage, done, total, loss: progress(pb.BuildDomainProgress(
                     stage=stage, done=done, total=total, loss=loss)))
-        yield from stream_progress(work, context, f"adapt-{spec.name}")
+        for update in stream_progress(work, context, self.store.stopping, f"adapt-{spec.name}"):
+            if update.stage == "done":
+                self._settle()
+            yield update
 
     @handles_errors
     def GetDomain(self, request, context) -> pb.Domain:
@@ -179,7 +206,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     @handles_errors
     def DeleteDomain(self, request, context) -> pb.DeleteDomainResponse:
-        self.store.delete_domain(request.name)
+        self.store.delete_domain(request.name, request.request_id)
+        self._settle()
         return pb.DeleteDomainResponse()
 
     @handles_stream_errors
@@ -187,21 +215,31 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         token_ids = decode_tensor(request.token_ids, field="token_ids", expect_dtype="int32", expect_ndim=1)
         offsets = validate_offsets(request.offsets, len(token_ids))
         first, skip = window_fields(request, offsets)
-        record, result = self.store.lookup(request.domain, token_ids, offsets, first_positions=first,
-                                           context_tokens=skip)
-        depth_counts = np.bincount(result.hit_depths, minlength=record.context + 1)[1:]
-        yield pb.LookupResponse(header=pb.LookupHeader(
-            dtype="float16", shape=list(result.vectors.shape), split_layer=record.split_layer,
-            hit_depth_counts=depth_counts.tolist()))
-        for chunk in split_chunks(result.vectors.tobytes()):
-            yield pb.LookupResponse(chunk=chunk)
+        rows = len(token_ids) - (int(skip.sum()) if skip is not None else 0)
+        slices = self.store.lookup_slices(request.domain, token_ids, offsets, first_positions=first,
+                                          context_tokens=skip, domain_revision=request.domain_revision)
+        depth_counts = None
+        for record, result in slices:   # a slice at a time: a large answer is never held whole
+            if depth_counts is None:
+                depth_counts = np.zeros(record.context, dtype=np.int64)
+                yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
+                                                               split_layer=record.split_layer))
+            depth_counts += np.bincount(result.hit_depths, minlength=record.context + 1)[1:record.context + 1]
+            for chunk in split_chunks(result.vectors.tobytes()):
+                yield pb.LookupResponse(chunk=chunk)
+        # The header again, now with the hit depths of every slice (readers keep the last header).
+        yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
+                                                       split_layer=record.split_layer,
+                                                       hit_depth_counts=depth_counts.tolist()))
 
     @handles_errors
     def PutTenant(self, request_iterator, context) -> pb.Tenant:
         spec, adapter = read_spec_and_payload(request_iterator, "spec", "adapter_chunk",
                                               self.store.settings.max_adapter_bytes)
         record = self.store.put_tenant(spec.tenant_id, spec.domain, list(spec.labels), adapter or None,
-                                       rank=spec.rank, seed=spec.seed, model=spec.model)
+                                       rank=spec.rank, seed=spec.seed, model=spec.model, request_id=spec.request_id,
+                                       has_adapter=spec.has_adapter)
+        self._settle()
         return tenant_to_pb(record)
 
     @handles_errors
@@ -217,7 +255,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     @handles_errors
     def DeleteTenant(self, request, context) -> pb.DeleteTenantResponse:
-        self.store.delete_tenant(request.tenant_id)
+        self.store.delete_tenant(request.tenant_id, request.request_id)
+        self._settle()
         return pb.DeleteTenantResponse()
 
     @handles_stream_errors
@@ -230,7 +269,21 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def ListChanges(self, request, context) -> pb.ListChangesResponse:
         if request.limit < 0:
             raise InvalidArgument("limit must be >= 0")
-        feed = self.store.changes_after(request.after_revision, request.limit or CHANGES_PER_REPLY)
+        limit = request.limit or CHANGES_PER_REPLY
+        feed = self.store.changes_after(request.after_revision, limit)
+        wait = min(request.wait_ms, MAX_POLL_MS) / 1e3 if feed.complete and not feed.changes else 0.0
+        self.store.followers.poll(request.follower, request.after_revision, wait, feed.revision)
+        if wait:
+            feed = self.store.changes_after(request.after_revision, limit)
         return pb.ListChangesResponse(
             store_id=feed.store_id, revision=feed.revision, complete=feed.complete,
             changes=[pb.Change(revision=revision, kind=kind, name=name) for revision, kind, name in feed.changes])
+
+    @handles_errors
+    def Backup(self, request, context) -> pb.BackupResponse:
+        if not request.path or not Path(request.path).is_absolute():
+            raise InvalidArgument(f"path {request.path!r} must be an absolute path: a new folder on the store's "
+                                  f"machine")
+        copy = self.store.backup(Path(request.path))
+        return pb.BackupResponse(path=copy["path"], bytes=int(copy["bytes"]), revision=int(copy["revision"]),
+                                 seconds=copy["seconds"])

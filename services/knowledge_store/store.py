@@ -13,16 +13,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import lmdb
 import numpy as np
 
 from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
 from models.dims import ModelDims
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
+from services.knowledge_store import idempotency
 from services.knowledge_store import knowledge_tree as tree
+from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
 from services.knowledge_store.layout import StoreLayout
@@ -36,7 +38,9 @@ from services.knowledge_store.tree_maintenance import TreeMaintenance
 log = logging.getLogger("hmi.store")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_LABELS = 1000
+MAX_LABEL_CHARS = 256
 CHANGES_PER_REPLY = 10_000   # change-log entries one ListChanges answer holds at most by default
+LOOKUP_SLICE_TOKENS = 8192   # a streamed lookup computes and sends this many tokens' rows at a time
 
 
 @dataclass
@@ -44,12 +48,16 @@ class StoreSettings:
     data_dir: Path
     model_dir: Path
     model_name: str
-    map_size: int = 64 << 30
+    map_size: int = 1 << 30                   # initial LMDB map; grown (doubling) up to max_map_size
+    max_map_size: int = 64 << 30
     default_rank: int = 8
     max_rank: int = DEFAULT_MAX_RANK          # what compute's adapter slots hold (both read HMI_MAX_RANK)
     max_corpus_bytes: int = 256 << 20
     max_adapter_bytes: int = 256 << 20
-    max_lookup_tokens: int = 1 << 20
+    max_lookup_tokens: int = 1 << 16          # rows one Lookup may ask for (64 Ki tokens: 48 MiB at hidden 384)
+    max_adapt_steps: int = 5000
+    max_adapt_batch: int = 64
+    follower_wait: float = 2.0                # a write waits at most this long for gateways to read it
     max_sequence_tokens: int = 128
     default_budget_bytes: int = 512 << 20     # per domain: 100 domains in 50 GiB
     default_learn_threshold: int = 8          # lookups of a missing context before it is materialised
@@ -85,7 +93,14 @@ def check_name(kind: str, name: str) -> str:
 class KnowledgeStore:
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
-        self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size)
+        if not 1 <= settings.default_rank <= settings.max_rank:
+            raise InvalidArgument(f"the default rank {settings.default_rank} must lie in 1..{settings.max_rank} "
+                                  f"(--max-rank)")
+        self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size, settings.max_map_size)
+        self.followers = ChangeFollowers(max_wait=settings.follower_wait)
+        self.layout.on_commit.append(self.followers.committed)
+        with self.layout.read() as txn:
+            self.followers.committed(self.layout.revision(txn))
         # Several base models may share one store: every domain (and its tenants) belongs to one of them.
         self.model_dirs = {settings.model_name: settings.model_dir, **settings.extra_models}
         self.model_dims = {name: ModelDims.from_dir(path) for name, path in self.model_dirs.items()}
@@ -94,6 +109,7 @@ class KnowledgeStore:
         self._build_lock = threading.Lock()
         self.traffic = TrafficLog(settings.max_pending_contexts, settings.max_sequence_tokens)
         self._stop = threading.Event()
+        self.stopping = self._stop          # set by close(): long jobs (builds, adaptations) give up
         self._maintainer: threading.Thread | None = None
         self.maintenance = TreeMaintenance(self)
 
@@ -114,10 +130,14 @@ class KnowledgeStore:
             except Exception:  # noqa: BLE001 - keep maintaining; the next flush retries with fresh counts
                 log.exception("tree maintenance failed")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops maintenance and long jobs (their progress reports raise Cancelled), then closes LMDB."""
         self._stop.set()
+        self.followers.close()
         if self._maintainer is not None:
-            self._maintainer.join(timeout=30)
+            self._maintainer.join(timeout=timeout)
+        if self._build_lock.acquire(timeout=timeout):    # a cancelled build or adaptation has let go
+            self._build_lock.release()
         self.layout.close()
 
     # ---- models --------------------------------------------------------------------------------
@@ -164,7 +184,7 @@ class KnowledgeStore:
 
     def position_offsets(self, record: DomainRecord) -> np.ndarray | None:
         """The domain's position-offset table (position_offsets.py), None when built without."""
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             table = tree.read_offsets(self.layout, txn, record.id)
             return None if table is None else table.copy()
 
@@ -181,8 +201,12 @@ class KnowledgeStore:
     def requested_split_layer(self, name: str, requested: int, model: str = "") -> int:
         """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (1 for
         encoders, where the accuracy study found L = 1 free; 0 for decoders, whose perplexity grew with any L)."""
+        check_name("domain", name)
         if requested >= 0:
             return requested
+        if requested != -1:
+            raise InvalidArgument(f"split layer {requested} is negative: give 0..N-1, or -1 (or nothing) for the "
+                                  f"default")
         existing = self._find_domain(name)
         if existing is not None:
             return existing.split_layer
@@ -228,8 +252,13 @@ class KnowledgeStore:
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Progress | None = None,
-                     model: str = "") -> DomainStatus:
-        """Computes the PLOT outside any transaction, then swaps it in with one write transaction."""
+                     model: str = "", request_id: str = "") -> DomainStatus:
+        """Computes the PLOT outside any transaction, then swaps it in with one write transaction.
+
+        With a `request_id` already applied, answers the first build's record without building again."""
+        earlier = self._applied(request_id, "build_domain", name)
+        if earlier is not None:
+            return self._status(DomainRecord.from_json(earlier.result, self.settings.model_name))
         split_layer = self.requested_split_layer(name, split_layer, model)
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
                                                   learn_threshold, model)
@@ -251,7 +280,11 @@ class KnowledgeStore:
                 contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
             if progress:
                 progress("writing", 0, 1)
-            with self.layout.env.begin(write=True) as txn:
+
+            def write(txn: lmdb.Transaction) -> DomainRecord:
+                again = idempotency.applied(self.layout, txn, request_id, "build_domain", name)
+                if again is not None:
+                    return DomainRecord.from_json(again.result, self.settings.model_name)
                 previous = self.domain_in(txn, name)
                 domain_id = previous.id if previous else self.layout.next_domain_id(txn)
                 if contents is not None:
@@ -275,9 +308,14 @@ class KnowledgeStore:
                     position_offsets=contents is not None and contents.offsets is not None,
                     adapt=previous.adapt if previous else None)
                 self.maintenance.prune(txn, record)
+                record.revision = self.layout.record_change(txn, "domain", name)
                 self.save_domain(txn, record)
-                self.layout.record_change(txn, "domain", name)
-            self.traffic.forget(domain_id)
+                idempotency.remember(self.layout, txn, request_id, "build_domain", name, record.revision,
+                                     record.to_json())
+                return record
+
+            record = self.layout.write(write)
+            self.traffic.forget(record.id)
             if progress:
                 progress("writing", 1, 1)
             log.info("built domain %s: L=%d k=%d nodes=%d (%s per depth) %.1f MiB in %.1fs (%s lower model)", name,
@@ -306,11 +344,14 @@ class KnowledgeStore:
     def adapt_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1,
                      settings: AdaptSettings | None = None,
                      progress: Callable[[str, int, int, float], None] | None = None,
-                     model: str = "") -> DomainStatus:
+                     model: str = "", request_id: str = "") -> DomainStatus:
         """MLM-adapts the lower layers on the corpus and stores them as the domain's lower model.
 
         A new domain is created without a PLOT (build it next); an existing one keeps serving its current
         PLOT until it is rebuilt, unless the split layer changes (then the old PLOT no longer fits)."""
+        earlier = self._applied(request_id, "adapt_domain", name)
+        if earlier is not None:
+            return self._status(DomainRecord.from_json(earlier.result, self.settings.model_name))
         parent_record = self.validate_domain_spec(name, parent, split_layer, 1, 1, model=model)
         model = self.model_name(model)
         if self.model_dims[model].is_decoder:
@@ -319,8 +360,12 @@ class KnowledgeStore:
             raise InvalidArgument("domain adaptation needs split layer >= 1 (0 means no lower model)")
         settings = settings or AdaptSettings(split_layer)
         settings.split_layer = split_layer
-        if not 1 <= settings.steps <= 100_000 or not 1 <= settings.batch_size <= 512:
-            raise InvalidArgument("adaptation needs 1..100000 steps and a batch of 1..512 sequences")
+        if not 1 <= settings.steps <= self.settings.max_adapt_steps:
+            raise InvalidArgument(f"adaptation steps {settings.steps} outside 1..{self.settings.max_adapt_steps} "
+                                  f"(the store's --max-adapt-steps)")
+        if not 1 <= settings.batch_size <= self.settings.max_adapt_batch:
+            raise InvalidArgument(f"adaptation batch size {settings.batch_size} outside "
+                                  f"1..{self.settings.max_adapt_batch} (the store's --max-adapt-batch)")
         lines = [line.strip() for line in corpus.splitlines() if line.strip()]
         with self._build_lock:
             existing = self._find_domain(name)
@@ -333,7 +378,11 @@ class KnowledgeStore:
             builder = self.lower_models.base(model)
             sequences = builder.tokenize(lines, settings.max_tokens) if lines else []
             result = adapt_lower_layers(builder.model, builder.tokenizer, sequences, settings, progress)
-            with self.layout.env.begin(write=True) as txn:
+
+            def write(txn: lmdb.Transaction) -> DomainRecord:
+                again = idempotency.applied(self.layout, txn, request_id, "adapt_domain", name)
+                if again is not None:
+                    return DomainRecord.from_json(again.result, self.settings.model_name)
                 record = self.domain_in(txn, name)
                 if record is None or record.split_layer != split_layer:
                     domain_id = record.id if record else self.layout.next_domain_id(txn)
@@ -347,18 +396,31 @@ class KnowledgeStore:
                                            base_loss=result.base_loss, adapted_loss=result.adapted_loss,
                                            seconds=result.seconds, adapted_at=time.time())
                 txn.put(name.encode(), result.weights, db=self.layout.db["lower"])
+                record.revision = self.layout.record_change(txn, "domain", name)
                 self.save_domain(txn, record)
-                self.layout.record_change(txn, "domain", name)
+                idempotency.remember(self.layout, txn, request_id, "adapt_domain", name, record.revision,
+                                     record.to_json())
+                return record
+
+            record = self.layout.write(write)
         log.info("adapted domain %s lower layers [0, %d): %d steps on %d sequences in %.0fs, held-out MLM loss "
                  "%.3f -> %.3f", name, split_layer, result.steps, len(sequences), result.seconds, result.base_loss,
                  result.adapted_loss)
         return self._status(record)
 
     def _find_domain(self, name: str) -> DomainRecord | None:
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             return self.domain_in(txn, name)
 
+    def _applied(self, request_id: str, kind: str, target: str) -> idempotency.Applied | None:
+        idempotency.check_request_id(request_id)
+        if not request_id:
+            return None
+        with self.layout.read() as txn:
+            return idempotency.applied(self.layout, txn, request_id, kind, target)
+
     def get_domain(self, name: str) -> DomainStatus:
+        check_name("domain", name)
         record = self._find_domain(name)
         if record is None:
             raise NotFound(f"domain {name!r} does not exist; create it with `hmi domain build {name} --corpus FILE`")
@@ -371,12 +433,18 @@ class KnowledgeStore:
                             effective_threshold=self.effective_threshold(record.learn_threshold))
 
     def list_domains(self) -> list[DomainStatus]:
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             return [self._status(DomainRecord.from_json(data, self.settings.model_name))
                     for _, data in self.layout.iter_json(txn, "domains")]
 
-    def delete_domain(self, name: str) -> None:
-        with self.layout.env.begin(write=True) as txn:
+    def delete_domain(self, name: str, request_id: str = "") -> None:
+        """With a `request_id` already applied, answers as the first call did (the domain is gone)."""
+        check_name("domain", name)
+        idempotency.check_request_id(request_id)
+
+        def write(txn: lmdb.Transaction) -> DomainRecord | None:
+            if idempotency.applied(self.layout, txn, request_id, "delete_domain", name) is not None:
+                return None
             record = self.domain_in(txn, name)
             if record is None:
                 raise NotFound(f"domain {name!r} does not exist")
@@ -390,25 +458,36 @@ class KnowledgeStore:
             tree.clear_domain(self.layout, txn, record.id)
             txn.delete(name.encode(), db=self.layout.db["lower"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
-            self.layout.record_change(txn, "domain", name)
-        self.traffic.forget(record.id)
-        log.info("deleted domain %s", name)
+            revision = self.layout.record_change(txn, "domain", name)
+            idempotency.remember(self.layout, txn, request_id, "delete_domain", name, revision, {})
+            return record
+
+        record = self.layout.write(write)
+        if record is not None:
+            self.traffic.forget(record.id)
+            log.info("deleted domain %s", name)
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray, context: int = 0,
-               first_positions: np.ndarray | None = None,
-               context_tokens: np.ndarray | None = None) -> tuple[DomainRecord, LookupResult]:
+               first_positions: np.ndarray | None = None, context_tokens: np.ndarray | None = None,
+               domain_revision: int = 0) -> tuple[DomainRecord, LookupResult]:
         """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k.
 
         A generating decoder sends a window of recent tokens per sequence: `first_positions` gives the
         position of each window's first token in its text (for position offsets) and `context_tokens` how
-        many leading tokens are only left context; the result then holds the other tokens' rows only."""
+        many leading tokens are only left context; the result then holds the other tokens' rows only.
+        `domain_revision` (0 = any) must be the domain's current one: a caller that resolved an older build
+        (or a deleted domain of the same name) gets StaleVersion, never another tree's rows."""
+        check_name("domain", domain)
         if len(token_ids) > self.settings.max_lookup_tokens:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
-                                  f"{self.settings.max_lookup_tokens}")
-        with self.layout.env.begin(buffers=True) as txn:
+                                  f"{self.settings.max_lookup_tokens} (the store's --max-lookup-tokens); split it")
+        with self.layout.read(buffers=True) as txn:
             record = self.domain_in(txn, domain)
             if record is None:
                 raise NotFound(f"domain {domain!r} does not exist")
+            if domain_revision and record.revision != domain_revision:
+                raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {domain_revision}: it "
+                                   f"was rebuilt or replaced since the request was resolved")
             vocab = self.dims_of(record).vocab
             if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
                 raise InvalidArgument(f"token ids must lie in [0, {vocab})")
@@ -439,14 +518,53 @@ class KnowledgeStore:
         self.traffic.record(record.id, result, token_ids, offsets, learning)
         return record, result
 
+    def lookup_slices(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
+                      first_positions: np.ndarray | None = None, context_tokens: np.ndarray | None = None,
+                      domain_revision: int = 0,
+                      slice_tokens: int = LOOKUP_SLICE_TOKENS) -> Iterator[tuple[DomainRecord, LookupResult]]:
+        """The lookup a few thousand tokens (whole sequences) at a time, so a large answer streams out without
+        being held in memory at once. A rebuild between two slices fails the call (StaleVersion: retry);
+        traffic growth between slices is fine (every row is one the tree served at that moment)."""
+        if len(token_ids) > self.settings.max_lookup_tokens:
+            raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
+                                  f"{self.settings.max_lookup_tokens} (the store's --max-lookup-tokens); split it")
+        first = None
+        count = len(offsets) - 1
+        start = 0
+        while start < count:
+            end = start + 1
+            while end < count and offsets[end + 1] - offsets[start] <= slice_tokens:
+                end += 1
+            base = offsets[start]
+            record, result = self.lookup(
+                domain, token_ids[base:offsets[end]], offsets[start:end + 1] - base,
+                first_positions=None if first_positions is None else first_positions[start:end],
+                context_tokens=None if context_tokens is None else context_tokens[start:end],
+                domain_revision=domain_revision)
+            if first is None:
+                first = record
+            elif (record.id, record.generation) != (first.id, first.generation):
+                raise StaleVersion(f"domain {domain!r} was rebuilt during the lookup; retry")
+            yield record, result
+            start = end
+
     # ---- tenants -------------------------------------------------------------------------------
 
     def put_tenant(self, tenant_id: str, domain: str, labels: list[str], adapter_bytes: bytes | None = None,
-                   *, rank: int = 0, seed: int = 0, model: str = "") -> TenantRecord:
-        """Registers or replaces a tenant; the adapter is validated against the model and the labels.
+                   *, rank: int = 0, seed: int = 0, model: str = "", request_id: str = "",
+                   has_adapter: bool = False) -> TenantRecord:
+        """Registers or replaces a tenant; the adapter is validated against the model and the labels, and its rank
+        against what the deployment's computes accept (--max-rank). Its adapter version is the change-log revision
+        of this write: unique over the id's whole history, so no cache keyed by (tenant, version) can mistake a
+        re-registered tenant for its deleted predecessor.
 
-        The tenant's base model is its domain's; `model`, when given, must name the same one."""
+        The tenant's base model is its domain's; `model`, when given, must name the same one. `has_adapter`:
+        the caller sent an adapter file, so an empty one is refused rather than replaced by a random adapter.
+        With a `request_id` already applied, answers the first call's record without writing again."""
         check_name("tenant id", tenant_id)
+        earlier = self._applied(request_id, "put_tenant", tenant_id)
+        if earlier is not None:
+            return TenantRecord.from_json(earlier.result, self.settings.model_name)
         labels = [label.strip() for label in labels]
         domain_record = self.get_domain(domain)
         model_of_domain = domain_record.model
@@ -463,32 +581,50 @@ class KnowledgeStore:
                                   f"embedding-only tenant)")
         if any(not label for label in labels) or len(set(labels)) != len(labels):
             raise InvalidArgument("labels must be non-empty and distinct")
+        if any(len(label) > MAX_LABEL_CHARS for label in labels):
+            raise InvalidArgument(f"labels must be at most {MAX_LABEL_CHARS} characters long")
         split_layer = domain_record.split_layer
+        if has_adapter and not adapter_bytes:
+            raise InvalidArgument("adapter: the file is empty (0 bytes); give a safetensors adapter, or none for a "
+                                  "random one")
         if adapter_bytes:
             if len(adapter_bytes) > self.settings.max_adapter_bytes:
                 raise InvalidArgument(f"adapter of {len(adapter_bytes)} bytes exceeds the limit of "
                                       f"{self.settings.max_adapter_bytes}")
             adapter = parse_adapter(adapter_bytes, dims, num_labels=len(labels), min_layer=split_layer)
         else:
-            adapter = random_adapter(dims, num_labels=len(labels), rank=rank or self.settings.default_rank,
-                                     first_layer=split_layer, targets=DEFAULT_TARGETS, seed=seed or None)
+            rank = rank or self.settings.default_rank
+            if not 1 <= rank <= self.settings.max_rank:
+                raise InvalidArgument(f"rank {rank} is outside 1..{self.settings.max_rank} (the largest rank this "
+                                      f"deployment's compute services hold: the store's --max-rank)")
+            adapter = random_adapter(dims, num_labels=len(labels), rank=rank, first_layer=split_layer,
+                                     targets=DEFAULT_TARGETS, seed=seed or None)
             adapter_bytes = serialize_adapter(adapter)
         if adapter.lora and adapter.rank > self.settings.max_rank:
             raise InvalidArgument(f"adapter rank {adapter.rank} is above this deployment's limit of "
-                                  f"{self.settings.max_rank} (compute's and the store's --max-rank, HMI_MAX_RANK): "
-                                  f"use a smaller rank or raise the limit of both")
-        with self.layout.env.begin(write=True) as txn:
+                                  f"{self.settings.max_rank}, the largest rank its compute services hold (compute's "
+                                  f"and the store's --max-rank, HMI_MAX_RANK): retrain with a smaller rank or raise "
+                                  f"the limit of both")
+
+        def write(txn: lmdb.Transaction) -> tuple[TenantRecord, TenantRecord | None]:
+            again = idempotency.applied(self.layout, txn, request_id, "put_tenant", tenant_id)
+            if again is not None:
+                return TenantRecord.from_json(again.result, self.settings.model_name), None
             if self.domain_in(txn, domain) is None:
                 raise NotFound(f"domain {domain!r} was deleted meanwhile")
             previous = self._tenant_in(txn, tenant_id)
+            revision = self.layout.record_change(txn, "tenant", tenant_id)
             record = TenantRecord(
-                tenant_id=tenant_id, domain=domain, labels=labels,
-                adapter_version=(previous.adapter_version + 1) if previous else 1, adapter_bytes=len(adapter_bytes),
-                rank=adapter.rank, targets=list(adapter.targets), layers=adapter.layers, updated_at=time.time(),
-                split_layer=split_layer, seed=seed, model=model_of_domain)
+                tenant_id=tenant_id, domain=domain, labels=labels, adapter_version=revision,
+                adapter_bytes=len(adapter_bytes), rank=adapter.rank, targets=list(adapter.targets),
+                layers=adapter.layers, updated_at=time.time(), split_layer=split_layer, seed=seed,
+                model=model_of_domain)
             self.layout.put_json(txn, "tenants", tenant_id, record.to_json())
             txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
-            self.layout.record_change(txn, "tenant", tenant_id)
+            idempotency.remember(self.layout, txn, request_id, "put_tenant", tenant_id, revision, record.to_json())
+            return record, previous
+
+        record, previous = self.layout.write(write)
         log.info("%s tenant %s (domain %s, %d labels, rank %d, version %d)",
                  "replaced" if previous else "registered", tenant_id, domain, len(labels), adapter.rank,
                  record.adapter_version)
@@ -499,14 +635,15 @@ class KnowledgeStore:
         return None if data is None else TenantRecord.from_json(data, self.settings.model_name)
 
     def get_tenant(self, tenant_id: str) -> TenantRecord:
-        with self.layout.env.begin() as txn:
+        check_name("tenant id", tenant_id)
+        with self.layout.read() as txn:
             record = self._tenant_in(txn, tenant_id)
         if record is None:
             raise NotFound(f"tenant {tenant_id!r} is not registered")
         return record
 
     def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> tuple[list[TenantRecord], int]:
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             selected, total = [], 0
             for tenant_id, record in self.layout.iter_json(txn, "tenants"):
                 if domain and record["domain"] != domain:
@@ -516,18 +653,28 @@ class KnowledgeStore:
                     selected.append(TenantRecord.from_json(record, self.settings.model_name))
         return selected, total
 
-    def delete_tenant(self, tenant_id: str) -> None:
-        with self.layout.env.begin(write=True) as txn:
+    def delete_tenant(self, tenant_id: str, request_id: str = "") -> None:
+        """With a `request_id` already applied, answers as the first call did (the tenant is gone)."""
+        check_name("tenant id", tenant_id)
+        idempotency.check_request_id(request_id)
+
+        def write(txn: lmdb.Transaction) -> bool:
+            if idempotency.applied(self.layout, txn, request_id, "delete_tenant", tenant_id) is not None:
+                return False
             if txn.get(tenant_id.encode(), db=self.layout.db["tenants"]) is None:
                 raise NotFound(f"tenant {tenant_id!r} is not registered")
             txn.delete(tenant_id.encode(), db=self.layout.db["tenants"])
             txn.delete(tenant_id.encode(), db=self.layout.db["adapters"])
-            self.layout.record_change(txn, "tenant", tenant_id)
-        log.info("deleted tenant %s", tenant_id)
+            revision = self.layout.record_change(txn, "tenant", tenant_id)
+            idempotency.remember(self.layout, txn, request_id, "delete_tenant", tenant_id, revision, {})
+            return True
+
+        if self.layout.write(write):
+            log.info("deleted tenant %s", tenant_id)
 
     def changes_after(self, revision: int, limit: int = CHANGES_PER_REPLY) -> ChangeFeed:
         """Tenants and domains written after `revision`, for caches elsewhere (the gateway's directory)."""
-        with self.layout.env.begin() as txn:
+        with self.layout.read() as txn:
             changes, complete = self.layout.changes_after(txn, revision, limit)
             latest = self.layout.revision(txn)
         if revision > latest:
@@ -535,12 +682,33 @@ class KnowledgeStore:
         return ChangeFeed(self.layout.store_id, latest, changes, complete)
 
     def get_adapter(self, tenant_id: str, version: int = 0) -> tuple[TenantRecord, bytes]:
-        with self.layout.env.begin() as txn:
+        check_name("tenant id", tenant_id)
+        if version < 0:
+            raise InvalidArgument(f"adapter version {version} is negative (0 = the current one)")
+        with self.layout.read() as txn:
             record = self._tenant_in(txn, tenant_id)
             if record is None:
                 raise NotFound(f"tenant {tenant_id!r} is not registered")
             if version and record.adapter_version != version:
-                raise FailedPrecondition(f"tenant {tenant_id!r} has adapter version {record.adapter_version}, "
-                                         f"not {version}")
+                raise StaleVersion(f"tenant {tenant_id!r} has adapter version {record.adapter_version}, not {version}: "
+                                   f"it was replaced since the request was resolved")
             data = txn.get(tenant_id.encode(), db=self.layout.db["adapters"])
         return record, bytes(data)
+
+    def backup(self, path: Path) -> dict[str, float]:
+        """A consistent, compacted copy of the whole store (one LMDB read snapshot, so it holds every write
+        acknowledged before it began) into the new or empty folder `path`, as `path`/data.mdb."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FailedPrecondition(f"backup folder {str(path)!r} exists and is not empty; give a new folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidArgument(f"cannot create backup folder {str(path)!r} on the store's machine: "
+                                  f"{error}") from None
+        started = time.monotonic()
+        with self.layout.read() as txn:
+            revision = self.layout.revision(txn)
+        self.layout.copy_to(path)
+        return {"path": str(path.resolve()), "bytes": (path / "data.mdb").stat().st_size, "revision": revision,
+                "seconds": time.monotonic() - started}

@@ -8,6 +8,7 @@ inside its transactions, a domain's ancestry, lower model and position offsets, 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Protocol
 
 import lmdb
@@ -37,6 +38,7 @@ class MaintainedStore(Protocol):
     layout: StoreLayout
     settings: StoreSettings
     traffic: TrafficLog
+    stopping: threading.Event       # set when the store stops: the current flush ends early
 
     def list_domains(self) -> list[DomainRecord]: ...
     def domain_in(self, txn: lmdb.Transaction, name: str) -> DomainRecord | None: ...
@@ -62,7 +64,7 @@ class TreeMaintenance:
             return summary
         names = {record.id: record.name for record in self.store.list_domains()}
         for domain_id, pending in pending_all.items():
-            if domain_id not in names:
+            if domain_id not in names or self.store.stopping.is_set():
                 continue
             candidates, record = self._count_traffic(names[domain_id], pending)
             summary["counted"] += len(pending.counts)
@@ -77,10 +79,12 @@ class TreeMaintenance:
         """One write txn: node hit counts and missing-context counts; returns contexts over the threshold."""
         candidates: dict[bytes, list] = {}
         traffic = self.layout.db["traffic"]
-        with self.layout.env.begin(write=True) as txn:
+
+        def write(txn):
+            candidates.clear()     # a retry (after the map grew) starts over
             record = self.store.domain_in(txn, name)
             if record is None:
-                return candidates, None
+                return None
             threshold = self.store.effective_threshold(record.learn_threshold)
             tree.add_hits(self.layout, txn, pending.hits)
             for key, count in pending.counts.items():
@@ -99,6 +103,11 @@ class TreeMaintenance:
             if record.traffic_entries > self.settings.max_traffic_entries:
                 record.traffic_entries -= self._forget_rare_traffic(txn, record)
             self.store.save_domain(txn, record)
+            return record
+
+        record = self.layout.write(write)
+        if record is None:
+            return candidates, None
         if pending.dropped:
             log.warning("domain %s: %d contexts not counted (more than %d distinct per flush)", name,
                         pending.dropped, self.settings.max_pending_contexts)
@@ -148,10 +157,11 @@ class TreeMaintenance:
                 seen[index] += 1
         vectors = (sums / np.maximum(seen, 1)[:, None]).astype(np.float16)
         traffic = self.layout.db["traffic"]
-        with self.layout.env.begin(write=True) as txn:
+
+        def write(txn) -> tuple[list[int], int]:
             current = self.store.domain_in(txn, record.name)
             if current is None or current.generation != record.generation:
-                return 0, 0   # rebuilt or deleted meanwhile: these counts belong to a tree that is gone
+                return [], 0   # rebuilt or deleted meanwhile: these counts belong to a tree that is gone
             chain = self.store.ancestry(txn, current)
             chosen = []
             for index, key in enumerate(keys):
@@ -179,6 +189,9 @@ class TreeMaintenance:
             current.plot_bytes = current.nodes * record.row_bytes
             pruned = self.prune(txn, current)
             self.store.save_domain(txn, current)
+            return chosen, pruned
+
+        chosen, pruned = self.layout.write(write)
         if chosen:
             log.info("domain %s: materialised %d context(s) from traffic, pruned %d", record.name, len(chosen),
                      pruned)

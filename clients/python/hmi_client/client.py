@@ -1,11 +1,18 @@
 """HMIClient: the Gateway (classify, embed, generate) and Admin (domains, tenants) services in one object.
 
 Plain grpcio and protobuf: every call takes the client's timeout unless given one, and every failure is
-raised as a typed exception (hmi_client.errors)."""
+raised as a typed exception (hmi_client.errors).
+
+Calls that are safe to repeat are retried on UNAVAILABLE (the gateway or a service behind it restarting)
+with exponential backoff, within the call's timeout: reads, classification and embedding, and every write,
+because each write carries a request id generated once per call, so a retry after a lost answer returns
+the first result instead of applying the write twice. Generation streams are not retried."""
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 
@@ -25,6 +32,12 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+RETRY_BACKOFF = (0.1, 0.2, 0.4, 0.8, 1.6)    # seconds before each further attempt
+T = TypeVar("T")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -75,9 +88,11 @@ def split_chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
 
 
 class HMIClient:
-    def __init__(self, address: str, timeout: float = 30.0, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, retries: int = 4, *,
+                 channel: grpc.Channel | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.retries = retries                # further attempts after UNAVAILABLE (0: none)
         self.channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
@@ -91,17 +106,32 @@ class HMIClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _retrying(self, call: Callable[[float], T], timeout: float | None = None) -> T:
+        """Runs `call(remaining_timeout)`, again after UNAVAILABLE with backoff, never past the timeout."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        for attempt in range(self.retries + 1):
+            try:
+                return call(max(0.01, deadline - time.monotonic()))
+            except grpc.RpcError as error:
+                pause = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
+                if (not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE
+                        or attempt == self.retries or time.monotonic() + pause >= deadline):
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
     # ---- admin ---------------------------------------------------------------------------------
 
     def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True,
                      progress: Callable[[catalog.BuildDomainProgress], None] | None = None,
-                     timeout: float | None = None, model: str = "") -> catalog.Domain:
+                     timeout: float | None = None, model: str = "", request_id: str = "") -> catalog.Domain:
         """Builds or rebuilds a domain's PLOT from a corpus (one sequence per line); split_layer -1 = default."""
         spec = catalog.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
                                   min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,
-                                  no_position_offsets=not position_offsets, model=model)
+                                  no_position_offsets=not position_offsets, model=model,
+                                  request_id=request_id or new_request_id())
 
         def requests() -> Iterator[catalog.BuildDomainRequest]:
             yield catalog.BuildDomainRequest(spec=spec)
@@ -109,76 +139,96 @@ class HMIClient:
                 yield catalog.BuildDomainRequest(corpus_chunk=chunk)
 
         with translated():
-            return _final_domain(self.admin.BuildDomain(requests(), timeout=timeout or 3600), progress)
+            return self._retrying(lambda left: _final_domain(self.admin.BuildDomain(requests(), timeout=left),
+                                                             progress), timeout or 3600)
 
     def adapt_domain(self, name: str, corpus: str, *, split_layer: int, parent: str = "", steps: int = 0,
                      batch_size: int = 0, learning_rate: float = 0.0, seed: int = 0,
                      progress: Callable[[catalog.BuildDomainProgress], None] | None = None,
-                     timeout: float | None = None) -> catalog.Domain:
+                     timeout: float | None = None, request_id: str = "") -> catalog.Domain:
+        request_id = request_id or new_request_id()
+
         def requests() -> Iterator[catalog.AdaptDomainRequest]:
             yield catalog.AdaptDomainRequest(spec=catalog.DomainSpec(name=name, parent=parent,
-                                                                     split_layer=split_layer))
+                                                                     split_layer=split_layer,
+                                                                     request_id=request_id))
             yield catalog.AdaptDomainRequest(settings=catalog.AdaptSettings(
                 steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed))
             for chunk in split_chunks(corpus.encode("utf-8")):
                 yield catalog.AdaptDomainRequest(corpus_chunk=chunk)
 
         with translated():
-            return _final_domain(self.admin.AdaptDomain(requests(), timeout=timeout or 3600), progress)
+            return self._retrying(lambda left: _final_domain(self.admin.AdaptDomain(requests(), timeout=left),
+                                                             progress), timeout or 3600)
 
     def get_domain(self, name: str) -> catalog.Domain:
+        request = catalog.GetDomainRequest(name=name)
         with translated():
-            return self.admin.GetDomain(catalog.GetDomainRequest(name=name), timeout=self.timeout)
+            return self._retrying(lambda left: self.admin.GetDomain(request, timeout=left))
 
     def list_domains(self) -> list[catalog.Domain]:
         with translated():
-            return list(self.admin.ListDomains(catalog.ListDomainsRequest(), timeout=self.timeout).domains)
+            return list(self._retrying(lambda left: self.admin.ListDomains(catalog.ListDomainsRequest(),
+                                                                           timeout=left)).domains)
 
-    def delete_domain(self, name: str) -> None:
+    def delete_domain(self, name: str, request_id: str = "") -> None:
+        request = catalog.DeleteDomainRequest(name=name, request_id=request_id or new_request_id())
         with translated():
-            self.admin.DeleteDomain(catalog.DeleteDomainRequest(name=name), timeout=self.timeout)
+            self._retrying(lambda left: self.admin.DeleteDomain(request, timeout=left))
 
     def register_tenant(self, tenant_id: str, domain: str, labels: list[str] | None = None,
                         adapter: bytes | None = None, *, rank: int = 0, seed: int = 0,
-                        model: str = "") -> catalog.Tenant:
+                        model: str = "", request_id: str = "") -> catalog.Tenant:
         """Registers or replaces a tenant: a classifier (labels), an embedder (an encoder's tenant without
-        labels) or a generator (a decoder's). `adapter`: HMI's safetensors bytes; None = a random adapter."""
+        labels) or a generator (a decoder's). `adapter`: HMI's safetensors bytes (even empty ones, which the
+        store refuses); None = a random adapter. Retried on UNAVAILABLE under one request id: applied once."""
+        spec = catalog.TenantSpec(tenant_id=tenant_id, domain=domain, labels=labels or [], rank=rank, seed=seed,
+                                  model=model, request_id=request_id or new_request_id(),
+                                  has_adapter=adapter is not None)
+
         def requests() -> Iterator[catalog.PutTenantRequest]:
-            yield catalog.PutTenantRequest(spec=catalog.TenantSpec(
-                tenant_id=tenant_id, domain=domain, labels=labels or [], rank=rank, seed=seed, model=model))
+            yield catalog.PutTenantRequest(spec=spec)
             for chunk in split_chunks(adapter or b""):
                 yield catalog.PutTenantRequest(adapter_chunk=chunk)
 
         with translated():
-            return self.admin.RegisterTenant(requests(), timeout=self.timeout)
+            return self._retrying(lambda left: self.admin.RegisterTenant(requests(), timeout=left))
 
     def get_tenant(self, tenant_id: str) -> catalog.Tenant:
+        request = catalog.GetTenantRequest(tenant_id=tenant_id)
         with translated():
-            return self.admin.GetTenant(catalog.GetTenantRequest(tenant_id=tenant_id), timeout=self.timeout)
+            return self._retrying(lambda left: self.admin.GetTenant(request, timeout=left))
 
     def list_tenants(self, domain: str = "", limit: int = 0, after: str = "") -> catalog.ListTenantsResponse:
+        request = catalog.ListTenantsRequest(domain=domain, limit=limit, after=after)
         with translated():
-            return self.admin.ListTenants(catalog.ListTenantsRequest(domain=domain, limit=limit, after=after),
-                                          timeout=self.timeout)
+            return self._retrying(lambda left: self.admin.ListTenants(request, timeout=left))
 
     def get_adapter(self, tenant_id: str, version: int = 0) -> bytes:
         """The tenant's adapter file (HMI's safetensors format); version 0 = the current one."""
+        request = catalog.GetAdapterRequest(tenant_id=tenant_id, version=version)
         with translated():
-            chunks = self.admin.GetAdapter(catalog.GetAdapterRequest(tenant_id=tenant_id, version=version),
-                                           timeout=self.timeout)
-            return b"".join(chunk.data for chunk in chunks)
+            return self._retrying(lambda left: b"".join(chunk.data for chunk in
+                                                        self.admin.GetAdapter(request, timeout=left)))
 
-    def delete_tenant(self, tenant_id: str) -> None:
+    def delete_tenant(self, tenant_id: str, request_id: str = "") -> None:
+        request = catalog.DeleteTenantRequest(tenant_id=tenant_id, request_id=request_id or new_request_id())
         with translated():
-            self.admin.DeleteTenant(catalog.DeleteTenantRequest(tenant_id=tenant_id), timeout=self.timeout)
+            self._retrying(lambda left: self.admin.DeleteTenant(request, timeout=left))
+
+    def backup(self, path: str, timeout: float | None = None) -> catalog.BackupResponse:
+        """A consistent copy of the running store into `path`, a new folder on the store's machine."""
+        request = catalog.BackupRequest(path=path)
+        with translated():
+            return self._retrying(lambda left: self.admin.Backup(request, timeout=left), timeout or 3600)
 
     # ---- public --------------------------------------------------------------------------------
 
     def classify(self, tenant_id: str, texts: list[str], timeout: float | None = None,
                  truncate: bool = False) -> list[Prediction]:
+        request = pb.ClassifyRequest(tenant_id=tenant_id, texts=texts, truncate=truncate)
         with translated():
-            response = self.gateway.Classify(pb.ClassifyRequest(tenant_id=tenant_id, texts=texts, truncate=truncate),
-                                             timeout=timeout or self.timeout)
+            response = self._retrying(lambda left: self.gateway.Classify(request, timeout=left), timeout)
         return [Prediction(r.label, dict(zip(r.labels, r.probabilities))) for r in response.results]
 
     def classify_future(self, tenant_id: str, texts: list[str], timeout: float | None = None):
@@ -188,9 +238,9 @@ class HMIClient:
 
     def embed(self, tenant_id: str, texts: list[str], timeout: float | None = None,
               truncate: bool = False) -> list[list[float]]:
+        request = pb.EmbedRequest(tenant_id=tenant_id, texts=texts, truncate=truncate)
         with translated():
-            response = self.gateway.Embed(pb.EmbedRequest(tenant_id=tenant_id, texts=texts, truncate=truncate),
-                                          timeout=timeout or self.timeout)
+            response = self._retrying(lambda left: self.gateway.Embed(request, timeout=left), timeout)
         return [list(e.values) for e in response.embeddings]
 
     def generate(self, tenant_id: str, prompt: str, *, max_new_tokens: int = 0, temperature: float = 0.0,

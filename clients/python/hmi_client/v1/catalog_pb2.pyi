@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model")
+    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class DomainSpec(_message.Message):
     LEARN_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NO_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     split_layer: int
@@ -27,10 +28,11 @@ class DomainSpec(_message.Message):
     learn_threshold: int
     no_position_offsets: bool
     model: str
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets")
+    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets", "revision")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +51,7 @@ class Domain(_message.Message):
     RECENT_HIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     ADAPT_FIELD_NUMBER: _ClassVar[int]
     POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     spec: DomainSpec
     model: str
     hidden_size: int
@@ -67,7 +70,8 @@ class Domain(_message.Message):
     recent_hit_depths: _containers.RepeatedScalarFieldContainer[int]
     adapt: AdaptReport
     position_offsets: bool
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ...) -> None: ...
+    revision: int
+    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class AdaptSettings(_message.Message):
     __slots__ = ("steps", "batch_size", "learning_rate", "seed")
@@ -144,28 +148,32 @@ class ListDomainsResponse(_message.Message):
     def __init__(self, domains: _Optional[_Iterable[_Union[Domain, _Mapping]]] = ...) -> None: ...
 
 class DeleteDomainRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteDomainResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens")
+    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens", "domain_revision")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     FIRST_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_REVISION_FIELD_NUMBER: _ClassVar[int]
     domain: str
     token_ids: _tensor_pb2.Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
     first_positions: _containers.RepeatedScalarFieldContainer[int]
     context_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    domain_revision: int
+    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ..., domain_revision: _Optional[int] = ...) -> None: ...
 
 class LookupHeader(_message.Message):
     __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts")
@@ -188,20 +196,24 @@ class LookupResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class TenantSpec(_message.Message):
-    __slots__ = ("tenant_id", "domain", "labels", "rank", "seed", "model")
+    __slots__ = ("tenant_id", "domain", "labels", "rank", "seed", "model", "request_id", "has_adapter")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     domain: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     rank: int
     seed: int
     model: str
-    def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    request_id: str
+    has_adapter: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., has_adapter: _Optional[bool] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("spec", "adapter_version", "adapter_bytes", "rank", "targets", "layers", "updated_at", "split_layer")
@@ -256,10 +268,12 @@ class ListTenantsResponse(_message.Message):
     def __init__(self, tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class DeleteTenantRequest(_message.Message):
-    __slots__ = ("tenant_id",)
+    __slots__ = ("tenant_id", "request_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
-    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteTenantResponse(_message.Message):
     __slots__ = ()
@@ -272,3 +286,21 @@ class GetAdapterRequest(_message.Message):
     tenant_id: str
     version: int
     def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class BackupResponse(_message.Message):
+    __slots__ = ("path", "bytes", "revision", "seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    bytes: int
+    revision: int
+    seconds: float
+    def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., revision: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

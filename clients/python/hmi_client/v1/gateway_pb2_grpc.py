@@ -254,6 +254,11 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/hmi.v1.Admin/Backup',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -328,6 +333,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """A consistent copy of the knowledge store into a folder on the store's machine (`hmi store backup`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -385,6 +397,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -685,6 +702,33 @@ class Admin:
             '/hmi.v1.Admin/GetAdapter',
             hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/Backup',
+            hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
             options,
             channel_credentials,
             insecure,
