@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     services = ServiceSet.on_free_ports(data_dir, model=args.model, log_dir=args.out.with_suffix("").with_name(
         args.out.stem + "-logs"))
     services.start(timeout=300)
+    os.environ["HMI_TOKEN"] = services.admin_token or ""     # every client below acts as the admin
     names = [s.name for s in services.services]
     pids = {s.name: s.process.pid for s in services.services}
     try:

@@ -1,6 +1,7 @@
 """`hmi`: start the services, administer domains and tenants, classify, embed and generate from the shell.
 
-Client commands reach the gateway at HMI_GATEWAY_ADDR (or --gateway). Every failed call exits
+Client commands reach the gateway at HMI_GATEWAY_ADDR (or --gateway) with the credential in HMI_TOKEN (or
+--token; on the deployment's machine the admin token `hmi up` wrote into HMI_DATA_DIR). Every failed call exits
 non-zero with the server's status and message.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 import grpc
 
-from hmi.commands import deployment, domains, inference, store, tenants, tools
+from hmi.commands import deployment, domains, inference, keys, store, tenants, tools
 from services.common.errors import HMIError
 
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (deployment, domains, tenants, inference, store, tools):
+    for group in (deployment, domains, tenants, keys, inference, store, tools):
         group.add_parsers(sub)
     return parser
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if code == "UNAVAILABLE" and "gateway" in args and "peer service" not in (details or ""):
             hint = f" (is HMI running at {args.gateway}? start it with `hmi up`)"
+        elif code == "UNAUTHENTICATED":
+            hint = " (set HMI_TOKEN to an API key or the admin token, or pass --token)"
         print(f"error: {code}: {details}{hint}", file=sys.stderr)
         return 1
     except HMIError as error:

@@ -62,7 +62,7 @@ def run_demo(args) -> int:
     services.start()
     print(f"services ready in {time.perf_counter() - started:.1f}s: gateway {services.gateway_addr}", flush=True)
     try:
-        with HMIClient(services.gateway_addr, timeout=120) as client:
+        with services.client(timeout=120) as client:     # the admin token the launcher made
             _run(client, args)
     finally:
         services.stop()

@@ -1,5 +1,9 @@
 """Starts the three services as separate processes with `hmi serve ...` (the command compose runs too),
-waits until each reports SERVING on the standard health service, and stops them cleanly."""
+waits until each reports SERVING on the standard health service, and stops them cleanly.
+
+Authentication is on unless `auth` is False: the launcher makes the admin token (HMI_DATA_DIR/admin.token)
+and the service secret (HMI_DATA_DIR/service.secret) on first start, mode 0600, unless HMI_ADMIN_TOKEN /
+HMI_SERVICE_SECRET are set, and hands the services the files (never a secret on a command line)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from hmi.client import is_serving
+from hmi.client import HMIClient, is_serving
+from hmi.credentials import ADMIN_TOKEN_FILE, SERVICE_SECRET_FILE
+from services.common.auth.peers import PeerSecurity
+from services.common.auth.secret_files import ensure_secret_file
 from services.common.model_specs import model_name
 
 
@@ -41,6 +48,18 @@ class Service:
     log_file: IO | None = None
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """One certificate for every service of a local deployment (its names must cover the addresses used), the
+    key, and the CA that signed it (peers verify each other with it: mutual TLS between the services)."""
+    cert: Path
+    key: Path
+    ca: Path
+
+    def args(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-ca", str(self.ca)]
+
+
 @dataclass
 class ServiceSet:
     data_dir: Path
@@ -53,6 +72,10 @@ class ServiceSet:
     services: list[Service] = field(default_factory=list)
     other_compute: dict[str, str] = field(default_factory=dict)   # one replica per further model: name -> address
     http_addr: str = "off"               # the gateway's HTTP front door (HOST:PORT), or "off"
+    auth: bool = True                    # False: every service with --auth off (tests of other things)
+    tls: TlsFiles | None = None
+    admin_token: str | None = None       # known once start() made or read it
+    service_secret: str | None = None
 
     def __post_init__(self) -> None:
         for entry in self.model_entries()[1:]:
@@ -64,6 +87,58 @@ class ServiceSet:
         return cls(data_dir=data_dir, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=f"127.0.0.1:{free_port()}",
                    compute_addrs=[f"127.0.0.1:{free_port()}" for _ in range(computes)], **kwargs)
 
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.extra_env}
+
+    @property
+    def admin_token_file(self) -> Path | None:
+        """Where the admin token is kept, None when HMI_ADMIN_TOKEN gives it (or auth is off)."""
+        if not self.auth or self._env().get("HMI_ADMIN_TOKEN"):
+            return None
+        return self.data_dir / ADMIN_TOKEN_FILE
+
+    @property
+    def service_secret_file(self) -> Path | None:
+        if not self.auth or self._env().get("HMI_SERVICE_SECRET"):
+            return None
+        return self.data_dir / SERVICE_SECRET_FILE
+
+    def prepare_credentials(self) -> bool:
+        """Makes (or reads) the admin token and the service secret; True when the admin token was made now."""
+        if not self.auth:
+            return False
+        made = False
+        if self.admin_token_file is not None:
+            self.admin_token, made = ensure_secret_file(self.admin_token_file)
+        else:
+            self.admin_token = self._env()["HMI_ADMIN_TOKEN"].strip()
+        if self.service_secret_file is not None:
+            self.service_secret, _ = ensure_secret_file(self.service_secret_file)
+        else:
+            self.service_secret = self._env()["HMI_SERVICE_SECRET"].strip()
+        return made
+
+    def _security_args(self, service: str) -> list[str]:
+        args = [] if self.auth else ["--auth", "off"]
+        if self.service_secret_file is not None:
+            args += ["--service-secret-file", str(self.service_secret_file)]
+        if service == "gateway" and self.admin_token_file is not None:
+            args += ["--admin-token-file", str(self.admin_token_file)]
+        return args + (self.tls.args() if self.tls is not None else [])
+
+    def peer_security(self) -> PeerSecurity:
+        """What a process needs to call the store or compute directly, as the services do (tests, tools)."""
+        tls = self.tls
+        return PeerSecurity(service_secret=self.service_secret, auth=self.auth,
+                            tls_cert=str(tls.cert) if tls else None, tls_key=str(tls.key) if tls else None,
+                            tls_ca=str(tls.ca) if tls else None)
+
+    def client(self, timeout: float = 60.0, **kwargs) -> HMIClient:
+        """A client of the gateway with the admin credential (and the CA, with TLS)."""
+        kwargs.setdefault("token", self.admin_token or "")
+        kwargs.setdefault("tls_ca", str(self.tls.ca) if self.tls else "")
+        return HMIClient(self.gateway_addr, timeout=timeout, **kwargs)
+
     def model_entries(self) -> list[str]:
         return [part.strip() for part in self.model.split(",") if part.strip()]
 
@@ -71,26 +146,29 @@ class ServiceSet:
         entries = self.model_entries()
         every_model = [arg for entry in entries for arg in ("--model", entry)]
         services = [Service("store", self.store_addr, ["store", "--listen", self.store_addr,
-                                                       "--data-dir", str(self.data_dir)] + every_model)]
+                                                       "--data-dir", str(self.data_dir)] + every_model
+                            + self._security_args("store"))]
         for index, address in enumerate(self.compute_addrs):
             services.append(Service(f"compute-{index}" if len(self.compute_addrs) > 1 else "compute", address,
                                     ["compute", "--listen", address, "--store", self.store_addr,
-                                     "--model", entries[0]]))
+                                     "--model", entries[0]] + self._security_args("compute")))
         for entry in entries[1:]:
             name = model_name(entry)
             services.append(Service(f"compute-{name}", self.other_compute[name],
                                     ["compute", "--listen", self.other_compute[name], "--store", self.store_addr,
-                                     "--model", entry]))
+                                     "--model", entry] + self._security_args("compute")))
         routes = [f"{model_name(entries[0])}={','.join(self.compute_addrs)}"] + [
             f"{name}={address}" for name, address in self.other_compute.items()]
         services.append(Service("gateway", self.gateway_addr,
                                 ["gateway", "--listen", self.gateway_addr, "--http", self.http_addr,
                                  "--store", self.store_addr]
-                                + [arg for route in routes for arg in ("--compute", route)] + every_model))
+                                + [arg for route in routes for arg in ("--compute", route)] + every_model
+                                + self._security_args("gateway")))
         return services
 
     def start(self, timeout: float = 120.0, only: list[str] | None = None) -> None:
         """Starts every planned service (or the named ones) and waits for each to be SERVING."""
+        self.prepare_credentials()
         planned = [s for s in self.plan() if only is None or s.name in only]
         # All services share this machine's cores: compute's torch takes half of them (measured on 2 cores:
         # 1 thread gave ~1.8x the throughput of torch's default, which oversubscribes the CPU).
@@ -114,7 +192,9 @@ class ServiceSet:
             if service.process.poll() is not None:
                 raise RuntimeError(f"{service.name} exited with code {service.process.returncode} while starting"
                                    + (f"; see {self.log_dir / (service.name + '.log')}" if self.log_dir else ""))
-            if is_serving(service.address, timeout=0.5):
+            tls = self.tls
+            if is_serving(service.address, timeout=0.5, tls_ca=str(tls.ca) if tls else None,
+                          tls_cert=str(tls.cert) if tls else None, tls_key=str(tls.key) if tls else None):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{service.name} did not report SERVING on {service.address} within {timeout:.0f}s")

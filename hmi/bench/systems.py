@@ -215,16 +215,16 @@ class HmiDeployment:
                  context: int, corpus: list[str], start_timeout: float, call_timeout: float) -> None:
         from tqdm import tqdm
 
-        from hmi.client import HMIClient
         from hmi.launcher import ServiceSet
         self.dims = ModelDims.from_dir(settings.model_dir)
         self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
         self.logs_dir = settings.logs_dir
         data = Path(self.folder.name)
         self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
-        self.client = HMIClient(self.services.gateway_addr, timeout=call_timeout)
+        self.client = None
         try:
             self.services.start(timeout=start_timeout)
+            self.client = self.services.client(timeout=call_timeout)     # the admin token the launcher made
             self.client.build_domain("bench", "\n".join(corpus), split_layer=settings.split_layer, context=context,
                                      min_count=2, learn_threshold=-1)
             for tenant in tqdm(range(tenants), desc="registering HMI tenants", mininterval=5):
@@ -238,14 +238,14 @@ class HmiDeployment:
         return {s.name: s.process.pid for s in self.services.services if s.process is not None}
 
     def compute_stats(self):
-        import grpc
-
         from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
-        with grpc.insecure_channel(self.services.compute_addrs[0]) as channel:
+        from services.common.rpc import channel as service_channel
+        with service_channel(self.services.compute_addrs[0], security=self.services.peer_security()) as channel:
             return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.services.stop()
         if self.logs_dir is not None:   # what each service logged (batch sizes, stage times, hit rates)
             shutil.copytree(Path(self.folder.name) / "logs", self.logs_dir, dirs_exist_ok=True)

@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from hmi.launcher import ServiceSet
+    from hmi.launcher import ServiceSet, TlsFiles
     host = args.gateway.rsplit(":", 1)[0]
     compute = split_addresses(args.compute_addrs)
     if args.computes > len(compute):
@@ -30,14 +30,28 @@ def cmd_up(args) -> int:
     services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=args.store_addr,
                           compute_addrs=compute[:max(1, args.computes)],
                           model=",".join(args.model) if args.model else env("HMI_MODEL"),
-                          log_dir=Path(args.log_dir) if args.log_dir else None, http_addr=args.http)
+                          log_dir=Path(args.log_dir) if args.log_dir else None, http_addr=args.http,
+                          auth=args.auth == "on",
+                          tls=TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
+                          if args.tls_cert else None)
+    if args.tls_cert and not (args.tls_key and args.tls_ca):
+        raise SystemExit("hmi up --tls-cert needs --tls-key and --tls-ca (the services verify each other with it)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        made = services.prepare_credentials()
+        if services.admin_token_file is not None:
+            print(f"admin token {'written to' if made else 'in'} {services.admin_token_file.resolve()} (mode 0600): "
+                  f"the CLI on this machine uses it; elsewhere set HMI_TOKEN, or make API keys with `hmi key create`",
+                  flush=True)
+        elif not services.auth:
+            print("warning: authentication is OFF (--auth off): anyone who reaches these ports may call every method",
+                  file=sys.stderr, flush=True)
         services.start(timeout=args.start_timeout)
         others = "".join(f", {name} compute {address}" for name, address in services.other_compute.items())
-        http = f", http http://{args.http}" if args.http.lower() != "off" else ""
+        scheme = "https" if args.tls_cert else "http"
+        http = f", http {scheme}://{args.http}" if args.http.lower() != "off" else ""
         print(f"HMI is ready: gateway {args.gateway}{http}, store {args.store_addr}, "
               f"compute {','.join(services.compute_addrs)}{others}"
               f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
@@ -65,6 +79,14 @@ def add_parsers(sub) -> None:
                          "replica each; the first is the default and gets --computes replicas) [HMI_MODEL]")
     up.add_argument("--log-dir", default=None, help="write each service's log there instead of this terminal")
     up.add_argument("--start-timeout", type=float, default=180.0)
+    up.add_argument("--auth", choices=("on", "off"), default=env("HMI_AUTH", "on"),
+                    help="credentials required (default); 'off' only for tests and trusted networks [HMI_AUTH]")
+    up.add_argument("--tls-cert", default=env("HMI_TLS_CERT", "") or None,
+                    help="PEM certificate for every service (its names must cover the addresses) [HMI_TLS_CERT]")
+    up.add_argument("--tls-key", default=env("HMI_TLS_KEY", "") or None, help="[HMI_TLS_KEY]")
+    up.add_argument("--tls-ca", default=env("HMI_TLS_CA", "") or None,
+                    help="the CA that signed it: clients verify the gateway with it, the services each other "
+                         "(mutual TLS) [HMI_TLS_CA]")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run one service in the foreground (what compose runs)")

@@ -52,6 +52,22 @@ def _from_peft(client, args, labels: list[str]) -> tuple[bytes, list[str]]:
     return converted.adapter, labels
 
 
+LIMIT_FIELDS = ("rps", "tps", "max_concurrent", "max_queued", "priority")
+
+
+def cmd_tenant_limits(args) -> int:
+    with connect(args) as client:
+        limits = client.get_tenant_limits(args.tenant_id)
+        changes = {name: getattr(args, name) for name in LIMIT_FIELDS if getattr(args, name) is not None}
+        if changes:
+            values = {name: getattr(limits, name) for name in LIMIT_FIELDS} | changes
+            limits = client.set_tenant_limits(args.tenant_id, **values)
+    shown = ", ".join(f"{name} {getattr(limits, name):g}" if getattr(limits, name) else f"{name} -"
+                      for name in LIMIT_FIELDS)
+    print(f"tenant {args.tenant_id}: {shown}  (- = none: the gateway's default)")
+    return 0
+
+
 def cmd_tenant_export(args) -> int:
     import json
 
@@ -188,3 +204,13 @@ def add_parsers(sub) -> None:
     p = client_parser(group, "delete")
     p.add_argument("tenant_id")
     p.set_defaults(func=cmd_tenant_delete)
+    p = client_parser(group, "limits", help="show the tenant's quotas and scheduling share, or set those given "
+                                            "(the others keep their values; 0 = no limit)")
+    p.add_argument("tenant_id")
+    p.add_argument("--rps", type=float, help="requests per second")
+    p.add_argument("--tps", type=float, help="tokens per second (prompt tokens; + max new tokens when generating)")
+    p.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    p.add_argument("--max-queued", type=int, help="sequences waiting in a gateway's batcher (0: the gateway's "
+                                                  "--max-queue-per-tenant)")
+    p.add_argument("--priority", type=int, help="weight in fair scheduling: 2 gets twice the share of 1 (0 = 1)")
+    p.set_defaults(func=cmd_tenant_limits)

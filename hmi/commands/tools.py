@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def cmd_health(args) -> int:
     from hmi.client import is_serving
-    serving = is_serving(args.address, timeout=args.timeout)
+    serving = is_serving(args.address, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key)
     print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
     return 0 if serving else 1
 
@@ -23,6 +24,13 @@ def add_parsers(sub) -> None:
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")
     health.add_argument("address")
     health.add_argument("--timeout", type=float, default=3.0)
+    from services.common.config import env
+    health.add_argument("--tls-ca", default=env("HMI_TLS_CA", "") or None,
+                        help="the service serves TLS: verify it with this CA [HMI_TLS_CA]")
+    health.add_argument("--tls-cert", default=env("HMI_TLS_CERT", "") or None,
+                        help="client certificate, for a store or compute that requires one (mutual TLS) "
+                             "[HMI_TLS_CERT]")
+    health.add_argument("--tls-key", default=env("HMI_TLS_KEY", "") or None, help="[HMI_TLS_KEY]")
     health.set_defaults(func=cmd_health)
 
     demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")

@@ -216,7 +216,7 @@ class TenantSpec(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., domain: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., has_adapter: _Optional[bool] = ...) -> None: ...
 
 class Tenant(_message.Message):
-    __slots__ = ("spec", "adapter_version", "adapter_bytes", "rank", "targets", "layers", "updated_at", "split_layer")
+    __slots__ = ("spec", "adapter_version", "adapter_bytes", "rank", "targets", "layers", "updated_at", "split_layer", "limits")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class Tenant(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     spec: TenantSpec
     adapter_version: int
     adapter_bytes: int
@@ -233,7 +234,8 @@ class Tenant(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     updated_at: float
     split_layer: int
-    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ..., adapter_version: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., updated_at: _Optional[float] = ..., split_layer: _Optional[int] = ...) -> None: ...
+    limits: TenantLimits
+    def __init__(self, spec: _Optional[_Union[TenantSpec, _Mapping]] = ..., adapter_version: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., updated_at: _Optional[float] = ..., split_layer: _Optional[int] = ..., limits: _Optional[_Union[TenantLimits, _Mapping]] = ...) -> None: ...
 
 class PutTenantRequest(_message.Message):
     __slots__ = ("spec", "adapter_chunk")
@@ -304,3 +306,89 @@ class BackupResponse(_message.Message):
     revision: int
     seconds: float
     def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., revision: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class TenantLimits(_message.Message):
+    __slots__ = ("tenant_id", "rps", "tps", "max_concurrent", "max_queued", "priority")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
+    TPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    rps: float
+    tps: float
+    max_concurrent: int
+    max_queued: int
+    priority: int
+    def __init__(self, tenant_id: _Optional[str] = ..., rps: _Optional[float] = ..., tps: _Optional[float] = ..., max_concurrent: _Optional[int] = ..., max_queued: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class SetTenantLimitsRequest(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: TenantLimits
+    def __init__(self, limits: _Optional[_Union[TenantLimits, _Mapping]] = ...) -> None: ...
+
+class GetTenantLimitsRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class ApiKey(_message.Message):
+    __slots__ = ("id", "tenants", "tenant_admin", "domains", "description", "created_at", "expires_at", "revoked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ADMIN_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    tenant_admin: bool
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    created_at: float
+    expires_at: float
+    revoked_at: float
+    def __init__(self, id: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("tenants", "tenant_admin", "domains", "expires_in_seconds", "description")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ADMIN_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    tenant_admin: bool
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    expires_in_seconds: float
+    description: str
+    def __init__(self, tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key", "secret")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    secret: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

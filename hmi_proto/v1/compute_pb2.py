@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/compute.proto\x12\x06hmi.v1\x1a\x13hmi/v1/tensor.proto\"\x87\x01\n\x0cSequenceSpec\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x17\n\x0f\x64omain_revision\x18\x06 \x01(\x04\"\x9b\x01\n\x0e\x46orwardRequest\x12!\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\x12\'\n\tsequences\x18\x03 \x03(\x0b\x32\x14.hmi.v1.SequenceSpec\x12\x13\n\x0bwant_logits\x18\x04 \x01(\x08\x12\x17\n\x0fwant_embeddings\x18\x05 \x01(\x08\"\xcf\x01\n\x0f\x46orwardResponse\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x15\n\rlogit_offsets\x18\x02 \x03(\x03\x12\"\n\nembeddings\x18\x03 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x05 \x01(\x01\x12\x12\n\nexecute_ms\x18\x06 \x01(\x01\x12)\n\x08\x66\x61ilures\x18\x07 \x03(\x0b\x32\x17.hmi.v1.SequenceFailure\"N\n\x0fSequenceFailure\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05stale\x18\x04 \x01(\x08\"\x81\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\"u\n\x0fGenerateRequest\x12&\n\x08sequence\x18\x01 \x01(\x0b\x32\x14.hmi.v1.SequenceSpec\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.hmi.v1.SamplingParams\"<\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\xd9\x03\n\rStatsResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x11\n\tsequences\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x64\x61pter_hits_device\x18\x04 \x01(\x03\x12\x19\n\x11\x61\x64\x61pter_hits_host\x18\x05 \x01(\x03\x12\x16\n\x0e\x61\x64\x61pter_misses\x18\x06 \x01(\x03\x12\x14\n\x0c\x64\x65vice_slots\x18\x07 \x01(\x05\x12\x19\n\x11\x64\x65vice_slots_used\x18\x08 \x01(\x05\x12\x18\n\x10host_cache_bytes\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x17\n\x0fplot_hit_depths\x18\x0c \x03(\x03\x12\x12\n\nio_seconds\x18\r \x01(\x01\x12\x19\n\x11io_hidden_seconds\x18\x0e \x01(\x01\x12\x18\n\x10generation_steps\x18\x0f \x01(\x03\x12\x18\n\x10generated_tokens\x18\x10 \x01(\x03\x12\x12\n\ngenerating\x18\x11 \x01(\x05\x12\x1a\n\x12generation_waiting\x18\x12 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x13 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x14 \x01(\x03\x32\xbc\x01\n\x07\x43ompute\x12:\n\x07\x46orward\x12\x16.hmi.v1.ForwardRequest\x1a\x17.hmi.v1.ForwardResponse\x12\x34\n\x05Stats\x12\x14.hmi.v1.StatsRequest\x1a\x15.hmi.v1.StatsResponse\x12?\n\x08Generate\x12\x17.hmi.v1.GenerateRequest\x1a\x18.hmi.v1.GenerateResponse0\x01\x42J\n\x0e\x64\x65v.hmi.api.v1B\x0c\x43omputeProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/compute.proto\x12\x06hmi.v1\x1a\x13hmi/v1/tensor.proto\"\x97\x01\n\x0cSequenceSpec\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x17\n\x0f\x64omain_revision\x18\x06 \x01(\x04\x12\x0e\n\x06weight\x18\x07 \x01(\x02\"\x9b\x01\n\x0e\x46orwardRequest\x12!\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\x12\'\n\tsequences\x18\x03 \x03(\x0b\x32\x14.hmi.v1.SequenceSpec\x12\x13\n\x0bwant_logits\x18\x04 \x01(\x08\x12\x17\n\x0fwant_embeddings\x18\x05 \x01(\x08\"\xcf\x01\n\x0f\x46orwardResponse\x12\x1e\n\x06logits\x18\x01 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x15\n\rlogit_offsets\x18\x02 \x03(\x03\x12\"\n\nembeddings\x18\x03 \x01(\x0b\x32\x0e.hmi.v1.Tensor\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x05 \x01(\x01\x12\x12\n\nexecute_ms\x18\x06 \x01(\x01\x12)\n\x08\x66\x61ilures\x18\x07 \x03(\x0b\x32\x17.hmi.v1.SequenceFailure\"N\n\x0fSequenceFailure\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05stale\x18\x04 \x01(\x08\"\x81\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\"u\n\x0fGenerateRequest\x12&\n\x08sequence\x18\x01 \x01(\x0b\x32\x14.hmi.v1.SequenceSpec\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.hmi.v1.SamplingParams\"<\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\xd9\x03\n\rStatsResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x11\n\tsequences\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x64\x61pter_hits_device\x18\x04 \x01(\x03\x12\x19\n\x11\x61\x64\x61pter_hits_host\x18\x05 \x01(\x03\x12\x16\n\x0e\x61\x64\x61pter_misses\x18\x06 \x01(\x03\x12\x14\n\x0c\x64\x65vice_slots\x18\x07 \x01(\x05\x12\x19\n\x11\x64\x65vice_slots_used\x18\x08 \x01(\x05\x12\x18\n\x10host_cache_bytes\x18\t \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x17\n\x0fplot_hit_depths\x18\x0c \x03(\x03\x12\x12\n\nio_seconds\x18\r \x01(\x01\x12\x19\n\x11io_hidden_seconds\x18\x0e \x01(\x01\x12\x18\n\x10generation_steps\x18\x0f \x01(\x03\x12\x18\n\x10generated_tokens\x18\x10 \x01(\x03\x12\x12\n\ngenerating\x18\x11 \x01(\x05\x12\x1a\n\x12generation_waiting\x18\x12 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x13 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x14 \x01(\x03\x32\xbc\x01\n\x07\x43ompute\x12:\n\x07\x46orward\x12\x16.hmi.v1.ForwardRequest\x1a\x17.hmi.v1.ForwardResponse\x12\x34\n\x05Stats\x12\x14.hmi.v1.StatsRequest\x1a\x15.hmi.v1.StatsResponse\x12?\n\x08Generate\x12\x17.hmi.v1.GenerateRequest\x1a\x18.hmi.v1.GenerateResponse0\x01\x42J\n\x0e\x64\x65v.hmi.api.v1B\x0c\x43omputeProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.hmi.api.v1B\014ComputeProtoP\001Z\037hmi.dev/api/gen/go/hmi/v1;hmiv1\252\002\006Hmi.V1'
   _globals['_SEQUENCESPEC']._serialized_start=54
-  _globals['_SEQUENCESPEC']._serialized_end=189
-  _globals['_FORWARDREQUEST']._serialized_start=192
-  _globals['_FORWARDREQUEST']._serialized_end=347
-  _globals['_FORWARDRESPONSE']._serialized_start=350
-  _globals['_FORWARDRESPONSE']._serialized_end=557
-  _globals['_SEQUENCEFAILURE']._serialized_start=559
-  _globals['_SEQUENCEFAILURE']._serialized_end=637
-  _globals['_SAMPLINGPARAMS']._serialized_start=640
-  _globals['_SAMPLINGPARAMS']._serialized_end=769
-  _globals['_GENERATEREQUEST']._serialized_start=771
-  _globals['_GENERATEREQUEST']._serialized_end=888
-  _globals['_GENERATERESPONSE']._serialized_start=890
-  _globals['_GENERATERESPONSE']._serialized_end=950
-  _globals['_STATSREQUEST']._serialized_start=952
-  _globals['_STATSREQUEST']._serialized_end=966
-  _globals['_STATSRESPONSE']._serialized_start=969
-  _globals['_STATSRESPONSE']._serialized_end=1442
-  _globals['_COMPUTE']._serialized_start=1445
-  _globals['_COMPUTE']._serialized_end=1633
+  _globals['_SEQUENCESPEC']._serialized_end=205
+  _globals['_FORWARDREQUEST']._serialized_start=208
+  _globals['_FORWARDREQUEST']._serialized_end=363
+  _globals['_FORWARDRESPONSE']._serialized_start=366
+  _globals['_FORWARDRESPONSE']._serialized_end=573
+  _globals['_SEQUENCEFAILURE']._serialized_start=575
+  _globals['_SEQUENCEFAILURE']._serialized_end=653
+  _globals['_SAMPLINGPARAMS']._serialized_start=656
+  _globals['_SAMPLINGPARAMS']._serialized_end=785
+  _globals['_GENERATEREQUEST']._serialized_start=787
+  _globals['_GENERATEREQUEST']._serialized_end=904
+  _globals['_GENERATERESPONSE']._serialized_start=906
+  _globals['_GENERATERESPONSE']._serialized_end=966
+  _globals['_STATSREQUEST']._serialized_start=968
+  _globals['_STATSREQUEST']._serialized_end=982
+  _globals['_STATSRESPONSE']._serialized_start=985
+  _globals['_STATSRESPONSE']._serialized_end=1458
+  _globals['_COMPUTE']._serialized_start=1461
+  _globals['_COMPUTE']._serialized_end=1649
 # @@protoc_insertion_point(module_scope)

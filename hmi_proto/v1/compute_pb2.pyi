@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SequenceSpec(_message.Message):
-    __slots__ = ("tenant_id", "adapter_version", "domain", "split_layer", "model", "domain_revision")
+    __slots__ = ("tenant_id", "adapter_version", "domain", "split_layer", "model", "domain_revision", "weight")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     adapter_version: int
     domain: str
     split_layer: int
     model: str
     domain_revision: int
-    def __init__(self, tenant_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., domain: _Optional[str] = ..., split_layer: _Optional[int] = ..., model: _Optional[str] = ..., domain_revision: _Optional[int] = ...) -> None: ...
+    weight: float
+    def __init__(self, tenant_id: _Optional[str] = ..., adapter_version: _Optional[int] = ..., domain: _Optional[str] = ..., split_layer: _Optional[int] = ..., model: _Optional[str] = ..., domain_revision: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("token_ids", "offsets", "sequences", "want_logits", "want_embeddings")

@@ -190,7 +190,9 @@ class Gateway:
 
 
 class AdminStub:
-    """Administration of domains and tenants (proxied to the knowledge store).
+    """Administration of domains, tenants, API keys and limits (proxied to the knowledge store).
+    Every call of both services carries `authorization: Bearer <credential>` metadata: the admin token, or an
+    API key, which covers some tenants (UNAUTHENTICATED without a valid one, PERMISSION_DENIED outside its scope).
     """
 
     def __init__(self, channel):
@@ -259,10 +261,37 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/hmi.v1.Admin/CreateKey',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/hmi.v1.Admin/ListKeys',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/hmi.v1.Admin/RevokeKey',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/hmi.v1.Admin/SetTenantLimits',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+                _registered_method=True)
+        self.GetTenantLimits = channel.unary_unary(
+                '/hmi.v1.Admin/GetTenantLimits',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Administration of domains and tenants (proxied to the knowledge store).
+    """Administration of domains, tenants, API keys and limits (proxied to the knowledge store).
+    Every call of both services carries `authorization: Bearer <credential>` metadata: the admin token, or an
+    API key, which covers some tenants (UNAUTHENTICATED without a valid one, PERMISSION_DENIED outside its scope).
     """
 
     def BuildDomain(self, request_iterator, context):
@@ -340,6 +369,38 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys (admin credential only): the secret is in the answer to CreateKey and nowhere else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantLimits(self, request, context):
+        """Per-tenant quotas and scheduling share (set: admin only; get: the admin or a key covering the tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenantLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -403,6 +464,31 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.SerializeToString,
             ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ApiKey.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.SerializeToString,
+            ),
+            'GetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantLimits,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'hmi.v1.Admin', rpc_method_handlers)
@@ -412,7 +498,9 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Administration of domains and tenants (proxied to the knowledge store).
+    """Administration of domains, tenants, API keys and limits (proxied to the knowledge store).
+    Every call of both services carries `authorization: Bearer <credential>` metadata: the admin token, or an
+    API key, which covers some tenants (UNAUTHENTICATED without a valid one, PERMISSION_DENIED outside its scope).
     """
 
     @staticmethod
@@ -729,6 +817,141 @@ class Admin:
             '/hmi.v1.Admin/Backup',
             hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
             hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/CreateKey',
+            hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/ListKeys',
+            hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/RevokeKey',
+            hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/SetTenantLimits',
+            hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Admin/GetTenantLimits',
+            hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
             options,
             channel_credentials,
             insecure,

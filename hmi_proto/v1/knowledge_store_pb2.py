@@ -27,7 +27,7 @@ from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 from hmi_proto.v1.catalog_pb2 import *
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chmi/v1/knowledge_store.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\"^\n\x12ListChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08\x66ollower\x18\x04 \x01(\t\"6\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"l\n\x13ListChangesResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1f\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x0e.hmi.v1.Change\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\xeb\x06\n\x0eKnowledgeStore\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x37\n\tPutTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x46\n\x0bListChanges\x12\x1a.hmi.v1.ListChangesRequest\x1a\x1b.hmi.v1.ListChangesResponse\x12\x37\n\x06\x42\x61\x63kup\x12\x15.hmi.v1.BackupRequest\x1a\x16.hmi.v1.BackupResponseBQ\n\x0e\x64\x65v.hmi.api.v1B\x13KnowledgeStoreProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1P\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chmi/v1/knowledge_store.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\"#\n\x15GetKeyVerifierRequest\x12\n\n\x02id\x18\x01 \x01(\t\"g\n\x0bKeyVerifier\x12\x1b\n\x03key\x18\x01 \x01(\x0b\x32\x0e.hmi.v1.ApiKey\x12\x0c\n\x04salt\x18\x02 \x01(\x0c\x12\x0c\n\x04hash\x18\x03 \x01(\x0c\x12\t\n\x01n\x18\x04 \x01(\r\x12\t\n\x01r\x18\x05 \x01(\r\x12\t\n\x01p\x18\x06 \x01(\r\"^\n\x12ListChangesRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08\x66ollower\x18\x04 \x01(\t\"6\n\x06\x43hange\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"l\n\x13ListChangesResponse\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x1f\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x0e.hmi.v1.Change\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\xfb\t\n\x0eKnowledgeStore\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x37\n\tPutTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x46\n\x0bListChanges\x12\x1a.hmi.v1.ListChangesRequest\x1a\x1b.hmi.v1.ListChangesResponse\x12\x37\n\x06\x42\x61\x63kup\x12\x15.hmi.v1.BackupRequest\x1a\x16.hmi.v1.BackupResponse\x12@\n\tCreateKey\x12\x18.hmi.v1.CreateKeyRequest\x1a\x19.hmi.v1.CreateKeyResponse\x12=\n\x08ListKeys\x12\x17.hmi.v1.ListKeysRequest\x1a\x18.hmi.v1.ListKeysResponse\x12\x35\n\tRevokeKey\x12\x18.hmi.v1.RevokeKeyRequest\x1a\x0e.hmi.v1.ApiKey\x12\x44\n\x0eGetKeyVerifier\x12\x1d.hmi.v1.GetKeyVerifierRequest\x1a\x13.hmi.v1.KeyVerifier\x12G\n\x0fSetTenantLimits\x12\x1e.hmi.v1.SetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimits\x12G\n\x0fGetTenantLimits\x12\x1e.hmi.v1.GetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimitsBQ\n\x0e\x64\x65v.hmi.api.v1B\x13KnowledgeStoreProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1P\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hmi_proto.v1.knowledge_stor
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.hmi.api.v1B\023KnowledgeStoreProtoP\001Z\037hmi.dev/api/gen/go/hmi/v1;hmiv1\252\002\006Hmi.V1'
-  _globals['_LISTCHANGESREQUEST']._serialized_start=83
-  _globals['_LISTCHANGESREQUEST']._serialized_end=177
-  _globals['_CHANGE']._serialized_start=179
-  _globals['_CHANGE']._serialized_end=233
-  _globals['_LISTCHANGESRESPONSE']._serialized_start=235
-  _globals['_LISTCHANGESRESPONSE']._serialized_end=343
-  _globals['_KNOWLEDGESTORE']._serialized_start=346
-  _globals['_KNOWLEDGESTORE']._serialized_end=1221
+  _globals['_GETKEYVERIFIERREQUEST']._serialized_start=83
+  _globals['_GETKEYVERIFIERREQUEST']._serialized_end=118
+  _globals['_KEYVERIFIER']._serialized_start=120
+  _globals['_KEYVERIFIER']._serialized_end=223
+  _globals['_LISTCHANGESREQUEST']._serialized_start=225
+  _globals['_LISTCHANGESREQUEST']._serialized_end=319
+  _globals['_CHANGE']._serialized_start=321
+  _globals['_CHANGE']._serialized_end=375
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=377
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=485
+  _globals['_KNOWLEDGESTORE']._serialized_start=488
+  _globals['_KNOWLEDGESTORE']._serialized_end=1763
 # @@protoc_insertion_point(module_scope)

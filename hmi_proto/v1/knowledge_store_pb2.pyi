@@ -31,8 +31,39 @@ from hmi_proto.v1.catalog_pb2 import DeleteTenantResponse as DeleteTenantRespons
 from hmi_proto.v1.catalog_pb2 import GetAdapterRequest as GetAdapterRequest
 from hmi_proto.v1.catalog_pb2 import BackupRequest as BackupRequest
 from hmi_proto.v1.catalog_pb2 import BackupResponse as BackupResponse
+from hmi_proto.v1.catalog_pb2 import TenantLimits as TenantLimits
+from hmi_proto.v1.catalog_pb2 import SetTenantLimitsRequest as SetTenantLimitsRequest
+from hmi_proto.v1.catalog_pb2 import GetTenantLimitsRequest as GetTenantLimitsRequest
+from hmi_proto.v1.catalog_pb2 import ApiKey as ApiKey
+from hmi_proto.v1.catalog_pb2 import CreateKeyRequest as CreateKeyRequest
+from hmi_proto.v1.catalog_pb2 import CreateKeyResponse as CreateKeyResponse
+from hmi_proto.v1.catalog_pb2 import ListKeysRequest as ListKeysRequest
+from hmi_proto.v1.catalog_pb2 import ListKeysResponse as ListKeysResponse
+from hmi_proto.v1.catalog_pb2 import RevokeKeyRequest as RevokeKeyRequest
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetKeyVerifierRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class KeyVerifier(_message.Message):
+    __slots__ = ("key", "salt", "hash", "n", "r", "p")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    R_FIELD_NUMBER: _ClassVar[int]
+    P_FIELD_NUMBER: _ClassVar[int]
+    key: _catalog_pb2.ApiKey
+    salt: bytes
+    hash: bytes
+    n: int
+    r: int
+    p: int
+    def __init__(self, key: _Optional[_Union[_catalog_pb2.ApiKey, _Mapping]] = ..., salt: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., n: _Optional[int] = ..., r: _Optional[int] = ..., p: _Optional[int] = ...) -> None: ...
 
 class ListChangesRequest(_message.Message):
     __slots__ = ("after_revision", "limit", "wait_ms", "follower")

@@ -103,6 +103,36 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/CreateKey',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListKeys',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/RevokeKey',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.GetKeyVerifier = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/GetKeyVerifier',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.GetKeyVerifierRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.KeyVerifier.FromString,
+                _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/SetTenantLimits',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+                _registered_method=True)
+        self.GetTenantLimits = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/GetTenantLimits',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+                _registered_method=True)
 
 
 class KnowledgeStoreServicer:
@@ -204,6 +234,45 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys: the store keeps salted scrypt hashes only; gateways fetch a key's verifier and check
+        presented secrets themselves, and follow the change log ("key" entries) to forget revoked ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyVerifier(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantLimits(self, request, context):
+        """Tenant limits ("limits" entries of the change log).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenantLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +340,36 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_catalog__pb2.BackupResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.ApiKey.SerializeToString,
+            ),
+            'GetKeyVerifier': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyVerifier,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.GetKeyVerifierRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.KeyVerifier.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.SerializeToString,
+            ),
+            'GetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantLimits,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -626,6 +725,168 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/Backup',
             hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
             hmi_dot_v1_dot_catalog__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/CreateKey',
+            hmi_dot_v1_dot_catalog__pb2.CreateKeyRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListKeys',
+            hmi_dot_v1_dot_catalog__pb2.ListKeysRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/RevokeKey',
+            hmi_dot_v1_dot_catalog__pb2.RevokeKeyRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyVerifier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetKeyVerifier',
+            hmi_dot_v1_dot_knowledge__store__pb2.GetKeyVerifierRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.KeyVerifier.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/SetTenantLimits',
+            hmi_dot_v1_dot_catalog__pb2.SetTenantLimitsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetTenantLimits',
+            hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
+            hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
             options,
             channel_credentials,
             insecure,

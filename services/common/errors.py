@@ -46,3 +46,26 @@ class Cancelled(HMIError):
 
 class StaleVersion(FailedPrecondition):
     """A tenant or domain changed since the caller resolved it: resolve it again and retry."""
+
+
+class Unauthenticated(HMIError):
+    """No credential, or one that is not valid (unknown, revoked, expired, wrong secret)."""
+    code_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(HMIError):
+    """A valid credential that does not cover the tenant, domain or action asked for."""
+    code_name = "PERMISSION_DENIED"
+
+
+class LimitExceeded(ResourceExhausted):
+    """A tenant's quota refused the call before any work: `limit` names it, `retry_after` (seconds) says when a
+    retry may pass; both also travel in the call's trailing metadata (`hmi-limit`, `retry-after-ms`)."""
+
+    def __init__(self, message: str, limit: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("hmi-limit", self.limit), ("retry-after-ms", str(max(1, round(self.retry_after * 1000)))))

@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import grpc
 
-from services.common.errors import HMIError
+from services.common.auth.peers import PeerSecurity
+from services.common.auth.peers import channel as peer_channel
+from services.common.errors import HMIError, LimitExceeded
 
 # Explicit limits on both sides (the 4 MiB default is the classic trap); large tensors stream in chunks anyway.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -26,11 +28,12 @@ CHANNEL_OPTIONS = [
 log = logging.getLogger("hmi.rpc")
 
 
-def channel(address: str, *, own_connection: bool = False) -> grpc.Channel:
-    """`own_connection`: not shared with other channels to the same address, so failures of a background
+def channel(address: str, *, own_connection: bool = False, security: PeerSecurity | None = None) -> grpc.Channel:
+    """A channel to another HMI service: TLS and the service secret as `security` says (None: plaintext, no
+    secret). `own_connection`: not shared with other channels to the same address, so failures of a background
     poller (which grow the reconnect backoff) never make the calls of a request fail fast."""
     options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
-    return grpc.insecure_channel(address, options=options)
+    return peer_channel(address, security, options)
 
 
 def _status(code_name: str) -> grpc.StatusCode:
@@ -39,6 +42,8 @@ def _status(code_name: str) -> grpc.StatusCode:
 
 def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
     """Maps an error to a status; a downstream RpcError keeps its code and message."""
+    if isinstance(error, LimitExceeded):
+        context.set_trailing_metadata(error.trailing_metadata())
     if isinstance(error, HMIError):
         context.abort(_status(error.code_name), str(error))
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):

@@ -2,10 +2,12 @@
 tokens each running sequence feeds the next step. Plain Python, no tensors: a policy can be read and
 tested apart from the model (the step runner, generation_steps.py, does the tensor work).
 
-- Queue: requests wait first come, first served; past `max_waiting` a submit is refused (RESOURCE_EXHAUSTED).
-- Admission: the head of the queue is admitted once its fetches (adapter, prompt rows) are done and its
-  whole KV cache (prompt + max new tokens) fits the budget, so a running sequence never runs out; it is
-  never overtaken. A request whose fetch failed fails alone.
+- Queue: fair across tenants (services/common/fair_queue.py: start-time fair queuing by tokens, prompt +
+  max new tokens, weighted by the tenant's priority), first come first served within a tenant, so one tenant's
+  burst cannot hold the others back by its length; past `max_waiting` a submit is refused (RESOURCE_EXHAUSTED).
+- Admission: the head of the queue (in that fair order) is admitted once its fetches (adapter, prompt rows) are
+  done and its whole KV cache (prompt + max new tokens) fits the budget, so a running sequence never runs out;
+  it is never overtaken. A request whose fetch failed fails alone.
 - Chunked prefill: a step feeds at most `max_step_tokens`: every decoding sequence's one token first, then
   prompts in arrival order share the rest (the first prompt always gets a chunk), so a long prompt delays
   the others' next token by a bounded step.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.fair_queue import FairQueue
 
 PREFILL_CHUNK_MIN = 16   # prompt tokens a step feeds even when decoding sequences fill its budget
 
@@ -46,6 +48,7 @@ class GenerationRequest:
     split_layer: int
     prompt: np.ndarray                # int token ids
     params: SamplingParams
+    weight: float = 1.0               # the tenant's share of the queue (its priority)
 
 
 @dataclass
@@ -156,7 +159,7 @@ class GenerationScheduler:
         self.max_step_tokens = max(1, max_step_tokens)
         self.on_admit = on_admit          # runs as a sequence is admitted: the step runner allocates its cache
         self.stats = EngineStats(kv_budget_bytes=kv_budget_bytes)
-        self._waiting: deque[ScheduledSequence] = deque()
+        self._waiting: FairQueue[ScheduledSequence] = FairQueue()
         self._running: list[ScheduledSequence] = []
         self._kv_used = 0
         self._cond = threading.Condition()
@@ -176,7 +179,9 @@ class GenerationScheduler:
     def enqueue(self, sequence: ScheduledSequence) -> None:
         with self._cond:
             self.check_room()
-            self._waiting.append(sequence)
+            request = sequence.request
+            self._waiting.push(request.tenant_id, sequence, cost=len(request.prompt) + request.params.max_new_tokens,
+                               weight=request.weight)
             self._cond.notify()
 
     # ---- steps -------------------------------------------------------------------------------
@@ -246,27 +251,25 @@ class GenerationScheduler:
         for sequence in [s for s in self._running if s.stream.cancelled]:
             sequence.stream.put(StreamEvent(finish_reason="cancelled"))
             self._finish(sequence)
-        for sequence in self._waiting:
-            if sequence.stream.cancelled:
-                sequence.stream.put(StreamEvent(finish_reason="cancelled"))
-        self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
+        for sequence in self._waiting.remove_where(lambda s: s.stream.cancelled):
+            sequence.stream.put(StreamEvent(finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        """First come, first served: the head of the queue waits for room (and for its adapter and prompt
-        rows, fetched since submit) rather than being overtaken. A request whose fetch failed fails alone."""
+        """In fair order: the head of the queue waits for room (and for its adapter and prompt rows, fetched
+        since submit) rather than being overtaken. A request whose fetch failed fails alone."""
         while self._waiting and len(self._running) < self.max_running:
-            sequence = self._waiting[0]
+            sequence = self._waiting.peek()
             fetches = sequence.fetches()
             if not all(f.done() for f in fetches):
                 return
             failed = next((f.exception() for f in fetches if f.exception() is not None), None)
             if failed is not None:
-                self._waiting.popleft()
+                self._waiting.pop()
                 sequence.stream.put(StreamEvent(error=failed))
                 continue
             if self._kv_used + sequence.kv_bytes > self.kv_budget_bytes:
                 return
-            self._waiting.popleft()
+            self._waiting.pop()
             self.on_admit(sequence)
             self._kv_used += sequence.kv_bytes
             self._running.append(sequence)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from services.common.auth.flags import add_security_arguments, security_from_args
 from services.common.config import env, env_int
 from services.common.limits import DEFAULT_MAX_RANK
 
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder models: requests waiting for KV cache before RESOURCE_EXHAUSTED "
                              "[HMI_MAX_GENERATION_QUEUE]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
+    add_security_arguments(parser)
 
 
 def pick_device(name: str):
@@ -71,6 +73,7 @@ def main(args: argparse.Namespace) -> None:
     from models.decoder import DecoderModel
     from models.dims import ModelDims
     from models.encoder import EncoderModel
+    from services.common.auth.peers import describe
     from services.common.logs import setup_logging
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
@@ -82,6 +85,7 @@ def main(args: argparse.Namespace) -> None:
     from services.compute.servicer import ComputeServicer
     from services.knowledge_store.client import StoreClient
     log = setup_logging("compute")
+    security = security_from_args(args, "compute")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -90,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("a compute replica serves one base model: give --model once (start one replica per model)")
     model_dir, served_name = specs[0].directory, specs[0].name
     dims = ModelDims.from_dir(model_dir)
-    store = StoreClient(args.store)
+    store = StoreClient(args.store, security=security)
     if dims.is_decoder:
         model = DecoderModel(model_dir, device)
     else:
@@ -118,10 +122,11 @@ def main(args: argparse.Namespace) -> None:
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
-                           ["hmi.v1.Compute"], workers=workers, metrics_port=args.metrics_port)
+                           ["hmi.v1.Compute"], workers=workers, metrics_port=args.metrics_port, security=security,
+                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host)
     running.set_serving(True)
-    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %s, store %s)", args.listen,
-             model_dir, device, args.adapter_slots, args.max_rank, mode, args.store)
+    log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %s, store %s; %s)", args.listen,
+             model_dir, device, args.adapter_slots, args.max_rank, mode, args.store, describe(security, internal=True))
 
     def stop():
         invalidation.close()

@@ -67,7 +67,8 @@ class ComputeServicer(pb_grpc.ComputeServicer):
             spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer, prompt,
             SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                            top_p=params.top_p or 1.0, seed=params.seed,
-                           stop_token_ids=tuple(params.stop_token_ids))))
+                           stop_token_ids=tuple(params.stop_token_ids)),
+            weight=spec.weight or 1.0))
         context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
         for token in stream:
             yield pb.GenerateResponse(token_ids=[token])

@@ -5,15 +5,20 @@ is bounded in sequences and in tokens.
 
 Admission is all or nothing per request and costs its tokens: a request whose sequences do not all fit
 is refused whole (RESOURCE_EXHAUSTED) and leaves nothing queued, so under overload compute only runs work
-someone still waits for. Sequences whose deadline passed or whose caller went away (their future was
-cancelled) are dropped when a batch is formed, before any compute sees them.
+someone still waits for. Each tenant may hold at most its `max_queued` sequences (its limit, else
+`max_queue_per_tenant`), so one tenant cannot fill the queue for everyone. Sequences whose deadline passed or
+whose caller went away (their future was cancelled) are dropped when a batch is formed, before any compute
+sees them.
+
+Batches are filled in fair order across tenants (services/common/fair_queue.py: start-time fair queuing by
+tokens, weighted by each tenant's priority), so a tenant flooding the queue delays a light tenant's sequence by
+at most one of its own, not by its whole backlog.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -23,7 +28,9 @@ from prometheus_client import Counter, Histogram
 
 from hmi_proto.v1 import compute_pb2 as pb
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.errors import DeadlineExceeded, HMIError, ResourceExhausted
+from services.common.errors import DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
+from services.common.fair_queue import FairQueue
+from services.gateway.access import REFUSED
 from services.gateway.directory import TenantRoute
 from services.gateway.router import Router
 
@@ -71,6 +78,7 @@ class BatcherSettings:
     max_wait_ms: float = 5.0
     max_queue: int = 4096               # sequences waiting
     max_queue_tokens: int = 65536       # their tokens
+    max_queue_per_tenant: int = 1024    # sequences one tenant may have waiting (unless its limits say otherwise)
 
 
 @dataclass
@@ -86,7 +94,7 @@ class Batcher:
     def __init__(self, router: Router, settings: BatcherSettings) -> None:
         self.router = router
         self.settings = settings
-        self._queue: deque[SequenceWork] = deque()
+        self._queue: FairQueue[SequenceWork] = FairQueue()
         self._queued_tokens = 0
         self._queue_lock = threading.Condition()
         self._carry: SequenceWork | None = None
@@ -102,9 +110,20 @@ class Batcher:
         self._thread.start()
 
     def submit(self, items: list[SequenceWork]) -> None:
-        """Queues every item or none (RESOURCE_EXHAUSTED): a request is admitted whole, by its tokens."""
+        """Queues every item or none (RESOURCE_EXHAUSTED): a request (one tenant's) is admitted whole, by its
+        tokens, within the queue's bounds and its tenant's `max_queued`."""
+        if not items:
+            return
         tokens = sum(len(item.token_ids) for item in items)
+        route = items[0].route
+        tenant_cap = route.limits.max_queued or self.settings.max_queue_per_tenant
         with self._queue_lock:
+            waiting = self._queue.flow_length(route.tenant_id)
+            if waiting + len(items) > tenant_cap:
+                REFUSED.labels("max_queued").inc()
+                raise LimitExceeded(f"tenant {route.tenant_id!r} has {waiting} sequences queued at this gateway, its "
+                                    f"limit (max_queued) is {tenant_cap}; this request of {len(items)} was not "
+                                    f"queued: back off and retry", "max_queued", 0.1)
             if (len(self._queue) + len(items) > self.settings.max_queue
                     or self._queued_tokens + tokens > self.settings.max_queue_tokens):
                 raise ResourceExhausted(
@@ -112,7 +131,8 @@ class Batcher:
                     f"limits --max-queue {self.settings.max_queue}, --max-queue-tokens "
                     f"{self.settings.max_queue_tokens}); this request of {len(items)} sequences, {tokens} tokens "
                     f"was not queued: back off and retry")
-            self._queue.extend(items)
+            for item in items:
+                self._queue.push(item.route.tenant_id, item, cost=len(item.token_ids), weight=item.route.limits.weight)
             self._queued_tokens += tokens
             self._queue_lock.notify()
 
@@ -138,7 +158,7 @@ class Batcher:
                     if left <= 0 or not self._queue_lock.wait(left):
                         if not self._queue:
                             return None
-                item = self._queue.popleft()
+                item = self._queue.pop()
                 self._queued_tokens -= len(item.token_ids)
             if self._live(item):
                 return item

@@ -19,13 +19,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.gateway.quotas import Limits
 
 log = logging.getLogger("hmi.gateway.directory")
 LOOKUPS = Counter("hmi_gateway_directory_lookups_total", "tenant records resolved", ["result"])
@@ -40,6 +42,7 @@ class TenantRoute:
     split_layer: int
     model: str = ""                     # base model; "" = the deployment's default
     domain_revision: int = 0            # the domain's build the route was resolved against (0: unknown)
+    limits: Limits = field(default_factory=Limits)   # the tenant's quotas and scheduling weight (quotas.py)
 
 
 @dataclass
@@ -67,6 +70,9 @@ class TenantDirectory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.follower_id = f"gateway-{uuid.uuid4().hex[:12]}"   # sent only while the feed thread follows
+        # Other caches following the same log (the key ring): called with (kind, name) of every change, and with
+        # (None, None) when everything must be forgotten (another store, or a log that no longer reaches back).
+        self.listeners: list[Callable[[str | None, str | None], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -115,7 +121,8 @@ class TenantDirectory:
         tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout)
         domain = self._domain(tenant.spec.domain, timeout, now, generation)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
-                            domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision)
+                            domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,
+                            Limits.from_pb(tenant.limits))
         with self._lock:
             if self.feed.generation == generation:   # else a change may have landed after the read: don't keep it
                 self._cache[tenant_id] = (now, route)
@@ -123,6 +130,10 @@ class TenantDirectory:
                 while len(self._cache) > self.max_entries:
                     self._cache.popitem(last=False)
         return route
+
+    def fresh(self, fetched_at: float, now: float) -> bool:
+        """Whether a record fetched at `fetched_at` may still be used (the key ring follows the same rule)."""
+        return self._fresh(fetched_at, now)
 
     def _fresh(self, fetched_at: float, now: float) -> bool:
         """Kept until changed while the change log is followed (polled within a few intervals), else the TTL."""
@@ -153,6 +164,7 @@ class TenantDirectory:
         reply = self.feed_stub.ListChanges(request, timeout=timeout + wait)
         self.feed.last_changes = len(reply.changes)
         applied = 0
+        heard: list[tuple[str | None, str | None]] = []
         with self._lock:
             if reply.store_id != self.feed.store_id or not reply.complete:
                 if self.feed.store_id:
@@ -162,13 +174,15 @@ class TenantDirectory:
                 applied = len(self._cache) + len(self._domains)
                 self._cache.clear()
                 self._domains.clear()
+                heard.append((None, None))
                 self.feed.generation += 1
                 self.feed.store_id = reply.store_id
                 self.feed.revision = reply.revision
             elif reply.changes:
                 for change in reply.changes:
-                    applied += self._forget(change.name if change.kind == "tenant" else None,
+                    applied += self._forget(change.name if change.kind in ("tenant", "limits") else None,
                                             change.name if change.kind == "domain" else None)
+                    heard.append((change.kind, change.name))
                 self.feed.generation += 1
                 self.feed.revision = reply.changes[-1].revision
             else:
@@ -176,6 +190,9 @@ class TenantDirectory:
             more = bool(reply.changes) and self.feed.revision < reply.revision
             if not more:
                 self.feed.synced_at = sent
+        for kind, name in heard:
+            for listener in self.listeners:
+                listener(kind, name)
         return applied + (self.sync(timeout) if more else 0)
 
     def invalidate(self, tenant_id: str | None = None, domain: str | None = None) -> None:

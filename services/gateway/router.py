@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Collection
 
 from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
+from services.common.auth.peers import PeerSecurity
 from services.common.rpc import channel
 
 
@@ -27,10 +28,12 @@ HOMES_CACHED = 100_000
 
 
 class Router:
-    def __init__(self, addresses: list[str], *, inflight_per_replica: int = 2, down_seconds: float = 1.0) -> None:
+    def __init__(self, addresses: list[str], *, inflight_per_replica: int = 2, down_seconds: float = 1.0,
+                 security: PeerSecurity | None = None) -> None:
         if not addresses:
             raise ValueError("at least one compute address is needed (HMI_COMPUTE_ADDRS)")
-        self.replicas = [Replica(a, pb_grpc.ComputeStub(channel(a)), inflight_per_replica) for a in addresses]
+        self.replicas = [Replica(a, pb_grpc.ComputeStub(channel(a, security=security)), inflight_per_replica)
+                         for a in addresses]
         self.down_seconds = down_seconds
         self._cycle = itertools.cycle(range(len(self.replicas)))
         self._lock = threading.Lock()

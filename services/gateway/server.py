@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import threading
 
+from services.common.auth.flags import add_security_arguments, security_from_args
 from services.common.config import env, env_float, env_int, split_addresses
 
 
@@ -48,7 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder models: the largest max_new_tokens a request may ask [HMI_MAX_NEW_TOKENS]")
     parser.add_argument("--max-prompt-tokens", type=int, default=env_int("HMI_MAX_PROMPT_TOKENS", 2048),
                         help="decoder models: the longest prompt [HMI_MAX_PROMPT_TOKENS]")
+    parser.add_argument("--max-queue-per-tenant", type=int, default=env_int("HMI_MAX_QUEUE_PER_TENANT", 1024),
+                        help="sequences one tenant may have waiting unless its limits say otherwise (max_queued); "
+                             "past it RESOURCE_EXHAUSTED [HMI_MAX_QUEUE_PER_TENANT]")
+    parser.add_argument("--default-tenant-rps", type=float, default=env_float("HMI_DEFAULT_TENANT_RPS", 0.0),
+                        help="requests/s of a tenant without its own limit; 0 = none [HMI_DEFAULT_TENANT_RPS]")
+    parser.add_argument("--default-tenant-tps", type=float, default=env_float("HMI_DEFAULT_TENANT_TPS", 0.0),
+                        help="tokens/s of a tenant without its own limit; 0 = none [HMI_DEFAULT_TENANT_TPS]")
+    parser.add_argument("--default-tenant-max-concurrent", type=int,
+                        default=env_int("HMI_DEFAULT_TENANT_MAX_CONCURRENT", 0),
+                        help="requests in flight of a tenant without its own limit; 0 = none "
+                             "[HMI_DEFAULT_TENANT_MAX_CONCURRENT]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_GATEWAY_METRICS_PORT", 0))
+    parser.add_argument("--admin-token-file", default=env("HMI_ADMIN_TOKEN_FILE", "") or None,
+                        help="file holding the admin credential (or the variable HMI_ADMIN_TOKEN); `hmi up` makes "
+                             "HMI_DATA_DIR/admin.token [HMI_ADMIN_TOKEN_FILE]")
+    add_security_arguments(parser)
 
 
 def compute_targets(values: list[str], models: list[str]) -> dict[str, list[str]]:
@@ -72,25 +88,42 @@ def main(args: argparse.Namespace) -> None:
     from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
     from models.dims import ModelDims
     from models.loading import eos_token_ids
+    from services.common.auth.peers import describe
+    from services.common.auth.secret_files import read_secret
     from services.common.logs import setup_logging
     from services.common.model_specs import parse_model_specs
     from services.common.rpc import channel
     from services.common.server import start_server, wait_for_termination
+    from services.gateway.access import Access
     from services.gateway.batcher import Batcher, BatcherSettings
     from services.gateway.directory import TenantDirectory
     from services.gateway.generation import GenerationLimits
+    from services.gateway.key_ring import KeyRing
+    from services.gateway.quotas import Limits, Quotas
     from services.gateway.router import Router
     from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport, ModelLane
     from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway")
+    security = security_from_args(args, "gateway")
+    admin_token = read_secret("HMI_ADMIN_TOKEN", args.admin_token_file, "admin token")
+    if security.auth and not admin_token:
+        raise SystemExit("gateway: authentication is on, so it needs the admin credential: give --admin-token-file "
+                         "FILE or HMI_ADMIN_TOKEN (`hmi up` makes HMI_DATA_DIR/admin.token), or --auth off")
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     targets = compute_targets(args.compute or [v for v in (env("HMI_COMPUTE_ADDRS") or "").split(";") if v],
                               [m.name for m in models])
     if args.change_poll_ms <= 0 or args.tenant_cache_ttl < 0:
         raise SystemExit("--change-poll-ms must be > 0 and --tenant-cache-ttl >= 0")
-    store = store_grpc.KnowledgeStoreStub(channel(args.store))
+    store = store_grpc.KnowledgeStoreStub(channel(args.store, security=security))
     directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl, poll_seconds=args.change_poll_ms / 1e3,
-                                feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True)))
+                                feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True,
+                                                                           security=security)))
+    keys = KeyRing(store, directory.fresh)
+    directory.listeners.append(lambda kind, name: keys.forget_all() if kind is None
+                               else keys.forget(name) if kind == "key" else None)
+    access = Access(enabled=security.auth, admin_token=admin_token, keys=keys)
+    quotas = Quotas(Limits(rps=args.default_tenant_rps, tps=args.default_tenant_tps,
+                           max_concurrent=args.default_tenant_max_concurrent))
     directory.start()
     lanes: dict[str, ModelLane] = {}
     for spec in models:
@@ -101,11 +134,12 @@ def main(args: argparse.Namespace) -> None:
         if max_sequence_tokens > dims.max_positions:
             raise SystemExit(f"--max-sequence-tokens {args.max_sequence_tokens} exceeds model {spec.name!r}'s "
                              f"{dims.max_positions} positions")
-        router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute)
+        router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute, security=security)
         batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                                   max_batch_tenants=args.max_batch_tenants,
                                                   max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                                                  max_queue_tokens=args.max_queue_tokens))
+                                                  max_queue_tokens=args.max_queue_tokens,
+                                                  max_queue_per_tenant=args.max_queue_per_tenant))
         encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts,
                               max_text_chars=args.max_text_chars, max_request_chars=args.max_request_chars)
         generation = None
@@ -116,29 +150,34 @@ def main(args: argparse.Namespace) -> None:
                                            dims.max_positions, eos_token_ids(spec.directory), router)
         lanes[spec.name] = ModelLane(spec.name, encoder, batcher, router, generation)
 
-    gateway, admin = GatewayServicer(lanes, directory), AdminServicer(store, directory)
+    gateway = GatewayServicer(lanes, directory, access=access, quotas=quotas)
+    admin = AdminServicer(store, directory, access=access)
 
     def register(server):
         pb_grpc.add_GatewayServicer_to_server(gateway, server)
         pb_grpc.add_AdminServicer_to_server(admin, server)
 
     running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=128,
-                           metrics_port=args.metrics_port)
+                           metrics_port=args.metrics_port, security=security, reflection_on=args.reflection,
+                           metrics_host=args.metrics_host)
     serving = threading.Event()
     http = None
     if args.http and args.http.lower() != "off":
         # The HTTP front door calls the same servicers in process (services/gateway/http).
         from services.gateway.http.app import Doors, create_app
+        from services.gateway.http.auth import checked_by
         from services.gateway.http.server import HttpServer
         http = HttpServer(create_app(Doors(gateway, admin, {m.name: m.directory for m in models},
-                                           ready=serving.is_set)), args.http)
+                                           ready=serving.is_set), checked_by(access.principal_of)), args.http,
+                          tls_cert=security.tls_cert, tls_key=security.tls_key)
         http.start()
     running.set_serving(True)
     serving.set()
-    log.info("gateway serving on %s%s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms)",
-             args.listen, f" and http://{args.http}" if http else "", args.store,
+    scheme = "https" if security.tls else "http"
+    log.info("gateway serving on %s%s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms; %s)",
+             args.listen, f" and {scheme}://{args.http}" if http else "", args.store,
              "; ".join(f"{name}: compute {','.join(targets[name])}" for name in lanes),
-             args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms)
+             args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms, describe(security, internal=False))
 
     def stop():
         serving.clear()

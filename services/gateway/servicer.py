@@ -1,4 +1,7 @@
-"""Public (Classify, Embed, Generate) and admin (domains, tenants) gRPC surfaces of the gateway."""
+"""Public (Classify, Embed, Generate) and admin (domains, tenants, keys, limits) gRPC surfaces of the gateway.
+
+Every method first asks `access` who the caller is and checks the tenant or action against its scope
+(services/gateway/access.py), then the tenant's quotas (quotas.py), before any work is queued."""
 from __future__ import annotations
 
 import time
@@ -15,11 +18,13 @@ from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
 from services.common.decoding import UndecodableRequest
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
+from services.gateway.access import REFUSED, Access, Principal
 from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
 from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationLimits, TextStreamer, plan_generation
+from services.gateway.quotas import Permit, Quotas
 from services.gateway.router import Router
 from services.gateway.tokenizer import TextEncoder
 
@@ -55,12 +60,27 @@ class GenerationSupport:
     timeout: float = 600.0
 
 
+def open_access() -> Access:
+    """`--auth off`: every caller is the admin."""
+    return Access(enabled=False, admin_token=None, keys=None)
+
+
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, lanes: dict[str, ModelLane], directory: TenantDirectory, default_timeout: float = 30.0) -> None:
+    def __init__(self, lanes: dict[str, ModelLane], directory: TenantDirectory, default_timeout: float = 30.0,
+                 access: Access | None = None, quotas: Quotas | None = None) -> None:
         self.lanes = lanes
         self.default_model = next(iter(lanes))
         self.directory = directory
         self.default_timeout = default_timeout
+        self.access = access or open_access()
+        self.quotas = quotas or Quotas()
+
+    def authorized_route(self, tenant_id: str, context, what: str) -> TenantRoute:
+        """The tenant's route, for a caller allowed to use it (what the HTTP door's chat route resolves)."""
+        if not tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        self.access.principal(context.invocation_metadata()).require_tenant(tenant_id, what)
+        return self.directory.resolve(tenant_id, remaining_timeout(context, self.default_timeout))
 
     def _lane(self, route: TenantRoute) -> ModelLane:
         lane = self.lanes.get(route.model or self.default_model)
@@ -80,11 +100,23 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         deadline = time.monotonic() + timeout
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
+        self.access.principal(context.invocation_metadata()).require_tenant(
+            request.tenant_id, "Embed" if want_embedding else "Classify")
+        route = self.directory.resolve(request.tenant_id, timeout)
+        permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
+        try:
+            return self._run_admitted(request, context, want_embedding, deadline, timeout, route, permit)
+        finally:
+            permit.release()
+
+    def _run_admitted(self, request, context, want_embedding: bool, deadline: float, timeout: float,
+                      route: TenantRoute, permit: Permit) -> tuple[list[SequenceResult], tuple[str, ...], int]:
         work: list[SequenceWork] = []
         context.add_callback(lambda: [item.future.cancel() for item in work])   # the caller went away
         encoded: tuple[str, list] | None = None
         for attempt in range(2):
-            route = self.directory.resolve(request.tenant_id, max(0.05, deadline - time.monotonic()))
+            if attempt:
+                route = self.directory.resolve(request.tenant_id, max(0.05, deadline - time.monotonic()))
             lane = self._lane(route)
             if lane.generation is not None:
                 raise FailedPrecondition(f"tenant {request.tenant_id!r} generates text (its base model is a "
@@ -95,6 +127,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                          f"it again with --labels and a head to classify")
             if encoded is None or encoded[0] != lane.name:
                 encoded = (lane.name, lane.encoder.encode(list(request.texts), request.truncate))
+                if not attempt:
+                    permit.charge(sum(len(ids) for ids in encoded[1]))     # tokens/s, before anything is queued
             work[:] = [SequenceWork(ids, route, deadline, want_embedding) for ids in encoded[1]]
             lane.batcher.submit(work)
             try:
@@ -136,9 +170,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     @handles_stream_errors
     def Generate(self, request, context):
         REQUESTS.labels("Generate").inc()
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required")
-        route = self.directory.resolve(request.tenant_id, remaining_timeout(context, self.default_timeout))
+        route = self.authorized_route(request.tenant_id, context, "Generate")
+        permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
+        context.add_callback(permit.release)
+        try:
+            yield from self._generate(request, context, route, permit)
+        finally:
+            permit.release()
+
+    def _generate(self, request, context, route: TenantRoute, permit: Permit):
         if route.labels:
             raise FailedPrecondition(f"tenant {request.tenant_id!r} is a classifier: call Classify or Embed")
         support = self._lane(route).generation
@@ -147,11 +187,20 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      f"not generate")
         plan = plan_generation(support.tokenizer, request, support.limits, max_positions=support.max_positions,
                                eos_token_ids=support.eos_token_ids)
+        permit.charge(len(plan.prompt_ids) + plan.max_new_tokens)      # tokens/s: what it may cost at most
+        generated = [0]
+        try:
+            yield from self._stream(support, route, plan, context, generated)
+        finally:
+            permit.give_back(plan.max_new_tokens - generated[0])       # a stream that stopped early costs less
+
+    def _stream(self, support: GenerationSupport, route: TenantRoute, plan, context, generated: list[int]):
         call = self._start_generation(support, route, plan, context)
         context.add_callback(call.cancel)        # the client went away: compute frees the KV cache
         streamer = TextStreamer(support.tokenizer, plan.stop)
         first = True
         for message in call:
+            generated[0] += len(message.token_ids)
             ids = [t for t in message.token_ids if t not in plan.stop_token_ids]
             piece = streamer.add(ids) if ids else ""
             reason = "stop" if streamer.stopped else message.finish_reason
@@ -172,7 +221,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                             stop_token_ids=list(plan.stop_token_ids))
         spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
                                         domain=route.domain, split_layer=route.split_layer, model=route.model,
-                                        domain_revision=route.domain_revision)
+                                        domain_revision=route.domain_revision,
+                                        weight=self.quotas.effective(route.limits).weight)
         return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
                                                                  params=params),
                                      timeout=remaining_timeout(context, support.timeout))
@@ -184,35 +234,89 @@ class Relayed:
 
     def __init__(self, requests) -> None:
         self._requests = iter(requests)
+        self._first: list = []
         self.error: UndecodableRequest | None = None
 
     def __iter__(self) -> "Relayed":
         return self
 
     def __next__(self):
+        if self._first:
+            return self._first.pop()
         try:
             return next(self._requests)
         except UndecodableRequest as error:
             self.error = error
             raise
 
+    def first(self):
+        """The first message (None for an empty stream), still passed on with the rest."""
+        if not self._first:
+            message = next(self, None)
+            if message is None:
+                return None
+            self._first.append(message)
+        return self._first[0]
+
     def answer(self, error: grpc.RpcError) -> BaseException:
         return self.error if self.error is not None else error
 
 
-class AdminServicer(pb_grpc.AdminServicer):
-    """Proxies to the knowledge store and keeps the tenant directory fresh."""
+MAX_SCOPES_CACHED = 10_000
 
-    def __init__(self, store: store_grpc.KnowledgeStoreStub, directory: TenantDirectory) -> None:
+
+class AdminServicer(pb_grpc.AdminServicer):
+    """Proxies to the knowledge store and keeps the tenant directory fresh; domains, keys, limits and backups
+    are the admin's, tenants are their keys' (access.py)."""
+
+    def __init__(self, store: store_grpc.KnowledgeStoreStub, directory: TenantDirectory,
+                 access: Access | None = None) -> None:
         self.store = store
         self.directory = directory
+        self.access = access or open_access()
+        self._domain_scopes: dict[str, tuple[int, frozenset[str]]] = {}
+
+    def _who(self, context) -> Principal:
+        return self.access.principal(context.invocation_metadata())
+
+    def _admin(self, context, what: str) -> None:
+        self._who(context).require_admin(what)
+
+    # ---- domains --------------------------------------------------------------------------------
+
+    def _visible_domains(self, principal: Principal, context) -> frozenset[str]:
+        """A key's domains: those it names and those its registered tenants belong to (cached until a tenant
+        or domain changes)."""
+        generation = self.directory.feed.generation
+        cached = self._domain_scopes.get(principal.name)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        domains = set(principal.domains)
+        for tenant in self._tenants(context):
+            if principal.covers(tenant.spec.tenant_id):
+                domains.add(tenant.spec.domain)
+        visible = frozenset(domains)
+        if len(self._domain_scopes) >= MAX_SCOPES_CACHED:
+            self._domain_scopes.clear()
+        self._domain_scopes[principal.name] = (generation, visible)
+        return visible
+
+    def _require_domain(self, principal: Principal, domain: str, what: str, context) -> None:
+        if principal.admin:
+            return
+        if domain not in self._visible_domains(principal, context):
+            REFUSED.labels("permission_denied").inc()
+            raise PermissionDenied(f"{what} of domain {domain!r}: {principal.name} sees only the domains its tenants "
+                                   f"belong to, and those it names")
 
     @handles_stream_errors
     def BuildDomain(self, request_iterator, context):
+        self._admin(context, "BuildDomain")
         yield from self._job(self.store.BuildDomain, request_iterator, context)
 
     @handles_stream_errors
     def AdaptDomain(self, request_iterator, context):
+        self._admin(context, "AdaptDomain")
         yield from self._job(self.store.AdaptDomain, request_iterator, context)
 
     def _job(self, method, request_iterator, context):
@@ -227,21 +331,44 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_errors
     def GetDomain(self, request, context):
+        self._require_domain(self._who(context), request.name, "GetDomain", context)
         return self.store.GetDomain(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def ListDomains(self, request, context):
-        return self.store.ListDomains(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        principal = self._who(context)
+        reply = self.store.ListDomains(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        if principal.admin:
+            return reply
+        visible = self._visible_domains(principal, context)
+        return store_pb.ListDomainsResponse(domains=[d for d in reply.domains if d.spec.name in visible])
 
     @handles_errors
     def DeleteDomain(self, request, context):
+        self._admin(context, "DeleteDomain")
         response = self.store.DeleteDomain(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         self.directory.invalidate(domain=request.name)
         return response
 
+    @handles_stream_errors
+    def Lookup(self, request, context):
+        principal = self._who(context)
+        principal.require_tenant_admin("Lookup (PLOT vectors, what training reads)")
+        self._require_domain(principal, request.domain, "Lookup", context)
+        yield from self.store.Lookup(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    # ---- tenants --------------------------------------------------------------------------------
+
     @handles_errors
     def RegisterTenant(self, request_iterator, context) -> store_pb.Tenant:
+        principal = self._who(context)
         requests = Relayed(request_iterator)
+        if not principal.admin:
+            first = requests.first()
+            if first is None or first.WhichOneof("item") != "spec":
+                raise InvalidArgument("the stream must start with the tenant's spec")
+            principal.require_tenant(first.spec.tenant_id, "RegisterTenant", manage=True)
+            principal.require_domain_for_registration(first.spec.domain)
         try:
             tenant = self.store.PutTenant(requests, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         except grpc.RpcError as error:
@@ -251,26 +378,66 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     @handles_errors
     def GetTenant(self, request, context):
+        self._who(context).require_tenant(request.tenant_id, "GetTenant")
         return self.store.GetTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    def _tenants(self, context, domain: str = "") -> list[store_pb.Tenant]:
+        return list(self.store.ListTenants(store_pb.ListTenantsRequest(domain=domain),
+                                           timeout=remaining_timeout(context, ADMIN_TIMEOUT)).tenants)
 
     @handles_errors
     def ListTenants(self, request, context):
-        return self.store.ListTenants(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
-
-    @handles_stream_errors
-    def Lookup(self, request, context):
-        yield from self.store.Lookup(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        principal = self._who(context)
+        if principal.admin:
+            return self.store.ListTenants(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        if request.limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        mine = [t for t in self._tenants(context, request.domain) if principal.covers(t.spec.tenant_id)]
+        page = [t for t in mine if t.spec.tenant_id > request.after]
+        return store_pb.ListTenantsResponse(tenants=page[:request.limit] if request.limit else page, total=len(mine))
 
     @handles_stream_errors
     def GetAdapter(self, request, context):
+        self._who(context).require_tenant(request.tenant_id, "GetAdapter (exporting its weights)", manage=True)
         yield from self.store.GetAdapter(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def DeleteTenant(self, request, context):
+        self._who(context).require_tenant(request.tenant_id, "DeleteTenant", manage=True)
         response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         self.directory.invalidate(tenant_id=request.tenant_id)
         return response
 
+    # ---- the store, keys and limits: the admin's ---------------------------------------------
+
     @handles_errors
     def Backup(self, request, context):
+        self._admin(context, "Backup")
         return self.store.Backup(request, timeout=remaining_timeout(context, BUILD_TIMEOUT))
+
+    @handles_errors
+    def CreateKey(self, request, context):
+        self._admin(context, "CreateKey")
+        return self.store.CreateKey(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    @handles_errors
+    def ListKeys(self, request, context):
+        self._admin(context, "ListKeys")
+        return self.store.ListKeys(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    @handles_errors
+    def RevokeKey(self, request, context):
+        self._admin(context, "RevokeKey")
+        return self.store.RevokeKey(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
+    @handles_errors
+    def SetTenantLimits(self, request, context):
+        self._admin(context, "SetTenantLimits")
+        limits = self.store.SetTenantLimits(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        self.directory.invalidate(tenant_id=limits.tenant_id)
+        return limits
+
+    @handles_errors
+    def GetTenantLimits(self, request, context):
+        self._who(context).require_tenant(request.tenant_id, "GetTenantLimits")
+        return self.store.GetTenantLimits(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))

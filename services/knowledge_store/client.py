@@ -12,6 +12,7 @@ import numpy as np
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.auth.peers import PeerSecurity
 from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
@@ -25,10 +26,11 @@ class LookupReply:
 
 
 class StoreClient:
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, security: PeerSecurity | None = None) -> None:
+        """`security`: TLS and the service secret the store requires (None: plaintext, no secret)."""
         self.address = address
         self.timeout = timeout
-        self.channel = channel(address)
+        self.channel = channel(address, security=security)
         self.stub = pb_grpc.KnowledgeStoreStub(self.channel)
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,

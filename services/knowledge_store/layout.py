@@ -13,11 +13,14 @@
     lower     domain name -> safetensors of the domain-adapted lower layers
     tenants   tenant id -> JSON tenant record
     adapters  tenant id -> safetensors bytes
-    changes   revision u64 BE -> JSON [kind, name] ("tenant" or "domain"): what gateways must forget, written
-              in the same transaction as the change; the last CHANGES_KEPT entries are kept
+    changes   revision u64 BE -> JSON [kind, name] ("tenant", "domain", "key", "limits"): what gateways must
+              forget, written in the same transaction as the change; the last CHANGES_KEPT entries are kept
     requests  client request id -> JSON {kind, target, revision, result}: writes already applied, so a retry
               after a lost answer returns the first result (idempotency.py); the last REQUESTS_KEPT are kept
     request_log  revision u64 BE -> request id (oldest first, for pruning `requests`)
+    keys      key id -> JSON key record: tenant patterns, rights, expiry, salt and scrypt hash of its secret
+              (never the secret; access_records.py)
+    limits    tenant id -> JSON limits (rps, tps, max concurrent, max queued, priority)
 
 Every transaction goes through `read()` / `write()`: they hold a shared lock that growing the map takes
 exclusively (LMDB remaps only while no transaction is open). A write that finds the map full grows it
@@ -51,7 +54,7 @@ NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
 DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "offsets", "lower", "tenants",
-             "adapters", "changes", "requests", "request_log")
+             "adapters", "changes", "requests", "request_log", "keys", "limits")
 CHANGES_KEPT = 100_000      # change-log entries kept; a reader further behind starts over
 _REVISION = struct.Struct(">Q")
 OFFSETS_HEADER = struct.Struct("<III")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from services.common.auth.flags import add_security_arguments, security_from_args
 from services.common.config import env, env_float, env_int, positive_float
 from services.common.limits import DEFAULT_MAX_RANK
 
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learn-interval", type=float, default=env_float("HMI_LEARN_INTERVAL", 2.0),
                         help="seconds between traffic flushes (materialisation, pruning) [HMI_LEARN_INTERVAL]")
     parser.add_argument("--metrics-port", type=int, default=env_int("HMI_STORE_METRICS_PORT", 0))
+    add_security_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -49,12 +51,14 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+    from services.common.auth.peers import describe
     from services.common.logs import setup_logging
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
     from services.knowledge_store.servicer import KnowledgeStoreServicer
     from services.knowledge_store.store import KnowledgeStore, StoreSettings
     log = setup_logging("store")
+    security = security_from_args(args, "store")
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=models[0].directory, model_name=models[0].name,
                              extra_models={spec.name: spec.directory for spec in models[1:]},
@@ -70,11 +74,12 @@ def main(args: argparse.Namespace) -> None:
     running = start_server(args.listen,
                            lambda server: pb_grpc.add_KnowledgeStoreServicer_to_server(
                                KnowledgeStoreServicer(store), server),
-                           ["hmi.v1.KnowledgeStore"], metrics_port=args.metrics_port)
+                           ["hmi.v1.KnowledgeStore"], metrics_port=args.metrics_port, security=security,
+                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host)
     running.set_serving(True)
-    log.info("knowledge store serving on %s (data %s, models %s, %d domains)", args.listen,
+    log.info("knowledge store serving on %s (data %s, models %s, %d domains; %s)", args.listen,
              settings.data_dir.resolve(), ", ".join(f"{m.name}={m.directory}" for m in models),
-             len(store.list_domains()))
+             len(store.list_domains()), describe(security, internal=True))
 
     def cancel_jobs() -> None:      # builds and adaptations stop at their next progress report; long polls end
         store.stopping.set()

@@ -11,9 +11,11 @@ import numpy as np
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from hmi_proto.v1 import tensor_pb2
+from services.common.auth.api_keys import check_tenant_id
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
+from services.knowledge_store.access_records import KeyRecord, LimitsRecord
 from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.records import AdaptReport, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
@@ -44,13 +46,26 @@ def adapt_to_pb(adapt: AdaptReport | None) -> pb.AdaptReport | None:
                           adapted_loss=adapt.adapted_loss, seconds=adapt.seconds)
 
 
-def tenant_to_pb(record: TenantRecord) -> pb.Tenant:
+def tenant_to_pb(record: TenantRecord, limits: LimitsRecord | None = None) -> pb.Tenant:
     return pb.Tenant(
         spec=pb.TenantSpec(tenant_id=record.tenant_id, domain=record.domain, labels=record.labels,
                            rank=record.rank, seed=record.seed, model=record.model),
         adapter_version=record.adapter_version, adapter_bytes=record.adapter_bytes, rank=record.rank,
         targets=record.targets, layers=record.layers, updated_at=record.updated_at,
-        split_layer=record.split_layer)
+        split_layer=record.split_layer, limits=limits_to_pb(limits) if limits is not None else None)
+
+
+def limits_to_pb(limits: LimitsRecord) -> pb.TenantLimits:
+    return pb.TenantLimits(tenant_id=limits.tenant_id, rps=limits.rps, tps=limits.tps,
+                           max_concurrent=limits.max_concurrent, max_queued=limits.max_queued,
+                           priority=limits.priority)
+
+
+def key_to_pb(record: KeyRecord) -> pb.ApiKey:
+    """What anyone may see of a key: never its salt or hash."""
+    return pb.ApiKey(id=record.id, tenants=record.tenants, tenant_admin=record.tenant_admin, domains=record.domains,
+                     description=record.description, created_at=record.created_at, expires_at=record.expires_at,
+                     revoked_at=record.revoked_at)
 
 
 def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int, extra_field: str = ""):
@@ -244,14 +259,16 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     @handles_errors
     def GetTenant(self, request, context) -> pb.Tenant:
-        return tenant_to_pb(self.store.get_tenant(request.tenant_id))
+        record = self.store.get_tenant(request.tenant_id)
+        return tenant_to_pb(record, self.store.access.limits(record.tenant_id))
 
     @handles_errors
     def ListTenants(self, request, context) -> pb.ListTenantsResponse:
         if request.limit < 0:
             raise InvalidArgument("limit must be >= 0")
         records, total = self.store.list_tenants(request.domain, request.limit, request.after)
-        return pb.ListTenantsResponse(tenants=[tenant_to_pb(r) for r in records], total=total)
+        limits = self.store.access.limits_of([r.tenant_id for r in records])
+        return pb.ListTenantsResponse(tenants=[tenant_to_pb(r, limits[r.tenant_id]) for r in records], total=total)
 
     @handles_errors
     def DeleteTenant(self, request, context) -> pb.DeleteTenantResponse:
@@ -287,3 +304,44 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         copy = self.store.backup(Path(request.path))
         return pb.BackupResponse(path=copy["path"], bytes=int(copy["bytes"]), revision=int(copy["revision"]),
                                  seconds=copy["seconds"])
+
+    # ---- API keys and tenant limits (access_records.py) -------------------------------------------
+
+    @handles_errors
+    def CreateKey(self, request, context) -> pb.CreateKeyResponse:
+        record, secret = self.store.access.create_key(list(request.tenants), tenant_admin=request.tenant_admin,
+                                                      domains=list(request.domains),
+                                                      expires_in=request.expires_in_seconds,
+                                                      description=request.description)
+        self._settle()
+        return pb.CreateKeyResponse(key=key_to_pb(record), secret=secret)
+
+    @handles_errors
+    def ListKeys(self, request, context) -> pb.ListKeysResponse:
+        return pb.ListKeysResponse(keys=[key_to_pb(r) for r in self.store.access.list_keys()])
+
+    @handles_errors
+    def RevokeKey(self, request, context) -> pb.ApiKey:
+        record = self.store.access.revoke_key(request.id)
+        self._settle()
+        return key_to_pb(record)
+
+    @handles_errors
+    def GetKeyVerifier(self, request, context) -> pb.KeyVerifier:
+        record = self.store.access.get_key(request.id)
+        verifier = record.verifier()
+        return pb.KeyVerifier(key=key_to_pb(record), salt=verifier.salt, hash=verifier.hash, n=verifier.n,
+                              r=verifier.r, p=verifier.p)
+
+    @handles_errors
+    def SetTenantLimits(self, request, context) -> pb.TenantLimits:
+        wire = request.limits
+        record = self.store.access.set_limits(LimitsRecord(
+            tenant_id=wire.tenant_id, rps=wire.rps, tps=wire.tps, max_concurrent=wire.max_concurrent,
+            max_queued=wire.max_queued, priority=wire.priority))
+        self._settle()
+        return limits_to_pb(record)
+
+    @handles_errors
+    def GetTenantLimits(self, request, context) -> pb.TenantLimits:
+        return limits_to_pb(self.store.access.limits(check_tenant_id(request.tenant_id)))

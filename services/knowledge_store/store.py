@@ -24,6 +24,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import idempotency
 from services.knowledge_store import knowledge_tree as tree
+from services.knowledge_store.access_records import AccessRecords
 from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
@@ -98,6 +99,7 @@ class KnowledgeStore:
                                   f"(--max-rank)")
         self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size, settings.max_map_size)
         self.followers = ChangeFollowers(max_wait=settings.follower_wait)
+        self.access = AccessRecords(self.layout)        # API keys and tenant limits
         self.layout.on_commit.append(self.followers.committed)
         with self.layout.read() as txn:
             self.followers.committed(self.layout.revision(txn))

@@ -6,9 +6,15 @@ raised as a typed exception (hmi_client.errors).
 Calls that are safe to repeat are retried on UNAVAILABLE (the gateway or a service behind it restarting)
 with exponential backoff, within the call's timeout: reads, classification and embedding, and every write,
 because each write carries a request id generated once per call, so a retry after a lost answer returns
-the first result instead of applying the write twice. Generation streams are not retried."""
+the first result instead of applying the write twice. Generation streams are not retried.
+
+Credentials: `token` (else the environment variable HMI_TOKEN) travels as `authorization: Bearer <token>` on
+every call: an API key (`hmi key create`) or the admin token. `tls_ca` (else HMI_TLS_CA) is the PEM file of the
+CA that signed the gateway's certificate: the channel then uses TLS (`tls=True` trusts the system's CAs)."""
 from __future__ import annotations
 
+import collections
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -87,18 +93,71 @@ def split_chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         yield data[start:start + size]
 
 
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                   "wait_for_ready", "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def __repr__(self) -> str:
+        return "_Bearer(<hidden>)"
+
+    def _details(self, details):
+        return _Details(details.method, details.timeout, tuple(details.metadata or ()) + self._metadata,
+                        details.credentials, getattr(details, "wait_for_ready", None),
+                        getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+def open_channel(address: str, *, tls_ca: str | None = None, tls: bool = False, tls_cert: str | None = None,
+                 tls_key: str | None = None, options=CHANNEL_OPTIONS) -> grpc.Channel:
+    """A channel to an HMI service: TLS when `tls_ca` (a PEM file) or `tls` (the system's CAs) is given, with a
+    client certificate when `tls_cert` and `tls_key` are (the internal services' mutual TLS)."""
+    if tls_ca or tls:
+        def read(path):
+            with open(path, "rb") as file:
+                return file.read()
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(tls_ca) if tls_ca else None,
+            private_key=read(tls_key) if tls_key and tls_cert else None,
+            certificate_chain=read(tls_cert) if tls_key and tls_cert else None)
+        return grpc.secure_channel(address, credentials, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
 class HMIClient:
     def __init__(self, address: str, timeout: float = 30.0, retries: int = 4, *,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, token: str | None = None, tls_ca: str | None = None,
+                 tls: bool = False) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries                # further attempts after UNAVAILABLE (0: none)
-        self.channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        token = token if token is not None else os.environ.get("HMI_TOKEN") or None
+        tls_ca = tls_ca if tls_ca is not None else os.environ.get("HMI_TLS_CA") or None
+        self._raw_channel = channel or open_channel(address, tls_ca=tls_ca, tls=tls)
+        self.channel = grpc.intercept_channel(self._raw_channel, _Bearer(token)) if token else self._raw_channel
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> "HMIClient":
         return self
@@ -221,6 +280,41 @@ class HMIClient:
         request = catalog.BackupRequest(path=path)
         with translated():
             return self._retrying(lambda left: self.admin.Backup(request, timeout=left), timeout or 3600)
+
+    # ---- API keys and tenant limits (the admin's; a key may read its tenants' limits) ------------
+
+    def create_key(self, tenants: list[str], *, tenant_admin: bool = False, domains: list[str] | None = None,
+                   expires_in_days: float = 0.0, description: str = "") -> catalog.CreateKeyResponse:
+        """A new API key for `tenants` (ids, or prefixes such as 'acme-*'); `.secret` is the key, shown only
+        here. Not retried: a retry after a lost answer would make a second key."""
+        request = catalog.CreateKeyRequest(tenants=tenants, tenant_admin=tenant_admin, domains=domains or [],
+                                           expires_in_seconds=expires_in_days * 86400.0, description=description)
+        with translated():
+            return self.admin.CreateKey(request, timeout=self.timeout)
+
+    def list_keys(self) -> list[catalog.ApiKey]:
+        with translated():
+            return list(self._retrying(lambda left: self.admin.ListKeys(catalog.ListKeysRequest(),
+                                                                        timeout=left)).keys)
+
+    def revoke_key(self, key_id: str) -> catalog.ApiKey:
+        request = catalog.RevokeKeyRequest(id=key_id)
+        with translated():
+            return self._retrying(lambda left: self.admin.RevokeKey(request, timeout=left))
+
+    def set_tenant_limits(self, tenant_id: str, *, rps: float = 0.0, tps: float = 0.0, max_concurrent: int = 0,
+                          max_queued: int = 0, priority: int = 0) -> catalog.TenantLimits:
+        """Replaces the tenant's limits (0 = none; priority 0 = 1)."""
+        request = catalog.SetTenantLimitsRequest(limits=catalog.TenantLimits(
+            tenant_id=tenant_id, rps=rps, tps=tps, max_concurrent=max_concurrent, max_queued=max_queued,
+            priority=priority))
+        with translated():
+            return self._retrying(lambda left: self.admin.SetTenantLimits(request, timeout=left))
+
+    def get_tenant_limits(self, tenant_id: str) -> catalog.TenantLimits:
+        request = catalog.GetTenantLimitsRequest(tenant_id=tenant_id)
+        with translated():
+            return self._retrying(lambda left: self.admin.GetTenantLimits(request, timeout=left))
 
     # ---- public --------------------------------------------------------------------------------
 

@@ -15,10 +15,28 @@ class HMIError(grpc.RpcError):
 
     status = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, details: str, code: grpc.StatusCode | None = None,
+                 trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(details)
         self._code = code or self.status
         self._details = details
+        self._trailing = tuple(trailing_metadata or ())
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds after which a retry may pass (RESOURCE_EXHAUSTED from a tenant's quota), else None."""
+        for key, value in self._trailing:
+            if key == "retry-after-ms":
+                return int(value) / 1000
+        return None
+
+    @property
+    def limit(self) -> str | None:
+        """The quota that refused the call (rps, tps, max_concurrent, max_queued), else None."""
+        return next((value for key, value in self._trailing if key == "hmi-limit"), None)
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -89,7 +107,14 @@ def from_rpc_error(error: grpc.RpcError) -> HMIError:
         return error
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else "") or str(error) or code.name
-    return BY_CODE.get(code, HMIError)(details, code)
+    trailing = ()
+    if hasattr(error, "trailing_metadata"):
+        try:
+            trailing = tuple((key, value) for key, value in (error.trailing_metadata() or ())
+                             if isinstance(value, str))
+        except Exception:  # noqa: BLE001 - a call object without trailers: no hint
+            trailing = ()
+    return BY_CODE.get(code, HMIError)(details, code, trailing)
 
 
 @contextlib.contextmanager

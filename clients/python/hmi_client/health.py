@@ -34,10 +34,13 @@ def check(channel: grpc.Channel, service: str = "", timeout: float = 1.0) -> int
     return call(HealthCheckRequest(service=service), timeout=timeout).status
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    """True when the service at `address` answers SERVING."""
+def is_serving(address: str, timeout: float = 1.0, *, tls_ca: str | None = None, tls_cert: str | None = None,
+               tls_key: str | None = None) -> bool:
+    """True when the service at `address` answers SERVING (over TLS with `tls_ca`; `tls_cert` and `tls_key`
+    for a service that requires client certificates). The health service needs no credential."""
+    from hmi_client.client import open_channel
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, options=[]) as channel:
             return check(channel, timeout=timeout) == SERVING
     except grpc.RpcError:
         return False

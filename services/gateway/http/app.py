@@ -5,6 +5,7 @@ thread pool of their own, sized like the gRPC server's."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -136,7 +137,9 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
     @app.exception_handler(CallFailed)
     async def call_failed(_request, failure: CallFailed):
         status, body = http_error(failure)
-        return JSONResponse(body, status_code=status)
+        retry_after = failure.retry_after()
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, error: ApiError):
@@ -146,7 +149,7 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
     @app.exception_handler(AuthenticationFailed)
     async def unauthenticated(_request, error: AuthenticationFailed):
         return JSONResponse(error_body(str(error) or "invalid API key", "authentication_error", "invalid_api_key"),
-                            status_code=401)
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, error: RequestValidationError):

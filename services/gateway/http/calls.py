@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import grpc
 
-from services.common.errors import HMIError
+from services.common.errors import HMIError, LimitExceeded
 
 
 class CallFailed(grpc.RpcError):
@@ -18,10 +18,19 @@ class CallFailed(grpc.RpcError):
     Subclasses grpc.RpcError without a `code` attribute, as grpc's own abort does, so the servicers' error
     decorators let it through unchanged."""
 
-    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+    def __init__(self, status: grpc.StatusCode, message: str,
+                 trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.trailing_metadata = tuple(trailing_metadata or ())
+
+    def retry_after(self) -> float | None:
+        """Seconds until a retry may pass (a quota's hint), None without one."""
+        for key, value in self.trailing_metadata:
+            if key == "retry-after-ms":
+                return int(value) / 1000
+        return None
 
 
 class InProcessContext:
@@ -32,6 +41,7 @@ class InProcessContext:
         self.metadata = metadata
         self._callbacks: list[Callable[[], Any]] = []
         self._cancelled = False
+        self.trailing_metadata: tuple[tuple[str, str], ...] = ()
         self._lock = threading.Lock()
 
     def time_remaining(self) -> float:
@@ -65,10 +75,10 @@ class InProcessContext:
             callback()
 
     def abort(self, code: grpc.StatusCode, details: str):
-        raise CallFailed(code, details)
+        raise CallFailed(code, details, self.trailing_metadata)
 
     def abort_with_status(self, status):
-        raise CallFailed(status.code, status.details)
+        raise CallFailed(status.code, status.details, self.trailing_metadata)
 
     def set_code(self, code) -> None:        # unary servicers that set a status without aborting
         self._code = code
@@ -84,6 +94,8 @@ def as_call_failed(error: BaseException) -> CallFailed:
     """Any error of a call made in process, as the status a gRPC client would have seen."""
     if isinstance(error, CallFailed):
         return error
+    if isinstance(error, LimitExceeded):
+        return CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), error.trailing_metadata())
     if isinstance(error, HMIError):
         return CallFailed(getattr(grpc.StatusCode, error.code_name, grpc.StatusCode.INTERNAL), str(error))
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
@@ -105,7 +117,7 @@ HTTP_ERRORS = {
     grpc.StatusCode.OUT_OF_RANGE: HttpError(400, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: HttpError(401, "authentication_error", "invalid_api_key"),
     grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error"),
-    # An unknown (or, with authentication, forbidden) tenant: 404, as OpenAI answers an unknown model.
+    # An unknown tenant: 404, as OpenAI answers an unknown model (a tenant outside the key's scope: 403).
     grpc.StatusCode.NOT_FOUND: HttpError(404, "invalid_request_error", "model_not_found"),
     grpc.StatusCode.ALREADY_EXISTS: HttpError(409, "invalid_request_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: HttpError(429, "rate_limit_error", "rate_limit_exceeded"),

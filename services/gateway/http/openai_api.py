@@ -244,8 +244,8 @@ async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({"role": message.role, "content": content or ""})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    route = await doors.call(who, lambda _request, context: doors.gateway.directory.resolve(
-        body.model, context.time_remaining()))
+    route = await doors.call(who, lambda _request, context: doors.gateway.authorized_route(
+        body.model, context, "Generate"))
     if not doors.is_decoder(route.model):
         raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION, f"tenant {body.model!r} classifies or embeds (its "
                          f"base model is an encoder): it does not generate text")

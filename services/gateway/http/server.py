@@ -16,12 +16,15 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class HttpServer:
-    def __init__(self, app, address: str) -> None:
+    def __init__(self, app, address: str, *, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        """With `tls_cert` and `tls_key` (the gateway's --tls-cert / --tls-key) it serves HTTPS."""
         import uvicorn
         host, port = split_address(address)
         self.address = address
+        self.scheme = "https" if tls_cert else "http"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5))
+                                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                                    ssl_certfile=tls_cert, ssl_keyfile=tls_key))
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -32,7 +35,7 @@ class HttpServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise SystemExit(f"the HTTP front door cannot listen on {self.address} (address in use?)")
             time.sleep(0.02)
-        log.info("HTTP front door on http://%s (OpenAPI docs at /docs)", self.address)
+        log.info("HTTP front door on %s://%s (OpenAPI docs at /docs)", self.scheme, self.address)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -1,0 +1,176 @@
+"""Per-tenant quotas, checked before any work: requests/s and tokens/s (token buckets holding one second's
+worth), requests in flight, and (in the batcher) sequences queued. A call over a limit answers
+RESOURCE_EXHAUSTED naming the limit, with a retry hint (`retry-after-ms` trailing metadata; HTTP Retry-After).
+
+Limits come with the tenant's record from the store (`hmi tenant limits`), fields left at 0 falling back to the
+gateway's defaults (`--default-tenant-rps`, ...). Each gateway counts the traffic it serves: with N gateways
+behind a balancer a tenant gets up to N times its limits. Plain Python, no gRPC."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from services.common.errors import LimitExceeded
+from services.gateway.access import REFUSED
+
+MAX_TRACKED = 100_000           # tenants with counters kept; the least recently seen are forgotten beyond
+
+
+@dataclass(frozen=True)
+class Limits:
+    rps: float = 0.0            # 0 = no limit
+    tps: float = 0.0
+    max_concurrent: int = 0
+    max_queued: int = 0
+    priority: int = 0           # fair-scheduling weight; 0 = 1
+
+    @classmethod
+    def from_pb(cls, message) -> Limits:
+        return cls(rps=message.rps, tps=message.tps, max_concurrent=message.max_concurrent,
+                   max_queued=message.max_queued, priority=message.priority)
+
+    def over(self, defaults: Limits) -> Limits:
+        """These limits, with the fields left at 0 taken from `defaults`."""
+        return Limits(*(mine or default for mine, default in zip(
+            (self.rps, self.tps, self.max_concurrent, self.max_queued, self.priority),
+            (defaults.rps, defaults.tps, defaults.max_concurrent, defaults.max_queued, defaults.priority))))
+
+    @property
+    def weight(self) -> float:
+        return float(self.priority or 1)
+
+
+class TokenBucket:
+    """`rate` per second, holding at most one second's worth (at least 1). A cost above the capacity passes
+    when the bucket is full and leaves it in debt, so a large request is slowed, never refused forever."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.level = self.capacity
+        self.updated = now
+
+    def take(self, cost: float, now: float) -> float:
+        """0 when `cost` was taken, else the seconds until it could be."""
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        needed = min(cost, self.capacity)
+        if self.level >= needed:
+            self.level -= cost
+            return 0.0
+        return (needed - self.level) / self.rate
+
+    def give_back(self, cost: float) -> None:
+        self.level = min(self.capacity, self.level + cost)
+
+
+@dataclass
+class _Tenant:
+    limits: Limits
+    rps: TokenBucket | None
+    tps: TokenBucket | None
+    inflight: int = 0
+    mean_seconds: float = 0.05         # recent request duration (a retry hint for max_concurrent)
+
+
+@dataclass
+class Permit:
+    """A request admitted by `Quotas.admit`: charge its tokens, then release it when it ends (idempotent)."""
+    quotas: Quotas
+    tenant_id: str
+    started: float = field(default_factory=time.monotonic)
+    tokens: float = 0.0
+    released: bool = False
+
+    def charge(self, tokens: float) -> None:
+        """Takes `tokens` from the tenant's tokens/s bucket; LimitExceeded (and the permit released) if empty."""
+        self.quotas._charge(self, tokens)
+
+    def give_back(self, tokens: float) -> None:
+        """Tokens charged but not used (a generation that stopped before max_new_tokens)."""
+        self.quotas._give_back(self, tokens)
+
+    def release(self) -> None:
+        self.quotas._release(self)
+
+
+class Quotas:
+    def __init__(self, defaults: Limits = Limits()) -> None:
+        self.defaults = defaults
+        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def effective(self, limits: Limits) -> Limits:
+        return limits.over(self.defaults)
+
+    def _state(self, tenant_id: str, limits: Limits, now: float) -> _Tenant:
+        state = self._tenants.get(tenant_id)
+        if state is None or state.limits != limits:      # new, or its limits changed: fresh buckets
+            inflight = state.inflight if state is not None else 0
+            state = _Tenant(limits, TokenBucket(limits.rps, now) if limits.rps else None,
+                            TokenBucket(limits.tps, now) if limits.tps else None, inflight)
+            self._tenants[tenant_id] = state
+        self._tenants.move_to_end(tenant_id)
+        while len(self._tenants) > MAX_TRACKED:
+            oldest, old = next(iter(self._tenants.items()))
+            if old.inflight:
+                break
+            del self._tenants[oldest]
+        return state
+
+    def admit(self, tenant_id: str, limits: Limits) -> Permit:
+        """Checks requests/s and requests in flight; LimitExceeded names the limit and when to retry."""
+        limits = self.effective(limits)
+        now = time.monotonic()
+        with self._lock:
+            state = self._state(tenant_id, limits, now)
+            if limits.max_concurrent and state.inflight >= limits.max_concurrent:
+                REFUSED.labels("max_concurrent").inc()
+                raise LimitExceeded(f"tenant {tenant_id!r} has {state.inflight} requests in flight, its limit "
+                                    f"(max_concurrent) is {limits.max_concurrent}; retry when one has finished",
+                                    "max_concurrent", state.mean_seconds)
+            if state.rps is not None:
+                wait = state.rps.take(1.0, now)
+                if wait:
+                    REFUSED.labels("rps").inc()
+                    raise LimitExceeded(f"tenant {tenant_id!r} is over its limit of {limits.rps:g} requests/s (rps); "
+                                        f"retry in {wait:.2f}s", "rps", wait)
+            state.inflight += 1
+        return Permit(self, tenant_id, started=now)
+
+    def _charge(self, permit: Permit, tokens: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            state = self._tenants.get(permit.tenant_id)
+            bucket = state.tps if state is not None else None
+            wait = bucket.take(tokens, now) if bucket is not None else 0.0
+            if not wait:
+                permit.tokens += tokens
+                return
+        permit.release()
+        REFUSED.labels("tps").inc()
+        raise LimitExceeded(f"tenant {permit.tenant_id!r} is over its limit of {state.limits.tps:g} tokens/s (tps): "
+                            f"this request needs {tokens:g}; retry in {wait:.2f}s", "tps", wait)
+
+    def _give_back(self, permit: Permit, tokens: float) -> None:
+        with self._lock:
+            state = self._tenants.get(permit.tenant_id)
+            if state is not None and state.tps is not None and tokens > 0:
+                state.tps.give_back(min(tokens, permit.tokens))
+
+    def _release(self, permit: Permit) -> None:
+        with self._lock:
+            if permit.released:
+                return
+            permit.released = True
+            state = self._tenants.get(permit.tenant_id)
+            if state is not None:
+                state.inflight = max(0, state.inflight - 1)
+                state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (time.monotonic() - permit.started)
+
+    def inflight(self, tenant_id: str) -> int:
+        with self._lock:
+            state = self._tenants.get(tenant_id)
+            return state.inflight if state is not None else 0
