@@ -62,8 +62,8 @@ def services(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def client(services):
-    from hmi.client import HMIClient
-    with HMIClient(services.gateway_addr, timeout=60) as hmi_client:
+    """The admin's client: the token the launcher wrote into the data dir, as `hmi up` does."""
+    with services.client(timeout=60) as hmi_client:
         yield hmi_client
 
 

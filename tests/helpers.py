@@ -16,6 +16,21 @@ def expect_status(code: grpc.StatusCode, call, *args, **kwargs) -> str:
     return caught.value.details()
 
 
+def internal_channel(services, address: str) -> grpc.Channel:
+    """A channel to the store or a compute of `services` with the deployment's service secret (and TLS), as the
+    services themselves call each other: the internal services refuse anyone else."""
+    from services.common.rpc import channel
+    return channel(address, security=services.peer_security())
+
+
+def cli_env(services, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run on the deployment's machine: its gateway and data dir, no token variable, so
+    the CLI reads the admin token `hmi up` wrote into the data dir (the path a local user takes)."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("HMI_TOKEN", "HMI_ADMIN_TOKEN")}
+    return {**env, "HMI_GATEWAY_ADDR": services.gateway_addr, "HMI_DATA_DIR": str(services.data_dir), **extra}
+
+
 def retry_until_served(call, *args, timeout: float = 20.0):
     """Calls until a restarted peer answers (channels reconnect with backoff); re-raises after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -57,3 +72,28 @@ def tiny_decoder(family: str, folder, vocab: int = 1000):
     model.save_pretrained(folder)
     tokenizer.save(str(Path(folder) / "tokenizer.json"))
     return Path(folder)
+
+
+def make_certificates(folder, name: str = "hmi test"):
+    """A CA and a certificate it signed for localhost / 127.0.0.1 (server and client use, so every service shows
+    it to its peers), made with openssl at test time: EC P-256 keys, valid one day. Returns the launcher's
+    TlsFiles."""
+    import subprocess
+    from pathlib import Path
+
+    from hmi.launcher import TlsFiles
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", f"/CN={name} CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-keyout", "service.key", "-out", "service.csr", "-subj", "/CN=localhost")
+    (folder / "service.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                        "extendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", "service.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "service.pem", "-days", "1", "-extfile", "service.ext")
+    return TlsFiles(cert=folder / "service.pem", key=folder / "service.key", ca=folder / "ca.pem")

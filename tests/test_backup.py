@@ -11,6 +11,7 @@ import pytest
 from hmi.cli import main as hmi_main
 from hmi.client import HMIClient
 from services.knowledge_store.store import KnowledgeStore, StoreSettings
+from tests.helpers import internal_channel
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ def test_backup_under_writes_restores_everything_acknowledged_before_it(services
     stop = threading.Event()
 
     def writer(index: int) -> None:
-        with HMIClient(services.gateway_addr, timeout=30) as own:
+        with services.client(timeout=30) as own:
             count = 0
             while not stop.is_set():
                 tenant = f"bk-{index}-{count}"
@@ -70,7 +71,7 @@ def test_backup_under_writes_restores_everything_acknowledged_before_it(services
 def services_store_id(services) -> str:
     from hmi_proto.v1 import knowledge_store_pb2 as pb
     from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
-    with grpc.insecure_channel(services.store_addr) as ch:
+    with internal_channel(services, services.store_addr) as ch:
         return pb_grpc.KnowledgeStoreStub(ch).ListChanges(pb.ListChangesRequest(limit=1), timeout=10).store_id
 
 

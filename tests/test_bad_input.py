@@ -85,7 +85,8 @@ def test_invalid_names_and_specs(client, domain):
 
 
 def forward(services, request):
-    return compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0])).Forward(request, timeout=30)
+    return compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0], security=services.peer_security())).Forward(
+        request, timeout=30)
 
 
 def test_malformed_tensors_to_compute_are_invalid(services, client, domain):

@@ -12,7 +12,6 @@ from collections import Counter
 import grpc
 import pytest
 
-from hmi.client import HMIClient
 from tests.conftest import start_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -35,7 +34,7 @@ def test_kill_each_service_under_load(tmp_path, tiny_model_dir):
             slowest[0] = max(slowest[0], time.monotonic() - started)
 
     def classifier(index: int) -> None:
-        with HMIClient(services.gateway_addr, timeout=DEADLINE) as client:
+        with services.client(timeout=DEADLINE) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 try:
@@ -46,7 +45,7 @@ def test_kill_each_service_under_load(tmp_path, tiny_model_dir):
                     time.sleep(0.05)
 
     def writer() -> None:
-        with HMIClient(services.gateway_addr, timeout=DEADLINE) as client:
+        with services.client(timeout=DEADLINE) as client:
             count = 0
             while not stop.is_set():
                 tenant = f"written-{count}"
@@ -62,7 +61,7 @@ def test_kill_each_service_under_load(tmp_path, tiny_model_dir):
                 count += 1
 
     try:
-        with HMIClient(services.gateway_addr, timeout=30) as client:
+        with services.client(timeout=30) as client:
             client.build_domain("chaos", "", split_layer=0, context=1, min_count=1)
             for index in range(4):
                 client.register_tenant(f"chaos-{index}", "chaos", ["a", "b"], seed=index + 1)
@@ -79,7 +78,7 @@ def test_kill_each_service_under_load(tmp_path, tiny_model_dir):
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
-        with HMIClient(services.gateway_addr, timeout=30) as client:
+        with services.client(timeout=30) as client:
             lost = {t: v for t, v in acknowledged.items()
                     if client.get_tenant(t).adapter_version != v}
             assert client.classify("chaos-0", TEXTS)[0].label in ("a", "b")

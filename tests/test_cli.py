@@ -11,12 +11,13 @@ import pytest
 from hmi.launcher import hmi_command
 from models.adapter_format import random_adapter, serialize_adapter
 from models.dims import ModelDims
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 
 
 def hmi(services, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    env = cli_env(services)
     result = subprocess.run(hmi_command() + list(args), env=env, capture_output=True, text=True, timeout=120)
     if check:
         assert result.returncode == 0, f"hmi {' '.join(args)} failed: {result.stderr}"

@@ -6,13 +6,13 @@ import time
 import grpc
 import pytest
 
-from hmi.client import HMIClient
 from hmi.launcher import ServiceSet, free_port
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.gateway.directory import LOOKUPS, TenantDirectory
 from services.knowledge_store import layout as layout_module
 from services.knowledge_store.layout import StoreLayout
+from tests.helpers import internal_channel
 
 TEXTS = ["the service was quick and friendly", "my order arrived broken", "a fine day at the beach"]
 
@@ -33,7 +33,7 @@ def wait_for(condition, timeout: float = 10.0):
 @pytest.fixture(scope="module")
 def store_stub(services, client):
     client.build_domain("dir", "\n".join(TEXTS), split_layer=1, context=2, min_count=1)
-    with grpc.insecure_channel(services.store_addr) as channel:
+    with internal_channel(services, services.store_addr) as channel:
         yield pb_grpc.KnowledgeStoreStub(channel)
 
 
@@ -112,10 +112,12 @@ def test_a_second_gateway_serves_changes_made_through_the_first(services, client
     second = ServiceSet(data_dir=tmp_path, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=services.store_addr,
                         compute_addrs=services.compute_addrs, model=services.model, log_dir=tmp_path / "logs",
                         extra_env={"HMI_TENANT_CACHE_TTL": "3600", "HMI_CHANGE_POLL_MS": "100",
-                                   "HMI_TORCH_THREADS": "1"})
+                                   "HMI_TORCH_THREADS": "1",     # the first deployment's credentials, as variables
+                                   "HMI_SERVICE_SECRET": services.service_secret,
+                                   "HMI_ADMIN_TOKEN": services.admin_token})
     second.start(only=["gateway"], timeout=120)
     try:
-        with HMIClient(second.gateway_addr, timeout=60) as other:
+        with second.client(timeout=60) as other:
             client.register_tenant("dir-d", "dir", ["yes", "no"], seed=1)
             assert other.classify("dir-d", [TEXTS[0]])[0].probabilities.keys() == {"yes", "no"}
             client.register_tenant("dir-d", "dir", ["x", "y", "z"], seed=2)

@@ -34,14 +34,14 @@ def node_example(tmp_path_factory) -> Path:
 
 
 def run_node(folder: Path, services, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr, "HMI_PROTOS": str(REPO / "protos")}
+    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr, "HMI_PROTOS": str(REPO / "protos"),
+           "HMI_TOKEN": services.admin_token}
     return subprocess.run(["node", "client.js", *args], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=60)
 
 
 def test_the_node_example_classifies_embeds_and_streams(node_example, front_door):
-    from hmi.client import HMIClient
-    with HMIClient(front_door.gateway_addr, timeout=60) as client:
+    with front_door.client(timeout=60) as client:
         client.build_domain("node-reviews", "", split_layer=0, context=1, min_count=1)
         client.build_domain("node-stories", "", split_layer=0, context=1, min_count=1, model="gen")
         client.register_tenant("node-critic", "node-reviews", ["neg", "pos"], seed=1)

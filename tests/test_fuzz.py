@@ -15,6 +15,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from hmi.client import is_serving
 from hmi_proto.v1 import compute_pb2, gateway_pb2, knowledge_store_pb2
+from services.common.auth.peers import WithMetadata
+from tests.helpers import internal_channel
 
 pytestmark = pytest.mark.integration
 FUZZ_SECONDS = float(os.environ.get("HMI_FUZZ_SECONDS", "4"))
@@ -119,7 +121,14 @@ def test_malformed_messages_get_documented_codes_and_services_stay_up(services, 
     for address, surfaces in targets:
         every = [m for module, name in surfaces for m in methods(module, name)]
         ends = time.monotonic() + FUZZ_SECONDS
-        with grpc.insecure_channel(address) as channel:
+        # With credentials (the admin token at the gateway, the service secret inside): what is fuzzed is the
+        # handling of the message, not the door (tests/test_security.py tests the doors).
+        if address == services.gateway_addr:
+            channel = grpc.intercept_channel(grpc.insecure_channel(address),
+                                             WithMetadata((("authorization", f"Bearer {services.admin_token}"),)))
+        else:
+            channel = internal_channel(services, address)
+        with channel:
             while time.monotonic() < ends:
                 for method, cls in every:
                     payloads = [malformed(cls, rng) for _ in range(rng.choice([1, 2, 3]))]

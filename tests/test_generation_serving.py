@@ -16,7 +16,7 @@ from models.dims import ModelDims
 from models.loading import load_causal_lm, load_tokenizer
 from models.lora_merge import merged_model
 from tests.conftest import start_services
-from tests.helpers import expect_status, tiny_decoder
+from tests.helpers import cli_env, expect_status, internal_channel, tiny_decoder
 
 pytestmark = pytest.mark.integration
 TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
@@ -27,11 +27,10 @@ PROMPTS = ["the service was", "rain is expected", "I would like to return", "a g
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def suite(request, tmp_path_factory):
     """A running suite on a decoder, a split-layer-0 domain and three generative tenants."""
-    from hmi.client import HMIClient
     family = request.param
     model_dir = tiny_decoder(family, tmp_path_factory.mktemp(f"tiny-{family}"))
     services = start_services(tmp_path_factory.mktemp(f"data-{family}"), model_dir)
-    client = HMIClient(services.gateway_addr, timeout=60)
+    client = services.client(timeout=60)
     dims = ModelDims.from_dir(model_dir)
     client.build_domain("chat", "", split_layer=0, context=1, min_count=1)
     adapters = {}
@@ -146,7 +145,7 @@ def test_a_client_that_goes_away_frees_its_kv_cache(suite):
     stream = client.generate("writer-3", "the service was", max_new_tokens=100, temperature=1.0, seed=1)
     next(iter(stream))
     stream.cancel()
-    with grpc.insecure_channel(services.compute_addrs[0]) as channel:
+    with internal_channel(services, services.compute_addrs[0]) as channel:
         stub = compute_pb2_grpc.ComputeStub(channel)
         deadline = time.monotonic() + 10
         while True:
@@ -161,14 +160,13 @@ def test_a_client_that_goes_away_frees_its_kv_cache(suite):
 
 def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir):
     """`hmi up --model enc=DIR --model gen=DIR`: one store, one compute per model, one gateway routing by model."""
-    from hmi.client import HMIClient
     from hmi.launcher import ServiceSet
     decoder_dir = tiny_decoder("gpt2", tmp_path / "gen")
     services = ServiceSet.on_free_ports(tmp_path / "data", model=f"enc={tiny_model_dir},gen={decoder_dir}",
                                         log_dir=tmp_path / "logs", extra_env={"HMI_TORCH_THREADS": "1"})
     services.start(timeout=180)
     try:
-        with HMIClient(services.gateway_addr, timeout=60) as client:
+        with services.client(timeout=60) as client:
             assert client.build_domain("reviews", "", split_layer=0, context=1, min_count=1).model == "enc"
             assert client.build_domain("stories", "", split_layer=0, context=1, min_count=1, model="gen").model == "gen"
             assert client.register_tenant("critic", "reviews", ["neg", "pos"]).spec.model == "enc"
@@ -191,7 +189,7 @@ def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir)
             assert client.build_domain("reviews", "", split_layer=-1, context=1, min_count=1).spec.split_layer == 0
         names = set()
         for address in services.compute_addrs + list(services.other_compute.values()):
-            with grpc.insecure_channel(address) as channel:
+            with internal_channel(services, address) as channel:
                 names.add(compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=5).model)
         assert names == {"enc", "gen"}
     finally:
@@ -201,7 +199,6 @@ def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir)
 def test_hmi_tenant_train_fits_a_generative_tenant_on_plot_outputs(suite, tmp_path):
     """Causal-LM LoRA training on a domain's PLOT (split layer 1) through the CLI; the served tenant then
     continues the domain's text the way it was trained to."""
-    import os
     import re
     import subprocess
 
@@ -212,7 +209,7 @@ def test_hmi_tenant_train_fits_a_generative_tenant_on_plot_outputs(suite, tmp_pa
     (tmp_path / "train.txt").write_text("\n".join(sentences * 40))
     (tmp_path / "eval.txt").write_text("\n".join(sentences * 2))
     client.build_domain("prose", "\n".join(sentences * 4), split_layer=1, context=3, min_count=1)
-    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    env = cli_env(services)
     result = subprocess.run(hmi_command() + ["tenant", "train", "narrator", "--domain", "prose", "--train",
                                             str(tmp_path / "train.txt"), "--eval", str(tmp_path / "eval.txt"),
                                             "--model", str(model_dir), "--epochs", "15", "--rank", "8",
@@ -228,12 +225,11 @@ def test_hmi_tenant_train_fits_a_generative_tenant_on_plot_outputs(suite, tmp_pa
 
 
 def test_hmi_generate_streams_to_the_terminal(suite):
-    import os
     import subprocess
 
     from hmi.launcher import hmi_command
     _family, _model_dir, services, client, _adapters = suite
-    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    env = cli_env(services)
     command = hmi_command() + ["generate", "writer-1", "the service was", "--max-new-tokens", "5", "--seed", "3",
                                "--temperature", "0.8"]
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ import pytest
 
 from hmi_client import FailedPrecondition
 from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
-from tests.helpers import expect_status
+from tests.helpers import expect_status, internal_channel
 
 pytestmark = pytest.mark.integration
 TEXTS = ["the service was quick and friendly", "rain is expected tomorrow"]
@@ -24,14 +24,14 @@ TEXTS = ["the service was quick and friendly", "rain is expected tomorrow"]
 @pytest.fixture(scope="module")
 def deployment(front_door):
     """Tenants of every kind: a classifier, an embedding-only tenant and a generative one."""
-    from hmi.client import HMIClient
-    client = HMIClient(front_door.gateway_addr, timeout=60)
+    client = front_door.client(timeout=60)
     client.build_domain("http-reviews", "", split_layer=0, context=1, min_count=1)
     client.build_domain("http-stories", "", split_layer=0, context=1, min_count=1, model="gen")
     client.register_tenant("http-critic", "http-reviews", ["neg", "pos"], seed=1)
     client.register_tenant("http-embedder", "http-reviews", [], seed=2)
     client.register_tenant("http-bard", "http-stories", [], seed=3)
-    api = openai.OpenAI(base_url=f"http://{front_door.http_addr}/v1", api_key="unused", max_retries=0, timeout=60)
+    api = openai.OpenAI(base_url=f"http://{front_door.http_addr}/v1", api_key=front_door.admin_token, max_retries=0,
+                        timeout=60)
     yield front_door, client, api
     client.close()
 
@@ -137,11 +137,12 @@ def test_bad_requests_are_the_clients_typed_errors(deployment):
         api.embeddings.create(model="http-embedder", input="hi", dimensions=3)
 
 
-def request(address: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+def request(address: str, method: str, path: str, body: dict | None = None,
+            token: str | None = None) -> tuple[int, dict | str]:
     connection = http.client.HTTPConnection(address, timeout=30)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     try:
-        connection.request(method, path, body=json.dumps(body) if body is not None else None,
-                           headers={"Content-Type": "application/json"})
+        connection.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
         reply = connection.getresponse()
         data = reply.read().decode()
         return reply.status, json.loads(data) if reply.getheader("content-type", "").startswith("application/json") \
@@ -152,37 +153,38 @@ def request(address: str, method: str, path: str, body: dict | None = None) -> t
 
 def test_classify_health_ready_and_docs_over_plain_http(deployment):
     services, client, _api = deployment
-    address = services.http_addr
-    status, reply = request(address, "POST", "/v1/classify", {"model": "http-critic", "input": TEXTS})
+    address, token = services.http_addr, services.admin_token
+    status, reply = request(address, "POST", "/v1/classify", {"model": "http-critic", "input": TEXTS}, token)
     assert status == 200, reply
     expected = client.classify("http-critic", TEXTS)
     for got, want in zip(reply["data"], expected):
         assert got["label"] == want.label
         assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-6)
-    status, refused = request(address, "POST", "/v1/classify", {"model": "http-embedder", "input": ["hi"]})
+    status, refused = request(address, "POST", "/v1/classify", {"model": "http-embedder", "input": ["hi"]}, token)
     assert status == 400 and "embedding-only" in refused["error"]["message"]
-    status, missing = request(address, "POST", "/v1/classify", {"model": "nobody", "input": "hi"})
+    status, missing = request(address, "POST", "/v1/classify", {"model": "nobody", "input": "hi"}, token)
     assert status == 404 and missing["error"]["code"] == "model_not_found"
-    assert request(address, "POST", "/v1/classify", {"input": "hi"})[0] == 400
+    assert request(address, "POST", "/v1/classify", {"input": "hi"}, token)[0] == 400
     assert request(address, "GET", "/health") == (200, {"status": "ok"})
     assert request(address, "GET", "/ready")[1]["status"] == "ready"
     assert request(address, "GET", "/docs")[0] == 200
     assert "/v1/chat/completions" in request(address, "GET", "/openapi.json")[1]["paths"]
 
 
-def generated_tokens(address: str) -> compute_pb2.StatsResponse:
-    with grpc.insecure_channel(address) as channel:
+def generated_tokens(services, address: str) -> compute_pb2.StatsResponse:
+    with internal_channel(services, address) as channel:
         return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=5)
 
 
 def test_a_streaming_client_that_goes_away_stops_the_generation(deployment):
     services, _client, _api = deployment
     compute = services.other_compute["gen"]
-    before = generated_tokens(compute).generated_tokens
+    before = generated_tokens(services, compute).generated_tokens
     body = {"model": "http-bard", "prompt": "the service was", "max_tokens": 120, "temperature": 1.0, "seed": 1,
             "stream": True}
     connection = http.client.HTTPConnection(services.http_addr, timeout=30)
-    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    connection.request("POST", "/v1/completions", body=json.dumps(body),
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {services.admin_token}"})
     reply = connection.getresponse()
     assert reply.status == 200
     assert reply.readline().startswith(b"data: ")
@@ -190,7 +192,7 @@ def test_a_streaming_client_that_goes_away_stops_the_generation(deployment):
     connection.close()
     deadline = time.monotonic() + 10
     while True:
-        stats = generated_tokens(compute)
+        stats = generated_tokens(services, compute)
         if stats.generating == 0 and stats.kv_bytes_used == 0:
             break
         assert time.monotonic() < deadline, f"the generation goes on after the client left: {stats}"

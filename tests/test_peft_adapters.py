@@ -101,8 +101,7 @@ def test_a_sequence_classification_head_is_refused_or_left_out(tmp_path, tiny_mo
 
 @pytest.fixture(scope="module")
 def domains(front_door):
-    from hmi.client import HMIClient
-    client = HMIClient(front_door.gateway_addr, timeout=60)
+    client = front_door.client(timeout=60)
     client.build_domain("peft-reviews", "", split_layer=0, context=1, min_count=1)
     client.build_domain("peft-stories-l2", "the service was quick\nrain is expected", split_layer=2, context=1,
                         min_count=1, model="gen")

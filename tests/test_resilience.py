@@ -6,7 +6,6 @@ import time
 import grpc
 import pytest
 
-from hmi.client import HMIClient
 from tests.conftest import start_services
 from tests.helpers import expect_status, retry_until_served
 
@@ -22,7 +21,7 @@ def own_services(tmp_path, tiny_model_dir):
 
 
 def test_store_or_compute_down_gives_unavailable_within_deadline_then_recovers(own_services):
-    with HMIClient(own_services.gateway_addr) as client:
+    with own_services.client() as client:
         client.build_domain("d", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
         client.register_tenant("t", "d", ["a", "b"], seed=3)
         before = client.classify("t", TEXTS)
@@ -45,7 +44,7 @@ def test_store_or_compute_down_gives_unavailable_within_deadline_then_recovers(o
 
 
 def test_restart_loses_no_domain_tenant_or_adapter(own_services):
-    with HMIClient(own_services.gateway_addr) as client:
+    with own_services.client() as client:
         client.build_domain("kept", "\n".join(TEXTS), split_layer=1, context=3, min_count=1)
         client.build_domain("kept-exact", "", split_layer=0, context=1, min_count=1)
         client.register_tenant("t1", "kept", ["a", "b", "c"])
@@ -54,7 +53,7 @@ def test_restart_loses_no_domain_tenant_or_adapter(own_services):
         embedded = client.embed("t1", TEXTS[:1])
     own_services.stop()
     own_services.start()
-    with HMIClient(own_services.gateway_addr) as client:
+    with own_services.client() as client:
         assert {d.spec.name for d in client.list_domains()} == {"kept", "kept-exact"}
         assert client.list_tenants().total == 2
         for tenant, predictions in before.items():
@@ -68,13 +67,13 @@ def test_restart_loses_no_domain_tenant_or_adapter(own_services):
 def test_killed_store_keeps_committed_writes(own_services):
     """SIGKILL right after a commit: LMDB has it on disk."""
     import signal
-    with HMIClient(own_services.gateway_addr) as client:
+    with own_services.client() as client:
         client.build_domain("k", "", split_layer=0, context=1, min_count=1)
         client.register_tenant("survivor", "k", ["a", "b"], seed=9)
         version = client.get_tenant("survivor").adapter_version
     own_services.stop(["store"], sig=signal.SIGKILL)
     own_services.start(only=["store"])
-    with HMIClient(own_services.gateway_addr) as client:
+    with own_services.client() as client:
         tenant = retry_until_served(client.get_tenant, "survivor")
         assert tenant.adapter_version == version
         assert client.classify("survivor", ["hello"])[0].label in ("a", "b")

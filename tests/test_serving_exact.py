@@ -68,7 +68,7 @@ def test_forward_on_compute_with_one_packed_mixed_batch(services, exact_tenants,
         sequences=[compute_pb2.SequenceSpec(tenant_id=t, adapter_version=versions[t], domain="exact", split_layer=0)
                    for t in order],
         want_logits=True, want_embeddings=True)
-    stub = compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0]))
+    stub = compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0], security=services.peer_security()))
     response = stub.Forward(request, timeout=60)
     logits = decode_tensor(response.logits)
     embeddings = decode_tensor(response.embeddings)
@@ -95,7 +95,7 @@ def plot_domain(client, tokenizer):
 
 def test_lookup_returns_lower_model_outputs(services, plot_domain, tiny_model, tokenizer):
     ids = tokenizer.encode(SENTENCE).ids
-    store = StoreClient(services.store_addr)
+    store = StoreClient(services.store_addr, security=services.peer_security())
     reply = store.lookup("one", np.asarray(ids, dtype=np.int32), np.asarray([0, len(ids)]))
     expected = tiny_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
     np.testing.assert_allclose(reply.vectors.astype(np.float32), expected.detach().numpy(), atol=2e-3, rtol=2e-3)
@@ -104,7 +104,7 @@ def test_lookup_returns_lower_model_outputs(services, plot_domain, tiny_model, t
 
 def test_token_absent_from_corpus_gets_its_depth1_vector(services, plot_domain, tiny_model, tokenizer):
     ids = tokenizer.encode("zebra").ids  # [CLS] zebra [SEP]: "zebra" is not in the corpus
-    store = StoreClient(services.store_addr)
+    store = StoreClient(services.store_addr, security=services.peer_security())
     reply = store.lookup("one", np.asarray(ids, dtype=np.int32), np.asarray([0, len(ids)]))
     alone = tiny_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, 1]
     np.testing.assert_allclose(reply.vectors[1].astype(np.float32), alone.detach().numpy(), atol=2e-3, rtol=2e-3)
@@ -116,7 +116,7 @@ def test_plot_tenant_logits_equal_upper_layers_fed_with_plot(services, client, p
     data = make_adapter(dims, 3, 8, 11, 2, ("query", "value", "ffn_in"))
     client.register_tenant("plot-a", "one", ["x", "y", "z"], data)
     adapter = parse_adapter(data, dims, num_labels=3)
-    store = StoreClient(services.store_addr)
+    store = StoreClient(services.store_addr, security=services.peer_security())
     for text in (SENTENCE, "the mat sat on a cat"):
         ids = tokenizer.encode(text).ids
         plot = store.lookup("one", np.asarray(ids, dtype=np.int32), np.asarray([0, len(ids)])).vectors
@@ -140,9 +140,9 @@ def test_one_batch_mixes_split_layers(services, client, plot_domain, exact_tenan
                    compute_pb2.SequenceSpec(tenant_id="exact-a", adapter_version=version_a, domain="exact",
                                             split_layer=0)],
         want_logits=True)
-    response = compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0])).Forward(request, timeout=60)
+    response = compute_pb2_grpc.ComputeStub(channel(services.compute_addrs[0], security=services.peer_security())).Forward(request, timeout=60)
     logits = decode_tensor(response.logits)
-    plot = StoreClient(services.store_addr).lookup("one", np.asarray(ids[0], dtype=np.int32),
+    plot = StoreClient(services.store_addr, security=services.peer_security()).lookup("one", np.asarray(ids[0], dtype=np.int32),
                                                    np.asarray([0, len(ids[0])])).vectors
     expected_plot, _ = reference_logits_from_layer(tiny_model, plot_adapter, torch.from_numpy(plot.astype(np.float32)), 2)
     expected_full, _ = reference_logits(tiny_model, exact_tenants["exact-a"], ids[1])
@@ -156,7 +156,7 @@ def test_lookup_larger_than_one_chunk_streams_in_order(services, plot_domain, to
     repeats = 12_000 // len(ids) + 1
     packed = np.tile(ids, repeats)
     offsets = np.arange(0, len(packed) + 1, len(ids))
-    store = StoreClient(services.store_addr)
+    store = StoreClient(services.store_addr, security=services.peer_security())
     reply = store.lookup("one", packed, offsets)
     single = store.lookup("one", ids, np.asarray([0, len(ids)])).vectors
     assert reply.vectors.nbytes > 1 << 20

@@ -40,7 +40,7 @@ def first_progress(stream) -> None:
 def test_jobs_stop_when_the_caller_leaves_or_the_store_stops(tmp_path, tiny_model_dir):
     services = start_services(tmp_path / "data", tiny_model_dir)
     try:
-        with HMIClient(services.gateway_addr, timeout=60, retries=0) as client:
+        with services.client(timeout=60, retries=0) as client:
             stream = long_adaptation(client, "abandoned")
             first_progress(stream)
             stream.cancel()                     # the client goes away after the first progress message
@@ -60,7 +60,7 @@ def test_jobs_stop_when_the_caller_leaves_or_the_store_stops(tmp_path, tiny_mode
                 process.wait(timeout=DRAIN_LIMIT + 5)
                 assert time.monotonic() - started < DRAIN_LIMIT, f"{name} took too long to stop"
         services.start(only=["store"])          # the interrupted adaptation left nothing behind
-        stub = store_grpc.KnowledgeStoreStub(channel(services.store_addr))
+        stub = store_grpc.KnowledgeStoreStub(channel(services.store_addr, security=services.peer_security()))
         names = {d.spec.name for d in stub.ListDomains(store_pb.ListDomainsRequest(), timeout=30).domains}
         assert names == {"after"}
     finally:

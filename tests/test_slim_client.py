@@ -4,6 +4,7 @@ two dependencies (grpcio, protobuf) cannot be installed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,14 +60,14 @@ def fresh_python(tmp_path_factory) -> Path:
 
 
 def test_the_slim_client_works_without_torch(fresh_python, front_door):
-    from hmi.client import HMIClient
     done = subprocess.run([str(fresh_python), "-c", SCRIPT, front_door.gateway_addr], capture_output=True, text=True,
-                          timeout=120, cwd=fresh_python.parent)
+                          timeout=120, cwd=fresh_python.parent,
+                          env={**os.environ, "HMI_TOKEN": front_door.admin_token})    # the client reads HMI_TOKEN
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["torch"] is False and report["modules"] == [], "the slim client must not need torch or numpy"
     assert report["serving"] and report["labels"] == ["neg", "pos"]
-    with HMIClient(front_door.gateway_addr, timeout=60) as client:
+    with front_door.client(timeout=60) as client:
         expected = client.classify("slim-critic", ["a fine film"])[0]
         assert report["classify"][0][0] == expected.label
         assert report["classify"][0][1] == pytest.approx(expected.probabilities, abs=1e-6)

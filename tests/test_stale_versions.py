@@ -29,13 +29,15 @@ def second_gateway(services, tiny_model_dir):
     log = open(services.data_dir / "logs" / "gateway-2.log", "ab")
     process = subprocess.Popen(hmi_command() + ["serve", "gateway", "--listen", address, "--store",
                                                 services.store_addr, "--compute", services.compute_addrs[0],
-                                                "--model", str(tiny_model_dir)],
+                                                "--model", str(tiny_model_dir),
+                                                "--service-secret-file", str(services.service_secret_file),
+                                                "--admin-token-file", str(services.admin_token_file)],
                                env={**os.environ, "HMI_MAX_WAIT_MS": "20"}, stdout=log, stderr=log)
     deadline = time.monotonic() + 120
     while not is_serving(address):
         assert process.poll() is None and time.monotonic() < deadline, "the second gateway did not start"
         time.sleep(0.1)
-    with HMIClient(address, timeout=60) as client:
+    with HMIClient(address, timeout=60, token=services.admin_token) as client:
         yield client
     process.terminate()
     process.wait(timeout=30)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -10,6 +9,7 @@ import subprocess
 import pytest
 
 from hmi.launcher import hmi_command
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 GOOD = ["good", "great", "wonderful", "excellent", "lovely", "superb"]
@@ -33,7 +33,7 @@ def test_trained_tenant_is_accurate_through_the_gateway(services, client, tmp_pa
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in evaluation))
     client.build_domain("reviews", "\n".join(r["text"] for r in train), split_layer=1, context=2, min_count=2)
-    env = {**os.environ, "HMI_GATEWAY_ADDR": services.gateway_addr}
+    env = cli_env(services)
     result = subprocess.run(hmi_command() + ["tenant", "train", "critic", "--domain", "reviews", "--train",
                                             str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                                             "--model", str(tiny_model_dir), "--epochs", "10", "--seed", "1",

@@ -49,10 +49,10 @@ def test_adapt_build_and_learn_from_traffic(services, client, tmp_path):
 
 
 def compute_stats(services):
-    import grpc
 
     from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
-    with grpc.insecure_channel(services.compute_addrs[0]) as channel:
+    from tests.helpers import internal_channel
+    with internal_channel(services, services.compute_addrs[0]) as channel:
         return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
 
 

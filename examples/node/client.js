@@ -5,12 +5,15 @@
 //   node client.js embed TENANT "text" ...
 //   node client.js generate TENANT "prompt" [MAX_NEW_TOKENS] [SEED]
 //
-// HMI_GATEWAY_ADDR says where the gateway listens (default 127.0.0.1:50051); HMI_PROTOS where the
-// repository's protos/ folder is (default: ../../protos beside this file). Only public protos are loaded:
+// HMI_GATEWAY_ADDR says where the gateway listens (default 127.0.0.1:50051); HMI_TOKEN holds the credential
+// (an API key from `hmi key create`, or the admin token), sent as `authorization: Bearer <key>` metadata;
+// HMI_TLS_CA, a PEM file, makes the connection TLS; HMI_PROTOS says where the repository's protos/ folder
+// is (default: ../../protos beside this file). Only public protos are loaded:
 // hmi/v1/gateway.proto imports hmi/v1/catalog.proto and hmi/v1/tensor.proto, nothing internal.
 // Every command prints one JSON line per result; a failed call prints "error: CODE: message" and exits 1.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -26,7 +29,15 @@ const definition = protoLoader.loadSync(path.join(PROTOS, 'hmi', 'v1', 'gateway.
 });
 const hmi = grpc.loadPackageDefinition(definition).hmi.v1;
 const gateway = new hmi.Gateway(process.env.HMI_GATEWAY_ADDR || '127.0.0.1:50051',
-                                grpc.credentials.createInsecure());
+                                process.env.HMI_TLS_CA
+                                  ? grpc.credentials.createSsl(fs.readFileSync(process.env.HMI_TLS_CA))
+                                  : grpc.credentials.createInsecure());
+
+function credentials() {               // every call carries the key
+  const metadata = new grpc.Metadata();
+  if (process.env.HMI_TOKEN) metadata.set('authorization', `Bearer ${process.env.HMI_TOKEN}`);
+  return metadata;
+}
 
 function deadline(seconds) {
   return new Date(Date.now() + seconds * 1000);
@@ -39,7 +50,7 @@ function fail(error) {
 }
 
 function classify(tenant, texts) {
-  gateway.Classify({ tenant_id: tenant, texts }, { deadline: deadline(30) }, (error, reply) => {
+  gateway.Classify({ tenant_id: tenant, texts }, credentials(), { deadline: deadline(30) }, (error, reply) => {
     if (error) return fail(error);
     reply.results.forEach((result, index) => {
       const probabilities = {};
@@ -50,7 +61,7 @@ function classify(tenant, texts) {
 }
 
 function embed(tenant, texts) {
-  gateway.Embed({ tenant_id: tenant, texts }, { deadline: deadline(30) }, (error, reply) => {
+  gateway.Embed({ tenant_id: tenant, texts }, credentials(), { deadline: deadline(30) }, (error, reply) => {
     if (error) return fail(error);
     reply.embeddings.forEach((embedding, index) => {
       console.log(JSON.stringify({ text: texts[index], embedding: embedding.values }));
@@ -64,7 +75,7 @@ function generate(tenant, prompt, maxNewTokens, seed) {
     request.seed = String(seed);
     request.temperature = 0.8;
   }
-  const stream = gateway.Generate(request, { deadline: deadline(120) });
+  const stream = gateway.Generate(request, credentials(), { deadline: deadline(120) });
   let text = '';
   let pieces = 0;
   let finishReason = '';

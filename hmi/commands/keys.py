@@ -63,8 +63,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--admin-of-tenants", action="store_true",
                    help="may also register, train, export and delete those tenants (default: inference only)")
     p.add_argument("--domains", default="",
-                   help="tenant-admin keys: the only domains its tenants may be registered in (and whose PLOT it "
-                        "may read besides its tenants' domains); default: any domain")
+                   help="domains the key reaches beside those its registered tenants belong to: a tenant-admin key "
+                        "registers and trains its tenants only in its domains (a new tenant needs one named here)")
     p.add_argument("--expires", type=float, default=None, metavar="DAYS", help="expire after DAYS (default: never)")
     p.add_argument("--description", default="", help="a note shown by `hmi key list`")
     p.set_defaults(func=cmd_key_create)

@@ -4,10 +4,11 @@ on every method (gRPC and the HTTP front door alike, since HTTP calls the servic
 - The admin credential (`--admin-token-file` / HMI_ADMIN_TOKEN; `hmi up` makes one) may do everything.
 - An API key covers tenant ids and prefixes (`acme`, `acme-*`). A plain key is inference only: Classify, Embed,
   Generate, and reading its tenants' records and limits. A key made with --admin-of-tenants may also register,
-  train (PLOT lookups), export and delete its tenants; with `domains` it may register them only in those domains.
+  train (PLOT lookups), export and delete its tenants.
 - Domains, keys, limits and backups are the admin's. A key sees only its tenants (ListTenants is filtered;
   another tenant answers PERMISSION_DENIED whether or not it exists, so nothing leaks about other tenants) and
-  only the domains its tenants belong to, or that it names.
+  only its domains: those its registered tenants belong to and those the key names (`--domains`). Its tenants
+  are registered, and PLOT is read (Lookup), only in its domains.
 """
 from __future__ import annotations
 
@@ -74,12 +75,6 @@ class Principal:
             REFUSED.labels("permission_denied").inc()
             raise PermissionDenied(f"{what} needs a key made with --admin-of-tenants (or the admin credential); "
                                    f"{self.name} is inference only")
-
-    def require_domain_for_registration(self, domain: str) -> None:
-        if not self.admin and self.domains and domain not in self.domains:
-            REFUSED.labels("permission_denied").inc()
-            raise PermissionDenied(f"{self.name} may register tenants only in domains {', '.join(self.domains)}, "
-                                   f"not {domain!r}")
 
 
 ADMIN = Principal("the admin", admin=True)

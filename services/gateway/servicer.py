@@ -77,9 +77,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     def authorized_route(self, tenant_id: str, context, what: str) -> TenantRoute:
         """The tenant's route, for a caller allowed to use it (what the HTTP door's chat route resolves)."""
+        principal = self.access.principal(context.invocation_metadata())     # who, before anything else
         if not tenant_id:
             raise InvalidArgument("tenant_id is required")
-        self.access.principal(context.invocation_metadata()).require_tenant(tenant_id, what)
+        principal.require_tenant(tenant_id, what)
         return self.directory.resolve(tenant_id, remaining_timeout(context, self.default_timeout))
 
     def _lane(self, route: TenantRoute) -> ModelLane:
@@ -98,11 +99,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         rebuilt, since this gateway resolved it), the tenant is resolved again and the request runs once more."""
         timeout = remaining_timeout(context, self.default_timeout)
         deadline = time.monotonic() + timeout
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required")
-        self.access.principal(context.invocation_metadata()).require_tenant(
-            request.tenant_id, "Embed" if want_embedding else "Classify")
-        route = self.directory.resolve(request.tenant_id, timeout)
+        route = self.authorized_route(request.tenant_id, context, "Embed" if want_embedding else "Classify")
         permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
         try:
             return self._run_admitted(request, context, want_embedding, deadline, timeout, route, permit)
@@ -306,8 +303,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             return
         if domain not in self._visible_domains(principal, context):
             REFUSED.labels("permission_denied").inc()
-            raise PermissionDenied(f"{what} of domain {domain!r}: {principal.name} sees only the domains its tenants "
-                                   f"belong to, and those it names")
+            raise PermissionDenied(f"{what} in domain {domain!r}: {principal.name} reaches only the domains its "
+                                   f"tenants belong to and those it was made with (hmi key create --domains)")
 
     @handles_stream_errors
     def BuildDomain(self, request_iterator, context):
@@ -368,7 +365,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             if first is None or first.WhichOneof("item") != "spec":
                 raise InvalidArgument("the stream must start with the tenant's spec")
             principal.require_tenant(first.spec.tenant_id, "RegisterTenant", manage=True)
-            principal.require_domain_for_registration(first.spec.domain)
+            self._require_domain(principal, first.spec.domain, "RegisterTenant", context)
         try:
             tenant = self.store.PutTenant(requests, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
         except grpc.RpcError as error:
