@@ -25,6 +25,10 @@ COPY data ./data
 ARG HMI_EXTRAS=""
 RUN pip install --no-cache-dir ".${HMI_EXTRAS:+[$HMI_EXTRAS]}"
 
+# The services run as an unprivileged user that owns only its data and model volumes.
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin hmi \
+    && mkdir -p /data /models && chown hmi:hmi /data /models
+USER hmi
 VOLUME ["/data", "/models"]
 EXPOSE 8000 50051 50052 50053
 ENTRYPOINT ["hmi"]

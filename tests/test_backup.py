@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_backup_under_writes_restores_everything_acknowledged_before_it(services, client, tmp_path,
-                                                                         tiny_model_dir, capsys):
+                                                                         tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HMI_TOKEN", services.admin_token)       # `hmi store backup` runs in this process
     client.build_domain("bk", "", split_layer=0, context=1, min_count=1)
     acknowledged: dict[str, int] = {}       # tenant -> version, once the store answered
     lock = threading.Lock()

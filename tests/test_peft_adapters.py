@@ -106,7 +106,9 @@ def domains(front_door):
     client.build_domain("peft-stories-l2", "the service was quick\nrain is expected", split_layer=2, context=1,
                         min_count=1, model="gen")
     client.build_domain("peft-stories", "", split_layer=0, context=1, min_count=1, model="gen")
-    yield front_door, client
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HMI_TOKEN", front_door.admin_token)        # the CLI commands run in this process
+        yield front_door, client
     client.close()
 
 
