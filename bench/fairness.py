@@ -10,11 +10,16 @@ checks), measures capacity with a closed loop of `--clients` on the heavy tenant
 `--seconds` each, the light tenant sending `--light-rps` requests/s (one text each) throughout:
 
 - idle: the light tenant alone (its unloaded latency);
-- flood, rps limit: the heavy tenant (limits: rps = `--heavy-share` x capacity) sends Poisson arrivals at
-  `--flood` x capacity from another process; what is over its rps is refused before any work;
-- flood, queue limit only: the heavy tenant has no rps limit, only the batcher's per-tenant queue cap
-  (`--max-queued`): the gateway's queue holds up to that many of its sequences and fair queuing decides
-  whether the light tenant waits behind them.
+- flood, all refused: the heavy tenant's rps limit is 1, so the flood costs only its refusals (and the flooding
+  client's CPU, on the same machine here): what the light tenant pays for the flood's mere arrival;
+- flood, rps + concurrency limits: the heavy tenant (limits: rps = `--heavy-share` x capacity, at most
+  `--heavy-concurrent` requests in flight) sends Poisson arrivals at `--flood` x capacity from another process;
+  what is over its limits is refused before any work;
+- flood, concurrency limit only: no rps limit, so the heavy tenant keeps `--heavy-concurrent` requests in the
+  gateway's batcher all the time, more than compute can serve: fair queuing decides how long the light tenant
+  waits behind them;
+- flood, no limits: what happens without any (the gateway's gRPC workers and its queue fill up with the
+  heavy tenant's calls, in arrival order, before fair queuing sees them).
 
 Prints a table (p50/p99 of the light tenant, its refusals, the heavy tenant's answers and refusals by limit),
 writes FILE.json and FILE.png (the light tenant's latency distribution per phase).
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--light-rps", type=float, default=4.0)
     parser.add_argument("--flood", type=float, default=10.0, help="heavy tenant's offered load, x capacity")
     parser.add_argument("--heavy-share", type=float, default=0.5, help="its rps limit, x capacity")
-    parser.add_argument("--max-queued", type=int, default=64, help="heavy tenant's queue cap in the last phase")
+    parser.add_argument("--heavy-concurrent", type=int, default=16, help="its max_concurrent limit")
     parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -218,12 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"capacity {capacity:.1f} requests/s with {args.clients} clients", flush=True)
             flood_rate = args.flood * capacity
             phases = [run_phase("idle", services, keys, texts, args, 0.0)]
-            admin.set_tenant_limits("heavy", rps=max(1.0, args.heavy_share * capacity))
-            phases.append(run_phase(f"flood, rps limit {args.heavy_share * capacity:.0f}/s", services, keys, texts,
-                                    args, flood_rate))
-            admin.set_tenant_limits("heavy", max_queued=args.max_queued)
-            phases.append(run_phase(f"flood, queue cap {args.max_queued} only", services, keys, texts, args,
+            admin.set_tenant_limits("heavy", rps=1)
+            phases.append(run_phase("flood; heavy limit rps 1 (all refused)", services, keys, texts, args,
                                     flood_rate))
+            rps, concurrent = max(1.0, args.heavy_share * capacity), args.heavy_concurrent
+            admin.set_tenant_limits("heavy", rps=rps, max_concurrent=concurrent)
+            phases.append(run_phase(f"flood; heavy limits rps {rps:.0f}, max_concurrent {concurrent}", services, keys,
+                                    texts, args, flood_rate))
+            admin.set_tenant_limits("heavy", max_concurrent=concurrent)
+            phases.append(run_phase(f"flood; heavy limit max_concurrent {concurrent}", services, keys, texts, args,
+                                    flood_rate))
+            admin.set_tenant_limits("heavy")
+            phases.append(run_phase("flood; heavy without limits", services, keys, texts, args, flood_rate))
     finally:
         services.stop()
     report = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "model": args.model,
