@@ -265,6 +265,10 @@ class AdminServicer(pb_grpc.AdminServicer):
     def GetAdapter(self, request, context):
         yield from self.store.GetAdapter(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
+    @handles_stream_errors
+    def GetBridge(self, request, context):
+        yield from self.store.GetBridge(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
     @handles_errors
     def DeleteTenant(self, request, context):
         response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
