@@ -398,6 +398,13 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._who(context).require_tenant(request.tenant_id, "GetAdapter (exporting its weights)", manage=True)
         yield from self.store.GetAdapter(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
 
+    @handles_stream_errors
+    def GetBridge(self, request, context):
+        principal = self._who(context)          # like Lookup: what training applies to the PLOT rows it reads
+        principal.require_tenant_admin("GetBridge (a domain's bridge, what training reads)")
+        self._require_domain(principal, request.domain, "GetBridge", context)
+        yield from self.store.GetBridge(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+
     @handles_errors
     def DeleteTenant(self, request, context):
         self._who(context).require_tenant(request.tenant_id, "DeleteTenant", manage=True)
