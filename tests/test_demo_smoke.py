@@ -12,11 +12,12 @@ from hmi.launcher import hmi_command
 pytestmark = pytest.mark.integration
 
 
-def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
+@pytest.mark.timeout(960)      # the demo's own limit below, not pytest's default: a demo killed by pytest would
+def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):     # leave its services running
     result = subprocess.run(hmi_command() + ["demo", "--tenants", "12", "--requests", "40", "--clients", "4",
                                             "--data-dir", str(tmp_path), "--train-examples", "300",
                                             "--corpus-lines", "1500", "--new-tokens", "8"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\d+ knowledge-tree nodes", result.stdout)
     assert re.search(r"40 requests for \d+ distinct tenants in [\d.]+s: [\d.]+ requests/s", result.stdout)
