@@ -15,6 +15,7 @@ from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
+from services.common.tracing import outgoing_metadata
 
 
 @dataclass
@@ -37,7 +38,8 @@ class StoreClient:
         request = lookup_request(domain, token_ids, offsets)
         request.domain_revision = domain_revision
         with resolved_errors():
-            return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+            return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout,
+                                                          metadata=outgoing_metadata()))
 
     def plot_rows(self, domain: str, windows: list[np.ndarray], first_positions: list[int],
                   context_tokens: list[int], timeout: float | None = None) -> list[np.ndarray]:
@@ -46,7 +48,8 @@ class StoreClient:
         request = lookup_request(domain, np.concatenate(windows), offsets)
         request.first_positions.extend(first_positions)
         request.context_tokens.extend(context_tokens)
-        reply = read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+        reply = read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout,
+                                                          metadata=outgoing_metadata()))
         kept = np.concatenate([[0], np.cumsum([len(w) - c for w, c in zip(windows, context_tokens)])])
         return [reply.vectors[kept[i]:kept[i + 1]] for i in range(len(windows))]
 
@@ -54,7 +57,7 @@ class StoreClient:
         """NotFound (deleted) or StaleVersion (replaced) when `version` is no longer the tenant's."""
         with resolved_errors():
             stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
-                                          timeout=timeout or self.timeout)
+                                          timeout=timeout or self.timeout, metadata=outgoing_metadata())
             return join_chunks(chunk.data for chunk in stream)
 
     def changes(self, after: int, wait: float = 0.0, timeout: float = 10.0) -> pb.ListChangesResponse:

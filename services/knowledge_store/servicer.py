@@ -15,6 +15,7 @@ from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, vali
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.domain_adaptation import AdaptSettings
+from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
 from services.knowledge_store.records import AdaptReport, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
 
@@ -218,6 +219,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         rows = len(token_ids) - (int(skip.sum()) if skip is not None else 0)
         slices = self.store.lookup_slices(request.domain, token_ids, offsets, first_positions=first,
                                           context_tokens=skip, domain_revision=request.domain_revision)
+        LOOKUPS.inc()
         depth_counts = None
         for record, result in slices:   # a slice at a time: a large answer is never held whole
             if depth_counts is None:
@@ -225,7 +227,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                 yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
                                                                split_layer=record.split_layer))
             depth_counts += np.bincount(result.hit_depths, minlength=record.context + 1)[1:record.context + 1]
+            LOOKUP_TOKENS.inc(len(result.vectors))
             for chunk in split_chunks(result.vectors.tobytes()):
+                BYTES_STREAMED.labels("Lookup").inc(len(chunk))
                 yield pb.LookupResponse(chunk=chunk)
         # The header again, now with the hit depths of every slice (readers keep the last header).
         yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
@@ -263,6 +267,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def GetAdapter(self, request, context) -> Iterator[tensor_pb2.Chunk]:
         _record, data = self.store.get_adapter(request.tenant_id, request.version)
         for chunk in split_chunks(data, CHUNK_BYTES):
+            BYTES_STREAMED.labels("GetAdapter").inc(len(chunk))
             yield tensor_pb2.Chunk(data=chunk)
 
     @handles_errors
