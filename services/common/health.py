@@ -35,11 +35,19 @@ def is_health_method(method: str | bytes | None) -> bool:
     return bool(method) and method.startswith(HEALTH_METHOD_PREFIX)
 
 
-class HealthFirstExecutor(futures.ThreadPoolExecutor):
-    """The server's thread pool, with health checks sent to threads of their own.
+def fast_path(behavior):
+    """Marks a handler that answers at once (a refusal): it runs on the health threads, never queued behind
+    busy request threads."""
+    behavior.fast_path = True
+    return behavior
 
-    gRPC hands the pool each call's handler with the call's event among the arguments; the event names the
-    method (tests/test_health.py checks this still holds for the gRPC version installed)."""
+
+class HealthFirstExecutor(futures.ThreadPoolExecutor):
+    """The server's thread pool, with health checks (and refusals) sent to threads of their own.
+
+    gRPC hands the pool each call's handler among the arguments; `ConcurrencyLimit` marks the handlers of health
+    checks and refusals (`fast_path`), and for methods gRPC looks up by name the call's event names the method
+    (tests/test_health.py checks that this holds for the gRPC version installed)."""
 
     def __init__(self, max_workers: int, health_workers: int = 4, thread_name_prefix: str = "rpc") -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
@@ -56,10 +64,12 @@ class HealthFirstExecutor(futures.ThreadPoolExecutor):
 
 
 def _names_health_call(args: tuple) -> bool:
-    for arg in args[:4]:
+    for arg in args[:6]:
+        if getattr(arg, "fast_path", False):
+            return True
         details = getattr(arg, "call_details", None)
-        if details is not None:
-            return is_health_method(getattr(details, "method", None))
+        if details is not None and is_health_method(getattr(details, "method", None)):
+            return True
     return False
 
 
@@ -101,7 +111,11 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or is_health_method(handler_call_details.method):
+        if handler is None:
+            return handler
+        if is_health_method(handler_call_details.method):
+            if handler.unary_unary is not None:      # Check (Watch streams stay on the request threads)
+                return handler._replace(unary_unary=fast_path(_delegate(handler.unary_unary)))
             return handler
         with self._lock:
             if self._active >= self.limit:
@@ -109,6 +123,12 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
                                          f"and retry")
             self._active += 1
         return _holding(handler, _Slot(self))
+
+
+def _delegate(behavior):
+    def run(request, context):
+        return behavior(request, context)
+    return run
 
 
 def _holding(handler, slot: _Slot):
@@ -138,9 +158,11 @@ def _holding(handler, slot: _Slot):
 
 
 def _refusal(handler, message: str):
+    @fast_path
     def refuse(_request, context):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
+    @fast_path
     def refuse_stream(_request, context):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         yield  # pragma: no cover - abort raises

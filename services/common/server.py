@@ -50,7 +50,7 @@ def start_server(address: str, register: Callable[[grpc.Server], None], service_
     watch_supervisor()
     limit = ConcurrencyLimit(workers * 8)
     server = grpc.server(HealthFirstExecutor(workers), options=CHANNEL_OPTIONS,
-                         interceptors=[CallMetrics(), CallContext(), limit, DecodeRequests()])
+                         interceptors=[CallContext(), CallMetrics(), limit, DecodeRequests()])
     register(server)
     report = add_health(server, service_names)
     reflection.enable_server_reflection(

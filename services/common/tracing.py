@@ -14,6 +14,7 @@ with the `tracing` extra (`pip install 'hmi[tracing]'`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 from typing import Any, Iterable, Iterator
@@ -173,12 +174,14 @@ class CallContext(grpc.ServerInterceptor):
         metadata = tuple(handler_call_details.invocation_metadata or ())
 
         def unary(behavior):
+            @functools.wraps(behavior)     # keeps a refusal's fast_path mark
             def run(request, context):
                 with _serving(method, metadata, context):
                     return behavior(request, context)
             return run
 
         def streaming(behavior):
+            @functools.wraps(behavior)
             def run(request, context):
                 with _serving(method, metadata, context):
                     yield from behavior(request, context)
