@@ -6,11 +6,15 @@ Counts are compared before and after the sequence: the services are shared with 
 at the same time as this one."""
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
 from collections import defaultdict
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from hmi.client import HMIClient
@@ -108,3 +112,27 @@ def test_counts_by_status_tokens_and_latency_after_a_known_sequence(deployment):
     # Store: the LMDB map holds what was registered, within its size.
     used = value(after["store"], "hmi_store_lmdb_bytes", kind="used")
     assert 0 < used <= value(after["store"], "hmi_store_lmdb_bytes", kind="map_size")
+
+
+def exposed_names(url: str) -> set[str]:
+    """Every series name a page can carry, children or not yet (a labelled counter before its first increment)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = response.read().decode()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
+    names = set()
+    for family in text_string_to_metric_families(page):
+        names |= {family.name, *(family.name + s for s in suffixes.get(family.type, ()))}
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+def test_the_dashboard_and_the_alerts_use_only_metrics_the_services_export(deployment):
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    dashboard = json.loads((deploy / "grafana" / "hmi-dashboard.json").read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = yaml.safe_load((deploy / "prometheus" / "alerts.yaml").read_text())
+    expressions += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in expressions for name in re.findall(r"\bhmi_[a-z_]+", expr)}
+    exported = set().union(*(exposed_names(deployment.metrics_url(name))
+                             for name in ("gateway", "compute", "compute-gen", "store")))
+    assert len(used) > 20 and used <= exported, f"not exported by any service: {sorted(used - exported)}"
