@@ -214,6 +214,10 @@ def test_gateway_not_serving_without_compute_and_a_30s_request_succeeds_once_com
     assert health(deployment.gateway, "hmi.v1.Gateway")[0] == health_pb2.HealthCheckResponse.NOT_SERVING
     assert health(deployment.gateway, "hmi.v1.Admin")[0] == health_pb2.HealthCheckResponse.SERVING
     assert health(deployment.gateway, "liveness")[0] == health_pb2.HealthCheckResponse.SERVING
+    for service, code in (("hmi.v1.Gateway", 1), ("liveness", 0)):     # what an operator asks from a shell
+        done = subprocess.run(hmi_command() + ["health", deployment.gateway, "--service", service],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == code, done.stdout + done.stderr
     sent = time.monotonic()
     threading.Timer(2.0, lambda: [os.kill(pid, signal.SIGCONT) for pid in computes.values()]).start()
     with grpc.insecure_channel(deployment.gateway) as channel:   # sent while no compute answers: waits for one

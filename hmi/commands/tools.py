@@ -3,9 +3,16 @@ from __future__ import annotations
 
 
 def cmd_health(args) -> int:
-    from hmi.client import is_serving
-    serving = is_serving(args.address, timeout=args.timeout)
-    print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
+    import grpc
+
+    from hmi_client.health import SERVING, check
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            serving = check(channel, args.service, timeout=args.timeout) == SERVING
+    except grpc.RpcError:       # unreachable, or a name the server does not know (NOT_FOUND)
+        serving = False
+    name = f"{args.address} {args.service}" if args.service else args.address
+    print(f"{name}: {'SERVING' if serving else 'NOT SERVING'}")
     return 0 if serving else 1
 
 
@@ -23,6 +30,8 @@ def add_parsers(sub) -> None:
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (health checks)")
     health.add_argument("address")
     health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--service", default="", help="a name on the health service: liveness, hmi.v1.Gateway, "
+                        "hmi.v1.Admin, hmi.v1.Compute, hmi.v1.KnowledgeStore; default: the whole server")
     health.set_defaults(func=cmd_health)
 
     demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")
