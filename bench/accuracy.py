@@ -1,17 +1,21 @@
-"""Accuracy study: full model + LoRA against hPLM (PLOT + upper layers + LoRA) on a labeled data set.
+"""Accuracy study: full model + LoRA against hPLM (PLOT + bridge + upper layers + LoRA) on a labeled data set.
 
-    python bench/accuracy.py --data ../shared/datasets/sst2 [--split-layers 1,2,3,4] [--contexts 1,2,3,4]
-                             [--max-train N] --out FILE.json
+    python bench/accuracy.py --data ../shared/datasets/sst2 [--split-layers 2,3,4] [--contexts 2]
+                             [--methods bridge,plot,window,oracle] [--max-train N] [--seeds 0,1,2] --out FILE.json
 
-FOLDER holds train.jsonl and validation.jsonl of {"text", "label"} lines. The PLOT of each configuration is
-built from the training texts (labels dropped) with the real knowledge-store code in a temporary LMDB; every
-tenant is trained with the trainer `hmi tenant train` uses, on the inputs serving sees. Prints a table,
-writes FILE.json and a PNG plot beside it. Runs in process: no services are needed.
+FOLDER holds train.jsonl and validation.jsonl of {"text", "label"} lines. Every domain is built from the
+training texts (labels dropped) with the real knowledge-store code in a temporary LMDB, exactly as
+`hmi domain build` builds it; every tenant is trained with the trainer `hmi tenant train` uses, on the
+inputs serving sees. Prints a table, writes FILE.json and a PNG plot beside it. Runs in process.
 
-One tree per split layer is built at the deepest k asked for and read at every k: a depth-k tree holds
-exactly the nodes (same counts, same mean vectors) of the shallower trees, so reading it with the depth
-capped at k is the k-tree; its storage is that of the nodes up to depth k. `--adapted yes` adds, per split
-layer, a domain whose lower layers were MLM-adapted on the corpus (`hmi domain adapt`) before the build.
+Methods (one domain each per split layer L and context k; with no --methods: what `hmi domain build` does):
+- `bridge` (the default): left-context PLOT of depth k with position offsets, plus the domain bridge the
+  build distils on the corpus (models/bridge.py); tenants train on the bridged rows.
+- `plot`: the same PLOT without a bridge (`hmi domain build --no-bridge`).
+- `window`: both-sided windows of k-1 tokens each side with back-off (bench/plot_variants.py; a study-only
+  ablation: k then means the window's half width plus one).
+- `oracle`: the lower model's true layer-L states (no PLOT): the upper bound of any PLOT at that L.
+`--adapted yes` adds, per split layer, the `plot` and `bridge` domains with MLM-adapted lower layers.
 """
 from __future__ import annotations
 
@@ -30,27 +34,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.plot_variants import TrueStates, WindowPlot  # noqa: E402
 from models.adapter_format import serialize_adapter  # noqa: E402
+from models.bridge import bridge_rows, parse_bridge  # noqa: E402
 from models.encoder import EncoderModel  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
 from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
+from services.knowledge_store.bridge_distillation import DistillSettings  # noqa: E402
 from services.knowledge_store.domain_adaptation import AdaptSettings  # noqa: E402
 from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
 from services.training.tenant_training import build_examples, read_labeled  # noqa: E402
 from services.training.trainer import AdapterTrainer, TrainSettings  # noqa: E402
 
+METHODS = ("bridge", "plot", "window", "oracle")
+
 
 class LocalPlot:
-    """The store's lookup in process, shaped like the client's: one array per sequence."""
+    """The store's lookup in process, shaped like the client's: one array per sequence, through the domain's
+    bridge when asked (what compute's upper layers receive)."""
 
     def __init__(self, store: KnowledgeStore) -> None:
         self.store = store
         self.context = 0
+        self._bridges: dict[tuple[str, int], object] = {}
 
-    def lookup(self, domain: str, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def lookup(self, domain: str, sequences: list[np.ndarray], bridged: bool = False) -> list[np.ndarray]:
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
-        _, result = self.store.lookup(domain, np.concatenate(sequences), offsets, context=self.context)
-        return [result.vectors[offsets[i]:offsets[i + 1]] for i in range(len(sequences))]
+        record, result = self.store.lookup(domain, np.concatenate(sequences), offsets, context=self.context)
+        rows = [result.vectors[offsets[i]:offsets[i + 1]] for i in range(len(sequences))]
+        if not bridged or record.bridge is None:
+            return rows
+        key = (domain, record.bridge.revision)
+        if key not in self._bridges:
+            self._bridges[key] = parse_bridge(self.store.get_bridge(domain, record.bridge.revision)[1],
+                                              record.hidden_size)
+        return bridge_rows(self._bridges[key], rows)
 
 
 def parse_list(text: str) -> list[int]:
@@ -65,9 +83,11 @@ def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, 
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
                                                       rank=args.rank, alpha=2.0 * args.rank, epochs=args.epochs,
-                                                      learning_rate=args.learning_rate, seed=seed))
+                                                      learning_rate=args.learning_rate, seed=seed,
+                                                      targets=tuple(args.targets.split(","))))
         trainer.fit(train)
         accuracies.append(trainer.accuracy(evaluation))
+        print(f"   seed {seed}: {accuracies[-1]:.4f}", flush=True)
     seconds = (time.perf_counter() - started) / len(args.seed_list)
     adapter_bytes = len(serialize_adapter(trainer.adapter()))
     return Scores(accuracies), adapter_bytes, seconds
@@ -91,14 +111,16 @@ class Scores(list):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--split-layers", default="1,2,3,4")
-    parser.add_argument("--contexts", default="1,2,3,4")
-    parser.add_argument("--max-train", type=int, default=2000)
+    parser.add_argument("--split-layers", default="2,3,4")
+    parser.add_argument("--contexts", default="2", help="PLOT context depth k (window: half width + 1)")
+    parser.add_argument("--methods", default="bridge", help=f"comma-separated of {', '.join(METHODS)}")
+    parser.add_argument("--max-train", type=int, default=10000)
     parser.add_argument("--max-eval", type=int, default=0, help="0: the whole validation file")
     parser.add_argument("--corpus-lines", type=int, default=0, help="training texts used as PLOT corpus (0: all)")
     parser.add_argument("--min-count", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="query,value", help="LoRA targets of every tenant and the reference")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of adaptation (and training without --seeds)")
@@ -106,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapted", choices=["no", "yes", "only"], default="no",
                         help="also (yes) or only (only) domain-adapted lower models")
     parser.add_argument("--adapt-steps", type=int, default=300)
+    parser.add_argument("--bridge-steps", type=int, default=0, help="distillation steps (0: the build's default)")
     parser.add_argument("--no-position-offsets", action="store_true", help="ablation: raw PLOT vectors")
+    parser.add_argument("--no-reference", action="store_true", help="skip the full model (e.g. a second run)")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     args.seed_list = parse_list(args.seeds) or [args.seed]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods takes {', '.join(METHODS)}")
 
     model_dir = resolve_model_dir(args.model)
     train_rows = read_labeled(args.data / "train.jsonl", args.max_train)
@@ -124,58 +151,36 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
-               "rank": args.rank, "seeds": args.seed_list, "position_offsets": not args.no_position_offsets,
+               "rank": args.rank, "targets": args.targets, "seeds": args.seed_list,
+               "position_offsets": not args.no_position_offsets, "methods": methods,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "configurations": []}
-    contexts = parse_list(args.contexts)
     variants = {"no": [False], "yes": [False, True], "only": [True]}[args.adapted]
     with tempfile.TemporaryDirectory(prefix="hmi-accuracy-") as folder:
         store = KnowledgeStore(StoreSettings(Path(folder), model_dir, model_name(args.model), map_size=32 << 30,
                                              max_sequence_tokens=args.max_tokens, default_budget_bytes=1 << 40,
                                              default_learn_threshold=-1))
         plot = LocalPlot(store)
-        store.build_domain("full", "", split_layer=0, context=1, min_count=1)
-        accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, "full", 0, train_rows, eval_rows,
-                                                   label_index, args)
-        results["reference"] = {"accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
-                                "adapter_bytes": adapter_bytes, "train_seconds": seconds,
-                                "gflops_per_token": gflops_per_token(model.dims, layers)}
-        print(f"full model + LoRA: accuracy {accuracy.text()} ({seconds:.0f}s training)", flush=True)
+        if args.no_reference:
+            results["reference"] = {"accuracy": float("nan"), "accuracy_std": 0.0, "accuracies": [],
+                                    "gflops_per_token": gflops_per_token(model.dims, layers)}
+        else:
+            store.build_domain("full", "", split_layer=0, context=1, min_count=1)
+            accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, "full", 0, train_rows, eval_rows,
+                                                       label_index, args)
+            results["reference"] = {"accuracy": accuracy.mean, "accuracy_std": accuracy.std,
+                                    "accuracies": accuracy, "adapter_bytes": adapter_bytes, "train_seconds": seconds,
+                                    "gflops_per_token": gflops_per_token(model.dims, layers)}
+            print(f"full model + LoRA: accuracy {accuracy.text()} ({seconds:.0f}s training)", flush=True)
+            write_json(args.out, results)
         for split_layer in parse_list(args.split_layers):
-            for adapted in variants:
-                name = f"L{split_layer}-{'adapted' if adapted else 'base'}"
-                started = time.perf_counter()
-                adapt_report = None
-                if adapted:
-                    record = store.adapt_domain(name, corpus, split_layer=split_layer, settings=AdaptSettings(
-                        split_layer, steps=args.adapt_steps, seed=args.seed))
-                    adapt_report = dataclasses.asdict(record.adapt)
-                    print(f"L={split_layer}: adapted lower layers, held-out MLM loss {record.adapt.base_loss:.3f}"
-                          f" -> {record.adapt.adapted_loss:.3f} ({record.adapt.seconds:.0f}s)", flush=True)
-                record = store.build_domain(name, corpus, split_layer=split_layer, context=max(contexts),
-                                            min_count=args.min_count, position_offsets=not args.no_position_offsets)
-                build_seconds = time.perf_counter() - started
-                for context in contexts:
-                    plot.context = context
-                    accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, name, split_layer, train_rows,
-                                                               eval_rows, label_index, args)
-                    nodes = int(sum(record.nodes_per_depth[:context]))
-                    row = {"split_layer": split_layer, "context": context, "domain_adapted": adapted,
-                           "position_offsets": not args.no_position_offsets,
-                           "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
-                           "accuracy_loss_points": 100 * (results["reference"]["accuracy"] - accuracy.mean),
-                           "plot_bytes": nodes * model.dims.hidden * 2, "nodes": nodes,
-                           "nodes_per_depth": record.nodes_per_depth[:context], "adapter_bytes": adapter_bytes,
-                           "upper_layer_share": (layers - split_layer) / layers,
-                           "gflops_per_token": gflops_per_token(model.dims, layers - split_layer),
-                           "build_seconds": build_seconds, "train_seconds": seconds, "adapt": adapt_report}
-                    results["configurations"].append(row)
-                    write_json(args.out, results)   # a run cut short keeps what it measured
-                    print(f"L={split_layer} k={context}{' adapted' if adapted else ''}: accuracy {accuracy.text()} "
-                          f"({row['accuracy_loss_points']:+.2f} points below full), PLOT "
-                          f"{row['plot_bytes'] / 2**20:.1f} MiB, {nodes} nodes", flush=True)
-                plot.context = 0
-                store.delete_domain(name)
+            for context in parse_list(args.contexts):
+                for method in methods:
+                    for adapted in variants if method in ("plot", "bridge") else [False]:
+                        row = run_method(method, adapted, split_layer, context, store, plot, model, tokenizer,
+                                         corpus, train_rows, eval_rows, label_index, args, results["reference"])
+                        results["configurations"].append(row)
+                        write_json(args.out, results)   # a run cut short keeps what it measured
         store.close()
 
     write_json(args.out, results)
@@ -184,25 +189,84 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_method(method, adapted, split_layer, context, store, plot, model, tokenizer, corpus, train_rows, eval_rows,
+               label_index, args, reference) -> dict:
+    """Builds the layer-L inputs of one configuration, trains its tenants and returns its result row."""
+    dims, layers = model.dims, model.dims.layers
+    name = f"L{split_layer}-k{context}-{method}{'-adapted' if adapted else ''}"
+    started = time.perf_counter()
+    adapt_report, bridge_report, record = None, None, None
+    nodes, plot_bytes, extra_layers = 0, 0, 0.0
+    source = plot
+    if method in ("plot", "bridge"):
+        if adapted:
+            adapted_record = store.adapt_domain(name, corpus, split_layer=split_layer, settings=AdaptSettings(
+                split_layer, steps=args.adapt_steps, seed=args.seed))
+            adapt_report = dataclasses.asdict(adapted_record.adapt)
+            print(f"{name}: adapted lower layers, held-out MLM loss {adapted_record.adapt.base_loss:.3f} -> "
+                  f"{adapted_record.adapt.adapted_loss:.3f} ({adapted_record.adapt.seconds:.0f}s)", flush=True)
+        record = store.build_domain(name, corpus, split_layer=split_layer, context=context,
+                                    min_count=args.min_count, position_offsets=not args.no_position_offsets,
+                                    no_bridge=method == "plot",
+                                    bridge=DistillSettings(steps=args.bridge_steps, seed=args.seed))
+        nodes, plot_bytes = record.nodes, record.plot_bytes
+        if record.bridge is not None:
+            bridge_report = dataclasses.asdict(record.bridge)
+            extra_layers = record.bridge.cost_in_layers
+            print(f"{name}: bridge distilled in {record.bridge.steps} steps on {record.bridge.sequences} sequences, "
+                  f"held-out error {record.bridge.loss_before:.4f} -> {record.bridge.loss_after:.4f} "
+                  f"({record.bridge.seconds:.0f}s)", flush=True)
+    elif method == "window":
+        builder = store.lower_models.base(store.model_name(""))
+        source = WindowPlot(builder, split_layer, radius=context - 1, min_count=args.min_count,
+                            max_tokens=args.max_tokens, position_offsets=not args.no_position_offsets)
+        source.build(corpus.splitlines())
+        nodes, plot_bytes = source.nodes, source.nodes * dims.hidden * 2
+    else:
+        source = TrueStates(store.lower_models.base(store.model_name("")), split_layer)
+    build_seconds = time.perf_counter() - started
+    accuracy, adapter_bytes, seconds = run_one(model, source, tokenizer, name, split_layer, train_rows, eval_rows,
+                                               label_index, args)
+    row = {"split_layer": split_layer, "context": context, "method": method, "domain_adapted": adapted,
+           "position_offsets": not args.no_position_offsets,
+           "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
+           "accuracy_loss_points": 100 * (reference["accuracy"] - accuracy.mean),
+           "plot_bytes": plot_bytes, "nodes": nodes,
+           "nodes_per_depth": record.nodes_per_depth if record is not None else [],
+           "bridge": bridge_report, "adapter_bytes": adapter_bytes,
+           "upper_layer_share": (layers - split_layer) / layers,
+           "layers_computed": layers - split_layer + extra_layers,
+           "gflops_per_token": gflops_per_token(dims, layers - split_layer + extra_layers),
+           "build_seconds": build_seconds, "train_seconds": seconds, "adapt": adapt_report}
+    print(f"{name}: accuracy {accuracy.text()} ({row['accuracy_loss_points']:+.2f} points below full), PLOT "
+          f"{plot_bytes / 2**20:.1f} MiB, {nodes} nodes", flush=True)
+    if record is not None:
+        store.delete_domain(name)
+    return row
+
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
 
 
-def gflops_per_token(dims, computed_layers: int) -> float:
-    """Dense multiply-adds of the layers computed, per token (attention scores left out: short sequences)."""
+def gflops_per_token(dims, computed_layers: float) -> float:
+    """Dense multiply-adds of the layers computed (a bridge counts as its share of a layer), per token
+    (attention scores left out: short sequences)."""
     return 2 * computed_layers * (4 * dims.hidden ** 2 + 2 * dims.hidden * dims.intermediate) / 1e9
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'L':>2} {'k':>2} {'adapted':>7} {'accuracy':>9} {'loss pts':>9} {'PLOT MiB':>9} {'nodes':>8} "
-          f"{'GFLOP/tok':>9}")
-    print(f"{'-':>2} {'-':>2} {'-':>7} {results['reference']['accuracy']:9.4f} {'(full)':>9} {'':>9} {'':>8} "
-          f"{results['reference']['gflops_per_token']:9.4f}")
+    print(f"\n{'L':>2} {'k':>2} {'method':>8} {'adapted':>7} {'accuracy':>9} {'± std':>7} {'loss pts':>9} "
+          f"{'PLOT MiB':>9} {'nodes':>8} {'GFLOP/tok':>9}")
+    reference = results["reference"]
+    print(f"{'-':>2} {'-':>2} {'full':>8} {'-':>7} {reference['accuracy']:9.4f} {reference['accuracy_std']:7.4f} "
+          f"{'':>9} {'':>9} {'':>8} {reference['gflops_per_token']:9.4f}")
     for row in results["configurations"]:
-        print(f"{row['split_layer']:>2} {row['context']:>2} {'yes' if row['domain_adapted'] else 'no':>7} "
-              f"{row['accuracy']:9.4f} {row['accuracy_loss_points']:9.2f} {row['plot_bytes'] / 2**20:9.1f} "
-              f"{row['nodes']:8d} {row['gflops_per_token']:9.4f}")
+        print(f"{row['split_layer']:>2} {row['context']:>2} {row.get('method', 'plot'):>8} "
+              f"{'yes' if row['domain_adapted'] else 'no':>7} {row['accuracy']:9.4f} {row['accuracy_std']:7.4f} "
+              f"{row['accuracy_loss_points']:9.2f} {row['plot_bytes'] / 2**20:9.1f} {row['nodes']:8d} "
+              f"{row['gflops_per_token']:9.4f}")
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -211,24 +275,26 @@ def plot_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    contexts = sorted({row["context"] for row in results["configurations"]})
-    for adapted in (False, True):
-        for context in contexts:
-            rows = [r for r in results["configurations"] if r["context"] == context and r["domain_adapted"] == adapted]
-            if not rows:
-                continue
-            label = f"k = {context}{', adapted' if adapted else ''}"
-            style = "--" if adapted else "-"
-            left.plot([r["split_layer"] for r in rows], [r["accuracy"] for r in rows], style, marker="o", label=label)
-            right.plot([r["gflops_per_token"] for r in rows], [r["accuracy"] for r in rows], style, marker="o",
-                       label=label)
+    series = sorted({(row.get("method", "plot"), row["context"], row["domain_adapted"])
+                     for row in results["configurations"]})
+    for method, context, adapted in series:
+        rows = [r for r in results["configurations"] if (r.get("method", "plot"), r["context"],
+                                                          r["domain_adapted"]) == (method, context, adapted)]
+        label = f"{method}, k = {context}{', adapted' if adapted else ''}"
+        style = "--" if adapted else "-"
+        left.errorbar([r["split_layer"] for r in rows], [r["accuracy"] for r in rows],
+                      yerr=[r["accuracy_std"] for r in rows], fmt=style, marker="o", capsize=3, label=label)
+        right.plot([r["gflops_per_token"] for r in rows], [r["accuracy"] for r in rows], style, marker="o",
+                   label=label)
     for axis in (left, right):
         axis.axhline(results["reference"]["accuracy"], color="black", linestyle="--", label="full model + LoRA")
         axis.set_ylabel("accuracy")
         axis.legend(fontsize=7)
     left.set_xlabel("split layer L")
-    right.set_xlabel("compute per token (GFLOP, layers [L, N))")
-    figure.suptitle(f"{Path(results['data']).name}: hPLM vs full model ({results['train_examples']} training examples)")
+    right.set_xlabel("compute per token (GFLOP: layers [L, N) and the bridge)")
+    seeds = len(results.get("seeds", [])) or 1
+    figure.suptitle(f"{Path(results['data']).name}: hPLM vs full model ({results['train_examples']} training "
+                    f"examples, mean of {seeds} seed(s))")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot saved to {path}")

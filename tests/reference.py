@@ -26,3 +26,27 @@ def reference_logits_from_layer(base, adapter: Adapter, layer_input: torch.Tenso
         hidden = out[0] if isinstance(out, tuple) else out
     pooled = hidden[0].mean(0)
     return pooled @ adapter.head_weight.T + adapter.head_bias, pooled
+
+
+@torch.no_grad()
+def reference_bridge(tensors: dict[str, torch.Tensor], heads: int, rows: torch.Tensor, eps: float = 1e-12):
+    """A domain bridge (models/bridge.py) written out for one sequence from its stored tensors: position
+    embedding, pre-norm attention with an explicit softmax, pre-norm feed-forward, both residual."""
+    t = {name: tensor.double() for name, tensor in tensors.items()}
+    x = rows.double() + t["position.weight"][:len(rows)]
+
+    def norm(v, name):
+        centred = v - v.mean(-1, keepdim=True)
+        return centred / torch.sqrt((centred ** 2).mean(-1, keepdim=True) + eps) * t[f"{name}.weight"] + t[f"{name}.bias"]
+
+    qkv = norm(x, "norm1") @ t["qkv.weight"].T + t["qkv.bias"]
+    inner = qkv.shape[1] // 3
+    width = inner // heads
+    contexts = []
+    for head in range(heads):
+        q, k, v = (qkv[:, part * inner + head * width: part * inner + (head + 1) * width] for part in range(3))
+        weights = torch.softmax(q @ k.T / width ** 0.5, dim=-1)
+        contexts.append(weights @ v)
+    x = x + torch.cat(contexts, dim=1) @ t["out.weight"].T + t["out.bias"]
+    inner_ffn = torch.nn.functional.gelu(norm(x, "norm2") @ t["ffn_in.weight"].T + t["ffn_in.bias"])
+    return (x + inner_ffn @ t["ffn_out.weight"].T + t["ffn_out.bias"]).float()

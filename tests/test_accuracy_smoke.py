@@ -20,8 +20,8 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
         (data / name).write_text("\n".join(json.dumps(row) for row in sample(rng, count)))
     out = tmp_path / "out" / "study.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--data", str(data),
-                             "--split-layers", "1,2", "--contexts", "1,2", "--max-train", "60", "--epochs", "2",
-                             "--adapted", "yes", "--adapt-steps", "3", "--seeds", "0,1",
+                             "--split-layers", "2", "--contexts", "1,2", "--max-train", "60", "--epochs", "2",
+                             "--adapted", "yes", "--adapt-steps", "3", "--seeds", "0,1", "--bridge-steps", "5",
                              "--model", str(tiny_model_dir), "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,11 +29,14 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
     assert 0.0 <= study["reference"]["accuracy"] <= 1.0
     rows = study["configurations"]
     assert sorted((r["split_layer"], r["context"], r["domain_adapted"]) for r in rows) == sorted(
-        (layer, context, adapted) for layer in (1, 2) for context in (1, 2) for adapted in (False, True))
+        (2, context, adapted) for context in (1, 2) for adapted in (False, True))
     for row in rows:
-        assert set(row) >= {"split_layer", "context", "domain_adapted", "accuracy", "plot_bytes"}
+        assert set(row) >= {"split_layer", "context", "domain_adapted", "accuracy", "plot_bytes", "method"}
+        assert row["method"] == "bridge", "with no method flags the study measures what `hmi domain build` does"
+        if row["bridge"] is not None:   # kept only when it lowered the held-out error
+            assert row["bridge"]["steps"] == 5 and row["layers_computed"] > 4 - row["split_layer"]
         assert row["plot_bytes"] > 0 and 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracies"]) == 2
-    deeper = {r["context"]: r["nodes"] for r in rows if r["split_layer"] == 1 and not r["domain_adapted"]}
+    deeper = {r["context"]: r["nodes"] for r in rows if r["split_layer"] == 2 and not r["domain_adapted"]}
     assert deeper[2] > deeper[1], "a deeper context keeps more nodes"
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "full model + LoRA" in result.stdout

@@ -121,8 +121,10 @@ def test_admission_is_all_or_nothing_and_costs_tokens():
     router = Router(["127.0.0.1:1"], inflight_per_replica=0)    # nothing leaves: the queue only fills
     batcher = Batcher(router, BatcherSettings(max_queue=100, max_queue_tokens=40, max_wait_ms=1, max_batch_tokens=4))
     try:
-        batcher.submit([work("a", 4)])          # formed into the blocked batch
-        time.sleep(0.1)
+        batcher.submit([work("a", 4)])          # a full batch of its own, blocked waiting for a replica
+        waited = time.monotonic() + 5
+        while batcher.queued() != (0, 0) and time.monotonic() < waited:
+            time.sleep(0.01)
         batcher.submit([work("b", 10), work("b", 10)])
         assert batcher.queued() == (2, 20)
         with pytest.raises(ResourceExhausted, match="25 tokens was not queued"):

@@ -16,13 +16,22 @@ def cmd_domain_build(args) -> int:
                                      min_count=args.min_count, parent=args.parent,
                                      budget_bytes=int(args.budget_mib * 2**20), learn_threshold=args.learn_threshold,
                                      position_offsets=not args.no_position_offsets, progress=progress,
-                                     model=args.model)
+                                     model=args.model, bridge=not args.no_bridge, bridge_steps=args.bridge_steps)
     progress.close()
     print(f"domain {domain.spec.name} ({domain.model}): split layer {domain.spec.split_layer}, "
           f"context {domain.spec.context}, "
           f"{domain.lower_model} lower model, {domain.nodes} nodes (per depth {list(domain.nodes_per_depth)}), "
           f"{domain.plot_bytes / 2**20:.1f} MiB of vectors (budget {domain.budget_bytes / 2**20:.0f} MiB)")
+    if domain.HasField("bridge"):
+        print(bridge_line(domain.bridge))
     return 0
+
+
+def bridge_line(bridge) -> str:
+    return (f"bridge        {bridge.heads} heads x {bridge.head_dim}, feed-forward {bridge.ffn} "
+            f"({bridge.cost_in_layers:.2f} of a layer per token, {bridge.bytes / 2**20:.1f} MiB), distilled in "
+            f"{bridge.steps} steps on {bridge.sequences} sequences ({bridge.seconds:.0f}s): held-out error "
+            f"{bridge.loss_before:.4f} -> {bridge.loss_after:.4f}")
 
 
 def cmd_domain_adapt(args) -> int:
@@ -67,6 +76,10 @@ def cmd_domain_show(args) -> int:
     print(f"domain        {spec.name}" + (f" (parent {spec.parent})" if spec.parent else ""))
     print(f"model         {domain.model}, split layer {spec.split_layer}, context depth {spec.context}, "
           f"{domain.lower_model} lower model, position offsets {'on' if domain.position_offsets else 'off'}")
+    if domain.HasField("bridge"):
+        print(bridge_line(domain.bridge))
+    elif spec.split_layer > 0:
+        print("bridge        none (plain PLOT rows)")
     if domain.lower_model == "adapted":
         print(f"adaptation    {domain.adapt.steps} MLM steps on {domain.adapt.corpus_sequences} sequences, held-out "
               f"loss {domain.adapt.base_loss:.3f} -> {domain.adapt.adapted_loss:.3f}")
@@ -117,6 +130,11 @@ def add_parsers(sub) -> None:
                    help="lookups of a missing context before it is added (0: store default, -1: off)")
     p.add_argument("--no-position-offsets", action="store_true",
                    help="serve raw PLOT vectors, without the per-position offsets (for ablations)")
+    p.add_argument("--no-bridge", action="store_true",
+                   help="serve plain PLOT rows: no domain bridge (encoder domains get one by default; see "
+                        "docs/accuracy.md)")
+    p.add_argument("--bridge-steps", type=int, default=0,
+                   help="distillation steps of the bridge (0: 30 passes over the corpus, at most 4,000)")
     p.set_defaults(func=cmd_domain_build, timeout=3600.0)
     p = client_parser(group, "adapt", help="MLM-adapt the lower layers to a domain corpus (then build the PLOT)")
     p.add_argument("name")

@@ -254,6 +254,11 @@ class AdminStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.GetBridge = channel.unary_stream(
+                '/hmi.v1.Admin/GetBridge',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/hmi.v1.Admin/Backup',
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
@@ -333,6 +338,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBridge(self, request, context):
+        """The domain's bridge (safetensors, models/bridge.py format) in chunks: what compute applies to its
+        PLOT rows, and what `hmi tenant train` applies to the rows it trains on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backup(self, request, context):
         """A consistent copy of the knowledge store into a folder on the store's machine (`hmi store backup`).
         """
@@ -396,6 +409,11 @@ def add_AdminServicer_to_server(servicer, server):
             'GetAdapter': grpc.unary_stream_rpc_method_handler(
                     servicer.GetAdapter,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'GetBridge': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBridge,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
             'Backup': grpc.unary_unary_rpc_method_handler(
@@ -701,6 +719,33 @@ class Admin:
             target,
             '/hmi.v1.Admin/GetAdapter',
             hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.Admin/GetBridge',
+            hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
             options,
             channel_credentials,

@@ -6,6 +6,8 @@ from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 from hmi_proto.v1.catalog_pb2 import DomainSpec as DomainSpec
+from hmi_proto.v1.catalog_pb2 import BridgeSettings as BridgeSettings
+from hmi_proto.v1.catalog_pb2 import BridgeReport as BridgeReport
 from hmi_proto.v1.catalog_pb2 import Domain as Domain
 from hmi_proto.v1.catalog_pb2 import AdaptSettings as AdaptSettings
 from hmi_proto.v1.catalog_pb2 import AdaptReport as AdaptReport
@@ -29,6 +31,7 @@ from hmi_proto.v1.catalog_pb2 import ListTenantsResponse as ListTenantsResponse
 from hmi_proto.v1.catalog_pb2 import DeleteTenantRequest as DeleteTenantRequest
 from hmi_proto.v1.catalog_pb2 import DeleteTenantResponse as DeleteTenantResponse
 from hmi_proto.v1.catalog_pb2 import GetAdapterRequest as GetAdapterRequest
+from hmi_proto.v1.catalog_pb2 import GetBridgeRequest as GetBridgeRequest
 from hmi_proto.v1.catalog_pb2 import BackupRequest as BackupRequest
 from hmi_proto.v1.catalog_pb2 import BackupResponse as BackupResponse
 

@@ -93,6 +93,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.GetBridge = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/GetBridge',
+                request_serializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
         self.ListChanges = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/ListChanges',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
@@ -188,6 +193,14 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBridge(self, request, context):
+        """The domain's bridge (safetensors, models/bridge.py format) in chunks: what compute applies to its
+        PLOT rows, and what `hmi tenant train` applies to the rows it trains on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListChanges(self, request, context):
         """Tenants and domains written after a revision, so gateways can cache
         their records until they change instead of asking on every request.
@@ -260,6 +273,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
             'GetAdapter': grpc.unary_stream_rpc_method_handler(
                     servicer.GetAdapter,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'GetBridge': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBridge,
+                    request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
             ),
             'ListChanges': grpc.unary_unary_rpc_method_handler(
@@ -571,6 +589,33 @@ class KnowledgeStore:
             target,
             '/hmi.v1.KnowledgeStore/GetAdapter',
             hmi_dot_v1_dot_catalog__pb2.GetAdapterRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetBridge',
+            hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
             options,
             channel_credentials,

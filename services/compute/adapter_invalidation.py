@@ -14,15 +14,18 @@ import time
 import grpc
 
 from services.compute.adapter_pool import AdapterPool
+from services.compute.bridge_cache import BridgeCache
 from services.knowledge_store.client import StoreClient
 
 log = logging.getLogger("hmi.compute.invalidation")
 
 
 class AdapterInvalidation:
-    def __init__(self, store: StoreClient, pool: AdapterPool, wait: float = 1.0) -> None:
+    def __init__(self, store: StoreClient, pool: AdapterPool, wait: float = 1.0,
+                 bridges: BridgeCache | None = None) -> None:
         self.store = store
         self.pool = pool
+        self.bridges = bridges      # rebuilt or deleted domains' bridges are dropped too
         self.wait = wait
         self.revision: int | None = None
         self.store_id = ""
@@ -43,6 +46,10 @@ class AdapterInvalidation:
             self.store_id, self.revision = reply.store_id, reply.revision     # start from now
             return 0
         dropped = sum(self.pool.forget(change.name) for change in reply.changes if change.kind == "tenant")
+        if self.bridges is not None:
+            for change in reply.changes:
+                if change.kind == "domain":
+                    self.bridges.forget(change.name)
         self.revision = reply.changes[-1].revision if reply.changes else reply.revision
         self.forgotten += dropped
         return dropped

@@ -1,12 +1,13 @@
 """Executes one prepared classification batch: pack its inputs, run the upper layers, pool, apply heads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kernels.tenant_head import tenant_heads
+from models.bridge import DomainBridge, apply_bridges
 from models.encoder import EncoderModel
 from models.packing import PackedLayout, PlotRows, pack_inputs, plot_rows
 from services.compute.adapter_pool import AdapterPool, Lease
@@ -20,6 +21,7 @@ class PreparedBatch:
     plot_rows: dict[int, np.ndarray]   # sequence index -> fp16 [len, H] layer-L vectors (split layer > 0)
     lease: Lease
     staged: PlotRows | None = None     # the PLOT rows already copied towards the device (stage)
+    bridges: dict[int, DomainBridge] = field(default_factory=dict)   # sequence index -> its domain's bridge
 
     def layout(self) -> PackedLayout:
         """Execution order (by split layer, then adapter slot) and bounds of the packed sequences."""
@@ -60,6 +62,7 @@ class Executor:
         inputs = pack_inputs(layout, hidden_size=self.model.dims.hidden, device=self.device, embed=self.model.embed,
                              token_ids_of=lambda j: batch.tokens_of(order[j]), first_position_of=lambda j: 0,
                              plot=prepared.staged)
+        apply_bridges(inputs.hidden, layout, lambda j: prepared.bridges.get(order[j]))
         tensors = self.pool.slot_tensors()
         hidden = self.model.run(inputs, tensors.lora)
 

@@ -21,9 +21,11 @@ from typing import Callable
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from models.bridge import DomainBridge
 from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
+from services.compute.bridge_cache import BridgeCache
 from services.compute.executor import Executor, PreparedBatch
 from services.knowledge_store.client import StoreClient
 
@@ -93,10 +95,11 @@ class BusyLog:
 
 class Pipeline:
     def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8,
-                 execution_threads: int = 1) -> None:
+                 execution_threads: int = 1, bridges: BridgeCache | None = None) -> None:
         self.executor = executor
         self.pool = pool
         self.store = store
+        self.bridges = bridges or BridgeCache(store, pool.dims.hidden, executor.device)
         self.stats = PipelineStats()
         self._stats_lock = threading.Lock()
         self._fetchers = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="fetch")
@@ -126,15 +129,18 @@ class Pipeline:
         adapters_done = time.perf_counter()
         try:
             plot_rows: dict[int, np.ndarray] = {}
+            bridges: dict[int, DomainBridge] = {}
             failures: dict[int, SequenceFailure] = {}
             lookup_seconds = 0.0
             for key, future in futures.items():
                 try:
-                    rows, seconds = future.result()
+                    rows, seconds, bridge = future.result()
                 except HMIError as error:
                     failures.update(dict.fromkeys(by_domain[key], failure_of(error)))
                     continue
                 plot_rows.update(rows)
+                if bridge is not None:
+                    bridges.update(dict.fromkeys(by_domain[key], bridge))
                 lookup_seconds = max(lookup_seconds, seconds)
             for index, spec in enumerate(batch.sequences):
                 error = lease.failed.get((spec.tenant_id, spec.adapter_version))
@@ -150,16 +156,19 @@ class Pipeline:
                 return None, ran, failures
             if failures:
                 plot_rows = {new: plot_rows[old] for new, old in enumerate(ran) if old in plot_rows}
+                bridges = {new: bridges[old] for new, old in enumerate(ran) if old in bridges}
                 batch = batch.subset(ran)
-            prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease)
+            prepared = PreparedBatch(batch=batch, plot_rows=plot_rows, lease=lease, bridges=bridges)
             self.executor.stage(prepared)   # copy stage: overlaps the batch executing now
         except BaseException:
             lease.release()
             raise
         return prepared, ran, failures
 
-    def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float) -> tuple[dict[int, np.ndarray], float]:
-        """The rows of the sequences of one domain (at one revision), and how long the store took."""
+    def _lookup(self, batch: PackedBatch, indices: list[int],
+                timeout: float) -> tuple[dict[int, np.ndarray], float, DomainBridge | None]:
+        """The rows of the sequences of one domain (at one revision), how long the store took, and the domain's
+        bridge for them (fetched once per revision)."""
         started = time.perf_counter()
         domain = batch.sequences[indices[0]].domain
         pieces = [batch.tokens_of(i) for i in indices]
@@ -175,8 +184,9 @@ class Pipeline:
             counts.extend([0] * (len(reply.hit_depth_counts) - len(counts)))
             for depth, count in enumerate(reply.hit_depth_counts):
                 counts[depth] += count
+        bridge = self.bridges.get(domain, reply.bridge_revision, timeout) if reply.bridge_revision else None
         return ({index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)},
-                time.perf_counter() - started)
+                time.perf_counter() - started, bridge)
 
     def run(self, batch: PackedBatch, timeout: float,
             wanted: Callable[[], bool] = lambda: True) -> tuple[BatchResult, Timings]:

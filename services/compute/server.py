@@ -78,6 +78,7 @@ def main(args: argparse.Namespace) -> None:
     from services.common.tracing import setup_tracing
     from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
+    from services.compute.bridge_cache import BridgeCache
     from services.compute.executor import Executor
     from services.compute.generation import GenerationEngine
     from services.compute.metrics import compute_state
@@ -113,11 +114,12 @@ def main(args: argparse.Namespace) -> None:
         mode = f"generation: KV cache {args.kv_cache_mib} MiB, <= {args.max_generating} sequences per step"
     else:
         engine = None
-        pipeline = Pipeline(Executor(model, pool), pool, store,
+        bridges = BridgeCache(store, model.dims.hidden, device)
+        pipeline = Pipeline(Executor(model, pool), pool, store, bridges=bridges,
                             execution_threads=execution_threads(args.execution_threads, device))
         servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
-    invalidation = AdapterInvalidation(store, pool)
+    invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None)
     invalidation.start()
     register_state(lambda: compute_state(pool, engine, served_name))
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.

@@ -202,7 +202,8 @@ class Batcher:
             first = self._take(0.1)
             if first is None:
                 continue
-            batch = _Forming([first], len(first.token_ids), {first.route.tenant_id})
+            batch = _Forming([first], len(first.token_ids), {first.route.tenant_id},
+                             full=len(first.token_ids) >= self.settings.max_batch_tokens)
             closes = time.monotonic() + self.settings.max_wait_ms / 1e3
             while not batch.full:
                 item = self._take(max(0.0, closes - time.monotonic()))

@@ -353,6 +353,10 @@ class AdminServicer(pb_grpc.AdminServicer):
     def GetAdapter(self, request, context):
         yield from self.store.GetAdapter(request, **call_options(context, ADMIN_TIMEOUT))
 
+    @handles_stream_errors
+    def GetBridge(self, request, context):
+        yield from self.store.GetBridge(request, **call_options(context, ADMIN_TIMEOUT))
+
     @handles_errors
     def DeleteTenant(self, request, context):
         response = self.store.DeleteTenant(request, **call_options(context, ADMIN_TIMEOUT))

@@ -1,4 +1,4 @@
-"""The knowledge store's wire client: PLOT lookups and adapter fetches (both streamed).
+"""The knowledge store's wire client: PLOT lookups, adapter and bridge fetches (all streamed).
 
 Compute uses StoreClient; the CLI's client and the bench read lookup streams proxied by the gateway with
 the same `lookup_request` / `read_lookup_stream`.
@@ -23,6 +23,7 @@ class LookupReply:
     vectors: np.ndarray              # float16 [tokens, hidden]
     hit_depth_counts: list[int]
     split_layer: int = 0
+    bridge_revision: int = 0         # the domain bridge to apply to these rows (0: none)
 
 
 class StoreClient:
@@ -58,6 +59,13 @@ class StoreClient:
         with resolved_errors():
             stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
                                           timeout=timeout or self.timeout, metadata=outgoing_metadata())
+            return join_chunks(chunk.data for chunk in stream)
+
+    def get_bridge(self, domain: str, revision: int, timeout: float | None = None) -> bytes:
+        """NotFound (no bridge, domain gone) or StaleVersion (rebuilt) when `revision` is no longer the domain's."""
+        with resolved_errors():
+            stream = self.stub.GetBridge(pb.GetBridgeRequest(domain=domain, revision=revision),
+                                         timeout=timeout or self.timeout, metadata=outgoing_metadata())
             return join_chunks(chunk.data for chunk in stream)
 
     def changes(self, after: int, wait: float = 0.0, timeout: float = 10.0) -> pb.ListChangesResponse:
@@ -105,4 +113,5 @@ def read_lookup_stream(stream) -> LookupReply:
     vectors = np.frombuffer(bytes(buffer), dtype="<f2")
     if vectors.size != int(np.prod(shape)):
         raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
-    return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer)
+    return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer,
+                       header.bridge_revision)

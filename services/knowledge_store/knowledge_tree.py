@@ -36,6 +36,8 @@ class TreeContents:
     counts: np.ndarray      # int64 [n]
     vectors: np.ndarray     # float16 [n, hidden]
     offsets: np.ndarray | None = None   # float32 [k, positions, hidden] (position_offsets.py)
+    held_out: tuple[list[np.ndarray], list[np.ndarray]] | None = None   # (rows, true states): what a bridge
+                                                                        # distils on (plot_builder.HeldOutCapture)
 
 
 @dataclass

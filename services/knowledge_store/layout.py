@@ -51,7 +51,7 @@ NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
 DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "offsets", "lower", "tenants",
-             "adapters", "changes", "requests", "request_log")
+             "adapters", "changes", "requests", "request_log", "bridges")
 CHANGES_KEPT = 100_000      # change-log entries kept; a reader further behind starts over
 _REVISION = struct.Struct(">Q")
 OFFSETS_HEADER = struct.Struct("<III")

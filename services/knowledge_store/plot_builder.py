@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from models.lower import is_decoder_base, lower_states
@@ -28,6 +29,84 @@ class BuildSettings:
     max_sequence_tokens: int = 128
     batch_size: int = 32
     position_offsets: bool = True     # see position_offsets.py
+    capture_tokens: int = 0           # keep up to this many corpus tokens' true states and held-out rows
+
+
+class HeldOutCapture:
+    """What a domain bridge distils on (bridge_distillation.py): true layer-L states of corpus sequences, and
+    the rows serving would give them had they not been in the corpus.
+
+    Rows of the corpus itself are in-sample: each token's own state is part of the mean it is served, so
+    they are closer to the truth than the rows of new text, and a bridge trained on them learns to correct
+    errors that serving does not have (measured: it barely helps). So a token's row leaves its own
+    occurrence out, (sum - state) / (count - 1), backing off to a shallower node where fewer than
+    `min_count` other occurrences remain (depth 1: none; then the node's stored vector). And only
+    sequences that occur inside no longer corpus sequence are kept, longest first: a corpus of overlapping
+    excerpts (phrases cut from sentences) would otherwise leave a sequence's text in the means through its
+    excerpts. Keeps at most `limit` tokens."""
+
+    def __init__(self, limit: int, sequences: list[list[int]], encoder: bool) -> None:
+        self.limit = limit
+        self.wanted = maximal_sequences(sequences, limit, strip=1 if encoder else 0) if limit else set()
+        self.states: list[torch.Tensor] = []         # fp16 [T, H] per kept sequence
+        self.nodes: list[list[list[int]]] = []       # per kept sequence, per token: node per depth
+        self._pending: dict[int, list[list[int]]] = {}
+
+    def note(self, index: int, found: list[int]) -> None:
+        if index in self.wanted:
+            self._pending.setdefault(index, []).append(list(found))
+
+    def keep(self, first_index: int, batch: list[list[int]], hidden: torch.Tensor) -> None:
+        for row, ids in enumerate(batch):
+            nodes = self._pending.pop(first_index + row, None)
+            if nodes is not None:
+                self.states.append(hidden[row, :len(ids)].to(torch.float16).clone())
+                self.nodes.append(nodes)
+
+    def rows(self, sums: torch.Tensor, counts: torch.Tensor, min_count: int, offsets: np.ndarray | None,
+             vectors: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(held-out rows as served, with position offsets; true states): fp16 [T, H] per kept sequence."""
+        rows_out, targets = [], []
+        for states16, nodes in zip(self.states, self.nodes):
+            states = states16.float()
+            out = torch.empty_like(states)
+            for position, found in enumerate(nodes):
+                chosen = None
+                for depth in range(len(found), 0, -1):
+                    node = found[depth - 1]
+                    others = int(counts[node]) - 1
+                    if others >= (min_count if depth > 1 else 1):
+                        chosen = (sums[node].float() - states[position]) / others
+                        break
+                out[position] = chosen if chosen is not None else vectors[found[0]].float()
+            rows = out.numpy()
+            if offsets is not None:   # what a lookup adds: the table of the domain's full depth cap
+                table = offsets[-1]
+                rows = rows + table[np.minimum(np.arange(len(rows)), table.shape[0] - 1)]
+            rows_out.append(rows.astype(np.float16))
+            targets.append(states16.numpy())
+        return rows_out, targets
+
+
+def maximal_sequences(sequences: list[list[int]], limit: int, strip: int = 0) -> set[int]:
+    """Indices of the longest sequences, up to `limit` tokens, whose tokens (less `strip` special tokens at
+    each end) occur inside no longer sequence kept before them (exact duplicates count once)."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    kept: set[int] = set()
+    joined = ""
+    tokens = 0
+    for index in order:
+        ids = sequences[index]
+        inner = ids[strip:len(ids) - strip] if len(ids) > 2 * strip else ids
+        text = " " + " ".join(map(str, inner)) + " "
+        if text in joined:
+            continue
+        kept.add(index)
+        joined += "|" + text
+        tokens += len(ids)
+        if tokens >= limit:
+            break
+    return kept
 
 
 def context_paths(ids: list[int], context: int):
@@ -105,6 +184,7 @@ class PlotBuilder:
         node_counts = torch.zeros(len(paths), dtype=torch.int64)
 
         residuals = PositionResiduals(settings.context, settings.max_sequence_tokens, hidden_size)
+        capture = HeldOutCapture(settings.capture_tokens, sequences, encoder=not is_decoder_base(self.model))
         done = 0
         for start in range(0, len(sequences), settings.batch_size):
             batch = sequences[start:start + settings.batch_size]
@@ -127,11 +207,13 @@ class PlotBuilder:
                     token_positions.append(position)
                     for cap in range(settings.context):
                         served[cap].append(found[min(cap + 1, len(found)) - 1])
+                    capture.note(start + row, found)
             flat_hidden = hidden.reshape(-1, hidden_size)
             node_tensor = torch.tensor(node_ids, dtype=torch.long)
             sums.index_add_(0, node_tensor, flat_hidden[flat_positions].double())
             node_counts.index_add_(0, node_tensor, torch.ones(len(node_ids), dtype=torch.int64))
             residuals.add(torch.tensor(token_positions, dtype=torch.long), flat_hidden[token_flat], served)
+            capture.keep(start, batch, hidden)
             done += len(batch)
             report("encoding", done, len(sequences))
 
@@ -144,7 +226,9 @@ class PlotBuilder:
         if not torch.isfinite(vectors).all():
             raise InvalidArgument("layer-L vectors overflow fp16; this base model cannot use an fp16 PLOT")
         offsets = residuals.offsets(vectors) if settings.position_offsets and sequences else None
-        return TreeContents(paths=paths, counts=node_counts.numpy(), vectors=vectors.numpy(), offsets=offsets)
+        held_out = capture.rows(sums, node_counts, settings.min_count, offsets, vectors) if capture.limit else None
+        return TreeContents(paths=paths, counts=node_counts.numpy(), vectors=vectors.numpy(), offsets=offsets,
+                            held_out=held_out)
 
     def _specials(self) -> tuple[int, int]:
         """[CLS]-like and [SEP]-like ids: the tokens the post-processor wraps a single word in."""

@@ -34,6 +34,23 @@ class AdaptReport(_ByKey):
 
 
 @dataclass
+class BridgeReport(_ByKey):
+    """The domain bridge a build distilled (models/bridge.py, bridge_distillation.py)."""
+    revision: int                # change-log revision of the build that stored it: compute caches by it
+    heads: int
+    head_dim: int
+    ffn: int
+    steps: int
+    sequences: int
+    tokens: int
+    loss_before: float           # held-out MSE to the true layer-L states of the plain PLOT rows
+    loss_after: float            # ... of the bridged rows
+    seconds: float
+    cost_in_layers: float        # compute per token in units of one of the model's layers
+    bytes: int
+
+
+@dataclass
 class DomainRecord(_ByKey):
     """A domain: its PLOT's spec (split layer, context depth, ...), its tree's size and its learning counters."""
     id: int
@@ -61,6 +78,7 @@ class DomainRecord(_ByKey):
     position_offsets: bool = False
     revision: int = 0                # change-log revision of the last build or adaptation (0: written before kept)
     adapt: AdaptReport | None = None
+    bridge: BridgeReport | None = None   # None: lookups serve plain PLOT rows
 
     @property
     def row_bytes(self) -> int:
@@ -75,7 +93,9 @@ class DomainRecord(_ByKey):
         data = _upgrade(data, default_model)
         data = _upgrade_domain_v1(data) if data.pop("version") < 2 else data
         adapt = data.pop("adapt", None)
-        return cls(**_known(cls, data), adapt=AdaptReport(**_known(AdaptReport, adapt)) if adapt else None)
+        bridge = data.pop("bridge", None)
+        return cls(**_known(cls, data), adapt=AdaptReport(**_known(AdaptReport, adapt)) if adapt else None,
+                   bridge=BridgeReport(**_known(BridgeReport, bridge)) if bridge else None)
 
 
 @dataclass
@@ -134,5 +154,5 @@ def _upgrade_domain_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"adapt"}
+    names = {f.name for f in dataclasses.fields(cls)} - {"adapt", "bridge"}
     return {key: value for key, value in data.items() if key in names}

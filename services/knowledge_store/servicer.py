@@ -14,9 +14,10 @@ from hmi_proto.v1 import tensor_pb2
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
 from services.common.errors import Cancelled, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
+from services.knowledge_store.bridge_distillation import DistillSettings
 from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
-from services.knowledge_store.records import AdaptReport, DomainStatus, TenantRecord
+from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
 
 MAX_POLL_MS = 5000          # the longest a ListChanges long poll is held
@@ -35,7 +36,38 @@ def domain_to_pb(record: DomainStatus) -> pb.Domain:
         budget_bytes=record.effective_budget, learn_threshold=record.effective_threshold,
         materialized_nodes=record.materialized, pruned_nodes=record.pruned,
         pending_contexts=record.traffic_entries, recent_hit_depths=record.recent_hit_depths,
-        adapt=adapt_to_pb(record.adapt), position_offsets=record.position_offsets, revision=record.revision)
+        adapt=adapt_to_pb(record.adapt), position_offsets=record.position_offsets, revision=record.revision,
+        bridge=bridge_to_pb(record.bridge))
+
+
+def bridge_to_pb(bridge: BridgeReport | None) -> pb.BridgeReport | None:
+    if bridge is None:
+        return None
+    return pb.BridgeReport(revision=bridge.revision, heads=bridge.heads, head_dim=bridge.head_dim, ffn=bridge.ffn,
+                           steps=bridge.steps, sequences=bridge.sequences, tokens=bridge.tokens,
+                           loss_before=bridge.loss_before, loss_after=bridge.loss_after, seconds=bridge.seconds,
+                           cost_in_layers=bridge.cost_in_layers, bytes=bridge.bytes)
+
+
+def bridge_settings(spec: pb.DomainSpec) -> DistillSettings | None:
+    """The spec's bridge settings (unset fields: defaults); None when the spec sets none."""
+    if not spec.HasField("bridge"):
+        return None
+    wire = spec.bridge
+    numbers = (wire.steps, wire.batch_size, wire.heads, wire.head_dim, wire.ffn, wire.max_tokens)
+    if any(value < 0 for value in numbers) or not wire.learning_rate >= 0:
+        raise InvalidArgument("bridge steps, batch size, heads, head width, feed-forward width, token cap and "
+                              "learning rate must be >= 0 (0 = default)")
+    defaults = DistillSettings()
+    return DistillSettings(steps=wire.steps or defaults.steps, batch_size=wire.batch_size or defaults.batch_size,
+                           learning_rate=wire.learning_rate or defaults.learning_rate,
+                           heads=wire.heads or defaults.heads, head_dim=wire.head_dim or defaults.head_dim,
+                           ffn=wire.ffn or defaults.ffn, max_tokens_total=wire.max_tokens or defaults.max_tokens_total,
+                           seed=wire.seed)
+
+
+def bridge_revision(record: DomainRecord) -> int:
+    return record.bridge.revision if record.bridge is not None else 0
 
 
 def adapt_to_pb(adapt: AdaptReport | None) -> pb.AdaptReport | None:
@@ -166,14 +198,17 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         split_layer = self.store.requested_split_layer(spec.name, spec.split_layer, spec.model)
         self.store.validate_domain_spec(spec.name, spec.parent, split_layer, spec.context, spec.min_count,
                                         spec.budget_bytes, spec.learn_threshold, spec.model)
+        bridge = bridge_settings(spec)
+        self.store.bridge_settings(spec.model, split_layer, spec.no_bridge, bridge)   # refuse before the work
 
         def work(progress):
             return self.store.build_domain(
                 spec.name, corpus, parent=spec.parent, split_layer=split_layer, context=spec.context,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
                 position_offsets=not spec.no_position_offsets, model=spec.model, request_id=spec.request_id,
-                progress=lambda stage, done, total: progress(pb.BuildDomainProgress(stage=stage, done=done,
-                                                                                    total=total)))
+                no_bridge=spec.no_bridge, bridge=bridge,
+                progress=lambda stage, done, total, loss=0.0: progress(pb.BuildDomainProgress(
+                    stage=stage, done=done, total=total, loss=loss)))
         for update in stream_progress(work, context, self.store.stopping, f"build-{spec.name}"):
             if update.stage == "done":
                 self._settle()
@@ -225,7 +260,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             if depth_counts is None:
                 depth_counts = np.zeros(record.context, dtype=np.int64)
                 yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
-                                                               split_layer=record.split_layer))
+                                                               split_layer=record.split_layer,
+                                                               bridge_revision=bridge_revision(record)))
             depth_counts += np.bincount(result.hit_depths, minlength=record.context + 1)[1:record.context + 1]
             LOOKUP_TOKENS.inc(len(result.vectors))
             for chunk in split_chunks(result.vectors.tobytes()):
@@ -234,7 +270,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         # The header again, now with the hit depths of every slice (readers keep the last header).
         yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
                                                        split_layer=record.split_layer,
-                                                       hit_depth_counts=depth_counts.tolist()))
+                                                       hit_depth_counts=depth_counts.tolist(),
+                                                       bridge_revision=bridge_revision(record)))
 
     @handles_errors
     def PutTenant(self, request_iterator, context) -> pb.Tenant:
@@ -268,6 +305,13 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         _record, data = self.store.get_adapter(request.tenant_id, request.version)
         for chunk in split_chunks(data, CHUNK_BYTES):
             BYTES_STREAMED.labels("GetAdapter").inc(len(chunk))
+            yield tensor_pb2.Chunk(data=chunk)
+
+    @handles_stream_errors
+    def GetBridge(self, request, context) -> Iterator[tensor_pb2.Chunk]:
+        _record, data = self.store.get_bridge(request.domain, request.revision)
+        for chunk in split_chunks(data, CHUNK_BYTES):
+            BYTES_STREAMED.labels("GetBridge").inc(len(chunk))
             yield tensor_pb2.Chunk(data=chunk)
 
     @handles_errors

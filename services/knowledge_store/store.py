@@ -19,11 +19,13 @@ import lmdb
 import numpy as np
 
 from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
+from models.bridge import bridge_cost_in_layers
 from models.dims import ModelDims
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import idempotency
 from services.knowledge_store import knowledge_tree as tree
+from services.knowledge_store.bridge_distillation import DistillSettings, distill
 from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
@@ -31,7 +33,7 @@ from services.knowledge_store.layout import StoreLayout
 from services.knowledge_store.lower_models import LowerModels
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
 from services.knowledge_store.position_offsets import apply_offsets
-from services.knowledge_store.records import AdaptReport, DomainRecord, DomainStatus, TenantRecord
+from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.tree_learning import TrafficLog
 from services.knowledge_store.tree_maintenance import TreeMaintenance
 
@@ -249,11 +251,28 @@ class KnowledgeStore:
                                   f"{dims.vocab} depth-1 rows of a root domain ({vocabulary_bytes} bytes)")
         return parent_record
 
+    def bridge_settings(self, model: str, split_layer: int, no_bridge: bool = False,
+                        requested: DistillSettings | None = None) -> DistillSettings | None:
+        """The bridge a build distils: by default every encoder domain with a PLOT gets one; decoders never
+        (a bridge mixes a whole sequence, which a generating decoder does not have yet)."""
+        if split_layer == 0 or no_bridge:
+            return None
+        if self.model_dims[self.model_name(model)].is_decoder:
+            if requested is not None:
+                raise InvalidArgument(f"domain bridges are for encoder models; {self.model_name(model)!r} is a "
+                                      f"decoder (build with --no-bridge)")
+            return None
+        settings = requested or DistillSettings()
+        settings.validate()
+        return settings
+
     def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Progress | None = None,
-                     model: str = "", request_id: str = "") -> DomainStatus:
-        """Computes the PLOT outside any transaction, then swaps it in with one write transaction.
+                     model: str = "", request_id: str = "", no_bridge: bool = False,
+                     bridge: DistillSettings | None = None) -> DomainStatus:
+        """Computes the PLOT (and distils its bridge) outside any transaction, then swaps both in with one
+        write transaction.
 
         With a `request_id` already applied, answers the first build's record without building again."""
         earlier = self._applied(request_id, "build_domain", name)
@@ -267,17 +286,33 @@ class KnowledgeStore:
         lines = corpus.splitlines()
         if split_layer > 0 and not any(line.strip() for line in lines):
             raise InvalidArgument("the corpus is empty: give at least one non-empty line of text")
+        distillation = self.bridge_settings(model, split_layer, no_bridge, bridge)
         with self._build_lock:
             started = time.time()
             existing = self._find_domain(name)
             if existing is not None:
                 self._check_rebuild(existing, split_layer, model)
             contents = None
+            distilled = None
             if split_layer > 0:
                 builder = self.lower_model(existing) if existing else self.lower_models.base(model)
                 settings = BuildSettings(split_layer, context, min_count, self.settings.max_sequence_tokens,
-                                         position_offsets=position_offsets)
+                                         position_offsets=position_offsets,
+                                         capture_tokens=distillation.max_tokens_total if distillation else 0)
                 contents = builder.build(lines, settings, progress, full_vocabulary=parent_record is None)
+                if distillation is not None and contents.held_out is not None and len(contents.held_out[0]) < 2:
+                    log.info("domain %s: a corpus of fewer than 2 sequences is too small to distil a bridge", name)
+                elif distillation is not None and contents.held_out is not None:
+                    rows, targets = contents.held_out
+                    contents.held_out = None
+                    distilled = distill(rows, targets, dims.hidden, distillation,
+                                        (lambda stage, done, total, loss: progress(stage, done, total, loss))
+                                        if progress else None)
+                    if not distilled.loss_after < distilled.loss_before:
+                        log.warning("domain %s: the distilled bridge did not lower the held-out error (%.4f -> %.4f):"
+                                    " not kept, the domain serves plain PLOT rows", name, distilled.loss_before,
+                                    distilled.loss_after)
+                        distilled = None
             if progress:
                 progress("writing", 0, 1)
 
@@ -309,6 +344,17 @@ class KnowledgeStore:
                     adapt=previous.adapt if previous else None)
                 self.maintenance.prune(txn, record)
                 record.revision = self.layout.record_change(txn, "domain", name)
+                if distilled is not None:
+                    txn.put(name.encode(), distilled.weights, db=self.layout.db["bridges"])
+                    record.bridge = BridgeReport(
+                        revision=record.revision, heads=distilled.shape.heads, head_dim=distilled.shape.head_dim,
+                        ffn=distilled.shape.ffn, steps=distilled.steps, sequences=distilled.sequences,
+                        tokens=distilled.tokens, loss_before=distilled.loss_before, loss_after=distilled.loss_after,
+                        seconds=distilled.seconds,
+                        cost_in_layers=bridge_cost_in_layers(distilled.shape, dims.intermediate),
+                        bytes=len(distilled.weights))
+                else:
+                    txn.delete(name.encode(), db=self.layout.db["bridges"])
                 self.save_domain(txn, record)
                 idempotency.remember(self.layout, txn, request_id, "build_domain", name, record.revision,
                                      record.to_json())
@@ -321,6 +367,11 @@ class KnowledgeStore:
             log.info("built domain %s: L=%d k=%d nodes=%d (%s per depth) %.1f MiB in %.1fs (%s lower model)", name,
                      split_layer, context, record.nodes, record.nodes_per_depth, record.plot_bytes / 2**20,
                      time.time() - started, record.lower_model)
+            if record.bridge is not None:
+                log.info("domain %s bridge: %d steps on %d sequences, held-out error %.4f -> %.4f, %.2f layers of "
+                         "compute per token, %.0fs", name, record.bridge.steps, record.bridge.sequences,
+                         record.bridge.loss_before, record.bridge.loss_after, record.bridge.cost_in_layers,
+                         record.bridge.seconds)
             return self._status(record)
 
     def _check_rebuild(self, existing: DomainRecord, split_layer: int, model: str,
@@ -457,6 +508,7 @@ class KnowledgeStore:
                 raise FailedPrecondition(f"domain {name!r} is the parent of {children[0]['name']!r}; delete it first")
             tree.clear_domain(self.layout, txn, record.id)
             txn.delete(name.encode(), db=self.layout.db["lower"])
+            txn.delete(name.encode(), db=self.layout.db["bridges"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
             revision = self.layout.record_change(txn, "domain", name)
             idempotency.remember(self.layout, txn, request_id, "delete_domain", name, revision, {})
@@ -693,6 +745,25 @@ class KnowledgeStore:
                 raise StaleVersion(f"tenant {tenant_id!r} has adapter version {record.adapter_version}, not {version}: "
                                    f"it was replaced since the request was resolved")
             data = txn.get(tenant_id.encode(), db=self.layout.db["adapters"])
+        return record, bytes(data)
+
+    def get_bridge(self, domain: str, revision: int = 0) -> tuple[DomainRecord, bytes]:
+        """The domain's bridge (models/bridge.py safetensors); `revision` (0 = current) must be its own."""
+        check_name("domain", domain)
+        if revision < 0:
+            raise InvalidArgument(f"bridge revision {revision} is negative (0 = the current one)")
+        with self.layout.read() as txn:
+            record = self.domain_in(txn, domain)
+            if record is None:
+                raise NotFound(f"domain {domain!r} does not exist")
+            if record.bridge is None:
+                raise NotFound(f"domain {domain!r} has no bridge (built with --no-bridge, split layer 0 or a decoder)")
+            if revision and record.bridge.revision != revision:
+                raise StaleVersion(f"domain {domain!r} has bridge revision {record.bridge.revision}, not {revision}: "
+                                   f"it was rebuilt since the request was resolved")
+            data = txn.get(domain.encode(), db=self.layout.db["bridges"])
+        if data is None:
+            raise NotFound(f"domain {domain!r} lists a bridge that is not stored; rebuild the domain")
         return record, bytes(data)
 
     def backup(self, path: Path) -> dict[str, float]:

@@ -72,9 +72,9 @@ def build_examples(client, tokenizer, domain: str, split_layer: int, rows: list[
         raise InvalidArgument(f"labels {unknown[:5]} in the data are not among --labels {list(label_index)}")
     ids = encode(tokenizer, [text for text, _ in rows], max_tokens)
     vectors: list[np.ndarray | None] = [None] * len(ids)
-    if split_layer > 0:
+    if split_layer > 0:   # through the domain's bridge, if it has one: what compute's upper layers receive
         for start in range(0, len(ids), 512):
-            vectors[start:start + 512] = client.lookup(domain, ids[start:start + 512])
+            vectors[start:start + 512] = client.lookup(domain, ids[start:start + 512], bridged=True)
     return [Example(i, v, label_index[label]) for i, v, (_, label) in zip(ids, vectors, rows)]
 
 

@@ -126,12 +126,17 @@ class HMIClient:
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True,
                      progress: Callable[[catalog.BuildDomainProgress], None] | None = None,
-                     timeout: float | None = None, model: str = "", request_id: str = "") -> catalog.Domain:
-        """Builds or rebuilds a domain's PLOT from a corpus (one sequence per line); split_layer -1 = default."""
+                     timeout: float | None = None, model: str = "", request_id: str = "",
+                     bridge: bool = True, bridge_steps: int = 0) -> catalog.Domain:
+        """Builds or rebuilds a domain's PLOT from a corpus (one sequence per line); split_layer -1 = default.
+
+        `bridge` False: no domain bridge (encoder domains get one by default); `bridge_steps` 0 = automatic."""
         spec = catalog.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,
                                   min_count=min_count, budget_bytes=budget_bytes, learn_threshold=learn_threshold,
                                   no_position_offsets=not position_offsets, model=model,
-                                  request_id=request_id or new_request_id())
+                                  request_id=request_id or new_request_id(), no_bridge=not bridge)
+        if bridge and bridge_steps:
+            spec.bridge.steps = bridge_steps
 
         def requests() -> Iterator[catalog.BuildDomainRequest]:
             yield catalog.BuildDomainRequest(spec=spec)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DomainSpec(_message.Message):
-    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model", "request_id")
+    __slots__ = ("name", "parent", "split_layer", "context", "min_count", "budget_bytes", "learn_threshold", "no_position_offsets", "model", "request_id", "no_bridge", "bridge")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class DomainSpec(_message.Message):
     NO_POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     split_layer: int
@@ -29,10 +31,60 @@ class DomainSpec(_message.Message):
     no_position_offsets: bool
     model: str
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    no_bridge: bool
+    bridge: BridgeSettings
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., split_layer: _Optional[int] = ..., context: _Optional[int] = ..., min_count: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., no_position_offsets: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., no_bridge: _Optional[bool] = ..., bridge: _Optional[_Union[BridgeSettings, _Mapping]] = ...) -> None: ...
+
+class BridgeSettings(_message.Message):
+    __slots__ = ("steps", "batch_size", "learning_rate", "heads", "head_dim", "ffn", "seed", "max_tokens")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    FFN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    heads: int
+    head_dim: int
+    ffn: int
+    seed: int
+    max_tokens: int
+    def __init__(self, steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., ffn: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class BridgeReport(_message.Message):
+    __slots__ = ("revision", "heads", "head_dim", "ffn", "steps", "sequences", "tokens", "loss_before", "loss_after", "seconds", "cost_in_layers", "bytes")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    FFN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_IN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    heads: int
+    head_dim: int
+    ffn: int
+    steps: int
+    sequences: int
+    tokens: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+    cost_in_layers: float
+    bytes: int
+    def __init__(self, revision: _Optional[int] = ..., heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., ffn: _Optional[int] = ..., steps: _Optional[int] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., seconds: _Optional[float] = ..., cost_in_layers: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Domain(_message.Message):
-    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets", "revision")
+    __slots__ = ("spec", "model", "hidden_size", "nodes", "nodes_per_depth", "plot_bytes", "corpus_sequences", "corpus_tokens", "built_at", "lower_model", "budget_bytes", "learn_threshold", "materialized_nodes", "pruned_nodes", "pending_contexts", "recent_hit_depths", "adapt", "position_offsets", "revision", "bridge")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +104,7 @@ class Domain(_message.Message):
     ADAPT_FIELD_NUMBER: _ClassVar[int]
     POSITION_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
     spec: DomainSpec
     model: str
     hidden_size: int
@@ -71,7 +124,8 @@ class Domain(_message.Message):
     adapt: AdaptReport
     position_offsets: bool
     revision: int
-    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+    bridge: BridgeReport
+    def __init__(self, spec: _Optional[_Union[DomainSpec, _Mapping]] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., nodes: _Optional[int] = ..., nodes_per_depth: _Optional[_Iterable[int]] = ..., plot_bytes: _Optional[int] = ..., corpus_sequences: _Optional[int] = ..., corpus_tokens: _Optional[int] = ..., built_at: _Optional[float] = ..., lower_model: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., learn_threshold: _Optional[int] = ..., materialized_nodes: _Optional[int] = ..., pruned_nodes: _Optional[int] = ..., pending_contexts: _Optional[int] = ..., recent_hit_depths: _Optional[_Iterable[int]] = ..., adapt: _Optional[_Union[AdaptReport, _Mapping]] = ..., position_offsets: _Optional[bool] = ..., revision: _Optional[int] = ..., bridge: _Optional[_Union[BridgeReport, _Mapping]] = ...) -> None: ...
 
 class AdaptSettings(_message.Message):
     __slots__ = ("steps", "batch_size", "learning_rate", "seed")
@@ -176,16 +230,18 @@ class LookupRequest(_message.Message):
     def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ..., domain_revision: _Optional[int] = ...) -> None: ...
 
 class LookupHeader(_message.Message):
-    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts")
+    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts", "bridge_revision")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     HIT_DEPTH_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_REVISION_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     split_layer: int
     hit_depth_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    bridge_revision: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ..., bridge_revision: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -286,6 +342,14 @@ class GetAdapterRequest(_message.Message):
     tenant_id: str
     version: int
     def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetBridgeRequest(_message.Message):
+    __slots__ = ("domain", "revision")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    revision: int
+    def __init__(self, domain: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class BackupRequest(_message.Message):
     __slots__ = ("path",)
