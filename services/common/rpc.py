@@ -23,7 +23,7 @@ CHANNEL_OPTIONS = [
     # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 log = logging.getLogger("hmi.rpc")
