@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from hmi.bench.runner import parse_split_layers
 from hmi.bench.workload import WorkloadSpec, make_requests, sweep_requests, zipf_weights
 from hmi.launcher import hmi_command
 
@@ -45,22 +46,32 @@ def test_naive_peft_and_hmi_agree_at_split_layer_zero(tiny_model_dir):
 
 
 def test_bench_command_writes_the_documented_json(tmp_path, tiny_model_dir):
+    """Several split layers in one command: one entry per L (hmi@L0, hmi@L2), same fields, and ratios."""
     out = tmp_path / "bench.json"
     result = subprocess.run(hmi_command() + ["bench", "--tenants", "8", "--zipf", "1.0", "--duration", "2",
                                             "--clients", "2", "--systems", "naive,peft,hmi", "--sweep",
+                                            "--split-layers", "0,2",
                                             "--model", str(tiny_model_dir), "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    for name in ("naive", "peft", "hmi"):
+    assert set(report["systems"]) == {"naive", "peft", "hmi@L0", "hmi@L2"}
+    for name in report["systems"]:
         system = report["systems"][name]
         for field in ("throughput_rps", "p50_ms", "p99_ms", "peak_rss_bytes", "tenants_served"):
             assert system[field] > 0, (name, field)
         assert system["errors"] == 0 and system["sweep_tenants_served"] == 8
-    assert set(report["systems"]["hmi"]["service_peak_rss_bytes"]) == {"store", "compute", "gateway"}
+    assert set(report["systems"]["hmi@L2"]["service_peak_rss_bytes"]) == {"store", "compute", "gateway"}
+    assert report["split_layers"] == [0, 2] and report["recommended"]["split_layer"] == 2   # the tiny model: 4 layers
     assert report["hmi_over_peft_throughput"] > 0
+    assert report["over_hmi_at_L0_throughput"]["hmi@L2"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert "HMI throughput" in result.stdout
+    assert "HMI throughput" in result.stdout and "hmi@L2 throughput" in result.stdout
+    assert "recommended setting" in result.stdout
+    assert parse_split_layers("0, 3") == [0, 3]
+    for bad in ("0,x", "", "3,3", "-1"):
+        with pytest.raises(ValueError, match="--split-layers takes"):
+            parse_split_layers(bad)
 
 
 def test_generation_workload_peft_and_hmi_agree_and_the_command_reports_tokens(tmp_path):

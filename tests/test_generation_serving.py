@@ -180,14 +180,14 @@ def test_one_deployment_hosts_an_encoder_and_a_decoder(tmp_path, tiny_model_dir)
                                                  "reviews", [], model="gen")
             assert "not served" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.build_domain, "d", "",
                                                  split_layer=0, context=1, min_count=1, model="nope")
-            # No split layer given: a decoder's new domain gets 0 (no corpus needed), an encoder's 1 (the corpus
-            # is then required), and a rebuild keeps the domain's L.
+            # No split layer given: a decoder's new domain gets 0 (no corpus needed), an encoder's half its
+            # layers (the corpus is then required), and a rebuild keeps the domain's L.
             assert client.build_domain("tales", "", split_layer=-1, context=1, min_count=1,
                                        model="gen").spec.split_layer == 0
             assert "corpus is empty" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.build_domain, "notes",
                                                       "", split_layer=-1, context=1, min_count=1)
             assert client.build_domain("notes", "a fine film\na dull plot", split_layer=-1, context=1,
-                                       min_count=1).spec.split_layer == 1
+                                       min_count=1).spec.split_layer == 2   # 4 layers
             assert client.build_domain("reviews", "", split_layer=-1, context=1, min_count=1).spec.split_layer == 0
         names = set()
         for address in services.compute_addrs + list(services.other_compute.values()):

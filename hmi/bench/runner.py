@@ -1,6 +1,7 @@
 """`hmi bench`: one driver process per system, same workload; a table, FILE.json and a PNG beside it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="open loop: requests per second (Poisson)")
     parser.add_argument("--model", default=None, help="base model: name or local folder (default: minilm; "
                                                        "generate: smollm2)")
-    parser.add_argument("--split-layer", type=int, default=2, help="HMI's L; adapters cover layers [L, N)")
+    parser.add_argument("--split-layer", type=int, default=None,
+                        help="HMI's L; adapters cover layers [L, N) (default: the recommended setting of the "
+                             "model, the one `hmi domain build` gives a new domain)")
+    parser.add_argument("--split-layers", default=None,
+                        help="several L, e.g. 0,3: HMI runs at each one after the other (same tenants, same "
+                             "requests), entries hmi@L0, hmi@L3; naive and peft run once")
     parser.add_argument("--memory-budget-mib", type=int, default=2048, help="naive: memory for per-tenant models")
     parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS, help="texts of the requests and of HMI's PLOT")
     parser.add_argument("--sweep", action="store_true", help="afterwards, send one request to every tenant")
@@ -37,6 +43,8 @@ def add_arguments(parser) -> None:
 def run_bench(args) -> int:
     from hmi.bench.driver import as_json
     from hmi.bench.systems import BenchSettings
+    from models.dims import ModelDims
+    from models.split_defaults import default_split
     from services.common.model_specs import resolve_model_dir
     generating = args.task == "generate"
     known = {"peft", "hmi"} if generating else {"naive", "peft", "hmi"}
@@ -52,22 +60,41 @@ def run_bench(args) -> int:
     if args.tenants < 1 or args.duration <= 0:
         print("error: --tenants must be >= 1 and --duration > 0", file=sys.stderr)
         return 2
+    try:
+        listed = parse_split_layers(args.split_layers) if args.split_layers is not None else None
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = args.model or ("smollm2" if generating else "minilm")
+    model_dir = resolve_model_dir(model)
+    recommended = default_split(ModelDims.from_dir(model_dir))
+    split_layers = listed or [recommended.split_layer if args.split_layer is None else args.split_layer]
     spec = WorkloadSpec(tenants=args.tenants, zipf=args.zipf, duration=args.duration, mode=args.mode,
                         clients=args.clients, rate=args.rate, seed=args.seed, corpus=args.corpus.resolve(),
                         task=args.task, max_new_tokens=args.max_new_tokens)
-    model = args.model or ("smollm2" if generating else "minilm")
-    settings = BenchSettings(model_dir=resolve_model_dir(model), split_layer=args.split_layer,
+    settings = BenchSettings(model_dir=model_dir, split_layer=max(split_layers),
                              memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve(),
                              logs_dir=logs_dir(args.out))
-    report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir), "split_layer": args.split_layer,
+    report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir),
+              "split_layer": split_layers[-1], "split_layers": split_layers,
+              "recommended": {"split_layer": recommended.split_layer, "context": recommended.context,
+                              "bridge": recommended.bridge, "accuracy_cost": recommended.accuracy_cost},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "started": time.time(), "systems": {}}
+    print(f"recommended setting of {model}: {recommended.describe()}", flush=True)
+    named = args.split_layers is not None
+    runs = [(name, settings) for name in systems if name != "hmi"]
+    if "hmi" in systems:
+        runs += [(f"hmi@L{layer}" if named else "hmi", dataclasses.replace(settings, split_layer=layer,
+                                                                          logs_dir=logs_dir(args.out, layer, named)))
+                 for layer in split_layers]
     with tempfile.TemporaryDirectory(prefix="hmi-bench-") as folder:
-        for name in systems:
+        for name, run_settings in runs:
+            system = name.split("@")[0]
             out = Path(folder) / f"{name}.json"
-            print(f"== {name}: {args.tenants} tenants, zipf {args.zipf}, {args.mode} loop, {args.duration:.0f}s",
-                  flush=True)
-            command = [sys.executable, "-m", "hmi.bench.driver", "--system", name, "--spec", as_json(spec),
-                       "--settings", as_json(settings), "--out", str(out)] + (["--sweep"] if args.sweep else [])
+            print(f"== {name}: {args.tenants} tenants, zipf {args.zipf}, {args.mode} loop, {args.duration:.0f}s, "
+                  f"split layer {run_settings.split_layer}", flush=True)
+            command = [sys.executable, "-m", "hmi.bench.driver", "--system", system, "--spec", as_json(spec),
+                       "--settings", as_json(run_settings), "--out", str(out)] + (["--sweep"] if args.sweep else [])
             finished = subprocess.run(command)
             if finished.returncode != 0 or not out.exists():
                 report["systems"][name] = {"system": name, "failed": f"exit code {finished.returncode}"}
@@ -79,22 +106,48 @@ def run_bench(args) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
     plot(report, args.out.with_suffix(".png"))
-    print(f"results in {args.out} and {args.out.with_suffix('.png')}; HMI's service logs in {logs_dir(args.out)}")
+    print(f"results in {args.out} and {args.out.with_suffix('.png')}; HMI's service logs in "
+          f"{logs_dir(args.out)}")
     return 0 if all("failed" not in r for r in report["systems"].values()) else 1
 
 
+def parse_split_layers(text: str) -> list[int]:
+    """--split-layers "0,3" -> [0, 3]; ValueError with what is wrong."""
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--split-layers takes comma-separated integers, e.g. 0,3 (got {text!r})") from None
+    if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+        raise ValueError(f"--split-layers takes distinct layers >= 0, e.g. 0,3 (got {text!r})")
+    return layers
+
+
+def hmi_entry(report: dict) -> dict:
+    """The HMI run the other systems are compared with: the one at the recommended L when there are several."""
+    systems = report["systems"]
+    if "hmi" in systems:
+        return systems["hmi"]
+    preferred = f"hmi@L{report['recommended']['split_layer']}"
+    runs = [name for name in systems if name.startswith("hmi@")]
+    return systems.get(preferred) or (systems[runs[-1]] if runs else {})
+
+
 def add_ratios(report: dict) -> None:
-    hmi = report["systems"].get("hmi", {})
+    hmi = hmi_entry(report)
     for other in ("naive", "peft"):
         theirs = report["systems"].get(other, {})
         if hmi.get("throughput_rps") and theirs.get("throughput_rps"):
             report[f"hmi_over_{other}_throughput"] = hmi["throughput_rps"] / theirs["throughput_rps"]
         if hmi.get("tokens_per_s") and theirs.get("tokens_per_s"):
             report[f"hmi_over_{other}_tokens_per_s"] = hmi["tokens_per_s"] / theirs["tokens_per_s"]
+    base = report["systems"].get("hmi@L0", {})
+    for name, run in report["systems"].items():
+        if name.startswith("hmi@") and name != "hmi@L0" and base.get("throughput_rps") and run.get("throughput_rps"):
+            report.setdefault("over_hmi_at_L0_throughput", {})[name] = run["throughput_rps"] / base["throughput_rps"]
 
 
-def logs_dir(out: Path) -> Path:
-    return (out.parent / f"{out.stem}-logs").resolve()
+def logs_dir(out: Path, split_layer: int = 0, named: bool = False) -> Path:
+    return (out.parent / (f"{out.stem}-logs-L{split_layer}" if named else f"{out.stem}-logs")).resolve()
 
 
 def print_table(report: dict) -> None:
@@ -118,6 +171,9 @@ def print_table(report: dict) -> None:
             print(f"HMI throughput = {report[f'hmi_over_{other}_throughput']:.2f}x {other}")
         if f"hmi_over_{other}_tokens_per_s" in report:
             print(f"HMI tokens/s = {report[f'hmi_over_{other}_tokens_per_s']:.2f}x {other}")
+    for name, ratio in report.get("over_hmi_at_L0_throughput", {}).items():
+        print(f"{name} throughput = {ratio:.2f}x hmi@L0")
+    print(f"accuracy at the recommended setting: {report['recommended']['accuracy_cost']}")
 
 
 def plot(report: dict, path: Path) -> None:

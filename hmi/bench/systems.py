@@ -257,7 +257,7 @@ class HmiSystem(HmiDeployment):
 
     def __init__(self, settings: BenchSettings, tenants: int) -> None:
         from hmi.bench.workload import DEMO_CORPUS, load_texts
-        super().__init__(settings, tenants, labels=LABELS, adapter_of=tenant_adapter, context=3,
+        super().__init__(settings, tenants, labels=LABELS, adapter_of=tenant_adapter, context=0,
                          corpus=load_texts(settings.corpus or DEMO_CORPUS), start_timeout=300, call_timeout=120)
 
     def classify(self, tenant: int, texts: list[str]) -> list[int]:

@@ -5,6 +5,7 @@ Everything is drawn from one seed: every system sees the same tenants, texts and
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,14 @@ def zipf_weights(n: int, alpha: float) -> np.ndarray:
 
 
 def load_texts(path: Path) -> list[str]:
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One text per line; a `.jsonl` file (a labeled data set) gives the "text" field of each line."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        try:
+            lines = [" ".join(str(json.loads(line)["text"]).split()) for line in lines]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: every line must be a JSON object with a \"text\" field ({error})") from None
+    texts = [line for line in lines if line]
     if not texts:
         raise ValueError(f"{path} holds no text")
     return texts

@@ -117,11 +117,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--corpus", help="UTF-8 text file; may be omitted for --split-layer 0")
     p.add_argument("--split-layer", type=int, default=-1,
                    help="L: PLOT replaces layers [0, L) (default: a rebuild keeps the domain's L; a new domain gets "
-                        "1 for an encoder such as MiniLM and 0 for a decoder such as SmolLM2, the accuracy and "
-                        "perplexity studies' recommendations)")
-    p.add_argument("--context", type=int, default=1,
-                   help="k: context depth of the knowledge tree (default 1, see docs/accuracy.md; > 1 lets the "
-                        "tree grow deeper contexts from corpus and traffic)")
+                        "half the layers for an encoder, 3 of MiniLM's 6, and 0 for a decoder such as SmolLM2, the "
+                        "accuracy and perplexity studies' recommendations)")
+    p.add_argument("--context", type=int, default=0,
+                   help="k: context depth of the knowledge tree (default: a rebuild keeps the domain's k; a new "
+                        "encoder domain gets 2, see docs/accuracy.md; deeper lets the tree grow longer contexts from "
+                        "corpus and traffic)")
     p.add_argument("--min-count", type=int, default=2, help="keep deeper nodes seen at least this often")
     p.add_argument("--parent", default="", help="parent domain: lookups fall back to it, this one stores only what "
                                                 "it adds (same split layer)")

@@ -43,11 +43,19 @@ class HeldOutCapture:
     `min_count` other occurrences remain (depth 1: none; then the node's stored vector). And only
     sequences that occur inside no longer corpus sequence are kept, longest first: a corpus of overlapping
     excerpts (phrases cut from sentences) would otherwise leave a sequence's text in the means through its
-    excerpts. Keeps at most `limit` tokens."""
+    excerpts. The builder therefore builds a bridged domain's PLOT from the corpus's distinct maximal
+    sequences only (`maximal_sequences`), and a left-out occurrence is then a whole held-out text, as at
+    serving time. Keeps the longest sequences, at most `limit` tokens."""
 
-    def __init__(self, limit: int, sequences: list[list[int]], encoder: bool) -> None:
+    def __init__(self, limit: int, sequences: list[list[int]]) -> None:
         self.limit = limit
-        self.wanted = maximal_sequences(sequences, limit, strip=1 if encoder else 0) if limit else set()
+        self.wanted: set[int] = set()
+        tokens = 0
+        for index in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i)):
+            if tokens >= limit:
+                break
+            self.wanted.add(index)
+            tokens += len(sequences[index])
         self.states: list[torch.Tensor] = []         # fp16 [T, H] per kept sequence
         self.nodes: list[list[list[int]]] = []       # per kept sequence, per token: node per depth
         self._pending: dict[int, list[list[int]]] = {}
@@ -88,23 +96,28 @@ class HeldOutCapture:
         return rows_out, targets
 
 
-def maximal_sequences(sequences: list[list[int]], limit: int, strip: int = 0) -> set[int]:
-    """Indices of the longest sequences, up to `limit` tokens, whose tokens (less `strip` special tokens at
-    each end) occur inside no longer sequence kept before them (exact duplicates count once)."""
+def maximal_sequences(sequences: list[list[int]], limit: int = 0, strip: int = 0) -> set[int]:
+    """Indices of the longest sequences, up to `limit` tokens (0: no limit), whose tokens (less `strip`
+    special tokens at each end) occur inside no longer sequence kept before them (exact duplicates count
+    once). A candidate is only compared with the kept sequences that hold its rarest token."""
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
     kept: set[int] = set()
-    joined = ""
+    texts: list[str] = []
+    holding: dict[int, list[int]] = {}      # token -> kept texts that contain it
     tokens = 0
     for index in order:
         ids = sequences[index]
         inner = ids[strip:len(ids) - strip] if len(ids) > 2 * strip else ids
         text = " " + " ".join(map(str, inner)) + " "
-        if text in joined:
+        candidates = min((holding.get(token, []) for token in set(inner)), key=len, default=[])
+        if any(text in texts[k] for k in candidates):
             continue
         kept.add(index)
-        joined += "|" + text
+        for token in set(inner):
+            holding.setdefault(token, []).append(len(texts))
+        texts.append(text)
         tokens += len(ids)
-        if tokens >= limit:
+        if limit and tokens >= limit:
             break
     return kept
 
@@ -167,6 +180,11 @@ class PlotBuilder:
         report = progress or (lambda stage, done, total: None)
         lines = [line.strip() for line in lines if line.strip()]
         sequences = self.tokenize(lines, settings.max_sequence_tokens) if lines else []
+        if settings.capture_tokens:     # bridged: held-out rows must be truly held out (HeldOutCapture)
+            report("deduplicating", 0, len(sequences))
+            distinct = maximal_sequences(sequences, strip=0 if is_decoder_base(self.model) else 1)
+            report("deduplicating", len(sequences), len(sequences))
+            sequences = [ids for i, ids in enumerate(sequences) if i in distinct]
 
         report("counting", 0, len(sequences))
         counts: Counter[tuple[int, ...]] = Counter()
@@ -184,7 +202,7 @@ class PlotBuilder:
         node_counts = torch.zeros(len(paths), dtype=torch.int64)
 
         residuals = PositionResiduals(settings.context, settings.max_sequence_tokens, hidden_size)
-        capture = HeldOutCapture(settings.capture_tokens, sequences, encoder=not is_decoder_base(self.model))
+        capture = HeldOutCapture(settings.capture_tokens, sequences)
         done = 0
         for start in range(0, len(sequences), settings.batch_size):
             batch = sequences[start:start + settings.batch_size]

@@ -196,14 +196,15 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                                                    self.store.settings.max_corpus_bytes)
         corpus = decode_corpus(corpus_bytes)
         split_layer = self.store.requested_split_layer(spec.name, spec.split_layer, spec.model)
-        self.store.validate_domain_spec(spec.name, spec.parent, split_layer, spec.context, spec.min_count,
+        context_depth = self.store.requested_context(spec.name, spec.context, spec.model)
+        self.store.validate_domain_spec(spec.name, spec.parent, split_layer, context_depth, spec.min_count,
                                         spec.budget_bytes, spec.learn_threshold, spec.model)
         bridge = bridge_settings(spec)
         self.store.bridge_settings(spec.model, split_layer, spec.no_bridge, bridge)   # refuse before the work
 
         def work(progress):
             return self.store.build_domain(
-                spec.name, corpus, parent=spec.parent, split_layer=split_layer, context=spec.context,
+                spec.name, corpus, parent=spec.parent, split_layer=split_layer, context=context_depth,
                 min_count=spec.min_count, budget_bytes=spec.budget_bytes, learn_threshold=spec.learn_threshold,
                 position_offsets=not spec.no_position_offsets, model=spec.model, request_id=spec.request_id,
                 no_bridge=spec.no_bridge, bridge=bridge,

@@ -21,6 +21,7 @@ import numpy as np
 from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter, serialize_adapter
 from models.bridge import bridge_cost_in_layers
 from models.dims import ModelDims
+from models.split_defaults import default_split
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import idempotency
@@ -201,8 +202,8 @@ class KnowledgeStore:
     # ---- domains -------------------------------------------------------------------------------
 
     def requested_split_layer(self, name: str, requested: int, model: str = "") -> int:
-        """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (1 for
-        encoders, where the accuracy study found L = 1 free; 0 for decoders, whose perplexity grew with any L)."""
+        """A negative L means the default: a rebuilt domain keeps its L; a new one gets its model's (half the
+        layers for encoders, 0 for decoders: `models.split_defaults`)."""
         check_name("domain", name)
         if requested >= 0:
             return requested
@@ -212,7 +213,16 @@ class KnowledgeStore:
         existing = self._find_domain(name)
         if existing is not None:
             return existing.split_layer
-        return 0 if self.model_dims[self.model_name(model)].is_decoder else 1
+        return default_split(self.model_dims[self.model_name(model)]).split_layer
+
+    def requested_context(self, name: str, requested: int, model: str = "") -> int:
+        """0 means the default: a rebuilt domain keeps its k; a new one gets its model's."""
+        if requested != 0:
+            return requested
+        existing = self._find_domain(name)
+        if existing is not None:
+            return existing.context
+        return default_split(self.model_dims[self.model_name(model)]).context
 
     def validate_domain_spec(self, name: str, parent: str, split_layer: int, context: int, min_count: int,
                              budget_bytes: int = 0, learn_threshold: int = 0,
@@ -266,7 +276,7 @@ class KnowledgeStore:
         settings.validate()
         return settings
 
-    def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = 1, context: int = 1,
+    def build_domain(self, name: str, corpus: str, *, parent: str = "", split_layer: int = -1, context: int = 0,
                      min_count: int = 2, budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True, progress: Progress | None = None,
                      model: str = "", request_id: str = "", no_bridge: bool = False,
@@ -279,6 +289,7 @@ class KnowledgeStore:
         if earlier is not None:
             return self._status(DomainRecord.from_json(earlier.result, self.settings.model_name))
         split_layer = self.requested_split_layer(name, split_layer, model)
+        context = self.requested_context(name, context, model)
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
                                                   learn_threshold, model)
         model = self.model_name(model)

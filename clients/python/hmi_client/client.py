@@ -122,13 +122,14 @@ class HMIClient:
 
     # ---- admin ---------------------------------------------------------------------------------
 
-    def build_domain(self, name: str, corpus: str, *, split_layer: int, context: int, min_count: int,
+    def build_domain(self, name: str, corpus: str, *, split_layer: int = -1, context: int = 0, min_count: int = 2,
                      parent: str = "", budget_bytes: int = 0, learn_threshold: int = 0,
                      position_offsets: bool = True,
                      progress: Callable[[catalog.BuildDomainProgress], None] | None = None,
                      timeout: float | None = None, model: str = "", request_id: str = "",
                      bridge: bool = True, bridge_steps: int = 0) -> catalog.Domain:
-        """Builds or rebuilds a domain's PLOT from a corpus (one sequence per line); split_layer -1 = default.
+        """Builds or rebuilds a domain's PLOT from a corpus (one sequence per line); split_layer -1 and context 0
+        = the model's defaults (a rebuild keeps the domain's).
 
         `bridge` False: no domain bridge (encoder domains get one by default); `bridge_steps` 0 = automatic."""
         spec = catalog.DomainSpec(name=name, parent=parent, split_layer=split_layer, context=context,

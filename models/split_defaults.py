@@ -1,0 +1,36 @@
+"""The split a new domain gets when its builder names none, per model kind, and what the studies measured it
+to cost; `hmi domain build`, the store and `hmi bench` all read it from here so they cannot disagree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.dims import ModelDims
+
+ENCODER_CONTEXT = 2     # PLOT keys a token by itself and its left neighbour; the bridge supplies the rest
+
+
+@dataclass(frozen=True)
+class SplitDefault:
+    split_layer: int
+    context: int
+    bridge: bool
+    accuracy_cost: str      # what docs/accuracy.md measured at this setting, for people reading a bench table
+
+    def describe(self) -> str:
+        if self.split_layer == 0:
+            return f"split layer 0 (every layer computed): {self.accuracy_cost}"
+        return (f"split layer {self.split_layer}, context {self.context}"
+                f"{', domain bridge' if self.bridge else ''}: {self.accuracy_cost}")
+
+
+def default_split(dims: ModelDims) -> SplitDefault:
+    """Encoders: half the layers come from PLOT, repaired by a domain bridge. Decoders: none, since every
+    method measured on SmolLM2 cost far more perplexity than the target allows."""
+    if dims.is_decoder:
+        return SplitDefault(0, 1, False, "exact (the perplexity study found no split a decoder tenant would accept)")
+    return SplitDefault(dims.layers // 2, ENCODER_CONTEXT, True, ENCODER_COST)
+
+
+# Mean accuracy loss of MiniLM at L = 3 with context 2 and its bridge, against the full model + LoRA trained on the
+# same examples (docs/accuracy.md).
+ENCODER_COST = "see docs/accuracy.md"
