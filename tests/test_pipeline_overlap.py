@@ -32,6 +32,8 @@ class SlowStore:
 
 
 class SlowExecutor:
+    device = torch.device("cpu")        # the pipeline's bridge cache places bridges where the executor runs
+
     def __init__(self, intervals):
         self.intervals = intervals
         self.running = threading.Lock()
@@ -106,6 +108,8 @@ def test_execution_threads_run_batches_side_by_side():
 
 
 class RecordingExecutor:
+    device = torch.device("cpu")
+
     def __init__(self):
         self.batches = []
 
