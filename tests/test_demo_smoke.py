@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
     result = subprocess.run(hmi_command() + ["demo", "--tenants", "12", "--requests", "40", "--clients", "4",
                                             "--data-dir", str(tmp_path), "--train-examples", "300",
-                                            "--corpus-lines", "1500", "--new-tokens", "8"],
+                                            "--corpus-lines", "1500", "--new-tokens", "8", "--bridge-steps", "40"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\d+ knowledge-tree nodes", result.stdout)

@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
                       help="skip training the real tenants (they need ../shared/datasets)")
     demo.add_argument("--train-examples", type=int, default=1500)
     demo.add_argument("--corpus-lines", type=int, default=8000)
+    demo.add_argument("--bridge-steps", type=int, default=300,
+                      help="distillation steps of each domain's bridge (fewer than a default build, for time)")
     demo.add_argument("--no-generate", dest="generate", action="store_false",
                       help="skip the generative SmolLM2 tenants")
     demo.add_argument("--new-tokens", type=int, default=32, help="tokens each generative tenant writes")
