@@ -12,6 +12,7 @@ from hmi.launcher import hmi_command
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(900)    # the longest test: three domains built and bridged, two tenants trained, real weights
 def test_demo_runs_end_to_end_and_reports_throughput(tmp_path):
     result = subprocess.run(hmi_command() + ["demo", "--tenants", "12", "--requests", "40", "--clients", "4",
                                             "--data-dir", str(tmp_path), "--train-examples", "300",
