@@ -74,13 +74,16 @@ def _run(client: HMIClient, args) -> None:
     from tqdm import tqdm
 
     corpus = CORPUS.read_text(encoding="utf-8")
-    print(f"\nbuilding PLOT of domain 'demo' from {CORPUS.name} ({len(corpus.splitlines())} lines), "
-          f"split layer 2, context 3 ...", flush=True)
+    print(f"\nbuilding PLOT of domain 'demo' from {CORPUS.name} ({len(corpus.splitlines())} lines) at the "
+          f"recommended setting (split layer, context and domain bridge: the model's defaults) ...", flush=True)
     progress = BuildBars(sys.stdout, prefix="  ")
-    domain = client.build_domain("demo", corpus, split_layer=2, context=3, min_count=2, progress=progress)
+    domain = client.build_domain("demo", corpus, min_count=2, progress=progress, bridge_steps=args.bridge_steps)
     progress.close()
-    print(f"  {domain.nodes} knowledge-tree nodes (per depth {list(domain.nodes_per_depth)}), "
-          f"{domain.plot_bytes / 2**20:.1f} MiB of fp16 vectors")
+    print(f"  split layer {domain.spec.split_layer}, context {domain.spec.context}: {domain.nodes} knowledge-tree "
+          f"nodes (per depth {list(domain.nodes_per_depth)}), {domain.plot_bytes / 2**20:.1f} MiB of fp16 vectors")
+    if domain.HasField("bridge"):
+        print(f"  domain bridge: held-out error {domain.bridge.loss_before:.4f} -> {domain.bridge.loss_after:.4f} "
+              f"in {domain.bridge.steps} steps")
 
     print(f"\nregistering {args.tenants} tenants, each with its own random LoRA adapter and head ...", flush=True)
     tenants: list[tuple[str, list[str]]] = []
@@ -190,7 +193,7 @@ def _trained_tenants(client: HMIClient, args, work_dir: Path) -> None:
         if tenant.domain not in built:
             texts = [text for text, _ in read_labeled(tenant.data / "train.jsonl")][-args.corpus_lines:]
             print(f"\nbuilding domain '{tenant.domain}' from {len(texts)} texts of {tenant.data.name} ...", flush=True)
-            client.build_domain(tenant.domain, "\n".join(texts), split_layer=2, context=3, min_count=2)
+            client.build_domain(tenant.domain, "\n".join(texts), min_count=2, bridge_steps=args.bridge_steps)
             built.add(tenant.domain)
         train, evaluation = (_relabelled(tenant, name, work_dir) for name in ("train.jsonl", "validation.jsonl"))
         examples = max(50, int(args.train_examples * tenant.share))

@@ -3,9 +3,16 @@ waits until each reports SERVING on the standard health service, and stops them 
 
 Authentication is on unless `auth` is False: the launcher makes the admin token (HMI_DATA_DIR/admin.token)
 and the service secret (HMI_DATA_DIR/service.secret) on first start, mode 0600, unless HMI_ADMIN_TOKEN /
-HMI_SERVICE_SECRET are set, and hands the services the files (never a secret on a command line)."""
+HMI_SERVICE_SECRET are set, and hands the services the files (never a secret on a command line).
+
+Children die with the process that started them: on Linux the kernel sends them SIGTERM when it exits, however
+it exits (PR_SET_PDEATHSIG, set between fork and exec), and every service also stops by itself once its parent
+is gone (HMI_SUPERVISOR_PID, services/common/server.py). The kernel signal follows the *thread* that started the
+child, so start services from a thread that lives as long as they should (`hmi up` uses its main thread).
+Keeping them running (restarts with backoff) is hmi/supervisor.py's job."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -30,6 +37,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortInUse(RuntimeError):
+    """A port a service should listen on is taken: nothing was started."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def port_taken(address: str) -> bool:
+    """True when something listens on (or holds) address HOST:PORT, as a server binding it would find."""
+    host, port = split_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC and uvicorn do: TIME_WAIT is fine
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGTERM to the child when the thread that started it exits (Linux; a no-op elsewhere)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:     # the parent died before prctl: nobody would send the signal
+        os._exit(1)
+
+
 def hmi_command() -> list[str]:
     """The `hmi` console script beside this interpreter (as installed), else `python -m hmi.cli`."""
     script = Path(sys.executable).parent / "hmi"
@@ -46,6 +88,9 @@ class Service:
     args: list[str]
     process: subprocess.Popen | None = None
     log_file: IO | None = None
+    metrics_port: int = 0
+    started_at: float = 0.0
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,16 +121,46 @@ class ServiceSet:
     tls: TlsFiles | None = None
     admin_token: str | None = None       # known once start() made or read it
     service_secret: str | None = None
+    metrics_ports: dict[str, int] = field(default_factory=dict)    # service name -> its Prometheus port
 
     def __post_init__(self) -> None:
         for entry in self.model_entries()[1:]:
             self.other_compute.setdefault(model_name(entry), f"127.0.0.1:{free_port()}")
 
     @classmethod
-    def on_free_ports(cls, data_dir: Path, computes: int = 1, **kwargs) -> "ServiceSet":
+    def on_free_ports(cls, data_dir: Path, computes: int = 1, metrics: bool = True, **kwargs) -> "ServiceSet":
+        """Every service on a free loopback port (metrics too, unless `metrics` is False)."""
         kwargs.setdefault("http_addr", f"127.0.0.1:{free_port()}")
-        return cls(data_dir=data_dir, gateway_addr=f"127.0.0.1:{free_port()}", store_addr=f"127.0.0.1:{free_port()}",
-                   compute_addrs=[f"127.0.0.1:{free_port()}" for _ in range(computes)], **kwargs)
+        services = cls(data_dir=data_dir, gateway_addr=f"127.0.0.1:{free_port()}",
+                       store_addr=f"127.0.0.1:{free_port()}",
+                       compute_addrs=[f"127.0.0.1:{free_port()}" for _ in range(computes)], **kwargs)
+        if metrics and not services.metrics_ports:
+            services.metrics_ports = {service.name: free_port() for service in services.plan()}
+        return services
+
+    def number_metrics_ports(self, base: int) -> None:
+        """`hmi up --metrics-port BASE`: gateway BASE, store BASE+1, then each compute replica."""
+        names = [s.name for s in self.plan()]
+        order = ["gateway", "store"] + [n for n in names if n not in ("gateway", "store")]
+        self.metrics_ports = {name: base + i for i, name in enumerate(order)}
+
+    def ports_in_use(self) -> list[str]:
+        """What is taken among the addresses and ports this set would listen on, each with its service."""
+        wanted = [(s.name, s.address) for s in self.plan()]
+        if self.http_addr.lower() != "off":
+            wanted.append(("gateway HTTP", self.http_addr))
+        host = lambda name: next(s.address for s in self.plan() if s.name == name).rpartition(":")[0]  # noqa: E731
+        wanted += [(f"{name} metrics", f"{host(name)}:{port}") for name, port in self.metrics_ports.items()]
+        seen: dict[str, str] = {}
+        taken = []
+        for name, address in wanted:
+            if address in seen:
+                taken.append(f"{address} ({name}) is also given to {seen[address]}")
+                continue
+            seen[address] = name
+            if port_taken(address):
+                taken.append(f"{address} ({name}) is already in use")
+        return taken
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.extra_env}
@@ -164,27 +239,58 @@ class ServiceSet:
                                  "--store", self.store_addr]
                                 + [arg for route in routes for arg in ("--compute", route)] + every_model
                                 + self._security_args("gateway")))
+        for service in services:
+            port = self.metrics_ports.get(service.name, 0)
+            if port:
+                service.metrics_port = port
+                service.args += ["--metrics-port", str(port)]
         return services
 
+    def metrics_url(self, name: str) -> str:
+        """http://HOST:PORT/metrics of a service started with a metrics port."""
+        service = next(s for s in self.plan() if s.name == name)
+        return f"http://{service.address.rpartition(':')[0]}:{service.metrics_port}/metrics"
+
     def start(self, timeout: float = 120.0, only: list[str] | None = None) -> None:
-        """Starts every planned service (or the named ones) and waits for each to be SERVING."""
+        """Starts every planned service (or the named ones) and waits for each to be SERVING. Refuses (PortInUse,
+        nothing started) when a port of a full start is taken."""
+        if only is None:
+            taken = self.ports_in_use()
+            if taken:
+                raise PortInUse("cannot start: " + "; ".join(taken) + ". Another HMI deployment or program "
+                                "listens there: stop it, or give this one other addresses (HMI_GATEWAY_ADDR, "
+                                "--http, --metrics-port)")
         self.prepare_credentials()
         planned = [s for s in self.plan() if only is None or s.name in only]
-        # All services share this machine's cores: compute's torch takes half of them (measured on 2 cores:
-        # 1 thread gave ~1.8x the throughput of torch's default, which oversubscribes the CPU).
-        env = {"HMI_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
-               "HMI_MODEL_CACHE": str(self.data_dir / "models"), **os.environ, **self.extra_env}
         for service in planned:
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                service.log_file = open(self.log_dir / f"{service.name}.log", "ab")
-                out = service.log_file
-            service.process = subprocess.Popen(hmi_command() + ["serve"] + service.args, env=env,
-                                               stdout=out, stderr=out, start_new_session=True)
-            self.services = [s for s in self.services if s.name != service.name] + [service]
+            self.spawn(service)
         for service in planned:
             self._wait_serving(service, timeout)
+
+    def environment(self) -> dict[str, str]:
+        # All services share this machine's cores: compute's torch takes half of them (measured on 2 cores:
+        # 1 thread gave ~1.8x the throughput of torch's default, which oversubscribes the CPU).
+        return {"HMI_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) // 2)),
+                "HMI_MODEL_CACHE": str(self.data_dir / "models"), **os.environ, **self.extra_env,
+                "HMI_SUPERVISOR_PID": str(os.getpid())}
+
+    def spawn(self, service: Service) -> None:
+        """Starts (or starts again) one service's process; it dies with this process."""
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            if service.log_file is None:
+                service.log_file = open(self.log_dir / f"{service.name}.log", "ab")
+            out = service.log_file
+        service.process = subprocess.Popen(hmi_command() + ["serve"] + service.args, env=self.environment(),
+                                           stdout=out, stderr=out, start_new_session=True,
+                                           preexec_fn=(functools.partial(die_with_parent, os.getpid())
+                                                       if sys.platform == "linux" else None))
+        service.started_at = time.monotonic()
+        known = next((s for s in self.services if s.name == service.name), None)
+        if known is not None and known is not service:
+            service.restarts = known.restarts
+        self.services = [s for s in self.services if s.name != service.name] + [service]
 
     def _wait_serving(self, service: Service, timeout: float) -> None:
         deadline = time.monotonic() + timeout

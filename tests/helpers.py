@@ -74,10 +74,10 @@ def tiny_decoder(family: str, folder, vocab: int = 1000):
     return Path(folder)
 
 
-def make_certificates(folder, name: str = "hmi test"):
-    """A CA and a certificate it signed for localhost / 127.0.0.1 (server and client use, so every service shows
-    it to its peers), made with openssl at test time: EC P-256 keys, valid one day. Returns the launcher's
-    TlsFiles."""
+def make_certificates(folder, name: str = "hmi test", names: str = "DNS:localhost,IP:127.0.0.1"):
+    """A CA and a certificate it signed for `names` (subjectAltName; by default localhost / 127.0.0.1; server and
+    client use, so every service shows it to its peers), made with openssl at test time: EC P-256 keys, valid
+    one day. Returns the launcher's TlsFiles."""
     import subprocess
     from pathlib import Path
 
@@ -92,7 +92,7 @@ def make_certificates(folder, name: str = "hmi test"):
     openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", f"/CN={name} CA",
             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", *ec, "-keyout", "service.key", "-out", "service.csr", "-subj", "/CN=localhost")
-    (folder / "service.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+    (folder / "service.ext").write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
                                         "extendedKeyUsage=serverAuth,clientAuth\n")
     openssl("x509", "-req", "-in", "service.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "service.pem", "-days", "1", "-extfile", "service.ext")

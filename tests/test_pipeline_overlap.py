@@ -32,7 +32,7 @@ class SlowStore:
 
 
 class SlowExecutor:
-    device = torch.device("cpu")          # where the pipeline's bridge cache puts domain bridges
+    device = torch.device("cpu")        # the pipeline's bridge cache places bridges where the executor runs
 
     def __init__(self, intervals):
         self.intervals = intervals

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -20,6 +21,8 @@ from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
 from services.common.auth.peers import PeerSecurity
 from services.common.rpc import channel
+from services.common.server import start_server
+from services.gateway.router import Router
 from tests.helpers import expect_status, make_certificates
 
 pytestmark = [pytest.mark.integration,
@@ -31,10 +34,9 @@ Code = grpc.StatusCode
 def secured(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("tls")
     tls = make_certificates(folder / "certs")
-    metrics_port = free_port()
     services = ServiceSet.on_free_ports(folder / "data", model=str(tiny_model_dir), log_dir=folder / "logs", tls=tls,
-                                        extra_env={"HMI_TORCH_THREADS": "1", "HMI_MAX_WAIT_MS": "5",
-                                                   "HMI_GATEWAY_METRICS_PORT": str(metrics_port)})
+                                        extra_env={"HMI_TORCH_THREADS": "1", "HMI_MAX_WAIT_MS": "5"})
+    metrics_port = services.metrics_ports["gateway"]       # every service gets one (--metrics-port)
     services.start(timeout=180)
     with services.client(timeout=60) as admin:
         admin.build_domain("tls", "", split_layer=0, context=1, min_count=1)
@@ -97,6 +99,39 @@ def test_internal_services_require_a_client_certificate_and_the_secret(secured, 
             assert call(peer) is not None
 
 
+def test_discovered_replicas_are_reached_over_mutual_tls_checked_against_their_name_with_the_secret(tmp_path):
+    """The router resolves a name to addresses and connects to each address, yet verifies the replica's
+    certificate against the name (a certificate names services, not pod addresses); its probes and calls carry
+    the client certificate and the service secret. (A TLS server with health and one method; no models.)"""
+    tls = make_certificates(tmp_path / "certs", names="DNS:localhost")        # no IP address in the certificate
+    security = PeerSecurity(service_secret="router-test-service-secret-0123", tls_cert=str(tls.cert),
+                            tls_key=str(tls.key), tls_ca=str(tls.ca))
+    ping = grpc.method_handlers_generic_handler("test.Echo", {
+        "Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: b"pong")})
+    port = free_port()
+    running = start_server(f"127.0.0.1:{port}", lambda server: server.add_generic_rpc_handlers((ping,)),
+                           ["hmi.v1.Compute"], workers=2, security=security, internal=True)
+    running.set_serving(True)
+    routers = {target: Router([target], security=security, probe_interval=0.5)
+               for target in (f"localhost:{port}", f"127.0.0.1:{port}")}
+    try:
+        for router in routers.values():
+            router.start()
+        by_name, by_address = routers[f"localhost:{port}"], routers[f"127.0.0.1:{port}"]
+        assert [r.address for r in by_name.replicas] == [f"127.0.0.1:{port}"], "the name resolved to an address"
+        deadline = time.monotonic() + 20                 # probes every 0.5 s; a loaded machine may miss one
+        while not by_name.usable_count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert by_name.usable_count() == 1, "the probe over mutual TLS, checked against the name, succeeded"
+        assert by_name.replicas[0].channel.unary_unary("/test.Echo/Ping")(b"", timeout=5) == b"pong", \
+            "calls carry the service secret"
+        assert by_address.usable_count() == 0, "an address the certificate does not name is not trusted"
+    finally:
+        for router in routers.values():
+            router.close()
+        running.server.stop(0)
+
+
 def test_metrics_bind_to_the_grpc_interface_and_no_secret_leaks(secured):
     services, admin, metrics_port, folder = secured
     bound = [line.split()[1] for path in ("/proc/net/tcp", "/proc/net/tcp6") for line in open(path).readlines()[1:]
@@ -104,7 +139,7 @@ def test_metrics_bind_to_the_grpc_interface_and_no_secret_leaks(secured):
     assert bound and all(address.startswith("0100007F") for address in bound), bound    # 127.0.0.1 only
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
         metrics = reply.read().decode()
-    assert "hmi_gateway_requests_total" in metrics
+    assert "hmi_requests_total" in metrics and "hmi_gateway_tenant_requests_total" in metrics
     key = admin.create_key(["tls-t"])
     with services.client(token=key.secret) as scoped:
         scoped.classify("tls-t", ["hi"])

@@ -1,6 +1,7 @@
 """`hmi up` (every service as a local process) and `hmi serve SERVICE` (one, in the foreground)."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -21,21 +22,27 @@ def cmd_serve(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from hmi.launcher import ServiceSet, TlsFiles
-    host = args.gateway.rsplit(":", 1)[0]
-    compute = split_addresses(args.compute_addrs)
-    if args.computes > len(compute):
-        base = int(compute[-1].rsplit(":", 1)[1]) if compute else 50053
-        compute += [f"{host}:{base + i}" for i in range(1, args.computes - len(compute) + 1)]
-    services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=args.store_addr,
-                          compute_addrs=compute[:max(1, args.computes)],
-                          model=",".join(args.model) if args.model else env("HMI_MODEL"),
-                          log_dir=Path(args.log_dir) if args.log_dir else None, http_addr=args.http,
-                          auth=args.auth == "on",
-                          tls=TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
-                          if args.tls_cert else None)
+    """Starts the deployment, prints `HMI is ready: ...`, restarts services that die, stops on Ctrl-C/SIGTERM.
+    Store and compute take free loopback ports unless their addresses are given; a port that is taken is
+    refused (naming it) before anything starts."""
+    from hmi.launcher import PortInUse, ServiceSet, TlsFiles, free_port
+    from hmi.supervisor import Supervisor
     if args.tls_cert and not (args.tls_key and args.tls_ca):
         raise SystemExit("hmi up --tls-cert needs --tls-key and --tls-ca (the services verify each other with it)")
+    store_addr = args.store_addr or f"127.0.0.1:{free_port()}"
+    compute = split_addresses(args.compute_addrs)
+    wanted = max(1, args.computes, len(compute))
+    compute += [f"127.0.0.1:{free_port()}" for _ in range(wanted - len(compute))]
+    extra_env = {name: value for name, value in (("HMI_LOG_FORMAT", args.log_format), ("HMI_TRACING", args.tracing))
+                 if value}
+    services = ServiceSet(data_dir=Path(args.data_dir), gateway_addr=args.gateway, store_addr=store_addr,
+                          compute_addrs=compute, model=",".join(args.model) if args.model else env("HMI_MODEL"),
+                          log_dir=Path(args.log_dir) if args.log_dir else None, http_addr=args.http,
+                          extra_env=extra_env, auth=args.auth == "on",
+                          tls=TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
+                          if args.tls_cert else None)
+    if args.metrics_port:
+        services.number_metrics_ports(args.metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -49,16 +56,25 @@ def cmd_up(args) -> int:
             print("warning: authentication is OFF (--auth off): anyone who reaches these ports may call every method",
                   file=sys.stderr, flush=True)
         services.start(timeout=args.start_timeout)
+    except PortInUse as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        services.stop()
+        return 1
+    supervisor = Supervisor(services)
+    try:
         others = "".join(f", {name} compute {address}" for name, address in services.other_compute.items())
         scheme = "https" if args.tls_cert else "http"
         http = f", http {scheme}://{args.http}" if args.http.lower() != "off" else ""
-        print(f"HMI is ready: gateway {args.gateway}{http}, store {args.store_addr}, "
-              f"compute {','.join(services.compute_addrs)}{others}"
+        metrics = (", metrics " + ",".join(f"{name}={port}" for name, port in services.metrics_ports.items())
+                   if services.metrics_ports else "")
+        print(f"HMI is ready: gateway {args.gateway}{http}, store {store_addr}, "
+              f"compute {','.join(services.compute_addrs)}{others}{metrics}"
               f", data {Path(args.data_dir).resolve()} (Ctrl-C to stop)", flush=True)
-        while not stop.wait(1.0):
-            if len(services.running()) < len(services.services):
-                print(f"a service exited; stopping the rest (running: {services.running()})", file=sys.stderr)
-                return 1
+        while not stop.wait(0.5):
+            supervisor.tick()
     finally:
         services.stop()
         print("HMI stopped", flush=True)
@@ -70,9 +86,19 @@ def add_parsers(sub) -> None:
     up.add_argument("--gateway", default=env("HMI_GATEWAY_ADDR"), help="[HMI_GATEWAY_ADDR]")
     up.add_argument("--http", default=env("HMI_HTTP_ADDR"),
                     help="the gateway's HTTP front door (OpenAI-compatible API), HOST:PORT or 'off' [HMI_HTTP_ADDR]")
-    up.add_argument("--store-addr", default=env("HMI_STORE_ADDR"), help="[HMI_STORE_ADDR]")
-    up.add_argument("--compute-addrs", default=env("HMI_COMPUTE_ADDRS"), help="[HMI_COMPUTE_ADDRS]")
+    up.add_argument("--store-addr", default=os.environ.get("HMI_STORE_ADDR", ""),
+                    help="the store's address; default: a free loopback port [HMI_STORE_ADDR]")
+    up.add_argument("--compute-addrs", default=os.environ.get("HMI_COMPUTE_ADDRS", ""),
+                    help="comma-separated addresses of the compute replicas; default: free loopback ports "
+                         "[HMI_COMPUTE_ADDRS]")
     up.add_argument("--computes", type=int, default=1, help="compute replicas to start")
+    up.add_argument("--metrics-port", type=int, default=0,
+                    help="BASE: Prometheus metrics of the gateway on BASE, the store on BASE+1, each compute replica "
+                         "on BASE+2, BASE+3, ...; 0 = off")
+    up.add_argument("--log-format", choices=("text", "json"), default=None,
+                    help="every service's log format [HMI_LOG_FORMAT]")
+    up.add_argument("--tracing", default=None, help="every service's OpenTelemetry exporter (see hmi serve gateway "
+                                                     "--help) [HMI_TRACING]")
     up.add_argument("--data-dir", default=env("HMI_DATA_DIR"), help="[HMI_DATA_DIR]")
     up.add_argument("--model", action="append", default=None,
                     help="base model: NAME=DIR, minilm, smollm2 or a folder; repeat to host several (one compute "

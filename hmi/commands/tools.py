@@ -4,9 +4,10 @@ from __future__ import annotations
 
 def cmd_health(args) -> int:
     from hmi.client import is_serving
-    serving = is_serving(args.address, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                         tls_key=args.tls_key)
-    print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
+    serving = is_serving(args.address, timeout=args.timeout, service=args.service, tls_ca=args.tls_ca,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key)
+    name = f"{args.address} {args.service}" if args.service else args.address
+    print(f"{name}: {'SERVING' if serving else 'NOT SERVING'}")
     return 0 if serving else 1
 
 
@@ -31,6 +32,8 @@ def add_parsers(sub) -> None:
                         help="client certificate, for a store or compute that requires one (mutual TLS) "
                              "[HMI_TLS_CERT]")
     health.add_argument("--tls-key", default=env("HMI_TLS_KEY", "") or None, help="[HMI_TLS_KEY]")
+    health.add_argument("--service", default="", help="a name on the health service: liveness, hmi.v1.Gateway, "
+                        "hmi.v1.Admin, hmi.v1.Compute, hmi.v1.KnowledgeStore; default: the whole server")
     health.set_defaults(func=cmd_health)
 
     demo = sub.add_parser("demo", help="start everything, build a domain, register tenants, send traffic, stop")
@@ -42,6 +45,8 @@ def add_parsers(sub) -> None:
                       help="skip training the real tenants (they need ../shared/datasets)")
     demo.add_argument("--train-examples", type=int, default=1500)
     demo.add_argument("--corpus-lines", type=int, default=8000)
+    demo.add_argument("--bridge-steps", type=int, default=300,
+                      help="distillation steps of each domain's bridge (fewer than a default build, for time)")
     demo.add_argument("--no-generate", dest="generate", action="store_false",
                       help="skip the generative SmolLM2 tenants")
     demo.add_argument("--new-tokens", type=int, default=32, help="tokens each generative tenant writes")

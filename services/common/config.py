@@ -47,3 +47,17 @@ def positive_float(text: str) -> float:
 
 def split_addresses(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def add_observability_arguments(parser, service: str) -> None:
+    """Flags every service takes: metrics port, log format, tracing."""
+    default_port = {"gateway": "HMI_GATEWAY_METRICS_PORT", "compute": "HMI_COMPUTE_METRICS_PORT",
+                    "store": "HMI_STORE_METRICS_PORT"}[service]
+    parser.add_argument("--metrics-port", type=int, default=env_int(default_port, 0),
+                        help=f"serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --listen's); 0 = off "
+                             f"[{default_port}]")
+    parser.add_argument("--log-format", choices=("text", "json"), default=env("HMI_LOG_FORMAT", "text"),
+                        help="text, or json: one object per line with the request id [HMI_LOG_FORMAT]")
+    parser.add_argument("--tracing", default=env("HMI_TRACING", "off"),
+                        help="OpenTelemetry spans: off, otlp (OTEL_EXPORTER_OTLP_* variables), otlp:HOST:PORT, "
+                             "console or file:PATH; needs the tracing extra [HMI_TRACING]")

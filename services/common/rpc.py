@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable
 
 import grpc
@@ -19,20 +20,29 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     # A DNS name with several replicas behind it (compose --scale) is balanced per call.
     ("grpc.lb_policy_name", "round_robin"),
+    # Two processes never share a port: a second server on a taken port fails instead of splitting its calls.
+    ("grpc.so_reuseport", 0),
     # Reconnect quickly after a peer restarts (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 log = logging.getLogger("hmi.rpc")
 
 
-def channel(address: str, *, own_connection: bool = False, security: PeerSecurity | None = None) -> grpc.Channel:
+def channel(address: str, *, own_connection: bool = False, authority: str | None = None,
+            security: PeerSecurity | None = None) -> grpc.Channel:
     """A channel to another HMI service: TLS and the service secret as `security` says (None: plaintext, no
     secret). `own_connection`: not shared with other channels to the same address, so failures of a background
-    poller (which grow the reconnect backoff) never make the calls of a request fail fast."""
+    poller (which grow the reconnect backoff) never make the calls of a request fail fast. `authority`: the
+    name the peer is known by when `address` is one of the addresses behind it (discovery); with TLS the
+    peer's certificate is checked against that name, not the address."""
     options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
+    if authority:
+        options.append(("grpc.default_authority", authority))
+        if security is not None and security.tls_ca:
+            options.append(("grpc.ssl_target_name_override", authority.rpartition(":")[0] or authority))
     return peer_channel(address, security, options)
 
 
@@ -86,9 +96,26 @@ def handles_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# A caller's deadline is honoured up to this many seconds (HMI_MAX_DEADLINE; the gateway's --max-deadline).
+DEFAULT_MAX_DEADLINE = 6 * 3600.0    # the longest store job (a domain build) may take this long
+_NO_DEADLINE = 1e8          # gRPC reports "no deadline" as a remaining time of centuries
+_limits = {"max_deadline": float(os.environ.get("HMI_MAX_DEADLINE") or DEFAULT_MAX_DEADLINE)}
+
+
+def set_max_deadline(seconds: float) -> None:
+    if not seconds > 0:
+        raise ValueError("the maximum deadline must be > 0 seconds")
+    _limits["max_deadline"] = float(seconds)
+
+
+def max_deadline() -> float:
+    return _limits["max_deadline"]
+
+
 def remaining_timeout(context: grpc.ServicerContext, default: float, floor: float = 0.05) -> float:
-    """The caller's deadline, passed on to calls this request makes."""
+    """The caller's deadline (up to the maximum deadline), passed on to calls this request makes; `default`
+    for a call without a deadline."""
     remaining = context.time_remaining()
-    if remaining is None:
+    if remaining is None or remaining > _NO_DEADLINE:
         return default
-    return max(floor, min(default, remaining))
+    return max(floor, min(remaining, max_deadline()))

@@ -5,74 +5,99 @@ import logging
 import os
 import signal
 import threading
-from concurrent import futures
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth.peers import PeerSecurity, RequireServiceSecret
 from services.common.decoding import DecodeRequests
+from services.common.health import ConcurrencyLimit, HealthFirstExecutor, HealthReport, add_health
 from services.common.memory import limit_arenas, start_trimming
+from services.common.metrics import CallMetrics, serve_metrics
 from services.common.rpc import CHANNEL_OPTIONS
+from services.common.tracing import CallContext, shutdown_tracing
+
+log = logging.getLogger("hmi.server")
+SUPERVISOR_PID = "HMI_SUPERVISOR_PID"     # set by `hmi up`: a service whose supervisor is gone stops
 
 
 @dataclass
 class RunningServer:
     server: grpc.Server
-    health: health.HealthServicer
+    health: HealthReport
     address: str
+    limit: ConcurrencyLimit | None = None
 
-    def set_serving(self, serving: bool = True) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set("", status)
-
-
-def listen_host(address: str) -> str:
-    """The interface part of HOST:PORT ('[::]:50051' -> '::')."""
-    return address.rpartition(":")[0].strip("[]") or "0.0.0.0"
+    def set_serving(self, serving: bool = True, service: str | None = None) -> None:
+        """Readiness of one of this server's services, or of all of them."""
+        if service is None:
+            self.health.set_all(serving)
+        else:
+            self.health.set(service, serving)
 
 
 def start_server(address: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
                  *, workers: int = 32, metrics_port: int = 0, security: PeerSecurity | None = None,
                  internal: bool = False, reflection_on: bool = False,
                  metrics_host: str | None = None) -> RunningServer:
-    """Binds, registers health (NOT_SERVING until the caller says otherwise) and, when asked, reflection,
-    starts; memory freed after a burst goes back to the system (services/common/memory.py).
+    """Binds (refusing a port another process listens on), registers health (every service NOT_SERVING until
+    the caller says otherwise; health checks answered on threads of their own) and, when asked, reflection,
+    starts; serves Prometheus metrics on `metrics_port`; memory freed after a burst goes back to the system
+    (services/common/memory.py).
 
     An `internal` service (store, compute) refuses calls without the service secret when `security` has one,
     and with TLS and a CA it requires client certificates (mutual TLS). Metrics bind to the interface the
     gRPC port listens on unless `metrics_host` says otherwise."""
     limit_arenas()
     start_trimming()
-    interceptors: list[grpc.ServerInterceptor] = [DecodeRequests()]
+    watch_supervisor()
+    limit = ConcurrencyLimit(workers * 8)
+    interceptors: list[grpc.ServerInterceptor] = [CallContext(), CallMetrics(), limit, DecodeRequests()]
     if internal and security is not None and security.auth and security.service_secret:
-        interceptors.insert(0, RequireServiceSecret(security.service_secret))   # before any parsing
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                         options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=workers * 8,
-                         interceptors=interceptors)
+        # refused before taking a place under the limit or decoding anything; still counted in the metrics
+        interceptors.insert(2, RequireServiceSecret(security.service_secret))
+    server = grpc.server(HealthFirstExecutor(workers), options=CHANNEL_OPTIONS, interceptors=interceptors)
     register(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    report = add_health(server, service_names)
     if reflection_on:
         reflection.enable_server_reflection(
             list(service_names) + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     credentials = (security.server_credentials(require_client_certificate=internal)
                    if security is not None else None)
-    port = (server.add_secure_port(address, credentials) if credentials is not None
-            else server.add_insecure_port(address))
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {address}: address in use or invalid")
+        raise SystemExit(f"cannot listen on {address}: the port is already in use (another HMI deployment or "
+                         f"another program listens there) or the address is invalid; choose a free port")
     server.start()
-    if metrics_port:
-        from prometheus_client import start_http_server
-        start_http_server(metrics_port, addr=metrics_host or listen_host(address))
-    running = RunningServer(server, health_servicer, address)
-    running.set_serving(False)
-    return running
+    serve_metrics(metrics_port, address, host=metrics_host)
+    return RunningServer(server, report, address, limit)
+
+
+def watch_supervisor() -> None:
+    """Under `hmi up` (HMI_SUPERVISOR_PID set): stop as if by SIGTERM once the supervisor is gone. On Linux the
+    kernel signals the child already (PR_SET_PDEATHSIG); this covers other systems and a supervisor that
+    handed the child over."""
+    expected = os.environ.get(SUPERVISOR_PID)
+    if not expected or not expected.isdigit():
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != int(expected):
+                log.warning("the supervisor (pid %s) is gone: stopping", expected)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def wait_for_termination(running: RunningServer, log: logging.Logger,
@@ -98,10 +123,11 @@ def wait_for_termination(running: RunningServer, log: logging.Logger,
     watchdog.start()
     if on_signal is not None:
         on_signal()
-    running.set_serving(False)
+    running.health.stopping()
     running.server.stop(grace).wait()
     if on_stop is not None:
         on_stop()
+    shutdown_tracing()
     watchdog.cancel()
     log.info("stopped")
 

@@ -9,6 +9,7 @@ slots through one `SlotTensors` view, taken after its lease pinned them.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -137,7 +138,8 @@ class AdapterPool:
         new tenants waits for the slowest fetch, not for their sum)."""
         with self._lock:
             missing = [key for key in keys if key not in self._host]
-        futures = {key: self._fetchers.submit(self._host_adapter, key) for key in missing} if len(missing) > 1 else {}
+        futures = ({key: self._fetchers.submit(contextvars.copy_context().run, self._host_adapter, key)
+                    for key in missing} if len(missing) > 1 else {})
         adapters: dict[AdapterKey, Adapter] = {}
         failed: dict[AdapterKey, HMIError] = {}
         try:

@@ -7,6 +7,7 @@ submitted; a request's adapter and prompt rows are fetched while earlier request
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -64,11 +65,12 @@ class GenerationEngine:
         sequence = ScheduledSequence.of(request, kv_bytes)
         self.scheduler.check_room()   # before fetching anything for a request that would be refused
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
-        sequence.adapter_ready = self._prefetch.submit(self.pool.prefetch,
+        sequence.adapter_ready = self._prefetch.submit(contextvars.copy_context().run, self.pool.prefetch,
                                                        (request.tenant_id, request.adapter_version))
         if request.split_layer > 0:
             prompt = np.asarray(request.prompt, dtype=np.int32)
-            sequence.prompt_rows = self._prefetch.submit(self.plot, request.domain, [prompt], [0], [0])
+            sequence.prompt_rows = self._prefetch.submit(contextvars.copy_context().run, self.plot, request.domain,
+                                                         [prompt], [0], [0])
         self.scheduler.enqueue(sequence)
         return sequence.stream
 

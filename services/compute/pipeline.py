@@ -8,6 +8,7 @@ several execution threads (one torch thread each) may run batches side by side.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from models.bridge import DomainBridge
 from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound
@@ -33,6 +34,9 @@ STAGE_SECONDS = Histogram("hmi_compute_stage_seconds", "time per pipeline stage"
 TOKENS = Counter("hmi_compute_tokens_total", "tokens executed")
 BATCHES = Counter("hmi_compute_batches_total", "batches executed")
 DROPPED = Counter("hmi_compute_dropped_batches_total", "batches not executed: deadline passed or caller gone")
+BATCH_SEQUENCES = Histogram("hmi_compute_batch_sequences", "sequences per executed batch",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+EXECUTION_QUEUE = Gauge("hmi_compute_execution_queue_batches", "prepared batches waiting for an execution thread")
 REPORT_SECONDS = 30.0
 
 
@@ -118,7 +122,8 @@ class Pipeline:
             if spec.split_layer > 0:
                 by_domain.setdefault((spec.domain, spec.domain_revision), []).append(index)
         started = time.perf_counter()
-        futures = {key: self._fetchers.submit(self._lookup, batch, indices, timeout)
+        # Each lookup runs with this call's context (request id, trace) on a fetch thread.
+        futures = {key: self._fetchers.submit(contextvars.copy_context().run, self._lookup, batch, indices, timeout)
                    for key, indices in by_domain.items()}
         lease = self.pool.acquire([(s.tenant_id, s.adapter_version) for s in batch.sequences], skip_failed=True)
         adapters_done = time.perf_counter()
@@ -199,6 +204,7 @@ class Pipeline:
         hidden = self._busy.overlap(started, fetched)
 
         def execute():
+            EXECUTION_QUEUE.dec()
             if not wanted() or time.perf_counter() > deadline:
                 with self._stats_lock:
                     self.stats.dropped_batches += 1
@@ -215,12 +221,14 @@ class Pipeline:
 
         # The lease is released when execution ends, not when the caller gives up: pinned slots
         # must not be reused while the device still reads them.
+        EXECUTION_QUEUE.inc()
         future = self._device.submit(execute)
         future.add_done_callback(lambda _: prepared.lease.release())
         try:
             result, begin, end = future.result(timeout=max(0.05, deadline - time.perf_counter()))
         except FutureTimeout:
-            future.cancel()
+            if future.cancel():
+                EXECUTION_QUEUE.dec()
             raise DeadlineExceeded(f"batch not executed within the deadline ({timeout:.2f}s)") from None
         if failures:
             result = BatchResult.merged(batch, ran, result, failures, hidden_size)
@@ -230,6 +238,7 @@ class Pipeline:
         STAGE_SECONDS.labels("execute").observe(timings.execute_ms / 1e3)
         TOKENS.inc(len(prepared.batch.token_ids))
         BATCHES.inc()
+        BATCH_SEQUENCES.observe(prepared.batch.size)
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.sequences += len(ran)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.auth.flags import add_security_arguments, security_from_args
-from services.common.config import env, env_int
+from services.common.config import add_observability_arguments, env, env_int
 from services.common.limits import DEFAULT_MAX_RANK
 
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-generation-queue", type=int, default=env_int("HMI_MAX_GENERATION_QUEUE", 256),
                         help="decoder models: requests waiting for KV cache before RESOURCE_EXHAUSTED "
                              "[HMI_MAX_GENERATION_QUEUE]")
-    parser.add_argument("--metrics-port", type=int, default=env_int("HMI_COMPUTE_METRICS_PORT", 0))
+    add_observability_arguments(parser, "compute")
     add_security_arguments(parser)
 
 
@@ -75,17 +75,21 @@ def main(args: argparse.Namespace) -> None:
     from models.encoder import EncoderModel
     from services.common.auth.peers import describe
     from services.common.logs import setup_logging
+    from services.common.metrics import register_state
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
+    from services.common.tracing import setup_tracing
     from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
     from services.compute.bridge_cache import BridgeCache
     from services.compute.executor import Executor
     from services.compute.generation import GenerationEngine
+    from services.compute.metrics import compute_state
     from services.compute.pipeline import Pipeline
     from services.compute.servicer import ComputeServicer
     from services.knowledge_store.client import StoreClient
-    log = setup_logging("compute")
+    log = setup_logging("compute", args.log_format)
+    setup_tracing("compute", args.tracing)
     security = security_from_args(args, "compute")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +125,7 @@ def main(args: argparse.Namespace) -> None:
         mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
     invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None)
     invalidation.start()
+    register_state(lambda: compute_state(pool, engine, served_name))
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),

@@ -13,22 +13,31 @@ sees them.
 Batches are filled in fair order across tenants (services/common/fair_queue.py: start-time fair queuing by
 tokens, weighted by each tenant's priority), so a tenant flooding the queue delays a light tenant's sequence by
 at most one of its own, not by its whole backlog.
+
+A batch waits for a usable replica within its sequences' deadlines (none is usable while every replica is
+down or restarting). A batch that fails because its replica could not be reached (UNAVAILABLE from the
+replica itself, not from a peer behind it) produced no result, so its sequences go back to the head of the
+queue and run on another replica, or on the same one once it is back, within their deadlines.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
 from hmi_proto.v1 import compute_pb2 as pb
+from services.common import tracing
+from services.common.call_context import current_request_id, joined
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.errors import DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
+from services.common.errors import Cancelled, DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
 from services.common.fair_queue import FairQueue
 from services.gateway.access import REFUSED
 from services.gateway.directory import TenantRoute
@@ -37,6 +46,10 @@ from services.gateway.router import Router
 log = logging.getLogger("hmi.gateway.batcher")
 BATCH_SEQUENCES = Histogram("hmi_gateway_batch_sequences", "sequences per batch",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_TOKENS = Histogram("hmi_gateway_batch_tokens", "tokens per batch",
+                         buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384))
+RETRIED = Counter("hmi_gateway_retried_sequences_total", "sequences sent again after their replica could not be "
+                  "reached (no result had been produced)")
 BATCH_FAILURES = Counter("hmi_gateway_batch_failures_total", "batches that failed", ["code"])
 DROPPED = Counter("hmi_gateway_dropped_sequences_total", "sequences dropped before compute: deadline passed or "
                   "caller gone")
@@ -53,6 +66,15 @@ class SequenceWork:
     want_embedding: bool
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
+    request_id: str = field(default_factory=current_request_id)
+    trace: Any = field(default_factory=tracing.capture)      # the request's trace context (tracing on)
+    started: bool = False               # sent to compute once (its future is running)
+    abandoned: bool = False             # the caller went away after it was sent
+
+    def abandon(self) -> None:
+        """The caller no longer waits: drop it wherever it is (queued, or queued again for a retry)."""
+        self.abandoned = True
+        self.future.cancel()
 
 
 @dataclass
@@ -98,6 +120,8 @@ class Batcher:
         self._queued_tokens = 0
         self._queue_lock = threading.Condition()
         self._carry: SequenceWork | None = None
+        self._retry: deque[SequenceWork] = deque()     # sequences whose replica could not be reached
+        self.retried = 0
         self.dropped = 0                    # sequences dropped before compute (deadline passed, caller gone)
         self._stop = threading.Event()
         self._sent_batches = 0
@@ -153,11 +177,18 @@ class Batcher:
         deadline = time.monotonic() + timeout
         while True:
             with self._queue_lock:
-                while not self._queue:
+                if self._retry:
+                    item = self._retry.popleft()
+                    if self._live(item):
+                        return item
+                    continue
+                while not self._queue and not self._retry:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._queue_lock.wait(left):
-                        if not self._queue:
+                        if not self._queue and not self._retry:
                             return None
+                if not self._queue:
+                    continue
                 item = self._queue.pop()
                 self._queued_tokens -= len(item.token_ids)
             if self._live(item):
@@ -165,18 +196,27 @@ class Batcher:
 
     def _live(self, item: SequenceWork) -> bool:
         """False (and the item answered) when its caller went away or its deadline passed."""
-        if item.future.cancelled():
+        if item.future.cancelled() or item.abandoned:
+            if item.started and not item.future.done():
+                item.future.set_exception(Cancelled("the caller went away"))
             self.dropped += 1
             DROPPED.inc()
             return False
         if time.monotonic() >= item.deadline:
-            if item.future.set_running_or_notify_cancel():
+            if item.started or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(DeadlineExceeded("the deadline passed while the request queued at the "
                                                            "gateway; it was not computed"))
             self.dropped += 1
             DROPPED.inc()
             return False
         return True
+
+    def _start(self, item: SequenceWork) -> bool:
+        """Marks a live item as sent (its future running); False when its caller left just now."""
+        if item.started:
+            return True
+        item.started = item.future.set_running_or_notify_cancel()
+        return item.started
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -194,14 +234,20 @@ class Batcher:
             # While every replica is busy the batch keeps growing: under load batches get as big as the
             # replicas can absorb, instead of queueing many small ones (per-batch work is paid once).
             replica = self.router.try_acquire(batch.tenants)
-            while replica is None and not batch.full and not self._stop.is_set():
+            while (replica is None and not batch.full and not self._stop.is_set()
+                   and self.router.usable_count()):
                 item = self._take(0.001)
                 if item is not None:
                     self._add(batch, item)
                 replica = self.router.try_acquire(batch.tenants)
+            if replica is None:   # every replica full, or none usable: wait within the batch's deadlines
+                replica = self.router.acquire(batch.tenants, until=max(item.deadline for item in batch.items),
+                                              stop=self._stop)
             if replica is None:
-                replica = self.router.acquire(batch.tenants)
-            items = [item for item in batch.items if self._live(item) and item.future.set_running_or_notify_cancel()]
+                for item in batch.items:
+                    self._live(item)        # all expired waiting (or stopping): answered and dropped
+                continue
+            items = [item for item in batch.items if self._live(item) and self._start(item)]
             if items:
                 self._dispatch(items, replica)
             else:
@@ -232,11 +278,29 @@ class Batcher:
             want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
         BATCH_SEQUENCES.observe(len(batch))
+        BATCH_TOKENS.observe(sum(lengths))
         self._sent_batches += 1
         self._sent_sequences += len(batch)
         sent = time.monotonic()
-        call = replica.stub.Forward.future(request, timeout=timeout)
-        call.add_done_callback(lambda done: self._complete(done, batch, replica, sent))
+        span = tracing.start_client_span("hmi.v1.Compute/Forward", [item.trace for item in batch])
+        metadata = tracing.outgoing_metadata(joined(item.request_id for item in batch), span)
+        try:
+            call = replica.stub.Forward.future(request, timeout=timeout, metadata=metadata)
+        except Exception:
+            tracing.end_span(span, grpc.StatusCode.INTERNAL)
+            raise
+        call.add_done_callback(lambda done: self._complete(done, batch, replica, sent, span))
+
+    def _requeue(self, batch: list[SequenceWork]) -> bool:
+        """Puts a batch that never ran back at the head of the queue (False when stopping)."""
+        if self._stop.is_set():
+            return False
+        with self._queue_lock:
+            self._retry.extend(batch)
+            self._queue_lock.notify()
+        self.retried += len(batch)
+        RETRIED.inc(len(batch))
+        return True
 
     def _account(self, batch: list[SequenceWork], sent: float, response) -> None:
         """Where the time of an answered batch went; logged as means every 30 s (and as histograms)."""
@@ -261,19 +325,26 @@ class Batcher:
                  self.queued()[0], self.dropped, means["gateway_wait"], means["round_trip"], means["fetch"],
                  means["queue"], means["execute"])
 
-    def _complete(self, call, batch: list[SequenceWork], replica, sent: float) -> None:
+    def _complete(self, call, batch: list[SequenceWork], replica, sent: float, span=None) -> None:
         try:
             response = call.result()
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-            self.router.release(replica, failed=code == grpc.StatusCode.UNAVAILABLE
-                                and "peer service" not in (error.details() or ""))
+            tracing.end_span(span, code)
+            unreachable = code == grpc.StatusCode.UNAVAILABLE and "peer service" not in (error.details() or "")
+            self.router.release(replica, failed=unreachable)
             BATCH_FAILURES.labels(code.name).inc()
+            if unreachable and self._requeue(batch):
+                log.warning("batch of %d sequences could not reach %s (%s); running it elsewhere", len(batch),
+                            replica.address, error.details() if hasattr(error, "details") else error)
+                return
             log.warning("batch of %d sequences failed on %s: %s %s", len(batch), replica.address, code.name,
                         error.details() if hasattr(error, "details") else error)
             for item in batch:
-                item.future.set_exception(error)
+                if not item.future.done():
+                    item.future.set_exception(error)
             return
+        tracing.end_span(span, grpc.StatusCode.OK)
         self.router.release(replica)
         try:
             self._account(batch, sent, response)

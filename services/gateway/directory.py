@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.tracing import outgoing_metadata
 from services.gateway.quotas import Limits
 
 log = logging.getLogger("hmi.gateway.directory")
@@ -118,7 +119,8 @@ class TenantDirectory:
                 return cached[1]
             generation = self.feed.generation
         LOOKUPS.labels("fetched").inc()
-        tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout)
+        tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout,
+                                      metadata=outgoing_metadata())
         domain = self._domain(tenant.spec.domain, timeout, now, generation)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
                             domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,
@@ -145,7 +147,7 @@ class TenantDirectory:
             cached = self._domains.get(name)
             if cached and self._fresh(cached[0], now):
                 return cached[1]
-        domain = self.store.GetDomain(pb.GetDomainRequest(name=name), timeout=timeout)
+        domain = self.store.GetDomain(pb.GetDomainRequest(name=name), timeout=timeout, metadata=outgoing_metadata())
         with self._lock:
             if self.feed.generation == generation:
                 self._domains[name] = (now, domain)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import threading
 
 from services.common.auth.flags import add_security_arguments, security_from_args
-from services.common.config import env, env_float, env_int, split_addresses
+from services.common.config import add_observability_arguments, env, env_float, env_int, split_addresses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +14,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'off' = gRPC only [HMI_HTTP_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
     parser.add_argument("--compute", action="append", default=None,
-                        help="compute replicas: comma-separated addresses of the default model's replicas, or "
-                             "MODEL=ADDRESSES; repeat for each model [HMI_COMPUTE_ADDRS, ';'-separated]")
+                        help="compute replicas: comma-separated targets of the default model's replicas, or "
+                             "MODEL=TARGETS; repeat for each model. A target is HOST:PORT, dns:///NAME:PORT or "
+                             "dns://DNS-SERVER/NAME:PORT; every address a name resolves to is one replica "
+                             "[HMI_COMPUTE_ADDRS, ';'-separated]")
+    parser.add_argument("--discovery-interval", type=float, default=env_float("HMI_DISCOVERY_INTERVAL", 5.0),
+                        help="seconds between resolutions of the compute targets (also soon after a replica "
+                             "fails) [HMI_DISCOVERY_INTERVAL]")
+    parser.add_argument("--probe-interval", type=float, default=env_float("HMI_PROBE_INTERVAL", 1.0),
+                        help="seconds between health probes of each compute replica and the store "
+                             "[HMI_PROBE_INTERVAL]")
+    parser.add_argument("--required-models", default=env("HMI_REQUIRED_MODELS", ""),
+                        help="comma-separated models the gateway needs a reachable replica of to report SERVING "
+                             "(default: every --model) [HMI_REQUIRED_MODELS]")
+    parser.add_argument("--default-deadline", type=float, default=env_float("HMI_DEFAULT_DEADLINE", 30.0),
+                        help="seconds a Classify or Embed call without a deadline may take [HMI_DEFAULT_DEADLINE]")
+    parser.add_argument("--max-deadline", type=float, default=env_float("HMI_MAX_DEADLINE", 21600.0),
+                        help="a caller's deadline is honoured up to this many seconds [HMI_MAX_DEADLINE]")
+    parser.add_argument("--workers", type=int, default=env_int("HMI_GATEWAY_WORKERS", 128),
+                        help="gRPC request threads; 8x as many calls may be in progress [HMI_GATEWAY_WORKERS]")
+    parser.add_argument("--metrics-top-tenants", type=int, default=env_int("HMI_METRICS_TOP_TENANTS", 20),
+                        help="tenants with a metrics label of their own (the busiest; others count as _other) "
+                             "[HMI_METRICS_TOP_TENANTS]")
     parser.add_argument("--model", action="append", default=None,
                         help="base models served (for their tokenizers): NAME=DIR, minilm, smollm2 or a folder; "
                              "repeat for several, the first is the default [HMI_MODEL, comma-separated]")
@@ -60,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=env_int("HMI_DEFAULT_TENANT_MAX_CONCURRENT", 0),
                         help="requests in flight of a tenant without its own limit; 0 = none "
                              "[HMI_DEFAULT_TENANT_MAX_CONCURRENT]")
-    parser.add_argument("--metrics-port", type=int, default=env_int("HMI_GATEWAY_METRICS_PORT", 0))
     parser.add_argument("--admin-token-file", default=env("HMI_ADMIN_TOKEN_FILE", "") or None,
                         help="file holding the admin credential (or the variable HMI_ADMIN_TOKEN); `hmi up` makes "
                              "HMI_DATA_DIR/admin.token [HMI_ADMIN_TOKEN_FILE]")
+    add_observability_arguments(parser, "gateway")
     add_security_arguments(parser)
 
 
@@ -91,19 +110,24 @@ def main(args: argparse.Namespace) -> None:
     from services.common.auth.peers import describe
     from services.common.auth.secret_files import read_secret
     from services.common.logs import setup_logging
+    from services.common.metrics import register_state
     from services.common.model_specs import parse_model_specs
-    from services.common.rpc import channel
+    from services.common.rpc import channel, set_max_deadline
     from services.common.server import start_server, wait_for_termination
+    from services.common.tracing import setup_tracing
+    from services.gateway import metrics
     from services.gateway.access import Access
     from services.gateway.batcher import Batcher, BatcherSettings
     from services.gateway.directory import TenantDirectory
     from services.gateway.generation import GenerationLimits
     from services.gateway.key_ring import KeyRing
     from services.gateway.quotas import Limits, Quotas
+    from services.gateway.readiness import Readiness
     from services.gateway.router import Router
     from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport, ModelLane
     from services.gateway.tokenizer import TextEncoder
-    log = setup_logging("gateway")
+    log = setup_logging("gateway", args.log_format)
+    setup_tracing("gateway", args.tracing)
     security = security_from_args(args, "gateway")
     admin_token = read_secret("HMI_ADMIN_TOKEN", args.admin_token_file, "admin token")
     if security.auth and not admin_token:
@@ -112,9 +136,18 @@ def main(args: argparse.Namespace) -> None:
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     targets = compute_targets(args.compute or [v for v in (env("HMI_COMPUTE_ADDRS") or "").split(";") if v],
                               [m.name for m in models])
+    required = split_addresses(args.required_models) or [m.name for m in models]
+    unknown = [m for m in required if m not in targets]
+    if unknown:
+        raise SystemExit(f"--required-models names {unknown}, which are not among --model {list(targets)}")
     if args.change_poll_ms <= 0 or args.tenant_cache_ttl < 0:
         raise SystemExit("--change-poll-ms must be > 0 and --tenant-cache-ttl >= 0")
-    store = store_grpc.KnowledgeStoreStub(channel(args.store, security=security))
+    if min(args.default_deadline, args.max_deadline, args.probe_interval, args.discovery_interval) <= 0:
+        raise SystemExit("--default-deadline, --max-deadline, --probe-interval and --discovery-interval must be > 0")
+    set_max_deadline(args.max_deadline)
+    metrics.configure(args.metrics_top_tenants)
+    store_channel = channel(args.store, security=security)
+    store = store_grpc.KnowledgeStoreStub(store_channel)
     directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl, poll_seconds=args.change_poll_ms / 1e3,
                                 feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True,
                                                                            security=security)))
@@ -134,7 +167,12 @@ def main(args: argparse.Namespace) -> None:
         if max_sequence_tokens > dims.max_positions:
             raise SystemExit(f"--max-sequence-tokens {args.max_sequence_tokens} exceeds model {spec.name!r}'s "
                              f"{dims.max_positions} positions")
-        router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute, security=security)
+        try:
+            router = Router(targets[spec.name], inflight_per_replica=args.inflight_per_compute, model=spec.name,
+                            discovery_interval=args.discovery_interval, probe_interval=args.probe_interval,
+                            security=security)
+        except ValueError as error:
+            raise SystemExit(f"--compute for model {spec.name!r}: {error}") from None
         batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                                   max_batch_tenants=args.max_batch_tenants,
                                                   max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
@@ -150,17 +188,22 @@ def main(args: argparse.Namespace) -> None:
                                            dims.max_positions, eos_token_ids(spec.directory), router)
         lanes[spec.name] = ModelLane(spec.name, encoder, batcher, router, generation)
 
-    gateway = GatewayServicer(lanes, directory, access=access, quotas=quotas)
+    gateway = GatewayServicer(lanes, directory, default_timeout=args.default_deadline, access=access, quotas=quotas)
     admin = AdminServicer(store, directory, access=access)
+    register_state(lambda: metrics.lane_state(lanes))
 
     def register(server):
         pb_grpc.add_GatewayServicer_to_server(gateway, server)
         pb_grpc.add_AdminServicer_to_server(admin, server)
 
-    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=128,
+    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=args.workers,
                            metrics_port=args.metrics_port, security=security, reflection_on=args.reflection,
                            metrics_host=args.metrics_host)
-    serving = threading.Event()
+    for lane in lanes.values():
+        lane.router.start()
+    readiness = Readiness(running.health, store_channel, {name: lane.router for name, lane in lanes.items()},
+                          required, interval=args.probe_interval)
+    readiness.start()
     http = None
     if args.http and args.http.lower() != "off":
         # The HTTP front door calls the same servicers in process (services/gateway/http).
@@ -168,23 +211,23 @@ def main(args: argparse.Namespace) -> None:
         from services.gateway.http.auth import checked_by
         from services.gateway.http.server import HttpServer
         http = HttpServer(create_app(Doors(gateway, admin, {m.name: m.directory for m in models},
-                                           ready=serving.is_set), checked_by(access.principal_of)), args.http,
+                                           ready=readiness.ready), checked_by(access.principal_of)), args.http,
                           tls_cert=security.tls_cert, tls_key=security.tls_key)
         http.start()
-    running.set_serving(True)
-    serving.set()
     scheme = "https" if security.tls else "http"
-    log.info("gateway serving on %s%s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms; %s)",
+    log.info("gateway listening on %s%s (store %s; %s; batches <= %d tokens / %d tenants, wait <= %.1f ms; %s); %s",
              args.listen, f" and {scheme}://{args.http}" if http else "", args.store,
-             "; ".join(f"{name}: compute {','.join(targets[name])}" for name in lanes),
-             args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms, describe(security, internal=False))
+             "; ".join(f"{name}: compute {lane.router.describe()}" for name, lane in lanes.items()),
+             args.max_batch_tokens, args.max_batch_tenants, args.max_wait_ms, describe(security, internal=False),
+             "ready" if readiness.ready() else "not ready yet: " + "; ".join(readiness.problems))
 
     def stop():
-        serving.clear()
+        readiness.close()
         if http is not None:
             http.stop()
         directory.close()
         for lane in lanes.values():
             lane.batcher.close()
+            lane.router.close()
 
     wait_for_termination(running, log, on_stop=stop)

@@ -10,26 +10,25 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from prometheus_client import Counter, Histogram
 
 from hmi_proto.v1 import compute_pb2
 from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
+from services.common import tracing
 from services.common.decoding import UndecodableRequest
-from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
+from services.gateway import metrics
 from services.gateway.access import REFUSED, Access, Principal
 from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
 from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationLimits, TextStreamer, plan_generation
 from services.gateway.quotas import Permit, Quotas
-from services.gateway.router import Router
+from services.gateway.router import Replica, Router
 from services.gateway.tokenizer import TextEncoder
 
-REQUESTS = Counter("hmi_gateway_requests_total", "requests", ["method"])
-LATENCY = Histogram("hmi_gateway_request_seconds", "request latency", ["method"])
 ADMIN_TIMEOUT = 60.0
 BUILD_TIMEOUT = 6 * 3600.0
 
@@ -57,7 +56,24 @@ class GenerationSupport:
     max_positions: int
     eos_token_ids: tuple[int, ...]
     router: Router
-    timeout: float = 600.0
+    timeout: float = 600.0              # a stream's deadline when the caller gave none
+
+
+def answer_margin(timeout: float) -> float:
+    """How long before the caller's deadline the gateway gives up waiting, so that its own answer (which says
+    why: no replica reachable) arrives before the caller's deadline does."""
+    return min(0.1, 0.05 * timeout)
+
+
+def unreachable(error: grpc.RpcError) -> bool:
+    """The replica itself could not be reached (not a peer behind it): nothing ran, so another may run it."""
+    return (hasattr(error, "code") and error.code() == grpc.StatusCode.UNAVAILABLE
+            and "peer service" not in (error.details() or ""))
+
+
+def no_replica(lane_name: str, router: Router, waited: float) -> Unavailable:
+    return Unavailable(f"no compute replica of model {lane_name!r} is reachable ({router.describe()}); waited "
+                       f"{waited:.1f}s within the request's deadline: retry with backoff")
 
 
 def open_access() -> Access:
@@ -71,7 +87,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.lanes = lanes
         self.default_model = next(iter(lanes))
         self.directory = directory
-        self.default_timeout = default_timeout
+        self.default_timeout = default_timeout      # for calls without a deadline (Generate: its lane's own)
         self.access = access or open_access()
         self.quotas = quotas or Quotas()
 
@@ -91,25 +107,28 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      f"--model {route.model}=DIR and --compute {route.model}=ADDRESS")
         return lane
 
-    def _run(self, request, context, want_embedding: bool) -> tuple[list[SequenceResult], tuple[str, ...], int]:
+    def _run(self, request, context, want_embedding: bool,
+             observed: dict | None = None) -> tuple[list[SequenceResult], tuple[str, ...], int]:
         """Results per text, the tenant's labels and the tokens the texts came to.
 
         Resolves the tenant, queues its sequences and waits for them. Labels and adapter always come from one
         resolved version: when compute finds that version gone (the tenant was replaced or deleted, or its domain
         rebuilt, since this gateway resolved it), the tenant is resolved again and the request runs once more."""
         timeout = remaining_timeout(context, self.default_timeout)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         route = self.authorized_route(request.tenant_id, context, "Embed" if want_embedding else "Classify")
         permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
         try:
-            return self._run_admitted(request, context, want_embedding, deadline, timeout, route, permit)
+            return self._run_admitted(request, context, want_embedding, started, timeout, route, permit, observed)
         finally:
             permit.release()
 
-    def _run_admitted(self, request, context, want_embedding: bool, deadline: float, timeout: float,
-                      route: TenantRoute, permit: Permit) -> tuple[list[SequenceResult], tuple[str, ...], int]:
+    def _run_admitted(self, request, context, want_embedding: bool, started: float, timeout: float,
+                      route: TenantRoute, permit: Permit,
+                      observed: dict | None) -> tuple[list[SequenceResult], tuple[str, ...], int]:
+        deadline = started + timeout
         work: list[SequenceWork] = []
-        context.add_callback(lambda: [item.future.cancel() for item in work])   # the caller went away
+        context.add_callback(lambda: [item.abandon() for item in work])   # the caller went away
         encoded: tuple[str, list] | None = None
         for attempt in range(2):
             if attempt:
@@ -122,33 +141,50 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 raise FailedPrecondition(f"tenant {request.tenant_id!r} is embedding-only (registered without "
                                          f"labels, its adapter has no classification head): call Embed, or register "
                                          f"it again with --labels and a head to classify")
+            if observed is not None:
+                observed["model"] = lane.name
             if encoded is None or encoded[0] != lane.name:
                 encoded = (lane.name, lane.encoder.encode(list(request.texts), request.truncate))
+                metrics.TOKENS.labels(lane.name, "in").inc(sum(len(ids) for ids in encoded[1]))
                 if not attempt:
                     permit.charge(sum(len(ids) for ids in encoded[1]))     # tokens/s, before anything is queued
             work[:] = [SequenceWork(ids, route, deadline, want_embedding) for ids in encoded[1]]
             lane.batcher.submit(work)
             try:
-                results = [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
+                results = self._wait(work, lane, deadline, timeout, started)
                 return results, route.labels, sum(len(ids) for ids in encoded[1])
-            except FutureTimeout:
-                for item in work:
-                    item.future.cancel()
-                raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
-                                       f"or the deadline too short") from None
             except SequenceFailed as failure:
                 for item in work:
-                    item.future.cancel()
+                    item.abandon()
                 if not failure.stale or attempt:
                     raise
                 self.directory.invalidate(tenant_id=request.tenant_id, domain=route.domain)
         raise AssertionError("unreachable")
 
+    def _wait(self, work: list[SequenceWork], lane: ModelLane, deadline: float, timeout: float,
+              started: float) -> list[SequenceResult]:
+        """Every sequence's result; UNAVAILABLE (just before the deadline) when no replica was reachable the whole
+        time, DEADLINE_EXCEEDED when replicas were there but too slow."""
+        give_up = deadline - answer_margin(timeout)
+        try:
+            return [item.future.result(timeout=max(0.0, give_up - time.monotonic())) for item in work]
+        except FutureTimeout:
+            if not lane.router.usable_count():
+                for item in work:
+                    item.abandon()
+                raise no_replica(lane.name, lane.router, time.monotonic() - started) from None
+        try:
+            return [item.future.result(timeout=max(0.0, deadline - time.monotonic())) for item in work]
+        except FutureTimeout:
+            for item in work:
+                item.abandon()
+            raise DeadlineExceeded(f"no result within the deadline of {timeout:.2f}s; the service is overloaded "
+                                   f"or the deadline too short") from None
+
     @handles_errors
     def Classify(self, request, context) -> pb.ClassifyResponse:
-        REQUESTS.labels("Classify").inc()
-        with LATENCY.labels("Classify").time():
-            results, labels, tokens = self._run(request, context, want_embedding=False)
+        with metrics.observed("Classify", request.tenant_id, self._no_model) as observed:
+            results, labels, tokens = self._run(request, context, want_embedding=False, observed=observed)
             response = pb.ClassifyResponse(prompt_tokens=tokens)
             for result in results:
                 probabilities = softmax(result.logits.astype(np.float64))
@@ -158,61 +194,113 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     @handles_errors
     def Embed(self, request, context) -> pb.EmbedResponse:
-        REQUESTS.labels("Embed").inc()
-        with LATENCY.labels("Embed").time():
-            results, _, tokens = self._run(request, context, want_embedding=True)
+        with metrics.observed("Embed", request.tenant_id, self._no_model) as observed:
+            results, _, tokens = self._run(request, context, want_embedding=True, observed=observed)
             return pb.EmbedResponse(embeddings=[pb.Embedding(values=r.embedding.tolist()) for r in results],
                                     prompt_tokens=tokens)
 
+    @staticmethod
+    def _no_model() -> str:
+        return ""
+
     @handles_stream_errors
     def Generate(self, request, context):
-        REQUESTS.labels("Generate").inc()
+        with metrics.observed("Generate", request.tenant_id, self._no_model) as observed:
+            yield from self._generate(request, context, observed)
+
+    def _generate(self, request, context, observed: dict):
+        arrived = time.monotonic()
         route = self.authorized_route(request.tenant_id, context, "Generate")
         permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
         context.add_callback(permit.release)
         try:
-            yield from self._generate(request, context, route, permit)
+            yield from self._generate_admitted(request, context, observed, arrived, route, permit)
         finally:
             permit.release()
 
-    def _generate(self, request, context, route: TenantRoute, permit: Permit):
+    def _generate_admitted(self, request, context, observed: dict, arrived: float, route: TenantRoute,
+                           permit: Permit):
         if route.labels:
             raise FailedPrecondition(f"tenant {request.tenant_id!r} is a classifier: call Classify or Embed")
-        support = self._lane(route).generation
+        lane = self._lane(route)
+        support = lane.generation
         if support is None:
             raise FailedPrecondition(f"base model {route.model!r} is an encoder: it classifies and embeds, it does "
                                      f"not generate")
+        observed["model"] = lane.name
+        timeout = remaining_timeout(context, support.timeout)
+        deadline = arrived + timeout
         plan = plan_generation(support.tokenizer, request, support.limits, max_positions=support.max_positions,
                                eos_token_ids=support.eos_token_ids)
         permit.charge(len(plan.prompt_ids) + plan.max_new_tokens)      # tokens/s: what it may cost at most
+        metrics.TOKENS.labels(lane.name, "in").inc(len(plan.prompt_ids))
         generated = [0]
         try:
-            yield from self._stream(support, route, plan, context, generated)
+            yield from self._stream(request, context, observed, arrived, route, lane, plan, timeout, deadline,
+                                    generated)
         finally:
             permit.give_back(plan.max_new_tokens - generated[0])       # a stream that stopped early costs less
 
-    def _stream(self, support: GenerationSupport, route: TenantRoute, plan, context, generated: list[int]):
-        call = self._start_generation(support, route, plan, context)
-        context.add_callback(call.cancel)        # the client went away: compute frees the KV cache
+    def _stream(self, request, context, observed: dict, arrived: float, route: TenantRoute, lane: ModelLane, plan,
+                timeout: float, deadline: float, generated: list[int]):
+        support = lane.generation
         streamer = TextStreamer(support.tokenizer, plan.stop)
         first = True
-        for message in call:
-            generated[0] += len(message.token_ids)
-            ids = [t for t in message.token_ids if t not in plan.stop_token_ids]
-            piece = streamer.add(ids) if ids else ""
-            reason = "stop" if streamer.stopped else message.finish_reason
-            if reason:
-                piece += streamer.flush()
-            if piece or ids or reason or first:
-                yield pb.GenerateTextResponse(text=piece, token_ids=list(message.token_ids), finish_reason=reason,
-                                              prompt_tokens=len(plan.prompt_ids) if first else 0)
-                first = False
-            if reason:
-                call.cancel()
+        last_token_at = None
+        tried: set[str] = set()
+        while True:
+            replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)
+            call = self._start_generation(replica, route, plan, max(0.05, deadline - time.monotonic()))
+            context.add_callback(call.cancel)        # the client went away: compute frees the KV cache
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    generated[0] += len(message.token_ids)
+                    if message.token_ids:
+                        now = time.monotonic()
+                        if last_token_at is None:
+                            metrics.TTFT_SECONDS.labels(lane.name).observe(now - arrived)
+                        else:
+                            metrics.INTER_TOKEN_SECONDS.labels(lane.name).observe(now - last_token_at)
+                        last_token_at = now
+                        metrics.TOKENS.labels(lane.name, "out").inc(len(message.token_ids))
+                    ids = [t for t in message.token_ids if t not in plan.stop_token_ids]
+                    piece = streamer.add(ids) if ids else ""
+                    reason = "stop" if streamer.stopped else message.finish_reason
+                    if reason:
+                        piece += streamer.flush()
+                    if piece or ids or reason or first:
+                        yield pb.GenerateTextResponse(text=piece, token_ids=list(message.token_ids),
+                                                      finish_reason=reason,
+                                                      prompt_tokens=len(plan.prompt_ids) if first else 0)
+                        first = False
+                    if reason:
+                        call.cancel()
+                        return
                 return
+            except grpc.RpcError as error:
+                # Before compute answered anything the request may go to another replica (nothing was generated).
+                if received or not unreachable(error) or time.monotonic() >= deadline - answer_margin(timeout):
+                    raise
+                support.router.report_failure(replica)
+                tried.add(replica.address)
 
-    def _start_generation(self, support: GenerationSupport, route: TenantRoute, plan, context):
-        replica = support.router.home_replica(route.tenant_id)
+    def _generation_replica(self, lane: ModelLane, route: TenantRoute, deadline: float, timeout: float,
+                            arrived: float, tried: set[str]) -> Replica:
+        """The tenant's home replica (or the next usable one, skipping those tried); waits for one within the
+        deadline."""
+        router = lane.generation.router
+        while True:
+            ranked = router.ranked(route.tenant_id)
+            choice = next((r for r in ranked if r.address not in tried), ranked[0] if ranked else None)
+            if choice is not None:
+                router.claim(choice)
+                return choice
+            if not router.wait_usable(deadline - answer_margin(timeout)):
+                raise no_replica(lane.name, router, time.monotonic() - arrived)
+
+    def _start_generation(self, replica: Replica, route: TenantRoute, plan, timeout: float):
         params = compute_pb2.SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
                                             top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
                                             stop_token_ids=list(plan.stop_token_ids))
@@ -222,7 +310,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                         weight=self.quotas.effective(route.limits).weight)
         return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
                                                                  params=params),
-                                     timeout=remaining_timeout(context, support.timeout))
+                                     timeout=timeout, metadata=tracing.outgoing_metadata())
 
 
 class Relayed:
@@ -257,6 +345,11 @@ class Relayed:
 
     def answer(self, error: grpc.RpcError) -> BaseException:
         return self.error if self.error is not None else error
+
+
+def call_options(context, default_timeout: float) -> dict:
+    """The caller's deadline, request id and trace context, for the store call an admin call becomes."""
+    return {"timeout": remaining_timeout(context, default_timeout), "metadata": tracing.outgoing_metadata()}
 
 
 MAX_SCOPES_CACHED = 10_000
@@ -319,7 +412,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def _job(self, method, request_iterator, context):
         requests = Relayed(request_iterator)
         try:
-            for progress in method(requests, timeout=remaining_timeout(context, BUILD_TIMEOUT)):
+            for progress in method(requests, **call_options(context, BUILD_TIMEOUT)):
                 if progress.stage == "done":
                     self.directory.invalidate(domain=progress.domain.spec.name)
                 yield progress
@@ -329,12 +422,12 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_errors
     def GetDomain(self, request, context):
         self._require_domain(self._who(context), request.name, "GetDomain", context)
-        return self.store.GetDomain(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.GetDomain(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def ListDomains(self, request, context):
         principal = self._who(context)
-        reply = self.store.ListDomains(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        reply = self.store.ListDomains(request, **call_options(context, ADMIN_TIMEOUT))
         if principal.admin:
             return reply
         visible = self._visible_domains(principal, context)
@@ -343,7 +436,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_errors
     def DeleteDomain(self, request, context):
         self._admin(context, "DeleteDomain")
-        response = self.store.DeleteDomain(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        response = self.store.DeleteDomain(request, **call_options(context, ADMIN_TIMEOUT))
         self.directory.invalidate(domain=request.name)
         return response
 
@@ -352,7 +445,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         principal = self._who(context)
         principal.require_tenant_admin("Lookup (PLOT vectors, what training reads)")
         self._require_domain(principal, request.domain, "Lookup", context)
-        yield from self.store.Lookup(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        yield from self.store.Lookup(request, **call_options(context, ADMIN_TIMEOUT))
 
     # ---- tenants --------------------------------------------------------------------------------
 
@@ -367,7 +460,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             principal.require_tenant(first.spec.tenant_id, "RegisterTenant", manage=True)
             self._require_domain(principal, first.spec.domain, "RegisterTenant", context)
         try:
-            tenant = self.store.PutTenant(requests, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+            tenant = self.store.PutTenant(requests, **call_options(context, ADMIN_TIMEOUT))
         except grpc.RpcError as error:
             raise requests.answer(error) from None
         self.directory.invalidate(tenant_id=tenant.spec.tenant_id)
@@ -376,17 +469,17 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_errors
     def GetTenant(self, request, context):
         self._who(context).require_tenant(request.tenant_id, "GetTenant")
-        return self.store.GetTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.GetTenant(request, **call_options(context, ADMIN_TIMEOUT))
 
     def _tenants(self, context, domain: str = "") -> list[store_pb.Tenant]:
         return list(self.store.ListTenants(store_pb.ListTenantsRequest(domain=domain),
-                                           timeout=remaining_timeout(context, ADMIN_TIMEOUT)).tenants)
+                                           **call_options(context, ADMIN_TIMEOUT)).tenants)
 
     @handles_errors
     def ListTenants(self, request, context):
         principal = self._who(context)
         if principal.admin:
-            return self.store.ListTenants(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+            return self.store.ListTenants(request, **call_options(context, ADMIN_TIMEOUT))
         if request.limit < 0:
             raise InvalidArgument("limit must be >= 0")
         mine = [t for t in self._tenants(context, request.domain) if principal.covers(t.spec.tenant_id)]
@@ -396,19 +489,19 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_stream_errors
     def GetAdapter(self, request, context):
         self._who(context).require_tenant(request.tenant_id, "GetAdapter (exporting its weights)", manage=True)
-        yield from self.store.GetAdapter(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        yield from self.store.GetAdapter(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_stream_errors
     def GetBridge(self, request, context):
         principal = self._who(context)          # like Lookup: what training applies to the PLOT rows it reads
         principal.require_tenant_admin("GetBridge (a domain's bridge, what training reads)")
         self._require_domain(principal, request.domain, "GetBridge", context)
-        yield from self.store.GetBridge(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        yield from self.store.GetBridge(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def DeleteTenant(self, request, context):
         self._who(context).require_tenant(request.tenant_id, "DeleteTenant", manage=True)
-        response = self.store.DeleteTenant(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        response = self.store.DeleteTenant(request, **call_options(context, ADMIN_TIMEOUT))
         self.directory.invalidate(tenant_id=request.tenant_id)
         return response
 
@@ -417,31 +510,31 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_errors
     def Backup(self, request, context):
         self._admin(context, "Backup")
-        return self.store.Backup(request, timeout=remaining_timeout(context, BUILD_TIMEOUT))
+        return self.store.Backup(request, **call_options(context, BUILD_TIMEOUT))
 
     @handles_errors
     def CreateKey(self, request, context):
         self._admin(context, "CreateKey")
-        return self.store.CreateKey(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.CreateKey(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def ListKeys(self, request, context):
         self._admin(context, "ListKeys")
-        return self.store.ListKeys(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.ListKeys(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def RevokeKey(self, request, context):
         self._admin(context, "RevokeKey")
-        return self.store.RevokeKey(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.RevokeKey(request, **call_options(context, ADMIN_TIMEOUT))
 
     @handles_errors
     def SetTenantLimits(self, request, context):
         self._admin(context, "SetTenantLimits")
-        limits = self.store.SetTenantLimits(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        limits = self.store.SetTenantLimits(request, **call_options(context, ADMIN_TIMEOUT))
         self.directory.invalidate(tenant_id=limits.tenant_id)
         return limits
 
     @handles_errors
     def GetTenantLimits(self, request, context):
         self._who(context).require_tenant(request.tenant_id, "GetTenantLimits")
-        return self.store.GetTenantLimits(request, timeout=remaining_timeout(context, ADMIN_TIMEOUT))
+        return self.store.GetTenantLimits(request, **call_options(context, ADMIN_TIMEOUT))

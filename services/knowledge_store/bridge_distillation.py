@@ -34,7 +34,8 @@ class DistillSettings:
     heads: int = 4
     head_dim: int = 32
     ffn: int = 0                        # 0: the model's hidden size
-    max_tokens_total: int = 1_000_000   # corpus tokens kept as targets (fp16: 2 x hidden bytes each, twice)
+    max_tokens_total: int = 400_000     # corpus tokens kept as targets and rows (fp16: 4 x hidden bytes each;
+                                        # MiniLM: 600 MiB of store memory while it builds)
     seed: int = 0
 
     def validate(self) -> None:

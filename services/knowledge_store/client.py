@@ -16,6 +16,7 @@ from services.common.auth.peers import PeerSecurity
 from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
+from services.common.tracing import outgoing_metadata
 
 
 @dataclass
@@ -40,7 +41,8 @@ class StoreClient:
         request = lookup_request(domain, token_ids, offsets)
         request.domain_revision = domain_revision
         with resolved_errors():
-            return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+            return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout,
+                                                          metadata=outgoing_metadata()))
 
     def plot_rows(self, domain: str, windows: list[np.ndarray], first_positions: list[int],
                   context_tokens: list[int], timeout: float | None = None) -> list[np.ndarray]:
@@ -49,7 +51,8 @@ class StoreClient:
         request = lookup_request(domain, np.concatenate(windows), offsets)
         request.first_positions.extend(first_positions)
         request.context_tokens.extend(context_tokens)
-        reply = read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout))
+        reply = read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout,
+                                                          metadata=outgoing_metadata()))
         kept = np.concatenate([[0], np.cumsum([len(w) - c for w, c in zip(windows, context_tokens)])])
         return [reply.vectors[kept[i]:kept[i + 1]] for i in range(len(windows))]
 
@@ -57,14 +60,14 @@ class StoreClient:
         """NotFound (deleted) or StaleVersion (replaced) when `version` is no longer the tenant's."""
         with resolved_errors():
             stream = self.stub.GetAdapter(pb.GetAdapterRequest(tenant_id=tenant_id, version=version),
-                                          timeout=timeout or self.timeout)
+                                          timeout=timeout or self.timeout, metadata=outgoing_metadata())
             return join_chunks(chunk.data for chunk in stream)
 
     def get_bridge(self, domain: str, revision: int, timeout: float | None = None) -> bytes:
         """NotFound (no bridge, domain gone) or StaleVersion (rebuilt) when `revision` is no longer the domain's."""
         with resolved_errors():
             stream = self.stub.GetBridge(pb.GetBridgeRequest(domain=domain, revision=revision),
-                                         timeout=timeout or self.timeout)
+                                         timeout=timeout or self.timeout, metadata=outgoing_metadata())
             return join_chunks(chunk.data for chunk in stream)
 
     def changes(self, after: int, wait: float = 0.0, timeout: float = 10.0) -> pb.ListChangesResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.auth.flags import add_security_arguments, security_from_args
-from services.common.config import env, env_float, env_int, positive_float
+from services.common.config import add_observability_arguments, env, env_float, env_int, positive_float
 from services.common.limits import DEFAULT_MAX_RANK
 
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "traffic [HMI_LEARN_THRESHOLD]")
     parser.add_argument("--learn-interval", type=float, default=env_float("HMI_LEARN_INTERVAL", 2.0),
                         help="seconds between traffic flushes (materialisation, pruning) [HMI_LEARN_INTERVAL]")
-    parser.add_argument("--metrics-port", type=int, default=env_int("HMI_STORE_METRICS_PORT", 0))
+    add_observability_arguments(parser, "store")
     add_security_arguments(parser)
 
 
@@ -53,11 +53,15 @@ def main(args: argparse.Namespace) -> None:
     from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
     from services.common.auth.peers import describe
     from services.common.logs import setup_logging
+    from services.common.metrics import register_state
     from services.common.model_specs import parse_model_specs
     from services.common.server import start_server, wait_for_termination
+    from services.common.tracing import setup_tracing
+    from services.knowledge_store.metrics import store_state
     from services.knowledge_store.servicer import KnowledgeStoreServicer
     from services.knowledge_store.store import KnowledgeStore, StoreSettings
-    log = setup_logging("store")
+    log = setup_logging("store", args.log_format)
+    setup_tracing("store", args.tracing)
     security = security_from_args(args, "store")
     models = parse_model_specs(args.model or env("HMI_MODEL"))
     settings = StoreSettings(data_dir=Path(args.data_dir), model_dir=models[0].directory, model_name=models[0].name,
@@ -71,6 +75,7 @@ def main(args: argparse.Namespace) -> None:
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
     store = KnowledgeStore(settings)
     store.start_maintenance()
+    register_state(lambda: store_state(store))
     running = start_server(args.listen,
                            lambda server: pb_grpc.add_KnowledgeStoreServicer_to_server(
                                KnowledgeStoreServicer(store), server),

@@ -18,6 +18,7 @@ from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.access_records import KeyRecord, LimitsRecord
 from services.knowledge_store.bridge_distillation import DistillSettings
 from services.knowledge_store.domain_adaptation import AdaptSettings
+from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
 
@@ -269,6 +270,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         rows = len(token_ids) - (int(skip.sum()) if skip is not None else 0)
         slices = self.store.lookup_slices(request.domain, token_ids, offsets, first_positions=first,
                                           context_tokens=skip, domain_revision=request.domain_revision)
+        LOOKUPS.inc()
         depth_counts = None
         for record, result in slices:   # a slice at a time: a large answer is never held whole
             if depth_counts is None:
@@ -277,7 +279,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                                                                split_layer=record.split_layer,
                                                                bridge_revision=bridge_revision(record)))
             depth_counts += np.bincount(result.hit_depths, minlength=record.context + 1)[1:record.context + 1]
+            LOOKUP_TOKENS.inc(len(result.vectors))
             for chunk in split_chunks(result.vectors.tobytes()):
+                BYTES_STREAMED.labels("Lookup").inc(len(chunk))
                 yield pb.LookupResponse(chunk=chunk)
         # The header again, now with the hit depths of every slice (readers keep the last header).
         yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
@@ -318,12 +322,14 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def GetAdapter(self, request, context) -> Iterator[tensor_pb2.Chunk]:
         _record, data = self.store.get_adapter(request.tenant_id, request.version)
         for chunk in split_chunks(data, CHUNK_BYTES):
+            BYTES_STREAMED.labels("GetAdapter").inc(len(chunk))
             yield tensor_pb2.Chunk(data=chunk)
 
     @handles_stream_errors
     def GetBridge(self, request, context) -> Iterator[tensor_pb2.Chunk]:
         _record, data = self.store.get_bridge(request.domain, request.revision)
         for chunk in split_chunks(data, CHUNK_BYTES):
+            BYTES_STREAMED.labels("GetBridge").inc(len(chunk))
             yield tensor_pb2.Chunk(data=chunk)
 
     @handles_errors

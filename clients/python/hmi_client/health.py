@@ -34,13 +34,14 @@ def check(channel: grpc.Channel, service: str = "", timeout: float = 1.0) -> int
     return call(HealthCheckRequest(service=service), timeout=timeout).status
 
 
-def is_serving(address: str, timeout: float = 1.0, *, tls_ca: str | None = None, tls_cert: str | None = None,
-               tls_key: str | None = None) -> bool:
-    """True when the service at `address` answers SERVING (over TLS with `tls_ca`; `tls_cert` and `tls_key`
-    for a service that requires client certificates). The health service needs no credential."""
+def is_serving(address: str, timeout: float = 1.0, *, service: str = "", tls_ca: str | None = None,
+               tls_cert: str | None = None, tls_key: str | None = None) -> bool:
+    """True when the server at `address` answers SERVING for `service` ("" = the whole server; a name it does
+    not know counts as not serving), over TLS with `tls_ca` (`tls_cert` and `tls_key` for a server that
+    requires client certificates). The health service needs no credential."""
     from hmi_client.client import open_channel
     try:
         with open_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, options=[]) as channel:
-            return check(channel, timeout=timeout) == SERVING
-    except grpc.RpcError:
+            return check(channel, service, timeout=timeout) == SERVING
+    except grpc.RpcError:       # unreachable, or a name the server does not know (NOT_FOUND)
         return False

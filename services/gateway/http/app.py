@@ -14,10 +14,12 @@ from typing import Annotated, Any, Callable, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_proto.v1 import gateway_pb2 as pb
+from services.gateway import metrics
 from services.gateway.http.auth import AuthenticationFailed, Authenticator, Caller, allow_all, bearer_key
 from services.gateway.http.calls import CallFailed, InProcessContext, as_call_failed, error_body, http_error
 from services.gateway.http.chat import ChatTemplates
@@ -160,14 +162,31 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
                             for e in problems) or "invalid request"
         return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
+        metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(caller: CallerDep) -> Response:
+        # Metrics name the busiest tenants: on the public door, for the admin only (Prometheus scrapes the
+        # metrics port, which is not public).
+        if not doors.admin.access.principal_of(caller.api_key).admin:
+            raise ApiError(403, "/metrics needs the admin credential (Prometheus scrapes --metrics-port)")
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/health", tags=["health"], summary="liveness: the gateway process answers")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["health"], summary="readiness: the gateway serves requests")
+    @app.get("/ready", tags=["health"], summary="readiness: the store and compute for every model answer")
     async def ready():
         if not doors.ready():
-            return JSONResponse({"status": "starting"}, status_code=503)
+            return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "models": list(doors.gateway.lanes)}
 
     @app.post("/v1/classify", tags=["hmi"], summary="label and probabilities per text (a classifier tenant)")

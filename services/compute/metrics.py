@@ -1,0 +1,46 @@
+"""Compute's state as Prometheus metrics, read when scraped: adapter hits per tier (device slots, host cache,
+fetched from the store), slots and host cache in use, and for decoders the KV cache and the sequences running
+and waiting. Counters of batches, tokens and stage times live in pipeline.py."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+def compute_state(pool, engine, model: str) -> Iterator:
+    stats = pool.stats
+    hits = CounterMetricFamily("hmi_compute_adapter_lookups", "adapters a batch or stream needed, by where they "
+                               "were found: device (a slot), host (the host cache), store (fetched)",
+                               labels=["model", "tier"])
+    hits.add_metric([model, "device"], stats.device_hits)
+    hits.add_metric([model, "host"], stats.host_hits)
+    hits.add_metric([model, "store"], stats.misses)
+    evictions = CounterMetricFamily("hmi_compute_adapter_evictions", "adapters evicted from device slots",
+                                    labels=["model"])
+    evictions.add_metric([model], stats.evictions)
+    slots = GaugeMetricFamily("hmi_compute_adapter_slots", "device adapter slots, by state", labels=["model", "state"])
+    used = pool.used_slots()
+    slots.add_metric([model, "used"], used)
+    slots.add_metric([model, "free"], pool.num_slots - used)
+    host = GaugeMetricFamily("hmi_compute_host_cache_bytes", "adapters held in host memory (bytes), and the limit",
+                             labels=["model", "kind"])
+    host.add_metric([model, "used"], pool.host_bytes())
+    host.add_metric([model, "limit"], pool.host_cache_bytes)
+    yield from (hits, evictions, slots, host)
+    if engine is None:
+        return
+    snapshot = engine.snapshot()
+    kv = GaugeMetricFamily("hmi_compute_kv_cache_bytes", "KV cache reserved by running sequences, and the budget",
+                           labels=["model", "kind"])
+    kv.add_metric([model, "used"], snapshot.kv_bytes_used)
+    kv.add_metric([model, "budget"], snapshot.kv_budget_bytes)
+    sequences = GaugeMetricFamily("hmi_compute_generation_sequences", "generation requests running (in the batch) "
+                                  "and waiting (for KV cache)", labels=["model", "state"])
+    sequences.add_metric([model, "running"], snapshot.running)
+    sequences.add_metric([model, "waiting"], snapshot.waiting)
+    tokens = CounterMetricFamily("hmi_compute_generated_tokens", "tokens generated", labels=["model"])
+    tokens.add_metric([model], snapshot.tokens_generated)
+    steps = CounterMetricFamily("hmi_compute_generation_steps", "generation steps run", labels=["model"])
+    steps.add_metric([model], snapshot.steps)
+    yield from (kv, sequences, tokens, steps)
