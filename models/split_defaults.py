@@ -33,4 +33,5 @@ def default_split(dims: ModelDims) -> SplitDefault:
 
 # Mean accuracy loss of MiniLM at L = 3 with context 2 and its bridge, against the full model + LoRA trained on the
 # same examples (docs/accuracy.md).
-ENCODER_COST = "see docs/accuracy.md"
+ENCODER_COST = ("1.19 points below the full model + LoRA on SST-2 (0.8420 against 0.8539, 5 seeds; "
+                "docs/accuracy.md)")
