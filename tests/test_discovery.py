@@ -179,7 +179,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
         cluster.wait(cluster.gateway_addr)
         with HMIClient(cluster.gateway_addr, token=ADMIN_TOKEN, timeout=60) as client:
             client.build_domain("d", "\n".join(TEXTS * 3), split_layer=1, context=2, min_count=1)
-            cluster.tenants = [f"tenant-{i}" for i in range(16)]
+            cluster.tenants = choose_tenants(first, "127.0.0.5", cluster.port)
             for tenant in cluster.tenants:
                 client.register_tenant(tenant, "d", ["a", "b"], seed=1)
         yield cluster
@@ -189,6 +189,21 @@ def cluster(tmp_path_factory, tiny_model_dir):
 
 def home(tenant: str, hosts: list[str], port: int) -> str:
     return max(hosts, key=lambda h: _score(tenant, f"{h}:{port}"))
+
+
+def choose_tenants(first: list[str], later: str, port: int, count: int = 16) -> list[str]:
+    """Tenant names whose homes cover every first replica and move some to the later one.
+
+    Homes hash the replica's address, and the port is free-picked per run, so a fixed list of names
+    sometimes leaves a replica without a tenant; picking by hash keeps the tests about routing, not luck.
+    """
+    names = [f"tenant-{i}" for i in range(1000)]
+    chosen: list[str] = []
+    for host in first:
+        chosen += [t for t in names if t not in chosen and home(t, first, port) == host][:3]
+    chosen += [t for t in names if t not in chosen and home(t, first + [later], port) == later][:3]
+    chosen += [t for t in names if t not in chosen][:count - len(chosen)]
+    return chosen
 
 
 def test_three_replicas_behind_one_name_receive_affinity_routed_batches(cluster):
