@@ -80,11 +80,12 @@ def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, 
     evaluation = build_examples(plot, tokenizer, domain, split_layer, eval_rows, label_index, args.max_tokens)
     accuracies = []
     started = time.perf_counter()
+    targets, epochs = (args.targets, args.epochs) if split_layer == 0 else (args.tenant_targets, args.tenant_epochs)
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
-                                                      rank=args.rank, alpha=2.0 * args.rank, epochs=args.epochs,
+                                                      rank=args.rank, alpha=2.0 * args.rank, epochs=epochs,
                                                       learning_rate=args.learning_rate, seed=seed,
-                                                      targets=tuple(args.targets.split(","))))
+                                                      targets=tuple(targets.split(","))))
         trainer.fit(train)
         accuracies.append(trainer.accuracy(evaluation))
         print(f"   seed {seed}: {accuracies[-1]:.4f}", flush=True)
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-count", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--targets", default="query,value", help="LoRA targets of every tenant and the reference")
+    parser.add_argument("--targets", default="query,value", help="LoRA targets of the reference (full model)")
+    parser.add_argument("--tenant-targets", default="",
+                        help="LoRA targets of the tenants at L > 0 (default: --targets)")
+    parser.add_argument("--tenant-epochs", type=int, default=0, help="epochs of the tenants at L > 0 (0: --epochs)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of adaptation (and training without --seeds)")
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     args.seed_list = parse_list(args.seeds) or [args.seed]
+    args.tenant_targets = args.tenant_targets or args.targets
+    args.tenant_epochs = args.tenant_epochs or args.epochs
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods takes {', '.join(METHODS)}")
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
-               "rank": args.rank, "targets": args.targets, "seeds": args.seed_list,
+               "rank": args.rank, "targets": args.targets, "tenant_targets": args.tenant_targets,
+               "tenant_epochs": args.tenant_epochs, "seeds": args.seed_list,
                "position_offsets": not args.no_position_offsets, "methods": methods,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "configurations": []}
