@@ -39,6 +39,7 @@ from models.adapter_format import serialize_adapter  # noqa: E402
 from models.bridge import bridge_rows, parse_bridge  # noqa: E402
 from models.encoder import EncoderModel  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
+from models.split_defaults import tenant_targets  # noqa: E402
 from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
 from services.knowledge_store.bridge_distillation import DistillSettings  # noqa: E402
 from services.knowledge_store.domain_adaptation import AdaptSettings  # noqa: E402
@@ -80,7 +81,10 @@ def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, 
     evaluation = build_examples(plot, tokenizer, domain, split_layer, eval_rows, label_index, args.max_tokens)
     accuracies = []
     started = time.perf_counter()
-    targets, epochs = (args.targets, args.epochs) if split_layer == 0 else (args.tenant_targets, args.tenant_epochs)
+    targets, epochs = args.targets, args.epochs
+    if split_layer > 0:     # what `hmi tenant train` does by default above a split, unless the study says otherwise
+        targets = args.tenant_targets or ",".join(tenant_targets(model.dims, split_layer))
+        epochs = args.tenant_epochs
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
                                                       rank=args.rank, alpha=2.0 * args.rank, epochs=epochs,
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="query,value", help="LoRA targets of the reference (full model)")
     parser.add_argument("--tenant-targets", default="",
-                        help="LoRA targets of the tenants at L > 0 (default: --targets)")
+                        help="LoRA targets of the tenants at L > 0 (default: what `hmi tenant train` adapts there)")
     parser.add_argument("--tenant-epochs", type=int, default=0, help="epochs of the tenants at L > 0 (0: --epochs)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -139,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     args.seed_list = parse_list(args.seeds) or [args.seed]
-    args.tenant_targets = args.tenant_targets or args.targets
     args.tenant_epochs = args.tenant_epochs or args.epochs
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS):
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
-               "rank": args.rank, "targets": args.targets, "tenant_targets": args.tenant_targets,
+               "rank": args.rank, "targets": args.targets, "tenant_targets": args.tenant_targets or "default",
                "tenant_epochs": args.tenant_epochs, "seeds": args.seed_list,
                "position_offsets": not args.no_position_offsets, "methods": methods,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.adapter_format import DEFAULT_TARGETS
 from models.dims import ModelDims
 
 ENCODER_CONTEXT = 2     # PLOT keys a token by itself and its left neighbour; the bridge supplies the rest
@@ -29,6 +30,22 @@ def default_split(dims: ModelDims) -> SplitDefault:
     if dims.is_decoder:
         return SplitDefault(0, 1, False, "exact (the perplexity study found no split a decoder tenant would accept)")
     return SplitDefault(dims.layers // 2, ENCODER_CONTEXT, True, ENCODER_COST)
+
+
+# Every projection of an encoder layer that a LoRA can adapt.
+ENCODER_PROJECTIONS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
+
+def tenant_targets(dims: ModelDims, split_layer: int) -> tuple[str, ...]:
+    """The projections a tenant's LoRA adapts when its trainer names none.
+
+    Above a split an encoder tenant has only the upper layers to adapt; LoRA on query and value there (what
+    it gets on the full model) leaves accuracy behind that adapting every projection of those layers
+    recovers (docs/accuracy.md). Decoders and unsplit encoders keep query and value.
+    """
+    if dims.is_decoder or split_layer == 0:
+        return DEFAULT_TARGETS
+    return ENCODER_PROJECTIONS
 
 
 # Mean accuracy loss of MiniLM at L = 3 with context 2 and its bridge, against the full model + LoRA trained on the

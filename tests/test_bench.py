@@ -45,6 +45,32 @@ def test_naive_peft_and_hmi_agree_at_split_layer_zero(tiny_model_dir):
     assert answers["hmi"] == answers["naive"]
 
 
+def test_naive_and_peft_serve_the_same_tenants_above_a_split(tiny_model_dir):
+    """Above a split the tenants adapt every projection of the computed layers; the merged model and PEFT's
+    mixed batches must still compute the same thing (the logits, not only the labels)."""
+    import torch
+
+    from hmi.bench.systems import BenchSettings, NaiveSystem, PeftSystem, tenant_adapter
+    from models.dims import ModelDims
+    from models.split_defaults import ENCODER_PROJECTIONS
+    folder = tiny_model_dir
+    dims = ModelDims.from_dir(folder)
+    assert {t for _, t in tenant_adapter(dims, 0, 2).lora} == set(ENCODER_PROJECTIONS)
+    settings = BenchSettings(model_dir=folder, split_layer=2, memory_budget_bytes=1 << 30)
+    naive, peft = NaiveSystem(settings, 3), PeftSystem(settings, 3)
+    try:
+        texts = ["the film was good", "a dull and long meal", "service"]
+        for tenant in range(3):
+            for text in texts:
+                expected = naive.logits(tenant, [text])
+                assert torch.allclose(peft.logits(tenant, [text]), expected, atol=1e-4), (tenant, text)
+        assert not torch.allclose(naive.logits(0, texts[:1]), naive.logits(1, texts[:1]), atol=1e-3), \
+            "different tenants compute different logits"
+    finally:
+        naive.close()
+        peft.close()
+
+
 def test_bench_command_writes_the_documented_json(tmp_path, tiny_model_dir):
     """Several split layers in one command: one entry per L (hmi@L0, hmi@L2), same fields, and ratios."""
     out = tmp_path / "bench.json"

@@ -37,7 +37,7 @@ def test_trained_tenant_is_accurate_through_the_gateway(services, client, tmp_pa
     result = subprocess.run(hmi_command() + ["tenant", "train", "critic", "--domain", "reviews", "--train",
                                             str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                                             "--model", str(tiny_model_dir), "--epochs", "10", "--seed", "1",
-                                            "--learning-rate", "0.03"],  # a random tiny model needs a large step
+                                            "--learning-rate", "0.003"],  # a random tiny model needs a larger step
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = float(re.search(r"eval accuracy ([\d.]+)", result.stdout)[1])
@@ -47,6 +47,13 @@ def test_trained_tenant_is_accurate_through_the_gateway(services, client, tmp_pa
     served = sum(p.label == r["label"] for p, r in zip(predictions, evaluation)) / len(evaluation)
     assert served >= 0.9, f"served accuracy {served:.2f}"
     assert served == pytest.approx(reported, abs=0.05), "the served path must behave as the trainer measured"
+    # Above a split the trainer adapts every projection of the computed layers (and only those) by default.
+    from models.adapter_format import parse_adapter
+    from models.dims import ModelDims
+    from models.split_defaults import ENCODER_PROJECTIONS
+    adapter = parse_adapter(client.get_adapter("critic"), ModelDims.from_dir(tiny_model_dir), num_labels=2)
+    assert set(adapter.lora) == {(layer, target) for layer in range(1, ModelDims.from_dir(tiny_model_dir).layers)
+                                 for target in ENCODER_PROJECTIONS}
 
 
 def test_retrained_adapter_is_served_on_the_next_request(services, client, tmp_path, tiny_model_dir):

@@ -29,9 +29,10 @@ from models.dims import ModelDims
 from models.loading import load_bert, load_tokenizer
 from models.lora_merge import merged_model
 from models.lower import pad_batch as pad
+from models.peft_format import MODULES
+from models.split_defaults import tenant_targets
 from services.training.tenant_training import encode as encode_texts
 
-TARGETS = ("query", "value")
 RANK = 8
 LABELS = ["a", "b"]
 
@@ -49,9 +50,15 @@ class BenchSettings:
 
 
 def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
-    """Tenant i's adapter, the same in every system: LoRA on the layers HMI computes, and a head."""
-    return random_adapter(dims, num_labels=len(LABELS), rank=RANK, first_layer=split_layer, targets=TARGETS,
-                          seed=tenant + 1)
+    """Tenant i's adapter, the same in every system: LoRA on the layers HMI computes, on the projections
+    `hmi tenant train` adapts there by default, and a head."""
+    return random_adapter(dims, num_labels=len(LABELS), rank=RANK, first_layer=split_layer,
+                          targets=tenant_targets(dims, split_layer), seed=tenant + 1)
+
+
+def peft_modules(targets: tuple[str, ...]) -> dict[str, str]:
+    """HMI target -> module path within a BERT layer (PEFT's `target_modules` match these as suffixes)."""
+    return {target: path for path, target in MODULES["bert"][1].items() if target in targets}
 
 
 def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
@@ -121,14 +128,16 @@ class NaiveSystem:
         self.lock = threading.Lock()
         self.loads = 0
 
-    @torch.inference_mode()
     def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        return self.logits(tenant, texts).argmax(-1).tolist()
+
+    @torch.inference_mode()
+    def logits(self, tenant: int, texts: list[str]) -> torch.Tensor:
         with self.lock:   # one model, one request at a time: the naive deployment
             model, adapter = self._model(tenant)
             ids, mask = pad(encode(self.tokenizer, texts, self.settings.max_tokens))
             hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            logits = mean_pool(hidden, mask) @ adapter.head_weight.T + adapter.head_bias
-            return logits.argmax(-1).tolist()
+            return mean_pool(hidden, mask) @ adapter.head_weight.T + adapter.head_bias
 
     def _model(self, tenant: int):
         if tenant in self.models:
@@ -157,8 +166,9 @@ class PeftSystem:
         self.dims = ModelDims.from_dir(settings.model_dir)
         self.tokenizer = load_tokenizer(settings.model_dir)
         layers = list(range(settings.split_layer, self.dims.layers))
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS), layers_to_transform=layers,
-                            lora_dropout=0.0)
+        self.modules = peft_modules(tenant_targets(self.dims, settings.split_layer))
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(self.modules.values()),
+                            layers_to_transform=layers, lora_dropout=0.0)
         self.model = get_peft_model(load_bert(settings.model_dir), config, adapter_name="t0")
         heads_w, heads_b = [], []
         for tenant in range(tenants):
@@ -178,17 +188,20 @@ class PeftSystem:
         encoder = self.model.base_model.model.encoder
         with torch.no_grad():
             for (layer, target), (a, b) in adapter.lora.items():
-                module = getattr(encoder.layer[layer].attention.self, target)
+                module = encoder.layer[layer].get_submodule(self.modules[target])
                 module.lora_A[name].weight.copy_(a)
                 module.lora_B[name].weight.copy_(b)
 
     def classify(self, tenant: int, texts: list[str]) -> list[int]:
+        return self.logits(tenant, texts).argmax(-1).tolist()
+
+    def logits(self, tenant: int, texts: list[str]) -> torch.Tensor:
         futures = []
         for ids in encode(self.tokenizer, texts, self.settings.max_tokens):
             future: Future = Future()
             self.worker.submit((tenant, ids, future))
             futures.append(future)
-        return [f.result() for f in futures]
+        return torch.stack([f.result() for f in futures])
 
     def _run(self, batch: list[tuple]) -> None:
         ids, mask = pad([ids for _, ids, _ in batch])
@@ -198,8 +211,8 @@ class PeftSystem:
         pooled = mean_pool(hidden, mask)
         index = torch.tensor(tenants)
         logits = torch.einsum("bh,blh->bl", pooled, self.head_weight[index]) + self.head_bias[index]
-        for (_, _, future), label in zip(batch, logits.argmax(-1).tolist()):
-            future.set_result(label)
+        for (_, _, future), row in zip(batch, logits):
+            future.set_result(row)
 
     def details(self) -> dict:
         return {"adapters_loaded": self.head_weight.shape[0]}

@@ -119,7 +119,8 @@ def cmd_tenant_train(args) -> int:
             report = train_tenant(client, model_dir, args.domain, Path(args.train),
                                   Path(args.eval) if args.eval else None, labels, epochs=args.epochs, rank=args.rank,
                                   learning_rate=args.learning_rate, batch_size=args.batch_size,
-                                  max_train=args.max_train, seed=args.seed, progress=progress)
+                                  max_train=args.max_train, seed=args.seed, progress=progress,
+                                  targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
             progress.close()
             print(f"trained on {report.train_examples} examples; eval accuracy {report.eval_accuracy:.4f} "
                   f"on {report.eval_examples} examples (final loss {report.final_loss:.4f})")
@@ -178,9 +179,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default=None, help="the domain's base model folder (default: the domain's packaged "
                                                  "model, else HMI_MODEL)")
     p.add_argument("--max-steps", type=int, default=0, help="generative tenants: stop after N steps (0: epochs)")
-    p.add_argument("--targets", default="query,value",
-                   help="generative tenants: projections that get LoRA (query,key,value,attn_out,ffn_in,ffn_out; "
-                        "Llama also ffn_gate)")
+    p.add_argument("--targets", default="",
+                   help="projections that get LoRA (query,key,value,attn_out,ffn_in,ffn_out; Llama also ffn_gate). "
+                        "Default: every one of them on an encoder domain with a split layer, query,value otherwise")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=2e-3)

@@ -19,6 +19,7 @@ from models.adapter_format import serialize_adapter
 from models.decoder import DecoderModel
 from models.encoder import EncoderModel
 from models.loading import load_tokenizer
+from models.split_defaults import tenant_targets
 from services.common.errors import InvalidArgument
 from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from services.training.trainer import AdapterTrainer, Example, TrainSettings
@@ -81,7 +82,9 @@ def build_examples(client, tokenizer, domain: str, split_layer: int, rows: list[
 def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_path: Path | None,
                  labels: list[str] | None, *, epochs: int = 3, rank: int = 8, learning_rate: float = 2e-3,
                  batch_size: int = 32, max_train: int = 0, max_tokens: int = 128, seed: int = 0,
+                 targets: tuple[str, ...] = (),
                  progress: Callable[[int, int, float], None] | None = None) -> TrainReport:
+    """Trains a classifier tenant; `targets` empty: what the domain's split recommends (`tenant_targets`)."""
     record = client.get_domain(domain)
     split_layer = record.spec.split_layer
     train_rows = read_labeled(train_path, max_train)
@@ -96,7 +99,8 @@ def train_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_pa
     model = EncoderModel(model_dir, torch.device("cpu"))
     trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(labels), rank=rank,
                                                   alpha=2.0 * rank, epochs=epochs, batch_size=batch_size,
-                                                  learning_rate=learning_rate, seed=seed))
+                                                  learning_rate=learning_rate, seed=seed,
+                                                  targets=targets or tenant_targets(model.dims, split_layer)))
     loss = trainer.fit(train, progress)
     accuracy = trainer.accuracy(evaluation)
     return TrainReport(len(train), len(evaluation), accuracy, loss, labels, serialize_adapter(trainer.adapter()))
@@ -148,15 +152,17 @@ def build_text_examples(client, tokenizer, domain: str, split_layer: int, texts:
 def train_generative_tenant(client, model_dir: Path, domain: str, train_path: Path, eval_path: Path | None, *,
                             epochs: int = 1, rank: int = 8, learning_rate: float = 1e-3, batch_size: int = 8,
                             max_train: int = 0, max_tokens: int = 64, max_steps: int = 0, seed: int = 0,
-                            targets: tuple[str, ...] = ("query", "value"),
+                            targets: tuple[str, ...] = (),
                             progress: Callable[[int, int, float], None] | None = None) -> TextTrainReport:
     split_layer = client.get_domain(domain).spec.split_layer
+    model = DecoderModel(model_dir, torch.device("cpu"))
     tokenizer = load_tokenizer(model_dir)
     train = build_text_examples(client, tokenizer, domain, split_layer, read_texts(train_path, max_train), max_tokens)
     evaluation = build_text_examples(client, tokenizer, domain, split_layer, read_texts(eval_path), max_tokens) \
         if eval_path else []
-    trainer = CausalTrainer(DecoderModel(model_dir, torch.device("cpu")),
-                            CausalTrainSettings(split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets,
+    trainer = CausalTrainer(model,
+                            CausalTrainSettings(split_layer=split_layer, rank=rank, alpha=2.0 * rank,
+                                                targets=targets or tenant_targets(model.dims, split_layer),
                                                 epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                                 seed=seed, max_steps=max_steps))
     base = trainer.perplexity(evaluation, with_adapter=False)
