@@ -76,15 +76,21 @@ def parse_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def targets_at(args, dims, split_layer: int) -> str:
+    """The reference's LoRA targets at L = 0; above a split what `hmi tenant train` adapts by default, unless
+    --tenant-targets says otherwise."""
+    if split_layer == 0:
+        return args.targets
+    return args.tenant_targets or ",".join(tenant_targets(dims, split_layer))
+
+
 def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, label_index, args):
     train = build_examples(plot, tokenizer, domain, split_layer, train_rows, label_index, args.max_tokens)
     evaluation = build_examples(plot, tokenizer, domain, split_layer, eval_rows, label_index, args.max_tokens)
     accuracies = []
     started = time.perf_counter()
-    targets, epochs = args.targets, args.epochs
-    if split_layer > 0:     # what `hmi tenant train` does by default above a split, unless the study says otherwise
-        targets = args.tenant_targets or ",".join(tenant_targets(model.dims, split_layer))
-        epochs = args.tenant_epochs
+    targets = targets_at(args, model.dims, split_layer)
+    epochs = args.tenant_epochs if split_layer > 0 else args.epochs
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
                                                       rank=args.rank, alpha=2.0 * args.rank, epochs=epochs,
@@ -238,6 +244,7 @@ def run_method(method, adapted, split_layer, context, store, plot, model, tokeni
     accuracy, adapter_bytes, seconds = run_one(model, source, tokenizer, name, split_layer, train_rows, eval_rows,
                                                label_index, args)
     row = {"split_layer": split_layer, "context": context, "method": method, "domain_adapted": adapted,
+           "tenant_targets": targets_at(args, dims, split_layer),
            "position_offsets": not args.no_position_offsets,
            "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
            "accuracy_loss_points": 100 * (reference["accuracy"] - accuracy.mean),
@@ -285,12 +292,14 @@ def plot_results(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    series = sorted({(row.get("method", "plot"), row["context"], row["domain_adapted"])
-                     for row in results["configurations"]})
-    for method, context, adapted in series:
-        rows = [r for r in results["configurations"] if (r.get("method", "plot"), r["context"],
-                                                          r["domain_adapted"]) == (method, context, adapted)]
-        label = f"{method}, k = {context}{', adapted' if adapted else ''}"
+    def key(row: dict) -> tuple:
+        return (row.get("method", "plot"), row["context"], row["domain_adapted"],
+                row.get("tenant_targets", results.get("targets", "query,value")))
+
+    for method, context, adapted, targets in sorted({key(row) for row in results["configurations"]}):
+        rows = [r for r in results["configurations"] if key(r) == (method, context, adapted, targets)]
+        label = (f"{method}, k = {context}{', adapted' if adapted else ''}, LoRA on "
+                 f"{'every projection' if len(targets.split(',')) >= 6 else targets}")
         style = "--" if adapted else "-"
         left.errorbar([r["split_layer"] for r in rows], [r["accuracy"] for r in rows],
                       yerr=[r["accuracy_std"] for r in rows], fmt=style, marker="o", capsize=3, label=label)

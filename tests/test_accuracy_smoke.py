@@ -33,6 +33,7 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
     for row in rows:
         assert set(row) >= {"split_layer", "context", "domain_adapted", "accuracy", "plot_bytes", "method"}
         assert row["method"] == "bridge", "with no method flags the study measures what `hmi domain build` does"
+        assert row["tenant_targets"] == "query,key,value,attn_out,ffn_in,ffn_out", "and what `hmi tenant train` does"
         if row["bridge"] is not None:   # kept only when it lowered the held-out error
             assert row["bridge"]["steps"] == 5 and row["layers_computed"] > 4 - row["split_layer"]
         assert row["plot_bytes"] > 0 and 0.0 <= row["accuracy"] <= 1.0 and len(row["accuracies"]) == 2
