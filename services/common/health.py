@@ -22,6 +22,8 @@ from typing import Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.interception import replace_behavior, run_inside
+
 log = logging.getLogger("hmi.health")
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 LIVENESS = "liveness"
@@ -91,6 +93,12 @@ class _Slot:
     def __del__(self) -> None:
         self.release()
 
+    def __enter__(self) -> "_Slot":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
 
 class ConcurrencyLimit(grpc.ServerInterceptor):
     """Refuses calls beyond `limit` in progress with RESOURCE_EXHAUSTED, as gRPC's `maximum_concurrent_rpcs`
@@ -132,29 +140,7 @@ def _delegate(behavior):
 
 
 def _holding(handler, slot: _Slot):
-    def unary(behavior):
-        def run(request, context):
-            try:
-                return behavior(request, context)
-            finally:
-                slot.release()
-        return run
-
-    def streaming(behavior):
-        def run(request, context):
-            try:
-                yield from behavior(request, context)
-            finally:
-                slot.release()
-        return run
-
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=unary(handler.unary_unary))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=streaming(handler.unary_stream))
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=unary(handler.stream_unary))
-    return handler._replace(stream_stream=streaming(handler.stream_stream))
+    return run_inside(handler, lambda _context: slot)
 
 
 def _refusal(handler, message: str):
@@ -167,13 +153,7 @@ def _refusal(handler, message: str):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         yield  # pragma: no cover - abort raises
 
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=refuse)
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=refuse_stream)
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=refuse)
-    return handler._replace(stream_stream=refuse_stream)
+    return replace_behavior(handler, lambda _behavior: refuse, lambda _behavior: refuse_stream)
 
 
 class HealthReport:

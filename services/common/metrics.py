@@ -3,11 +3,11 @@ progress; a bounded set of tenant label values; collectors that read a service's
 metrics HTTP endpoint (`--metrics-port`). The README lists every metric and what it means."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from services.common.errors import HMIError
 from services.common.health import is_health_method
+from services.common.interception import run_inside
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 CALLS = Counter("hmi_requests_total", "gRPC calls answered, by service, method and status code",
@@ -52,44 +53,21 @@ class CallMetrics(grpc.ServerInterceptor):
         if handler is None or is_health_method(full) or full.startswith("/grpc.reflection."):
             return handler
         service, method = split_method(full)
+        return run_inside(handler, lambda context: _observed(service, method, context))
 
-        def unary(behavior):
-            @functools.wraps(behavior)     # keeps a refusal's fast_path mark
-            def run(request, context):
-                started = time.perf_counter()
-                IN_PROGRESS.labels(service).inc()
-                error = None
-                try:
-                    return behavior(request, context)
-                except BaseException as raised:
-                    error = raised
-                    raise
-                finally:
-                    _observe(service, method, context, error, started)
-            return run
 
-        def streaming(behavior):
-            @functools.wraps(behavior)
-            def run(request, context):
-                started = time.perf_counter()
-                IN_PROGRESS.labels(service).inc()
-                error = None
-                try:
-                    yield from behavior(request, context)
-                except BaseException as raised:
-                    error = raised
-                    raise
-                finally:
-                    _observe(service, method, context, error, started)
-            return run
-
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
+@contextlib.contextmanager
+def _observed(service: str, method: str, context) -> Iterator[None]:
+    started = time.perf_counter()
+    IN_PROGRESS.labels(service).inc()
+    error = None
+    try:
+        yield
+    except BaseException as raised:
+        error = raised
+        raise
+    finally:
+        _observe(service, method, context, error, started)
 
 
 def _observe(service: str, method: str, context, error: BaseException | None, started: float) -> None:

@@ -14,7 +14,6 @@ with the `tracing` extra (`pip install 'hmi[tracing]'`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import threading
 from typing import Any, Iterable, Iterator
@@ -29,6 +28,7 @@ from services.common.call_context import (
     set_request_id,
 )
 from services.common.health import is_health_method
+from services.common.interception import run_inside
 
 _tracer = None                          # an opentelemetry Tracer once setup_tracing configured one
 _SKIPPED = ("/grpc.reflection.",)
@@ -172,28 +172,7 @@ class CallContext(grpc.ServerInterceptor):
         if handler is None or is_health_method(method) or method.startswith(_SKIPPED):
             return handler
         metadata = tuple(handler_call_details.invocation_metadata or ())
-
-        def unary(behavior):
-            @functools.wraps(behavior)     # keeps a refusal's fast_path mark
-            def run(request, context):
-                with _serving(method, metadata, context):
-                    return behavior(request, context)
-            return run
-
-        def streaming(behavior):
-            @functools.wraps(behavior)
-            def run(request, context):
-                with _serving(method, metadata, context):
-                    yield from behavior(request, context)
-            return run
-
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return run_inside(handler, lambda context: _serving(method, metadata, context))
 
 
 @contextlib.contextmanager
