@@ -54,6 +54,12 @@ class CausalTrainer:
 
     def token_losses(self, examples: list[TextExample], with_adapter: bool = True) -> torch.Tensor:
         """Negative log-likelihood of every next token of every example (packed, one segment)."""
+        logits, targets = self.next_token_logits(examples, with_adapter)
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def next_token_logits(self, examples: list[TextExample], with_adapter: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at every position that has a next token, and that token (packed in example order)."""
         inputs, lengths = entry_states(self.model, self.settings.split_layer, examples)
         bounds = inputs.bounds
         caches = [self.model.new_cache(self.settings.split_layer, n) for n in lengths]
@@ -63,7 +69,7 @@ class CausalTrainer:
         logits = self.model.logits(self.model.run(inputs, caches, LoRAWeights(lora_a, lora_b)))
         targets = torch.from_numpy(np.concatenate([e.token_ids for e in examples]).astype(np.int64))
         predict = torch.tensor([p for start, end in zip(bounds[:-1], bounds[1:]) for p in range(start, end - 1)])
-        return F.cross_entropy(logits[predict], targets[predict + 1], reduction="none")
+        return logits[predict], targets[predict + 1]
 
     def fit(self, train: list[TextExample], progress: Progress | None = None) -> float:
         if not train:
