@@ -54,12 +54,16 @@ def test_perplexity_study_writes_its_json_and_a_plot(tmp_path):
     out = tmp_path / "out" / "ppl.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "perplexity.py"), "--data", str(data),
                              "--model", str(model_dir), "--split-layers", "0,2", "--train-texts", "20",
-                             "--eval-texts", "10", "--steps", "8", "--learning-rate", "0.02", "--out", str(out)],
+                             "--eval-texts", "10", "--steps", "8", "--learning-rate", "0.02", "--corpus-texts", "20",
+                             "--methods", "plot,distill", "--distill-texts", "20", "--distill-steps", "12",
+                             "--distill-learning-rate", "0.01", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert [r["split_layer"] for r in rows] == [0, 2]
+    assert [(r["split_layer"], r["method"]) for r in rows] == [(0, "full"), (2, "plot"), (2, "distill")]
     assert rows[0]["plot_bytes"] == 0 and rows[1]["plot_bytes"] > 0
     for row in rows:
         assert row["perplexity"] < row["base_perplexity"], "training must lower held-out perplexity"
+    distilled = rows[2]
+    assert distilled["distill_kl_after"] < distilled["distill_kl_before"], "distillation must move toward the full model"
     assert out.with_suffix(".png").stat().st_size > 1000
