@@ -29,27 +29,10 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hmi.client import HMIClient, is_serving  # noqa: E402
-from hmi.launcher import free_port, hmi_command  # noqa: E402
+from hmi.launcher import free_port, hmi_command, serving_children  # noqa: E402
 from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
 TEXTS = ["the service was quick and friendly", "I would like a refund for my order"]
-
-
-def children(parent: int) -> dict[str, int]:
-    """`compute@ADDRESS` (and the other services) -> pid of the `hmi serve` children of `parent`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            args = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")]
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != parent or "serve" not in args:
-            continue
-        found[f"{args[args.index('serve') + 1]}@{args[args.index('--listen') + 1]}"] = int(entry.name)
-    return found
 
 
 def run_once(model: str, computes: int, args) -> dict:
@@ -94,13 +77,13 @@ def run_once(model: str, computes: int, args) -> dict:
         for thread in threads:
             thread.start()
         time.sleep(args.kill_at)
-        victim, pid = sorted((k, v) for k, v in children(up.pid).items() if k.startswith("compute@"))[0]
+        victim, pid = sorted((k, v) for k, v in serving_children(up.pid).items() if k.startswith("compute@"))[0]
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic() - started
         back = None
         while time.monotonic() - started < args.duration:
             if back is None:
-                new = children(up.pid).get(victim)
+                new = serving_children(up.pid).get(victim)
                 if new and new != pid and is_serving(victim.split("@")[1], timeout=0.5):
                     back = time.monotonic() - started
             time.sleep(0.1)

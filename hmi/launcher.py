@@ -72,6 +72,24 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def serving_children(parent: int) -> dict[str, int]:
+    """`KIND@ADDRESS` -> pid of every `hmi serve KIND --listen ADDRESS` process whose parent is `parent` (read
+    from /proc, so it sees restarts the caller did not make: the restart benchmark and tests watch `hmi up`)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != parent or "serve" not in args or "--listen" not in args:
+            continue
+        found[f"{args[args.index('serve') + 1]}@{args[args.index('--listen') + 1]}"] = int(entry.name)
+    return found
+
+
 def hmi_command() -> list[str]:
     """The `hmi` console script beside this interpreter (as installed), else `python -m hmi.cli`."""
     script = Path(sys.executable).parent / "hmi"

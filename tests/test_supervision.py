@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hmi.client import HMIClient, is_serving
-from hmi.launcher import free_port, hmi_command, port_taken
+from hmi.launcher import free_port, hmi_command, port_taken, serving_children
 from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -67,23 +67,8 @@ class Up:
         raise AssertionError(f"hmi up not ready in {timeout}s: {self.output()}")
 
     def children(self) -> dict[str, int]:
-        """Service name (store, compute-0, gateway, ...) -> pid, from /proc."""
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) != self.process.pid or b"serve" not in cmdline:
-                continue
-            args = [a.decode() for a in cmdline]
-            kind = args[args.index("serve") + 1]
-            listen = args[args.index("--listen") + 1]
-            found[f"{kind}@{listen}"] = int(entry.name)
-        return found
+        """`KIND@ADDRESS` (store, compute, gateway, ...) -> pid of the services this `hmi up` runs."""
+        return serving_children(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
