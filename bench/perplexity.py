@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-learning-rate", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    methods_at_split = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods_at_split) - {"plot", "distill"})
+    if unknown or not methods_at_split:
+        parser.error(f"--methods takes plot and/or distill, not {','.join(unknown) or 'nothing'}")
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     plot_bytes = record.plot_bytes
                 train = build_text_examples(plot, tokenizer, domain, split_layer, train_texts, args.max_tokens)
                 evaluation = build_text_examples(plot, tokenizer, domain, split_layer, eval_texts, args.max_tokens)
-                methods = [m.strip() for m in args.methods.split(",") if m.strip()] if split_layer else ["full"]
+                methods = methods_at_split if split_layer else ["full"]
                 for method in methods:
                     row = {"split_layer": split_layer, "context": args.context if split_layer else 0,
                            "method": method, "plot_bytes": plot_bytes,
@@ -95,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
                         served, distilled = distilled_model(model, plot, tokenizer, domain, split_layer,
                                                             distill_texts, args)
                         row.update(distilled)
-                    elif method not in ("plot", "full"):
-                        parser.error(f"unknown method {method!r}")
                     built = time.perf_counter()
                     trainer = CausalTrainer(served, CausalTrainSettings(
                         split_layer=split_layer, rank=args.rank, alpha=2.0 * args.rank, batch_size=args.batch_size,
