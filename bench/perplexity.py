@@ -151,16 +151,17 @@ def plot_results(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = report["results"]
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    labels = [f"L={r['split_layer']}" + ("+d" if r.get("method") == "distill" else "") if r["split_layer"] else "full"
-              for r in rows]
+    rows = sorted(report["results"], key=lambda r: (r["split_layer"], r.get("method") == "distill"))
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
+    labels = [(f"L={r['split_layer']}" + ("\n+domain LoRA" if r.get("method") == "distill" else ""))
+              if r["split_layer"] else "full" for r in rows]
     axis.bar([i - 0.2 for i in range(len(rows))], [r["base_perplexity"] for r in rows], 0.4, label="base model")
     axis.bar([i + 0.2 for i in range(len(rows))], [r["perplexity"] for r in rows], 0.4, label="tenant (LoRA)")
     axis.set_xticks(range(len(rows)), labels)
     axis.set_ylabel("held-out perplexity")
     axis.set_title(f"{report['model']} on {Path(report['data']).name}")
-    axis.legend()
+    axis.set_ylim(0, 1.3 * max(max(r["base_perplexity"], r["perplexity"]) for r in rows))
+    axis.legend(loc="upper left", fontsize="small", ncols=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
