@@ -10,19 +10,21 @@ would apply it as a second LoRA segment beside each tenant's adapter; it is meas
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from models.adapter_format import Adapter
+from models.adapter_format import TARGETS, Adapter
 from models.decoder import DecoderModel
 from models.lora_merge import merged_model
 from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from services.training.trainer import Progress, fit_batches
 
-LLAMA_PROJECTIONS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")
+
+def every_projection(model: DecoderModel) -> tuple[str, ...]:
+    """Every projection a LoRA can adapt in this model's layers (the gated MLP's gate exists in Llama only)."""
+    return tuple(t for t in TARGETS if t != "ffn_gate" or model.family == "llama")
 
 
 @dataclass
@@ -41,13 +43,15 @@ class DistillResult:
 
 def distill_domain_lora(model: DecoderModel, split_layer: int, train: list[DistillPair],
                         held_out: list[DistillPair], *, rank: int = 8,
-                        targets: tuple[str, ...] = LLAMA_PROJECTIONS, steps: int = 300, batch_size: int = 4,
+                        targets: tuple[str, ...] = (), steps: int = 300, batch_size: int = 4,
                         learning_rate: float = 1e-3, seed: int = 0,
                         progress: Progress | None = None) -> DistillResult:
+    """A domain LoRA (on `targets` of layers [L, N); none named: every projection) trained by KL divergence
+    from the full model's next-token distribution to the PLOT-fed upper layers'."""
     teacher = CausalTrainer(model, CausalTrainSettings(split_layer=0, rank=rank))
     student = CausalTrainer(model, CausalTrainSettings(
-        split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets, batch_size=batch_size,
-        learning_rate=learning_rate, seed=seed, epochs=1000, max_steps=steps))
+        split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets or every_projection(model),
+        batch_size=batch_size, learning_rate=learning_rate, seed=seed, epochs=1000, max_steps=steps))
 
     def kl(batch: list[DistillPair], with_adapter: bool = True) -> torch.Tensor:
         with torch.no_grad():
@@ -69,9 +73,4 @@ def distill_domain_lora(model: DecoderModel, split_layer: int, train: list[Disti
 
 def corrected_model(model: DecoderModel, adapter: Adapter) -> DecoderModel:
     """`model` with the domain LoRA merged into a copy of its weights: what a tenant of the domain computes on."""
-    merged = merged_model(model.model, adapter)
-    corrected = copy.copy(model)
-    corrected.model = merged
-    corrected.base = merged.transformer if model.family == "gpt2" else merged.model
-    corrected.blocks = corrected.base.h if model.family == "gpt2" else corrected.base.layers
-    return corrected
+    return model.with_weights(merged_model(model.model, adapter))

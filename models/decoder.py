@@ -12,6 +12,7 @@ and keys by their true positions inside every upper layer, so a PLOT vector need
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +55,10 @@ class DecoderModel:
         self.dims = ModelDims.from_dir(model_dir)
         if not self.dims.is_decoder:
             raise ValueError(f"{model_dir} is a {self.dims.family} model, not a decoder")
-        self.model = load_causal_lm(model_dir).to(device)
         self.device = device
-        config = self.model.config
         self.family = self.dims.family
-        self.base = self.model.transformer if self.family == "gpt2" else self.model.model
-        self.blocks = self.base.h if self.family == "gpt2" else self.base.layers
+        self._attach(load_causal_lm(model_dir).to(device))
+        config = self.model.config
         self.act = ACT2FN[config.activation_function if self.family == "gpt2" else config.hidden_act]
         self.group = self.dims.heads // self.dims.kv_heads
         self.scaling = self.dims.head_dim ** -0.5
@@ -68,6 +67,18 @@ class DecoderModel:
                     or not config.scale_attn_weights):
                 raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or "
                                  "unscaled attention are not supported")
+
+    def _attach(self, model) -> None:
+        self.model = model
+        self.base = model.transformer if self.family == "gpt2" else model.model
+        self.blocks = self.base.h if self.family == "gpt2" else self.base.layers
+
+    def with_weights(self, model) -> "DecoderModel":
+        """This model computing with another transformers model of the same architecture (for example a copy
+        with a LoRA merged into its weights)."""
+        other = copy.copy(self)
+        other._attach(model)
+        return other
 
     # ---- inputs and outputs ------------------------------------------------------------------
 
