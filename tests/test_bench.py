@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -69,6 +70,60 @@ def test_naive_and_peft_serve_the_same_tenants_above_a_split(tiny_model_dir):
     finally:
         naive.close()
         peft.close()
+
+
+def test_peft_builds_the_model_add_adapter_builds_and_mixed_batches_match_merged_models(tiny_model_dir):
+    """PeftSystem adds its tenants through each LoRA layer's `update_layer` in one pass (`add_adapter` per
+    tenant is quadratic): the PEFT model is the one `add_adapter` builds (same parameters, values, trainability,
+    per-adapter settings), and one mixed-tenant batch through PEFT's `adapter_names` gives every tenant the
+    logits of its own merged model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from hmi.bench.systems import RANK, BenchSettings, NaiveSystem, PeftSystem, encode, tenant_adapter
+    from models.loading import load_bert
+    settings = BenchSettings(model_dir=tiny_model_dir, split_layer=2, memory_budget_bytes=1 << 30)
+    tenants = 5
+    peft, naive = PeftSystem(settings, tenants), NaiveSystem(settings, tenants)
+    try:
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(peft.modules.values()),
+                            layers_to_transform=[2, 3], lora_dropout=0.0)
+        reference = get_peft_model(load_bert(tiny_model_dir), config, adapter_name="t0")
+        for tenant in range(tenants):
+            if tenant:
+                reference.add_adapter(f"t{tenant}", config)
+            with torch.no_grad():
+                for (layer, target), (a, b) in tenant_adapter(peft.dims, tenant, 2).lora.items():
+                    module = reference.base_model.model.encoder.layer[layer].get_submodule(peft.modules[target])
+                    module.lora_A[f"t{tenant}"].weight.copy_(a)
+                    module.lora_B[f"t{tenant}"].weight.copy_(b)
+        reference.eval()
+        built, expected = peft.model.state_dict(), reference.state_dict()
+        assert list(built) == list(expected) and all(torch.equal(built[k], expected[k]) for k in expected)
+        assert {k: p.requires_grad for k, p in peft.model.named_parameters()} == \
+            {k: p.requires_grad for k, p in reference.named_parameters()}
+        assert list(peft.model.peft_config) == list(reference.peft_config) == [f"t{t}" for t in range(tenants)]
+        layers = [m for m in peft.model.modules() if isinstance(m, LoraLayer)]
+        reference_layers = [m for m in reference.modules() if isinstance(m, LoraLayer)]
+        assert len(layers) == len(reference_layers) == 12       # 6 projections x layers 2, 3
+        for layer, other in zip(layers, reference_layers):
+            for field in ("r", "lora_alpha", "scaling", "use_rslora", "use_dora", "lora_bias", "active_adapters"):
+                assert getattr(layer, field) == getattr(other, field), field
+            assert [type(m) for m in layer.lora_dropout.values()] == [type(m) for m in other.lora_dropout.values()]
+            assert "set_adapter" not in vars(layer), "the per-adapter rescans are PEFT's own again"
+
+        texts = ["the film was good", "a dull and long meal that went on", "service", "fine", "cold soup"]
+        order = [3, 0, 4, 1, 3]
+        batch = [(tenant, ids, Future()) for tenant, ids in
+                 zip(order, encode(peft.tokenizer, texts, settings.max_tokens))]
+        with torch.inference_mode():
+            peft._run(batch)                       # one forward, five rows, four adapters
+        for (tenant, _, future), text in zip(batch, texts):
+            assert torch.allclose(future.result(), naive.logits(tenant, [text])[0], atol=1e-4), (tenant, text)
+    finally:
+        peft.close()
+        naive.close()
 
 
 def test_bench_command_writes_the_documented_json(tmp_path, tiny_model_dir):

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,53 @@ def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
 def peft_modules(targets: tuple[str, ...]) -> dict[str, str]:
     """HMI target -> module path within a BERT layer (PEFT's `target_modules` match these as suffixes)."""
     return {target: path for path, target in MODULES["bert"][1].items() if target in targets}
+
+
+@contextmanager
+def _per_adapter_rescans_skipped(layer: torch.nn.Module):
+    """Within, the LoRA layer's `update_layer` skips its two steps that scan every adapter the layer holds:
+    re-activating them all (`set_adapter`: requires_grad on each) and moving the new one to the base layer's
+    device (which first checks all adapters' parameters for meta tensors). `add_lora_adapters` does both once."""
+    layer.set_adapter = lambda *args, **kwargs: None
+    layer._move_adapter_to_device_of_base_layer = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del layer.set_adapter, layer._move_adapter_to_device_of_base_layer
+
+
+def add_lora_adapters(model, config, names: list[str]) -> None:
+    """Adds the LoRA adapters `names`, each with `config`, to a PEFT model that `get_peft_model` made with
+    `config`: the model `model.add_adapter(name, config)` per name builds, in one pass.
+
+    `add_adapter` re-walks the whole model each call (matching targets, snapshotting and re-marking every
+    parameter's requires_grad, re-activating every layer) and each LoRA layer's `update_layer` re-scans all
+    the adapters it holds, so the n-th adapter costs O(n): 1,000 tenants on 18 projections took ~2,250 s of setup
+    (docs/performance.md). Here each LoRA layer's own `update_layer` creates every adapter (the call
+    `add_adapter` makes for a module that already is a LoRA layer, same arguments), and the two per-call
+    re-scans run once per layer at the end. The LoRA layers and their forward (`adapter_names=`) stay PEFT's.
+    Plain LoRA only (what PeftSystem uses): rank or alpha patterns, DoRA and modules_to_save are refused.
+    """
+    from peft.tuners.lora import LoraLayer
+    if config.rank_pattern or config.alpha_pattern or config.use_dora or config.modules_to_save:
+        raise ValueError("add_lora_adapters builds plain LoRA adapters only; use add_adapter for this config")
+    if clash := sorted(set(names) & set(model.peft_config)):
+        raise ValueError(f"adapters {clash} already exist")
+    layers = [(key, module) for key, module in model.base_model.model.named_modules()
+              if isinstance(module, LoraLayer)]
+    for name in names:
+        model.peft_config[name] = config
+    for key, layer in layers:
+        with _per_adapter_rescans_skipped(layer):
+            for name in names:
+                layer.update_layer(name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config)
+        weight = layer.get_base_layer().weight
+        for adapters in (getattr(layer, attribute) for attribute in layer.adapter_layer_names):
+            if isinstance(adapters, torch.nn.ModuleDict):
+                for name in names:
+                    if name in adapters:
+                        adapters[name].to(weight.device, dtype=weight.dtype)
+        layer.set_adapter(layer.active_adapters, inference_mode=config.inference_mode)
 
 
 def encode(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
@@ -170,13 +218,11 @@ class PeftSystem:
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(self.modules.values()),
                             layers_to_transform=layers, lora_dropout=0.0)
         self.model = get_peft_model(load_bert(settings.model_dir), config, adapter_name="t0")
+        add_lora_adapters(self.model, config, [f"t{tenant}" for tenant in range(1, tenants)])
         heads_w, heads_b = [], []
         for tenant in range(tenants):
-            name = f"t{tenant}"
-            if tenant:
-                self.model.add_adapter(name, config)
             adapter = tenant_adapter(self.dims, tenant, settings.split_layer)
-            self._load(name, adapter)
+            self._load(f"t{tenant}", adapter)
             heads_w.append(adapter.head_weight)
             heads_b.append(adapter.head_bias)
         self.model.eval()
