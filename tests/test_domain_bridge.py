@@ -1,6 +1,9 @@
 """Domain bridges: distillation, held-out rows, the stored format, and serving through the real services."""
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,7 @@ from models.dims import ModelDims
 from services.common.codec import decode_tensor, encode_tensor
 from services.common.errors import InvalidArgument
 from services.common.rpc import channel
-from services.knowledge_store.bridge_distillation import DistillSettings, distill
+from services.knowledge_store.bridge_distillation import DistillSettings, RateSchedule, distill
 from services.knowledge_store.client import StoreClient
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, maximal_sequences
 from tests.reference import reference_bridge, reference_logits_from_layer
@@ -84,6 +87,78 @@ def test_distillation_lowers_the_held_out_error(builder):
     assert result.steps == 150 and result.sequences == len(CORPUS)
     assert result.loss_after < 0.9 * result.loss_before, (result.loss_before, result.loss_after)
     parse_bridge(result.weights, hidden=64)
+
+
+def test_automatic_distillation_stops_once_the_stopping_error_plateaus(builder):
+    """Automatic steps: the bridge trains until the error on left-out sequences stops improving, cools down and
+    stops well before the cap, still lowering the (separately) held-out error; the same seed, the same bridge."""
+    contents = builder.build(CORPUS, BuildSettings(split_layer=2, context=2, min_count=2, capture_tokens=10_000))
+    rows, targets = contents.held_out
+    settings = DistillSettings(passes=1000, max_steps=3000, batch_size=8, heads=2, head_dim=16, ffn=64,
+                               eval_every=10, patience=3, tolerance=0.01)
+    reports = []
+    result = distill(rows, targets, 64, settings, lambda *report: reports.append(report))
+    assert result.stopped_early and result.planned_steps == 3000 and result.steps < 1000, result.steps
+    assert result.loss_after < 0.9 * result.loss_before, (result.loss_before, result.loss_after)
+    assert reports[-1][:3] == ("distilling", result.steps, result.steps), "the bar ends full at the last step"
+    assert all(report[2] >= result.steps for report in reports), "totals never fall below the steps run"
+    again = load_safetensors(distill(rows, targets, 64, settings).weights)   # (the metadata's order may vary)
+    assert all(torch.equal(again[name], tensor) for name, tensor in load_safetensors(result.weights).items()), \
+        "deterministic for a seed"
+    exact = distill(rows, targets, 64, dataclasses.replace(settings, steps=40))
+    assert exact.steps == 40 and not exact.stopped_early, "a set number of steps runs exactly"
+
+
+def test_packed_batches_train_exactly_as_per_step_packing_did(builder):
+    """A set number of steps: the same bridge, bit for bit, as the loop that packed every batch at every step."""
+    contents = builder.build(CORPUS, BuildSettings(split_layer=2, context=2, min_count=2, capture_tokens=10_000))
+    rows, targets = contents.held_out
+    settings = DistillSettings(steps=7, batch_size=4, heads=2, head_dim=16, ffn=64, seed=3)
+    got = load_safetensors(distill(list(rows), list(targets), 64, settings, release=True).weights)
+
+    torch.manual_seed(settings.seed)        # the loop as it was before batches were packed once
+    rng = random.Random(settings.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    train = order[max(1, len(order) // 10):]
+    bridge = DomainBridge(settings.shape(64))
+    optimizer = torch.optim.AdamW(bridge.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 1) * (1 - step / 7))
+    by_length = sorted(train, key=lambda i: (len(rows[i]), rng.random()))
+    batches = [by_length[s:s + 4] for s in range(0, len(by_length), 4)]
+    rng.shuffle(batches)
+    for batch in batches:
+        packed = torch.from_numpy(np.concatenate([rows[i] for i in batch]).astype(np.float32))
+        bounds = np.concatenate([[0], np.cumsum([len(rows[i]) for i in batch])]).tolist()
+        positions = torch.cat([torch.arange(len(rows[i])) for i in batch])
+        target = torch.from_numpy(np.concatenate([targets[i] for i in batch]).astype(np.float32))
+        loss = ((bridge(packed, bounds, positions) - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    assert len(batches) == 7, "one pass of 27 training sequences"
+    assert all(torch.equal(got[name], tensor) for name, tensor in bridge.state_dict().items())
+
+
+def test_rate_schedule_decays_linearly_or_cools_down_after_a_plateau():
+    plain = RateSchedule(100)
+    assert [round(plain.factor(s), 6) for s in (0, 4, 50, 99)] == [0.2, 0.96, 0.5, 0.01]   # warm-up 5 steps
+    cooled = RateSchedule(1000, cooldown=0.25)
+    assert cooled.factor(60) == 1.0 and cooled.last == 1000
+    cooled.plateau(400)
+    assert cooled.last == 500 and cooled.factor(400) == 1.0 and cooled.factor(450) == 0.5 and cooled.factor(500) == 0
+    late = RateSchedule(1000, cooldown=0.25)      # no plateau: the cool-down starts in time to end at the cap
+    assert late.factor(799) == 1.0 and late.factor(800) == 1.0 and late.last == 1000 and late.factor(900) == 0.5
+
+
+def test_distillation_runs_on_its_own_thread_count_and_restores_it(builder):
+    contents = builder.build(CORPUS[:6], BuildSettings(split_layer=2, context=2, min_count=2, capture_tokens=10_000))
+    before = torch.get_num_threads()
+    seen = []
+    distill(*contents.held_out, 64, DistillSettings(steps=3, batch_size=4, heads=2, head_dim=16, ffn=64, threads=1),
+            lambda *report: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
 
 
 @pytest.mark.integration

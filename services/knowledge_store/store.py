@@ -317,10 +317,13 @@ class KnowledgeStore:
                     log.info("domain %s: a corpus of fewer than 2 sequences is too small to distil a bridge", name)
                 elif distillation is not None and contents.held_out is not None:
                     rows, targets = contents.held_out
-                    contents.held_out = None
+                    contents.held_out = None       # distill releases the lists' rows as it packs them
                     distilled = distill(rows, targets, dims.hidden, distillation,
                                         (lambda stage, done, total, loss: progress(stage, done, total, loss))
-                                        if progress else None)
+                                        if progress else None, release=True)
+                    log.info("domain %s: bridge distilled in %d steps (%s %d), %.0fs", name, distilled.steps,
+                             "stopped early: the stopping set's error no longer improved, of at most"
+                             if distilled.stopped_early else "of", distilled.planned_steps, distilled.seconds)
                     if not distilled.loss_after < distilled.loss_before:
                         log.warning("domain %s: the distilled bridge did not lower the held-out error (%.4f -> %.4f):"
                                     " not kept, the domain serves plain PLOT rows", name, distilled.loss_before,
