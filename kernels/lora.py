@@ -2,9 +2,9 @@
 
 Tokens of one tenant are contiguous (a *segment*); every segment names the device slot of its
 adapter. Three implementations that must agree: `sgmv_reference` (a loop over segments, two matmuls
-each: the definition), `sgmv_grouped` (the CPU path: every segment at once as two batched matmuls over
-the segments padded to the longest, so the Python work per projection does not grow with the tenants
-in the batch) and the CUDA kernels (kernels/cuda/lora.cu).
+each: the definition, and the CPU path for sentences), `sgmv_grouped` (every segment at once as two
+batched matmuls over the segments padded to the longest, so the Python work per projection does not grow
+with the tenants in the batch: the CPU path for decode steps) and the CUDA kernels (kernels/cuda/lora.cu).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 # the loop costs ~6 us per segment, the grouped form ~45 us + ~2.6 us per segment for one-token segments
 # (32 x 1: 0.23 against 0.12 ms; 64 x 1: 0.47 against 0.22 ms), and is level with the loop or slower from ~15
 # tokens per segment (16 x 15: 0.21 against 0.21 ms; 8 x 30: 0.13 against 0.18 ms), where the padding copies and
-# small batched matmuls cost what the calls saved. bench/profile_serving.py measures both.
+# small batched matmuls cost what the calls saved (the table is in docs/performance.md).
 GROUPED_MIN_SEGMENTS = 8
 GROUPED_MAX_MEAN_TOKENS = 4
 
@@ -137,8 +137,8 @@ def sgmv_grouped(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_a:
 def sgmv(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_a: torch.Tensor, lora_b: torch.Tensor,
          slot_ranks: torch.Tensor | None = None) -> torch.Tensor:
     """The CUDA kernels where kernels/dispatch.py says so (the batch's segments were put on the device), else
-    the grouped CPU path for many short segments and the reference loop for few long ones. `slot_ranks` lets
-    both skip each slot's zero padding (None: every rank is used)."""
+    the grouped CPU path for many short segments and the reference loop for longer ones. `slot_ranks` lets the
+    kernels and the grouped form skip each slot's zero padding (None: every rank is used)."""
     from kernels.dispatch import use_cuda_kernels
     if segments.device_slots is not None and use_cuda_kernels(x):
         if slot_ranks is None:
