@@ -95,7 +95,7 @@ def test_automatic_distillation_stops_once_the_stopping_error_plateaus(builder):
     contents = builder.build(CORPUS, BuildSettings(split_layer=2, context=2, min_count=2, capture_tokens=10_000))
     rows, targets = contents.held_out
     settings = DistillSettings(passes=1000, max_steps=3000, batch_size=8, heads=2, head_dim=16, ffn=64,
-                               eval_every=10, patience=3, tolerance=0.01)
+                               early_stopping=True, eval_every=10, patience=3, tolerance=0.01)
     reports = []
     result = distill(rows, targets, 64, settings, lambda *report: reports.append(report))
     assert result.stopped_early and result.planned_steps == 3000 and result.steps < 1000, result.steps

@@ -135,8 +135,7 @@ def add_parsers(sub) -> None:
                    help="serve plain PLOT rows: no domain bridge (encoder domains get one by default; see "
                         "docs/accuracy.md)")
     p.add_argument("--bridge-steps", type=int, default=0,
-                   help="distillation steps of the bridge (0: automatic: until the error on left-out corpus "
-                        "sequences stops improving, at most 30 passes over the corpus and 4,000 steps; N: exactly N)")
+                   help="distillation steps of the bridge (0: 30 passes over the corpus, at most 4,000; N: exactly N)")
     p.set_defaults(func=cmd_domain_build, timeout=3600.0)
     p = client_parser(group, "adapt", help="MLM-adapt the lower layers to a domain corpus (then build the PLOT)")
     p.add_argument("name")
