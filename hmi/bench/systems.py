@@ -279,7 +279,9 @@ class HmiDeployment:
         self.folder = tempfile.TemporaryDirectory(prefix="hmi-bench-")
         self.logs_dir = settings.logs_dir
         data = Path(self.folder.name)
-        self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs")
+        # The gateway cuts texts where naive and PEFT do (`max_tokens`), so every system runs the same tokens.
+        self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs",
+                                                 extra_env={"HMI_MAX_SEQUENCE_TOKENS": str(settings.max_tokens)})
         self.client = None
         try:
             self.services.start(timeout=start_timeout)
