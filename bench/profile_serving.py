@@ -8,6 +8,8 @@ Finally it times the upper layers alone in this process on a batch of the size c
 `torch.mm`, for the roofline.
 
     python bench/profile_serving.py --tenants 200 --clients 16 --duration 20 --out bench/results/profile.json
+
+Writes FILE.json and a PNG beside it.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
     if not Path(exe).exists():
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-                             "--format", "raw", "--output", str(out), "--gil"],
+                             "--format", "raw", "--output", str(out), "--gil", "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -185,6 +187,28 @@ def upper_layers_alone(model_dir: Path, split_layer: int, sequences: int, length
             "mm_gflops": mm_rate / 1e9, "share_of_mm": flops / seconds / mm_rate}
 
 
+def plot(report: dict, path: Path) -> None:
+    """Left: CPU per request by process. Right: the upper layers' GFLOP/s by batch against a large matmul."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(report["cpu_ms_per_request"])
+    left.bar(names, [report["cpu_ms_per_request"][n] for n in names], color="tab:blue")
+    left.set_ylabel("CPU ms per request")
+    left.set_title(f"{report['requests_per_s']:.0f} requests/s, {report['sequences_per_batch']:.1f} sequences/batch")
+    rows = report["upper_layers_alone"] + [report["upper_layers_alone_long"]]
+    labels = [f"{r['sequences']}x{r['tokens'] // r['sequences']}" for r in rows]
+    right.bar(labels, [r["gflops"] for r in rows], color="tab:green", label="upper layers + bridge + LoRA")
+    right.axhline(rows[0]["mm_gflops"], color="black", linestyle="--", label="large torch.mm")
+    right.axhline(report["execution_gflops"], color="tab:red", linestyle=":", label="compute, served (per thread)")
+    right.set_ylabel("GFLOP/s (one torch thread)")
+    right.set_xlabel("sequences x tokens")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=200)
@@ -293,6 +317,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
+        plot(report, args.out.with_suffix(".png"))
     if args.keep:
         print(f"services' data and logs: {folder}")
     else:
