@@ -44,7 +44,8 @@ def add_parsers(sub) -> None:
     demo.add_argument("--no-trained", dest="trained", action="store_false",
                       help="skip training the real tenants (they need ../shared/datasets)")
     demo.add_argument("--train-examples", type=int, default=1500)
-    demo.add_argument("--corpus-lines", type=int, default=8000)
+    demo.add_argument("--corpus-lines", type=int, default=3000,
+                      help="training texts each trained domain's PLOT is built from (the abstracts' domain: 30 %%)")
     demo.add_argument("--bridge-steps", type=int, default=300,
                       help="distillation steps of each domain's bridge (fewer than a default build, for time)")
     demo.add_argument("--no-generate", dest="generate", action="store_false",
