@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -85,31 +84,27 @@ def stage_sums(url: str) -> dict[str, tuple[float, float]]:
     return {key: (value[0], value[1]) for key, value in out.items()}
 
 
-def closed_loop(client, tenants: int, texts: list[str], clients: int, duration: float, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, tenants + 1)
-    weights /= weights.sum()
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + duration
+class GatewayTenants:
+    """The HMI deployment as `hmi bench`'s load loops call a system: tenant i is `t{i}`, one Classify per text."""
 
-    def loop(worker: int) -> None:
-        local = np.random.default_rng(seed + worker)
-        while time.monotonic() < stop:
-            tenant = int(local.choice(tenants, p=weights))
-            text = texts[int(local.integers(len(texts)))]
-            started = time.perf_counter()
-            client.classify(f"t{tenant}", [text], truncate=True)
-            with lock:
-                latencies.append(time.perf_counter() - started)
+    def __init__(self, client) -> None:
+        self.client = client
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    del rng
-    return latencies
+    def classify(self, tenant: int, texts: list[str]) -> None:
+        self.client.classify(f"t{tenant}", texts, truncate=True)
+
+
+def load(client, tenants: int, corpus: Path, clients: int, duration: float, seed: int) -> list[float]:
+    """Latencies of `hmi bench`'s closed loop (Zipf 1.0 over the tenants, texts of the corpus); an error fails
+    the profile, which measures a deployment that answers."""
+    from hmi.bench.driver import Recorder, closed_loop
+    from hmi.bench.workload import WorkloadSpec, make_requests
+    recorder = Recorder()
+    closed_loop(GatewayTenants(client), make_requests(WorkloadSpec(tenants=tenants, corpus=corpus, seed=seed),
+                                                      200_000), clients, duration, recorder)
+    if recorder.errors:
+        raise SystemExit(f"{len(recorder.errors)} requests failed, e.g. {recorder.errors[0]}")
+    return recorder.latencies
 
 
 def compute_stats(services):
@@ -237,7 +232,8 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     dims = ModelDims.from_dir(model_dir)
     split = default_split(dims)
-    texts = load_texts(args.corpus or DEMO_CORPUS)
+    corpus = args.corpus or DEMO_CORPUS
+    texts = load_texts(corpus)
     folder = Path(tempfile.mkdtemp(prefix="hmi-profile-"))
     services = ServiceSet.on_free_ports(folder, model=str(model_dir), log_dir=folder / "logs",
                                         extra_env={"HMI_MAX_SEQUENCE_TOKENS": str(args.max_tokens)})
@@ -249,7 +245,7 @@ def main() -> None:
         for tenant in range(args.tenants):
             client.register_tenant(f"t{tenant}", "bench", LABELS,
                                    serialize_adapter(tenant_adapter(dims, tenant, split.split_layer)))
-        closed_loop(client, args.tenants, texts, args.clients, 5.0, seed=1)      # warm-up: adapters, caches
+        load(client, args.tenants, corpus, args.clients, 5.0, seed=1)      # warm-up: adapters, caches
         pids = {s.name: s.process.pid for s in services.services if s.process is not None}
         pids["client"] = os.getpid()
         spies = {name: spy(pid, args.duration, folder / f"{name}.raw")
@@ -260,7 +256,7 @@ def main() -> None:
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
 
         started = time.perf_counter()
-        latencies = closed_loop(client, args.tenants, texts, args.clients, args.duration, seed=2)
+        latencies = load(client, args.tenants, corpus, args.clients, args.duration, seed=2)
         elapsed = time.perf_counter() - started
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         stages_after = {k: v for url in stage_urls for k, v in stage_sums(url).items()}

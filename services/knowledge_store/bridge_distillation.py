@@ -261,7 +261,6 @@ class StoppingSet:
 def _distill(rows: list[np.ndarray], targets: list[np.ndarray], hidden: int, settings: DistillSettings,
              progress: Progress | None, release: bool) -> DistillResult:
     started = time.time()
-    tokens = int(sum(len(r) for r in rows))
     lengths = [len(r) for r in rows]
 
     def pack(indices: list[int]) -> PackedBatch:
@@ -326,5 +325,5 @@ def _distill(rows: list[np.ndarray], targets: list[np.ndarray], hidden: int, set
     bridge.eval()
     after = evaluate(bridge, held_batches)
     return DistillResult(weights=serialize_bridge(bridge), shape=shape, steps=step, sequences=len(rows),
-                         tokens=tokens, loss_before=before, loss_after=after,
+                         tokens=int(sum(lengths)), loss_before=before, loss_after=after,
                          seconds=time.time() - started, stopped_early=step < steps, planned_steps=steps)
