@@ -101,3 +101,23 @@ class ListChangesResponse(_message.Message):
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     complete: bool
     def __init__(self, store_id: _Optional[str] = ..., revision: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class RecordTrafficRequest(_message.Message):
+    __slots__ = ("domain", "domain_revision", "paths", "owners", "counts")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    domain_revision: int
+    paths: _tensor_pb2.Tensor
+    owners: bytes
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, domain: _Optional[str] = ..., domain_revision: _Optional[int] = ..., paths: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., owners: _Optional[bytes] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RecordTrafficResponse(_message.Message):
+    __slots__ = ("tree_stamp",)
+    TREE_STAMP_FIELD_NUMBER: _ClassVar[int]
+    tree_stamp: str
+    def __init__(self, tree_stamp: _Optional[str] = ...) -> None: ...

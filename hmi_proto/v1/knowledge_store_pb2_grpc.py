@@ -98,6 +98,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.RecordTraffic = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/RecordTraffic',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficResponse.FromString,
+                _registered_method=True)
         self.ListChanges = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/ListChanges',
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
@@ -231,6 +236,13 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordTraffic(self, request, context):
+        """Tokens compute served from its PLOT row cache, counted as the store counts its own lookups' hits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListChanges(self, request, context):
         """Tenants and domains written after a revision, so gateways can cache
         their records until they change instead of asking on every request.
@@ -348,6 +360,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.GetBridge,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'RecordTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordTraffic,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficResponse.SerializeToString,
             ),
             'ListChanges': grpc.unary_unary_rpc_method_handler(
                     servicer.ListChanges,
@@ -716,6 +733,33 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/GetBridge',
             hmi_dot_v1_dot_catalog__pb2.GetBridgeRequest.SerializeToString,
             hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/RecordTraffic',
+            hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.RecordTrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ import grpc
 
 from services.compute.adapter_pool import AdapterPool
 from services.compute.bridge_cache import BridgeCache
+from services.compute.plot_cache import PlotRowCache
 from services.knowledge_store.client import StoreClient
 
 log = logging.getLogger("hmi.compute.invalidation")
@@ -22,10 +23,11 @@ log = logging.getLogger("hmi.compute.invalidation")
 
 class AdapterInvalidation:
     def __init__(self, store: StoreClient, pool: AdapterPool, wait: float = 1.0,
-                 bridges: BridgeCache | None = None) -> None:
+                 bridges: BridgeCache | None = None, plot_cache: PlotRowCache | None = None) -> None:
         self.store = store
         self.pool = pool
         self.bridges = bridges      # rebuilt or deleted domains' bridges are dropped too
+        self.plot_cache = plot_cache   # and every cached PLOT row: a rebuilt domain may be another's ancestor
         self.wait = wait
         self.revision: int | None = None
         self.store_id = ""
@@ -46,10 +48,12 @@ class AdapterInvalidation:
             self.store_id, self.revision = reply.store_id, reply.revision     # start from now
             return 0
         dropped = sum(self.pool.forget(change.name) for change in reply.changes if change.kind == "tenant")
-        if self.bridges is not None:
-            for change in reply.changes:
-                if change.kind == "domain":
+        for change in reply.changes:
+            if change.kind == "domain":
+                if self.bridges is not None:
                     self.bridges.forget(change.name)
+                if self.plot_cache is not None:
+                    self.plot_cache.forget_all()
         self.revision = reply.changes[-1].revision if reply.changes else reply.revision
         self.forgotten += dropped
         return dropped

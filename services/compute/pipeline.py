@@ -18,15 +18,17 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
+import grpc
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from models.bridge import DomainBridge
-from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound
+from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound, Unavailable
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
 from services.compute.bridge_cache import BridgeCache
 from services.compute.executor import Executor, PreparedBatch
+from services.compute.plot_cache import PlotRowCache
 from services.knowledge_store.client import StoreClient
 
 log = logging.getLogger("hmi.compute.pipeline")
@@ -95,10 +97,12 @@ class BusyLog:
 
 class Pipeline:
     def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8,
-                 execution_threads: int = 1, bridges: BridgeCache | None = None) -> None:
+                 execution_threads: int = 1, bridges: BridgeCache | None = None,
+                 plot_cache: PlotRowCache | None = None) -> None:
         self.executor = executor
         self.pool = pool
         self.store = store
+        self.plot_cache = plot_cache     # None: every batch's rows come from the store
         self.bridges = bridges or BridgeCache(store, pool.dims.hidden, executor.device)
         self.stats = PipelineStats()
         self._stats_lock = threading.Lock()
@@ -134,13 +138,14 @@ class Pipeline:
             lookup_seconds = 0.0
             for key, future in futures.items():
                 try:
-                    rows, seconds, bridge = future.result()
+                    rows, seconds, bridge, lost = future.result()
                 except HMIError as error:
                     failures.update(dict.fromkeys(by_domain[key], failure_of(error)))
                     continue
                 plot_rows.update(rows)
+                failures.update({index: failure_of(error) for index, error in lost.items()})
                 if bridge is not None:
-                    bridges.update(dict.fromkeys(by_domain[key], bridge))
+                    bridges.update(dict.fromkeys([i for i in by_domain[key] if i in rows], bridge))
                 lookup_seconds = max(lookup_seconds, seconds)
             for index, spec in enumerate(batch.sequences):
                 error = lease.failed.get((spec.tenant_id, spec.adapter_version))
@@ -165,16 +170,20 @@ class Pipeline:
             raise
         return prepared, ran, failures
 
-    def _lookup(self, batch: PackedBatch, indices: list[int],
-                timeout: float) -> tuple[dict[int, np.ndarray], float, DomainBridge | None]:
-        """The rows of the sequences of one domain (at one revision), how long the store took, and the domain's
-        bridge for them (fetched once per revision)."""
+    def _lookup(self, batch: PackedBatch, indices: list[int], timeout: float
+                ) -> tuple[dict[int, np.ndarray], float, DomainBridge | None, dict[int, HMIError]]:
+        """The rows of the sequences of one domain (at one revision), how long it took, the domain's bridge for
+        them (fetched once per revision), and the sequences that could not get theirs (the store unreachable
+        and their rows not cached)."""
         started = time.perf_counter()
         domain = batch.sequences[indices[0]].domain
+        revision = batch.sequences[indices[0]].domain_revision
         pieces = [batch.tokens_of(i) for i in indices]
+        if self.plot_cache is not None:
+            return self._cached_lookup(batch, indices, pieces, timeout, started)
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
         reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout,
-                                  domain_revision=batch.sequences[indices[0]].domain_revision)
+                                  domain_revision=revision)
         expected = batch.sequences[indices[0]].split_layer
         if reply.split_layer != expected:
             raise FailedPrecondition(f"domain {domain!r} was rebuilt with split layer {reply.split_layer} (the request "
@@ -186,7 +195,38 @@ class Pipeline:
                 counts[depth] += count
         bridge = self.bridges.get(domain, reply.bridge_revision, timeout) if reply.bridge_revision else None
         return ({index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)},
-                time.perf_counter() - started, bridge)
+                time.perf_counter() - started, bridge, {})
+
+    def _cached_lookup(self, batch: PackedBatch, indices: list[int], pieces: list[np.ndarray], timeout: float,
+                       started: float) -> tuple[dict[int, np.ndarray], float, DomainBridge | None, dict[int, HMIError]]:
+        spec = batch.sequences[indices[0]]
+
+        def fetch(tokens: np.ndarray, offsets: np.ndarray, known_stamp: str):
+            try:
+                return self.store.lookup(spec.domain, tokens, offsets, timeout=timeout,
+                                         domain_revision=spec.domain_revision, raw=True, known_stamp=known_stamp)
+            except grpc.RpcError as error:
+                if not hasattr(error, "code") or error.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                raise Unavailable(f"the knowledge store is unreachable ({error.code().name}) and these PLOT rows "
+                                  f"are not in compute's row cache; retry when the store is back") from None
+
+        answer = self.plot_cache.lookup(spec.domain, spec.domain_revision, pieces, fetch)
+        if answer.rows and answer.split_layer != spec.split_layer:
+            raise FailedPrecondition(f"domain {spec.domain!r} was rebuilt with split layer {answer.split_layer} (the "
+                                     f"request said {spec.split_layer}); retry in a few seconds, when the gateway "
+                                     f"has the new one")
+        with self._stats_lock:
+            counts = self.stats.hit_depth_counts
+            counts.extend([0] * (len(answer.hit_depth_counts) - len(counts)))
+            for depth, count in enumerate(answer.hit_depth_counts):
+                counts[depth] += count
+        bridge = None
+        if answer.rows and answer.bridge_revision:
+            bridge = self.bridges.get(spec.domain, answer.bridge_revision, timeout)
+        return ({indices[j]: rows for j, rows in answer.rows.items()}, time.perf_counter() - started, bridge,
+                {indices[j]: error for j, error in answer.failures.items()})
 
     def run(self, batch: PackedBatch, timeout: float,
             wanted: Callable[[], bool] = lambda: True) -> tuple[BatchResult, Timings]:

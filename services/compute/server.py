@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest LoRA rank a slot holds; the store's --max-rank must not exceed it [HMI_MAX_RANK]")
     parser.add_argument("--host-cache-mib", type=int, default=env_int("HMI_HOST_CACHE_MIB", 1024),
                         help="host-memory adapter cache [HMI_HOST_CACHE_MIB]")
+    parser.add_argument("--plot-cache-mib", type=int, default=env_int("HMI_PLOT_CACHE_MIB", 256),
+                        help="encoder models: host memory for PLOT rows, so hot rows skip the store round trip and "
+                             "survive a store restart; 0 = every batch asks the store [HMI_PLOT_CACHE_MIB]")
     parser.add_argument("--adapter-fetch-workers", type=int, default=env_int("HMI_ADAPTER_FETCH_WORKERS", 4),
                         help="adapters a batch misses are fetched from the store this many at a time "
                              "[HMI_ADAPTER_FETCH_WORKERS]")
@@ -86,6 +89,7 @@ def main(args: argparse.Namespace) -> None:
     from services.compute.generation import GenerationEngine
     from services.compute.metrics import compute_state
     from services.compute.pipeline import Pipeline
+    from services.compute.plot_cache import PlotRowCache, TrafficReporter
     from services.compute.servicer import ComputeServicer
     from services.knowledge_store.client import StoreClient
     log = setup_logging("compute", args.log_format)
@@ -108,6 +112,7 @@ def main(args: argparse.Namespace) -> None:
                        host_cache_bytes=args.host_cache_mib << 20, fetch_workers=max(1, args.adapter_fetch_workers),
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
+    reporter = None
     if dims.is_decoder:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
@@ -119,11 +124,20 @@ def main(args: argparse.Namespace) -> None:
     else:
         engine = None
         bridges = BridgeCache(store, model.dims.hidden, device)
-        pipeline = Pipeline(Executor(model, pool), pool, store, bridges=bridges,
+        plot_cache = (PlotRowCache(args.plot_cache_mib << 20, model.dims.hidden, model.dims.vocab)
+                      if args.plot_cache_mib > 0 else None)
+        if plot_cache is not None:
+            reporter = TrafficReporter(plot_cache, store.record_traffic)
+            reporter.start()
+        pipeline = Pipeline(Executor(model, pool), pool, store, bridges=bridges, plot_cache=plot_cache,
                             execution_threads=execution_threads(args.execution_threads, device))
+        mode_cache = f"PLOT row cache {args.plot_cache_mib} MiB" if plot_cache is not None else "no PLOT row cache"
+
         servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
-        mode = f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s)"
-    invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None)
+        mode = (f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s), "
+                f"{mode_cache}")
+    invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None,
+                                       plot_cache=pipeline.plot_cache if pipeline is not None else None)
     invalidation.start()
     register_state(lambda: compute_state(pool, engine, served_name))
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
@@ -137,6 +151,8 @@ def main(args: argparse.Namespace) -> None:
 
     def stop():
         invalidation.close()
+        if reporter is not None:
+            reporter.close()
         if pipeline is not None:
             pipeline.close()
         if engine is not None:

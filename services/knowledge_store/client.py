@@ -5,7 +5,7 @@ the same `lookup_request` / `read_lookup_stream`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -17,6 +17,7 @@ from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
 from services.common.tracing import outgoing_metadata
+from services.knowledge_store.tree_stamp import decode_offset_tables
 
 
 @dataclass
@@ -25,6 +26,12 @@ class LookupReply:
     hit_depth_counts: list[int]
     split_layer: int = 0
     bridge_revision: int = 0         # the domain bridge to apply to these rows (0: none)
+    # raw lookups (a row cache): rows without position offsets, and what it takes to apply them
+    stamp: str = ""
+    context: int = 0
+    token_depths: np.ndarray | None = None    # uint8 [tokens]
+    token_owners: np.ndarray | None = None    # uint8 [tokens]: chain link of the serving node
+    offset_tables: dict[int, np.ndarray] = field(default_factory=dict)   # present when not at known_stamp
 
 
 class StoreClient:
@@ -36,10 +43,14 @@ class StoreClient:
         self.stub = pb_grpc.KnowledgeStoreStub(self.channel)
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
-               timeout: float | None = None, domain_revision: int = 0) -> LookupReply:
-        """NotFound / StaleVersion when the domain is gone or is not the revision the caller resolved."""
+               timeout: float | None = None, domain_revision: int = 0, raw: bool = False,
+               known_stamp: str = "") -> LookupReply:
+        """NotFound / StaleVersion when the domain is gone or is not the revision the caller resolved.
+        `raw`: rows without position offsets plus what applying them takes (tree_stamp.py)."""
         request = lookup_request(domain, token_ids, offsets)
         request.domain_revision = domain_revision
+        request.raw_rows = raw
+        request.known_stamp = known_stamp
         with resolved_errors():
             return read_lookup_stream(self.stub.Lookup(request, timeout=timeout or self.timeout,
                                                           metadata=outgoing_metadata()))
@@ -55,6 +66,17 @@ class StoreClient:
                                                           metadata=outgoing_metadata()))
         kept = np.concatenate([[0], np.cumsum([len(w) - c for w, c in zip(windows, context_tokens)])])
         return [reply.vectors[kept[i]:kept[i + 1]] for i in range(len(windows))]
+
+    def record_traffic(self, domain: str, domain_revision: int, paths: np.ndarray, owners: np.ndarray,
+                       counts: np.ndarray, timeout: float | None = None) -> str:
+        """Reports tokens a row cache served; returns the tree's current stamp (NotFound / StaleVersion when the
+        domain is gone or rebuilt)."""
+        request = pb.RecordTrafficRequest(domain=domain, domain_revision=domain_revision,
+                                          paths=encode_tensor(paths.astype(np.int32)),
+                                          owners=owners.astype(np.uint8).tobytes(), counts=counts.tolist())
+        with resolved_errors():
+            return self.stub.RecordTraffic(request, timeout=timeout or self.timeout,
+                                           metadata=outgoing_metadata()).tree_stamp
 
     def get_adapter(self, tenant_id: str, version: int, timeout: float | None = None) -> bytes:
         """NotFound (deleted) or StaleVersion (replaced) when `version` is no longer the tenant's."""
@@ -104,9 +126,13 @@ def read_lookup_stream(stream) -> LookupReply:
     """A header, then the fp16 rows in ordered chunks (from the store, or proxied by the gateway)."""
     header = None
     buffer = bytearray()
+    tables = bytearray()
     for message in stream:
-        if message.WhichOneof("item") == "header":
+        item = message.WhichOneof("item")
+        if item == "header":
             header = message.header
+        elif item == "offsets_chunk":
+            tables += message.offsets_chunk
         else:
             buffer += message.chunk
     if header is None or header.dtype != "float16":
@@ -115,5 +141,13 @@ def read_lookup_stream(stream) -> LookupReply:
     vectors = np.frombuffer(bytes(buffer), dtype="<f2")
     if vectors.size != int(np.prod(shape)):
         raise InvalidArgument(f"store sent {vectors.size} values for shape {shape}")
-    return LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer,
-                       header.bridge_revision)
+    reply = LookupReply(vectors.reshape(shape), list(header.hit_depth_counts), header.split_layer,
+                        header.bridge_revision, header.tree_stamp, header.context)
+    if header.tree_stamp:
+        reply.token_depths = np.frombuffer(header.token_depths, dtype=np.uint8)
+        reply.token_owners = np.frombuffer(header.token_owners, dtype=np.uint8)
+        if len(reply.token_depths) != shape[0] or len(reply.token_owners) != shape[0]:
+            raise InvalidArgument(f"store sent {len(reply.token_depths)} depths and {len(reply.token_owners)} owners "
+                                  f"for {shape[0]} rows")
+        reply.offset_tables = decode_offset_tables(bytes(tables))
+    return reply

@@ -55,6 +55,8 @@ class LookupResult:
     owners: np.ndarray | None = None   # int32 [tokens]: index in the chain of the domain whose node served it
     hit_keys: list[bytes] = field(default_factory=list)   # node key that served each token
     misses: list[Miss] = field(default_factory=list)
+    stamp: str = ""                                                  # raw lookups: the tree's stamp (tree_stamp.py)
+    offset_tables: dict[int, np.ndarray] = field(default_factory=dict)   # raw lookups: chain link -> table
 
 
 def write_tree(layout: StoreLayout, txn: lmdb.Transaction, domain_id: int, tree: TreeContents) -> int:

@@ -21,6 +21,7 @@ from services.knowledge_store.domain_adaptation import AdaptSettings
 from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
+from services.knowledge_store.tree_stamp import encode_offset_tables
 
 MAX_POLL_MS = 5000          # the longest a ListChanges long poll is held
 
@@ -267,27 +268,51 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         token_ids = decode_tensor(request.token_ids, field="token_ids", expect_dtype="int32", expect_ndim=1)
         offsets = validate_offsets(request.offsets, len(token_ids))
         first, skip = window_fields(request, offsets)
+        raw = request.raw_rows
+        if raw and (first is not None or skip is not None):
+            raise InvalidArgument("raw_rows takes whole sequences: no first_positions or context_tokens")
         rows = len(token_ids) - (int(skip.sum()) if skip is not None else 0)
         slices = self.store.lookup_slices(request.domain, token_ids, offsets, first_positions=first,
-                                          context_tokens=skip, domain_revision=request.domain_revision)
+                                          context_tokens=skip, domain_revision=request.domain_revision,
+                                          raw=raw, known_stamp=request.known_stamp[:64])
         LOOKUPS.inc()
         depth_counts = None
+        depths, owners = [], []
+        stamp = ""
         for record, result in slices:   # a slice at a time: a large answer is never held whole
             if depth_counts is None:
                 depth_counts = np.zeros(record.context, dtype=np.int64)
+                stamp = result.stamp
                 yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
                                                                split_layer=record.split_layer,
-                                                               bridge_revision=bridge_revision(record)))
+                                                               bridge_revision=bridge_revision(record),
+                                                               tree_stamp=stamp, context=record.context))
+                if result.offset_tables:
+                    for chunk in split_chunks(encode_offset_tables(result.offset_tables)):
+                        BYTES_STREAMED.labels("Lookup").inc(len(chunk))
+                        yield pb.LookupResponse(offsets_chunk=chunk)
             depth_counts += np.bincount(result.hit_depths, minlength=record.context + 1)[1:record.context + 1]
+            if raw:
+                depths.append(result.hit_depths.astype(np.uint8))
+                owners.append(result.owners.astype(np.uint8))
             LOOKUP_TOKENS.inc(len(result.vectors))
             for chunk in split_chunks(result.vectors.tobytes()):
                 BYTES_STREAMED.labels("Lookup").inc(len(chunk))
                 yield pb.LookupResponse(chunk=chunk)
         # The header again, now with the hit depths of every slice (readers keep the last header).
-        yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
-                                                       split_layer=record.split_layer,
-                                                       hit_depth_counts=depth_counts.tolist(),
-                                                       bridge_revision=bridge_revision(record)))
+        yield pb.LookupResponse(header=pb.LookupHeader(
+            dtype="float16", shape=[rows, record.hidden_size], split_layer=record.split_layer,
+            hit_depth_counts=depth_counts.tolist(), bridge_revision=bridge_revision(record), tree_stamp=stamp,
+            context=record.context, token_depths=b"".join(d.tobytes() for d in depths),
+            token_owners=b"".join(o.tobytes() for o in owners)))
+
+    @handles_errors
+    def RecordTraffic(self, request, context) -> pb.RecordTrafficResponse:
+        paths = decode_tensor(request.paths, field="paths", expect_dtype="int32", expect_ndim=2)
+        owners = np.frombuffer(request.owners, dtype=np.uint8)
+        counts = np.asarray(request.counts, dtype=np.uint64).astype(np.int64)
+        stamp = self.store.record_cached_hits(request.domain, request.domain_revision, paths, owners, counts)
+        return pb.RecordTrafficResponse(tree_stamp=stamp)
 
     @handles_errors
     def PutTenant(self, request_iterator, context) -> pb.Tenant:

@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,13 +32,14 @@ from services.knowledge_store.bridge_distillation import DistillSettings, distil
 from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
-from services.knowledge_store.layout import StoreLayout
+from services.knowledge_store.layout import StoreLayout, node_key
 from services.knowledge_store.lower_models import LowerModels
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
 from services.knowledge_store.position_offsets import apply_offsets
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.tree_learning import TrafficLog
 from services.knowledge_store.tree_maintenance import TreeMaintenance
+from services.knowledge_store.tree_stamp import tree_stamp
 
 log = logging.getLogger("hmi.store")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -45,6 +47,7 @@ MAX_LABELS = 1000
 MAX_LABEL_CHARS = 256
 CHANGES_PER_REPLY = 10_000   # change-log entries one ListChanges answer holds at most by default
 LOOKUP_SLICE_TOKENS = 8192   # a streamed lookup computes and sends this many tokens' rows at a time
+MAX_REPORTED_NODES = 1_000_000   # nodes one RecordTraffic call may count
 
 
 @dataclass
@@ -179,12 +182,15 @@ class KnowledgeStore:
 
     def ancestry(self, txn: lmdb.Transaction, record: DomainRecord) -> list[int]:
         """The domain's id, then its ancestors' (where lookups fall back)."""
-        chain = [record.id]
+        return [link.id for link in self.chain_records(txn, record)]
+
+    def chain_records(self, txn: lmdb.Transaction, record: DomainRecord) -> list[DomainRecord]:
+        chain = [record]
         while record.parent:
             record = self.domain_in(txn, record.parent)
             if record is None:
                 break
-            chain.append(record.id)
+            chain.append(record)
         return chain
 
     def position_offsets(self, record: DomainRecord) -> np.ndarray | None:
@@ -537,8 +543,11 @@ class KnowledgeStore:
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray, context: int = 0,
                first_positions: np.ndarray | None = None, context_tokens: np.ndarray | None = None,
-               domain_revision: int = 0) -> tuple[DomainRecord, LookupResult]:
+               domain_revision: int = 0, raw: bool = False, known_stamp: str = "") -> tuple[DomainRecord, LookupResult]:
         """`context` (0 = the domain's) may cap the depth: the accuracy study reads one tree at every k.
+
+        `raw` (for a row cache, tree_stamp.py): rows without position offsets, the result's `stamp`, and the
+        chain's offset tables in `offset_tables` unless the tree is at `known_stamp`.
 
         A generating decoder sends a window of recent tokens per sequence: `first_positions` gives the
         position of each window's first token in its text (for position offsets) and `context_tokens` how
@@ -566,7 +575,8 @@ class KnowledgeStore:
                                          f"--corpus FILE --split-layer {record.split_layer}`")
             learning = not context and self.effective_threshold(record.learn_threshold) > 0
             cap = min(context or MAX_CONTEXT, record.context)
-            chain = self.ancestry(txn, record)
+            chain_records = self.chain_records(txn, record)
+            chain = [link.id for link in chain_records]
             skip = None if context_tokens is None else context_tokens.tolist()
             result = tree.lookup(self.layout, txn, chain, cap, record.hidden_size, token_ids, offsets,
                                  collect=learning, skip=skip)
@@ -577,7 +587,14 @@ class KnowledgeStore:
                 result.vectors, result.hit_depths, result.owners = (result.vectors[wanted], result.hit_depths[wanted],
                                                                     result.owners[wanted])
                 positions = positions[wanted]
-            if len(result.vectors):   # each token gets the position offsets of the domain whose node served it
+            if raw:
+                result.stamp = tree_stamp(self.layout.store_id, chain_records)
+                if result.stamp != known_stamp:
+                    for link, domain_id in enumerate(chain):
+                        table = tree.read_offsets(self.layout, txn, domain_id)
+                        if table is not None:
+                            result.offset_tables[link] = table.copy()
+            elif len(result.vectors):   # each token gets the position offsets of the domain whose node served it
                 for link, domain_id in enumerate(chain):
                     table = tree.read_offsets(self.layout, txn, domain_id)
                     served = result.owners == link
@@ -588,7 +605,7 @@ class KnowledgeStore:
 
     def lookup_slices(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
                       first_positions: np.ndarray | None = None, context_tokens: np.ndarray | None = None,
-                      domain_revision: int = 0,
+                      domain_revision: int = 0, raw: bool = False, known_stamp: str = "",
                       slice_tokens: int = LOOKUP_SLICE_TOKENS) -> Iterator[tuple[DomainRecord, LookupResult]]:
         """The lookup a few thousand tokens (whole sequences) at a time, so a large answer streams out without
         being held in memory at once. A rebuild between two slices fails the call (StaleVersion: retry);
@@ -608,13 +625,53 @@ class KnowledgeStore:
                 domain, token_ids[base:offsets[end]], offsets[start:end + 1] - base,
                 first_positions=None if first_positions is None else first_positions[start:end],
                 context_tokens=None if context_tokens is None else context_tokens[start:end],
-                domain_revision=domain_revision)
+                domain_revision=domain_revision, raw=raw, known_stamp=known_stamp)
             if first is None:
                 first = record
+                known_stamp = result.stamp   # later slices need no tables, only the same tree
             elif (record.id, record.generation) != (first.id, first.generation):
                 raise StaleVersion(f"domain {domain!r} was rebuilt during the lookup; retry")
+            elif raw and result.stamp != known_stamp:
+                raise StaleVersion(f"domain {domain!r}'s tree changed during the lookup (rebuilt or pruned); retry")
             yield record, result
             start = end
+
+    def record_cached_hits(self, domain: str, domain_revision: int, paths: np.ndarray, owners: np.ndarray,
+                           counts: np.ndarray) -> str:
+        """Counts tokens a row cache served (each row of `paths` a node's path, -1 past its depth, held by chain
+        link `owners`) as this store's own lookups would have; returns the tree's current stamp."""
+        check_name("domain", domain)
+        if paths.ndim != 2 or not (len(paths) == len(owners) == len(counts)):
+            raise InvalidArgument(f"paths [nodes, context], owners and counts must agree: {paths.shape}, "
+                                  f"{len(owners)}, {len(counts)}")
+        if len(paths) > MAX_REPORTED_NODES:
+            raise InvalidArgument(f"{len(paths)} nodes reported at once; at most {MAX_REPORTED_NODES}")
+        with self.layout.read(buffers=True) as txn:
+            record = self.domain_in(txn, domain)
+            if record is None:
+                raise NotFound(f"domain {domain!r} does not exist")
+            if domain_revision and record.revision != domain_revision:
+                raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {domain_revision}")
+            chain = self.chain_records(txn, record)
+            stamp = tree_stamp(self.layout.store_id, chain)
+        if not len(paths):
+            return stamp
+        depths = (paths >= 0).sum(axis=1)
+        valid = paths[np.arange(paths.shape[1])[None, :] < depths[:, None]]
+        if paths.shape[1] > record.context or depths.min() < 1 or (paths[:, 0] < 0).any():
+            raise InvalidArgument(f"each path needs 1..{record.context} tokens (the domain's context), then -1")
+        vocab = self.dims_of(record).vocab
+        if valid.max() >= vocab or owners.max() >= len(chain) or counts.min() < 1 or counts.max() > 2**32:
+            raise InvalidArgument(f"token ids must lie in [0, {vocab}), owners in [0, {len(chain)}) and counts in "
+                                  f"[1, 2^32]")
+        keys: Counter | None = None
+        if self.effective_threshold(record.learn_threshold) > 0:   # node counts matter only to a learning tree
+            keys = Counter()
+            for path, depth, owner, count in zip(paths.tolist(), depths.tolist(), owners.tolist(), counts.tolist()):
+                keys[node_key(chain[owner].id, tuple(path[:depth]))] += count
+        depth_counts = np.bincount(depths, weights=counts, minlength=record.context + 1)[1:].astype(np.int64)
+        self.traffic.record_hits(record.id, keys, depth_counts)
+        return stamp
 
     # ---- tenants -------------------------------------------------------------------------------
 

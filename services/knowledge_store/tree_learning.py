@@ -101,6 +101,14 @@ class TrafficLog:
                     ids = token_ids[offsets[miss.sequence]:offsets[miss.sequence + 1]]
                     held.append(sample_window(ids, miss.position, self.sample_tokens))
 
+    def record_hits(self, domain_id: int, hits: Counter | None, depth_counts: np.ndarray) -> None:
+        """Node hits a row cache served (it caches no answers that could have gone deeper, so no misses);
+        `hits` None: the domain is not learning, only the hit depths are kept."""
+        with self._lock:
+            self._recent.setdefault(domain_id, deque(maxlen=self._recent_size)).append(depth_counts)
+            if hits:
+                self._pending.setdefault(domain_id, PendingTraffic()).hits.update(hits)
+
     def take(self) -> dict[int, PendingTraffic]:
         with self._lock:
             pending, self._pending = self._pending, {}

@@ -214,42 +214,56 @@ class DeleteDomainResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens", "domain_revision")
+    __slots__ = ("domain", "token_ids", "offsets", "first_positions", "context_tokens", "domain_revision", "raw_rows", "known_stamp")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     FIRST_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RAW_ROWS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_STAMP_FIELD_NUMBER: _ClassVar[int]
     domain: str
     token_ids: _tensor_pb2.Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
     first_positions: _containers.RepeatedScalarFieldContainer[int]
     context_tokens: _containers.RepeatedScalarFieldContainer[int]
     domain_revision: int
-    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ..., domain_revision: _Optional[int] = ...) -> None: ...
+    raw_rows: bool
+    known_stamp: str
+    def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ..., domain_revision: _Optional[int] = ..., raw_rows: _Optional[bool] = ..., known_stamp: _Optional[str] = ...) -> None: ...
 
 class LookupHeader(_message.Message):
-    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts", "bridge_revision")
+    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts", "bridge_revision", "tree_stamp", "context", "token_depths", "token_owners")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     HIT_DEPTH_COUNTS_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TREE_STAMP_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_OWNERS_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     split_layer: int
     hit_depth_counts: _containers.RepeatedScalarFieldContainer[int]
     bridge_revision: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ..., bridge_revision: _Optional[int] = ...) -> None: ...
+    tree_stamp: str
+    context: int
+    token_depths: bytes
+    token_owners: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ..., bridge_revision: _Optional[int] = ..., tree_stamp: _Optional[str] = ..., context: _Optional[int] = ..., token_depths: _Optional[bytes] = ..., token_owners: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "offsets_chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: LookupHeader
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    offsets_chunk: bytes
+    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., offsets_chunk: _Optional[bytes] = ...) -> None: ...
 
 class TenantSpec(_message.Message):
     __slots__ = ("tenant_id", "domain", "labels", "rank", "seed", "model", "request_id", "has_adapter")

@@ -1,0 +1,367 @@
+"""Compute's PLOT row cache: the layer-L rows of the token contexts batches met recently, in host memory.
+
+Without it every batch waits for a store round trip (and the store's trie walk), and a store restart fails
+every request. A token's row depends only on its context path (the token, then up to `context - 1` tokens
+before it) and on the tree, so rows are cached per (domain, revision) by path, without position offsets
+(applied here from the domain's tables, with the store's own arithmetic), under the tree's stamp
+(knowledge_store/tree_stamp.py): an answer under another stamp (a rebuild of the domain or an ancestor,
+pruning) drops the domain's rows, so a row of another tree is never served.
+
+Only answers at the full depth a token's context allows are cached. A shallower answer is one traffic learning
+may improve, and the store must see the contexts it learns from, so a sequence with such a token (or any token
+not cached) goes to the store whole, as without a cache. What the cache served is reported to the store in the
+background as node hits (what pruning ranks by) by `report_once`.
+
+Eviction is CLOCK over a fixed arena of rows: a hit sets the row's bit, the hand clears bits and takes the
+first row without one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from services.common.errors import HMIError, NotFound, StaleVersion
+from services.knowledge_store.client import LookupReply
+from services.knowledge_store.position_offsets import apply_offsets
+
+log = logging.getLogger("hmi.compute.plot_cache")
+TOKENS = Counter("hmi_compute_plot_cache_tokens_total", "PLOT rows a batch needed, by where they came from",
+                 ["source"])   # cache or store
+ROWS = Gauge("hmi_compute_plot_cache_rows", "PLOT rows held in compute's row cache")
+EVICTIONS = Counter("hmi_compute_plot_cache_evictions_total", "rows evicted from compute's PLOT row cache")
+RESETS = Counter("hmi_compute_plot_cache_resets_total", "domains whose cached rows were dropped: their tree changed")
+UNREPORTED = Counter("hmi_compute_plot_cache_unreported_total",
+                     "cache hits never reported to the store (it stayed unreachable and the backlog was full)")
+
+MAX_PENDING_HITS = 1_000_000    # per domain, tokens served but not yet reported
+LINK_SHIFT = 57                 # a reported hit: chain link above this bit, the node's path key below
+KEPT_STAMPS = 4                 # offset tables of this many recent stamps, for answers that raced a change
+
+# fetch(tokens, offsets, known_stamp) -> the store's raw answer for whole sequences
+Fetch = Callable[[np.ndarray, np.ndarray, str], LookupReply]
+Report = Callable[[str, int, np.ndarray, np.ndarray, np.ndarray], str]
+
+
+@dataclass
+class Answer:
+    """Rows of each sequence (position offsets applied), or the error that kept them from it."""
+    rows: dict[int, np.ndarray]
+    failures: dict[int, HMIError]
+    split_layer: int
+    bridge_revision: int
+    hit_depth_counts: list[int]
+    cached_tokens: int = 0
+
+
+@dataclass
+class DomainRows:
+    """One (domain, revision)'s cached rows; `stamp` is the tree state every entry was read under."""
+    domain: str
+    revision: int
+    stamp: str = ""
+    context: int = 0
+    split_layer: int = 0
+    bridge_revision: int = 0
+    tables: OrderedDict[str, dict[int, np.ndarray]] = field(default_factory=OrderedDict)   # stamp -> tables
+    entries: dict[int, int] = field(default_factory=dict)    # path key -> arena row
+    pending: list[np.ndarray] = field(default_factory=list)  # hits not reported: link << LINK_SHIFT | path key
+    pending_count: int = 0
+
+
+def positions_within(offsets: np.ndarray) -> np.ndarray:
+    lengths = np.diff(offsets)
+    return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
+
+
+def path_keys(tokens: np.ndarray, within: np.ndarray, context: int, bits: int) -> np.ndarray:
+    """One int per token naming its context path: digit i (of `bits` bits) is the token i places to its left,
+    plus one; 0 past the sequence start. So a key's first d digits are the key of its depth-d node."""
+    digits = tokens.astype(np.int64) + 1
+    keys = digits.copy()
+    for back in range(1, context):
+        earlier = np.zeros_like(digits)
+        earlier[back:] = digits[:-back]
+        keys |= np.where(within >= back, earlier, 0) << (bits * back)
+    return keys
+
+
+def key_paths(keys: np.ndarray, context: int, bits: int) -> np.ndarray:
+    """int32 [n, context] paths of path keys, -1 past each one's depth (RecordTraffic's form)."""
+    mask = (1 << bits) - 1
+    return np.stack([((keys >> (bits * back)) & mask) - 1 for back in range(context)], axis=1).astype(np.int32)
+
+
+class PlotRowCache:
+    def __init__(self, capacity_bytes: int, hidden: int, vocab: int) -> None:
+        self.hidden = hidden
+        self.bits = max(1, int(vocab).bit_length())
+        self.capacity = max(0, capacity_bytes // (2 * hidden))
+        self._arena = np.empty((self.capacity, hidden), dtype=np.float16)   # pages are touched as rows fill
+        self._links = np.zeros(self.capacity, dtype=np.uint8)
+        self._depths = np.zeros(self.capacity, dtype=np.uint8)
+        self._referenced = np.zeros(self.capacity, dtype=bool)
+        self._owners: list[tuple[DomainRows, int] | None] = [None] * self.capacity
+        self._hand = 0
+        self._used = 0
+        self._lock = threading.Lock()
+        self._views: dict[tuple[str, int], DomainRows] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def cacheable(self, context: int) -> bool:
+        """Path keys of this context fit below LINK_SHIFT bits (the encoder's context 2-3 at any vocabulary)."""
+        return self.capacity > 0 and context * self.bits <= LINK_SHIFT
+
+    def lookup(self, domain: str, revision: int, pieces: list[np.ndarray], fetch: Fetch) -> Answer:
+        """Rows for each piece (a sequence's token ids), from the cache where every token's row is held, the rest
+        in one store lookup. A store failure fails only the sequences that needed it."""
+        with self._lock:
+            view = self._views.setdefault((domain, revision), DomainRows(domain, revision))
+            context, stamp = view.context, view.stamp
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        within = positions_within(offsets)
+        answer = Answer({}, {}, view.split_layer, view.bridge_revision, [0] * max(context, 1))
+        missing = np.ones(len(pieces), dtype=bool)
+        if context > 0 and self.cacheable(context) and len(tokens):
+            keys = path_keys(tokens, within, context, self.bits)
+            # Found rows are read in the same critical section: outside it a row may be evicted and reused.
+            with self._lock:
+                if view.stamp == stamp:
+                    entries = view.entries
+                    slots = np.fromiter((entries.get(k, -1) for k in keys.tolist()), dtype=np.int64,
+                                        count=len(keys))
+                    missing = np.minimum.reduceat(slots, offsets[:-1]) < 0
+                    found = self._read_rows(view, np.flatnonzero(~missing).tolist(), offsets, slots, keys)
+                    tables = view.tables.get(stamp, {})
+            if not missing.all():
+                self._serve_cached(view, np.flatnonzero(~missing).tolist(), offsets, within, found, tables,
+                                   answer)
+        miss_sequences = np.flatnonzero(missing).tolist()
+        if miss_sequences:
+            self._serve_fetched(view, stamp, miss_sequences, pieces, fetch, answer)
+        with self._lock:
+            self.hits += answer.cached_tokens
+            self.misses += len(tokens) - answer.cached_tokens
+        TOKENS.labels("cache").inc(answer.cached_tokens)
+        TOKENS.labels("store").inc(len(tokens) - answer.cached_tokens)
+        return answer
+
+    def _read_rows(self, view: DomainRows, sequences: list[int], offsets: np.ndarray, slots: np.ndarray,
+                   keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The cached rows of whole sequences (holding the lock): token indices, rows, links, depths."""
+        if not sequences:
+            return (np.zeros(0, dtype=np.int64),) * 4
+        token_index = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in sequences])
+        wanted = slots[token_index]
+        links, depths = self._links[wanted], self._depths[wanted]
+        self._referenced[wanted] = True
+        if view.pending_count < MAX_PENDING_HITS:
+            prefix = (np.int64(1) << (self.bits * depths.astype(np.int64))) - 1
+            view.pending.append((links.astype(np.int64) << LINK_SHIFT) | (keys[token_index] & prefix))
+            view.pending_count += len(wanted)
+        else:
+            UNREPORTED.inc(len(wanted))
+        return token_index, self._arena[wanted], links, depths
+
+    def _serve_cached(self, view: DomainRows, sequences: list[int], offsets: np.ndarray, within: np.ndarray,
+                      found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tables: dict[int, np.ndarray],
+                      answer: Answer) -> None:
+        token_index, rows, links, depths = found
+        rows = self._offset(rows, links, within[token_index], tables, view.context)
+        start = 0
+        for s in sequences:
+            length = int(offsets[s + 1] - offsets[s])
+            answer.rows[s] = rows[start:start + length]
+            start += length
+        counts = np.bincount(depths, minlength=len(answer.hit_depth_counts) + 1)[1:]
+        answer.hit_depth_counts = [a + int(b) for a, b in zip(answer.hit_depth_counts, counts)]
+        answer.cached_tokens += len(token_index)
+
+    def _serve_fetched(self, view: DomainRows, known: str, sequences: list[int], pieces: list[np.ndarray],
+                       fetch: Fetch, answer: Answer) -> None:
+        chosen = [pieces[s] for s in sequences]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in chosen])]).astype(np.int64)
+        tokens = np.concatenate(chosen)
+        try:
+            reply = fetch(tokens, offsets, known)
+        except HMIError as error:
+            answer.failures.update(dict.fromkeys(sequences, error))
+            return
+        within = positions_within(offsets)
+        with self._lock:
+            if not reply.offset_tables and reply.stamp == known and known not in view.tables:
+                # the tables of the stamp asked with were dropped meanwhile (several changes in a row)
+                answer.failures.update(dict.fromkeys(sequences, StaleVersion(
+                    f"domain {view.domain!r}'s tree changed several times during the lookup; retry")))
+                return
+            if reply.offset_tables or reply.stamp not in view.tables:
+                view.tables[reply.stamp] = reply.offset_tables
+                while len(view.tables) > KEPT_STAMPS:
+                    view.tables.popitem(last=False)
+            tables = view.tables[reply.stamp]
+            if reply.stamp != view.stamp:
+                if view.stamp:
+                    RESETS.inc()
+                    log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
+                             view.stamp, reply.stamp, len(view.entries))
+                self._reset(view)
+                view.stamp, view.context = reply.stamp, reply.context
+                view.split_layer, view.bridge_revision = reply.split_layer, reply.bridge_revision
+            if self.cacheable(reply.context) and reply.stamp == view.stamp:
+                self._insert(view, tokens, within, reply)
+        answer.split_layer, answer.bridge_revision = reply.split_layer, reply.bridge_revision
+        rows = self._offset(reply.vectors, reply.token_owners, within, tables, reply.context)
+        for j, s in enumerate(sequences):
+            answer.rows[s] = rows[offsets[j]:offsets[j + 1]]
+        depth_counts = list(reply.hit_depth_counts)
+        width = max(len(answer.hit_depth_counts), len(depth_counts))
+        answer.hit_depth_counts = [(answer.hit_depth_counts[d] if d < len(answer.hit_depth_counts) else 0)
+                                   + (depth_counts[d] if d < len(depth_counts) else 0) for d in range(width)]
+
+    def _insert(self, view: DomainRows, tokens: np.ndarray, within: np.ndarray, reply: LookupReply) -> None:
+        """Caches the answers at full depth (holding the lock)."""
+        full = reply.token_depths == np.minimum(reply.context, within + 1)
+        keys = path_keys(tokens, within, reply.context, self.bits)
+        entries = view.entries
+        for index in np.flatnonzero(full).tolist():
+            key = int(keys[index])
+            if key in entries:
+                continue
+            slot = self._allocate()
+            self._arena[slot] = reply.vectors[index]
+            self._links[slot] = reply.token_owners[index]
+            self._depths[slot] = reply.token_depths[index]
+            self._owners[slot] = (view, key)
+            entries[key] = slot
+        ROWS.set(self._used)
+
+    def _allocate(self) -> int:
+        while True:
+            slot = self._hand
+            self._hand = (slot + 1) % self.capacity
+            owner = self._owners[slot]
+            if owner is None:
+                self._used += 1
+                return slot
+            if self._referenced[slot]:
+                self._referenced[slot] = False
+                continue
+            view, key = owner
+            if view.entries.get(key) == slot:
+                del view.entries[key]
+            self._owners[slot] = None
+            EVICTIONS.inc()
+            return slot   # the row changes hands: as many rows used as before
+
+    def _reset(self, view: DomainRows) -> None:
+        for slot in view.entries.values():
+            self._owners[slot] = None
+            self._referenced[slot] = False
+            self._used -= 1
+        view.entries = {}
+        ROWS.set(self._used)
+
+    @staticmethod
+    def _offset(rows: np.ndarray, links: np.ndarray, positions: np.ndarray, tables: dict[int, np.ndarray],
+                context: int) -> np.ndarray:
+        """The store's position offsets, per serving domain (knowledge_store/store.py applies the same)."""
+        if not tables or not len(rows):
+            return rows
+        rows = rows.copy()
+        for link, table in tables.items():
+            served = links == link
+            if served.any():
+                rows[served] = apply_offsets(rows[served], table, context, positions[served])
+        return rows
+
+    # ---- the store's side of it ----------------------------------------------------------------
+
+    def report_once(self, report: Report) -> int:
+        """Sends every domain's unreported hits to the store (RecordTraffic); a changed stamp in the answer drops
+        the domain's rows, a gone or rebuilt domain its whole view. Returns the tokens reported."""
+        with self._lock:
+            views = [v for v in self._views.values() if v.pending]
+            work = []
+            for view in views:
+                work.append((view, np.concatenate(view.pending), view.context))
+                view.pending, view.pending_count = [], 0
+        reported = 0
+        for view, hits, context in work:
+            combined, counts = np.unique(hits, return_counts=True)
+            links = (combined >> LINK_SHIFT).astype(np.uint8)
+            paths = key_paths(combined & ((np.int64(1) << LINK_SHIFT) - 1), context, self.bits)
+            try:
+                stamp = report(view.domain, view.revision, paths, links, counts.astype(np.int64))
+            except (NotFound, StaleVersion):
+                self.forget(view.domain, view.revision)
+                continue
+            except Exception:   # the store is unreachable: keep the hits for the next round (bounded)
+                with self._lock:
+                    if view.pending_count + len(hits) <= MAX_PENDING_HITS:
+                        view.pending.append(hits)
+                        view.pending_count += len(hits)
+                    else:
+                        UNREPORTED.inc(len(hits))
+                raise
+            reported += len(hits)
+            with self._lock:
+                if stamp != view.stamp and view.stamp:
+                    RESETS.inc()
+                    log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
+                             view.stamp, stamp, len(view.entries))
+                    self._reset(view)
+                    view.stamp = ""
+        return reported
+
+    def forget(self, domain: str, revision: int | None = None) -> None:
+        """Drops a domain's rows (every revision of it unless one is named)."""
+        with self._lock:
+            for key in [k for k in self._views if k[0] == domain and (revision is None or k[1] == revision)]:
+                self._reset(self._views.pop(key))
+
+    def forget_all(self) -> None:
+        with self._lock:
+            for view in self._views.values():
+                self._reset(view)
+            self._views.clear()
+
+    @property
+    def rows_held(self) -> int:
+        return self._used
+
+
+class TrafficReporter:
+    """Background thread: reports the cache's hits to the store every `interval` seconds."""
+
+    def __init__(self, cache: PlotRowCache, report: Report, interval: float = 1.0) -> None:
+        self.cache = cache
+        self.report = report
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plot-traffic", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                self.cache.report_once(self.report)
+                failing = False
+            except Exception as error:   # noqa: BLE001 - the store is down or restarting: try again later
+                if not failing:
+                    log.warning("could not report PLOT cache hits to the store (kept for the next try): %s",
+                                str(error)[:200])
+                failing = True
