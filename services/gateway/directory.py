@@ -7,7 +7,10 @@ every request would cost a round trip per request. The directory follows under a
 the store answers a write only once every live follower has read past it (bounded, see
 services/knowledge_store/change_followers.py), so a tenant registered, replaced or deleted through any
 gateway is served as such by every gateway from the moment the call returns. While the change log cannot
-be read (store unreachable, gateway just started), records fall back to living `ttl_seconds`. Should a
+be read (store unreachable, gateway just started), records fall back to living `ttl_seconds`; one whose TTL
+ran out is still served while the store cannot be reached at all, for up to `stale_if_unreachable` seconds
+after it was fetched (a store that is down takes no writes, so nothing it holds can have changed; only a
+gateway cut off from a store that still serves others could serve a changed tenant, for that long). Should a
 request still carry an outdated version (a follower that lagged), compute answers its sequences as stale
 and the gateway resolves the tenant again (servicer.py): adapter versions and domain revisions are unique
 over a name's whole history, so an old version is never mistaken for the current one.
@@ -58,8 +61,10 @@ class FeedState:
 
 class TenantDirectory:
     def __init__(self, store: pb_grpc.KnowledgeStoreStub, ttl_seconds: float = 2.0, *, poll_seconds: float = 0.5,
-                 max_entries: int = 200_000, feed: pb_grpc.KnowledgeStoreStub | None = None) -> None:
+                 max_entries: int = 200_000, feed: pb_grpc.KnowledgeStoreStub | None = None,
+                 stale_if_unreachable: float = 600.0) -> None:
         self.store = store
+        self.stale_if_unreachable = stale_if_unreachable
         self.feed_stub = feed or store    # polled on its own connection in the service (see rpc.channel)
         self.ttl = ttl_seconds
         self.poll_seconds = poll_seconds
@@ -118,10 +123,16 @@ class TenantDirectory:
                 LOOKUPS.labels("cached").inc()
                 return cached[1]
             generation = self.feed.generation
+        try:
+            tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout,
+                                          metadata=outgoing_metadata())
+            domain = self._domain(tenant.spec.domain, timeout, now, generation)
+        except grpc.RpcError as error:
+            if cached and unreachable(error) and now - cached[0] < self.stale_if_unreachable:
+                LOOKUPS.labels("stale").inc()     # the store is down: what it held last is still what it holds
+                return cached[1]
+            raise
         LOOKUPS.labels("fetched").inc()
-        tenant = self.store.GetTenant(pb.GetTenantRequest(tenant_id=tenant_id), timeout=timeout,
-                                      metadata=outgoing_metadata())
-        domain = self._domain(tenant.spec.domain, timeout, now, generation)
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
                             domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,
                             Limits.from_pb(tenant.limits))
@@ -215,3 +226,8 @@ class TenantDirectory:
     def cached_tenants(self) -> int:
         with self._lock:
             return len(self._cache)
+
+
+def unreachable(error: grpc.RpcError) -> bool:
+    """The store could not be reached (not: it answered with an error about the request)."""
+    return hasattr(error, "code") and error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant-cache-ttl", type=float, default=env_float("HMI_TENANT_CACHE_TTL", 2.0),
                         help="seconds a cached tenant record lives while the store's change log cannot be read "
                              "[HMI_TENANT_CACHE_TTL]")
+    parser.add_argument("--stale-if-unreachable", type=float, default=env_float("HMI_STALE_IF_UNREACHABLE", 600.0),
+                        help="seconds after its fetch a cached tenant record is still served while the store cannot "
+                             "be reached at all (a store that is down takes no writes); 0 = fail at once "
+                             "[HMI_STALE_IF_UNREACHABLE]")
     parser.add_argument("--change-poll-ms", type=float, default=env_float("HMI_CHANGE_POLL_MS", 500.0),
                         help="how often the store's change log is read; tenant records are cached until they change, "
                              "so changes made through another gateway show up within this [HMI_CHANGE_POLL_MS]")
@@ -149,6 +153,7 @@ def main(args: argparse.Namespace) -> None:
     store_channel = channel(args.store, security=security)
     store = store_grpc.KnowledgeStoreStub(store_channel)
     directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl, poll_seconds=args.change_poll_ms / 1e3,
+                                stale_if_unreachable=args.stale_if_unreachable,
                                 feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True,
                                                                            security=security)))
     keys = KeyRing(store, directory.fresh)
