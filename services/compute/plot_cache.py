@@ -27,8 +27,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import HMIError, NotFound, StaleVersion
-from services.knowledge_store.client import LookupReply
-from services.knowledge_store.position_offsets import apply_offsets
+from services.knowledge_store.client import LookupReply, apply_offsets
 
 log = logging.getLogger("hmi.compute.plot_cache")
 TOKENS = Counter("hmi_compute_plot_cache_tokens_total", "PLOT rows a batch needed, by where they came from",
