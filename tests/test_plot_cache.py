@@ -159,3 +159,17 @@ def test_bad_reports_are_refused(store, paths, owners, counts):
     with pytest.raises(InvalidArgument):
         store.record_cached_hits("leaf", revision, np.asarray(paths, dtype=np.int32),
                                  np.asarray(owners, dtype=np.uint8), np.asarray(counts, dtype=np.int64))
+
+
+def test_a_domain_that_does_not_learn_has_every_answer_cached(store, tokenizer):
+    store.build_domain("still", "\n".join(PARENT), split_layer=2, context=2, min_count=1, no_bridge=True,
+                       learn_threshold=-1)
+    cache = PlotRowCache(1 << 20, hidden=64, vocab=30522)
+    revision = store.get_domain("still")["revision"]
+    pieces = ids(tokenizer, [UNSEEN])
+    fetch = wire_fetch(store, "still")
+    cache.lookup("still", revision, pieces, fetch)
+    answer = cache.lookup("still", revision, pieces, fetch)
+    expected, direct = store_rows(store, "still", pieces)
+    assert direct.hit_depths.min() < 2 and answer.cached_tokens == len(pieces[0])
+    np.testing.assert_array_equal(answer.rows[0], expected[0])

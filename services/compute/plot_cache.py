@@ -7,9 +7,10 @@ before it) and on the tree, so rows are cached per (domain, revision) by path, w
 (knowledge_store/tree_stamp.py): an answer under another stamp (a rebuild of the domain or an ancestor,
 pruning) drops the domain's rows, so a row of another tree is never served.
 
-Only answers at the full depth a token's context allows are cached. A shallower answer is one traffic learning
-may improve, and the store must see the contexts it learns from, so a sequence with such a token (or any token
-not cached) goes to the store whole, as without a cache. What the cache served is reported to the store in the
+For a domain that learns from traffic, only answers at the full depth a token's context allows are cached: a
+shallower answer is one learning may improve, and the store must see the contexts it learns from, so a sequence
+with such a token (or any token not cached) goes to the store whole, as without a cache. A domain that does not
+learn never changes an answer but by a rebuild or pruning (both change the stamp), so every answer is cached. What the cache served is reported to the store in the
 background as node hits (what pruning ranks by) by `report_once`.
 
 Eviction is CLOCK over a fixed arena of rows: a hit sets the row's bit, the hand clears bits and takes the
@@ -226,20 +227,31 @@ class PlotRowCache:
                                    + (depth_counts[d] if d < len(depth_counts) else 0) for d in range(width)]
 
     def _insert(self, view: DomainRows, tokens: np.ndarray, within: np.ndarray, reply: LookupReply) -> None:
-        """Caches the answers at full depth (holding the lock)."""
+        """Caches the answers at full depth, or all of them when the domain does not learn (holding the lock)."""
         full = reply.token_depths == np.minimum(reply.context, within + 1)
+        if not reply.learning:
+            full[:] = True
         keys = path_keys(tokens, within, reply.context, self.bits)
         entries = view.entries
-        for index in np.flatnonzero(full).tolist():
-            key = int(keys[index])
-            if key in entries:
-                continue
+        new: dict[int, int] = {}     # key -> token index, each key once
+        for key, index in zip(keys[full].tolist(), np.flatnonzero(full).tolist()):
+            if key not in entries and key not in new:
+                new[key] = index
+        if not new:
+            return
+        if len(new) > self.capacity // 2:    # a new row marked referenced is never evicted by its own insert
+            new = dict(list(new.items())[:self.capacity // 2])
+        slots = []
+        for key in new:
             slot = self._allocate()
-            self._arena[slot] = reply.vectors[index]
-            self._links[slot] = reply.token_owners[index]
-            self._depths[slot] = reply.token_depths[index]
             self._owners[slot] = (view, key)
             entries[key] = slot
+            slots.append(slot)
+        rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+        self._arena[slots] = reply.vectors[rows]
+        self._links[slots] = reply.token_owners[rows]
+        self._depths[slots] = reply.token_depths[rows]
+        self._referenced[slots] = True
         ROWS.set(self._used)
 
     def _allocate(self) -> int:

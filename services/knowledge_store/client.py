@@ -32,6 +32,7 @@ class LookupReply:
     context: int = 0
     token_depths: np.ndarray | None = None    # uint8 [tokens]
     token_owners: np.ndarray | None = None    # uint8 [tokens]: chain link of the serving node
+    learning: bool = False                    # the domain learns from traffic
     offset_tables: dict[int, np.ndarray] = field(default_factory=dict)   # present when not at known_stamp
 
 
@@ -147,6 +148,7 @@ def read_lookup_stream(stream) -> LookupReply:
     if header.tree_stamp:
         reply.token_depths = np.frombuffer(header.token_depths, dtype=np.uint8)
         reply.token_owners = np.frombuffer(header.token_owners, dtype=np.uint8)
+        reply.learning = header.learning
         if len(reply.token_depths) != shape[0] or len(reply.token_owners) != shape[0]:
             raise InvalidArgument(f"store sent {len(reply.token_depths)} depths and {len(reply.token_owners)} owners "
                                   f"for {shape[0]} rows")

@@ -56,6 +56,7 @@ class LookupResult:
     hit_keys: list[bytes] = field(default_factory=list)   # node key that served each token
     misses: list[Miss] = field(default_factory=list)
     stamp: str = ""                                                  # raw lookups: the tree's stamp (tree_stamp.py)
+    learning: bool = False                                           # raw lookups: the domain learns from traffic
     offset_tables: dict[int, np.ndarray] = field(default_factory=dict)   # raw lookups: chain link -> table
 
 

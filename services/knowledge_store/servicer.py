@@ -278,11 +278,11 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         LOOKUPS.inc()
         depth_counts = None
         depths, owners = [], []
-        stamp = ""
+        stamp, learning = "", False
         for record, result in slices:   # a slice at a time: a large answer is never held whole
             if depth_counts is None:
                 depth_counts = np.zeros(record.context, dtype=np.int64)
-                stamp = result.stamp
+                stamp, learning = result.stamp, result.learning
                 yield pb.LookupResponse(header=pb.LookupHeader(dtype="float16", shape=[rows, record.hidden_size],
                                                                split_layer=record.split_layer,
                                                                bridge_revision=bridge_revision(record),
@@ -304,7 +304,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             dtype="float16", shape=[rows, record.hidden_size], split_layer=record.split_layer,
             hit_depth_counts=depth_counts.tolist(), bridge_revision=bridge_revision(record), tree_stamp=stamp,
             context=record.context, token_depths=b"".join(d.tobytes() for d in depths),
-            token_owners=b"".join(o.tobytes() for o in owners)))
+            token_owners=b"".join(o.tobytes() for o in owners), learning=learning))
 
     @handles_errors
     def RecordTraffic(self, request, context) -> pb.RecordTrafficResponse:

@@ -573,7 +573,8 @@ class KnowledgeStore:
             if not record.built_at:
                 raise FailedPrecondition(f"domain {domain!r} has no PLOT yet: run `hmi domain build {domain} "
                                          f"--corpus FILE --split-layer {record.split_layer}`")
-            learning = not context and self.effective_threshold(record.learn_threshold) > 0
+            learning_domain = self.effective_threshold(record.learn_threshold) > 0
+            learning = not context and learning_domain
             cap = min(context or MAX_CONTEXT, record.context)
             chain_records = self.chain_records(txn, record)
             chain = [link.id for link in chain_records]
@@ -588,7 +589,8 @@ class KnowledgeStore:
                                                                     result.owners[wanted])
                 positions = positions[wanted]
             if raw:
-                result.stamp = tree_stamp(self.layout.store_id, chain_records)
+                result.stamp = tree_stamp(self.layout.store_id, chain_records, learning_domain)
+                result.learning = learning_domain
                 if result.stamp != known_stamp:
                     for link, domain_id in enumerate(chain):
                         table = tree.read_offsets(self.layout, txn, domain_id)
@@ -653,7 +655,7 @@ class KnowledgeStore:
             if domain_revision and record.revision != domain_revision:
                 raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {domain_revision}")
             chain = self.chain_records(txn, record)
-            stamp = tree_stamp(self.layout.store_id, chain)
+            stamp = tree_stamp(self.layout.store_id, chain, self.effective_threshold(record.learn_threshold) > 0)
         if not len(paths):
             return stamp
         depths = (paths >= 0).sum(axis=1)

@@ -4,8 +4,9 @@ and its ancestors', and the position-offset tables in a form that travels.
 A cached answer for a token's context is the row of the deepest node on its path. Builds (a new generation and
 revision) and pruning (a node removed: the path falls back to its parent) change such answers; adding a node
 from traffic does not change any answer a cache holds, because caches keep only answers at the full depth the
-context allows and a node is only added where no domain of the chain has it. So the stamp covers the store, and
-each chain domain's id, revision, generation and pruned count.
+context allows (or any answer, while the domain does not learn) and a node is only added where no domain of the
+chain has it. So the stamp covers the store, whether the domain learns, and each chain domain's id, revision,
+generation and pruned count.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from safetensors.numpy import load, save
 from services.knowledge_store.records import DomainRecord
 
 
-def tree_stamp(store_id: str, chain: list[DomainRecord]) -> str:
-    text = ";".join([store_id] + [f"{r.id}:{r.revision}:{r.generation}:{r.pruned}" for r in chain])
+def tree_stamp(store_id: str, chain: list[DomainRecord], learning: bool) -> str:
+    """`learning`: whether the domain learns from traffic (caches hold shallow answers only while it does not)."""
+    text = ";".join([store_id, str(learning)] + [f"{r.id}:{r.revision}:{r.generation}:{r.pruned}" for r in chain])
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 

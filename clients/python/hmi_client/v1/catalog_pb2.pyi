@@ -234,7 +234,7 @@ class LookupRequest(_message.Message):
     def __init__(self, domain: _Optional[str] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., first_positions: _Optional[_Iterable[int]] = ..., context_tokens: _Optional[_Iterable[int]] = ..., domain_revision: _Optional[int] = ..., raw_rows: _Optional[bool] = ..., known_stamp: _Optional[str] = ...) -> None: ...
 
 class LookupHeader(_message.Message):
-    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts", "bridge_revision", "tree_stamp", "context", "token_depths", "token_owners")
+    __slots__ = ("dtype", "shape", "split_layer", "hit_depth_counts", "bridge_revision", "tree_stamp", "context", "token_depths", "token_owners", "learning")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SPLIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class LookupHeader(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     split_layer: int
@@ -253,7 +254,8 @@ class LookupHeader(_message.Message):
     context: int
     token_depths: bytes
     token_owners: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ..., bridge_revision: _Optional[int] = ..., tree_stamp: _Optional[str] = ..., context: _Optional[int] = ..., token_depths: _Optional[bytes] = ..., token_owners: _Optional[bytes] = ...) -> None: ...
+    learning: bool
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., hit_depth_counts: _Optional[_Iterable[int]] = ..., bridge_revision: _Optional[int] = ..., tree_stamp: _Optional[str] = ..., context: _Optional[int] = ..., token_depths: _Optional[bytes] = ..., token_owners: _Optional[bytes] = ..., learning: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("header", "chunk", "offsets_chunk")
