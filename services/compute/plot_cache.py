@@ -244,6 +244,7 @@ class PlotRowCache:
         slots = []
         for key in new:
             slot = self._allocate()
+            self._referenced[slot] = True
             self._owners[slot] = (view, key)
             entries[key] = slot
             slots.append(slot)
@@ -251,7 +252,6 @@ class PlotRowCache:
         self._arena[slots] = reply.vectors[rows]
         self._links[slots] = reply.token_owners[rows]
         self._depths[slots] = reply.token_depths[rows]
-        self._referenced[slots] = True
         ROWS.set(self._used)
 
     def _allocate(self) -> int:
