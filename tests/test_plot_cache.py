@@ -40,11 +40,13 @@ def wire_fetch(store: KnowledgeStore, domain: str, calls: list | None = None):
     """The store's Lookup as compute reads it: the servicer's stream decoded by the client's reader."""
     servicer = KnowledgeStoreServicer(store)
 
-    def fetch(tokens, offsets, known_stamp):
+    def fetch(tokens, offsets, context_tokens, known_stamp):
         if calls is not None:
             calls.append(len(offsets) - 1)
         request = lookup_request(domain, tokens, offsets)
         request.raw_rows, request.known_stamp = True, known_stamp
+        if context_tokens is not None:
+            request.context_tokens.extend(context_tokens.tolist())
         return read_lookup_stream(servicer.Lookup(request, None))
     return fetch
 
@@ -136,7 +138,7 @@ def test_with_the_store_down_only_uncached_sequences_fail(store, tokenizer):
     hot = ids(tokenizer, SEEN)
     cache.lookup("leaf", revision, hot, wire_fetch(store, "leaf"))
 
-    def down(tokens, offsets, known_stamp):
+    def down(tokens, offsets, context_tokens, known_stamp):
         raise Unavailable("the knowledge store is unreachable")
     answer = cache.lookup("leaf", revision, hot + ids(tokenizer, ["a garden of cats"]), down)
     assert sorted(answer.rows) == [0, 1, 2] and sorted(answer.failures) == [3]
@@ -173,3 +175,25 @@ def test_a_domain_that_does_not_learn_has_every_answer_cached(store, tokenizer):
     expected, direct = store_rows(store, "still", pieces)
     assert direct.hit_depths.min() < 2 and answer.cached_tokens == len(pieces[0])
     np.testing.assert_array_equal(answer.rows[0], expected[0])
+
+
+def test_without_learning_only_the_missing_tokens_are_fetched(store, tokenizer):
+    store.build_domain("still", "\n".join(PARENT), split_layer=2, context=2, min_count=1, no_bridge=True,
+                       learn_threshold=-1)
+    cache = PlotRowCache(1 << 20, hidden=64, vocab=30522)
+    revision = store.get_domain("still")["revision"]
+    asked = []
+    servicer_fetch = wire_fetch(store, "still")
+
+    def fetch(tokens, offsets, context_tokens, known_stamp):
+        asked.append((len(tokens), None if context_tokens is None else context_tokens.tolist()))
+        return servicer_fetch(tokens, offsets, context_tokens, known_stamp)
+    cache.lookup("still", revision, ids(tokenizer, SEEN), fetch)
+    mixed = ids(tokenizer, ["the cat sat in a garden of the tree", "the dog sat on the mat"])
+    answer = cache.lookup("still", revision, mixed, fetch)
+    expected, _ = store_rows(store, "still", mixed)
+    for index, rows in enumerate(expected):
+        np.testing.assert_array_equal(answer.rows[index], rows)
+    fetched_tokens, skips = asked[-1]
+    assert 0 < answer.cached_tokens < sum(map(len, mixed)) and skips is not None
+    assert fetched_tokens - sum(skips) == sum(map(len, mixed)) - answer.cached_tokens

@@ -201,10 +201,11 @@ class Pipeline:
                        started: float) -> tuple[dict[int, np.ndarray], float, DomainBridge | None, dict[int, HMIError]]:
         spec = batch.sequences[indices[0]]
 
-        def fetch(tokens: np.ndarray, offsets: np.ndarray, known_stamp: str):
+        def fetch(tokens: np.ndarray, offsets: np.ndarray, context_tokens: np.ndarray | None, known_stamp: str):
             try:
                 return self.store.lookup(spec.domain, tokens, offsets, timeout=timeout,
-                                         domain_revision=spec.domain_revision, raw=True, known_stamp=known_stamp)
+                                         domain_revision=spec.domain_revision, raw=True, known_stamp=known_stamp,
+                                         context_tokens=context_tokens)
             except grpc.RpcError as error:
                 if not hasattr(error, "code") or error.code() not in (grpc.StatusCode.UNAVAILABLE,
                                                                       grpc.StatusCode.DEADLINE_EXCEEDED):

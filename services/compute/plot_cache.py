@@ -43,8 +43,9 @@ MAX_PENDING_HITS = 1_000_000    # per domain, tokens served but not yet reported
 LINK_SHIFT = 57                 # a reported hit: chain link above this bit, the node's path key below
 KEPT_STAMPS = 4                 # offset tables of this many recent stamps, for answers that raced a change
 
-# fetch(tokens, offsets, known_stamp) -> the store's raw answer for whole sequences
-Fetch = Callable[[np.ndarray, np.ndarray, str], LookupReply]
+# fetch(tokens, offsets, context_tokens or None, known_stamp) -> the store's raw answer (rows of the tokens after
+# each window's leading context tokens)
+Fetch = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", str], LookupReply]
 Report = Callable[[str, int, np.ndarray, np.ndarray, np.ndarray], str]
 
 
@@ -68,6 +69,7 @@ class DomainRows:
     context: int = 0
     split_layer: int = 0
     bridge_revision: int = 0
+    learning: bool = True
     tables: OrderedDict[str, dict[int, np.ndarray]] = field(default_factory=OrderedDict)   # stamp -> tables
     entries: dict[int, int] = field(default_factory=dict)    # path key -> arena row
     pending: list[np.ndarray] = field(default_factory=list)  # hits not reported: link << LINK_SHIFT | path key
@@ -89,6 +91,34 @@ def path_keys(tokens: np.ndarray, within: np.ndarray, context: int, bits: int) -
         earlier[back:] = digits[:-back]
         keys |= np.where(within >= back, earlier, 0) << (bits * back)
     return keys
+
+
+def missing_windows(tokens: np.ndarray, offsets: np.ndarray, have: np.ndarray, context: int, whole: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """What to ask the store for the tokens not in `have`: whole sequences (`whole`), or for each run of missing
+    tokens a window starting `context - 1` tokens earlier (its left context, looked up but not returned).
+    Returns the windows' tokens, offsets, leading context tokens (None: whole sequences) and, in the answer's
+    order, the index of each token it answers."""
+    pieces, skips, targets = [], [], []
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        missing = np.flatnonzero(~have[start:end])
+        if not len(missing):
+            continue
+        if whole:
+            pieces.append(tokens[start:end])
+            targets.append(np.arange(start, end))
+            continue
+        breaks = np.flatnonzero(np.diff(missing) > 1)
+        for first, last in zip(np.concatenate([[0], breaks + 1]).tolist(),
+                               np.concatenate([breaks, [len(missing) - 1]]).tolist()):
+            a, b = start + int(missing[first]), start + int(missing[last]) + 1
+            left = max(start, a - (context - 1))
+            pieces.append(tokens[left:b])
+            skips.append(a - left)
+            targets.append(np.arange(a, b))
+    window_offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    return (np.concatenate(pieces), window_offsets, None if whole else np.asarray(skips, dtype=np.int64),
+            np.concatenate(targets))
 
 
 def key_paths(keys: np.ndarray, context: int, bits: int) -> np.ndarray:
@@ -119,119 +149,122 @@ class PlotRowCache:
         return self.capacity > 0 and context * self.bits <= LINK_SHIFT
 
     def lookup(self, domain: str, revision: int, pieces: list[np.ndarray], fetch: Fetch) -> Answer:
-        """Rows for each piece (a sequence's token ids), from the cache where every token's row is held, the rest
-        in one store lookup. A store failure fails only the sequences that needed it."""
+        """Rows for each piece (a sequence's token ids): the cached ones from here, the others in one store lookup.
+        A store failure fails only the sequences that needed it."""
         with self._lock:
             view = self._views.setdefault((domain, revision), DomainRows(domain, revision))
-            context, stamp = view.context, view.stamp
+        answer = self._lookup(view, pieces, fetch, use_cache=True)
+        if answer is None:     # the tree changed between the cached rows and the store's: all from the store
+            answer = self._lookup(view, pieces, fetch, use_cache=False)
+        tokens = sum(len(p) for p in pieces)
+        with self._lock:
+            self.hits += answer.cached_tokens
+            self.misses += tokens - answer.cached_tokens
+        TOKENS.labels("cache").inc(answer.cached_tokens)
+        TOKENS.labels("store").inc(tokens - answer.cached_tokens)
+        return answer
+
+    def _lookup(self, view: DomainRows, pieces: list[np.ndarray], fetch: Fetch, use_cache: bool) -> Answer | None:
+        with self._lock:
+            context, stamp, learning = view.context, view.stamp, view.learning
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
         within = positions_within(offsets)
-        answer = Answer({}, {}, view.split_layer, view.bridge_revision, [0] * max(context, 1))
-        missing = np.ones(len(pieces), dtype=bool)
-        if context > 0 and self.cacheable(context) and len(tokens):
+        count = len(tokens)
+        rows = np.empty((count, self.hidden), dtype=np.float16)
+        links = np.zeros(count, dtype=np.uint8)
+        depths = np.zeros(count, dtype=np.uint8)
+        have = np.zeros(count, dtype=bool)
+        tables: dict[int, np.ndarray] = {}
+        if use_cache and context > 0 and self.cacheable(context) and count:
             keys = path_keys(tokens, within, context, self.bits)
-            # Found rows are read in the same critical section: outside it a row may be evicted and reused.
+            # Rows are read in the same critical section as their slots: outside it a row may be evicted and reused.
             with self._lock:
                 if view.stamp == stamp:
                     entries = view.entries
-                    slots = np.fromiter((entries.get(k, -1) for k in keys.tolist()), dtype=np.int64,
-                                        count=len(keys))
-                    missing = np.minimum.reduceat(slots, offsets[:-1]) < 0
-                    found = self._read_rows(view, np.flatnonzero(~missing).tolist(), offsets, slots, keys)
+                    slots = np.fromiter((entries.get(k, -1) for k in keys.tolist()), dtype=np.int64, count=count)
+                    have = slots >= 0
+                    if learning:    # a sequence with any token not cached goes to the store whole
+                        have &= np.repeat(np.minimum.reduceat(slots, offsets[:-1]) >= 0, lengths)
+                    self._read_into(view, slots, have, keys, rows, links, depths)
                     tables = view.tables.get(stamp, {})
-            if not missing.all():
-                self._serve_cached(view, np.flatnonzero(~missing).tolist(), offsets, within, found, tables,
-                                   answer)
-        miss_sequences = np.flatnonzero(missing).tolist()
-        if miss_sequences:
-            self._serve_fetched(view, stamp, miss_sequences, pieces, fetch, answer)
-        with self._lock:
-            self.hits += answer.cached_tokens
-            self.misses += len(tokens) - answer.cached_tokens
-        TOKENS.labels("cache").inc(answer.cached_tokens)
-        TOKENS.labels("store").inc(len(tokens) - answer.cached_tokens)
+        answer = Answer({}, {}, view.split_layer, view.bridge_revision, [], cached_tokens=int(have.sum()))
+        lost = np.zeros(len(pieces), dtype=bool)
+        if not have.all():
+            whole = learning or context == 0
+            w_tokens, w_offsets, w_skip, targets = missing_windows(tokens, offsets, have, context, whole)
+            try:
+                reply = fetch(w_tokens, w_offsets, w_skip, stamp)
+            except HMIError as error:
+                lost = np.maximum.reduceat(~have, offsets[:-1]).astype(bool)
+                answer.failures.update(dict.fromkeys(np.flatnonzero(lost).tolist(), error))
+            else:
+                with self._lock:
+                    if reply.stamp != stamp and have.any():
+                        self._adopt(view, reply, stamp)
+                        return None
+                    tables = self._adopt(view, reply, stamp)
+                    if tables is None:
+                        answer.failures.update(dict.fromkeys(range(len(pieces)), StaleVersion(
+                            f"domain {view.domain!r}'s tree changed several times during the lookup; retry")))
+                        return answer
+                    rows[targets] = reply.vectors
+                    links[targets] = reply.token_owners
+                    depths[targets] = reply.token_depths
+                    if self.cacheable(reply.context) and reply.stamp == view.stamp:
+                        self._insert(view, path_keys(tokens, within, reply.context, self.bits)[targets],
+                                     within[targets], reply)
+                answer.split_layer, answer.bridge_revision = reply.split_layer, reply.bridge_revision
+                context = reply.context
+        rows = self._offset(rows, links, within, tables, context)
+        for s in np.flatnonzero(~lost).tolist():
+            answer.rows[s] = rows[offsets[s]:offsets[s + 1]]
+        served = np.repeat(~lost, lengths)
+        answer.hit_depth_counts = np.bincount(depths[served], minlength=max(context, 1) + 1)[1:].tolist()
         return answer
 
-    def _read_rows(self, view: DomainRows, sequences: list[int], offsets: np.ndarray, slots: np.ndarray,
-                   keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The cached rows of whole sequences (holding the lock): token indices, rows, links, depths."""
-        if not sequences:
-            return (np.zeros(0, dtype=np.int64),) * 4
-        token_index = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in sequences])
-        wanted = slots[token_index]
-        links, depths = self._links[wanted], self._depths[wanted]
+    def _read_into(self, view: DomainRows, slots: np.ndarray, have: np.ndarray, keys: np.ndarray, rows: np.ndarray,
+                   links: np.ndarray, depths: np.ndarray) -> None:
+        """Copies the cached rows of the tokens in `have` (holding the lock) and notes them for the store."""
+        wanted = slots[have]
+        if not len(wanted):
+            return
+        rows[have] = self._arena[wanted]
+        links[have] = self._links[wanted]
+        depths[have] = found_depths = self._depths[wanted]
         self._referenced[wanted] = True
         if view.pending_count < MAX_PENDING_HITS:
-            prefix = (np.int64(1) << (self.bits * depths.astype(np.int64))) - 1
-            view.pending.append((links.astype(np.int64) << LINK_SHIFT) | (keys[token_index] & prefix))
+            prefix = (np.int64(1) << (self.bits * found_depths.astype(np.int64))) - 1
+            view.pending.append((links[have].astype(np.int64) << LINK_SHIFT) | (keys[have] & prefix))
             view.pending_count += len(wanted)
         else:
             UNREPORTED.inc(len(wanted))
-        return token_index, self._arena[wanted], links, depths
 
-    def _serve_cached(self, view: DomainRows, sequences: list[int], offsets: np.ndarray, within: np.ndarray,
-                      found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tables: dict[int, np.ndarray],
-                      answer: Answer) -> None:
-        token_index, rows, links, depths = found
-        rows = self._offset(rows, links, within[token_index], tables, view.context)
-        start = 0
-        for s in sequences:
-            length = int(offsets[s + 1] - offsets[s])
-            answer.rows[s] = rows[start:start + length]
-            start += length
-        counts = np.bincount(depths, minlength=len(answer.hit_depth_counts) + 1)[1:]
-        answer.hit_depth_counts = [a + int(b) for a, b in zip(answer.hit_depth_counts, counts)]
-        answer.cached_tokens += len(token_index)
+    def _adopt(self, view: DomainRows, reply: LookupReply, known: str) -> dict[int, np.ndarray] | None:
+        """Takes in what a store answer says about the tree (holding the lock): its offset tables, and a new
+        stamp, which drops the rows cached under the old one. None: the answer's tables are not known here."""
+        if not reply.offset_tables and reply.stamp not in view.tables and reply.stamp == known:
+            return None    # the tables of the stamp asked with were dropped meanwhile (several changes in a row)
+        if reply.offset_tables or reply.stamp not in view.tables:
+            view.tables[reply.stamp] = reply.offset_tables
+            while len(view.tables) > KEPT_STAMPS:
+                view.tables.popitem(last=False)
+        if reply.stamp != view.stamp:
+            if view.stamp:
+                RESETS.inc()
+                log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
+                         view.stamp, reply.stamp, len(view.entries))
+            self._reset(view)
+            view.stamp, view.context, view.learning = reply.stamp, reply.context, reply.learning
+            view.split_layer, view.bridge_revision = reply.split_layer, reply.bridge_revision
+        return view.tables[reply.stamp]
 
-    def _serve_fetched(self, view: DomainRows, known: str, sequences: list[int], pieces: list[np.ndarray],
-                       fetch: Fetch, answer: Answer) -> None:
-        chosen = [pieces[s] for s in sequences]
-        offsets = np.concatenate([[0], np.cumsum([len(p) for p in chosen])]).astype(np.int64)
-        tokens = np.concatenate(chosen)
-        try:
-            reply = fetch(tokens, offsets, known)
-        except HMIError as error:
-            answer.failures.update(dict.fromkeys(sequences, error))
-            return
-        within = positions_within(offsets)
-        with self._lock:
-            if not reply.offset_tables and reply.stamp == known and known not in view.tables:
-                # the tables of the stamp asked with were dropped meanwhile (several changes in a row)
-                answer.failures.update(dict.fromkeys(sequences, StaleVersion(
-                    f"domain {view.domain!r}'s tree changed several times during the lookup; retry")))
-                return
-            if reply.offset_tables or reply.stamp not in view.tables:
-                view.tables[reply.stamp] = reply.offset_tables
-                while len(view.tables) > KEPT_STAMPS:
-                    view.tables.popitem(last=False)
-            tables = view.tables[reply.stamp]
-            if reply.stamp != view.stamp:
-                if view.stamp:
-                    RESETS.inc()
-                    log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
-                             view.stamp, reply.stamp, len(view.entries))
-                self._reset(view)
-                view.stamp, view.context = reply.stamp, reply.context
-                view.split_layer, view.bridge_revision = reply.split_layer, reply.bridge_revision
-            if self.cacheable(reply.context) and reply.stamp == view.stamp:
-                self._insert(view, tokens, within, reply)
-        answer.split_layer, answer.bridge_revision = reply.split_layer, reply.bridge_revision
-        rows = self._offset(reply.vectors, reply.token_owners, within, tables, reply.context)
-        for j, s in enumerate(sequences):
-            answer.rows[s] = rows[offsets[j]:offsets[j + 1]]
-        depth_counts = list(reply.hit_depth_counts)
-        width = max(len(answer.hit_depth_counts), len(depth_counts))
-        answer.hit_depth_counts = [(answer.hit_depth_counts[d] if d < len(answer.hit_depth_counts) else 0)
-                                   + (depth_counts[d] if d < len(depth_counts) else 0) for d in range(width)]
-
-    def _insert(self, view: DomainRows, tokens: np.ndarray, within: np.ndarray, reply: LookupReply) -> None:
+    def _insert(self, view: DomainRows, keys: np.ndarray, within: np.ndarray, reply: LookupReply) -> None:
         """Caches the answers at full depth, or all of them when the domain does not learn (holding the lock)."""
         full = reply.token_depths == np.minimum(reply.context, within + 1)
         if not reply.learning:
             full[:] = True
-        keys = path_keys(tokens, within, reply.context, self.bits)
         entries = view.entries
         new: dict[int, int] = {}     # key -> token index, each key once
         for key, index in zip(keys[full].tolist(), np.flatnonzero(full).tolist()):

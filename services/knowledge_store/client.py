@@ -46,10 +46,13 @@ class StoreClient:
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
                timeout: float | None = None, domain_revision: int = 0, raw: bool = False,
-               known_stamp: str = "") -> LookupReply:
+               known_stamp: str = "", context_tokens: np.ndarray | None = None) -> LookupReply:
         """NotFound / StaleVersion when the domain is gone or is not the revision the caller resolved.
-        `raw`: rows without position offsets plus what applying them takes (tree_stamp.py)."""
+        `raw`: rows without position offsets plus what applying them takes (tree_stamp.py); `context_tokens`: per
+        sequence, leading tokens that are left context only (no rows for them)."""
         request = lookup_request(domain, token_ids, offsets)
+        if context_tokens is not None:
+            request.context_tokens.extend(np.asarray(context_tokens).tolist())
         request.domain_revision = domain_revision
         request.raw_rows = raw
         request.known_stamp = known_stamp

@@ -269,8 +269,6 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         offsets = validate_offsets(request.offsets, len(token_ids))
         first, skip = window_fields(request, offsets)
         raw = request.raw_rows
-        if raw and (first is not None or skip is not None):
-            raise InvalidArgument("raw_rows takes whole sequences: no first_positions or context_tokens")
         rows = len(token_ids) - (int(skip.sum()) if skip is not None else 0)
         slices = self.store.lookup_slices(request.domain, token_ids, offsets, first_positions=first,
                                           context_tokens=skip, domain_revision=request.domain_revision,
