@@ -1,8 +1,11 @@
 """The gateway's readiness: what its health service reports, from probes of its peers.
 
 - `hmi.v1.Admin` is SERVING while the knowledge store answers its health check;
-- `hmi.v1.Gateway` (and `""`, the whole server) while the store does and every required model has at least
-  one compute replica that answered SERVING (services/gateway/router.py probes each replica).
+- `hmi.v1.Gateway` (and `""`, the whole server) once the store has answered since the gateway started, while
+  every required model has at least one compute replica that answered SERVING (services/gateway/router.py
+  probes each replica). A store that stops answering later does not take inference down: the gateway keeps
+  serving the tenants whose records it holds, and compute those whose adapters and PLOT rows it holds; the
+  others fail with UNAVAILABLE until the store is back. It is logged, and `hmi.v1.Admin` reports it.
 
 A readiness probe (Kubernetes, compose, `hmi up`) so sends no traffic to a gateway that could only fail, and
 the gateway comes back by itself once its peers do. Liveness (`liveness`) stays SERVING meanwhile: restarting
@@ -31,6 +34,8 @@ class Readiness:
         self.required = required
         self.interval = interval
         self.problems: list[str] = ["not checked yet"]
+        self.store_seen = False          # the store answered once since start: records can be cached
+        self.store_down = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -38,8 +43,16 @@ class Readiness:
         """Probes once and publishes; returns what keeps the gateway from serving (empty: ready)."""
         problems = []
         store_ok = probe(self.store, STORE_SERVICE, timeout=max(0.2, min(1.0, self.interval)))
-        if not store_ok:
+        self.store_seen = self.store_seen or store_ok
+        if not self.store_seen:
             problems.append("the knowledge store does not answer")
+        if self.store_seen and store_ok == self.store_down:
+            self.store_down = not store_ok
+            if self.store_down:
+                log.warning("the knowledge store does not answer: serving the tenants whose records, adapters and "
+                            "PLOT rows are cached; the others fail with UNAVAILABLE until it is back")
+            else:
+                log.info("the knowledge store answers again")
         for model in self.required:
             router = self.routers[model]
             if not router.usable_count():
