@@ -69,3 +69,20 @@ class LimitExceeded(ResourceExhausted):
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("hmi-limit", self.limit), ("retry-after-ms", str(max(1, round(self.retry_after * 1000)))))
+
+
+MAX_MESSAGE_CHARS = 1000   # a status message stays far below gRPC's metadata limits (8-16 KB), whatever it quotes
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """repr() of user input, cut to a short prefix that says how long the whole was: messages never echo
+    unbounded input."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message cut to `limit` characters (what every error status carries)."""
+    return message if len(message) <= limit else f"{message[:limit]}... (message cut at {limit:,} characters)"

@@ -10,7 +10,7 @@ import grpc
 
 from services.common.auth.peers import PeerSecurity
 from services.common.auth.peers import channel as peer_channel
-from services.common.errors import HMIError, LimitExceeded
+from services.common.errors import MAX_MESSAGE_CHARS, HMIError, LimitExceeded, bounded
 
 # Explicit limits on both sides (the 4 MiB default is the classic trap); large tensors stream in chunks anyway.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -55,15 +55,16 @@ def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
     if isinstance(error, LimitExceeded):
         context.set_trailing_metadata(error.trailing_metadata())
     if isinstance(error, HMIError):
-        context.abort(_status(error.code_name), str(error))
+        context.abort(_status(error.code_name), bounded(str(error)))
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         code = error.code()
         details = error.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"a peer service is unavailable: {details}"
-        context.abort(code, details)
-    log.exception("internal error", exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        context.abort(code, bounded(details))
+    log.error("internal error: %s", bounded(f"{type(error).__name__}: {error}"),
+              exc_info=None if len(str(error)) > MAX_MESSAGE_CHARS else error)
+    context.abort(grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(error).__name__}: {error}"))
 
 
 def handles_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from services.common.auth.api_keys import covers
-from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.errors import PermissionDenied, Unauthenticated, quoted
 from services.gateway.key_ring import KeyRing
 
 log = logging.getLogger("hmi.gateway.access")
@@ -63,11 +63,11 @@ class Principal:
             return
         if not covers(self.tenants, tenant_id):
             REFUSED.labels("permission_denied").inc()
-            raise PermissionDenied(f"{what} of tenant {tenant_id!r} is outside this credential's scope: "
+            raise PermissionDenied(f"{what} of tenant {quoted(tenant_id)} is outside this credential's scope: "
                                    f"{self._scope()}")
         if manage and not self.tenant_admin:
             REFUSED.labels("permission_denied").inc()
-            raise PermissionDenied(f"{what} of tenant {tenant_id!r} needs a key made with --admin-of-tenants; "
+            raise PermissionDenied(f"{what} of tenant {quoted(tenant_id)} needs a key made with --admin-of-tenants; "
                                    f"{self.name} is inference only")
 
     def require_tenant_admin(self, what: str) -> None:

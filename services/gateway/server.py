@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-chars", type=int, default=env_int("HMI_MAX_TEXT_CHARS", 0),
                         help="characters per text, checked before tokenising (with truncate: cut to this); "
                              "0 = 16 x --max-sequence-tokens [HMI_MAX_TEXT_CHARS]")
+    parser.add_argument("--max-http-body-mib", type=float, default=env_float("HMI_MAX_HTTP_BODY_MIB", 4.0),
+                        help="largest HTTP request body, checked while it is read (413 past it) [HMI_MAX_HTTP_BODY_MIB]")
     parser.add_argument("--max-request-chars", type=int, default=env_int("HMI_MAX_REQUEST_CHARS", 262144),
                         help="characters of all texts of one request [HMI_MAX_REQUEST_CHARS]")
     parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 3),
@@ -216,7 +218,8 @@ def main(args: argparse.Namespace) -> None:
         from services.gateway.http.auth import checked_by
         from services.gateway.http.server import HttpServer
         http = HttpServer(create_app(Doors(gateway, admin, {m.name: m.directory for m in models},
-                                           ready=readiness.ready), checked_by(access.principal_of)), args.http,
+                                           ready=readiness.ready), checked_by(access.principal_of),
+                                      max_body_bytes=max(1, int(args.max_http_body_mib * 2**20))), args.http,
                           tls_cert=security.tls_cert, tls_key=security.tls_key)
         http.start()
     scheme = "https" if security.tls else "http"

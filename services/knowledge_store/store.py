@@ -23,7 +23,7 @@ from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter
 from models.bridge import bridge_cost_in_layers
 from models.dims import ModelDims
 from models.split_defaults import default_split
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion, quoted
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import idempotency
 from services.knowledge_store import knowledge_tree as tree
@@ -92,7 +92,7 @@ def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
 
 def check_name(kind: str, name: str) -> str:
     if not NAME_PATTERN.match(name or ""):
-        raise InvalidArgument(f"{kind} {name!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
+        raise InvalidArgument(f"{kind} {quoted(name)} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
                               f"starting with a letter or digit")
     return name
 

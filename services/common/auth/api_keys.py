@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quoted
 
 KEY_PREFIX = "hmi_"
 _KEY = re.compile(r"^hmi_(k[0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
@@ -55,13 +55,13 @@ def split_key(token: str) -> tuple[str, str] | None:
 
 def check_key_id(key_id: str) -> str:
     if not _ID.match(key_id or ""):
-        raise InvalidArgument(f"{key_id!r} is not a key id: ids are 'k' and 12 hex digits (hmi key list shows them)")
+        raise InvalidArgument(f"{quoted(key_id)} is not a key id: ids are 'k' and 12 hex digits (hmi key list shows them)")
     return key_id
 
 
 def check_tenant_id(tenant_id: str) -> str:
     if not TENANT_ID.match(tenant_id or ""):
-        raise InvalidArgument(f"tenant id {tenant_id!r} is not valid: 1-128 letters, digits, '.', '_' or '-', "
+        raise InvalidArgument(f"tenant id {quoted(tenant_id)} is not valid: 1-128 letters, digits, '.', '_' or '-', "
                               f"starting with a letter or digit")
     return tenant_id
 
@@ -76,7 +76,7 @@ def check_patterns(patterns: list[str], kind: str = "tenants") -> list[str]:
         valid = TENANT_ID.match(stem) is not None if stem else pattern == "*"
         if not valid:
             allowed = "ids, or prefixes ending in '*' such as 'acme-*'" if kind == "tenants" else "names"
-            raise InvalidArgument(f"{kind}: {pattern!r} is not valid; give {allowed} (letters, digits, '.', '_', "
+            raise InvalidArgument(f"{kind}: {quoted(pattern)} is not valid; give {allowed} (letters, digits, '.', '_', "
                                   f"'-')")
     return cleaned
 

@@ -15,12 +15,15 @@ from typing import Annotated, Any, Callable, Iterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_proto.v1 import gateway_pb2 as pb
 from services.gateway import metrics
+from services.common.errors import bounded
 from services.gateway.http.auth import AuthenticationFailed, Authenticator, Caller, allow_all, bearer_key
+from services.gateway.http.body_limit import TOO_LARGE, BodyLimit, too_large_message
 from services.gateway.http.calls import CallFailed, InProcessContext, as_call_failed, error_body, http_error
 from services.gateway.http.chat import ChatTemplates
 from services.gateway.servicer import AdminServicer, GatewayServicer
@@ -114,6 +117,9 @@ def doors_of(request: Request) -> Doors:
     return request.app.state.doors
 
 
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(description="the tenant id")
@@ -128,11 +134,16 @@ def texts_of(value: str | list, param: str = "input") -> list[str]:
     return texts
 
 
-def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI:
+def create_app(doors: Doors, authenticate: Authenticator = allow_all,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> BodyLimit:
+    """The HTTP door: FastAPI routes behind a body limit. No Swagger page (it loads its assets from a public CDN,
+    which an offline deployment cannot reach); the OpenAPI document needs a credential like every route but
+    /health and /ready."""
     from services.gateway.http.openai_api import router as openai_router
 
     app = FastAPI(title="HMI", version="1", description="Thousands of tenant models behind one endpoint: an "
-                  "OpenAI-compatible API (the `model` is the tenant id) and classification.")
+                  "OpenAI-compatible API (the `model` is the tenant id) and classification.",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.doors = doors
     app.state.authenticate = authenticate
 
@@ -153,6 +164,18 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
         return JSONResponse(error_body(str(error) or "invalid API key", "authentication_error", "invalid_api_key"),
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, error: StarletteHTTPException):
+        # FastAPI's own refusals (a body that is not JSON or not UTF-8, nesting too deep, an unknown route, a
+        # wrong method) in OpenAI's shape, like every other error.
+        if request.scope.get(TOO_LARGE):
+            return JSONResponse(error_body(too_large_message(max_body_bytes), "invalid_request_error",
+                                           "request_too_large"), status_code=413)
+        message = error.detail if isinstance(error.detail, str) else "invalid request"
+        return JSONResponse(error_body(bounded(message), "invalid_request_error" if error.status_code < 500
+                                       else "server_error", None), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, error: RequestValidationError):
         problems = error.errors()
@@ -160,7 +183,11 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
                             for e in problems) or "invalid request"
-        return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
+        return JSONResponse(error_body(bounded(message), "invalid_request_error", None, param), status_code=400)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_caller: CallerDep) -> dict:
+        return app.openapi()
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -200,7 +227,7 @@ def create_app(doors: Doors, authenticate: Authenticator = allow_all) -> FastAPI
                 "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}}
 
     app.include_router(openai_router)
-    return app
+    return BodyLimit(app, max_body_bytes)
 
 
 def now() -> int:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import grpc
 
-from services.common.errors import HMIError, LimitExceeded
+from services.common.errors import HMIError, LimitExceeded, bounded
 
 
 class CallFailed(grpc.RpcError):
@@ -129,7 +129,7 @@ HTTP_ERRORS = {
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": bounded(message), "type": type_, "param": param, "code": code}}
 
 
 def http_error(failure: CallFailed) -> tuple[int, dict]:

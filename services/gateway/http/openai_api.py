@@ -29,6 +29,9 @@ COMPLETIONS_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat
 TENANT_PAGE = 1000
 
 
+INT32 = 2**31 - 1   # integer fields are range-checked before they reach a protobuf field
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -37,17 +40,17 @@ class SamplingBody(BaseModel):
     """What completions and chat completions share."""
     model_config = ConfigDict(extra="ignore")
     model: str = Field(description="the tenant id")
-    max_tokens: int | None = Field(None, description="new tokens at most")
-    temperature: float | None = Field(None, description="0 = greedy; default 1")
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="extension: sample among the k likeliest tokens (0 = off)")
-    n: int | None = Field(None, description="only 1")
+    max_tokens: int | None = Field(None, ge=-INT32, le=INT32, description="new tokens at most")
+    temperature: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False, description="0 = greedy; default 1")
+    top_p: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=INT32, description="extension: sample among the k likeliest tokens (0 = off)")
+    n: int | None = Field(None, ge=-INT32, le=INT32, description="only 1")
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, description="the same seed gives the same text")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the same seed gives the same text")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     user: str | None = None
@@ -56,7 +59,7 @@ class SamplingBody(BaseModel):
 class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=-INT32, le=INT32)
     suffix: str | None = None
 
 
@@ -68,8 +71,8 @@ class ChatMessage(BaseModel):
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    top_logprobs: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=-INT32, le=INT32)
+    top_logprobs: int | None = Field(None, ge=-INT32, le=INT32)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -79,7 +82,7 @@ class EmbeddingBody(BaseModel):
     model: str = Field(description="the tenant id")
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, ge=-INT32, le=INT32)
     user: str | None = None
 
 

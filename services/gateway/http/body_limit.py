@@ -1,0 +1,56 @@
+"""A request body limit checked while the body is read, so an oversized body is refused before it is parsed
+(or even received whole): from Content-Length when the client sends one, else by counting what arrives."""
+from __future__ import annotations
+
+import json
+
+TOO_LARGE = "hmi.body_too_large"   # scope key: set when the limit was crossed mid-body
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def too_large_message(limit: int, size: int | None = None) -> str:
+    sent = f" ({size:,} bytes sent)" if size is not None else ""
+    return (f"the request body exceeds the limit of {limit:,} bytes{sent} (the gateway's --max-http-body-mib); "
+            f"send fewer or shorter texts per request")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 with OpenAI's error shape for a body over `limit` bytes."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self.refuse(send, too_large_message(self.limit, int(declared)))
+            return
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    scope[TOO_LARGE] = True
+                    raise BodyTooLarge(too_large_message(self.limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+    @staticmethod
+    async def refuse(send, message: str) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
