@@ -23,8 +23,9 @@ pytestmark = pytest.mark.integration
 TEXTS = ["the service was quick", "I would like a refund"]
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def scrape(url: str, token: str | None = None) -> dict[tuple[str, frozenset], float]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
         page = response.read().decode()
     samples: dict[tuple[str, frozenset], float] = defaultdict(float)
     for family in text_string_to_metric_families(page):
@@ -52,7 +53,18 @@ def deployment(front_door):
 
 
 def pages(deployment) -> dict[str, dict]:
-    return {name: scrape(deployment.metrics_url(name)) for name in ("gateway", "compute", "compute-gen", "store")}
+    """Every service's metrics port, and the gateway's HTTP /metrics (the admin's: the port leaves out the series
+    that name tenants)."""
+    found = {name: scrape(deployment.metrics_url(name)) for name in ("gateway", "compute", "compute-gen", "store")}
+    found["gateway-admin"] = scrape(f"http://{deployment.http_addr}/metrics", deployment.admin_token)
+    return found
+
+
+def test_the_metrics_port_names_no_tenant(deployment):
+    port, admin = pages(deployment)["gateway"], pages(deployment)["gateway-admin"]
+    assert not any(name.startswith("hmi_gateway_tenant_requests") for name, _ in port)
+    assert any(name.startswith("hmi_gateway_tenant_requests") for name, _ in admin)
+    assert any(name.startswith("hmi_requests_total") for name, _ in port)
 
 
 def test_counts_by_status_tokens_and_latency_after_a_known_sequence(deployment):
@@ -91,10 +103,10 @@ def test_counts_by_status_tokens_and_latency_after_a_known_sequence(deployment):
     assert delta("gateway", "hmi_requests_total", service="hmi.v1.Gateway", method="Generate", code="OK") == 1
     assert delta("gateway", "hmi_request_seconds_count", **gateway) == 7
     # Per tenant: the critic has a label of its own unless the busiest-tenant slots are taken (then `_other`).
-    critic = sum(delta("gateway", "hmi_gateway_tenant_requests_total", tenant=label, method="Classify", code="OK")
-                 for label in ("metrics-critic", "_other"))
+    critic = sum(delta("gateway-admin", "hmi_gateway_tenant_requests_total", tenant=label, method="Classify",
+                       code="OK") for label in ("metrics-critic", "_other"))
     assert critic == 3
-    assert delta("gateway", "hmi_gateway_tenant_requests_total", method="Classify", code="NOT_FOUND") == 2
+    assert delta("gateway-admin", "hmi_gateway_tenant_requests_total", method="Classify", code="NOT_FOUND") == 2
     # Tokens and generation latency.
     assert delta("gateway", "hmi_gateway_tokens_total", model="gen", direction="out") == len(generated)
     assert delta("gateway", "hmi_gateway_tokens_total", model="gen", direction="in") > 0

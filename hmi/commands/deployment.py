@@ -10,7 +10,13 @@ from pathlib import Path
 from services.common.config import env, split_addresses
 
 
+# Services write tenants' adapters, API-key verifiers and logs: nothing they create is readable by other
+# local accounts (data dir 0700, files 0600).
+PRIVATE_UMASK = 0o077
+
+
 def cmd_serve(args) -> int:
+    os.umask(PRIVATE_UMASK)
     if args.service == "store":
         from services.knowledge_store.server import main
     elif args.service == "compute":
@@ -27,6 +33,7 @@ def cmd_up(args) -> int:
     refused (naming it) before anything starts."""
     from hmi.launcher import PortInUse, ServiceSet, TlsFiles, free_port
     from hmi.supervisor import Supervisor
+    os.umask(PRIVATE_UMASK)
     if args.tls_cert and not (args.tls_key and args.tls_ca):
         raise SystemExit("hmi up --tls-cert needs --tls-key and --tls-ca (the services verify each other with it)")
     store_addr = args.store_addr or f"127.0.0.1:{free_port()}"

@@ -56,6 +56,10 @@ def add_observability_arguments(parser, service: str) -> None:
     parser.add_argument("--metrics-port", type=int, default=env_int(default_port, 0),
                         help=f"serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --listen's); 0 = off "
                              f"[{default_port}]")
+    parser.add_argument("--metrics-tenant-labels", action="store_true",
+                        default=env("HMI_METRICS_TENANT_LABELS", "") in ("1", "true", "yes"),
+                        help="also serve the per-tenant series (tenant names) on the metrics port; by default only "
+                             "the admin-only HTTP /metrics has them [HMI_METRICS_TENANT_LABELS]")
     parser.add_argument("--log-format", choices=("text", "json"), default=env("HMI_LOG_FORMAT", "text"),
                         help="text, or json: one object per line with the request id [HMI_LOG_FORMAT]")
     parser.add_argument("--tracing", default=env("HMI_TRACING", "off"),

@@ -172,17 +172,34 @@ def register_state(collect: Callable[[], Iterable]) -> StateCollector:
     return collector
 
 
-def serve_metrics(port: int, listen: str = "", host: str | None = None) -> None:
+def serve_metrics(port: int, listen: str = "", host: str | None = None, tenant_labels: bool = False) -> None:
     """Prometheus text format at http://HOST:port/metrics, HOST being `host` or else that of the service's
-    --listen address (all interfaces for 0.0.0.0 / [::]); refuses a port already in use, naming it."""
+    --listen address (all interfaces for 0.0.0.0 / [::]); refuses a port already in use, naming it.
+
+    The port answers without a credential (Prometheus scrapes pods over the network), so it leaves out every
+    series with a `tenant` label unless `tenant_labels`: tenant names are for the admin (the HTTP /metrics)."""
     if not port:
         return
-    from prometheus_client import start_http_server
+    from prometheus_client import REGISTRY, start_http_server
     if not host:
         host = listen.rpartition(":")[0].strip("[]") if listen else ""
     host = host or "0.0.0.0"
     try:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=REGISTRY if tenant_labels else WithoutTenants(REGISTRY))
     except OSError as error:
         raise SystemExit(f"cannot serve metrics on {host}:{port} (--metrics-port): {error.strerror or error}; "
                          f"the port is in use or not allowed") from None
+
+
+class WithoutTenants:
+    """A registry view without the samples that name a tenant."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            kept = [sample for sample in family.samples if "tenant" not in sample.labels]
+            if kept or not family.samples:
+                family.samples = kept
+                yield family

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class RunningServer:
 def start_server(address: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
                  *, workers: int = 32, metrics_port: int = 0, security: PeerSecurity | None = None,
                  internal: bool = False, reflection_on: bool = False,
-                 metrics_host: str | None = None) -> RunningServer:
+                 metrics_host: str | None = None, metrics_tenant_labels: bool = False) -> RunningServer:
     """Binds (refusing a port another process listens on), registers health (every service NOT_SERVING until
     the caller says otherwise; health checks answered on threads of their own) and, when asked, reflection,
     starts; serves Prometheus metrics on `metrics_port`; memory freed after a burst goes back to the system
@@ -77,7 +78,7 @@ def start_server(address: str, register: Callable[[grpc.Server], None], service_
         raise SystemExit(f"cannot listen on {address}: the port is already in use (another HMI deployment or "
                          f"another program listens there) or the address is invalid; choose a free port")
     server.start()
-    serve_metrics(metrics_port, address, host=metrics_host)
+    serve_metrics(metrics_port, address, host=metrics_host, tenant_labels=metrics_tenant_labels)
     return RunningServer(server, report, address, limit)
 
 
@@ -130,6 +131,13 @@ def wait_for_termination(running: RunningServer, log: logging.Logger,
     shutdown_tracing()
     watchdog.cancel()
     log.info("stopped")
+    # Exit now: worker pools' threads (which the interpreter would join at exit) and the metrics and HTTP
+    # threads would keep the process, and its ports, for seconds after it stopped serving. Everything written
+    # is committed (LMDB transactions), so nothing is lost.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _give_up(log: logging.Logger, limit: float) -> None:

@@ -144,7 +144,8 @@ def main(args: argparse.Namespace) -> None:
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
     running = start_server(args.listen, lambda server: pb_grpc.add_ComputeServicer_to_server(servicer, server),
                            ["hmi.v1.Compute"], workers=workers, metrics_port=args.metrics_port, security=security,
-                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host)
+                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host,
+                           metrics_tenant_labels=args.metrics_tenant_labels)
     running.set_serving(True)
     log.info("compute serving on %s (model %s on %s, %d adapter slots of rank <= %d, %s, store %s; %s)", args.listen,
              model_dir, device, args.adapter_slots, args.max_rank, mode, args.store, describe(security, internal=True))

@@ -205,7 +205,8 @@ def main(args: argparse.Namespace) -> None:
 
     running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=args.workers,
                            metrics_port=args.metrics_port, security=security, reflection_on=args.reflection,
-                           metrics_host=args.metrics_host)
+                           metrics_host=args.metrics_host,
+                           metrics_tenant_labels=args.metrics_tenant_labels)
     for lane in lanes.values():
         lane.router.start()
     readiness = Readiness(running.health, store_channel, {name: lane.router for name, lane in lanes.items()},

@@ -68,14 +68,27 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
 
 
+def keep_private(path: Path) -> None:
+    """The data dir 0700 and its LMDB files 0600, also for a store created before this rule: it holds every
+    tenant's adapter and the API-key verifiers."""
+    for target, mode in [(path, 0o700)] + [(path / name, 0o600) for name in ("data.mdb", "lock.mdb")]:
+        try:
+            if target.exists() and target.stat().st_mode & 0o777 != mode:
+                target.chmod(mode)
+                log.info("made %s private (mode %o)", target, mode)
+        except OSError as error:   # not ours to change (a mounted volume): say so, serve anyway
+            log.warning("cannot make %s private: %s", target, error)
+
+
 class StoreLayout:
     """Owns the LMDB environment and its named databases."""
 
     def __init__(self, path: Path, map_size: int, max_map_size: int | None = None) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DATABASES) + 2, subdir=True,
                              readahead=False, max_readers=512, lock=True)
+        keep_private(path)
         self.map_size = self.env.info()["map_size"]     # LMDB keeps an existing file's larger size
         self.max_map_size = max(max_map_size or map_size, self.map_size)
         self._lock = SharedLock()

@@ -80,7 +80,8 @@ def main(args: argparse.Namespace) -> None:
                            lambda server: pb_grpc.add_KnowledgeStoreServicer_to_server(
                                KnowledgeStoreServicer(store), server),
                            ["hmi.v1.KnowledgeStore"], metrics_port=args.metrics_port, security=security,
-                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host)
+                           internal=True, reflection_on=args.reflection, metrics_host=args.metrics_host,
+                           metrics_tenant_labels=args.metrics_tenant_labels)
     running.set_serving(True)
     log.info("knowledge store serving on %s (data %s, models %s, %d domains; %s)", args.listen,
              settings.data_dir.resolve(), ", ".join(f"{m.name}={m.directory}" for m in models),
