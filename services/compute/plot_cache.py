@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import HMIError, NotFound, StaleVersion
-from services.knowledge_store.client import LookupReply, apply_offsets
+from services.knowledge_store.client import LookupReply
 
 log = logging.getLogger("hmi.compute.plot_cache")
 TOKENS = Counter("hmi_compute_plot_cache_tokens_total", "PLOT rows a batch needed, by where they came from",
@@ -316,15 +317,23 @@ class PlotRowCache:
     @staticmethod
     def _offset(rows: np.ndarray, links: np.ndarray, positions: np.ndarray, tables: dict[int, np.ndarray],
                 context: int) -> np.ndarray:
-        """The store's position offsets, per serving domain (knowledge_store/store.py applies the same)."""
+        """The store's position offsets, per serving domain: the arithmetic of position_offsets.apply_offsets
+        (fp16 row + fp32 offset, rounded to fp16), in torch, whose conversions are several times faster."""
         if not tables or not len(rows):
             return rows
-        rows = rows.copy()
+        out = torch.from_numpy(np.ascontiguousarray(rows)).float()
         for link, table in tables.items():
             served = links == link
-            if served.any():
-                rows[served] = apply_offsets(rows[served], table, context, positions[served])
-        return rows
+            if not served.any():
+                continue
+            table_rows = torch.from_numpy(table[min(context, table.shape[0]) - 1])
+            index = torch.from_numpy(np.minimum(positions, table_rows.shape[0] - 1))
+            if served.all():
+                out += table_rows[index]
+            else:
+                mask = torch.from_numpy(served)
+                out[mask] += table_rows[index[mask]]
+        return out.half().numpy()
 
     # ---- the store's side of it ----------------------------------------------------------------
 
