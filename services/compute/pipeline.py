@@ -302,6 +302,11 @@ class Pipeline:
                      1e3 * self.stats.adapter_seconds / self.stats.batches,
                      1e3 * self.stats.lookup_seconds / self.stats.batches, batch.size, timings.fetch_ms,
                      timings.execute_ms)
+            if self.plot_cache is not None:
+                cache = self.plot_cache
+                log.info("PLOT rows: %.0f%% of %d from compute's row cache (%d rows held)",
+                         100 * cache.hits / max(1, cache.hits + cache.misses), cache.hits + cache.misses,
+                         cache.rows_held)
         return result, timings
 
     def close(self) -> None:

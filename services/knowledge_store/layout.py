@@ -68,10 +68,10 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.3g} GiB"
 
 
-def keep_private(path: Path) -> None:
-    """The data dir 0700 and its LMDB files 0600, also for a store created before this rule: it holds every
-    tenant's adapter and the API-key verifiers."""
-    for target, mode in [(path, 0o700)] + [(path / name, 0o600) for name in ("data.mdb", "lock.mdb")]:
+def keep_private(path: Path, files: tuple[str, ...] = ("data.mdb", "lock.mdb")) -> None:
+    """A folder 0700 and its files named 0600, also for a store created before this rule: the LMDB files hold
+    every tenant's adapter and the API-key verifiers."""
+    for target, mode in [(path, 0o700)] + [(path / name, 0o600) for name in files]:
         try:
             if target.exists() and target.stat().st_mode & 0o777 != mode:
                 target.chmod(mode)

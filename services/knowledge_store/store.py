@@ -32,7 +32,7 @@ from services.knowledge_store.bridge_distillation import DistillSettings, distil
 from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domain_adaptation import AdaptSettings, adapt_lower_layers
 from services.knowledge_store.knowledge_tree import LookupResult
-from services.knowledge_store.layout import StoreLayout, node_key
+from services.knowledge_store.layout import StoreLayout, keep_private, node_key
 from services.knowledge_store.lower_models import LowerModels
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
 from services.knowledge_store.position_offsets import apply_offsets
@@ -103,6 +103,8 @@ class KnowledgeStore:
         if not 1 <= settings.default_rank <= settings.max_rank:
             raise InvalidArgument(f"the default rank {settings.default_rank} must lie in 1..{settings.max_rank} "
                                   f"(--max-rank)")
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keep_private(settings.data_dir, files=())     # the data dir: the store, credentials, logs
         self.layout = StoreLayout(settings.data_dir / "store.lmdb", settings.map_size, settings.max_map_size)
         self.followers = ChangeFollowers(max_wait=settings.follower_wait)
         self.access = AccessRecords(self.layout)        # API keys and tenant limits
