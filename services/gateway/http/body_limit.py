@@ -17,6 +17,21 @@ def too_large_message(limit: int, size: int | None = None) -> str:
             f"send fewer or shorter texts per request")
 
 
+DRAIN_BYTES = 64 << 20   # read and dropped before answering 413, so the client sees the answer, not a reset
+
+
+async def drain(receive) -> None:
+    """Reads what is left of the body without keeping it (up to DRAIN_BYTES; past that the connection closes)."""
+    left = DRAIN_BYTES
+    while left > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        left -= len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 class BodyLimit:
     """ASGI middleware: 413 with OpenAI's error shape for a body over `limit` bytes."""
 
@@ -30,6 +45,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await drain(receive)
             await self.refuse(send, too_large_message(self.limit, int(declared)))
             return
         received = 0
@@ -41,6 +57,8 @@ class BodyLimit:
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     scope[TOO_LARGE] = True
+                    if message.get("more_body"):
+                        await drain(receive)
                     raise BodyTooLarge(too_large_message(self.limit))
             return message
 
