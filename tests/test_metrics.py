@@ -126,9 +126,10 @@ def test_counts_by_status_tokens_and_latency_after_a_known_sequence(deployment):
     assert 0 < used <= value(after["store"], "hmi_store_lmdb_bytes", kind="map_size")
 
 
-def exposed_names(url: str) -> set[str]:
+def exposed_names(url: str, token: str | None = None) -> set[str]:
     """Every series name a page can carry, children or not yet (a labelled counter before its first increment)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
         page = response.read().decode()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
     names = set()
@@ -147,4 +148,6 @@ def test_the_dashboard_and_the_alerts_use_only_metrics_the_services_export(deplo
     used = {name for expr in expressions for name in re.findall(r"\bhmi_[a-z_]+", expr)}
     exported = set().union(*(exposed_names(deployment.metrics_url(name))
                              for name in ("gateway", "compute", "compute-gen", "store")))
+    # The per-tenant series: on the admin's HTTP /metrics, and on the port with --metrics-tenant-labels.
+    exported |= exposed_names(f"http://{deployment.http_addr}/metrics", deployment.admin_token)
     assert len(used) > 20 and used <= exported, f"not exported by any service: {sorted(used - exported)}"
