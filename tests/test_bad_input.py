@@ -157,3 +157,13 @@ def test_characters_are_capped_before_tokenising(client, domain):
     many = ["word " * 800] * 100                   # 400,000 characters in one request
     assert "--max-request-chars" in expect_status(Code.INVALID_ARGUMENT, client.classify, "good", many)
     still_serving(client)
+
+
+def test_unbounded_input_gets_bounded_messages(services, client):
+    """A 10 KB and a 1 MB tenant id, a 5,000-character backup path: INVALID_ARGUMENT with a short message, never
+    gRPC's RESOURCE_EXHAUSTED for an oversized status or INTERNAL."""
+    for size in (10_000, 1_000_000):
+        message = expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.classify, "t" * size, ["hi"])
+        assert len(message) < 1200 and f"{size:,} characters" in message
+    message = expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.backup, "/" + "b" * 5000)
+    assert len(message) < 1200

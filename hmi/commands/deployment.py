@@ -9,7 +9,6 @@ from pathlib import Path
 
 from services.common.config import env, split_addresses
 
-
 # Services write tenants' adapters, API-key verifiers and logs: nothing they create is readable by other
 # local accounts (data dir 0700, files 0600).
 PRIVATE_UMASK = 0o077

@@ -10,8 +10,9 @@ pruning) drops the domain's rows, so a row of another tree is never served.
 For a domain that learns from traffic, only answers at the full depth a token's context allows are cached: a
 shallower answer is one learning may improve, and the store must see the contexts it learns from, so a sequence
 with such a token (or any token not cached) goes to the store whole, as without a cache. A domain that does not
-learn never changes an answer but by a rebuild or pruning (both change the stamp), so every answer is cached. What the cache served is reported to the store in the
-background as node hits (what pruning ranks by) by `report_once`.
+learn never changes an answer but by a rebuild or pruning (both change the stamp), so every answer is cached.
+What the cache served is reported to the store in the background as node hits (what pruning ranks by) by
+`report_once`.
 
 Eviction is CLOCK over a fixed arena of rows: a hit sets the row's bit, the hand clears bits and takes the
 first row without one.

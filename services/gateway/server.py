@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="characters per text, checked before tokenising (with truncate: cut to this); "
                              "0 = 16 x --max-sequence-tokens [HMI_MAX_TEXT_CHARS]")
     parser.add_argument("--max-http-body-mib", type=float, default=env_float("HMI_MAX_HTTP_BODY_MIB", 4.0),
-                        help="largest HTTP request body, checked while it is read (413 past it) [HMI_MAX_HTTP_BODY_MIB]")
+                        help="largest HTTP request body, checked while it is read (413 past it) "
+                             "[HMI_MAX_HTTP_BODY_MIB]")
     parser.add_argument("--max-request-chars", type=int, default=env_int("HMI_MAX_REQUEST_CHARS", 262144),
                         help="characters of all texts of one request [HMI_MAX_REQUEST_CHARS]")
     parser.add_argument("--inflight-per-compute", type=int, default=env_int("HMI_INFLIGHT_PER_COMPUTE", 3),

@@ -33,6 +33,7 @@ class TextEncoder:
             raise InvalidArgument(f"{len(texts)} texts in one request exceed the limit of {self.max_texts}; "
                                   f"split the request")
         texts = list(texts)
+        sent = sum(len(text) for text in texts)
         for index, text in enumerate(texts):
             if not text.strip():
                 raise InvalidArgument(f"text {index} is empty")
@@ -44,8 +45,9 @@ class TextEncoder:
                 texts[index] = text[:self.max_text_chars]
         total = sum(len(text) for text in texts)
         if total > self.max_request_chars:
-            raise InvalidArgument(f"the request's texts hold {total} characters, above the limit of "
-                                  f"{self.max_request_chars} per request (the gateway's --max-request-chars); split "
+            cut = f" ({total:,} once each was cut to --max-text-chars)" if total != sent else ""
+            raise InvalidArgument(f"the request's texts hold {sent:,} characters{cut}, above the limit of "
+                                  f"{self.max_request_chars:,} per request (the gateway's --max-request-chars); split "
                                   f"the request")
         encodings = self.tokenizer.encode_batch(texts)
         result = []

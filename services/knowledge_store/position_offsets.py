@@ -7,8 +7,8 @@ every token as if at no position in particular. The offset table restores it on 
     offset[c][p] = mean over corpus tokens at position p of (true layer-L state - vector served at depth cap c)
 
 and a lookup returns vector + offset[c][p] (compute's row cache holds rows without it and adds it with the same
-arithmetic). It costs one [k, P, H] fp32 table per domain (0.8 MiB for MiniLM at k = 4, P = 128). On SST-2 at L = 1, k = 1 it moved the hPLM from 2.4
-points below the full model to level with it (docs/accuracy.md).
+arithmetic). It costs one [k, P, H] fp32 table per domain (0.8 MiB for MiniLM at k = 4, P = 128). On SST-2 at
+L = 1, k = 1 it moved the hPLM from 2.4 points below the full model to level with it (docs/accuracy.md).
 """
 from __future__ import annotations
 

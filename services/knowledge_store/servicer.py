@@ -13,7 +13,7 @@ from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from hmi_proto.v1 import tensor_pb2
 from services.common.auth.api_keys import check_tenant_id
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
-from services.common.errors import Cancelled, InvalidArgument
+from services.common.errors import Cancelled, InvalidArgument, quoted
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.access_records import KeyRecord, LimitsRecord
 from services.knowledge_store.bridge_distillation import DistillSettings
@@ -371,9 +371,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     @handles_errors
     def Backup(self, request, context) -> pb.BackupResponse:
-        if not request.path or not Path(request.path).is_absolute():
-            raise InvalidArgument(f"path {request.path!r} must be an absolute path: a new folder on the store's "
-                                  f"machine")
+        if not request.path or not Path(request.path).is_absolute() or "\0" in request.path:
+            raise InvalidArgument(f"path {quoted(request.path)} must be an absolute path (without NUL): a new folder "
+                                  f"on the store's machine")
         copy = self.store.backup(Path(request.path))
         return pb.BackupResponse(path=copy["path"], bytes=int(copy["bytes"]), revision=int(copy["revision"]),
                                  seconds=copy["seconds"])

@@ -847,16 +847,21 @@ class KnowledgeStore:
         """A consistent, compacted copy of the whole store (one LMDB read snapshot, so it holds every write
         acknowledged before it began) into the new or empty folder `path`, as `path`/data.mdb."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FailedPrecondition(f"backup folder {str(path)!r} exists and is not empty; give a new folder")
         try:
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise FailedPrecondition(f"backup folder {quoted(str(path))} exists and is not empty; give a new "
+                                         f"folder")
             path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InvalidArgument(f"cannot create backup folder {str(path)!r} on the store's machine: "
-                                  f"{error}") from None
+        except OSError as error:   # a name too long, no permission, a file in the way...
+            raise InvalidArgument(f"cannot create backup folder {quoted(str(path))} on the store's machine: "
+                                  f"{error.strerror or error}") from None
         started = time.monotonic()
         with self.layout.read() as txn:
             revision = self.layout.revision(txn)
-        self.layout.copy_to(path)
+        try:
+            self.layout.copy_to(path)
+        except (OSError, lmdb.Error) as error:   # the disk filled, the folder went away...
+            raise FailedPrecondition(f"backup to {quoted(str(path))} failed: {error}; nothing in the store "
+                                     f"changed") from None
         return {"path": str(path.resolve()), "bytes": (path / "data.mdb").stat().st_size, "revision": revision,
                 "seconds": time.monotonic() - started}

@@ -55,7 +55,8 @@ def split_key(token: str) -> tuple[str, str] | None:
 
 def check_key_id(key_id: str) -> str:
     if not _ID.match(key_id or ""):
-        raise InvalidArgument(f"{quoted(key_id)} is not a key id: ids are 'k' and 12 hex digits (hmi key list shows them)")
+        raise InvalidArgument(f"{quoted(key_id)} is not a key id: ids are 'k' and 12 hex digits (hmi key list shows "
+                              f"them)")
     return key_id
 
 

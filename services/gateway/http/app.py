@@ -15,13 +15,13 @@ from typing import Annotated, Any, Callable, Iterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hmi_proto.v1 import gateway_pb2 as pb
-from services.gateway import metrics
 from services.common.errors import bounded
+from services.gateway import metrics
 from services.gateway.http.auth import AuthenticationFailed, Authenticator, Caller, allow_all, bearer_key
 from services.gateway.http.body_limit import TOO_LARGE, BodyLimit, too_large_message
 from services.gateway.http.calls import CallFailed, InProcessContext, as_call_failed, error_body, http_error

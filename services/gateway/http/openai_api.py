@@ -43,7 +43,8 @@ class SamplingBody(BaseModel):
     max_tokens: int | None = Field(None, ge=-INT32, le=INT32, description="new tokens at most")
     temperature: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False, description="0 = greedy; default 1")
     top_p: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0, le=INT32, description="extension: sample among the k likeliest tokens (0 = off)")
+    top_k: int | None = Field(None, ge=0, le=INT32,
+                              description="extension: sample among the k likeliest tokens (0 = off)")
     n: int | None = Field(None, ge=-INT32, le=INT32, description="only 1")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the same seed gives the same text")
