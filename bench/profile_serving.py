@@ -108,10 +108,10 @@ def load(client, tenants: int, corpus: Path, clients: int, duration: float, seed
 
 
 def compute_stats(services):
-    from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
     from services.common.rpc import channel as service_channel
+    from services.compute.client import stats
     with service_channel(services.compute_addrs[0], security=services.peer_security()) as channel:
-        return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+        return stats(channel)
 
 
 def flops_per_token(dims, split_layer: int, lora_flops: int = 0, bridge: bool = True) -> float:

@@ -13,6 +13,7 @@ import grpc
 
 from hmi.commands import deployment, domains, inference, keys, store, tenants, tools
 from services.common.errors import HMIError
+from services.common.rpc import ANSWERED_UNAVAILABLE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         code = error.code().name if hasattr(error, "code") else "UNKNOWN"
         details = error.details() if hasattr(error, "details") else str(error)
         hint = ""
-        if code == "UNAVAILABLE" and "gateway" in args and "peer service" not in (details or ""):
+        trailing = (error.trailing_metadata() if hasattr(error, "trailing_metadata") else None) or ()
+        answered = any(key == ANSWERED_UNAVAILABLE for key, _ in trailing)
+        if code == "UNAVAILABLE" and "gateway" in args and not answered:   # the gateway itself was not reached
             hint = f" (is HMI running at {args.gateway}? start it with `hmi up`)"
         elif code == "UNAUTHENTICATED":
             hint = " (set HMI_TOKEN to an API key or the admin token, or pass --token)"

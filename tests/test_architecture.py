@@ -1,7 +1,8 @@
 """The import rules of the layout (docs/architecture.md), checked on every module's source:
 
 - no module under services/ imports the CLI package `hmi`;
-- a service imports another service only through its wire client (`services.<other>.client`);
+- a service imports another service only through its wire client (`services.<other>.client`), and outside
+  compute only `services/compute/client.py` speaks compute's protocol (its generated stubs);
 - the shared libraries (`hmi_proto`, `kernels`, `models`, `services.common`) import no service, and each
   only what lies below it: hmi_proto and kernels nothing of ours, models kernels and services.common.
 """
@@ -54,6 +55,14 @@ def test_a_service_reaches_another_only_through_its_client():
                 other = next((s for s in SERVICES if within(name, f"services.{s}")), None)
                 if other and other != service and not within(name, f"services.{other}.client"):
                     offending.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not offending, offending
+
+
+def test_only_the_compute_client_speaks_computes_protocol_outside_compute():
+    offending = [f"{path.relative_to(REPO)}:{line} imports {name}"
+                 for folder in ("services", "hmi", "bench") for path in modules(folder)
+                 if not path.is_relative_to(REPO / "services" / "compute")
+                 for line, name in imports(path) if name.startswith("hmi_proto.v1.compute_pb2")]
     assert not offending, offending
 
 

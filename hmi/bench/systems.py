@@ -299,10 +299,10 @@ class HmiDeployment:
         return {s.name: s.process.pid for s in self.services.services if s.process is not None}
 
     def compute_stats(self):
-        from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
         from services.common.rpc import channel as service_channel
+        from services.compute.client import stats
         with service_channel(self.services.compute_addrs[0], security=self.services.peer_security()) as channel:
-            return compute_pb2_grpc.ComputeStub(channel).Stats(compute_pb2.StatsRequest(), timeout=10)
+            return stats(channel)
 
     def close(self) -> None:
         if self.client is not None:

@@ -33,12 +33,19 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from hmi_proto.v1 import compute_pb2 as pb
 from services.common import tracing
 from services.common.call_context import current_request_id, joined
-from services.common.codec import decode_tensor, encode_tensor
 from services.common.errors import Cancelled, DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
 from services.common.fair_queue import FairQueue
+from services.compute.client import (
+    ForwardReply,
+    Sequence,
+    SequenceFailure,
+    SequenceOutput,
+    forward_request,
+    read_forward_reply,
+    replica_unreachable,
+)
 from services.gateway.access import REFUSED
 from services.gateway.directory import TenantRoute
 from services.gateway.router import Router
@@ -71,16 +78,19 @@ class SequenceWork:
     started: bool = False               # sent to compute once (its future is running)
     abandoned: bool = False             # the caller went away after it was sent
 
+    def sequence(self) -> Sequence:
+        route = self.route
+        return Sequence(route.tenant_id, route.adapter_version, route.domain, route.split_layer, route.model,
+                        route.domain_revision, self.token_ids, self.want_embedding)
+
     def abandon(self) -> None:
         """The caller no longer waits: drop it wherever it is (queued, or queued again for a retry)."""
         self.abandoned = True
         self.future.cancel()
 
 
-@dataclass
-class SequenceResult:
-    logits: np.ndarray | None
-    embedding: np.ndarray | None
+
+SequenceResult = SequenceOutput     # what a sequence's future gives: its logits and embedding
 
 
 class SequenceFailed(HMIError):
@@ -267,18 +277,11 @@ class Batcher:
         batch.full = batch.tokens >= self.settings.max_batch_tokens
 
     def _dispatch(self, batch: list[SequenceWork], replica) -> None:
-        lengths = [len(item.token_ids) for item in batch]
-        request = pb.ForwardRequest(
-            token_ids=encode_tensor(np.concatenate([item.token_ids for item in batch])),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
-            sequences=[pb.SequenceSpec(tenant_id=item.route.tenant_id, adapter_version=item.route.adapter_version,
-                                       domain=item.route.domain, split_layer=item.route.split_layer,
-                                       model=item.route.model, domain_revision=item.route.domain_revision)
-                       for item in batch],
-            want_logits=True, want_embeddings=any(item.want_embedding for item in batch))
+        sequences = [item.sequence() for item in batch]
+        request = forward_request(sequences)
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
         BATCH_SEQUENCES.observe(len(batch))
-        BATCH_TOKENS.observe(sum(lengths))
+        BATCH_TOKENS.observe(sum(len(item.token_ids) for item in batch))
         self._sent_batches += 1
         self._sent_sequences += len(batch)
         sent = time.monotonic()
@@ -289,7 +292,7 @@ class Batcher:
         except Exception:
             tracing.end_span(span, grpc.StatusCode.INTERNAL)
             raise
-        call.add_done_callback(lambda done: self._complete(done, batch, replica, sent, span))
+        call.add_done_callback(lambda done: self._complete(done, batch, sequences, replica, sent, span))
 
     def _requeue(self, batch: list[SequenceWork]) -> bool:
         """Puts a batch that never ran back at the head of the queue (False when stopping)."""
@@ -302,10 +305,10 @@ class Batcher:
         RETRIED.inc(len(batch))
         return True
 
-    def _account(self, batch: list[SequenceWork], sent: float, response) -> None:
+    def _account(self, batch: list[SequenceWork], sent: float, reply: ForwardReply) -> None:
         """Where the time of an answered batch went; logged as means every 30 s (and as histograms)."""
-        stages = {"gateway_wait": 1e3 * (sent - min(item.queued_at for item in batch)), "fetch": response.fetch_ms,
-                  "queue": response.queue_ms, "execute": response.execute_ms,
+        stages = {"gateway_wait": 1e3 * (sent - min(item.queued_at for item in batch)), "fetch": reply.fetch_ms,
+                  "queue": reply.queue_ms, "execute": reply.execute_ms,
                   "round_trip": 1e3 * (time.monotonic() - sent)}
         for stage, ms in stages.items():
             BATCH_STAGE_SECONDS.labels(stage).observe(ms / 1e3)
@@ -325,13 +328,14 @@ class Batcher:
                  self.queued()[0], self.dropped, means["gateway_wait"], means["round_trip"], means["fetch"],
                  means["queue"], means["execute"])
 
-    def _complete(self, call, batch: list[SequenceWork], replica, sent: float, span=None) -> None:
+    def _complete(self, call, batch: list[SequenceWork], sequences: list[Sequence], replica, sent: float,
+                  span=None) -> None:
         try:
             response = call.result()
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
             tracing.end_span(span, code)
-            unreachable = code == grpc.StatusCode.UNAVAILABLE and "peer service" not in (error.details() or "")
+            unreachable = replica_unreachable(error)
             self.router.release(replica, failed=unreachable)
             BATCH_FAILURES.labels(code.name).inc()
             if unreachable and self._requeue(batch):
@@ -347,19 +351,13 @@ class Batcher:
         tracing.end_span(span, grpc.StatusCode.OK)
         self.router.release(replica)
         try:
-            self._account(batch, sent, response)
-            logits = decode_tensor(response.logits, field="logits") if response.logit_offsets else None
-            embeddings = decode_tensor(response.embeddings, field="embeddings") if response.embeddings.shape else None
-            offsets = list(response.logit_offsets)
-            failures = {failure.index: failure for failure in response.failures}
-            for index, item in enumerate(batch):
-                failure = failures.get(index)
-                if failure is not None:
-                    item.future.set_exception(SequenceFailed(failure.code, failure.message, failure.stale))
-                    continue
-                item.future.set_result(SequenceResult(
-                    logits=logits[offsets[index]:offsets[index + 1]] if logits is not None else None,
-                    embedding=embeddings[index] if embeddings is not None and item.want_embedding else None))
+            reply = read_forward_reply(response, sequences)
+            self._account(batch, sent, reply)
+            for item, output in zip(batch, reply.outputs):
+                if isinstance(output, SequenceFailure):
+                    item.future.set_exception(SequenceFailed(output.code, output.message, output.stale))
+                else:
+                    item.future.set_result(output)
         except Exception as error:  # noqa: BLE001 - a malformed reply fails its requests, not the gateway
             for item in batch:
                 if not item.future.done():

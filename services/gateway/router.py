@@ -22,11 +22,11 @@ from typing import Collection
 
 import grpc
 
-from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common.auth.peers import PeerSecurity
 from services.common.discovery import Discovery, Resolver
 from services.common.health import probe
 from services.common.rpc import channel
+from services.compute.client import ComputeStub, compute_stub
 
 log = logging.getLogger("hmi.gateway.router")
 COMPUTE_SERVICE = "hmi.v1.Compute"
@@ -35,7 +35,7 @@ COMPUTE_SERVICE = "hmi.v1.Compute"
 @dataclass(eq=False)
 class Replica:
     address: str
-    stub: pb_grpc.ComputeStub
+    stub: ComputeStub
     capacity: int                       # batches in flight at most
     channel: grpc.Channel | None = None
     inflight: int = 0
@@ -90,7 +90,7 @@ class Router:
                 if replica is None:
                     connection = channel(address, authority=self.discovery.authority(address),
                                          security=self.security)
-                    self._members[address] = Replica(address, pb_grpc.ComputeStub(connection),
+                    self._members[address] = Replica(address, compute_stub(connection),
                                                      self.inflight_per_replica, channel=connection,
                                                      healthy=not probed)
                     self._homes.clear()

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from hmi_proto.v1 import compute_pb2
 from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
@@ -20,6 +19,7 @@ from services.common import tracing
 from services.common.decoding import UndecodableRequest
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
+from services.compute.client import Sequence, generate_request, replica_unreachable
 from services.gateway import metrics
 from services.gateway.access import REFUSED, Access, Principal
 from services.gateway.batcher import Batcher, SequenceFailed, SequenceResult, SequenceWork
@@ -63,12 +63,6 @@ def answer_margin(timeout: float) -> float:
     """How long before the caller's deadline the gateway gives up waiting, so that its own answer (which says
     why: no replica reachable) arrives before the caller's deadline does."""
     return min(0.1, 0.05 * timeout)
-
-
-def unreachable(error: grpc.RpcError) -> bool:
-    """The replica itself could not be reached (not a peer behind it): nothing ran, so another may run it."""
-    return (hasattr(error, "code") and error.code() == grpc.StatusCode.UNAVAILABLE
-            and "peer service" not in (error.details() or ""))
 
 
 def no_replica(lane_name: str, router: Router, waited: float) -> Unavailable:
@@ -281,7 +275,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 return
             except grpc.RpcError as error:
                 # Before compute answered anything the request may go to another replica (nothing was generated).
-                if received or not unreachable(error) or time.monotonic() >= deadline - answer_margin(timeout):
+                if received or not replica_unreachable(error) or time.monotonic() >= deadline - answer_margin(timeout):
                     raise
                 support.router.report_failure(replica)
                 tried.add(replica.address)
@@ -301,16 +295,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 raise no_replica(lane.name, router, time.monotonic() - arrived)
 
     def _start_generation(self, replica: Replica, route: TenantRoute, plan, timeout: float):
-        params = compute_pb2.SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=plan.temperature,
-                                            top_k=plan.top_k, top_p=plan.top_p, seed=plan.seed,
-                                            stop_token_ids=list(plan.stop_token_ids))
-        spec = compute_pb2.SequenceSpec(tenant_id=route.tenant_id, adapter_version=route.adapter_version,
-                                        domain=route.domain, split_layer=route.split_layer, model=route.model,
-                                        domain_revision=route.domain_revision,
-                                        weight=self.quotas.effective(route.limits).weight)
-        return replica.stub.Generate(compute_pb2.GenerateRequest(sequence=spec, prompt_ids=plan.prompt_ids.tolist(),
-                                                                 params=params),
-                                     timeout=timeout, metadata=tracing.outgoing_metadata())
+        sequence = Sequence(route.tenant_id, route.adapter_version, route.domain, route.split_layer, route.model,
+                            route.domain_revision, plan.prompt_ids)
+        request = generate_request(sequence, self.quotas.effective(route.limits).weight, plan.max_new_tokens,
+                                   plan.temperature, plan.top_k, plan.top_p, plan.seed, list(plan.stop_token_ids))
+        return replica.stub.Generate(request, timeout=timeout, metadata=tracing.outgoing_metadata())
 
 
 class Relayed:
