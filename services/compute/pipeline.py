@@ -184,15 +184,8 @@ class Pipeline:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
         reply = self.store.lookup(domain, np.concatenate(pieces), offsets, timeout=timeout,
                                   domain_revision=revision)
-        expected = batch.sequences[indices[0]].split_layer
-        if reply.split_layer != expected:
-            raise FailedPrecondition(f"domain {domain!r} was rebuilt with split layer {reply.split_layer} (the request "
-                                     f"said {expected}); retry in a few seconds, when the gateway has the new one")
-        with self._stats_lock:
-            counts = self.stats.hit_depth_counts
-            counts.extend([0] * (len(reply.hit_depth_counts) - len(counts)))
-            for depth, count in enumerate(reply.hit_depth_counts):
-                counts[depth] += count
+        self._check_and_count(domain, batch.sequences[indices[0]].split_layer, reply.split_layer,
+                              reply.hit_depth_counts)
         bridge = self.bridges.get(domain, reply.bridge_revision, timeout) if reply.bridge_revision else None
         return ({index: reply.vectors[offsets[j]:offsets[j + 1]] for j, index in enumerate(indices)},
                 time.perf_counter() - started, bridge, {})
@@ -214,20 +207,24 @@ class Pipeline:
                                   f"are not in compute's row cache; retry when the store is back") from None
 
         answer = self.plot_cache.lookup(spec.domain, spec.domain_revision, pieces, fetch)
-        if answer.rows and answer.split_layer != spec.split_layer:
-            raise FailedPrecondition(f"domain {spec.domain!r} was rebuilt with split layer {answer.split_layer} (the "
-                                     f"request said {spec.split_layer}); retry in a few seconds, when the gateway "
-                                     f"has the new one")
-        with self._stats_lock:
-            counts = self.stats.hit_depth_counts
-            counts.extend([0] * (len(answer.hit_depth_counts) - len(counts)))
-            for depth, count in enumerate(answer.hit_depth_counts):
-                counts[depth] += count
+        if answer.rows:
+            self._check_and_count(spec.domain, spec.split_layer, answer.split_layer, answer.hit_depth_counts)
         bridge = None
         if answer.rows and answer.bridge_revision:
             bridge = self.bridges.get(spec.domain, answer.bridge_revision, timeout)
         return ({indices[j]: rows for j, rows in answer.rows.items()}, time.perf_counter() - started, bridge,
                 {indices[j]: error for j, error in answer.failures.items()})
+
+    def _check_and_count(self, domain: str, expected: int, split_layer: int, hit_depth_counts: list[int]) -> None:
+        """The rows are of the split the request was resolved at; their hit depths go into the stats."""
+        if split_layer != expected:
+            raise FailedPrecondition(f"domain {domain!r} was rebuilt with split layer {split_layer} (the request "
+                                     f"said {expected}); retry in a few seconds, when the gateway has the new one")
+        with self._stats_lock:
+            counts = self.stats.hit_depth_counts
+            counts.extend([0] * (len(hit_depth_counts) - len(counts)))
+            for depth, count in enumerate(hit_depth_counts):
+                counts[depth] += count
 
     def run(self, batch: PackedBatch, timeout: float,
             wanted: Callable[[], bool] = lambda: True) -> tuple[BatchResult, Timings]:
