@@ -147,11 +147,17 @@ def test_a_second_deployment_shares_no_service_and_dies_with_hmi_up(deployment, 
         children = other.children()
         assert len(children) == 3, children
         other.process.kill()                  # kill -9 of hmi up
+        killed = time.monotonic()
+        ports = [other.gateway, theirs["store"], *theirs["compute"].split(",")]
+        while any(port_taken(address) for address in ports):
+            assert time.monotonic() - killed < 5, f"ports still taken 5 s after kill -9 of hmi up: {ports}"
+            time.sleep(0.02)
+        released = time.monotonic() - killed
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{pid}").exists() for pid in children.values()):
             assert time.monotonic() < deadline, f"services outlived hmi up: {children}"
             time.sleep(0.2)
-        assert not port_taken(other.gateway) and not port_taken(theirs["store"])
+        assert released < 1.0, f"the services kept their ports {released:.2f} s after hmi up died"
     finally:
         other.stop()
 
