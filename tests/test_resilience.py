@@ -48,12 +48,15 @@ def test_store_or_compute_down_gives_unavailable_within_deadline_then_recovers(o
 
 
 def test_a_killed_store_spares_tenants_whose_rows_and_adapters_are_cached(own_services):
-    """Under load: SIGKILL of the store; hot tenants keep being answered (the gateway's tenant records,
-    compute's adapters and PLOT rows), cold ones fail fast, and everything serves again after the restart."""
-    with own_services.client() as client:
-        client.build_domain("d", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
+    """Under load: SIGKILL of the store; hot tenants keep being answered (the gateway's tenant records and API
+    key verifiers, compute's adapters and PLOT rows), cold ones fail fast, and everything serves again after the
+    restart."""
+    with own_services.client() as admin:
+        admin.build_domain("d", "\n".join(TEXTS), split_layer=2, context=2, min_count=1)
         for tenant in ("hot", "cold"):
-            client.register_tenant(tenant, "d", ["a", "b"], seed=3)
+            admin.register_tenant(tenant, "d", ["a", "b"], seed=3)
+        key = admin.create_key(["hot", "cold"])     # the clients call with an API key (its verifier cached too)
+    with own_services.client(token=key.secret) as client:
         expected = client.classify("hot", TEXTS)
         results = {"ok": 0, "failed": [], "wrong": 0}
         stop = threading.Event()

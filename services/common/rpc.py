@@ -126,3 +126,10 @@ def remaining_timeout(context: grpc.ServicerContext, default: float, floor: floa
     if remaining is None or remaining > _NO_DEADLINE:
         return default
     return max(floor, min(remaining, max_deadline()))
+
+
+def peer_unreachable(error: BaseException) -> bool:
+    """A call to a peer could not be answered by it (down, restarting, or too slow), as opposed to an answer
+    about the request; caches may then keep serving what the peer told them last."""
+    return isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

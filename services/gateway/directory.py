@@ -30,6 +30,7 @@ from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.rpc import peer_unreachable
 from services.common.tracing import outgoing_metadata
 from services.gateway.quotas import Limits
 
@@ -128,7 +129,7 @@ class TenantDirectory:
                                           metadata=outgoing_metadata())
             domain = self._domain(tenant.spec.domain, timeout, now, generation)
         except grpc.RpcError as error:
-            if cached and unreachable(error) and now - cached[0] < self.stale_if_unreachable:
+            if cached and peer_unreachable(error) and now - cached[0] < self.stale_if_unreachable:
                 LOOKUPS.labels("stale").inc()     # the store is down: what it held last is still what it holds
                 return cached[1]
             raise
@@ -226,8 +227,3 @@ class TenantDirectory:
     def cached_tenants(self) -> int:
         with self._lock:
             return len(self._cache)
-
-
-def unreachable(error: grpc.RpcError) -> bool:
-    """The store could not be reached (not: it answered with an error about the request)."""
-    return hasattr(error, "code") and error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

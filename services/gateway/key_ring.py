@@ -21,6 +21,7 @@ from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.auth.api_keys import Verifier, split_key
 from services.common.errors import Unauthenticated
+from services.common.rpc import peer_unreachable
 
 MAX_VERIFIED = 100_000
 MAX_KEYS_CACHED = 100_000
@@ -37,8 +38,9 @@ class _Entry:
 
 class KeyRing:
     def __init__(self, store: pb_grpc.KnowledgeStoreStub, fresh: Callable[[float, float], bool],
-                 timeout: float = 5.0, concurrent_checks: int = 2) -> None:
+                 timeout: float = 5.0, concurrent_checks: int = 2, stale_if_unreachable: float = 600.0) -> None:
         self.store = store
+        self.stale_if_unreachable = stale_if_unreachable   # as the directory: a store that is down revokes nothing
         self.fresh = fresh                  # (fetched_at, now) -> still valid (the directory's rule)
         self.timeout = timeout
         self._entries: dict[str, _Entry] = {}
@@ -90,6 +92,8 @@ class KeyRing:
         except grpc.RpcError as error:
             if hasattr(error, "code") and error.code() == grpc.StatusCode.NOT_FOUND:
                 raise Unauthenticated(f"API key {key_id} does not exist in this deployment") from None
+            if entry is not None and peer_unreachable(error) and now - entry.fetched_at < self.stale_if_unreachable:
+                return entry, generation
             raise
         entry = _Entry(found.key, Verifier(found.salt, found.hash, found.n, found.r, found.p), now)
         with self._lock:

@@ -159,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
                                 stale_if_unreachable=args.stale_if_unreachable,
                                 feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True,
                                                                            security=security)))
-    keys = KeyRing(store, directory.fresh)
+    keys = KeyRing(store, directory.fresh, stale_if_unreachable=args.stale_if_unreachable)
     directory.listeners.append(lambda kind, name: keys.forget_all() if kind is None
                                else keys.forget(name) if kind == "key" else None)
     access = Access(enabled=security.auth, admin_token=admin_token, keys=keys)
