@@ -73,3 +73,9 @@ def validate_offsets(offsets: Iterable[int], total: int, *, field: str = "offset
     if np.any(np.diff(result) <= 0):
         raise InvalidArgument(f"{field}: every sequence needs at least one token (offsets strictly increasing)")
     return result
+
+
+def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
+    """Position of every packed token within its own sequence."""
+    lengths = np.diff(offsets)
+    return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)

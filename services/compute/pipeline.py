@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from models.bridge import DomainBridge
 from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, HMIError, NotFound, Unavailable
+from services.common.rpc import peer_unreachable
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
 from services.compute.bridge_cache import BridgeCache
@@ -200,8 +201,7 @@ class Pipeline:
                                          domain_revision=spec.domain_revision, raw=True, known_stamp=known_stamp,
                                          context_tokens=context_tokens)
             except grpc.RpcError as error:
-                if not hasattr(error, "code") or error.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                if not peer_unreachable(error):
                     raise
                 raise Unavailable(f"the knowledge store is unreachable ({error.code().name}) and these PLOT rows "
                                   f"are not in compute's row cache; retry when the store is back") from None

@@ -3,7 +3,7 @@
 Without it every batch waits for a store round trip (and the store's trie walk), and a store restart fails
 every request. A token's row depends only on its context path (the token, then up to `context - 1` tokens
 before it) and on the tree, so rows are cached per (domain, revision) by path, without position offsets
-(applied here from the domain's tables, with the store's own arithmetic), under the tree's stamp
+(applied here from the domain's tables, by the store's own function), under the tree's stamp
 (knowledge_store/tree_stamp.py): an answer under another stamp (a rebuild of the domain or an ancestor,
 pruning) drops the domain's rows, so a row of another tree is never served.
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 from prometheus_client import Counter, Gauge
 
+from services.common.codec import positions_in_sequences
 from services.common.errors import HMIError, NotFound, StaleVersion
-from services.knowledge_store.client import LookupReply
+from services.knowledge_store.client import LookupReply, apply_chain_offsets
 
 log = logging.getLogger("hmi.compute.plot_cache")
 TOKENS = Counter("hmi_compute_plot_cache_tokens_total", "PLOT rows a batch needed, by where they came from",
@@ -76,11 +76,6 @@ class DomainRows:
     entries: dict[int, int] = field(default_factory=dict)    # path key -> arena row
     pending: list[np.ndarray] = field(default_factory=list)  # hits not reported: link << LINK_SHIFT | path key
     pending_count: int = 0
-
-
-def positions_within(offsets: np.ndarray) -> np.ndarray:
-    lengths = np.diff(offsets)
-    return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
 
 
 def path_keys(tokens: np.ndarray, within: np.ndarray, context: int, bits: int) -> np.ndarray:
@@ -172,7 +167,7 @@ class PlotRowCache:
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-        within = positions_within(offsets)
+        within = positions_in_sequences(offsets)
         count = len(tokens)
         rows = np.empty((count, self.hidden), dtype=np.float16)
         links = np.zeros(count, dtype=np.uint8)
@@ -219,7 +214,7 @@ class PlotRowCache:
                                      within[targets], reply)
                 answer.split_layer, answer.bridge_revision = reply.split_layer, reply.bridge_revision
                 context = reply.context
-        rows = self._offset(rows, links, within, tables, context)
+        rows = apply_chain_offsets(rows, links, tables, context, within)
         for s in np.flatnonzero(~lost).tolist():
             answer.rows[s] = rows[offsets[s]:offsets[s + 1]]
         served = np.repeat(~lost, lengths)
@@ -253,11 +248,7 @@ class PlotRowCache:
             while len(view.tables) > KEPT_STAMPS:
                 view.tables.popitem(last=False)
         if reply.stamp != view.stamp:
-            if view.stamp:
-                RESETS.inc()
-                log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
-                         view.stamp, reply.stamp, len(view.entries))
-            self._reset(view)
+            self._tree_changed(view, reply.stamp)
             view.stamp, view.context, view.learning = reply.stamp, reply.context, reply.learning
             view.split_layer, view.bridge_revision = reply.split_layer, reply.bridge_revision
         return view.tables[reply.stamp]
@@ -307,6 +298,14 @@ class PlotRowCache:
             EVICTIONS.inc()
             return slot   # the row changes hands: as many rows used as before
 
+    def _tree_changed(self, view: DomainRows, stamp: str) -> None:
+        """The store answered under another stamp: the domain's rows go (holding the lock)."""
+        if view.stamp:
+            RESETS.inc()
+            log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain, view.stamp,
+                     stamp, len(view.entries))
+        self._reset(view)
+
     def _reset(self, view: DomainRows) -> None:
         for slot in view.entries.values():
             self._owners[slot] = None
@@ -314,27 +313,6 @@ class PlotRowCache:
             self._used -= 1
         view.entries = {}
         ROWS.set(self._used)
-
-    @staticmethod
-    def _offset(rows: np.ndarray, links: np.ndarray, positions: np.ndarray, tables: dict[int, np.ndarray],
-                context: int) -> np.ndarray:
-        """The store's position offsets, per serving domain: the arithmetic of position_offsets.apply_offsets
-        (fp16 row + fp32 offset, rounded to fp16), in torch, whose conversions are several times faster."""
-        if not tables or not len(rows):
-            return rows
-        out = torch.from_numpy(np.ascontiguousarray(rows)).float()
-        for link, table in tables.items():
-            served = links == link
-            if not served.any():
-                continue
-            table_rows = torch.from_numpy(table[min(context, table.shape[0]) - 1])
-            index = torch.from_numpy(np.minimum(positions, table_rows.shape[0] - 1))
-            if served.all():
-                out += table_rows[index]
-            else:
-                mask = torch.from_numpy(served)
-                out[mask] += table_rows[index[mask]]
-        return out.half().numpy()
 
     # ---- the store's side of it ----------------------------------------------------------------
 
@@ -368,10 +346,7 @@ class PlotRowCache:
             reported += len(hits)
             with self._lock:
                 if stamp != view.stamp and view.stamp:
-                    RESETS.inc()
-                    log.info("domain %s: tree changed (stamp %s -> %s): dropped %d cached rows", view.domain,
-                             view.stamp, stamp, len(view.entries))
-                    self._reset(view)
+                    self._tree_changed(view, stamp)
                     view.stamp = ""
         return reported
 

@@ -23,6 +23,7 @@ from models.adapter_format import DEFAULT_TARGETS, parse_adapter, random_adapter
 from models.bridge import bridge_cost_in_layers
 from models.dims import ModelDims
 from models.split_defaults import default_split
+from services.common.codec import positions_in_sequences
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, StaleVersion, quoted
 from services.common.limits import DEFAULT_MAX_RANK, MAX_CONTEXT
 from services.knowledge_store import idempotency
@@ -35,7 +36,7 @@ from services.knowledge_store.knowledge_tree import LookupResult
 from services.knowledge_store.layout import StoreLayout, keep_private, node_key
 from services.knowledge_store.lower_models import LowerModels
 from services.knowledge_store.plot_builder import BuildSettings, PlotBuilder, Progress
-from services.knowledge_store.position_offsets import apply_offsets
+from services.knowledge_store.position_offsets import apply_chain_offsets
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.tree_learning import TrafficLog
 from services.knowledge_store.tree_maintenance import TreeMaintenance
@@ -82,12 +83,6 @@ class ChangeFeed:
     revision: int
     changes: list[tuple[int, str, str]]       # (revision, "tenant" | "domain", name)
     complete: bool
-
-
-def positions_in_sequences(offsets: np.ndarray) -> np.ndarray:
-    """Position of every packed token within its own sequence."""
-    lengths = np.diff(offsets)
-    return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], lengths)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -594,18 +589,19 @@ class KnowledgeStore:
                 result.stamp = tree_stamp(self.layout.store_id, chain_records, learning_domain)
                 result.learning = learning_domain
                 if result.stamp != known_stamp:
-                    for link, domain_id in enumerate(chain):
-                        table = tree.read_offsets(self.layout, txn, domain_id)
-                        if table is not None:
-                            result.offset_tables[link] = table.copy()
+                    result.offset_tables = {link: table.copy() for link, table in self._offset_tables(txn, chain)}
             elif len(result.vectors):   # each token gets the position offsets of the domain whose node served it
-                for link, domain_id in enumerate(chain):
-                    table = tree.read_offsets(self.layout, txn, domain_id)
-                    served = result.owners == link
-                    if table is not None and served.any():
-                        result.vectors[served] = apply_offsets(result.vectors[served], table, cap, positions[served])
+                tables = dict(self._offset_tables(txn, chain))
+                result.vectors = apply_chain_offsets(result.vectors, result.owners, tables, cap, positions)
         self.traffic.record(record.id, result, token_ids, offsets, learning)
         return record, result
+
+    def _offset_tables(self, txn: lmdb.Transaction, chain: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(chain link, position-offset table) of each domain of the chain that has one (views into `txn`)."""
+        for link, domain_id in enumerate(chain):
+            table = tree.read_offsets(self.layout, txn, domain_id)
+            if table is not None:
+                yield link, table
 
     def lookup_slices(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
                       first_positions: np.ndarray | None = None, context_tokens: np.ndarray | None = None,

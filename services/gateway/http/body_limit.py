@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from services.gateway.http.calls import error_body
+
 TOO_LARGE = "hmi.body_too_large"   # scope key: set when the limit was crossed mid-body
 
 
@@ -66,8 +68,7 @@ class BodyLimit:
 
     @staticmethod
     async def refuse(send, message: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
+        body = json.dumps(error_body(message, "invalid_request_error", "request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
