@@ -55,22 +55,21 @@ def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
     """Maps an error to a status; a downstream RpcError keeps its code and message. An UNAVAILABLE this service
     answers carries the ANSWERED_UNAVAILABLE marker: the caller reached it, so retrying elsewhere may not help
     (services/compute/client.py reads it)."""
-    if isinstance(error, LimitExceeded):
-        context.set_trailing_metadata(error.trailing_metadata())
     if isinstance(error, HMIError):
-        if error.code_name == "UNAVAILABLE":
-            context.set_trailing_metadata(((ANSWERED_UNAVAILABLE, "1"),))
-        context.abort(_status(error.code_name), bounded(str(error)))
-    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        code, details = _status(error.code_name), str(error)
+    elif isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         code = error.code()
         details = error.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"a peer service is unavailable: {details}"
-            context.set_trailing_metadata(((ANSWERED_UNAVAILABLE, "1"),))
-        context.abort(code, bounded(details))
-    log.error("internal error: %s", bounded(f"{type(error).__name__}: {error}"),
-              exc_info=None if len(str(error)) > MAX_MESSAGE_CHARS else error)
-    context.abort(grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(error).__name__}: {error}"))
+    else:
+        code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+        log.error("%s", bounded(details), exc_info=None if len(str(error)) > MAX_MESSAGE_CHARS else error)
+    if isinstance(error, LimitExceeded):
+        context.set_trailing_metadata(error.trailing_metadata())
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        context.set_trailing_metadata(((ANSWERED_UNAVAILABLE, "1"),))
+    context.abort(code, bounded(details))
 
 
 def handles_errors(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -199,6 +199,20 @@ class KnowledgeStore:
     def effective_budget(self, budget_bytes: int) -> int:
         return budget_bytes or self.settings.default_budget_bytes
 
+    def learns(self, record: DomainRecord) -> bool:
+        """Whether the domain's tree learns from traffic."""
+        return self.effective_threshold(record.learn_threshold) > 0
+
+    def _domain_at(self, txn: lmdb.Transaction, domain: str, revision: int) -> DomainRecord:
+        """The domain's record; NotFound, or StaleVersion when `revision` (0 = any) is no longer its own."""
+        record = self.domain_in(txn, domain)
+        if record is None:
+            raise NotFound(f"domain {domain!r} does not exist")
+        if revision and record.revision != revision:
+            raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {revision}: it was rebuilt "
+                               f"or replaced since the request was resolved")
+        return record
+
     def effective_threshold(self, learn_threshold: int) -> int:
         """-1: not learning from traffic."""
         threshold = learn_threshold or self.settings.default_learn_threshold
@@ -556,12 +570,7 @@ class KnowledgeStore:
             raise InvalidArgument(f"lookup of {len(token_ids)} tokens exceeds the limit of "
                                   f"{self.settings.max_lookup_tokens} (the store's --max-lookup-tokens); split it")
         with self.layout.read(buffers=True) as txn:
-            record = self.domain_in(txn, domain)
-            if record is None:
-                raise NotFound(f"domain {domain!r} does not exist")
-            if domain_revision and record.revision != domain_revision:
-                raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {domain_revision}: it "
-                                   f"was rebuilt or replaced since the request was resolved")
+            record = self._domain_at(txn, domain, domain_revision)
             vocab = self.dims_of(record).vocab
             if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
                 raise InvalidArgument(f"token ids must lie in [0, {vocab})")
@@ -570,7 +579,7 @@ class KnowledgeStore:
             if not record.built_at:
                 raise FailedPrecondition(f"domain {domain!r} has no PLOT yet: run `hmi domain build {domain} "
                                          f"--corpus FILE --split-layer {record.split_layer}`")
-            learning_domain = self.effective_threshold(record.learn_threshold) > 0
+            learning_domain = self.learns(record)
             learning = not context and learning_domain
             cap = min(context or MAX_CONTEXT, record.context)
             chain_records = self.chain_records(txn, record)
@@ -647,13 +656,9 @@ class KnowledgeStore:
         if len(paths) > MAX_REPORTED_NODES:
             raise InvalidArgument(f"{len(paths)} nodes reported at once; at most {MAX_REPORTED_NODES}")
         with self.layout.read(buffers=True) as txn:
-            record = self.domain_in(txn, domain)
-            if record is None:
-                raise NotFound(f"domain {domain!r} does not exist")
-            if domain_revision and record.revision != domain_revision:
-                raise StaleVersion(f"domain {domain!r} is at revision {record.revision}, not {domain_revision}")
+            record = self._domain_at(txn, domain, domain_revision)
             chain = self.chain_records(txn, record)
-            stamp = tree_stamp(self.layout.store_id, chain, self.effective_threshold(record.learn_threshold) > 0)
+            stamp = tree_stamp(self.layout.store_id, chain, self.learns(record))
         if not len(paths):
             return stamp
         depths = (paths >= 0).sum(axis=1)
@@ -665,7 +670,7 @@ class KnowledgeStore:
             raise InvalidArgument(f"token ids must lie in [0, {vocab}), owners in [0, {len(chain)}) and counts in "
                                   f"[1, 2^32]")
         keys: Counter | None = None
-        if self.effective_threshold(record.learn_threshold) > 0:   # node counts matter only to a learning tree
+        if self.learns(record):   # node counts matter only to a learning tree
             keys = Counter()
             for path, depth, owner, count in zip(paths.tolist(), depths.tolist(), owners.tolist(), counts.tolist()):
                 keys[node_key(chain[owner].id, tuple(path[:depth]))] += count
