@@ -4,7 +4,10 @@
 - a service imports another service only through its wire client (`services.<other>.client`), and outside
   compute only `services/compute/client.py` speaks compute's protocol (its generated stubs);
 - the shared libraries (`hmi_proto`, `kernels`, `models`, `services.common`) import no service, and each
-  only what lies below it: hmi_proto and kernels nothing of ours, models kernels and services.common.
+  only what lies below it: hmi_proto and kernels nothing of ours, models kernels and services.common;
+- in the gateway, the core (services/gateway/core) imports no door and no transport (grpc, FastAPI); the doors
+  (the gRPC servicer, each HTTP door) import the core, never each other; the policy modules beneath the core
+  import neither.
 """
 from __future__ import annotations
 
@@ -73,6 +76,53 @@ def test_shared_libraries_import_only_what_lies_below_them():
             for line, name in imports(path):
                 if not any(within(name, below) for below in allowed):
                     offending.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    assert not offending, offending
+
+
+GATEWAY = REPO / "services" / "gateway"
+HTTP_DOORS = ("openai_api", "hmi_api", "kserve", "tei")       # services/gateway/http/<door>.py
+DOOR_MODULES = ("services.gateway.servicer", "services.gateway.http")
+
+
+def every_import(path: Path) -> list[tuple[int, str]]:
+    """Every module an import statement names, ours or not."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return found
+
+
+def test_the_gateway_core_knows_no_door_and_no_transport():
+    offending = [f"{path.relative_to(REPO)}:{line} imports {name}" for path in modules("services/gateway/core")
+                 for line, name in every_import(path)
+                 if name.split(".")[0] in ("grpc", "fastapi", "starlette", "uvicorn")
+                 or any(within(name, door) for door in DOOR_MODULES)
+                 or name.startswith("hmi_proto.v1.gateway_pb2")]
+    assert not offending, offending
+
+
+def test_doors_import_the_core_never_each_other():
+    offending = []
+    servicer = GATEWAY / "servicer.py"
+    offending += [f"servicer.py:{line} imports {name}" for line, name in imports(servicer)
+                  if within(name, "services.gateway.http")]
+    for door in HTTP_DOORS:
+        path = GATEWAY / "http" / f"{door}.py"
+        assert path.is_file(), path
+        others = [f"services.gateway.http.{other}" for other in HTTP_DOORS + ("app",) if other != door]
+        offending += [f"http/{door}.py:{line} imports {name}" for line, name in imports(path)
+                      if any(within(name, other) for other in others) or within(name, "services.gateway.servicer")]
+    assert not offending, offending
+
+
+def test_the_policy_beneath_the_core_imports_neither_core_nor_doors():
+    offending = [f"{path.relative_to(REPO)}:{line} imports {name}" for path in sorted(GATEWAY.glob("*.py"))
+                 if path.name not in ("servicer.py", "server.py")
+                 for line, name in imports(path)
+                 if within(name, "services.gateway.core") or any(within(name, door) for door in DOOR_MODULES)]
     assert not offending, offending
 
 

@@ -9,6 +9,7 @@ import pytest
 from hmi.launcher import ServiceSet, free_port
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.errors import NotFound
 from services.gateway.directory import LOOKUPS, TenantDirectory
 from services.knowledge_store import layout as layout_module
 from services.knowledge_store.layout import StoreLayout
@@ -55,9 +56,9 @@ def test_records_are_cached_until_the_store_changes_them(store_stub, client):
 
     client.delete_tenant("dir-a")
     directory.sync()
-    with pytest.raises(grpc.RpcError) as error:
+    with pytest.raises(NotFound) as error:          # the store's status, as the error logic above it raises
         directory.resolve("dir-a", timeout=10)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error.value.code_name == "NOT_FOUND" and "dir-a" in str(error.value)
 
 
 def test_records_expire_when_the_feed_is_not_followed(store_stub, client):

@@ -71,6 +71,17 @@ class LimitExceeded(ResourceExhausted):
         return (("hmi-limit", self.limit), ("retry-after-ms", str(max(1, round(self.retry_after * 1000)))))
 
 
+def error_of(code_name: str, message: str) -> HMIError:
+    """The error of a status code's name (what a peer answered), as the class logic raises for it."""
+    for kind in (NotFound, InvalidArgument, AlreadyExists, FailedPrecondition, Unavailable, ResourceExhausted,
+                 DeadlineExceeded, Cancelled, Unauthenticated, PermissionDenied):
+        if kind.code_name == code_name:
+            return kind(message)
+    error = HMIError(message)
+    error.code_name = code_name if code_name and code_name.isupper() else "INTERNAL"
+    return error
+
+
 MAX_MESSAGE_CHARS = 1000   # a status message stays far below gRPC's metadata limits (8-16 KB), whatever it quotes
 
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import grpc
 
 from services.common.auth.peers import PeerSecurity
 from services.common.auth.peers import channel as peer_channel
-from services.common.errors import MAX_MESSAGE_CHARS, HMIError, LimitExceeded, bounded
+from services.common.deadlines import bounded_timeout, max_deadline, set_max_deadline  # noqa: F401 - re-exported
+from services.common.errors import MAX_MESSAGE_CHARS, HMIError, LimitExceeded, bounded, error_of
 
 # Explicit limits on both sides (the 4 MiB default is the classic trap); large tensors stream in chunks anyway.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -102,29 +103,26 @@ def handles_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# A caller's deadline is honoured up to this many seconds (HMI_MAX_DEADLINE; the gateway's --max-deadline).
-DEFAULT_MAX_DEADLINE = 6 * 3600.0    # the longest store job (a domain build) may take this long
-_NO_DEADLINE = 1e8          # gRPC reports "no deadline" as a remaining time of centuries
-_limits = {"max_deadline": float(os.environ.get("HMI_MAX_DEADLINE") or DEFAULT_MAX_DEADLINE)}
-
-
-def set_max_deadline(seconds: float) -> None:
-    if not seconds > 0:
-        raise ValueError("the maximum deadline must be > 0 seconds")
-    _limits["max_deadline"] = float(seconds)
-
-
-def max_deadline() -> float:
-    return _limits["max_deadline"]
-
-
 def remaining_timeout(context: grpc.ServicerContext, default: float, floor: float = 0.05) -> float:
     """The caller's deadline (up to the maximum deadline), passed on to calls this request makes; `default`
     for a call without a deadline."""
-    remaining = context.time_remaining()
-    if remaining is None or remaining > _NO_DEADLINE:
-        return default
-    return max(floor, min(remaining, max_deadline()))
+    return bounded_timeout(context.time_remaining(), default, floor)
+
+
+@contextmanager
+def peer_errors() -> Iterator[None]:
+    """A peer's gRPC status becomes the HMIError of its code, with the same message (and "a peer service is
+    unavailable" before an UNAVAILABLE's): logic above a call to another service sees only HMIErrors."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        if not hasattr(error, "code"):
+            raise
+        code = error.code()
+        details = error.details() or code.name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"a peer service is unavailable: {details}"
+        raise error_of(code.name, details) from None
 
 
 def peer_unreachable(error: BaseException) -> bool:

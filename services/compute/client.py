@@ -9,15 +9,20 @@ connection, or a server shutting down) and nothing ran.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
 
 from hmi_proto.v1 import compute_pb2 as pb
 from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
+from services.common import tracing
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.rpc import ANSWERED_UNAVAILABLE
+from services.common.errors import HMIError, Unavailable, error_of
+from services.common.rpc import ANSWERED_UNAVAILABLE, peer_errors
+from services.common.tracing import outgoing_metadata
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,52 @@ def read_forward_reply(response: pb.ForwardResponse, sequences: list[Sequence]) 
     return ForwardReply(outputs, response.fetch_ms, response.queue_ms, response.execute_ms)
 
 
+def forward(stub: "ComputeStub", sequences: list[Sequence], timeout: float, on_done: Callable[[object], None], *,
+            traces: list | None = None, request_ids: str | None = None) -> None:
+    """Sends one batch without waiting; `on_done` (on a gRPC thread) gets its ForwardReply, or its failure:
+    ReplicaUnreachable (nothing ran: another replica may run the batch) or the HMIError of the status compute
+    answered (or InvalidArgument for a reply that does not fit the request). `traces`: the trace contexts of the
+    requests the batch serves (one client span links them all)."""
+    request = forward_request(sequences)
+    span = tracing.start_client_span("hmi.v1.Compute/Forward", traces or [])
+    metadata = tracing.outgoing_metadata(request_ids, span)
+
+    def done(call) -> None:
+        try:
+            response = call.result()
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+            tracing.end_span(span, code)
+            on_done(_failure(error))
+            return
+        except Exception as error:  # noqa: BLE001 - a cancelled future or a broken channel fails the batch only
+            tracing.end_span(span, grpc.StatusCode.INTERNAL)
+            on_done(HMIError(f"internal error: {type(error).__name__}: {error}"))
+            return
+        tracing.end_span(span, grpc.StatusCode.OK)
+        try:
+            on_done(read_forward_reply(response, sequences))
+        except HMIError as error:
+            on_done(error)
+
+    try:
+        call = stub.Forward.future(request, timeout=timeout, metadata=metadata)
+    except Exception:
+        tracing.end_span(span, grpc.StatusCode.INTERNAL)
+        raise
+    call.add_done_callback(done)
+
+
+def _failure(error: grpc.RpcError) -> HMIError:
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if replica_unreachable(error):
+        return ReplicaUnreachable(f"a peer service is unavailable: {details}")
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"a peer service is unavailable: {details}"
+    return error_of(code.name, details)
+
+
 def generate_request(sequence: Sequence, weight: float, max_new_tokens: int, temperature: float, top_k: int,
                      top_p: float, seed: int, stop_token_ids: list[int]) -> pb.GenerateRequest:
     spec = pb.SequenceSpec(tenant_id=sequence.tenant_id, adapter_version=sequence.adapter_version,
@@ -104,6 +155,60 @@ def replica_unreachable(error: BaseException) -> bool:
         return False
     metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     return not any(key == ANSWERED_UNAVAILABLE for key, _value in (metadata or ()))
+
+
+class ReplicaUnreachable(Unavailable):
+    """The replica itself could not be reached: nothing ran, so another replica may run the same work."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How one sequence is sampled (the gateway validated every value)."""
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GeneratedTokens:
+    """One message of a generation stream: the tokens sampled since the last, and why it ended (at the end)."""
+    token_ids: list[int]
+    finish_reason: str
+
+
+class GenerationStream:
+    """Compute's tokens for one sequence. Iterating raises ReplicaUnreachable when the replica was not reached,
+    else the HMIError of the status compute answered; `cancel` stops generation there (its KV cache is freed)."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[GeneratedTokens]:
+        try:
+            for message in self._call:
+                yield GeneratedTokens(list(message.token_ids), message.finish_reason)
+        except grpc.RpcError as error:
+            if replica_unreachable(error):
+                details = error.details() or "no connection"
+                raise ReplicaUnreachable(f"a peer service is unavailable: {details}") from None
+            with peer_errors():
+                raise
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._call.cancel()
+
+
+def generate(stub: "ComputeStub", sequence: Sequence, weight: float, params: GenerationParams,
+             timeout: float) -> GenerationStream:
+    """Starts generating one sequence on the replica behind `stub`."""
+    request = generate_request(sequence, weight, params.max_new_tokens, params.temperature, params.top_k,
+                               params.top_p, params.seed, list(params.stop_token_ids))
+    return GenerationStream(stub.Generate(request, timeout=timeout, metadata=outgoing_metadata()))
 
 
 ComputeStub = pb_grpc.ComputeStub

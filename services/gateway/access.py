@@ -1,5 +1,5 @@
-"""Who is calling the gateway, and what that caller may do: plain Python under the servicers, which call it first
-on every method (gRPC and the HTTP front door alike, since HTTP calls the servicers in process).
+"""Who is calling the gateway, and what that caller may do: plain Python under the core, which asks it first in
+every operation (for the gRPC and HTTP doors alike: both pass the caller's credential to the core).
 
 - The admin credential (`--admin-token-file` / HMI_ADMIN_TOKEN; `hmi up` makes one) may do everything.
 - An API key covers tenant ids and prefixes (`acme`, `acme-*`). A plain key is inference only: Classify, Embed,

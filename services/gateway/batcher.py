@@ -29,7 +29,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
 from prometheus_client import Counter, Histogram
 
@@ -37,18 +36,11 @@ from services.common import tracing
 from services.common.call_context import current_request_id, joined
 from services.common.errors import Cancelled, DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
 from services.common.fair_queue import FairQueue
-from services.compute.client import (
-    ForwardReply,
-    Sequence,
-    SequenceFailure,
-    SequenceOutput,
-    forward_request,
-    read_forward_reply,
-    replica_unreachable,
-)
+from services.compute.client import ForwardReply, ReplicaUnreachable, Sequence, SequenceFailure, SequenceOutput, forward
 from services.gateway.access import REFUSED
 from services.gateway.directory import TenantRoute
 from services.gateway.router import Router
+from services.gateway.settings import BatcherSettings  # noqa: F401 - the batcher's settings, defined once there
 
 log = logging.getLogger("hmi.gateway.batcher")
 BATCH_SEQUENCES = Histogram("hmi_gateway_batch_sequences", "sequences per batch",
@@ -101,16 +93,6 @@ class SequenceFailed(HMIError):
         super().__init__(message)
         self.code_name = code_name
         self.stale = stale
-
-
-@dataclass
-class BatcherSettings:
-    max_batch_tokens: int = 8192
-    max_batch_tenants: int = 64
-    max_wait_ms: float = 5.0
-    max_queue: int = 4096               # sequences waiting
-    max_queue_tokens: int = 65536       # their tokens
-    max_queue_per_tenant: int = 1024    # sequences one tenant may have waiting (unless its limits say otherwise)
 
 
 @dataclass
@@ -278,21 +260,14 @@ class Batcher:
 
     def _dispatch(self, batch: list[SequenceWork], replica) -> None:
         sequences = [item.sequence() for item in batch]
-        request = forward_request(sequences)
         timeout = max(0.05, max(item.deadline for item in batch) - time.monotonic())
         BATCH_SEQUENCES.observe(len(batch))
         BATCH_TOKENS.observe(sum(len(item.token_ids) for item in batch))
         self._sent_batches += 1
         self._sent_sequences += len(batch)
         sent = time.monotonic()
-        span = tracing.start_client_span("hmi.v1.Compute/Forward", [item.trace for item in batch])
-        metadata = tracing.outgoing_metadata(joined(item.request_id for item in batch), span)
-        try:
-            call = replica.stub.Forward.future(request, timeout=timeout, metadata=metadata)
-        except Exception:
-            tracing.end_span(span, grpc.StatusCode.INTERNAL)
-            raise
-        call.add_done_callback(lambda done: self._complete(done, batch, sequences, replica, sent, span))
+        forward(replica.stub, sequences, timeout, lambda result: self._complete(result, batch, replica, sent),
+                traces=[item.trace for item in batch], request_ids=joined(item.request_id for item in batch))
 
     def _requeue(self, batch: list[SequenceWork]) -> bool:
         """Puts a batch that never ran back at the head of the queue (False when stopping)."""
@@ -328,32 +303,25 @@ class Batcher:
                  self.queued()[0], self.dropped, means["gateway_wait"], means["round_trip"], means["fetch"],
                  means["queue"], means["execute"])
 
-    def _complete(self, call, batch: list[SequenceWork], sequences: list[Sequence], replica, sent: float,
-                  span=None) -> None:
-        try:
-            response = call.result()
-        except grpc.RpcError as error:
-            code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-            tracing.end_span(span, code)
-            unreachable = replica_unreachable(error)
+    def _complete(self, result: ForwardReply | HMIError, batch: list[SequenceWork], replica, sent: float) -> None:
+        if isinstance(result, HMIError):
+            unreachable = isinstance(result, ReplicaUnreachable)
             self.router.release(replica, failed=unreachable)
-            BATCH_FAILURES.labels(code.name).inc()
+            BATCH_FAILURES.labels(result.code_name).inc()
             if unreachable and self._requeue(batch):
                 log.warning("batch of %d sequences could not reach %s (%s); running it elsewhere", len(batch),
-                            replica.address, error.details() if hasattr(error, "details") else error)
+                            replica.address, result)
                 return
-            log.warning("batch of %d sequences failed on %s: %s %s", len(batch), replica.address, code.name,
-                        error.details() if hasattr(error, "details") else error)
+            log.warning("batch of %d sequences failed on %s: %s %s", len(batch), replica.address, result.code_name,
+                        result)
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(error)
+                    item.future.set_exception(result)
             return
-        tracing.end_span(span, grpc.StatusCode.OK)
         self.router.release(replica)
         try:
-            reply = read_forward_reply(response, sequences)
-            self._account(batch, sent, reply)
-            for item, output in zip(batch, reply.outputs):
+            self._account(batch, sent, result)
+            for item, output in zip(batch, result.outputs):
                 if isinstance(output, SequenceFailure):
                     item.future.set_exception(SequenceFailed(output.code, output.message, output.stale))
                 else:

@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
-from services.common.rpc import peer_unreachable
+from services.common.rpc import peer_errors, peer_unreachable
 from services.common.tracing import outgoing_metadata
 from services.gateway.quotas import Limits
 
@@ -132,7 +132,8 @@ class TenantDirectory:
             if cached and peer_unreachable(error) and now - cached[0] < self.stale_if_unreachable:
                 LOOKUPS.labels("stale").inc()     # the store is down: what it held last is still what it holds
                 return cached[1]
-            raise
+            with peer_errors():
+                raise
         LOOKUPS.labels("fetched").inc()
         route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
                             domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,

@@ -9,17 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.gateway.settings import GenerationLimits
 
 DEFAULT_NEW_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class GenerationLimits:
-    max_new_tokens: int = 1024
-    max_prompt_tokens: int = 2048
-    max_stop_strings: int = 8
-    max_stop_chars: int = 128
-    max_prompt_chars: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +55,7 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     if len(prompt_ids) + new_tokens > max_positions:
         raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({new_tokens}) exceeds the "
                               f"model's {max_positions} positions; shorten the prompt or lower max_new_tokens")
-    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    seed = secrets.randbits(63) if request.seed is None else request.seed
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
                           float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, eos_token_ids)
 

@@ -21,7 +21,7 @@ from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
 from services.common.auth.api_keys import Verifier, split_key
 from services.common.errors import Unauthenticated
-from services.common.rpc import peer_unreachable
+from services.common.rpc import peer_errors, peer_unreachable
 
 MAX_VERIFIED = 100_000
 MAX_KEYS_CACHED = 100_000
@@ -94,7 +94,8 @@ class KeyRing:
                 raise Unauthenticated(f"API key {key_id} does not exist in this deployment") from None
             if entry is not None and peer_unreachable(error) and now - entry.fetched_at < self.stale_if_unreachable:
                 return entry, generation
-            raise
+            with peer_errors():
+                raise
         entry = _Entry(found.key, Verifier(found.salt, found.hash, found.n, found.r, found.p), now)
         with self._lock:
             if self._generation == generation:

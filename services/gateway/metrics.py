@@ -80,7 +80,8 @@ def lane_state(lanes) -> Iterator:
     sent = GaugeMetricFamily("hmi_gateway_replica_sent", "batches and streams sent to each replica since it "
                              "joined", labels=["model", "replica"])
     for name, lane in lanes.items():
-        sequences, tokens = lane.batcher.queued()
+        batcher = getattr(lane, "batcher", None)     # decoder lanes stream, they queue nothing here
+        sequences, tokens = batcher.queued() if batcher is not None else (0, 0)
         queued.add_metric([name], sequences)
         queued_tokens.add_metric([name], tokens)
         counts = {"ready": 0, "down": 0, "leaving": 0}

@@ -5,12 +5,15 @@ import argparse
 
 from services.common.auth.flags import add_security_arguments, security_from_args
 from services.common.config import add_observability_arguments, env, env_float, env_int, split_addresses
+from services.gateway.settings import BatcherSettings, GenerationLimits
+
+BATCHER, GENERATION = BatcherSettings(), GenerationLimits()     # every default written once, there
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=env("HMI_GATEWAY_ADDR"), help="address to listen on [HMI_GATEWAY_ADDR]")
     parser.add_argument("--http", default=env("HMI_HTTP_ADDR"),
-                        help="HOST:PORT of the HTTP front door (OpenAI-compatible API, /v1/classify, /docs); "
+                        help="HOST:PORT of the HTTP doors (OpenAI-compatible API, /v1/classify, KServe v2, TEI); "
                              "'off' = gRPC only [HMI_HTTP_ADDR]")
     parser.add_argument("--store", default=env("HMI_STORE_ADDR"), help="knowledge store address [HMI_STORE_ADDR]")
     parser.add_argument("--compute", action="append", default=None,
@@ -39,14 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="base models served (for their tokenizers): NAME=DIR, minilm, smollm2 or a folder; "
                              "repeat for several, the first is the default [HMI_MODEL, comma-separated]")
-    parser.add_argument("--max-batch-tokens", type=int, default=env_int("HMI_MAX_BATCH_TOKENS", 8192))
-    parser.add_argument("--max-batch-tenants", type=int, default=env_int("HMI_MAX_BATCH_TENANTS", 32),
+    parser.add_argument("--max-batch-tokens", type=int,
+                        default=env_int("HMI_MAX_BATCH_TOKENS", BATCHER.max_batch_tokens))
+    parser.add_argument("--max-batch-tenants", type=int,
+                        default=env_int("HMI_MAX_BATCH_TENANTS", BATCHER.max_batch_tenants),
                         help="distinct adapters per batch; keep below compute's slots / in-flight batches")
-    parser.add_argument("--max-wait-ms", type=float, default=env_float("HMI_MAX_WAIT_MS", 5.0))
-    parser.add_argument("--max-queue", type=int, default=env_int("HMI_MAX_QUEUE", 4096),
+    parser.add_argument("--max-wait-ms", type=float,
+                        default=env_float("HMI_MAX_WAIT_MS", BATCHER.max_wait_ms))
+    parser.add_argument("--max-queue", type=int,
+                        default=env_int("HMI_MAX_QUEUE", BATCHER.max_queue),
                         help="sequences waiting; a request that does not fit whole is refused with "
                              "RESOURCE_EXHAUSTED [HMI_MAX_QUEUE]")
-    parser.add_argument("--max-queue-tokens", type=int, default=env_int("HMI_MAX_QUEUE_TOKENS", 65536),
+    parser.add_argument("--max-queue-tokens", type=int,
+                        default=env_int("HMI_MAX_QUEUE_TOKENS", BATCHER.max_queue_tokens),
                         help="tokens waiting: admission costs a request's tokens [HMI_MAX_QUEUE_TOKENS]")
     parser.add_argument("--max-sequence-tokens", type=int, default=env_int("HMI_MAX_SEQUENCE_TOKENS", 256))
     parser.add_argument("--max-texts", type=int, default=env_int("HMI_MAX_TEXTS", 256), help="texts per request")
@@ -71,11 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--change-poll-ms", type=float, default=env_float("HMI_CHANGE_POLL_MS", 500.0),
                         help="how often the store's change log is read; tenant records are cached until they change, "
                              "so changes made through another gateway show up within this [HMI_CHANGE_POLL_MS]")
-    parser.add_argument("--max-new-tokens", type=int, default=env_int("HMI_MAX_NEW_TOKENS", 1024),
+    parser.add_argument("--max-new-tokens", type=int,
+                        default=env_int("HMI_MAX_NEW_TOKENS", GENERATION.max_new_tokens),
                         help="decoder models: the largest max_new_tokens a request may ask [HMI_MAX_NEW_TOKENS]")
-    parser.add_argument("--max-prompt-tokens", type=int, default=env_int("HMI_MAX_PROMPT_TOKENS", 2048),
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        default=env_int("HMI_MAX_PROMPT_TOKENS", GENERATION.max_prompt_tokens),
                         help="decoder models: the longest prompt [HMI_MAX_PROMPT_TOKENS]")
-    parser.add_argument("--max-queue-per-tenant", type=int, default=env_int("HMI_MAX_QUEUE_PER_TENANT", 1024),
+    parser.add_argument("--max-queue-per-tenant", type=int,
+                        default=env_int("HMI_MAX_QUEUE_PER_TENANT", BATCHER.max_queue_per_tenant),
                         help="sequences one tenant may have waiting unless its limits say otherwise (max_queued); "
                              "past it RESOURCE_EXHAUSTED [HMI_MAX_QUEUE_PER_TENANT]")
     parser.add_argument("--default-tenant-rps", type=float, default=env_float("HMI_DEFAULT_TENANT_RPS", 0.0),
@@ -124,14 +135,17 @@ def main(args: argparse.Namespace) -> None:
     from services.common.tracing import setup_tracing
     from services.gateway import metrics
     from services.gateway.access import Access
-    from services.gateway.batcher import Batcher, BatcherSettings
+    from services.gateway.batcher import Batcher
+    from services.gateway.core.admin import Admin
+    from services.gateway.core.chat import ChatTemplates
+    from services.gateway.core.inference import Inference
+    from services.gateway.core.lanes import DecoderLane, EncoderLane, Lane
     from services.gateway.directory import TenantDirectory
-    from services.gateway.generation import GenerationLimits
     from services.gateway.key_ring import KeyRing
     from services.gateway.quotas import Limits, Quotas
     from services.gateway.readiness import Readiness
     from services.gateway.router import Router
-    from services.gateway.servicer import AdminServicer, GatewayServicer, GenerationSupport, ModelLane
+    from services.gateway.servicer import AdminServicer, GatewayServicer
     from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway", args.log_format)
     setup_tracing("gateway", args.tracing)
@@ -166,7 +180,7 @@ def main(args: argparse.Namespace) -> None:
     quotas = Quotas(Limits(rps=args.default_tenant_rps, tps=args.default_tenant_tps,
                            max_concurrent=args.default_tenant_max_concurrent))
     directory.start()
-    lanes: dict[str, ModelLane] = {}
+    lanes: dict[str, Lane] = {}
     for spec in models:
         dims = ModelDims.from_dir(spec.directory)
         max_sequence_tokens = args.max_sequence_tokens
@@ -181,23 +195,29 @@ def main(args: argparse.Namespace) -> None:
                             security=security)
         except ValueError as error:
             raise SystemExit(f"--compute for model {spec.name!r}: {error}") from None
+        encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts,
+                              max_text_chars=args.max_text_chars, max_request_chars=args.max_request_chars)
+        if dims.is_decoder:
+            lanes[spec.name] = DecoderLane(spec.name, encoder, router,
+                                           GenerationLimits(max_new_tokens=args.max_new_tokens,
+                                                            max_prompt_tokens=args.max_prompt_tokens),
+                                           dims.max_positions, eos_token_ids(spec.directory))
+            continue
         batcher = Batcher(router, BatcherSettings(max_batch_tokens=args.max_batch_tokens,
                                                   max_batch_tenants=args.max_batch_tenants,
                                                   max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                                                   max_queue_tokens=args.max_queue_tokens,
                                                   max_queue_per_tenant=args.max_queue_per_tenant))
-        encoder = TextEncoder(spec.directory, max_sequence_tokens=max_sequence_tokens, max_texts=args.max_texts,
-                              max_text_chars=args.max_text_chars, max_request_chars=args.max_request_chars)
-        generation = None
-        if dims.is_decoder:
-            generation = GenerationSupport(encoder.tokenizer,
-                                           GenerationLimits(max_new_tokens=args.max_new_tokens,
-                                                            max_prompt_tokens=args.max_prompt_tokens),
-                                           dims.max_positions, eos_token_ids(spec.directory), router)
-        lanes[spec.name] = ModelLane(spec.name, encoder, batcher, router, generation)
+        lanes[spec.name] = EncoderLane(spec.name, encoder, batcher, router)
 
-    gateway = GatewayServicer(lanes, directory, default_timeout=args.default_deadline, access=access, quotas=quotas)
-    admin = AdminServicer(store, directory, access=access)
+    model_dirs = {m.name: m.directory for m in models}
+    chat = ChatTemplates(model_dirs, {name: lane.tokenizer for name, lane in lanes.items()
+                                      if isinstance(lane, DecoderLane)})
+    inference = Inference(lanes, directory, default_timeout=args.default_deadline, access=access, quotas=quotas,
+                          chat=chat)
+    administration = Admin(store, directory, access=access)
+    gateway = GatewayServicer(inference)
+    admin = AdminServicer(administration)
     register_state(lambda: metrics.lane_state(lanes))
 
     def register(server):
@@ -215,13 +235,14 @@ def main(args: argparse.Namespace) -> None:
     readiness.start()
     http = None
     if args.http and args.http.lower() != "off":
-        # The HTTP front door calls the same servicers in process (services/gateway/http).
-        from services.gateway.http.app import Doors, create_app
+        # The HTTP doors call the same core as the gRPC servicers (services/gateway/http).
+        from services.gateway.http.app import create_app
         from services.gateway.http.auth import checked_by
+        from services.gateway.http.door import Door
         from services.gateway.http.server import HttpServer
-        http = HttpServer(create_app(Doors(gateway, admin, {m.name: m.directory for m in models},
-                                           ready=readiness.ready), checked_by(access.principal_of),
-                                      max_body_bytes=max(1, int(args.max_http_body_mib * 2**20))), args.http,
+        http = HttpServer(create_app(Door(inference, administration, model_dirs, ready=readiness.ready),
+                                     checked_by(access.principal_of),
+                                     max_body_bytes=max(1, int(args.max_http_body_mib * 2**20))), args.http,
                           tls_cert=security.tls_cert, tls_key=security.tls_key)
         http.start()
     scheme = "https" if security.tls else "http"
@@ -237,7 +258,8 @@ def main(args: argparse.Namespace) -> None:
             http.stop()
         directory.close()
         for lane in lanes.values():
-            lane.batcher.close()
+            if isinstance(lane, EncoderLane):
+                lane.batcher.close()
             lane.router.close()
 
     wait_for_termination(running, log, on_stop=stop)

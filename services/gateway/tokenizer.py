@@ -25,8 +25,8 @@ class TextEncoder:
         self.max_text_chars = max_text_chars or CHARS_PER_TOKEN * max_sequence_tokens
         self.max_request_chars = max_request_chars
 
-    def encode(self, texts: list[str], truncate: bool = False) -> list[np.ndarray]:
-        """Over-long texts are refused, or with `truncate` keep their head and final [SEP] (as training does)."""
+    def _checked(self, texts: list[str], truncate: bool) -> list[str]:
+        """The texts within the request's limits (with `truncate`: each cut to `max_text_chars`)."""
         if not texts:
             raise InvalidArgument("give at least one text")
         if len(texts) > self.max_texts:
@@ -35,6 +35,8 @@ class TextEncoder:
         texts = list(texts)
         sent = sum(len(text) for text in texts)
         for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidArgument(f"text {index} is not a string")
             if not text.strip():
                 raise InvalidArgument(f"text {index} is empty")
             if len(text) > self.max_text_chars:
@@ -49,6 +51,16 @@ class TextEncoder:
             raise InvalidArgument(f"the request's texts hold {sent:,} characters{cut}, above the limit of "
                                   f"{self.max_request_chars:,} per request (the gateway's --max-request-chars); split "
                                   f"the request")
+        return texts
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool = True) -> list:
+        """The tokenizer's encodings of texts within the request's limits (no token limit: counting tokens is
+        what a caller may want to learn)."""
+        return self.tokenizer.encode_batch(self._checked(texts, truncate=False), add_special_tokens=add_special_tokens)
+
+    def encode(self, texts: list[str], truncate: bool = False) -> list[np.ndarray]:
+        """Over-long texts are refused, or with `truncate` keep their head and final [SEP] (as training does)."""
+        texts = self._checked(texts, truncate)
         encodings = self.tokenizer.encode_batch(texts)
         result = []
         for index, encoding in enumerate(encodings):

@@ -1,8 +1,8 @@
-"""The gateway's HTTP front door: an OpenAI-compatible API (/v1/models, /v1/embeddings, /v1/completions,
-/v1/chat/completions), /v1/classify, /health, /ready and OpenAPI docs at /docs, served by uvicorn inside the
-gateway process.
+"""The gateway's HTTP doors, served by uvicorn inside the gateway process: an OpenAI-compatible API
+(openai_api.py), /v1/classify (hmi_api.py), the Open Inference Protocol of KServe and Triton (kserve.py), Text
+Embeddings Inference's routes (tei.py), /health, /ready and /metrics (app.py).
 
-Every request runs through the gRPC servicers' own methods, called in process with a call context of this
-package (calls.py): both doors share one request path, so validation, the tenant directory, the batcher,
-the router and the status codes are the same, and so will be any check a servicer makes (authentication
-once it exists; the HTTP side's one hook for it is auth.py)."""
+Every door calls the gateway's core (services/gateway/core) exactly as the gRPC servicers do, so validation,
+the tenant directory, the batcher, the router and the errors are the same through every door; a door only
+translates its protocol (door.py: calling the core off the event loop; errors.py: one HTTP status per error
+code)."""

@@ -3,8 +3,8 @@
 Every /v1 route depends on `authenticate` (app.py), applied to the request's `Authorization: Bearer <key>`
 header: the gateway passes `checked_by(access.principal_of)`, so a missing or invalid key answers 401 in
 OpenAI's error shape before the body is looked at; with `--auth off` everyone gets in. The key also travels to
-the servicers as `authorization` metadata of the in-process call, where the same check (then cached) decides
-what the caller may do, for HTTP and gRPC callers alike (services/gateway/access.py)."""
+the core as the call's credential, where the same check (then cached) decides what the caller may do, for
+HTTP and gRPC callers alike (services/gateway/access.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +23,6 @@ class Caller:
 
     def __repr__(self) -> str:              # never print a credential
         return f"Caller(api_key={'set' if self.api_key else 'none'})"
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """What the in-process gRPC call carries, as a gRPC client would send it."""
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
 Authenticator = Callable[[str | None], Caller]     # the bearer key (None: no Authorization header) -> caller

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from services.gateway.http.calls import error_body
+from services.gateway.http.errors import openai_body
 
 TOO_LARGE = "hmi.body_too_large"   # scope key: set when the limit was crossed mid-body
 
@@ -68,7 +68,7 @@ class BodyLimit:
 
     @staticmethod
     async def refuse(send, message: str) -> None:
-        body = json.dumps(error_body(message, "invalid_request_error", "request_too_large")).encode()
+        body = json.dumps(openai_body(message, "invalid_request_error", "request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -9,20 +9,19 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hmi_proto.v1 import gateway_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
-from services.gateway.http.app import ApiError, CallerDep, Doors, doors_of, now, texts_of
+from services.common.errors import HMIError
+from services.gateway.core.inference import GeneratedText, GenerateRequest, TextsRequest
 from services.gateway.http.auth import Caller
-from services.gateway.http.calls import CallFailed, http_error
+from services.gateway.http.door import ApiError, CallerDep, Door, door_of, now, texts_of
+from services.gateway.http.errors import openai_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 COMPLETIONS_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat uses the gateway's default (64)
@@ -107,17 +106,13 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -> pb.GenerateTextRequest:
+def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -> GenerateRequest:
     _refuse_unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    request = pb.GenerateTextRequest(
-        tenant_id=body.model, prompt=prompt, max_new_tokens=max_tokens or 0,
-        temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k or 0,
-        top_p=1.0 if body.top_p is None else body.top_p, stop=_stops(body.stop))
-    if body.seed is not None:
-        request.seed = body.seed % (1 << 64)
-    return request
+    return GenerateRequest(body.model, prompt, max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
+                           body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
+                           None if body.seed is None else body.seed % (1 << 64))
 
 
 def _strip_stop(text: str, stops: list[str]) -> str:
@@ -135,7 +130,7 @@ class Generated:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def add(self, message: pb.GenerateTextResponse, stops: list[str]) -> str:
+    def add(self, message: GeneratedText, stops: list[str]) -> str:
         """Accounts a streamed message; returns its text as OpenAI shows it."""
         self.prompt_tokens = message.prompt_tokens or self.prompt_tokens
         self.completion_tokens += len(message.token_ids)
@@ -156,14 +151,14 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _respond(doors: Doors, who: Caller, request: pb.GenerateTextRequest, body: SamplingBody, *, chat: bool):
+async def _respond(door: Door, who: Caller, request: GenerateRequest, body: SamplingBody, *, chat: bool):
     stops = list(request.stop)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = now()
-    stream = doors.stream(who, doors.gateway.Generate, request)
+    stream = door.stream(who, door.inference.generate, request)
     try:
         first = await stream.next()       # a request refused at once gets its HTTP status, not a broken stream
-    except CallFailed:
+    except HMIError:
         stream.cancel()
         raise
     except BaseException:                 # the client went away while waiting
@@ -216,8 +211,8 @@ async def _respond(doors: Doors, who: Caller, request: pb.GenerateTextRequest, b
             if include_usage:
                 yield _sse(chunk([], result.usage()))
             yield "data: [DONE]\n\n"
-        except CallFailed as failure:
-            yield _sse(http_error(failure)[1])
+        except HMIError as failure:
+            yield _sse(openai_error(failure)[1])
         finally:
             stream.cancel()      # also when the client disconnected: compute stops generating
 
@@ -233,12 +228,12 @@ async def completions(body: CompletionBody, request: Request, who: CallerDep):
     if not isinstance(prompt, str):
         raise ApiError(400, "prompt must be one string (several prompts or token arrays are not supported)", "prompt")
     max_tokens = COMPLETIONS_DEFAULT_TOKENS if body.max_tokens is None else body.max_tokens
-    return await _respond(doors_of(request), who, _generate_request(body, prompt, max_tokens), body, chat=False)
+    return await _respond(door_of(request), who, _generate_request(body, prompt, max_tokens), body, chat=False)
 
 
 @router.post("/chat/completions", summary="chat completion by a generative tenant (OpenAI-compatible)")
 async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
-    doors = doors_of(request)
+    door = door_of(request)
     messages = []
     for index, message in enumerate(body.messages):
         content = message.content
@@ -248,52 +243,44 @@ async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({"role": message.role, "content": content or ""})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    route = await doors.call(who, lambda _request, context: doors.gateway.authorized_route(
-        body.model, context, "Generate"))
-    if not doors.is_decoder(route.model):
-        raise CallFailed(grpc.StatusCode.FAILED_PRECONDITION, f"tenant {body.model!r} classifies or embeds (its "
-                         f"base model is an encoder): it does not generate text")
-    prompt = await doors.call(who, lambda _request, _context: doors.chat.render(
-        route.model or doors.gateway.default_model, messages))
-    return await _respond(doors, who, _generate_request(body, prompt, max_tokens), body, chat=True)
+    prompt = await door.run(who, door.inference.chat_prompt, body.model, messages)
+    return await _respond(door, who, _generate_request(body, prompt, max_tokens), body, chat=True)
 
 
 @router.post("/embeddings", summary="pooled vectors of texts by an encoder tenant (OpenAI-compatible)")
 async def embeddings(body: EmbeddingBody, request: Request, who: CallerDep):
-    doors = doors_of(request)
+    door = door_of(request)
     texts = texts_of(body.input)
-    reply = await doors.call(who, doors.gateway.Embed, pb.EmbedRequest(tenant_id=body.model, texts=texts))
-    width = len(reply.embeddings[0].values) if reply.embeddings else 0
+    reply = await door.run(who, door.inference.embed, TextsRequest(body.model, tuple(texts)))
+    width = len(reply.embeddings[0]) if reply.embeddings else 0
     if body.dimensions is not None and body.dimensions != width:
         raise ApiError(400, f"dimensions must be the tenant's {width} (HMI does not shorten embeddings)",
                        "dimensions")
     data = []
     for index, embedding in enumerate(reply.embeddings):
-        values = list(embedding.values)
         if body.encoding_format == "base64":   # little-endian float32, as OpenAI encodes them
-            encoded: Any = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+            encoded: Any = base64.b64encode(embedding.astype("<f4").tobytes()).decode("ascii")
         else:
-            encoded = values
+            encoded = embedding.tolist()
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     return {"object": "list", "data": data, "model": body.model,
             "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}}
 
 
-def _model_entry(doors: Doors, tenant: store_pb.Tenant) -> dict:
+def _model_entry(door: Door, tenant: store_pb.Tenant) -> dict:
     labels = list(tenant.spec.labels)
-    task = "generate" if doors.is_decoder(tenant.spec.model) else ("classify" if labels else "embed")
+    task = door.inference.task(tenant.spec.model, labels)
     return {"id": tenant.spec.tenant_id, "object": "model", "created": int(tenant.updated_at), "owned_by": "hmi",
             "task": task, "base_model": tenant.spec.model, "domain": tenant.spec.domain, "labels": labels}
 
 
 @router.get("/models", summary="the tenants the caller may use (OpenAI-compatible)")
 async def list_models(request: Request, who: CallerDep):
-    doors = doors_of(request)
+    door = door_of(request)
     entries, after = [], ""
     while True:
-        page = await doors.call(who, doors.admin.ListTenants,
-                                store_pb.ListTenantsRequest(limit=TENANT_PAGE, after=after))
-        entries += [_model_entry(doors, tenant) for tenant in page.tenants]
+        page = await door.run(who, door.admin.list_tenants, store_pb.ListTenantsRequest(limit=TENANT_PAGE, after=after))
+        entries += [_model_entry(door, tenant) for tenant in page.tenants]
         if len(page.tenants) < TENANT_PAGE:
             break
         after = page.tenants[-1].spec.tenant_id
@@ -302,6 +289,6 @@ async def list_models(request: Request, who: CallerDep):
 
 @router.get("/models/{model}", summary="one tenant (OpenAI-compatible)")
 async def get_model(model: str, request: Request, who: CallerDep):
-    doors = doors_of(request)
-    tenant = await doors.call(who, doors.admin.GetTenant, store_pb.GetTenantRequest(tenant_id=model))
-    return _model_entry(doors, tenant)
+    door = door_of(request)
+    tenant = await door.run(who, door.admin.get_tenant, store_pb.GetTenantRequest(tenant_id=model))
+    return _model_entry(door, tenant)

@@ -35,7 +35,8 @@ class HttpServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise SystemExit(f"the HTTP front door cannot listen on {self.address} (address in use?)")
             time.sleep(0.02)
-        log.info("HTTP front door on %s://%s (OpenAPI docs at /docs)", self.scheme, self.address)
+        log.info("HTTP doors on %s://%s (OpenAI /v1, KServe v2 /v2, TEI /embed, /predict, /tokenize)", self.scheme,
+                 self.address)
 
     def stop(self) -> None:
         self.server.should_exit = True
