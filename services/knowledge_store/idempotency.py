@@ -7,7 +7,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import lmdb
 
@@ -17,6 +17,7 @@ from services.knowledge_store.layout import StoreLayout
 REQUESTS_KEPT = 100_000          # request ids remembered; a retry arrives within seconds, not after 100k writes
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _REVISION = struct.Struct(">Q")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,30 @@ def remember(layout: StoreLayout, txn: lmdb.Transaction, request_id: str, kind: 
             oldest = bytes(cursor.key())[_REVISION.size:]
             cursor.delete()
             txn.delete(oldest, db=layout.db["requests"])
+
+
+def already_applied(layout: StoreLayout, request_id: str, kind: str, target: str) -> Applied | None:
+    """The earlier result of a request id, read before a write's costly work (a build) is done again;
+    `write_once` checks once more inside the write's transaction."""
+    check_request_id(request_id)
+    if not request_id:
+        return None
+    with layout.read() as txn:
+        return applied(layout, txn, request_id, kind, target)
+
+
+def write_once(layout: StoreLayout, request_id: str, kind: str, target: str,
+               body: Callable[[lmdb.Transaction], tuple[T, int, dict[str, Any]]], replay: Callable[[Applied], T]) -> T:
+    """Runs `body(txn)` -> (answer, revision, result) in one write transaction and keeps `result` under the
+    request id in it; a request id already applied answers `replay(earlier)` instead, without running `body`."""
+    check_request_id(request_id)
+
+    def write(txn: lmdb.Transaction) -> T:
+        earlier = applied(layout, txn, request_id, kind, target)
+        if earlier is not None:
+            return replay(earlier)
+        answer, revision, result = body(txn)
+        remember(layout, txn, request_id, kind, target, revision, result)
+        return answer
+
+    return layout.write(write)

@@ -304,9 +304,9 @@ class KnowledgeStore:
         write transaction.
 
         With a `request_id` already applied, answers the first build's record without building again."""
-        earlier = self._applied(request_id, "build_domain", name)
+        earlier = idempotency.already_applied(self.layout, request_id, "build_domain", name)
         if earlier is not None:
-            return self._status(DomainRecord.from_json(earlier.result, self.settings.model_name))
+            return self._status(self._replayed_domain(earlier))
         split_layer = self.requested_split_layer(name, split_layer, model)
         context = self.requested_context(name, context, model)
         parent_record = self.validate_domain_spec(name, parent, split_layer, context, min_count, budget_bytes,
@@ -349,10 +349,7 @@ class KnowledgeStore:
             if progress:
                 progress("writing", 0, 1)
 
-            def write(txn: lmdb.Transaction) -> DomainRecord:
-                again = idempotency.applied(self.layout, txn, request_id, "build_domain", name)
-                if again is not None:
-                    return DomainRecord.from_json(again.result, self.settings.model_name)
+            def write(txn: lmdb.Transaction) -> tuple[DomainRecord, int, dict]:
                 previous = self.domain_in(txn, name)
                 domain_id = previous.id if previous else self.layout.next_domain_id(txn)
                 if contents is not None:
@@ -389,11 +386,10 @@ class KnowledgeStore:
                 else:
                     txn.delete(name.encode(), db=self.layout.db["bridges"])
                 self.save_domain(txn, record)
-                idempotency.remember(self.layout, txn, request_id, "build_domain", name, record.revision,
-                                     record.to_json())
-                return record
+                return record, record.revision, record.to_json()
 
-            record = self.layout.write(write)
+            record = idempotency.write_once(self.layout, request_id, "build_domain", name, write,
+                                            self._replayed_domain)
             self.traffic.forget(record.id)
             if progress:
                 progress("writing", 1, 1)
@@ -433,9 +429,9 @@ class KnowledgeStore:
 
         A new domain is created without a PLOT (build it next); an existing one keeps serving its current
         PLOT until it is rebuilt, unless the split layer changes (then the old PLOT no longer fits)."""
-        earlier = self._applied(request_id, "adapt_domain", name)
+        earlier = idempotency.already_applied(self.layout, request_id, "adapt_domain", name)
         if earlier is not None:
-            return self._status(DomainRecord.from_json(earlier.result, self.settings.model_name))
+            return self._status(self._replayed_domain(earlier))
         parent_record = self.validate_domain_spec(name, parent, split_layer, 1, 1, model=model)
         model = self.model_name(model)
         if self.model_dims[model].is_decoder:
@@ -463,10 +459,7 @@ class KnowledgeStore:
             sequences = builder.tokenize(lines, settings.max_tokens) if lines else []
             result = adapt_lower_layers(builder.model, builder.tokenizer, sequences, settings, progress)
 
-            def write(txn: lmdb.Transaction) -> DomainRecord:
-                again = idempotency.applied(self.layout, txn, request_id, "adapt_domain", name)
-                if again is not None:
-                    return DomainRecord.from_json(again.result, self.settings.model_name)
+            def write(txn: lmdb.Transaction) -> tuple[DomainRecord, int, dict]:
                 record = self.domain_in(txn, name)
                 if record is None or record.split_layer != split_layer:
                     domain_id = record.id if record else self.layout.next_domain_id(txn)
@@ -482,11 +475,10 @@ class KnowledgeStore:
                 txn.put(name.encode(), result.weights, db=self.layout.db["lower"])
                 record.revision = self.layout.record_change(txn, "domain", name)
                 self.save_domain(txn, record)
-                idempotency.remember(self.layout, txn, request_id, "adapt_domain", name, record.revision,
-                                     record.to_json())
-                return record
+                return record, record.revision, record.to_json()
 
-            record = self.layout.write(write)
+            record = idempotency.write_once(self.layout, request_id, "adapt_domain", name, write,
+                                            self._replayed_domain)
         log.info("adapted domain %s lower layers [0, %d): %d steps on %d sequences in %.0fs, held-out MLM loss "
                  "%.3f -> %.3f", name, split_layer, result.steps, len(sequences), result.seconds, result.base_loss,
                  result.adapted_loss)
@@ -496,12 +488,9 @@ class KnowledgeStore:
         with self.layout.read() as txn:
             return self.domain_in(txn, name)
 
-    def _applied(self, request_id: str, kind: str, target: str) -> idempotency.Applied | None:
-        idempotency.check_request_id(request_id)
-        if not request_id:
-            return None
-        with self.layout.read() as txn:
-            return idempotency.applied(self.layout, txn, request_id, kind, target)
+    def _replayed_domain(self, earlier: idempotency.Applied) -> DomainRecord:
+        """What the first call of a request id answered (a build or an adaptation)."""
+        return DomainRecord.from_json(earlier.result, self.settings.model_name)
 
     def get_domain(self, name: str) -> DomainStatus:
         check_name("domain", name)
@@ -524,11 +513,8 @@ class KnowledgeStore:
     def delete_domain(self, name: str, request_id: str = "") -> None:
         """With a `request_id` already applied, answers as the first call did (the domain is gone)."""
         check_name("domain", name)
-        idempotency.check_request_id(request_id)
 
-        def write(txn: lmdb.Transaction) -> DomainRecord | None:
-            if idempotency.applied(self.layout, txn, request_id, "delete_domain", name) is not None:
-                return None
+        def write(txn: lmdb.Transaction) -> tuple[DomainRecord | None, int, dict]:
             record = self.domain_in(txn, name)
             if record is None:
                 raise NotFound(f"domain {name!r} does not exist")
@@ -543,11 +529,9 @@ class KnowledgeStore:
             txn.delete(name.encode(), db=self.layout.db["lower"])
             txn.delete(name.encode(), db=self.layout.db["bridges"])
             txn.delete(name.encode(), db=self.layout.db["domains"])
-            revision = self.layout.record_change(txn, "domain", name)
-            idempotency.remember(self.layout, txn, request_id, "delete_domain", name, revision, {})
-            return record
+            return record, self.layout.record_change(txn, "domain", name), {}
 
-        record = self.layout.write(write)
+        record = idempotency.write_once(self.layout, request_id, "delete_domain", name, write, lambda _earlier: None)
         if record is not None:
             self.traffic.forget(record.id)
             log.info("deleted domain %s", name)
@@ -692,7 +676,7 @@ class KnowledgeStore:
         the caller sent an adapter file, so an empty one is refused rather than replaced by a random adapter.
         With a `request_id` already applied, answers the first call's record without writing again."""
         check_name("tenant id", tenant_id)
-        earlier = self._applied(request_id, "put_tenant", tenant_id)
+        earlier = idempotency.already_applied(self.layout, request_id, "put_tenant", tenant_id)
         if earlier is not None:
             return TenantRecord.from_json(earlier.result, self.settings.model_name)
         labels = [label.strip() for label in labels]
@@ -736,10 +720,7 @@ class KnowledgeStore:
                                   f"and the store's --max-rank, HMI_MAX_RANK): retrain with a smaller rank or raise "
                                   f"the limit of both")
 
-        def write(txn: lmdb.Transaction) -> tuple[TenantRecord, TenantRecord | None]:
-            again = idempotency.applied(self.layout, txn, request_id, "put_tenant", tenant_id)
-            if again is not None:
-                return TenantRecord.from_json(again.result, self.settings.model_name), None
+        def write(txn: lmdb.Transaction) -> tuple[tuple[TenantRecord, TenantRecord | None], int, dict]:
             if self.domain_in(txn, domain) is None:
                 raise NotFound(f"domain {domain!r} was deleted meanwhile")
             previous = self._tenant_in(txn, tenant_id)
@@ -751,10 +732,11 @@ class KnowledgeStore:
                 model=model_of_domain)
             self.layout.put_json(txn, "tenants", tenant_id, record.to_json())
             txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
-            idempotency.remember(self.layout, txn, request_id, "put_tenant", tenant_id, revision, record.to_json())
-            return record, previous
+            return (record, previous), revision, record.to_json()
 
-        record, previous = self.layout.write(write)
+        record, previous = idempotency.write_once(
+            self.layout, request_id, "put_tenant", tenant_id, write,
+            lambda earlier: (TenantRecord.from_json(earlier.result, self.settings.model_name), None))
         log.info("%s tenant %s (domain %s, %d labels, rank %d, version %d)",
                  "replaced" if previous else "registered", tenant_id, domain, len(labels), adapter.rank,
                  record.adapter_version)
@@ -786,20 +768,15 @@ class KnowledgeStore:
     def delete_tenant(self, tenant_id: str, request_id: str = "") -> None:
         """With a `request_id` already applied, answers as the first call did (the tenant is gone)."""
         check_name("tenant id", tenant_id)
-        idempotency.check_request_id(request_id)
 
-        def write(txn: lmdb.Transaction) -> bool:
-            if idempotency.applied(self.layout, txn, request_id, "delete_tenant", tenant_id) is not None:
-                return False
+        def write(txn: lmdb.Transaction) -> tuple[bool, int, dict]:
             if txn.get(tenant_id.encode(), db=self.layout.db["tenants"]) is None:
                 raise NotFound(f"tenant {tenant_id!r} is not registered")
             txn.delete(tenant_id.encode(), db=self.layout.db["tenants"])
             txn.delete(tenant_id.encode(), db=self.layout.db["adapters"])
-            revision = self.layout.record_change(txn, "tenant", tenant_id)
-            idempotency.remember(self.layout, txn, request_id, "delete_tenant", tenant_id, revision, {})
-            return True
+            return True, self.layout.record_change(txn, "tenant", tenant_id), {}
 
-        if self.layout.write(write):
+        if idempotency.write_once(self.layout, request_id, "delete_tenant", tenant_id, write, lambda _earlier: False):
             log.info("deleted tenant %s", tenant_id)
 
     def changes_after(self, revision: int, limit: int = CHANGES_PER_REPLY) -> ChangeFeed:
