@@ -28,7 +28,7 @@ from services.knowledge_store.tree_learning import (
 )
 
 if TYPE_CHECKING:
-    from services.knowledge_store.store import StoreSettings
+    from services.knowledge_store.store_settings import StoreSettings
 
 log = logging.getLogger("hmi.store")
 
