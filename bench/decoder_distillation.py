@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from models.adapter_format import TARGETS, Adapter
 from models.decoder import DecoderModel
+from models.families import family
 from models.lora_merge import merged_model
 from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from services.training.trainer import Progress, fit_batches
@@ -24,7 +25,7 @@ from services.training.trainer import Progress, fit_batches
 
 def every_projection(model: DecoderModel) -> tuple[str, ...]:
     """Every projection a LoRA can adapt in this model's layers (the gated MLP's gate exists in Llama only)."""
-    return tuple(t for t in TARGETS if t != "ffn_gate" or model.family == "llama")
+    return tuple(t for t in TARGETS if t in family(model.family).targets)
 
 
 @dataclass

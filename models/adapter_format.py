@@ -13,11 +13,8 @@ Everything serving relies on is checked here: finite values within MAX_WEIGHT, a
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import secrets
-import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -25,15 +22,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from models.dims import ModelDims
+from models.families import family
+from models.lora_names import (  # noqa: F401 - the format's names, re-exported
+    DEFAULT_TARGETS,
+    FORMAT,
+    TARGETS,
+    lora_name,
+    parse_lora_name,
+    read_metadata,
+)
 from services.common.errors import InvalidArgument
 
-FORMAT = "hmi-lora-v1"
-TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")   # ffn_gate: Llama only
-DEFAULT_TARGETS = ("query", "value")
 MAX_RANK = 256
 MAX_ALPHA = 4096.0        # PEFT's alpha is typically 1-2x the rank; far above this, logits overflow
 MAX_WEIGHT = 1e4          # |value| of any adapter tensor: trained LoRA factors and heads are orders smaller
-_NAME = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.lora_([AB])$")
 
 
 def target_shape(target: str, dims: ModelDims) -> tuple[int, int]:
@@ -77,27 +79,11 @@ class Adapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise InvalidArgument("adapter file is not safetensors: shorter than its 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, 100 << 20):
-        raise InvalidArgument("adapter file is not safetensors: header length exceeds the file")
-    try:
-        header = json.loads(data[8:8 + header_len])
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidArgument(f"adapter file is not safetensors: bad header ({error})") from error
-    if not isinstance(header, dict):
-        raise InvalidArgument("adapter file is not safetensors: its header is not a JSON object")
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
 def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_layer: int = 0) -> Adapter:
     """Validates every name, shape and dtype against the base model; errors say what to fix.
 
     num_labels None accepts any head size (compute, which trusts what the store validated)."""
-    meta = _metadata(data)
+    meta = read_metadata(data)
     try:
         tensors = load_safetensors(data)
     except Exception as error:  # safetensors raises its own error types
@@ -147,15 +133,16 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
 
     pieces: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        match = _NAME.match(name)
-        if not match:
+        parsed = parse_lora_name(name)
+        if parsed is None:
             raise InvalidArgument(f"unexpected tensor {name!r} in adapter; names are layers.I.TARGET.lora_A|B "
                                   f"and head.weight/head.bias")
-        layer, target, which = int(match[1]), match[2], match[3]
+        layer, target, which = parsed
         if target not in TARGETS:
             raise InvalidArgument(f"unknown LoRA target {target!r} in {name}; targets are {', '.join(TARGETS)}")
-        if target == "ffn_gate" and dims.family != "llama":
-            raise InvalidArgument(f"{name}: ffn_gate (the gated MLP's gate_proj) exists in Llama models only")
+        if target not in family(dims.family).targets:
+            raise InvalidArgument(f"{name}: {dims.family} models have no {target} projection (targets: "
+                                  f"{', '.join(family(dims.family).targets)})")
         if not min_layer <= layer < dims.layers:
             raise InvalidArgument(f"{name}: layer {layer} is outside the served layers [{min_layer}, {dims.layers})"
                                   f" (layers below the domain's split layer come from PLOT)")
@@ -184,7 +171,7 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
 
 
 def serialize_adapter(adapter: Adapter) -> bytes:
-    tensors = {f"layers.{layer}.{target}.lora_{which}": tensor.contiguous()
+    tensors = {lora_name(layer, target, which): tensor.contiguous()
                for (layer, target), pair in adapter.lora.items() for which, tensor in zip("AB", pair)}
     if adapter.num_labels:      # generative tenants have none: they use the base model's LM head
         tensors["head.weight"] = adapter.head_weight.contiguous()

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models.active_prefix import ActivePrefix, run_active_prefix
 from models.dims import ModelDims
+from models.families import family
 from models.loading import load_causal_lm
 from models.lora import LayerLoRA, LoRAWeights
 from models.packing import PackedInputs
@@ -57,21 +57,19 @@ class DecoderModel:
             raise ValueError(f"{model_dir} is a {self.dims.family} model, not a decoder")
         self.device = device
         self.family = self.dims.family
+        self.declared = family(self.family)      # its wiring and its block (models/families)
         self._attach(load_causal_lm(model_dir).to(device))
         config = self.model.config
-        self.act = ACT2FN[config.activation_function if self.family == "gpt2" else config.hidden_act]
+        self.act = ACT2FN[self.declared.hooks["activation"](config)]
         self.group = self.dims.heads // self.dims.kv_heads
         self.scaling = self.dims.head_dim ** -0.5
-        if self.family == "gpt2":
-            if (config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn
-                    or not config.scale_attn_weights):
-                raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn or "
-                                 "unscaled attention are not supported")
+        if "check" in self.declared.hooks:
+            self.declared.hooks["check"](config)
 
     def _attach(self, model) -> None:
         self.model = model
-        self.base = model.transformer if self.family == "gpt2" else model.model
-        self.blocks = self.base.h if self.family == "gpt2" else self.base.layers
+        self.base = getattr(model, self.declared.base)
+        self.blocks = getattr(self.base, self.declared.blocks)
 
     def with_weights(self, model) -> "DecoderModel":
         """This model computing with another transformers model of the same architecture (for example a copy
@@ -85,13 +83,11 @@ class DecoderModel:
     @torch.no_grad()
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer-0 input of packed tokens (GPT-2: token + position embedding; Llama: token embedding)."""
-        if self.family == "gpt2":
-            return self.base.wte(token_ids) + self.base.wpe(positions)
-        return self.base.embed_tokens(token_ids)
+        return self.declared.hooks["embed"](self.base, token_ids, positions)
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from each sequence's last hidden state (final norm, then the LM head)."""
-        norm = self.base.ln_f if self.family == "gpt2" else self.base.norm
+        norm = getattr(self.base, self.declared.final_norm)
         return self.model.lm_head(norm(last_hidden))
 
     def new_cache(self, first_layer: int, capacity: int) -> KVCache:
@@ -121,41 +117,17 @@ class DecoderModel:
         return hidden
 
     def _block(self, lora: LayerLoRA, block, x, bounds, caches, positions) -> torch.Tensor:
-        if self.family == "gpt2":
-            h = block.ln_1(x)
-            fused = F.linear(h, block.attn.c_attn.weight.T, block.attn.c_attn.bias)   # Conv1D: x @ W + b
-            q, k, v = (piece.contiguous() for piece in fused.split(self.dims.hidden, dim=-1))
-            lora.add(q, h, "query")
-            lora.add(k, h, "key")
-            lora.add(v, h, "value")
-            context = self._attention(lora.layer, q, k, v, bounds, caches)
-            out = lora.add(F.linear(context, block.attn.c_proj.weight.T, block.attn.c_proj.bias), context,
-                           "attn_out")
-            x = x + out
-            h = block.ln_2(x)
-            inter = self.act(lora.add(F.linear(h, block.mlp.c_fc.weight.T, block.mlp.c_fc.bias), h, "ffn_in"))
-            return x + lora.add(F.linear(inter, block.mlp.c_proj.weight.T, block.mlp.c_proj.bias), inter,
-                                "ffn_out")
-        attention, mlp = block.self_attn, block.mlp
-        h = block.input_layernorm(x)
-        q = lora.project(h, attention.q_proj, "query")
-        k = lora.project(h, attention.k_proj, "key")
-        v = lora.project(h, attention.v_proj, "value")
-        q, k = self._rotate(q, k, positions)
-        context = self._attention(lora.layer, q, k, v, bounds, caches)
-        x = x + lora.project(context, attention.o_proj, "attn_out")
-        h = block.post_attention_layernorm(x)
-        inter = self.act(lora.project(h, mlp.gate_proj, "ffn_gate")) * lora.project(h, mlp.up_proj, "ffn_in")
-        return x + lora.project(inter, mlp.down_proj, "ffn_out")
+        """One upper layer as the family computes it (models/families/<family>.py: `block`)."""
+        return self.declared.hooks["block"](self, lora, block, x, bounds, caches, positions)
 
-    def _rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.base.rotary_emb(q, positions[None])
         d = self.dims.head_dim
         q4, k4 = q.view(1, -1, self.dims.heads, d).transpose(1, 2), k.view(1, -1, self.dims.kv_heads, d).transpose(1, 2)
         q4, k4 = apply_rotary_pos_emb(q4, k4, cos, sin)
         return q4.transpose(1, 2).reshape(q.shape), k4.transpose(1, 2).reshape(k.shape)
 
-    def _attention(self, layer: int, q, k, v, bounds: list[int], caches: list[KVCache]) -> torch.Tensor:
+    def attention(self, layer: int, q, k, v, bounds: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Each sequence's new queries over its cached and new keys, causal; writes the new keys/values.
         Sequences decoding one token are attended together (keys padded to the longest), the rest alone."""
         d, heads, kv_heads = self.dims.head_dim, self.dims.heads, self.dims.kv_heads

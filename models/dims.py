@@ -4,15 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.errors import InvalidArgument
-
-ENCODER_FAMILIES = ("bert",)
-DECODER_FAMILIES = ("gpt2", "llama")
+from models.families import family
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    family: str                     # "bert" (encoder), "gpt2" or "llama" (decoders), from config.model_type
+    family: str                     # config.model_type: a family of models/families ("bert", "gpt2", "llama")
     hidden: int
     intermediate: int
     layers: int
@@ -30,7 +27,7 @@ class ModelDims:
 
     @property
     def is_decoder(self) -> bool:
-        return self.family in DECODER_FAMILIES
+        return family(self.family).decoder
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelDims":
@@ -40,21 +37,5 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config) -> "ModelDims":
-        kind = config.model_type
-        if kind == "bert":
-            return cls(family="bert", hidden=config.hidden_size, intermediate=config.intermediate_size,
-                       layers=config.num_hidden_layers, heads=config.num_attention_heads,
-                       vocab=config.vocab_size, max_positions=config.max_position_embeddings)
-        if kind == "gpt2":
-            return cls(family="gpt2", hidden=config.n_embd, intermediate=config.n_inner or 4 * config.n_embd,
-                       layers=config.n_layer, heads=config.n_head, vocab=config.vocab_size,
-                       max_positions=config.n_positions)
-        if kind == "llama":
-            heads = config.num_attention_heads
-            return cls(family="llama", hidden=config.hidden_size, intermediate=config.intermediate_size,
-                       layers=config.num_hidden_layers, heads=heads, vocab=config.vocab_size,
-                       max_positions=config.max_position_embeddings,
-                       kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
-        raise InvalidArgument(f"model type {kind!r} is not supported: HMI serves the BERT family (encoders) and "
-                              f"the GPT-2 and Llama families (decoders)")
+        found = family(config.model_type)
+        return cls(family=found.name, **found.dims(config))

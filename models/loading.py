@@ -57,4 +57,5 @@ def load_tokenizer(model_dir: Path):
 
 def decoder_base(causal_lm):
     """The GPT2Model / LlamaModel inside a causal LM (the lower layers live there; no LM head needed)."""
-    return causal_lm.transformer if causal_lm.config.model_type == "gpt2" else causal_lm.model
+    from models.families import family
+    return getattr(causal_lm, family(causal_lm.config.model_type).base)

@@ -9,9 +9,11 @@ import copy
 
 import torch
 
+from models.families import family
+
 
 def is_decoder_base(model) -> bool:
-    return model.config.model_type in ("gpt2", "llama")
+    return family(model.config.model_type).decoder
 
 
 def with_layers(model, layers: list[torch.nn.Module]):
@@ -30,8 +32,8 @@ def with_decoder_layers(model, split_layer: int):
     state is the residual stream that block L reads (what the upper layers in compute take as input)."""
     copied = copy.copy(model)
     copied._modules = dict(model._modules)
-    blocks = "h" if model.config.model_type == "gpt2" else "layers"
-    norm = "ln_f" if model.config.model_type == "gpt2" else "norm"
+    found = family(model.config.model_type)
+    blocks, norm = found.blocks, found.final_norm
     copied._modules[blocks] = torch.nn.ModuleList(list(getattr(model, blocks))[:split_layer])
     copied._modules[norm] = torch.nn.Identity()
     return copied

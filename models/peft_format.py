@@ -27,28 +27,19 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from models.families import QKV, all_families
+from models.families import family as family_of
+from models.lora_names import FORMAT, lora_name, parse_lora_name, read_metadata
 from services.common.errors import InvalidArgument
 
-HMI_FORMAT = "hmi-lora-v1"
 HEAD_FILE = "hmi_head.safetensors"
 TENANT_FILE = "hmi_tenant.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# family -> (where a layer's modules start in a module path, module path within the layer -> HMI target).
-# GPT-2's "qkv" is the fused c_attn: its output rows are query, key and value in that order.
-MODULES = {
-    "bert": ("encoder.layer.", {"attention.self.query": "query", "attention.self.key": "key",
-                                "attention.self.value": "value", "attention.output.dense": "attn_out",
-                                "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}),
-    "llama": ("layers.", {"self_attn.q_proj": "query", "self_attn.k_proj": "key", "self_attn.v_proj": "value",
-                          "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_in",
-                          "mlp.down_proj": "ffn_out"}),
-    "gpt2": ("h.", {"attn.c_attn": "qkv", "attn.c_proj": "attn_out", "mlp.c_fc": "ffn_in", "mlp.c_proj": "ffn_out"}),
-}
-# Where the layers sit in the model transformers loads for serving (export writes these paths).
-LAYER_PREFIX = {"bert": "encoder.layer.", "llama": "model.layers.", "gpt2": "transformer.h."}
-GPT2_QKV = ("query", "key", "value")
+# Which module is which target, where a layer's modules start in a PEFT module path, where the layers sit in
+# the model transformers loads for serving (export writes these paths) and which projection is fused ("qkv":
+# its output rows are query, key and value in that order): each model family's (models/families).
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _HEAD_KEY = re.compile(r"^(?:.*\.)?(?:classifier|score)(?:\.modules_to_save\.[\w-]+)?\.(?P<part>weight|bias)$")
 
@@ -96,12 +87,12 @@ def _check_config(config: dict) -> None:
 
 def _family_and_target(module: str, expected: str | None) -> tuple[str, int, str]:
     """(family, layer, HMI target) of a PEFT module path, whatever the wrapper's prefix."""
-    for family, (marker, modules) in MODULES.items():
-        found = re.search(rf"(?:^|\.){re.escape(marker)}(\d+)\.(.+)$", module)
-        if found and found[2] in modules and (expected is None or expected == family):
-            return family, int(found[1]), modules[found[2]]
-    names = "; ".join(f"{family}: {', '.join(modules)}" for family, (_, modules) in MODULES.items()
-                      if expected in (None, family))
+    for name, found_family in all_families().items():
+        found = re.search(rf"(?:^|\.){re.escape(found_family.peft_marker)}(\d+)\.(.+)$", module)
+        if found and found[2] in found_family.modules and (expected is None or expected == name):
+            return name, int(found[1]), found_family.modules[found[2]]
+    names = "; ".join(f"{name}: {', '.join(f.modules)}" for name, f in all_families().items()
+                      if expected in (None, name))
     raise InvalidArgument(f"LoRA on module {module!r} cannot be served: HMI adapts these projections of each "
                           f"layer ({names})")
 
@@ -158,10 +149,10 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
         scale = _alpha_of(module, config) / (math.sqrt(rank) if config.get("use_rslora") else rank)
         if target == "qkv":
             if b.shape[0] != 3 * a.shape[1]:
-                raise InvalidArgument(f"{module}: GPT-2's c_attn has 3 × hidden outputs, lora_B has {b.shape[0]} "
-                                      f"for hidden size {a.shape[1]}")
+                raise InvalidArgument(f"{module}: a fused query-key-value projection has 3 × hidden outputs, "
+                                      f"lora_B has {b.shape[0]} for hidden size {a.shape[1]}")
             width = a.shape[1]
-            for index, name in enumerate(GPT2_QKV):
+            for index, name in enumerate(QKV):
                 modules[(layer, name)] = (a, b[index * width:(index + 1) * width], scale)
         else:
             modules[(layer, target)] = (a, b, scale)
@@ -181,8 +172,8 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
         padded_b = np.zeros((b.shape[0], rank), np.float32)
         padded_a[:a.shape[0]] = a
         padded_b[:, :b.shape[1]] = b if scale == reference else b * np.float32(scale / reference)
-        out[f"layers.{layer}.{target}.lora_A"] = padded_a
-        out[f"layers.{layer}.{target}.lora_B"] = padded_b
+        out[lora_name(layer, target, "A")] = padded_a
+        out[lora_name(layer, target, "B")] = padded_b
 
     labels: list[str] = []
     notes: list[str] = []
@@ -192,7 +183,7 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
             raise InvalidArgument(f"{folder} has both a PEFT head and {HEAD_FILE}; keep one")
         head, labels = exported
     if head and keep_head:
-        if found_family != "bert":
+        if family_of(found_family).decoder:
             raise InvalidArgument("the adapter saves a classification head, but decoder tenants generate text with "
                                   "the base model's LM head; leave the head out (--no-head)")
         if config.get("task_type") == "SEQ_CLS" and exported is None:
@@ -210,7 +201,7 @@ def import_peft(folder: Path, *, family: str | None = None, keep_head: bool = Tr
     elif head:
         rows = head["weight"].shape[0] if "weight" in head else "?"
         notes.append(f"left out the adapter's classification head ({rows} outputs): the tenant embeds")
-    metadata = {"format": HMI_FORMAT, "rank": str(rank), "alpha": repr(reference * rank)}
+    metadata = {"format": FORMAT, "rank": str(rank), "alpha": repr(reference * rank)}
     return Converted(adapter=save_safetensors(out, metadata=metadata), family=found_family, rank=rank,
                      layers=sorted({layer for layer, _ in modules}),
                      targets=sorted({target for _, target in modules}),
@@ -234,69 +225,69 @@ def _read_exported_head(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]
 # ---- export ------------------------------------------------------------------------------------
 
 def _hmi_modules(data: bytes) -> tuple[dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], dict, dict]:
+    metadata = read_metadata(data)
     try:
         tensors = load_safetensors(data)
     except Exception as error:  # noqa: BLE001
         raise InvalidArgument(f"the tenant's adapter is not valid safetensors: {error}") from error
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
     lora: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     head = {}
     for name, tensor in tensors.items():
         if name.startswith("head."):
             head[name[5:]] = tensor.astype(np.float32)
             continue
-        _, layer, target, which = name.split(".")
-        lora.setdefault((int(layer), target), {})[which[-1]] = tensor.astype(np.float32)
+        parsed = parse_lora_name(name)
+        if parsed is None:
+            raise InvalidArgument(f"unexpected tensor {name!r} in the tenant's adapter")
+        layer, target, which = parsed
+        lora.setdefault((layer, target), {})[which] = tensor.astype(np.float32)
     return {key: (pair["A"], pair["B"]) for key, pair in lora.items()}, head, metadata
 
 
 def export_peft(adapter: bytes, folder: Path, *, family: str, base_model: str, tenant_id: str,
                 labels: list[str]) -> list[str]:
     """Writes the tenant as a PEFT folder for the base model (see the module docstring); returns the files."""
-    if family not in MODULES:
-        raise InvalidArgument(f"model family {family!r} has no PEFT export (bert, gpt2, llama)")
+    declared = family_of(family)
     lora, head, metadata = _hmi_modules(adapter)
     rank = int(metadata.get("rank", "0")) or max((a.shape[0] for a, _ in lora.values()), default=1)
     alpha = float(metadata.get("alpha", rank))
-    prefix = LAYER_PREFIX[family]
-    names = {target: module for module, target in MODULES[family][1].items()}
+    prefix = declared.layers_path + "."
     tensors: dict[str, np.ndarray] = {}
-    if family == "gpt2":
-        # query, key and value share one fused c_attn: its LoRA stacks theirs (A rows, B block-diagonal), at
+    if declared.fused_qkv:
+        # query, key and value share one fused projection: its LoRA stacks theirs (A rows, B block-diagonal), at
         # rank k·r for k of them; every module gets that rank (zero-padded) and alpha k·alpha, so the
         # scaling alpha / rank stays the same.
-        fused = max((sum((layer, t) in lora for t in GPT2_QKV) for layer, _ in lora), default=0)
+        fused = max((sum((layer, t) in lora for t in QKV) for layer, _ in lora), default=0)
         width = max(fused, 1)
         full_rank = rank * width
         for layer in sorted({layer for layer, _ in lora}):
-            present = [t for t in GPT2_QKV if (layer, t) in lora]
+            present = [t for t in QKV if (layer, t) in lora]
             if present:
                 hidden = lora[(layer, present[0])][0].shape[1]
                 a = np.zeros((full_rank, hidden), np.float32)
                 b = np.zeros((3 * hidden, full_rank), np.float32)
                 for slot, target in enumerate(present):
                     part_a, part_b = lora[(layer, target)]
-                    row = GPT2_QKV.index(target) * hidden
+                    row = QKV.index(target) * hidden
                     a[slot * rank:(slot + 1) * rank] = part_a
                     b[row:row + hidden, slot * rank:(slot + 1) * rank] = part_b
-                tensors.update(_peft_pair(f"{prefix}{layer}.attn.c_attn", a, b))
+                tensors.update(_peft_pair(f"{prefix}{layer}.{declared.fused_qkv}", a, b))
         for (layer, target), (a, b) in lora.items():
-            if target not in GPT2_QKV:
+            if target not in QKV:
                 padded_a = np.zeros((full_rank, a.shape[1]), np.float32)
                 padded_b = np.zeros((b.shape[0], full_rank), np.float32)
                 padded_a[:rank], padded_b[:, :rank] = a, b
-                tensors.update(_peft_pair(f"{prefix}{layer}.{names[target]}", padded_a, padded_b))
+                tensors.update(_peft_pair(f"{prefix}{layer}.{declared.module_of(target)}", padded_a, padded_b))
         rank, alpha = full_rank, alpha * width
     else:
         for (layer, target), (a, b) in lora.items():
-            tensors.update(_peft_pair(f"{prefix}{layer}.{names[target]}", a, b))
+            tensors.update(_peft_pair(f"{prefix}{layer}.{declared.module_of(target)}", a, b))
     target_modules = sorted({key[len("base_model.model."):-len(".lora_A.weight")] for key in tensors
                              if key.endswith(".lora_A.weight")})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if family != "bert" else None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if declared.decoder else None,
         "base_model_name_or_path": base_model, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": target_modules, "bias": "none", "fan_in_fan_out": family == "gpt2",
+        "target_modules": target_modules, "bias": "none", "fan_in_fan_out": declared.transposed,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False,
     }

@@ -27,10 +27,10 @@ import torch
 
 from models.adapter_format import Adapter, random_adapter, serialize_adapter
 from models.dims import ModelDims
+from models.families import family
 from models.loading import load_bert, load_tokenizer
 from models.lora_merge import merged_model
 from models.lower import pad_batch as pad
-from models.peft_format import MODULES
 from models.split_defaults import tenant_targets
 from services.training.tenant_training import encode as encode_texts
 
@@ -59,7 +59,7 @@ def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
 
 def peft_modules(targets: tuple[str, ...]) -> dict[str, str]:
     """HMI target -> module path within a BERT layer (PEFT's `target_modules` match these as suffixes)."""
-    return {target: path for path, target in MODULES["bert"][1].items() if target in targets}
+    return {target: family("bert").module_of(target) for target in targets}
 
 
 @contextmanager
