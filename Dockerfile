@@ -31,8 +31,10 @@ print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-depe
 COPY README.md ./
 COPY hmi ./hmi
 COPY hmi_proto ./hmi_proto
+COPY hmi_errors ./hmi_errors
 COPY services ./services
 COPY models ./models
+COPY training ./training
 COPY kernels ./kernels
 COPY protos ./protos
 COPY data ./data

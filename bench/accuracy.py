@@ -44,8 +44,8 @@ from services.common.model_specs import model_name, resolve_model_dir  # noqa: E
 from services.knowledge_store.bridge_distillation import DistillSettings  # noqa: E402
 from services.knowledge_store.domain_adaptation import AdaptSettings  # noqa: E402
 from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
-from services.training.tenant_training import build_examples, read_labeled  # noqa: E402
-from services.training.trainer import AdapterTrainer, TrainSettings  # noqa: E402
+from training.tenant_training import build_examples, read_labeled  # noqa: E402
+from training.trainer import AdapterTrainer, TrainSettings  # noqa: E402
 
 METHODS = ("bridge", "plot", "window", "oracle")
 

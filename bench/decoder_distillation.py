@@ -19,8 +19,8 @@ from models.adapter_format import TARGETS, Adapter
 from models.decoder import DecoderModel
 from models.families import family
 from models.lora_merge import merged_model
-from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
-from services.training.trainer import Progress, fit_batches
+from training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
+from training.trainer import Progress, fit_batches
 
 
 def every_projection(model: DecoderModel) -> tuple[str, ...]:

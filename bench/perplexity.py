@@ -33,8 +33,8 @@ from models.decoder import DecoderModel  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
 from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
 from services.knowledge_store.store import KnowledgeStore, StoreSettings  # noqa: E402
-from services.training.causal_trainer import CausalTrainer, CausalTrainSettings  # noqa: E402
-from services.training.tenant_training import build_text_examples, read_texts  # noqa: E402
+from training.causal_trainer import CausalTrainer, CausalTrainSettings  # noqa: E402
+from training.tenant_training import build_text_examples, read_texts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@
   any PLOT at a split layer, since it isolates what the tenant loses by adapting fewer layers.
 
 Both answer `lookup(domain, sequences, bridged=False)` like the store's client, so the tenant trainer
-(services/training) builds its examples from them unchanged.
+(training) builds its examples from them unchanged.
 """
 from __future__ import annotations
 

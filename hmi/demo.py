@@ -186,7 +186,7 @@ TRAINED = [
 def _trained_tenants(client: HMIClient, args, work_dir: Path) -> None:
     """Real tenants on two domains: PLOT of each domain's text, adapters trained on its labels, then served."""
     from services.common.packaged_models import packaged_minilm_dir
-    from services.training.tenant_training import read_labeled, train_tenant
+    from training.tenant_training import read_labeled, train_tenant
 
     available = [t for t in TRAINED if (t.data / "train.jsonl").exists()]
     if not available:

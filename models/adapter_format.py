@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from hmi_errors import InvalidArgument
 from models.dims import ModelDims
 from models.families import family
 from models.lora_names import (  # noqa: F401 - the format's names, re-exported
@@ -31,7 +32,6 @@ from models.lora_names import (  # noqa: F401 - the format's names, re-exported
     parse_lora_name,
     read_metadata,
 )
-from services.common.errors import InvalidArgument
 
 MAX_RANK = 256
 MAX_ALPHA = 4096.0        # PEFT's alpha is typically 1-2x the rank; far above this, logits overflow

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from services.common.errors import InvalidArgument
+from hmi_errors import InvalidArgument
 
 FORMAT = "hmi-bridge-v1"
 

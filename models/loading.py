@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.common.errors import InvalidArgument
+from hmi_errors import InvalidArgument
 
 
 def load_bert(model_dir: Path):

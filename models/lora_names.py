@@ -6,7 +6,7 @@ import json
 import re
 import struct
 
-from services.common.errors import InvalidArgument
+from hmi_errors import InvalidArgument
 
 FORMAT = "hmi-lora-v1"
 TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")   # ffn_gate: gated MLPs only

@@ -27,10 +27,10 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from hmi_errors import InvalidArgument
 from models.families import QKV, all_families
 from models.families import family as family_of
 from models.lora_names import FORMAT, lora_name, parse_lora_name, read_metadata
-from services.common.errors import InvalidArgument
 
 HEAD_FILE = "hmi_head.safetensors"
 TENANT_FILE = "hmi_tenant.json"

@@ -161,7 +161,7 @@ def test_a_scoped_key_serves_its_tenants_and_is_refused_on_others(front_door, te
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(json.dumps({"text": t, "label": label}) for t, label in
                                [("the film was great", "pos"), ("the film was dull", "neg")] * 4))
-    from services.training.tenant_training import train_tenant
+    from training.tenant_training import train_tenant
     report = train_tenant(manager, tiny_model_dir, "sec-reviews", train, None, None, epochs=1, batch_size=4)
     assert manager.register_tenant("sec-acme-2", "sec-reviews", report.labels, report.adapter).spec.tenant_id
     assert manager.get_adapter("sec-acme-2") and manager.classify("sec-acme-2", ["the film was great"])

@@ -32,7 +32,7 @@ from models.loading import load_bert, load_tokenizer
 from models.lora_merge import merged_model
 from models.lower import pad_batch as pad
 from models.split_defaults import tenant_targets
-from services.training.tenant_training import encode as encode_texts
+from training.tenant_training import encode as encode_texts
 
 RANK = 8
 LABELS = ["a", "b"]

@@ -95,7 +95,7 @@ def cmd_tenant_train(args) -> int:
     from hmi.progress import TrainBar
     from models.dims import ModelDims
     from services.common.model_specs import KNOWN_MODELS, resolve_model_dir
-    from services.training.tenant_training import train_generative_tenant, train_tenant
+    from training.tenant_training import train_generative_tenant, train_tenant
 
     progress = TrainBar(sys.stderr)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from services.common.errors import InvalidArgument
+from hmi_errors import InvalidArgument
 
 QKV = ("query", "key", "value")     # the order of a fused query-key-value projection's outputs
 

@@ -15,14 +15,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hmi_errors import InvalidArgument
 from models.adapter_format import serialize_adapter
 from models.decoder import DecoderModel
 from models.encoder import EncoderModel
 from models.loading import load_tokenizer
 from models.split_defaults import tenant_targets
-from services.common.errors import InvalidArgument
-from services.training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
-from services.training.trainer import AdapterTrainer, Example, TrainSettings
+from training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
+from training.trainer import AdapterTrainer, Example, TrainSettings
 
 
 @dataclass

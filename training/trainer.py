@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hmi_errors import InvalidArgument
 from models.adapter_format import DEFAULT_TARGETS, Adapter, target_shape
 from models.encoder import EncoderModel
 from models.lora import LoRAWeights
 from models.packing import PackedInputs, PackedLayout, pack_inputs, plot_rows
-from services.common.errors import InvalidArgument
 
 
 @dataclass

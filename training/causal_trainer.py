@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hmi_errors import InvalidArgument
 from models.adapter_format import Adapter
 from models.decoder import DecoderModel
 from models.lora import LoRAWeights
-from services.common.errors import InvalidArgument
-from services.training.trainer import Progress, entry_states, fit_batches, init_lora
+from training.trainer import Progress, entry_states, fit_batches, init_lora
 
 
 @dataclass
