@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hmi.client import HMIClient, is_serving  # noqa: E402
 from hmi.launcher import free_port, hmi_command, serving_children  # noqa: E402
-from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from hmi_client.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
 TEXTS = ["the service was quick and friendly", "I would like a refund for my order"]
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hmi.bench.workload import DEMO_CORPUS, load_texts, zipf_weights  # noqa: E402
 from hmi.client import HMIClient  # noqa: E402
 from hmi.launcher import ServiceSet  # noqa: E402
-from hmi_proto.v1 import gateway_pb2 as pb  # noqa: E402
+from hmi_client.v1 import gateway_pb2 as pb  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 from hmi_client import HMIClient as SlimClient
 from hmi_client import Prediction, is_serving
 from hmi_client.errors import translated
-from hmi_proto.v1 import catalog_pb2 as catalog
+from hmi_client.v1 import catalog_pb2 as catalog
 from services.knowledge_store.client import lookup_request, read_lookup_stream
 
 __all__ = ["HMIClient", "Prediction", "is_serving"]

@@ -102,7 +102,7 @@ def test_the_gateway_core_knows_no_door_and_no_transport():
                  for line, name in every_import(path)
                  if name.split(".")[0] in ("grpc", "fastapi", "starlette", "uvicorn")
                  or any(within(name, door) for door in DOOR_MODULES)
-                 or name.startswith("hmi_proto.v1.gateway_pb2")]
+                 or name.startswith("hmi_client.v1.gateway_pb2")]
     assert not offending, offending
 
 

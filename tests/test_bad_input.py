@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from hmi_proto.v1 import compute_pb2, compute_pb2_grpc, tensor_pb2
+from hmi_client.v1 import tensor_pb2
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
 from models.adapter_format import random_adapter, serialize_adapter
 from models.dims import ModelDims
 from services.common.rpc import channel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hmi_proto.v1 import tensor_pb2
+from hmi_client.v1 import tensor_pb2
 from services.common.codec import decode_tensor, encode_tensor, join_chunks, split_chunks, validate_offsets
 from services.common.errors import InvalidArgument
 

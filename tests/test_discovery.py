@@ -281,7 +281,7 @@ def test_a_request_is_followed_through_gateway_compute_and_store(cluster):
     """One request id in every service's JSON log, and one trace with spans of all three services."""
     request_id = "follow-me-0042"
     with grpc.insecure_channel(cluster.gateway_addr) as channel:
-        from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc
+        from hmi_client.v1 import gateway_pb2, gateway_pb2_grpc
         reply = gateway_pb2_grpc.GatewayStub(channel).Classify(
             gateway_pb2.ClassifyRequest(tenant_id=cluster.tenants[0], texts=["a text nobody sent before"]),
             timeout=30, metadata=[("x-request-id", request_id), ("authorization", f"Bearer {ADMIN_TOKEN}")])

@@ -14,7 +14,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 
 from hmi.client import is_serving
-from hmi_proto.v1 import compute_pb2, gateway_pb2, knowledge_store_pb2
+from hmi_client.v1 import gateway_pb2
+from hmi_proto.v1 import compute_pb2, knowledge_store_pb2
 from services.common.auth.peers import WithMetadata
 from tests.helpers import internal_channel
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc
+from hmi_client.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.integration
 TEXTS = ["the service was quick", "I would like a refund"]

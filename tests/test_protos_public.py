@@ -50,5 +50,6 @@ def test_the_public_api_is_all_there_and_internal_protos_build_on_it(tmp_path):
     store = compile_alone("hmi/v1/knowledge_store.proto", REPO / "protos", tmp_path)
     assert "hmi/v1/catalog.proto" in store.dependency and list(store.public_dependency)
     # Existing Python code keeps reading the shared records from the store's module (a public import).
-    from hmi_proto.v1 import catalog_pb2, knowledge_store_pb2
+    from hmi_client.v1 import catalog_pb2
+    from hmi_proto.v1 import knowledge_store_pb2
     assert knowledge_store_pb2.Tenant is catalog_pb2.Tenant

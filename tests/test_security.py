@@ -18,7 +18,8 @@ from google.protobuf import message_factory
 
 from hmi.client import HMIClient
 from hmi.launcher import hmi_command
-from hmi_proto.v1 import compute_pb2, compute_pb2_grpc, gateway_pb2
+from hmi_client.v1 import gateway_pb2
+from hmi_proto.v1 import compute_pb2, compute_pb2_grpc
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
 from tests.helpers import cli_env, expect_status, internal_channel

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hmi.client import HMIClient, is_serving
 from hmi.launcher import free_port, hmi_command, port_taken, serving_children
-from hmi_proto.v1 import gateway_pb2, gateway_pb2_grpc
+from hmi_client.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.integration
 TEXTS = ["the service was quick", "I would like a refund"]

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from hmi_proto.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
+from hmi_client.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
-from hmi_proto.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
+from hmi_client.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

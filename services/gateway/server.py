@@ -121,7 +121,7 @@ def compute_targets(values: list[str], models: list[str]) -> dict[str, list[str]
 
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
-    from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
+    from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
     from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
     from models.dims import ModelDims
     from models.loading import eos_token_ids

@@ -5,8 +5,8 @@ Who is calling (the `authorization: Bearer` metadata), the caller's deadline and
 core's `Call`; the core's HMIErrors become statuses at this edge (services/common/rpc.py)."""
 from __future__ import annotations
 
-from hmi_proto.v1 import gateway_pb2 as pb
-from hmi_proto.v1 import gateway_pb2_grpc as pb_grpc
+from hmi_client.v1 import gateway_pb2 as pb
+from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.deadlines import NO_DEADLINE
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.gateway.access import bearer_token

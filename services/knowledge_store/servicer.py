@@ -8,9 +8,9 @@ from typing import Iterator
 
 import numpy as np
 
+from hmi_client.v1 import tensor_pb2
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
-from hmi_proto.v1 import tensor_pb2
 from services.common.auth.api_keys import check_tenant_id
 from services.common.codec import CHUNK_BYTES, decode_tensor, split_chunks, validate_offsets
 from services.common.errors import Cancelled, InvalidArgument, quoted
