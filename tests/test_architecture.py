@@ -27,15 +27,20 @@ SHARED_MAY_IMPORT = {
 }
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """Every module an import statement names (function-level imports included), with its line."""
+def every_import(path: Path) -> list[tuple[int, str]]:
+    """Every module an import statement names, ours or not."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
-    return [(line, name) for line, name in found if name.split(".")[0] in OURS]
+    return found
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """Every module of ours an import statement names (function-level imports included), with its line."""
+    return [(line, name) for line, name in every_import(path) if name.split(".")[0] in OURS]
 
 
 def modules(folder: str) -> list[Path]:
@@ -84,17 +89,6 @@ def test_shared_libraries_import_only_what_lies_below_them():
 GATEWAY = REPO / "services" / "gateway"
 HTTP_DOORS = ("openai_api", "hmi_api", "kserve", "tei")       # services/gateway/http/<door>.py
 DOOR_MODULES = ("services.gateway.servicer", "services.gateway.http")
-
-
-def every_import(path: Path) -> list[tuple[int, str]]:
-    """Every module an import statement names, ours or not."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
-    return found
 
 
 def test_the_gateway_core_knows_no_door_and_no_transport():

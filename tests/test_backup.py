@@ -121,3 +121,54 @@ def test_client_retries_unavailable_with_backoff_within_the_timeout():
         with pytest.raises(Unavailable):
             client._retrying(lambda left: (_ for _ in ()).throw(Unavailable()), timeout=0.5)
         assert time.monotonic() - started < 0.6           # never past the timeout
+
+
+def test_a_hot_copy_starts_again_when_the_running_store_grows_its_map(tmp_path, tiny_model_dir, monkeypatch):
+    """`hmi store backup --data-dir` reads LMDB from another process: when the running store grows its map
+    meanwhile, LMDB answers MDB_MAP_RESIZED and the copy adopts the new size and starts again."""
+    import lmdb
+
+    from services.knowledge_store import backup
+    store = KnowledgeStore(StoreSettings(data_dir=tmp_path / "data", model_dir=tiny_model_dir,
+                                         model_name=tiny_model_dir.name, map_size=1 << 26))
+    try:
+        store.build_domain("grow", "", split_layer=0, context=1, min_count=1)
+        store.put_tenant("grower", "grow", ["a", "b"], rank=2)
+    finally:
+        store.close()
+    opened = []
+
+    class GrowingOnce:
+        """The real environment, whose first copy meets a map the writer grew (as LMDB reports it)."""
+
+        def __init__(self, env) -> None:
+            self.env, self.copies, self.adopted = env, 0, False
+
+        def copy(self, path, compact=False):
+            self.copies += 1
+            if self.copies == 1:
+                with open(f"{path}/data.mdb", "wb") as partial:   # what an interrupted copy leaves behind
+                    partial.write(b"partial")
+                raise lmdb.MapResizedError("mdb_env_copy3: MDB_MAP_RESIZED")
+            return self.env.copy(path, compact=compact)
+
+        def set_mapsize(self, size):
+            self.adopted = size == 0
+            return self.env.set_mapsize(size)
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+    real_open = lmdb.open
+    monkeypatch.setattr(backup.lmdb, "open", lambda *a, **k: opened.append(GrowingOnce(real_open(*a, **k)))
+                        or opened[-1])
+    report = backup.backup_data_dir(tmp_path / "data", tmp_path / "copy")
+    assert opened[0].copies == 2 and opened[0].adopted
+    restored = backup.restore(tmp_path / "copy", tmp_path / "restored")
+    assert restored.revision == report.revision
+    copy = KnowledgeStore(StoreSettings(data_dir=tmp_path / "restored", model_dir=tiny_model_dir,
+                                        model_name=tiny_model_dir.name, map_size=1 << 26))
+    try:
+        assert copy.get_tenant("grower").labels == ["a", "b"]
+    finally:
+        copy.close()

@@ -91,6 +91,7 @@ def main(args: argparse.Namespace) -> None:
     from services.compute.pipeline import Pipeline
     from services.compute.plot_cache import PlotRowCache, TrafficReporter
     from services.compute.servicer import ComputeServicer
+    from services.compute.serving import DecoderServing, EncoderServing
     from services.knowledge_store.client import StoreClient
     log = setup_logging("compute", args.log_format)
     setup_tracing("compute", args.tracing)
@@ -118,8 +119,8 @@ def main(args: argparse.Namespace) -> None:
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens)
         pipeline = None
-        servicer = ComputeServicer(None, max_batch_tokens=args.max_batch_tokens, model_name=served_name,
-                                   engine=engine, pool=pool)
+        servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
+                                   model_name=served_name)
         mode = f"generation: KV cache {args.kv_cache_mib} MiB, <= {args.max_generating} sequences per step"
     else:
         engine = None
@@ -133,7 +134,8 @@ def main(args: argparse.Namespace) -> None:
                             execution_threads=execution_threads(args.execution_threads, device))
         mode_cache = f"PLOT row cache {args.plot_cache_mib} MiB" if plot_cache is not None else "no PLOT row cache"
 
-        servicer = ComputeServicer(pipeline, max_batch_tokens=args.max_batch_tokens, model_name=served_name)
+        servicer = ComputeServicer(EncoderServing(pipeline), max_batch_tokens=args.max_batch_tokens,
+                                   model_name=served_name)
         mode = (f"{pipeline.execution_threads} execution thread(s) of {torch.get_num_threads()} torch thread(s), "
                 f"{mode_cache}")
     invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None,

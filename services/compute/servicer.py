@@ -7,36 +7,33 @@ from hmi_proto.v1 import compute_pb2 as pb
 from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
-from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import PackedBatch
-from services.compute.generation import GenerationEngine
 from services.compute.generation_scheduler import GenerationRequest, SamplingParams
-from services.compute.pipeline import Pipeline, PipelineStats
+from services.compute.pipeline import PipelineStats
+from services.compute.serving import DecoderServing, EncoderServing, Serving
 
 
 class ComputeServicer(pb_grpc.ComputeServicer):
-    """Serves an encoder (Forward: packed batches through `pipeline`) or a decoder (Generate: `engine`)."""
+    """Serves an encoder (Forward: packed batches through its pipeline) or a decoder (Generate: its engine)."""
 
-    def __init__(self, pipeline: Pipeline | None, *, max_batch_tokens: int, model_name: str,
-                 default_timeout: float = 30.0, engine: GenerationEngine | None = None,
-                 pool: AdapterPool | None = None):
-        self.pipeline = pipeline
-        self.engine = engine
-        self.pool = pool if pool is not None else pipeline.pool
+    def __init__(self, serving: Serving, *, max_batch_tokens: int, model_name: str, default_timeout: float = 30.0):
+        self.serving = serving
+        self.pool = serving.pool
         self.max_batch_tokens = max_batch_tokens
         self.model_name = model_name
         self.default_timeout = default_timeout
 
     @handles_errors
     def Forward(self, request, context) -> pb.ForwardResponse:
-        if self.pipeline is None:
+        if not isinstance(self.serving, EncoderServing):
             raise FailedPrecondition(f"this compute replica serves the decoder {self.model_name!r}: it generates "
                                      f"(Generate), it does not run classification batches")
+        pipeline = self.serving.pipeline
         self._check_model(spec.model for spec in request.sequences)
-        dims = self.pipeline.pool.dims
+        dims = pipeline.pool.dims
         batch = PackedBatch.from_pb(request, num_layers=dims.layers, vocab=dims.vocab,
                                     max_positions=dims.max_positions, max_tokens=self.max_batch_tokens)
-        result, timings = self.pipeline.run(batch, remaining_timeout(context, self.default_timeout),
+        result, timings = pipeline.run(batch, remaining_timeout(context, self.default_timeout),
                                             wanted=context.is_active)
         response = result.to_pb()
         response.queue_ms, response.fetch_ms, response.execute_ms = (timings.queue_ms, timings.fetch_ms,
@@ -51,7 +48,7 @@ class ComputeServicer(pb_grpc.ComputeServicer):
 
     @handles_stream_errors
     def Generate(self, request, context):
-        if self.engine is None:
+        if not isinstance(self.serving, DecoderServing):
             raise FailedPrecondition(f"this compute replica serves the encoder {self.model_name!r}: it does not "
                                      f"generate")
         spec, params = request.sequence, request.params
@@ -63,7 +60,7 @@ class ComputeServicer(pb_grpc.ComputeServicer):
         if params.max_new_tokens < 1 or params.temperature < 0 or params.top_k < 0 or not 0 <= params.top_p <= 1:
             raise InvalidArgument("sampling parameters out of range: max_new_tokens >= 1, temperature >= 0, "
                                   "top_k >= 0, top_p in [0, 1]")
-        stream = self.engine.submit(GenerationRequest(
+        stream = self.serving.engine.submit(GenerationRequest(
             spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer, prompt,
             SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                            top_p=params.top_p or 1.0, seed=params.seed,
@@ -77,10 +74,11 @@ class ComputeServicer(pb_grpc.ComputeServicer):
     @handles_errors
     def Stats(self, request, context) -> pb.StatsResponse:
         pool = self.pool
-        stats = self.pipeline.stats if self.pipeline is not None else PipelineStats()
+        serving = self.serving
+        stats = serving.pipeline.stats if isinstance(serving, EncoderServing) else PipelineStats()
         generation = {}
-        if self.engine is not None:
-            snapshot = self.engine.snapshot()
+        if isinstance(serving, DecoderServing):
+            snapshot = serving.engine.snapshot()
             generation = dict(generation_steps=snapshot.steps, generated_tokens=snapshot.tokens_generated,
                               generating=snapshot.running, generation_waiting=snapshot.waiting,
                               kv_bytes_used=snapshot.kv_bytes_used, kv_budget_bytes=snapshot.kv_budget_bytes)

@@ -39,6 +39,9 @@ def _empty_target(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+COPY_ATTEMPTS = 5   # copies a hot backup may restart when the running store grows its map meanwhile
+
+
 def _revision(env: lmdb.Environment) -> int:
     meta = env.open_db(b"meta", create=False)
     with env.begin() as txn:
@@ -59,8 +62,18 @@ def backup_data_dir(data_dir: Path, target: Path) -> BackupReport:
     started = time.monotonic()
     env = lmdb.open(str(source), readonly=True, lock=True, max_dbs=len(DATABASES) + 2, subdir=True)
     try:
-        revision = _revision(env)
-        env.copy(str(target), compact=True)
+        for attempt in range(COPY_ATTEMPTS):
+            try:
+                revision = _revision(env)
+                env.copy(str(target), compact=True)
+                break
+            except lmdb.MapResizedError:
+                # The running store grew its map while this process read it: adopt the new size, start again.
+                if attempt == COPY_ATTEMPTS - 1:
+                    raise FailedPrecondition(f"the store kept growing its map during {COPY_ATTEMPTS} copies; retry "
+                                             f"the backup (or back up through the store: without --data-dir)") from None
+                (target / "data.mdb").unlink(missing_ok=True)
+                env.set_mapsize(0)
     finally:
         env.close()
     return BackupReport(str(target.resolve()), (target / "data.mdb").stat().st_size, revision,

@@ -108,32 +108,20 @@ async def _tokenize(request: Request, who, tenant: str, body: TokenizeBody) -> l
 
 
 @router.post("/embed", summary="a vector per text (TEI; the tenant in `model`)")
-async def embed(body: EmbedBody, request: Request, who: CallerDep):
-    return await _embed(request, who, _tenant(None, body), body)
-
-
 @router.post(PREFIX + "/{tenant}/embed", summary="a vector per text (TEI)")
-async def tenant_embed(tenant: str, body: EmbedBody, request: Request, who: CallerDep):
+async def embed(body: EmbedBody, request: Request, who: CallerDep, tenant: str | None = None):
     return await _embed(request, who, _tenant(tenant, body), body)
 
 
 @router.post("/predict", summary="labels and scores per text of a classifier tenant (TEI; the tenant in `model`)")
-async def predict(body: PredictBody, request: Request, who: CallerDep):
-    return await _predict(request, who, _tenant(None, body), body)
-
-
 @router.post(PREFIX + "/{tenant}/predict", summary="labels and scores per text of a classifier tenant (TEI)")
-async def tenant_predict(tenant: str, body: PredictBody, request: Request, who: CallerDep):
+async def predict(body: PredictBody, request: Request, who: CallerDep, tenant: str | None = None):
     return await _predict(request, who, _tenant(tenant, body), body)
 
 
 @router.post("/tokenize", summary="the tokens of each text (TEI; the tenant in `model`)")
-async def tokenize(body: TokenizeBody, request: Request, who: CallerDep):
-    return await _tokenize(request, who, _tenant(None, body), body)
-
-
 @router.post(PREFIX + "/{tenant}/tokenize", summary="the tokens of each text (TEI)")
-async def tenant_tokenize(tenant: str, body: TokenizeBody, request: Request, who: CallerDep):
+async def tokenize(body: TokenizeBody, request: Request, who: CallerDep, tenant: str | None = None):
     return await _tokenize(request, who, _tenant(tenant, body), body)
 
 
