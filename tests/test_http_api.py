@@ -115,6 +115,48 @@ def test_chat_uses_the_models_chat_template_streamed_or_not(deployment, tiny_lla
                                                          temperature=0.8, seed=5)
 
 
+def test_several_prompts_token_prompts_and_n_choices(deployment):
+    """What LangChain's batch calls and lm-eval send: a list of prompts (one choice each, in order), token ids of
+    the model's tokenizer, and n choices per prompt (seeded: reproducible, and different from each other)."""
+    services, client, api = deployment
+    prompts = ["the service was", "rain is expected"]
+    reply = api.completions.create(model="http-bard", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.text for c in reply.choices] == [grpc_text(client, "http-bard", p, max_new_tokens=6) for p in prompts]
+    ids = [t["id"] for t in tei_tokens(services, "http-bard", prompts[0])]     # the gateway's own tokenizer
+    by_ids = api.completions.create(model="http-bard", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == reply.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    two = api.completions.create(model="http-bard", prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [c.text for c in two.choices] == [reply.choices[0].text] * 2
+    sampled = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=12, n=3, seed=7)
+    again = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=12, n=3, seed=7)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in sampled.choices}) > 1
+    assert sampled.usage.prompt_tokens == len(ids)            # the prompt counts once, whatever n
+    assert 3 <= sampled.usage.completion_tokens <= 3 * 12
+    chat = api.chat.completions.create(model="http-bard", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5, n=2, seed=3)
+    assert [c.index for c in chat.choices] == [0, 1]
+    streamed: dict[int, str] = {}
+    for chunk in api.completions.create(model="http-bard", prompt=prompts, max_tokens=6, temperature=0,
+                                        stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {0: reply.choices[0].text, 1: reply.choices[1].text}
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        api.completions.create(model="http-bard", prompt=[10**9], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="choices per request"):
+        api.completions.create(model="http-bard", prompt=["a"] * 9, n=2, max_tokens=2)
+
+
+def tei_tokens(services, tenant: str, text: str) -> list[dict]:
+    status, reply = request(services.http_addr, "POST", f"/tei/{tenant}/tokenize",
+                            {"inputs": text}, services.admin_token)
+    assert status == 200, reply
+    return reply[0]
+
+
 def test_bad_requests_are_the_clients_typed_errors(deployment):
     _services, _client, api = deployment
     with pytest.raises(openai.NotFoundError) as missing:
@@ -124,7 +166,7 @@ def test_bad_requests_are_the_clients_typed_errors(deployment):
         api.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.NotFoundError):
         api.embeddings.create(model="nobody", input="hi")
-    bad = [dict(n=2), dict(temperature=-1), dict(max_tokens=100_000), dict(top_p=1.5), dict(logprobs=2)]
+    bad = [dict(n=17), dict(n=0), dict(temperature=-1), dict(max_tokens=100_000), dict(top_p=1.5), dict(logprobs=2)]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as refused:
             api.completions.create(model="http-bard", prompt="hi", **params)

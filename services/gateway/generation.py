@@ -29,10 +29,12 @@ class GenerationPlan:
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
                     eos_token_ids: tuple[int, ...]) -> GenerationPlan:
-    """Checks every parameter against its limit, with a message that names the limit."""
-    if not request.prompt.strip():
+    """Checks every parameter against its limit, with a message that names the limit. A request with
+    `prompt_ids` (token ids of the model's own tokenizer) skips tokenising."""
+    token_prompt = getattr(request, "prompt_ids", None)
+    if token_prompt is None and not request.prompt.strip():
         raise InvalidArgument("the prompt is empty")
-    if len(request.prompt) > limits.max_prompt_chars:
+    if token_prompt is None and len(request.prompt) > limits.max_prompt_chars:
         raise InvalidArgument(f"the prompt has {len(request.prompt)} characters, above the limit of "
                               f"{limits.max_prompt_chars}")
     new_tokens = request.max_new_tokens or DEFAULT_NEW_TOKENS
@@ -48,7 +50,15 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     if len(stop) > limits.max_stop_strings or any(not s or len(s) > limits.max_stop_chars for s in stop):
         raise InvalidArgument(f"give at most {limits.max_stop_strings} stop strings of 1..{limits.max_stop_chars} "
                               f"characters each")
-    prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
+    if token_prompt is not None:
+        vocab = tokenizer.get_vocab_size()
+        if not token_prompt:
+            raise InvalidArgument("the prompt is empty (no token ids)")
+        if min(token_prompt) < 0 or max(token_prompt) >= vocab:
+            raise InvalidArgument(f"prompt token ids must lie in [0, {vocab}) (the model's tokenizer)")
+        prompt_ids = np.asarray(token_prompt, dtype=np.int32)
+    else:
+        prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise InvalidArgument(f"the prompt is {len(prompt_ids)} tokens long, above the limit of "
                               f"{limits.max_prompt_tokens} tokens")

@@ -66,6 +66,7 @@ class GenerateRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None               # None: a random one
+    prompt_ids: tuple[int, ...] | None = None   # token ids of the model's tokenizer instead of `prompt`
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ events in OpenAI's chunk format when `stream` is true. Parameters HMI does not i
 400 rather than ignored; `top_k` is accepted as an extension (as vLLM does)."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from services.gateway.http.door import ApiError, CallerDep, Door, door_of, now, 
 from services.gateway.http.errors import openai_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+MAX_CHOICES = 16                    # n times the prompts of one request
 COMPLETIONS_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat uses the gateway's default (64)
 TENANT_PAGE = 1000
 
@@ -44,7 +47,8 @@ class SamplingBody(BaseModel):
     top_p: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, le=INT32,
                               description="extension: sample among the k likeliest tokens (0 = off)")
-    n: int | None = Field(None, ge=-INT32, le=INT32, description="only 1")
+    n: int | None = Field(None, ge=-INT32, le=INT32, description=f"choices per prompt (choices in all: at most "
+                          f"{MAX_CHOICES})")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the same seed gives the same text")
     stream: bool = False
@@ -88,7 +92,7 @@ class EmbeddingBody(BaseModel):
 
 def _refuse_unsupported(body: SamplingBody) -> None:
     unsupported = {
-        "n": body.n not in (None, 1), "presence_penalty": body.presence_penalty not in (None, 0),
+        "presence_penalty": body.presence_penalty not in (None, 0),
         "frequency_penalty": body.frequency_penalty not in (None, 0), "logit_bias": bool(body.logit_bias),
         "logprobs": body.logprobs not in (None, False, 0),
         "echo": getattr(body, "echo", False), "best_of": getattr(body, "best_of", None) not in (None, 1),
@@ -98,8 +102,8 @@ def _refuse_unsupported(body: SamplingBody) -> None:
     }
     for param, refused in unsupported.items():
         if refused:
-            value = "n = 1" if param == "n" else "its default"
-            raise ApiError(400, f"{param} is not supported by HMI; leave it at {value}", param, "unsupported_parameter")
+            raise ApiError(400, f"{param} is not supported by HMI; leave it at its default", param,
+                           "unsupported_parameter")
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -113,6 +117,20 @@ def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -
     return GenerateRequest(body.model, prompt, max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64))
+
+
+def _prompts(prompt) -> list[str | tuple[int, ...]]:
+    """A completion's prompts: a string, strings, token ids of the model's tokenizer, or lists of them."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [tuple(prompt)]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        return [tuple(p) for p in prompt]
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists "
+                        "(none of them empty)", "prompt")
 
 
 def _strip_stop(text: str, stops: list[str]) -> str:
@@ -151,84 +169,138 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _respond(door: Door, who: Caller, request: GenerateRequest, body: SamplingBody, *, chat: bool):
-    stops = list(request.stop)
+class Choice:
+    """One choice's stream of the core: opened at once, so that a request refused before any text gets its HTTP
+    status rather than a broken stream."""
+
+    def __init__(self, door: Door, who: Caller, request: GenerateRequest, index: int) -> None:
+        self.index = index
+        self.stops = list(request.stop)
+        self.stream = door.stream(who, door.inference.generate, request)
+        self.result = Generated()
+        self.first = None
+
+    async def open(self) -> None:
+        try:
+            self.first = await self.stream.next()
+        except BaseException:             # refused, or the client went away while waiting
+            self.stream.cancel()
+            raise
+
+    async def pieces(self):
+        """(text as OpenAI shows it, finish reason or None) per message, ending with the finish."""
+        message = self.first
+        while message is not None:
+            text = self.result.add(message, self.stops)
+            reason = self.result.finish_reason if message.finish_reason else None
+            yield text, reason
+            message = None if reason else await self.stream.next()
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+
+def _usage(choices: list[Choice], per_prompt: int) -> dict:
+    """Prompt tokens once per prompt (its first choice), generated tokens of every choice."""
+    prompt = sum(c.result.prompt_tokens for c in choices if c.index % per_prompt == 0)
+    completion = sum(c.result.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], body: SamplingBody, *, chat: bool,
+                   per_prompt: int = 1):
+    """`requests`: one per choice, in OpenAI's order (prompt by prompt, `per_prompt` choices each)."""
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = now()
-    stream = door.stream(who, door.inference.generate, request)
+    choices = [Choice(door, who, request, index) for index, request in enumerate(requests)]
     try:
-        first = await stream.next()       # a request refused at once gets its HTTP status, not a broken stream
-    except HMIError:
-        stream.cancel()
+        await asyncio.gather(*(choice.open() for choice in choices))
+    except BaseException:
+        for choice in choices:
+            choice.cancel()
         raise
-    except BaseException:                 # the client went away while waiting
-        stream.cancel()
-        raise
-    result = Generated()
 
-    def choice(text: str | None, reason: str | None, *, role: bool = False) -> dict:
+    def piece(index: int, text: str | None, reason: str | None, *, role: bool = False) -> dict:
         if chat:
             delta = {"role": "assistant", "content": text or ""} if role else ({"content": text} if text else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+    def chunk(pieces: list[dict], usage: dict | None = None) -> dict:
         data = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": choices}
+                "model": body.model, "choices": pieces}
         if usage is not None:
             data["usage"] = usage
         return data
 
     if not body.stream:
+        async def collect(choice: Choice) -> None:
+            async for _text, _reason in choice.pieces():
+                pass
+
         try:
-            message = first
-            while message is not None:
-                result.add(message, stops)
-                message = None if message.finish_reason else await stream.next()
+            await asyncio.gather(*(collect(choice) for choice in choices))
         finally:
-            stream.cancel()
+            for choice in choices:
+                choice.cancel()
         if chat:
-            choices = [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                        "finish_reason": result.finish_reason}]
+            answers = [{"index": c.index, "message": {"role": "assistant", "content": c.result.text},
+                        "logprobs": None, "finish_reason": c.result.finish_reason} for c in choices]
         else:
-            choices = [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}]
+            answers = [{"index": c.index, "text": c.result.text, "logprobs": None,
+                        "finish_reason": c.result.finish_reason} for c in choices]
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": choices, "usage": result.usage()}
+                "model": body.model, "choices": answers, "usage": _usage(choices, per_prompt)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         try:
-            if chat:
-                yield _sse(chunk([choice("", None, role=True)]))
-            message = first
-            while message is not None:
-                text = result.add(message, stops)
-                reason = result.finish_reason if message.finish_reason else None
-                if text or reason:
-                    yield _sse(chunk([choice(text, reason)]))
-                message = None if reason else await stream.next()
+            for choice in choices:       # one choice after the other, each chunk naming its index
+                if chat:
+                    yield _sse(chunk([piece(choice.index, "", None, role=True)]))
+                async for text, reason in choice.pieces():
+                    if text or reason:
+                        yield _sse(chunk([piece(choice.index, text, reason)]))
+                choice.cancel()
             if include_usage:
-                yield _sse(chunk([], result.usage()))
+                yield _sse(chunk([], _usage(choices, per_prompt)))
             yield "data: [DONE]\n\n"
         except HMIError as failure:
             yield _sse(openai_error(failure)[1])
         finally:
-            stream.cancel()      # also when the client disconnected: compute stops generating
+            for choice in choices:       # also when the client disconnected: compute stops generating
+                choice.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _choices(body: SamplingBody, prompts: list[str | tuple[int, ...]], max_tokens: int | None) -> list[GenerateRequest]:
+    """One request per choice: each prompt `n` times; with a seed, choice j of a prompt samples with seed + j (the
+    same request gives the same texts, and the choices differ)."""
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES or len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"n ({n}) times the prompts ({len(prompts)}) must lie in 1..{MAX_CHOICES} choices per "
+                            f"request; send more requests", "n")
+    base = _generate_request(body, "", max_tokens)
+    requests = []
+    for prompt in prompts:
+        for j in range(n):
+            seed = None if base.seed is None else (base.seed + j) % (1 << 64)
+            if isinstance(prompt, str):
+                requests.append(dataclasses.replace(base, prompt=prompt, seed=seed))
+            else:
+                requests.append(dataclasses.replace(base, prompt="", prompt_ids=prompt, seed=seed))
+    return requests
+
+
 @router.post("/completions", summary="text completion by a generative tenant (OpenAI-compatible)")
 async def completions(body: CompletionBody, request: Request, who: CallerDep):
-    prompt = body.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be one string (several prompts or token arrays are not supported)", "prompt")
+    prompts = _prompts(body.prompt)
     max_tokens = COMPLETIONS_DEFAULT_TOKENS if body.max_tokens is None else body.max_tokens
-    return await _respond(door_of(request), who, _generate_request(body, prompt, max_tokens), body, chat=False)
+    return await _respond(door_of(request), who, _choices(body, prompts, max_tokens), body, chat=False,
+                          per_prompt=body.n or 1)
 
 
 @router.post("/chat/completions", summary="chat completion by a generative tenant (OpenAI-compatible)")
@@ -244,7 +316,7 @@ async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
         messages.append({"role": message.role, "content": content or ""})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prompt = await door.run(who, door.inference.chat_prompt, body.model, messages)
-    return await _respond(door, who, _generate_request(body, prompt, max_tokens), body, chat=True)
+    return await _respond(door, who, _choices(body, [prompt], max_tokens), body, chat=True, per_prompt=body.n or 1)
 
 
 @router.post("/embeddings", summary="pooled vectors of texts by an encoder tenant (OpenAI-compatible)")
