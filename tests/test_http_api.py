@@ -144,6 +144,25 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + choice.text
     assert streamed == {0: reply.choices[0].text, 1: reply.choices[1].text}
+    # vLLM's extensions: served (ignore_eos, include_stop_str_in_output, truncate_prompt_tokens) or refused
+    long = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 12 and long.choices[0].finish_reason == "length"
+    cut = api.completions.create(model="http-bard", prompt="x y z " + prompts[0], max_tokens=6, temperature=0,
+                                 extra_body={"truncate_prompt_tokens": len(ids) - 1})
+    assert cut.usage.prompt_tokens == len(ids) - 1
+    full = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=10, temperature=0).choices[0].text
+    stop = full[3:5]
+    assert len(stop) == 2, full
+    kept = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=10, temperature=0, stop=[stop],
+                                  extra_body={"include_stop_str_in_output": True}).choices[0]
+    cut_off = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=10, temperature=0,
+                                     stop=[stop]).choices[0]
+    assert kept.finish_reason == "stop" and kept.text.endswith(stop) and kept.text == cut_off.text + stop
+    for extra in ({"min_tokens": 3}, {"repetition_penalty": 1.2}, {"guided_choice": ["a", "b"]},
+                  {"use_beam_search": True}):
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            api.completions.create(model="http-bard", prompt="hi", max_tokens=2, extra_body=extra)
     with pytest.raises(openai.BadRequestError, match="token ids"):
         api.completions.create(model="http-bard", prompt=[10**9], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="choices per request"):

@@ -59,6 +59,11 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
         prompt_ids = np.asarray(token_prompt, dtype=np.int32)
     else:
         prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
+    truncate = getattr(request, "truncate_prompt_tokens", 0)
+    if truncate < 0:
+        raise InvalidArgument(f"truncate_prompt_tokens must be >= 0 (0 = keep the whole prompt), got {truncate}")
+    if truncate:
+        prompt_ids = prompt_ids[-truncate:]
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise InvalidArgument(f"the prompt is {len(prompt_ids)} tokens long, above the limit of "
                               f"{limits.max_prompt_tokens} tokens")
@@ -66,8 +71,9 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
         raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({new_tokens}) exceeds the "
                               f"model's {max_positions} positions; shorten the prompt or lower max_new_tokens")
     seed = secrets.randbits(63) if request.seed is None else request.seed
+    stop_ids = () if getattr(request, "ignore_eos", False) else eos_token_ids
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
-                          float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, eos_token_ids)
+                          float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids)
 
 
 class TextStreamer:

@@ -48,7 +48,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def Generate(self, request, context):
         generation = GenerateRequest(request.tenant_id, request.prompt, request.max_new_tokens, request.temperature,
                                      request.top_k, request.top_p, tuple(request.stop),
-                                     request.seed if request.HasField("seed") else None)
+                                     request.seed if request.HasField("seed") else None,
+                                     tuple(request.prompt_ids) if request.prompt_ids else None, request.ignore_eos,
+                                     request.truncate_prompt_tokens)
         for piece in self.core.generate(call_of(context), generation):
             yield pb.GenerateTextResponse(text=piece.text, token_ids=piece.token_ids,
                                           finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens)

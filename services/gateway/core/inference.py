@@ -67,6 +67,8 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None               # None: a random one
     prompt_ids: tuple[int, ...] | None = None   # token ids of the model's tokenizer instead of `prompt`
+    ignore_eos: bool = False              # generate max_new_tokens, past end-of-text tokens
+    truncate_prompt_tokens: int = 0       # > 0: keep only the prompt's last so many tokens
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,21 @@ class SamplingBody(BaseModel):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     user: str | None = None
+    # vLLM's extensions that clients send: served ones, then refused ones (never silently ignored)
+    ignore_eos: bool = Field(False, description="extension: generate max_tokens tokens, past end-of-text")
+    include_stop_str_in_output: bool = Field(False, description="extension: keep the stop string in the text")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT32,
+                                               description="extension: keep only the prompt's last k tokens")
+    min_tokens: int | None = Field(None, ge=-INT32, le=INT32)
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
+    length_penalty: float | None = Field(None, allow_inf_nan=False)
+    min_p: float | None = Field(None, allow_inf_nan=False)
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = Field(None, ge=-INT32, le=INT32)
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionBody(SamplingBody):
@@ -88,6 +103,8 @@ class EmbeddingBody(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=-INT32, le=INT32)
     user: str | None = None
+    truncate: bool = Field(False, description="extension (TEI's): keep the head of an over-long text instead of "
+                           "refusing it")
 
 
 def _refuse_unsupported(body: SamplingBody) -> None:
@@ -99,6 +116,11 @@ def _refuse_unsupported(body: SamplingBody) -> None:
         "suffix": bool(getattr(body, "suffix", None)), "tools": bool(getattr(body, "tools", None)),
         "top_logprobs": getattr(body, "top_logprobs", None) not in (None, 0),
         "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
+        "min_tokens": body.min_tokens not in (None, 0), "repetition_penalty": body.repetition_penalty not in (None, 1),
+        "length_penalty": body.length_penalty not in (None, 1), "min_p": body.min_p not in (None, 0),
+        "use_beam_search": body.use_beam_search, "prompt_logprobs": body.prompt_logprobs is not None,
+        "guided_json": body.guided_json is not None, "guided_regex": body.guided_regex is not None,
+        "guided_choice": body.guided_choice is not None, "guided_grammar": body.guided_grammar is not None,
     }
     for param, refused in unsupported.items():
         if refused:
@@ -116,7 +138,8 @@ def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     return GenerateRequest(body.model, prompt, max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
-                           None if body.seed is None else body.seed % (1 << 64))
+                           None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
+                           truncate_prompt_tokens=body.truncate_prompt_tokens or 0)
 
 
 def _prompts(prompt) -> list[str | tuple[int, ...]]:
@@ -173,9 +196,9 @@ class Choice:
     """One choice's stream of the core: opened at once, so that a request refused before any text gets its HTTP
     status rather than a broken stream."""
 
-    def __init__(self, door: Door, who: Caller, request: GenerateRequest, index: int) -> None:
+    def __init__(self, door: Door, who: Caller, request: GenerateRequest, index: int, keep_stop: bool = False) -> None:
         self.index = index
-        self.stops = list(request.stop)
+        self.stops = [] if keep_stop else list(request.stop)     # OpenAI's text ends before the stop string
         self.stream = door.stream(who, door.inference.generate, request)
         self.result = Generated()
         self.first = None
@@ -212,7 +235,8 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
     """`requests`: one per choice, in OpenAI's order (prompt by prompt, `per_prompt` choices each)."""
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = now()
-    choices = [Choice(door, who, request, index) for index, request in enumerate(requests)]
+    choices = [Choice(door, who, request, index, body.include_stop_str_in_output)
+               for index, request in enumerate(requests)]
     try:
         await asyncio.gather(*(choice.open() for choice in choices))
     except BaseException:
@@ -323,7 +347,7 @@ async def chat_completions(body: ChatBody, request: Request, who: CallerDep):
 async def embeddings(body: EmbeddingBody, request: Request, who: CallerDep):
     door = door_of(request)
     texts = texts_of(body.input)
-    reply = await door.run(who, door.inference.embed, TextsRequest(body.model, tuple(texts)))
+    reply = await door.run(who, door.inference.embed, TextsRequest(body.model, tuple(texts), body.truncate))
     width = len(reply.embeddings[0]) if reply.embeddings else 0
     if body.dimensions is not None and body.dimensions != width:
         raise ApiError(400, f"dimensions must be the tenant's {width} (HMI does not shorten embeddings)",
