@@ -126,6 +126,7 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
     ids = [t["id"] for t in tei_tokens(services, "http-bard", prompts[0])]     # the gateway's own tokenizer
     by_ids = api.completions.create(model="http-bard", prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == reply.choices[0].text
+    assert client.generate("http-bard", prompt_ids=ids, max_new_tokens=6).collect().text == reply.choices[0].text
     assert by_ids.usage.prompt_tokens == len(ids)
     two = api.completions.create(model="http-bard", prompt=[ids, ids], max_tokens=6, temperature=0)
     assert [c.text for c in two.choices] == [reply.choices[0].text] * 2
