@@ -5,6 +5,7 @@ The records are the store's own messages (knowledge_store.proto): the core passe
 them into types of its own."""
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator
 
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
@@ -21,6 +22,19 @@ from services.gateway.directory import TenantDirectory
 ADMIN_TIMEOUT = 60.0
 BUILD_TIMEOUT = 6 * 3600.0
 MAX_SCOPES_CACHED = 10_000
+
+
+class _CallersUndecodableMessages(logging.Filter):
+    """gRPC's client logs "Exception iterating requests!" with a traceback when the iterator of a stream it
+    sends raises. A relayed stream's iterator raises for a message of the caller's that does not parse: the
+    caller's error, answered INVALID_ARGUMENT, not a fault of ours to log as one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, UndecodableRequest)
+
+
+logging.getLogger("grpc._channel").addFilter(_CallersUndecodableMessages())
 
 
 class Relayed:
