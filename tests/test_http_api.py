@@ -170,6 +170,63 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
         api.completions.create(model="http-bard", prompt=["a"] * 9, n=2, max_tokens=2)
 
 
+def test_logprobs_and_echo_equal_transformers_with_the_adapter_merged(deployment, tiny_llama_dir):
+    """The log-probabilities of the prompt (echo, what lm-eval's loglikelihood reads) and of the generated
+    tokens equal the plain transformers model with the tenant's adapter merged into its weights."""
+    import torch
+
+    from models.adapter_format import parse_adapter
+    from models.dims import ModelDims
+    from models.loading import load_causal_lm
+    from models.lora_merge import merged_model
+    services, client, api = deployment
+    ids = [t["id"] for t in tei_tokens(services, "http-bard", "the service was quick")]
+    adapter = parse_adapter(client.get_adapter("http-bard"), ModelDims.from_dir(tiny_llama_dir), num_labels=0)
+    reference = merged_model(load_causal_lm(tiny_llama_dir), adapter)
+
+    def log_probs(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(reference(torch.tensor([tokens])).logits[0].double(), -1)
+
+    # lm-eval's loglikelihood request: token ids, echo, one token generated, one alternative each.
+    reply = api.completions.create(model="http-bard", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                   echo=True)
+    scored = reply.choices[0].logprobs
+    assert len(scored.tokens) == len(ids) + 1 and scored.token_logprobs[0] is None
+    generated = api.completions.create(model="http-bard", prompt=ids, max_tokens=1, temperature=0).choices[0]
+    expected = log_probs(ids + [0])
+    for position in range(1, len(ids)):
+        assert abs(scored.token_logprobs[position] - float(expected[position - 1, ids[position]])) < 1e-4
+        best = max(scored.top_logprobs[position].values())
+        assert abs(best - float(expected[position - 1].max())) < 1e-4
+    last = int(expected[len(ids) - 1].argmax())
+    assert abs(scored.token_logprobs[-1] - float(expected[len(ids) - 1, last])) < 1e-4
+    assert reply.choices[0].text.endswith(generated.text) and scored.text_offset[0] == 0
+    assert "".join(scored.tokens[:len(ids)]) == reply.choices[0].text[:len(reply.choices[0].text) - len(generated.text)]
+    # the gRPC door answers the same log-probabilities
+    from hmi_client.v1 import gateway_pb2, gateway_pb2_grpc
+    stub = gateway_pb2_grpc.GatewayStub(client.channel)
+    messages = list(stub.Generate(gateway_pb2.GenerateTextRequest(tenant_id="http-bard", prompt_ids=ids, max_new_tokens=1,
+                                                                  logprobs=1, prompt_logprobs=True),
+                                  metadata=(("authorization", f"Bearer {services.admin_token}"),), timeout=30))
+    over_grpc = [e.token.logprob if e.token.HasField("logprob") else None for e in messages[0].prompt_logprobs]
+    assert over_grpc[0] is None and len(over_grpc) == len(ids)
+    assert all(abs(a - b) < 1e-5 for a, b in zip(over_grpc[1:], scored.token_logprobs[1:len(ids)]))
+    # echo with max_tokens 0: the prompt and its log-probabilities only
+    only = api.completions.create(model="http-bard", prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert len(only.choices[0].logprobs.tokens) == len(ids) and only.usage.completion_tokens == 0
+    # chat: each generated token's log-probability and alternatives
+    chat = api.chat.completions.create(model="http-bard", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 for t in content)     # greedy: the likeliest
+    with pytest.raises(openai.BadRequestError, match="without stream"):
+        api.completions.create(model="http-bard", prompt="hi", max_tokens=2, logprobs=1, stream=True)
+    with pytest.raises(openai.BadRequestError, match="at most 20"):
+        api.completions.create(model="http-bard", prompt="hi", max_tokens=2, logprobs=21)
+
+
 def tei_tokens(services, tenant: str, text: str) -> list[dict]:
     status, reply = request(services.http_addr, "POST", f"/tei/{tenant}/tokenize",
                             {"inputs": text}, services.admin_token)
@@ -186,7 +243,7 @@ def test_bad_requests_are_the_clients_typed_errors(deployment):
         api.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.NotFoundError):
         api.embeddings.create(model="nobody", input="hi")
-    bad = [dict(n=17), dict(n=0), dict(temperature=-1), dict(max_tokens=100_000), dict(top_p=1.5), dict(logprobs=2)]
+    bad = [dict(n=17), dict(n=0), dict(temperature=-1), dict(max_tokens=100_000), dict(top_p=1.5), dict(logprobs=99)]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as refused:
             api.completions.create(model="http-bard", prompt="hi", **params)

@@ -136,14 +136,15 @@ def _failure(error: grpc.RpcError) -> HMIError:
     return error_of(code.name, details)
 
 
-def generate_request(sequence: Sequence, weight: float, max_new_tokens: int, temperature: float, top_k: int,
-                     top_p: float, seed: int, stop_token_ids: list[int]) -> pb.GenerateRequest:
+def generate_request(sequence: Sequence, weight: float, params: "GenerationParams") -> pb.GenerateRequest:
     spec = pb.SequenceSpec(tenant_id=sequence.tenant_id, adapter_version=sequence.adapter_version,
                            domain=sequence.domain, split_layer=sequence.split_layer, model=sequence.model,
                            domain_revision=sequence.domain_revision, weight=weight)
-    params = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, stop_token_ids=stop_token_ids)
-    return pb.GenerateRequest(sequence=spec, prompt_ids=sequence.token_ids.tolist(), params=params)
+    sampling = pb.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                 top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                                 stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
+                                 top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs)
+    return pb.GenerateRequest(sequence=spec, prompt_ids=sequence.token_ids.tolist(), params=sampling)
 
 
 def replica_unreachable(error: BaseException) -> bool:
@@ -170,6 +171,15 @@ class GenerationParams:
     top_p: float
     seed: int
     stop_token_ids: tuple[int, ...]
+    logprobs: bool = False           # each generated token's log-probability
+    top_logprobs: int = 0            # and its so many likeliest alternatives
+    prompt_logprobs: bool = False    # the prompt's tokens' too (on the first message)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float
+    top: list[tuple[int, float]]     # (token id, log-probability), likeliest first
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,12 @@ class GeneratedTokens:
     """One message of a generation stream: the tokens sampled since the last, and why it ended (at the end)."""
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None          # per token, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None   # prompt tokens 1.. (first message), when asked for
+
+
+def _logprobs(messages) -> list[TokenLogprob]:
+    return [TokenLogprob(m.logprob, list(zip(m.top_ids, m.top_logprobs))) for m in messages]
 
 
 class GenerationStream:
@@ -190,7 +206,9 @@ class GenerationStream:
     def __iter__(self) -> Iterator[GeneratedTokens]:
         try:
             for message in self._call:
-                yield GeneratedTokens(list(message.token_ids), message.finish_reason)
+                yield GeneratedTokens(list(message.token_ids), message.finish_reason,
+                                      _logprobs(message.logprobs) if message.logprobs else None,
+                                      _logprobs(message.prompt_logprobs) if message.prompt_logprobs else None)
         except grpc.RpcError as error:
             if replica_unreachable(error):
                 details = error.details() or "no connection"
@@ -206,8 +224,7 @@ class GenerationStream:
 def generate(stub: "ComputeStub", sequence: Sequence, weight: float, params: GenerationParams,
              timeout: float) -> GenerationStream:
     """Starts generating one sequence on the replica behind `stub`."""
-    request = generate_request(sequence, weight, params.max_new_tokens, params.temperature, params.top_k,
-                               params.top_p, params.seed, list(params.stop_token_ids))
+    request = generate_request(sequence, weight, params)
     return GenerationStream(stub.Generate(request, timeout=timeout, metadata=outgoing_metadata()))
 
 

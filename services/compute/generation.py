@@ -88,9 +88,9 @@ class GenerationEngine:
                 time.sleep(0.005)   # only waiting requests (for room, or their adapter and prompt rows)
                 continue
             try:
-                sampled = self.runner.step(plan)
+                sampled, details = self.runner.step(plan)
             except Exception as error:  # noqa: BLE001 - the step's sequences fail, the engine goes on
                 log.exception("generation step of %d sequences failed", len(plan.running))
                 self.scheduler.fail(plan.running, error)
                 continue
-            self.scheduler.complete_step(plan, sampled)
+            self.scheduler.complete_step(plan, sampled, details)

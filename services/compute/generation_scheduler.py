@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class SamplingParams:
     top_p: float = 1.0                # 1 = off
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False            # report each generated token's log-probability
+    top_logprobs: int = 0             # and its so many likeliest alternatives
+    prompt_logprobs: bool = False     # and the prompt's tokens' (with the first generated token)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class StreamEvent:
     token_id: int | None = None
     finish_reason: str | None = None  # "length", "stop", "cancelled"
     error: BaseException | None = None
+    details: Any = None               # what the step runner reported with the token (its log-probabilities)
 
 
 class TokenStream:
@@ -69,6 +73,11 @@ class TokenStream:
         self.submitted_at = time.monotonic()
 
     def __iter__(self) -> Iterator[int]:
+        for token_id, _details in self.with_details():
+            yield token_id
+
+    def with_details(self) -> Iterator[tuple[int, Any]]:
+        """(token id, what the step runner reported with it: None unless log-probabilities were asked for)."""
         while True:
             event = self._events.get()
             if event.error is not None:
@@ -76,7 +85,7 @@ class TokenStream:
             if event.finish_reason is not None:
                 self.finish_reason = event.finish_reason
                 return
-            yield event.token_id
+            yield event.token_id, event.details
 
     def cancel(self) -> None:
         """Stops generation at the next step and frees the sequence's KV cache (a client went away)."""
@@ -202,9 +211,11 @@ class GenerationScheduler:
             running = list(self._running)
             return StepPlan(running, self._feeds(running))
 
-    def complete_step(self, plan: StepPlan, sampled: dict[ScheduledSequence, int]) -> None:
+    def complete_step(self, plan: StepPlan, sampled: dict[ScheduledSequence, int],
+                      details: dict[ScheduledSequence, Any] | None = None) -> None:
         """The step ran: its fed tokens leave `pending`; a sequence that fed its last one gets its sampled
-        token (`sampled`), streamed, and finishes at a stop token or at max_new_tokens."""
+        token (`sampled`), streamed with what `details` holds for it, and finishes at a stop token or at
+        max_new_tokens."""
         with self._cond:
             fed = {s: n for s, n in plan.feeds.items() if n}
             self.stats.steps += 1
@@ -219,7 +230,7 @@ class GenerationScheduler:
                 sequence.tokens.append(token)
                 sequence.pending = [token]
                 self.stats.tokens_generated += 1
-                sequence.stream.put(StreamEvent(token_id=token))
+                sequence.stream.put(StreamEvent(token_id=token, details=(details or {}).get(sequence)))
                 params = sequence.request.params
                 reason = ("stop" if token in params.stop_token_ids
                           else "length" if sequence.generated >= params.max_new_tokens else None)

@@ -26,11 +26,34 @@ PlotLookup = Callable[[str, list[np.ndarray], list[int], list[int]], list[np.nda
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the tenant's model, and the likeliest tokens at its position."""
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SampledDetails:
+    """What a sampled token is streamed with when log-probabilities were asked for."""
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None     # prompt tokens 1.. (with the first generated token)
+
+
+@dataclass
 class SequenceTensors:
     """A running sequence's tensors: its KV cache, its sampler, and the PLOT rows of its prompt not fed yet."""
     cache: KVCache
     generator: torch.Generator
     prompt_rows_left: np.ndarray | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
+
+
+def token_logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`log_probs` [vocab] (log-softmax of the logits) -> the token's and the `top` likeliest."""
+    best = torch.topk(log_probs, top) if top > 0 else None
+    return TokenLogprob(float(log_probs[token]), best.indices.tolist() if best is not None else [],
+                        best.values.tolist() if best is not None else [])
 
 
 class StepRunner:
@@ -47,11 +70,13 @@ class StepRunner:
             prompt_rows = np.asarray(sequence.prompt_rows.result()[0])
         sequence.state = SequenceTensors(
             self.model.new_cache(request.split_layer, len(request.prompt) + request.params.max_new_tokens),
-            torch.Generator().manual_seed(request.params.seed), prompt_rows)
+            torch.Generator().manual_seed(request.params.seed), prompt_rows,
+            [] if request.params.prompt_logprobs else None)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> dict[ScheduledSequence, int]:
-        """Runs the step; returns the sampled token of every sequence that fed its last pending token."""
+    def step(self, plan: StepPlan) -> tuple[dict[ScheduledSequence, int], dict[ScheduledSequence, SampledDetails]]:
+        """Runs the step; returns the sampled token of every sequence that fed its last pending token, and the
+        log-probabilities of those that asked for them."""
         sequences = plan.sequences
         lease = self.pool.acquire([(s.request.tenant_id, s.request.adapter_version) for s in sequences])
         try:
@@ -66,13 +91,45 @@ class StepRunner:
                                  token_ids_of=lambda j: np.asarray(ordered[j].pending[:layout.lengths[j]]),
                                  first_position_of=lambda j: states[j].cache.length,
                                  plot=plot_rows(layout, rows.__getitem__))
+            fed_from = [state.cache.length for state in states]
             out = self.model.run(inputs, [state.cache for state in states], self.pool.slot_tensors().lora)
             last = torch.tensor([end - 1 for end in inputs.bounds[1:]], device=out.device)
             logits = self.model.logits(out[last]).float().cpu()
+            for j, sequence in enumerate(ordered):     # the prompt's own tokens, chunk by chunk, when asked for
+                if states[j].prompt_logprobs is not None and fed_from[j] < len(sequence.request.prompt):
+                    self._prompt_logprobs(sequence, states[j], out[inputs.bounds[j]:inputs.bounds[j + 1]],
+                                          fed_from[j])
         finally:
             lease.release()
-        return {s: sample(logits[j], s.request.params, states[j].generator)
-                for j, s in enumerate(ordered) if plan.samples(s)}
+        sampled, details = {}, {}
+        for j, s in enumerate(ordered):
+            if not plan.samples(s):
+                continue
+            token = sample(logits[j], s.request.params, states[j].generator)
+            sampled[s] = token
+            params = s.request.params
+            if params.logprobs or params.prompt_logprobs:
+                found = SampledDetails()
+                if params.logprobs:
+                    found.logprob = token_logprob(torch.log_softmax(logits[j].double(), -1), token,
+                                                  params.top_logprobs)
+                if states[j].prompt_logprobs is not None:
+                    found.prompt_logprobs, states[j].prompt_logprobs = states[j].prompt_logprobs, None
+                details[s] = found
+        return sampled, details
+
+    def _prompt_logprobs(self, sequence: ScheduledSequence, state: SequenceTensors, hidden: torch.Tensor,
+                         start: int) -> None:
+        """Each fed prompt position's prediction of the next prompt token (the last one's predicts the first
+        generated token, which its own log-probability covers)."""
+        prompt = sequence.request.prompt
+        end = min(start + len(hidden), len(prompt) - 1)
+        if end <= start:
+            return
+        log_probs = torch.log_softmax(self.model.logits(hidden[:end - start]).double().cpu(), -1)
+        top = sequence.request.params.top_logprobs
+        for offset in range(end - start):
+            state.prompt_logprobs.append(token_logprob(log_probs[offset], int(prompt[start + offset + 1]), top))
 
     def _plot_rows(self, ordered: list[ScheduledSequence], lengths: list[int]) -> dict[int, np.ndarray]:
         """Layer-L rows of the fed tokens of every sequence above split layer 0, by execution position: the

@@ -12,6 +12,12 @@ from services.compute.generation_scheduler import GenerationRequest, SamplingPar
 from services.compute.pipeline import PipelineStats
 from services.compute.serving import DecoderServing, EncoderServing, Serving
 
+MAX_TOP_LOGPROBS = 20
+
+
+def _logprob_pb(found) -> pb.SampledLogprob:
+    return pb.SampledLogprob(logprob=found.logprob, top_ids=found.top_ids, top_logprobs=found.top_logprobs)
+
 
 class ComputeServicer(pb_grpc.ComputeServicer):
     """Serves an encoder (Forward: packed batches through its pipeline) or a decoder (Generate: its engine)."""
@@ -60,15 +66,23 @@ class ComputeServicer(pb_grpc.ComputeServicer):
         if params.max_new_tokens < 1 or params.temperature < 0 or params.top_k < 0 or not 0 <= params.top_p <= 1:
             raise InvalidArgument("sampling parameters out of range: max_new_tokens >= 1, temperature >= 0, "
                                   "top_k >= 0, top_p in [0, 1]")
+        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
         stream = self.serving.engine.submit(GenerationRequest(
             spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer, prompt,
             SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                            top_p=params.top_p or 1.0, seed=params.seed,
-                           stop_token_ids=tuple(params.stop_token_ids)),
+                           stop_token_ids=tuple(params.stop_token_ids), logprobs=params.logprobs,
+                           top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs),
             weight=spec.weight or 1.0))
         context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
-        for token in stream:
-            yield pb.GenerateResponse(token_ids=[token])
+        for token, details in stream.with_details():
+            response = pb.GenerateResponse(token_ids=[token])
+            if details is not None:
+                if details.logprob is not None:
+                    response.logprobs.append(_logprob_pb(details.logprob))
+                response.prompt_logprobs.extend(_logprob_pb(found) for found in details.prompt_logprobs or ())
+            yield response
         yield pb.GenerateResponse(finish_reason=stream.finish_reason or "length")
 
     @handles_errors

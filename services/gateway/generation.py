@@ -59,6 +59,9 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
         prompt_ids = np.asarray(token_prompt, dtype=np.int32)
     else:
         prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
+    top = getattr(request, "logprobs", None)
+    if top is not None and not 0 <= top <= limits.max_top_logprobs:
+        raise InvalidArgument(f"logprobs must lie in 0..{limits.max_top_logprobs} (alternatives per token), got {top}")
     truncate = getattr(request, "truncate_prompt_tokens", 0)
     if truncate < 0:
         raise InvalidArgument(f"truncate_prompt_tokens must be >= 0 (0 = keep the whole prompt), got {truncate}")

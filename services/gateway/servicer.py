@@ -15,6 +15,17 @@ from services.gateway.core.call import Call
 from services.gateway.core.inference import GenerateRequest, Inference, TextsRequest
 
 
+def _choice_pb(choice) -> pb.TokenChoice:
+    message = pb.TokenChoice(id=choice.id, text=choice.text)
+    if choice.logprob is not None:
+        message.logprob = choice.logprob
+    return message
+
+
+def _logprobs_pb(entry) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(token=_choice_pb(entry.token), top=[_choice_pb(t) for t in entry.top])
+
+
 def call_of(context) -> Call:
     """The core's view of a gRPC call; its cancellation fires when the RPC ends (or the client goes away)."""
     remaining = context.time_remaining()
@@ -50,10 +61,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      request.top_k, request.top_p, tuple(request.stop),
                                      request.seed if request.HasField("seed") else None,
                                      tuple(request.prompt_ids) if request.prompt_ids else None, request.ignore_eos,
-                                     request.truncate_prompt_tokens)
+                                     request.truncate_prompt_tokens,
+                                     request.logprobs if request.HasField("logprobs") else None,
+                                     request.prompt_logprobs)
         for piece in self.core.generate(call_of(context), generation):
             yield pb.GenerateTextResponse(text=piece.text, token_ids=piece.token_ids,
-                                          finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens)
+                                          finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,
+                                          logprobs=[_logprobs_pb(e) for e in piece.logprobs or ()],
+                                          prompt_logprobs=[_logprobs_pb(e) for e in piece.prompt_logprobs or ()])
 
 
 class AdminServicer(pb_grpc.AdminServicer):

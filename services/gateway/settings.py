@@ -23,3 +23,4 @@ class GenerationLimits:
     max_stop_strings: int = 8
     max_stop_chars: int = 128
     max_prompt_chars: int = 100_000
+    max_top_logprobs: int = 20          # alternatives per token a request may ask for (compute's limit too)

@@ -69,6 +69,21 @@ class GenerateRequest:
     prompt_ids: tuple[int, ...] | None = None   # token ids of the model's tokenizer instead of `prompt`
     ignore_eos: bool = False              # generate max_new_tokens, past end-of-text tokens
     truncate_prompt_tokens: int = 0       # > 0: keep only the prompt's last so many tokens
+    logprobs: int | None = None           # each generated token's log-probability and so many alternatives
+    prompt_logprobs: bool = False         # the prompt's tokens' too (on the first piece)
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    id: int
+    text: str                             # the token alone, decoded (special tokens included)
+    logprob: float | None                 # None: the prompt's first token (nothing predicts it)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token: TokenChoice
+    top: list[TokenChoice]                # the likeliest tokens at its position, likeliest first
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,8 @@ class GeneratedText:
     token_ids: list[int]
     finish_reason: str = ""
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None          # per token_ids, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None   # every prompt token (first piece), when asked for
 
 
 @dataclass(frozen=True)
@@ -286,12 +303,14 @@ class Inference:
         metrics.TOKENS.labels(lane.name, "in").inc(len(plan.prompt_ids))
         generated = [0]
         try:
-            yield from self._stream(call, arrived, route, lane, plan, timeout, deadline, generated)
+            yield from self._stream(call, arrived, route, lane, plan, timeout, deadline, generated, request.logprobs,
+                                    request.prompt_logprobs)
         finally:
             permit.give_back(plan.max_new_tokens - generated[0])       # a stream that stopped early costs less
 
     def _stream(self, call: Call, arrived: float, route: TenantRoute, lane: DecoderLane, plan: GenerationPlan,
-                timeout: float, deadline: float, generated: list[int]) -> Iterator[GeneratedText]:
+                timeout: float, deadline: float, generated: list[int], logprobs: int | None = None,
+                prompt_logprobs: bool = False) -> Iterator[GeneratedText]:
         streamer = TextStreamer(lane.tokenizer, plan.stop)
         first = True
         last_token_at = None
@@ -299,7 +318,8 @@ class Inference:
         sequence = Sequence(route.tenant_id, route.adapter_version, route.domain, route.split_layer, route.model,
                             route.domain_revision, plan.prompt_ids)
         params = GenerationParams(plan.max_new_tokens, plan.temperature, plan.top_k, plan.top_p, plan.seed,
-                                  tuple(plan.stop_token_ids))
+                                  tuple(plan.stop_token_ids), logprobs=logprobs is not None,
+                                  top_logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs)
         weight = self.quotas.effective(route.limits).weight
         while True:
             replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)
@@ -324,8 +344,11 @@ class Inference:
                     if reason:
                         piece += streamer.flush()
                     if piece or ids or reason or first:
-                        yield GeneratedText(piece, list(message.token_ids), reason,
-                                            len(plan.prompt_ids) if first else 0)
+                        yield GeneratedText(
+                            piece, list(message.token_ids), reason, len(plan.prompt_ids) if first else 0,
+                            self._logprobs(lane, message.logprobs, message.token_ids) if message.logprobs else None,
+                            self._prompt_logprobs(lane, plan.prompt_ids, message.prompt_logprobs)
+                            if first and prompt_logprobs else None)
                         first = False
                     if reason:
                         stream.cancel()
@@ -337,6 +360,22 @@ class Inference:
                     raise
                 lane.router.report_failure(replica)
                 tried.add(replica.address)
+
+    @staticmethod
+    def _choice(lane: DecoderLane, token: int, logprob: float | None) -> TokenChoice:
+        return TokenChoice(token, lane.tokenizer.decode([token], skip_special_tokens=False), logprob)
+
+    def _logprobs(self, lane: DecoderLane, found, tokens) -> list[TokenLogprobs]:
+        """Compute's log-probabilities of `tokens`, with each token's text."""
+        return [TokenLogprobs(self._choice(lane, token, entry.logprob),
+                              [self._choice(lane, alternative, lp) for alternative, lp in entry.top])
+                for token, entry in zip(tokens, found)]
+
+    def _prompt_logprobs(self, lane: DecoderLane, prompt_ids, found) -> list[TokenLogprobs]:
+        """Every prompt token: the first without a log-probability, the others as the model predicted them."""
+        ids = [int(t) for t in prompt_ids]
+        rest = self._logprobs(lane, found or [], ids[1:])
+        return [TokenLogprobs(self._choice(lane, ids[0], None), [])] + rest
 
     def _generation_replica(self, lane: DecoderLane, route: TenantRoute, deadline: float, timeout: float,
                             arrived: float, tried: set[str]) -> Replica:

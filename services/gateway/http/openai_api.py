@@ -11,7 +11,7 @@ import base64
 import dataclasses
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -20,13 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from services.common.errors import HMIError
-from services.gateway.core.inference import GeneratedText, GenerateRequest, TextsRequest
+from services.gateway.core.inference import GeneratedText, GenerateRequest, TextsRequest, TokenLogprobs
 from services.gateway.http.auth import Caller
 from services.gateway.http.door import ApiError, CallerDep, Door, door_of, now, texts_of
 from services.gateway.http.errors import openai_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_CHOICES = 16                    # n times the prompts of one request
+MAX_TOP_LOGPROBS = 20               # alternatives per token (compute's limit too)
 COMPLETIONS_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat uses the gateway's default (64)
 TENANT_PAGE = 1000
 
@@ -111,10 +112,8 @@ def _refuse_unsupported(body: SamplingBody) -> None:
     unsupported = {
         "presence_penalty": body.presence_penalty not in (None, 0),
         "frequency_penalty": body.frequency_penalty not in (None, 0), "logit_bias": bool(body.logit_bias),
-        "logprobs": body.logprobs not in (None, False, 0),
-        "echo": getattr(body, "echo", False), "best_of": getattr(body, "best_of", None) not in (None, 1),
+        "best_of": getattr(body, "best_of", None) not in (None, 1),
         "suffix": bool(getattr(body, "suffix", None)), "tools": bool(getattr(body, "tools", None)),
-        "top_logprobs": getattr(body, "top_logprobs", None) not in (None, 0),
         "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
         "min_tokens": body.min_tokens not in (None, 0), "repetition_penalty": body.repetition_penalty not in (None, 1),
         "length_penalty": body.length_penalty not in (None, 1), "min_p": body.min_p not in (None, 0),
@@ -140,6 +139,48 @@ def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
                            truncate_prompt_tokens=body.truncate_prompt_tokens or 0)
+
+
+def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:
+    """(alternatives per token, None: no log-probabilities; whether the prompt is echoed with its own)."""
+    if isinstance(body, ChatBody):
+        if body.logprobs not in (None, False, True):
+            raise ApiError(400, "logprobs must be true or false on chat completions", "logprobs")
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        wanted, echo = (top if body.logprobs else None), False
+    else:
+        if body.logprobs is not None and (isinstance(body.logprobs, bool) or not isinstance(body.logprobs, int)):
+            raise ApiError(400, "logprobs must be an integer: how many alternatives per token (0 = the token's "
+                                "own only)", "logprobs")
+        wanted, echo = body.logprobs, body.echo
+    if wanted is not None and not 0 <= wanted <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"at most {MAX_TOP_LOGPROBS} alternatives per token (logprobs / top_logprobs)",
+                       "logprobs")
+    if (wanted is not None or echo) and body.stream:
+        raise ApiError(400, "logprobs and echo are answered on requests without stream", "stream")
+    return wanted, echo
+
+
+def _completion_logprobs(result: Generated, echo: bool, prompt_text: str, keep_completion: bool) -> dict:
+    """OpenAI's completions `logprobs`: tokens, their log-probabilities, the alternatives and the character
+    offset of each token (from the start of the returned text)."""
+    entries = (result.prompt_logprobs if echo else []) + (result.logprobs if keep_completion else [])
+    offset = 0 if echo else len(prompt_text)
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token.text)
+    return {"tokens": [e.token.text for e in entries], "token_logprobs": [e.token.logprob for e in entries],
+            "top_logprobs": [None if e.token.logprob is None else {t.text: t.logprob for t in e.top}
+                             for e in entries], "text_offset": offsets}
+
+
+def _chat_logprobs(result: Generated) -> dict:
+    def one(choice) -> dict:
+        return {"token": choice.text, "logprob": choice.logprob, "bytes": list(choice.text.encode())}
+    return {"content": [{**one(e.token), "top_logprobs": [one(t) for t in e.top]} for e in result.logprobs]}
 
 
 def _prompts(prompt) -> list[str | tuple[int, ...]]:
@@ -170,11 +211,15 @@ class Generated:
     finish_reason: str = "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def add(self, message: GeneratedText, stops: list[str]) -> str:
         """Accounts a streamed message; returns its text as OpenAI shows it."""
         self.prompt_tokens = message.prompt_tokens or self.prompt_tokens
         self.completion_tokens += len(message.token_ids)
+        self.logprobs += message.logprobs or []
+        self.prompt_logprobs += message.prompt_logprobs or []
         text = message.text
         if message.finish_reason:
             self.finish_reason = "stop" if message.finish_reason == "stop" else "length"
@@ -198,6 +243,7 @@ class Choice:
 
     def __init__(self, door: Door, who: Caller, request: GenerateRequest, index: int, keep_stop: bool = False) -> None:
         self.index = index
+        self.request = request
         self.stops = [] if keep_stop else list(request.stop)     # OpenAI's text ends before the stop string
         self.stream = door.stream(who, door.inference.generate, request)
         self.result = Generated()
@@ -231,8 +277,9 @@ def _usage(choices: list[Choice], per_prompt: int) -> dict:
 
 
 async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], body: SamplingBody, *, chat: bool,
-                   per_prompt: int = 1):
-    """`requests`: one per choice, in OpenAI's order (prompt by prompt, `per_prompt` choices each)."""
+                   per_prompt: int = 1, score_only: bool = False):
+    """`requests`: one per choice, in OpenAI's order (prompt by prompt, `per_prompt` choices each); `score_only`:
+    echo with max_tokens 0, the prompt and its log-probabilities without a completion."""
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = now()
     choices = [Choice(door, who, request, index, body.include_stop_str_in_output)
@@ -269,10 +316,22 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
                 choice.cancel()
         if chat:
             answers = [{"index": c.index, "message": {"role": "assistant", "content": c.result.text},
-                        "logprobs": None, "finish_reason": c.result.finish_reason} for c in choices]
-        else:
-            answers = [{"index": c.index, "text": c.result.text, "logprobs": None,
+                        "logprobs": _chat_logprobs(c.result) if c.request.logprobs is not None else None,
                         "finish_reason": c.result.finish_reason} for c in choices]
+        else:
+            answers = []
+            for c in choices:
+                echo = c.request.prompt_logprobs
+                prompt_text = (c.request.prompt if c.request.prompt_ids is None
+                               else "".join(e.token.text for e in c.result.prompt_logprobs))
+                completion = "" if score_only else c.result.text
+                logprobs = (_completion_logprobs(c.result, echo, prompt_text, not score_only)
+                            if c.request.logprobs is not None else None)
+                answers.append({"index": c.index, "text": (prompt_text if echo else "") + completion,
+                                "logprobs": logprobs, "finish_reason": c.result.finish_reason})
+            if score_only:
+                for c in choices:
+                    c.result.completion_tokens = 0
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model, "choices": answers, "usage": _usage(choices, per_prompt)}
 
@@ -307,7 +366,10 @@ def _choices(body: SamplingBody, prompts: list[str | tuple[int, ...]], max_token
     if not 1 <= n <= MAX_CHOICES or len(prompts) * n > MAX_CHOICES:
         raise ApiError(400, f"n ({n}) times the prompts ({len(prompts)}) must lie in 1..{MAX_CHOICES} choices per "
                             f"request; send more requests", "n")
-    base = _generate_request(body, "", max_tokens)
+    top, echo = _logprob_request(body)
+    if echo and max_tokens == 0:
+        max_tokens = 1                  # echo alone scores the prompt: one token is generated and left out
+    base = dataclasses.replace(_generate_request(body, "", max_tokens), logprobs=top, prompt_logprobs=echo)
     requests = []
     for prompt in prompts:
         for j in range(n):
@@ -324,7 +386,7 @@ async def completions(body: CompletionBody, request: Request, who: CallerDep):
     prompts = _prompts(body.prompt)
     max_tokens = COMPLETIONS_DEFAULT_TOKENS if body.max_tokens is None else body.max_tokens
     return await _respond(door_of(request), who, _choices(body, prompts, max_tokens), body, chat=False,
-                          per_prompt=body.n or 1)
+                          per_prompt=body.n or 1, score_only=body.echo and max_tokens == 0)
 
 
 @router.post("/chat/completions", summary="chat completion by a generative tenant (OpenAI-compatible)")
