@@ -221,8 +221,19 @@ def test_logprobs_and_echo_equal_transformers_with_the_adapter_merged(deployment
     content = chat.choices[0].logprobs.content
     assert 1 <= len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
     assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 for t in content)     # greedy: the likeliest
+    # streamed: each chunk carries its tokens' log-probabilities, together those of the whole answer
+    whole = api.completions.create(model="http-bard", prompt=ids, max_tokens=6, temperature=0, logprobs=2)
+    streamed = [c.choices[0].logprobs for c in api.completions.create(
+        model="http-bard", prompt=ids, max_tokens=6, temperature=0, logprobs=2, stream=True) if c.choices]
+    assert sum((s.token_logprobs for s in streamed if s), []) == pytest.approx(
+        whole.choices[0].logprobs.token_logprobs, abs=1e-6)
+    chat_streamed = [c.choices[0].logprobs for c in api.chat.completions.create(
+        model="http-bard", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.logprob for s in chat_streamed for t in s.content] == pytest.approx(
+        [t.logprob for t in content], abs=1e-6)
     with pytest.raises(openai.BadRequestError, match="without stream"):
-        api.completions.create(model="http-bard", prompt="hi", max_tokens=2, logprobs=1, stream=True)
+        api.completions.create(model="http-bard", prompt="hi", max_tokens=2, logprobs=1, echo=True, stream=True)
     with pytest.raises(openai.BadRequestError, match="at most 20"):
         api.completions.create(model="http-bard", prompt="hi", max_tokens=2, logprobs=21)
 

@@ -158,8 +158,8 @@ def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:
     if wanted is not None and not 0 <= wanted <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"at most {MAX_TOP_LOGPROBS} alternatives per token (logprobs / top_logprobs)",
                        "logprobs")
-    if (wanted is not None or echo) and body.stream:
-        raise ApiError(400, "logprobs and echo are answered on requests without stream", "stream")
+    if echo and body.stream:
+        raise ApiError(400, "echo is answered on requests without stream", "stream")
     return wanted, echo
 
 
@@ -257,12 +257,13 @@ class Choice:
             raise
 
     async def pieces(self):
-        """(text as OpenAI shows it, finish reason or None) per message, ending with the finish."""
+        """(text as OpenAI shows it, finish reason or None, the message's token log-probabilities) per message,
+        ending with the finish."""
         message = self.first
         while message is not None:
             text = self.result.add(message, self.stops)
             reason = self.result.finish_reason if message.finish_reason else None
-            yield text, reason
+            yield text, reason, message.logprobs or []
             message = None if reason else await self.stream.next()
 
     def cancel(self) -> None:
@@ -291,11 +292,23 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
             choice.cancel()
         raise
 
-    def piece(index: int, text: str | None, reason: str | None, *, role: bool = False) -> dict:
+    def piece(index: int, text: str | None, reason: str | None, *, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if chat:
             delta = {"role": "assistant", "content": text or ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+
+    def streamed_logprobs(choice: Choice, entries: list[TokenLogprobs], offset: int) -> dict | None:
+        """The log-probabilities of the tokens a chunk carries (those of held-back text come with the next)."""
+        if choice.request.logprobs is None:
+            return None
+        shown = Generated(logprobs=entries)
+        if chat:
+            return _chat_logprobs(shown)
+        found = _completion_logprobs(shown, False, "", True)
+        found["text_offset"] = [offset + o for o in found["text_offset"]]
+        return found
 
     def chunk(pieces: list[dict], usage: dict | None = None) -> dict:
         data = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -306,7 +319,7 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
 
     if not body.stream:
         async def collect(choice: Choice) -> None:
-            async for _text, _reason in choice.pieces():
+            async for _text, _reason, _logprobs in choice.pieces():
                 pass
 
         try:
@@ -342,9 +355,15 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
             for choice in choices:       # one choice after the other, each chunk naming its index
                 if chat:
                     yield _sse(chunk([piece(choice.index, "", None, role=True)]))
-                async for text, reason in choice.pieces():
+                held: list[TokenLogprobs] = []
+                offset = len(choice.request.prompt)
+                async for text, reason, logprobs in choice.pieces():
+                    held += logprobs
                     if text or reason:
-                        yield _sse(chunk([piece(choice.index, text, reason)]))
+                        found = streamed_logprobs(choice, held, offset)
+                        offset += sum(len(e.token.text) for e in held)
+                        held = []
+                        yield _sse(chunk([piece(choice.index, text, reason, logprobs=found)]))
                 choice.cancel()
             if include_usage:
                 yield _sse(chunk([], _usage(choices, per_prompt)))
