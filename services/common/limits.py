@@ -8,3 +8,7 @@ MAX_CONTEXT = 16
 # The largest LoRA rank a compute replica's adapter slots hold by default (compute's --max-rank); the store
 # refuses adapters above its own --max-rank, which defaults to the same, so nothing registered is unservable.
 DEFAULT_MAX_RANK = 16
+
+# The most likeliest alternatives per token a generation may ask log-probabilities for: the gateway refuses
+# more, and compute (which computes them) checks the same.
+MAX_TOP_LOGPROBS = 20

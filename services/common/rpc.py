@@ -59,10 +59,7 @@ def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
     if isinstance(error, HMIError):
         code, details = _status(error.code_name), str(error)
     elif isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        code = error.code()
-        details = error.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"a peer service is unavailable: {details}"
+        code, details = peer_status(error)
     else:
         code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
         log.error("%s", bounded(details), exc_info=None if len(str(error)) > MAX_MESSAGE_CHARS else error)
@@ -109,20 +106,34 @@ def remaining_timeout(context: grpc.ServicerContext, default: float, floor: floa
     return bounded_timeout(context.time_remaining(), default, floor)
 
 
+def peer_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The status a peer's failed call is passed on with: its code and message, and "a peer service is
+    unavailable" before an UNAVAILABLE's (UNKNOWN for an error that carries no status)."""
+    if not hasattr(error, "code"):
+        return grpc.StatusCode.UNKNOWN, str(error) or "UNKNOWN"
+    code = error.code()
+    details = error.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"a peer service is unavailable: {details}"
+    return code, details
+
+
+def peer_error(error: grpc.RpcError) -> HMIError:
+    """A peer's failed call as the HMIError of its status (peer_status)."""
+    code, details = peer_status(error)
+    return error_of(code.name, details)
+
+
 @contextmanager
 def peer_errors() -> Iterator[None]:
-    """A peer's gRPC status becomes the HMIError of its code, with the same message (and "a peer service is
-    unavailable" before an UNAVAILABLE's): logic above a call to another service sees only HMIErrors."""
+    """A peer's gRPC status becomes its HMIError (peer_error): logic above a call to another service sees only
+    HMIErrors."""
     try:
         yield
     except grpc.RpcError as error:
         if not hasattr(error, "code"):
             raise
-        code = error.code()
-        details = error.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = f"a peer service is unavailable: {details}"
-        raise error_of(code.name, details) from None
+        raise peer_error(error) from None
 
 
 def peer_unreachable(error: BaseException) -> bool:

@@ -9,7 +9,6 @@ connection, or a server shutting down) and nothing ran.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,9 +19,8 @@ from hmi_proto.v1 import compute_pb2 as pb
 from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common import tracing
 from services.common.codec import decode_tensor, encode_tensor
-from services.common.errors import HMIError, Unavailable, error_of
-from services.common.rpc import ANSWERED_UNAVAILABLE, peer_errors
-from services.common.tracing import outgoing_metadata
+from services.common.errors import HMIError, Unavailable
+from services.common.rpc import ANSWERED_UNAVAILABLE, peer_error, peer_status
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ def forward(stub: "ComputeStub", sequences: list[Sequence], timeout: float, on_d
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
             tracing.end_span(span, code)
-            on_done(_failure(error))
+            on_done(failure_of(error))
             return
         except Exception as error:  # noqa: BLE001 - a cancelled future or a broken channel fails the batch only
             tracing.end_span(span, grpc.StatusCode.INTERNAL)
@@ -126,14 +124,11 @@ def forward(stub: "ComputeStub", sequences: list[Sequence], timeout: float, on_d
     call.add_done_callback(done)
 
 
-def _failure(error: grpc.RpcError) -> HMIError:
-    details = (error.details() if hasattr(error, "details") else None) or str(error)
+def failure_of(error: grpc.RpcError) -> HMIError:
+    """ReplicaUnreachable when the replica itself was not reached, else the HMIError of its answer."""
     if replica_unreachable(error):
-        return ReplicaUnreachable(f"a peer service is unavailable: {details}")
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"a peer service is unavailable: {details}"
-    return error_of(code.name, details)
+        return ReplicaUnreachable(peer_status(error)[1])
+    return peer_error(error)
 
 
 def generate_request(sequence: Sequence, weight: float, params: "GenerationParams") -> pb.GenerateRequest:
@@ -201,7 +196,6 @@ class GenerationStream:
 
     def __init__(self, call) -> None:
         self._call = call
-        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[GeneratedTokens]:
         try:
@@ -210,22 +204,17 @@ class GenerationStream:
                                       _logprobs(message.logprobs) if message.logprobs else None,
                                       _logprobs(message.prompt_logprobs) if message.prompt_logprobs else None)
         except grpc.RpcError as error:
-            if replica_unreachable(error):
-                details = error.details() or "no connection"
-                raise ReplicaUnreachable(f"a peer service is unavailable: {details}") from None
-            with peer_errors():
-                raise
+            raise failure_of(error) from None
 
     def cancel(self) -> None:
-        with self._lock:
-            self._call.cancel()
+        self._call.cancel()
 
 
 def generate(stub: "ComputeStub", sequence: Sequence, weight: float, params: GenerationParams,
              timeout: float) -> GenerationStream:
     """Starts generating one sequence on the replica behind `stub`."""
     request = generate_request(sequence, weight, params)
-    return GenerationStream(stub.Generate(request, timeout=timeout, metadata=outgoing_metadata()))
+    return GenerationStream(stub.Generate(request, timeout=timeout, metadata=tracing.outgoing_metadata()))
 
 
 ComputeStub = pb_grpc.ComputeStub

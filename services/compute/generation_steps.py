@@ -86,12 +86,11 @@ class StepRunner:
             ordered = [sequences[i] for i in layout.order]
             states: list[SequenceTensors] = [s.state for s in ordered]
             rows = self._plot_rows(ordered, layout.lengths)
+            fed_from = [state.cache.length for state in states]      # each sequence's first fed position
             inputs = pack_inputs(layout, hidden_size=self.model.dims.hidden, device=self.model.device,
                                  embed=self.model.embed,
                                  token_ids_of=lambda j: np.asarray(ordered[j].pending[:layout.lengths[j]]),
-                                 first_position_of=lambda j: states[j].cache.length,
-                                 plot=plot_rows(layout, rows.__getitem__))
-            fed_from = [state.cache.length for state in states]
+                                 first_position_of=fed_from.__getitem__, plot=plot_rows(layout, rows.__getitem__))
             out = self.model.run(inputs, [state.cache for state in states], self.pool.slot_tensors().lora)
             last = torch.tensor([end - 1 for end in inputs.bounds[1:]], device=out.device)
             logits = self.model.logits(out[last]).float().cpu()

@@ -6,13 +6,12 @@ import numpy as np
 from hmi_proto.v1 import compute_pb2 as pb
 from hmi_proto.v1 import compute_pb2_grpc as pb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.limits import MAX_TOP_LOGPROBS
 from services.common.rpc import handles_errors, handles_stream_errors, remaining_timeout
 from services.compute.batch import PackedBatch
 from services.compute.generation_scheduler import GenerationRequest, SamplingParams
 from services.compute.pipeline import PipelineStats
 from services.compute.serving import DecoderServing, EncoderServing, Serving
-
-MAX_TOP_LOGPROBS = 20
 
 
 def _logprob_pb(found) -> pb.SampledLogprob:

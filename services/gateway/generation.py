@@ -25,6 +25,8 @@ class GenerationPlan:
     seed: int
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
+    logprobs: int | None = None         # alternatives per generated token (None: no log-probabilities)
+    prompt_logprobs: bool = False       # the prompt's tokens' log-probabilities too
 
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
@@ -61,7 +63,8 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
         prompt_ids = np.asarray(tokenizer.encode(request.prompt).ids, dtype=np.int32)
     top = getattr(request, "logprobs", None)
     if top is not None and not 0 <= top <= limits.max_top_logprobs:
-        raise InvalidArgument(f"logprobs must lie in 0..{limits.max_top_logprobs} (alternatives per token), got {top}")
+        raise InvalidArgument(f"logprobs must lie in 0..{limits.max_top_logprobs}: at most {limits.max_top_logprobs} "
+                              f"alternatives per token, got {top}")
     truncate = getattr(request, "truncate_prompt_tokens", 0)
     if truncate < 0:
         raise InvalidArgument(f"truncate_prompt_tokens must be >= 0 (0 = keep the whole prompt), got {truncate}")
@@ -76,7 +79,8 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     seed = secrets.randbits(63) if request.seed is None else request.seed
     stop_ids = () if getattr(request, "ignore_eos", False) else eos_token_ids
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
-                          float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids)
+                          float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids, top,
+                          bool(getattr(request, "prompt_logprobs", False)))
 
 
 class TextStreamer:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.limits import MAX_TOP_LOGPROBS
+
 
 @dataclass
 class BatcherSettings:
@@ -23,4 +25,4 @@ class GenerationLimits:
     max_stop_strings: int = 8
     max_stop_chars: int = 128
     max_prompt_chars: int = 100_000
-    max_top_logprobs: int = 20          # alternatives per token a request may ask for (compute's limit too)
+    max_top_logprobs: int = MAX_TOP_LOGPROBS   # alternatives per token a request may ask for

@@ -6,6 +6,7 @@ them into types of its own."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
@@ -58,6 +59,18 @@ class Relayed:
             self.error = error
             raise
 
+    @contextmanager
+    def answered(self) -> Iterator[None]:
+        """Around the store call the stream is passed to: the store's statuses as HMIErrors, and when one of the
+        caller's messages did not parse (so the call was cancelled), that as the answer."""
+        try:
+            with peer_errors():
+                yield
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
+
     def first(self):
         """The first message (None for an empty stream), still passed on with the rest."""
         if not self._first:
@@ -91,17 +104,6 @@ class Admin:
     def _streamed(stream) -> Iterator:
         with peer_errors():
             yield from stream
-
-    @staticmethod
-    def _relayed(requests: Relayed, method, call: Call, timeout: float):
-        """A client stream's store call; its own undecodable message wins over the cancelled call's status."""
-        try:
-            with peer_errors():
-                return method(requests, **Admin._options(call, timeout))
-        except Exception:
-            if requests.error is not None:
-                raise requests.error from None
-            raise
 
     # ---- domains --------------------------------------------------------------------------------
 
@@ -140,16 +142,11 @@ class Admin:
 
     def _job(self, method, requests: Iterable, call: Call) -> Iterator[store_pb.BuildDomainProgress]:
         relayed = Relayed(requests)
-        try:
-            with peer_errors():
-                for progress in method(relayed, **self._options(call, BUILD_TIMEOUT)):
-                    if progress.stage == "done":
-                        self.directory.invalidate(domain=progress.domain.spec.name)
-                    yield progress
-        except Exception:
-            if relayed.error is not None:
-                raise relayed.error from None
-            raise
+        with relayed.answered():
+            for progress in method(relayed, **self._options(call, BUILD_TIMEOUT)):
+                if progress.stage == "done":
+                    self.directory.invalidate(domain=progress.domain.spec.name)
+                yield progress
 
     def get_domain(self, call: Call, request: store_pb.GetDomainRequest) -> store_pb.Domain:
         self._require_domain(self.principal(call), request.name, "GetDomain", call)
@@ -189,7 +186,8 @@ class Admin:
                 raise InvalidArgument("the stream must start with the tenant's spec")
             principal.require_tenant(first.spec.tenant_id, "RegisterTenant", manage=True)
             self._require_domain(principal, first.spec.domain, "RegisterTenant", call)
-        tenant = self._relayed(relayed, self.store.PutTenant, call, ADMIN_TIMEOUT)
+        with relayed.answered():
+            tenant = self.store.PutTenant(relayed, **self._options(call))
         self.directory.invalidate(tenant_id=tenant.spec.tenant_id)
         return tenant
 

@@ -303,14 +303,12 @@ class Inference:
         metrics.TOKENS.labels(lane.name, "in").inc(len(plan.prompt_ids))
         generated = [0]
         try:
-            yield from self._stream(call, arrived, route, lane, plan, timeout, deadline, generated, request.logprobs,
-                                    request.prompt_logprobs)
+            yield from self._stream(call, arrived, route, lane, plan, timeout, deadline, generated)
         finally:
             permit.give_back(plan.max_new_tokens - generated[0])       # a stream that stopped early costs less
 
     def _stream(self, call: Call, arrived: float, route: TenantRoute, lane: DecoderLane, plan: GenerationPlan,
-                timeout: float, deadline: float, generated: list[int], logprobs: int | None = None,
-                prompt_logprobs: bool = False) -> Iterator[GeneratedText]:
+                timeout: float, deadline: float, generated: list[int]) -> Iterator[GeneratedText]:
         streamer = TextStreamer(lane.tokenizer, plan.stop)
         first = True
         last_token_at = None
@@ -318,8 +316,8 @@ class Inference:
         sequence = Sequence(route.tenant_id, route.adapter_version, route.domain, route.split_layer, route.model,
                             route.domain_revision, plan.prompt_ids)
         params = GenerationParams(plan.max_new_tokens, plan.temperature, plan.top_k, plan.top_p, plan.seed,
-                                  tuple(plan.stop_token_ids), logprobs=logprobs is not None,
-                                  top_logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs)
+                                  tuple(plan.stop_token_ids), logprobs=plan.logprobs is not None,
+                                  top_logprobs=plan.logprobs or 0, prompt_logprobs=plan.prompt_logprobs)
         weight = self.quotas.effective(route.limits).weight
         while True:
             replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)
@@ -348,7 +346,7 @@ class Inference:
                             piece, list(message.token_ids), reason, len(plan.prompt_ids) if first else 0,
                             self._logprobs(lane, message.logprobs, message.token_ids) if message.logprobs else None,
                             self._prompt_logprobs(lane, plan.prompt_ids, message.prompt_logprobs)
-                            if first and prompt_logprobs else None)
+                            if first and plan.prompt_logprobs else None)
                         first = False
                     if reason:
                         stream.cancel()

@@ -27,7 +27,6 @@ from services.gateway.http.errors import openai_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_CHOICES = 16                    # n times the prompts of one request
-MAX_TOP_LOGPROBS = 20               # alternatives per token (compute's limit too)
 COMPLETIONS_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat uses the gateway's default (64)
 TENANT_PAGE = 1000
 
@@ -131,18 +130,22 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def _generate_request(body: SamplingBody, prompt: str, max_tokens: int | None) -> GenerateRequest:
+def _generate_request(body: SamplingBody, max_tokens: int | None, logprobs: int | None,
+                      echo: bool) -> GenerateRequest:
+    """The request every choice starts from (its prompt and seed are set per choice)."""
     _refuse_unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    return GenerateRequest(body.model, prompt, max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
+    return GenerateRequest(body.model, "", max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
-                           truncate_prompt_tokens=body.truncate_prompt_tokens or 0)
+                           truncate_prompt_tokens=body.truncate_prompt_tokens or 0, logprobs=logprobs,
+                           prompt_logprobs=echo)
 
 
 def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:
-    """(alternatives per token, None: no log-probabilities; whether the prompt is echoed with its own)."""
+    """(alternatives per token, None: no log-probabilities; whether the prompt is echoed with its own). How
+    many alternatives may be asked for is the core's to check, as for every door."""
     if isinstance(body, ChatBody):
         if body.logprobs not in (None, False, True):
             raise ApiError(400, "logprobs must be true or false on chat completions", "logprobs")
@@ -155,19 +158,14 @@ def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:
             raise ApiError(400, "logprobs must be an integer: how many alternatives per token (0 = the token's "
                                 "own only)", "logprobs")
         wanted, echo = body.logprobs, body.echo
-    if wanted is not None and not 0 <= wanted <= MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"at most {MAX_TOP_LOGPROBS} alternatives per token (logprobs / top_logprobs)",
-                       "logprobs")
     if echo and body.stream:
         raise ApiError(400, "echo is answered on requests without stream", "stream")
     return wanted, echo
 
 
-def _completion_logprobs(result: Generated, echo: bool, prompt_text: str, keep_completion: bool) -> dict:
-    """OpenAI's completions `logprobs`: tokens, their log-probabilities, the alternatives and the character
-    offset of each token (from the start of the returned text)."""
-    entries = (result.prompt_logprobs if echo else []) + (result.logprobs if keep_completion else [])
-    offset = 0 if echo else len(prompt_text)
+def _completion_logprobs(entries: list[TokenLogprobs], offset: int) -> dict:
+    """OpenAI's completions `logprobs` of `entries`: tokens, their log-probabilities, the alternatives and the
+    character offset of each token, the first at `offset`."""
     offsets = []
     for entry in entries:
         offsets.append(offset)
@@ -177,10 +175,10 @@ def _completion_logprobs(result: Generated, echo: bool, prompt_text: str, keep_c
                              for e in entries], "text_offset": offsets}
 
 
-def _chat_logprobs(result: Generated) -> dict:
+def _chat_logprobs(entries: list[TokenLogprobs]) -> dict:
     def one(choice) -> dict:
         return {"token": choice.text, "logprob": choice.logprob, "bytes": list(choice.text.encode())}
-    return {"content": [{**one(e.token), "top_logprobs": [one(t) for t in e.top]} for e in result.logprobs]}
+    return {"content": [{**one(e.token), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
 
 
 def _prompts(prompt) -> list[str | tuple[int, ...]]:
@@ -227,10 +225,6 @@ class Generated:
                 text = _strip_stop(text, stops)
         self.text += text
         return text
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _sse(data: Any) -> str:
@@ -303,12 +297,7 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
         """The log-probabilities of the tokens a chunk carries (those of held-back text come with the next)."""
         if choice.request.logprobs is None:
             return None
-        shown = Generated(logprobs=entries)
-        if chat:
-            return _chat_logprobs(shown)
-        found = _completion_logprobs(shown, False, "", True)
-        found["text_offset"] = [offset + o for o in found["text_offset"]]
-        return found
+        return _chat_logprobs(entries) if chat else _completion_logprobs(entries, offset)
 
     def chunk(pieces: list[dict], usage: dict | None = None) -> dict:
         data = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
@@ -329,7 +318,7 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
                 choice.cancel()
         if chat:
             answers = [{"index": c.index, "message": {"role": "assistant", "content": c.result.text},
-                        "logprobs": _chat_logprobs(c.result) if c.request.logprobs is not None else None,
+                        "logprobs": _chat_logprobs(c.result.logprobs) if c.request.logprobs is not None else None,
                         "finish_reason": c.result.finish_reason} for c in choices]
         else:
             answers = []
@@ -338,7 +327,8 @@ async def _respond(door: Door, who: Caller, requests: list[GenerateRequest], bod
                 prompt_text = (c.request.prompt if c.request.prompt_ids is None
                                else "".join(e.token.text for e in c.result.prompt_logprobs))
                 completion = "" if score_only else c.result.text
-                logprobs = (_completion_logprobs(c.result, echo, prompt_text, not score_only)
+                entries = (c.result.prompt_logprobs if echo else []) + ([] if score_only else c.result.logprobs)
+                logprobs = (_completion_logprobs(entries, 0 if echo else len(prompt_text))
                             if c.request.logprobs is not None else None)
                 answers.append({"index": c.index, "text": (prompt_text if echo else "") + completion,
                                 "logprobs": logprobs, "finish_reason": c.result.finish_reason})
@@ -388,7 +378,7 @@ def _choices(body: SamplingBody, prompts: list[str | tuple[int, ...]], max_token
     top, echo = _logprob_request(body)
     if echo and max_tokens == 0:
         max_tokens = 1                  # echo alone scores the prompt: one token is generated and left out
-    base = dataclasses.replace(_generate_request(body, "", max_tokens), logprobs=top, prompt_logprobs=echo)
+    base = _generate_request(body, max_tokens, top, echo)
     requests = []
     for prompt in prompts:
         for j in range(n):
