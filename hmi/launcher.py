@@ -6,13 +6,14 @@ and the service secret (HMI_DATA_DIR/service.secret) on first start, mode 0600, 
 HMI_SERVICE_SECRET are set, and hands the services the files (never a secret on a command line).
 
 Children die with the process that started them: on Linux the kernel sends them SIGTERM when it exits, however
-it exits (PR_SET_PDEATHSIG, set between fork and exec), and every service also stops by itself once its parent
-is gone (HMI_SUPERVISOR_PID, services/common/server.py). The kernel signal follows the *thread* that started the
-child, so start services from a thread that lives as long as they should (`hmi up` uses its main thread).
+it exits (PR_SET_PDEATHSIG, which each service asks for first thing: `die_with_supervisor` in
+services/common/server.py, not between fork and exec here, where Python code in the child of a threaded process
+is unsafe), and every service also stops by itself once its parent is gone (HMI_SUPERVISOR_PID). The kernel
+signal follows the *thread* that started the child, so start services from a thread that lives as long as
+they should (`hmi up` uses its main thread).
 Keeping them running (restarts with backoff) is hmi/supervisor.py's job."""
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
@@ -57,19 +58,6 @@ def port_taken(address: str) -> bool:
         except OSError:
             return True
     return False
-
-
-def die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGTERM to the child when the thread that started it exits (Linux; a no-op elsewhere)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:     # the parent died before prctl: nobody would send the signal
-        os._exit(1)
 
 
 def serving_children(parent: int) -> dict[str, int]:
@@ -301,9 +289,7 @@ class ServiceSet:
                 service.log_file = open(self.log_dir / f"{service.name}.log", "ab")
             out = service.log_file
         service.process = subprocess.Popen(hmi_command() + ["serve"] + service.args, env=self.environment(),
-                                           stdout=out, stderr=out, start_new_session=True,
-                                           preexec_fn=(functools.partial(die_with_parent, os.getpid())
-                                                       if sys.platform == "linux" else None))
+                                           stdout=out, stderr=out, start_new_session=True)
         service.started_at = time.monotonic()
         known = next((s for s in self.services if s.name == service.name), None)
         if known is not None and known is not service:

@@ -15,6 +15,8 @@ PRIVATE_UMASK = 0o077
 
 
 def cmd_serve(args) -> int:
+    from services.common.server import die_with_supervisor
+    die_with_supervisor()          # under `hmi up`: dies with it, before the seconds of model loading
     os.umask(PRIVATE_UMASK)
     if args.service == "store":
         from services.knowledge_store.server import main

@@ -82,9 +82,28 @@ def start_server(address: str, register: Callable[[grpc.Server], None], service_
     return RunningServer(server, report, address, limit)
 
 
+def die_with_supervisor() -> None:
+    """Under `hmi up` (HMI_SUPERVISOR_PID set), first thing in the service's process: on Linux the kernel is
+    asked for SIGTERM when the thread that started it exits (PR_SET_PDEATHSIG), and a supervisor already gone
+    ends the process at once. Asked here rather than between fork and exec in the supervisor, where Python code
+    in the child of a threaded process can deadlock or crash (at-fork handlers of libraries run there)."""
+    expected = os.environ.get(SUPERVISOR_PID)
+    if not expected or not expected.isdigit():
+        return
+    if sys.platform == "linux":
+        try:
+            import ctypes
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != int(expected):     # gone before the kernel was asked: nobody would send the signal
+        os._exit(1)
+
+
 def watch_supervisor() -> None:
     """Under `hmi up` (HMI_SUPERVISOR_PID set): stop as if by SIGTERM once the supervisor is gone. On Linux the
-    kernel signals the child already (PR_SET_PDEATHSIG); this covers other systems and a supervisor that
+    kernel signals the child already (die_with_supervisor); this covers other systems and a supervisor that
     handed the child over."""
     expected = os.environ.get(SUPERVISOR_PID)
     if not expected or not expected.isdigit():
