@@ -13,7 +13,6 @@ and keys by their true positions inside every upper layer, so a PLOT vector need
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,31 +22,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from models.active_prefix import ActivePrefix, run_active_prefix
 from models.dims import ModelDims
 from models.families import family
+from models.kv_cache import ContiguousKV, KVCache, StepKV, cache_bytes_per_token  # noqa: F401 - re-exported
 from models.loading import load_causal_lm
 from models.lora import LayerLoRA, LoRAWeights
 from models.packing import PackedInputs
-
-
-@dataclass
-class KVCache:
-    """Keys and values of one sequence for the layers it runs, [kv_heads, capacity, head_dim] each,
-    preallocated for its whole budget (prompt + max new tokens) so a step never allocates."""
-    first_layer: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    length: int = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-def cache_bytes_per_token(dims: ModelDims, layers: int, dtype: torch.dtype = torch.float32) -> int:
-    """KV-cache bytes one token takes over `layers` layers (keys and values)."""
-    return 2 * layers * dims.kv_heads * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class DecoderModel:
@@ -98,27 +76,30 @@ class DecoderModel:
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def run(self, inputs: PackedInputs, caches: list[KVCache], lora: LoRAWeights) -> torch.Tensor:
+    def run(self, inputs: PackedInputs, kv: StepKV | list[KVCache], lora: LoRAWeights) -> torch.Tensor:
         """Hidden states after the last layer for every new token (inputs.hidden: the new tokens of each sequence,
-        after the `length` its cache already holds); appends the new keys/values to the caches."""
+        after the `lengths` its KV already holds); writes the new keys/values. Per-sequence caches (a list of
+        `KVCache`) are advanced past the new tokens; a paged view's lengths are its scheduler's to keep."""
         bounds = inputs.bounds
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths)]
+        contiguous = isinstance(kv, list)
+        view = ContiguousKV(kv) if contiguous else kv
+        positions = torch.cat([torch.arange(past, past + n) for past, n in zip(view.lengths, lengths)]
                               ).to(self.device)
 
         def step(prefix: ActivePrefix, x: torch.Tensor) -> torch.Tensor:
             tenant_lora = LayerLoRA(lora, prefix.layer, inputs.segments.within(prefix.tokens))
             return self._block(tenant_lora, self.blocks[prefix.layer], x, bounds[:prefix.sequences + 1],
-                               caches[:prefix.sequences], positions[:prefix.tokens])
+                               view, positions[:prefix.tokens])
 
         hidden = run_active_prefix(inputs.hidden, bounds, inputs.entry_layers, len(self.blocks), step)
-        for cache, n in zip(caches, lengths):
-            cache.length += n
+        if contiguous:
+            view.advance(lengths)
         return hidden
 
-    def _block(self, lora: LayerLoRA, block, x, bounds, caches, positions) -> torch.Tensor:
+    def _block(self, lora: LayerLoRA, block, x, bounds, kv: StepKV, positions) -> torch.Tensor:
         """One upper layer as the family computes it (models/families/<family>.py: `block`)."""
-        return self.declared.hooks["block"](self, lora, block, x, bounds, caches, positions)
+        return self.declared.hooks["block"](self, lora, block, x, bounds, kv, positions)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         cos, sin = self.base.rotary_emb(q, positions[None])
@@ -127,25 +108,21 @@ class DecoderModel:
         q4, k4 = apply_rotary_pos_emb(q4, k4, cos, sin)
         return q4.transpose(1, 2).reshape(q.shape), k4.transpose(1, 2).reshape(k.shape)
 
-    def attention(self, layer: int, q, k, v, bounds: list[int], caches: list[KVCache]) -> torch.Tensor:
-        """Each sequence's new queries over its cached and new keys, causal; writes the new keys/values.
+    def attention(self, layer: int, q, k, v, bounds: list[int], kv: StepKV) -> torch.Tensor:
+        """Each sequence's new queries over its held and new keys, causal; writes the new keys/values first.
         Sequences decoding one token are attended together (keys padded to the longest), the rest alone."""
-        d, heads, kv_heads = self.dims.head_dim, self.dims.heads, self.dims.kv_heads
+        d, heads = self.dims.head_dim, self.dims.heads
+        kv.write(layer, k, v, bounds)
         out = torch.empty_like(q)
         decoding: list[int] = []
-        for j, cache in enumerate(caches):
+        for j in range(len(bounds) - 1):
             start, end = bounds[j], bounds[j + 1]
-            n, past = end - start, cache.length
-            if past + n > cache.capacity:
-                raise ValueError(f"KV cache overflow: {past + n} tokens > capacity {cache.capacity}")
-            slot = layer - cache.first_layer
-            cache.keys[slot][:, past:past + n] = k[start:end].view(n, kv_heads, d).transpose(0, 1)
-            cache.values[slot][:, past:past + n] = v[start:end].view(n, kv_heads, d).transpose(0, 1)
+            n, past = end - start, kv.lengths[j]
             if n == 1:
                 decoding.append(j)
                 continue
-            keys = self._grouped(cache.keys[slot][:, :past + n])
-            values = self._grouped(cache.values[slot][:, :past + n])
+            keys, values = kv.read(layer, j, past + n)
+            keys, values = self._grouped(keys), self._grouped(values)
             query = q[start:end].view(n, heads, d).transpose(0, 1)
             scores = (query @ keys.transpose(1, 2)) * self.scaling                      # [heads, n, past+n]
             causal = (torch.arange(past + n, device=q.device)[None, :]
@@ -154,14 +131,9 @@ class DecoderModel:
             out[start:end] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1).reshape(n, heads * d)
         if decoding:
             rows = torch.tensor([bounds[j] for j in decoding], device=q.device)
-            lengths = [caches[j].length + 1 for j in decoding]
+            lengths = [kv.lengths[j] + 1 for j in decoding]
             width = max(lengths)
-            keys = q.new_zeros(len(decoding), kv_heads, width, d)
-            values = q.new_zeros(len(decoding), kv_heads, width, d)
-            for i, j in enumerate(decoding):
-                slot = layer - caches[j].first_layer
-                keys[i, :, :lengths[i]] = caches[j].keys[slot][:, :lengths[i]]
-                values[i, :, :lengths[i]] = caches[j].values[slot][:, :lengths[i]]
+            keys, values = kv.read_padded(layer, decoding, lengths)
             keys, values = self._grouped(keys, dim=1), self._grouped(values, dim=1)
             query = q[rows].view(len(decoding), heads, 1, d)
             scores = (query @ keys.transpose(2, 3)) * self.scaling                      # [S, heads, 1, width]

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from models.adapter_format import random_adapter
-from models.decoder import DecoderModel, cache_bytes_per_token
+from models.decoder import DecoderModel
 from models.dims import ModelDims
+from models.kv_cache import KVPool
 from models.loading import load_causal_lm
 from models.lora_merge import merged_model
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.compute.adapter_pool import AdapterPool
 from services.compute.generation import GenerationEngine
 from services.compute.generation_scheduler import GenerationRequest, SamplingParams
+from services.compute.kv_blocks import BLOCK_TOKENS
 from services.compute.sampling import sample
 
 TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
@@ -30,10 +32,10 @@ def decoder_dir(request, tmp_path_factory):
     return tiny_decoder(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def make_engine(model_dir, adapters, kv_budget=64 << 20, **kwargs):
+def make_engine(model_dir, adapters, kv_budget=64 << 20, fetch=None, **kwargs):
     model = DecoderModel(model_dir, torch.device("cpu"))
     pool = AdapterPool(model.dims, torch.device("cpu"), slots=8, max_rank=8, host_cache_bytes=64 << 20,
-                       fetch=lambda tenant, version: adapters[tenant])
+                       fetch=fetch or (lambda tenant, version: adapters[tenant]))
     return GenerationEngine(model, pool, None, kv_budget_bytes=kv_budget, **kwargs)
 
 
@@ -119,35 +121,97 @@ def test_same_seed_same_tokens_and_sampling_limits(decoder_dir):
         engine.close()
 
 
-def test_kv_budget_makes_requests_wait_and_cancel_frees_the_cache(decoder_dir):
-    dims = ModelDims.from_dir(decoder_dir)
-    per_request = 40 * cache_bytes_per_token(dims, dims.layers)
-    engine = make_engine(decoder_dir, tenant_adapters(dims, 1), kv_budget=per_request + per_request // 2,
-                         max_waiting=1)
-    steps = threading.Semaphore(0)          # the test lets the engine take one step at a time
+def held_engine(decoder_dir, adapters, **kwargs):
+    """An engine whose steps wait for the test's permits (`steps.release(n)` lets n steps run)."""
+    engine = make_engine(decoder_dir, adapters, **kwargs)
+    steps = threading.Semaphore(0)
     acquire = engine.pool.acquire
     engine.pool.acquire = lambda keys: steps.acquire() and acquire(keys)
+    return engine, steps
+
+
+def blocks_budget(dims: ModelDims, blocks: int) -> int:
+    return blocks * KVPool.unit_bytes(dims, BLOCK_TOKENS) * dims.layers
+
+
+def test_paged_kv_runs_what_whole_reservations_could_not_and_preempts_the_youngest_exactly(decoder_dir):
+    """Four blocks of KV: two sequences that each grow to three blocks run side by side (a reservation of
+    prompt + max new tokens would run one at a time); when the pool runs out the younger is preempted,
+    recomputed later, and both still give the merged model's tokens."""
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 2)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, dims.vocab, size=8).tolist() for _ in range(2)]
+    engine, steps = held_engine(decoder_dir, adapters, kv_budget=blocks_budget(dims, 4))
     try:
-        first = engine.submit(request("t0", [4] * 8, max_new_tokens=32))
+        streams = [engine.submit(request(f"t{i}", prompt, max_new_tokens=40)) for i, prompt in enumerate(prompts)]
+        steps.release(1000)
+        produced = [list(stream) for stream in streams]
+        stats = engine.snapshot()
+        for i, (prompt, tokens) in enumerate(zip(prompts, produced)):
+            assert tokens == reference_greedy(decoder_dir, adapters[f"t{i}"], prompt, 40)
+        assert stats.preemptions >= 1
+        assert stats.kv_bytes_used == 0 and stats.running == 0
+    finally:
+        steps.release(1000)
+        engine.close()
+
+
+def test_requests_wait_for_blocks_a_too_long_one_is_refused_and_cancel_frees_the_blocks(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    engine, steps = held_engine(decoder_dir, tenant_adapters(dims, 1), kv_budget=blocks_budget(dims, 3),
+                                max_waiting=1, prefix_caching=False)
+    try:
+        first = engine.submit(request("t0", [4] * 20, max_new_tokens=20))     # two blocks from the start
         while engine.snapshot().running == 0:   # admitted, then held before its first step
             time.sleep(0.01)
-        second = engine.submit(request("t0", [5] * 8, max_new_tokens=32))   # does not fit beside the first
+        second = engine.submit(request("t0", [5] * 20, max_new_tokens=8))     # two blocks + one spare: waits
         steps.release(3)
         tokens = iter(first)
         [next(tokens) for _ in range(3)]
         assert engine.snapshot().running == 1 and engine.snapshot().waiting == 1
-        assert engine.snapshot().kv_bytes_used == per_request
+        assert engine.snapshot().kv_bytes_used == blocks_budget(dims, 2)
         with pytest.raises(ResourceExhausted, match="waiting"):
-            engine.submit(request("t0", [6] * 8, max_new_tokens=32))
+            engine.submit(request("t0", [6] * 8, max_new_tokens=8))
         with pytest.raises(ResourceExhausted, match="budget"):
-            engine.submit(request("t0", [6] * 8, max_new_tokens=90))
-        first.cancel()                      # the client went away: its cache goes to the waiting request
+            engine.submit(request("t0", [6] * 8, max_new_tokens=48))        # 56 tokens: four blocks > three
+        first.cancel()                      # the client went away: its blocks go to the waiting request
         steps.release(100)
         assert len(list(tokens)) <= 1 and first.finish_reason == "cancelled"   # the step under way may finish
-        assert len(list(second)) == 32 and second.finish_reason == "length"
+        assert len(list(second)) == 8 and second.finish_reason == "length"
         assert engine.snapshot().kv_bytes_used == 0
     finally:
         steps.release(1000)
+        engine.close()
+
+
+def test_a_repeated_prompt_reuses_its_tenants_blocks_and_no_one_elses(decoder_dir):
+    """A 40-token prompt: its two full blocks are kept after the first request; the same tenant and adapter
+    version skips them, another tenant or another version of the adapter computes its own, and everyone gets
+    their own merged model's tokens."""
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 2)
+    version_two = random_adapter(dims, num_labels=0, rank=4, first_layer=0, targets=TARGETS[dims.family], seed=99)
+    prompt = np.random.default_rng(3).integers(3, dims.vocab, size=40).tolist()
+    engine = make_engine(decoder_dir, adapters,
+                         fetch=lambda tenant, version: version_two if version == 2 else adapters[tenant])
+    try:
+        def run(tenant: str, version: int = 1) -> tuple[list[int], int]:
+            before = engine.snapshot().prefix_hits
+            stream = engine.submit(GenerationRequest(tenant, version, "", 0, np.asarray(prompt),
+                                                     SamplingParams(max_new_tokens=6)))
+            return list(stream), engine.snapshot().prefix_hits - before
+
+        first, hits = run("t0")
+        assert hits == 0 and first == reference_greedy(decoder_dir, adapters["t0"], prompt, 6)
+        again, hits = run("t0")
+        assert hits == 32 and again == first                               # two blocks of 16 skipped
+        other, hits = run("t1")
+        assert hits == 0 and other == reference_greedy(decoder_dir, adapters["t1"], prompt, 6)
+        newer, hits = run("t0", version=2)
+        assert hits == 0 and newer == reference_greedy(decoder_dir, version_two, prompt, 6)
+        assert engine.snapshot().kv_bytes_cached > 0 and engine.snapshot().kv_bytes_used == 0
+    finally:
         engine.close()
 
 

@@ -1,5 +1,6 @@
-"""The generation scheduler alone, without tensors: admission order, KV budget, chunked prefill, queue
-bound, cancellation. A step is simulated by sampling token 7 for whoever finished feeding."""
+"""The generation scheduler and its KV block accounting alone, without tensors: admission order, paged KV
+blocks, preemption, prefix caching, chunked prefill, queue bound, cancellation. A step is simulated by
+sampling token 7 for whoever finished feeding."""
 from __future__ import annotations
 
 import subprocess
@@ -19,13 +20,20 @@ from services.compute.generation_scheduler import (
     ScheduledSequence,
     StepPlan,
 )
+from services.compute.kv_blocks import BlockManager
+
+SIZE = 4    # tokens per block in these tests
 
 
-def sequence(prompt_tokens: int, kv_bytes: int = 10, new_tokens: int = 4, fetched: bool = True,
-             **params) -> ScheduledSequence:
-    request = GenerationRequest("t", 1, "", 0, np.arange(1, prompt_tokens + 1),
+def scheduler_of(blocks: int, layers: int = 1, **kwargs) -> GenerationScheduler:
+    return GenerationScheduler(BlockManager(blocks * layers, block_tokens=SIZE), unit_bytes=1, **kwargs)
+
+
+def sequence(prompt_tokens: int, new_tokens: int = 4, fetched: bool = True, tenant: str = "t", layers: int = 1,
+             first_token: int = 1, **params) -> ScheduledSequence:
+    request = GenerationRequest(tenant, 1, "", 0, np.arange(first_token, first_token + prompt_tokens),
                                 SamplingParams(max_new_tokens=new_tokens, **params))
-    scheduled = ScheduledSequence.of(request, kv_bytes)
+    scheduled = ScheduledSequence.of(request, layers, block_tokens=SIZE)
     scheduled.adapter_ready = Future()
     if fetched:
         scheduled.adapter_ready.set_result(None)
@@ -47,6 +55,10 @@ def events(scheduled: ScheduledSequence) -> list:
     return out
 
 
+def units_of(s: ScheduledSequence) -> list[tuple[int, ...]]:
+    return [block.units for block in s.blocks]
+
+
 def test_the_scheduler_needs_no_tensor_library():
     check = "import sys, services.compute.generation_scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parent.parent)
@@ -54,19 +66,18 @@ def test_the_scheduler_needs_no_tensor_library():
 
 def test_requests_are_admitted_first_come_first_served_and_never_overtaken():
     admitted = []
-    scheduler = GenerationScheduler(kv_budget_bytes=100, on_admit=admitted.append)
-    big, small = sequence(3, kv_bytes=80), sequence(3, kv_bytes=10)
-    first = sequence(3, kv_bytes=30)
+    scheduler = scheduler_of(5, on_admit=admitted.append)
+    first, big, small = sequence(8), sequence(12), sequence(3)      # 2, 3 and 1 blocks
     for s in (first, big, small):
         scheduler.enqueue(s)
     plan = scheduler.next_step(wait=False)
-    # `big` does not fit beside `first`; `small` would, but waits behind it.
+    # `big` does not fit beside `first` with a block to spare for it; `small` would, but waits behind it.
     assert admitted == [first] and plan.running == [first]
-    assert scheduler.snapshot().waiting == 2 and scheduler.snapshot().kv_bytes_used == 30
+    assert scheduler.snapshot().waiting == 2 and scheduler.snapshot().kv_bytes_used == 2
 
 
 def test_the_head_waits_for_its_fetches_and_a_failed_fetch_fails_alone():
-    scheduler = GenerationScheduler(kv_budget_bytes=100)
+    scheduler = scheduler_of(10)
     pending, after = sequence(3, fetched=False), sequence(3)
     scheduler.enqueue(pending)
     scheduler.enqueue(after)
@@ -76,21 +87,123 @@ def test_the_head_waits_for_its_fetches_and_a_failed_fetch_fails_alone():
     assert isinstance(events(pending)[0], KeyError)
 
 
-def test_kv_budget_admits_only_what_fits_and_a_finished_sequence_frees_it():
-    scheduler = GenerationScheduler(kv_budget_bytes=50)
-    first, second = sequence(2, kv_bytes=40, new_tokens=2), sequence(2, kv_bytes=40, new_tokens=2)
+def test_blocks_are_taken_as_tokens_arrive_and_given_back_at_the_end():
+    scheduler = scheduler_of(8, layers=3, prefix_caching=False)
+    s = sequence(3, new_tokens=6, layers=3)
+    scheduler.enqueue(s)
+    run_step(scheduler)                              # prompt of 3: one block of 3 units (one per layer)
+    assert len(s.blocks) == 1 and all(len(u) == 3 for u in units_of(s))
+    run_step(scheduler)                              # feeds token 4 (position 3): still the first block
+    assert len(s.blocks) == 1
+    run_step(scheduler)                              # position 4: a second block
+    assert len(s.blocks) == 2 and scheduler.snapshot().kv_bytes_used == 6
+    while scheduler.snapshot().running:
+        run_step(scheduler)
+    assert events(s) == [7] * 6 + ["length"]
+    assert scheduler.snapshot().kv_bytes_used == 0 and scheduler.blocks.available() == 24
+
+
+def test_when_the_pool_runs_out_the_youngest_is_preempted_and_resumes_before_new_requests():
+    scheduler = scheduler_of(4, prefix_caching=False)
+    old, young = sequence(3, new_tokens=9), sequence(3, new_tokens=9)    # each grows to 3 blocks
+    scheduler.enqueue(old)
+    scheduler.enqueue(young)
+    run_step(scheduler)
+    assert scheduler.snapshot().running == 2
+    later = sequence(2, new_tokens=2)
+    scheduler.enqueue(later)
+    preempted_at = None
+    for step in range(40):
+        plan = run_step(scheduler)
+        if preempted_at is None and young not in plan.running:
+            preempted_at = step
+            assert young.blocks == [] and young.pending == young.tokens      # it recomputes every token
+            assert old in plan.running and later not in plan.running         # new requests wait behind it
+        if not scheduler.snapshot().running and not scheduler.snapshot().waiting:
+            break
+    assert preempted_at is not None and scheduler.snapshot().preemptions >= 1
+    assert events(old) == [7] * 9 + ["length"]                  # the oldest was never preempted
+    assert events(young) == [7] * 9 + ["length"]                # the preempted one finished all its tokens
+    assert events(later) == [7] * 2 + ["length"]
+    assert scheduler.snapshot().kv_bytes_used == 0
+
+
+def test_a_sequence_alone_always_fits_so_preemption_never_starves_it():
+    scheduler = scheduler_of(3, prefix_caching=False)
+    assert not scheduler.fits_pool(13, 1) and scheduler.fits_pool(12, 1)
+    s = sequence(4, new_tokens=8)                                # 12 tokens: exactly the pool
+    scheduler.enqueue(s)
+    for _ in range(20):
+        run_step(scheduler)
+    assert events(s) == [7] * 8 + ["length"] and scheduler.snapshot().preemptions == 0
+
+
+def test_full_blocks_are_reused_by_the_same_tenant_never_by_another_and_the_last_token_is_always_fed():
+    scheduler = scheduler_of(20)
+    first = sequence(8, new_tokens=1)                            # two full blocks of prompt
     scheduler.enqueue(first)
-    scheduler.enqueue(second)
-    assert run_step(scheduler).running == [first]               # prefill of `first`; `second` waits
-    assert scheduler.snapshot().kv_bytes_used == 40 and scheduler.snapshot().waiting == 1
-    run_step(scheduler)                                          # second token: `first` finishes at max_new_tokens
-    assert events(first) == [7, 7, "length"]
-    assert scheduler.snapshot().kv_bytes_used == 0 and scheduler.snapshot().running == 0
-    assert run_step(scheduler).running == [second]
+    run_step(scheduler)
+    assert events(first) == [7, "length"]
+    assert scheduler.snapshot().kv_bytes_cached == 2             # kept, held by nobody
+    again, other = sequence(8, new_tokens=1), sequence(8, new_tokens=1, tenant="u")
+    scheduler.enqueue(again)
+    scheduler.enqueue(other)
+    plan = scheduler.next_step(wait=False)
+    # Same tenant: the first block is reused; the second holds the last prompt token, whose logits are needed.
+    assert plan.feeds[again] == 4 and again.blocks[0].units == first_units(scheduler, again)
+    assert plan.feeds[other] == 8 and not set(units_of(other)) & set(units_of(again))
+    assert scheduler.snapshot().prefix_hits == 4 and scheduler.snapshot().prefix_queries == 8 * 3
+
+
+def first_units(scheduler: GenerationScheduler, s: ScheduledSequence) -> tuple[int, ...]:
+    """The units the prefix cache holds under the sequence's first key."""
+    return scheduler.blocks._cached[s.prefix.keys[0]].units
+
+
+def test_a_longer_history_reuses_the_blocks_of_a_shorter_one_and_different_tokens_do_not():
+    scheduler = scheduler_of(20)
+    turn = sequence(9, new_tokens=4)
+    scheduler.enqueue(turn)
+    while scheduler.snapshot().running or scheduler.snapshot().waiting:
+        run_step(scheduler)
+    history = [int(t) for t in turn.request.prompt] + [7, 7, 7]        # 12 tokens: three full blocks were fed
+    follow = ScheduledSequence.of(GenerationRequest("t", 1, "", 0, np.asarray(history + [5, 6]),
+                                                    SamplingParams(max_new_tokens=1)), 1, block_tokens=SIZE)
+    follow.adapter_ready = Future()
+    follow.adapter_ready.set_result(None)
+    changed = sequence(14, new_tokens=1, first_token=2)
+    scheduler.enqueue(follow)
+    scheduler.enqueue(changed)
+    plan = scheduler.next_step(wait=False)
+    assert plan.feeds[follow] == 2 and plan.feeds[changed] == 14
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt():
+    scheduler = scheduler_of(20)
+    scheduler.enqueue(sequence(8, new_tokens=1))
+    run_step(scheduler)
+    scored = sequence(8, new_tokens=1, prompt_logprobs=True)
+    scheduler.enqueue(scored)
+    assert scheduler.next_step(wait=False).feeds[scored] == 8
+
+
+def test_cached_blocks_nobody_holds_are_evicted_least_recently_used_first():
+    scheduler = scheduler_of(4)
+    a, b = sequence(4, new_tokens=1, first_token=10), sequence(4, new_tokens=1, first_token=20)
+    for s in (a, b):                                             # each leaves one full prompt block cached
+        scheduler.enqueue(s)
+        run_step(scheduler)
+    assert scheduler.snapshot().kv_bytes_cached == 2
+    big = sequence(11, new_tokens=1, first_token=30)             # three blocks: one cached block must go
+    scheduler.enqueue(big)
+    run_step(scheduler)
+    assert scheduler.snapshot().evictions == 1
+    assert scheduler.blocks.match(a.prefix.keys[:1], 1) == []    # the older one went
+    assert len(scheduler.blocks.match(b.prefix.keys[:1], 1)) == 1
 
 
 def test_queue_bound_and_shutdown_refuse_requests():
-    scheduler = GenerationScheduler(kv_budget_bytes=10, max_waiting=1)
+    scheduler = scheduler_of(10, max_waiting=1)
     scheduler.enqueue(sequence(2))
     with pytest.raises(ResourceExhausted, match="waiting"):
         scheduler.enqueue(sequence(2))
@@ -100,11 +213,11 @@ def test_queue_bound_and_shutdown_refuse_requests():
 
 
 def test_chunked_prefill_feeds_decoding_sequences_first_then_prompts_in_arrival_order():
-    scheduler = GenerationScheduler(kv_budget_bytes=1000, max_step_tokens=8, max_running=4)
+    scheduler = scheduler_of(100, max_step_tokens=8, max_running=4)
     decoding = sequence(2, new_tokens=10)
     scheduler.enqueue(decoding)
     run_step(scheduler)                                          # prefill: now it decodes one token a step
-    long_prompt, short_prompt = sequence(12), sequence(3)
+    long_prompt, short_prompt = sequence(12, first_token=50), sequence(3, first_token=80)
     scheduler.enqueue(long_prompt)
     scheduler.enqueue(short_prompt)
     plan = run_step(scheduler)
@@ -116,34 +229,34 @@ def test_chunked_prefill_feeds_decoding_sequences_first_then_prompts_in_arrival_
 
 
 def test_a_prompt_progresses_even_when_decoding_sequences_fill_the_step():
-    scheduler = GenerationScheduler(kv_budget_bytes=1000, max_step_tokens=2, max_running=4)
-    decoders = [sequence(1, new_tokens=20) for _ in range(3)]
+    scheduler = scheduler_of(100, max_step_tokens=2, max_running=4)
+    decoders = [sequence(1, new_tokens=20, first_token=i + 1) for i in range(3)]
     for s in decoders:
         scheduler.enqueue(s)
     run_step(scheduler)
     run_step(scheduler)                                          # three prompts of one token, two per step
-    prompt = sequence(40)
+    prompt = sequence(40, first_token=100)
     scheduler.enqueue(prompt)
     plan = run_step(scheduler)
     assert all(plan.feeds[s] == 1 for s in decoders) and plan.feeds[prompt] == PREFILL_CHUNK_MIN
 
 
 def test_cancellation_frees_a_running_sequence_and_drops_a_waiting_one():
-    scheduler = GenerationScheduler(kv_budget_bytes=40)
-    running, waiting, later = sequence(2, kv_bytes=40), sequence(2, kv_bytes=40), sequence(2, kv_bytes=40)
+    scheduler = scheduler_of(2, prefix_caching=False)
+    running, waiting, later = sequence(5), sequence(5), sequence(5)     # two blocks each
     for s in (running, waiting, later):
         scheduler.enqueue(s)
     run_step(scheduler)
     running.stream.cancel()
     waiting.stream.cancel()
     plan = run_step(scheduler)
-    assert plan.running == [later]                               # the cache went to the next request in line
+    assert plan.running == [later]                               # the blocks went to the next request in line
     assert events(running)[-1] == "cancelled" and events(waiting) == ["cancelled"]
-    assert running.state is None and scheduler.snapshot().kv_bytes_used == 40
+    assert running.state is None and running.blocks == [] and scheduler.snapshot().kv_bytes_used == 2
 
 
 def test_stop_tokens_finish_and_a_failed_step_fails_its_sequences():
-    scheduler = GenerationScheduler(kv_budget_bytes=100)
+    scheduler = scheduler_of(10)
     stopping, failing = sequence(2, stop_token_ids=(7,)), sequence(2)
     scheduler.enqueue(stopping)
     run_step(scheduler)

@@ -121,6 +121,7 @@ def test_counts_by_status_tokens_and_latency_after_a_known_sequence(deployment):
     assert delta("compute", "hmi_compute_adapter_lookups_total") >= 1
     assert delta("compute-gen", "hmi_compute_generated_tokens_total", model="gen") >= len(generated)
     assert value(after["compute-gen"], "hmi_compute_kv_cache_bytes", kind="budget") > 0
+    assert delta("compute-gen", "hmi_compute_prefix_cache_tokens_total", model="gen", result="looked_up") > 0
     # Store: the LMDB map holds what was registered, within its size.
     used = value(after["store"], "hmi_store_lmdb_bytes", kind="used")
     assert 0 < used <= value(after["store"], "hmi_store_lmdb_bytes", kind="map_size")

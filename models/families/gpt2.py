@@ -25,7 +25,7 @@ def embed(base, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return base.wte(token_ids) + base.wpe(positions)
 
 
-def block(decoder, lora, block, x, bounds, caches, positions) -> torch.Tensor:
+def block(decoder, lora, block, x, bounds, kv, positions) -> torch.Tensor:
     import torch.nn.functional as F
     h = block.ln_1(x)
     fused = F.linear(h, block.attn.c_attn.weight.T, block.attn.c_attn.bias)   # Conv1D: x @ W + b
@@ -33,7 +33,7 @@ def block(decoder, lora, block, x, bounds, caches, positions) -> torch.Tensor:
     lora.add(q, h, "query")
     lora.add(k, h, "key")
     lora.add(v, h, "value")
-    context = decoder.attention(lora.layer, q, k, v, bounds, caches)
+    context = decoder.attention(lora.layer, q, k, v, bounds, kv)
     out = lora.add(F.linear(context, block.attn.c_proj.weight.T, block.attn.c_proj.bias), context, "attn_out")
     x = x + out
     h = block.ln_2(x)

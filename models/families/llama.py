@@ -23,14 +23,14 @@ def embed(base, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return base.embed_tokens(token_ids)
 
 
-def block(decoder, lora, block, x, bounds, caches, positions) -> torch.Tensor:
+def block(decoder, lora, block, x, bounds, kv, positions) -> torch.Tensor:
     attention, mlp = block.self_attn, block.mlp
     h = block.input_layernorm(x)
     q = lora.project(h, attention.q_proj, "query")
     k = lora.project(h, attention.k_proj, "key")
     v = lora.project(h, attention.v_proj, "value")
     q, k = decoder.rotate(q, k, positions)
-    context = decoder.attention(lora.layer, q, k, v, bounds, caches)
+    context = decoder.attention(lora.layer, q, k, v, bounds, kv)
     x = x + lora.project(context, attention.o_proj, "attn_out")
     h = block.post_attention_layernorm(x)
     inter = decoder.act(lora.project(h, mlp.gate_proj, "ffn_gate")) * lora.project(h, mlp.up_proj, "ffn_in")

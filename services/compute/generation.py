@@ -1,9 +1,10 @@
 """Continuous batching for generative tenants: one engine thread runs decoder steps over every running
 sequence; new requests join and finished or cancelled ones leave between steps (token granularity).
 
-The engine wires the scheduler (generation_scheduler.py: queue, admission under the KV budget, chunked
-prefill, cancellation) to the step runner (generation_steps.py: tensors) and checks requests as they are
-submitted; a request's adapter and prompt rows are fetched while earlier requests' steps run.
+The engine wires the scheduler (generation_scheduler.py: queue, paged KV admission and preemption, prefix
+caching, chunked prefill, cancellation) to the step runner (generation_steps.py: tensors) over one KV pool
+(`--kv-cache-mib`, in blocks of `BLOCK_TOKENS` tokens) and checks requests as they are submitted; a request's
+adapter and prompt rows are fetched while earlier requests' steps run.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from models.decoder import DecoderModel, cache_bytes_per_token
+from models.decoder import DecoderModel
+from models.kv_cache import KVPool
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.compute.adapter_pool import AdapterPool
 from services.compute.generation_scheduler import (
@@ -26,20 +28,32 @@ from services.compute.generation_scheduler import (
     TokenStream,
 )
 from services.compute.generation_steps import PlotLookup, StepRunner
+from services.compute.kv_blocks import BLOCK_TOKENS, BlockManager
 
 log = logging.getLogger("hmi.compute.generation")
 
 
 class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
-                 max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128) -> None:
+                 max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
+                 block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "") -> None:
+        """`namespace` names the served model in every prefix-cache key."""
         self.model = model
         self.pool = pool
         self.plot = plot
-        self.kv_budget_bytes = kv_budget_bytes
-        self.runner = StepRunner(model, pool, plot)
-        self.scheduler = GenerationScheduler(kv_budget_bytes=kv_budget_bytes, max_waiting=max_waiting,
-                                             max_running=max_running, max_step_tokens=max_step_tokens,
+        self.namespace = namespace
+        self.block_tokens = block_tokens
+        unit_bytes = KVPool.unit_bytes(model.dims, block_tokens)
+        units = kv_budget_bytes // unit_bytes
+        if units < 1:
+            raise ValueError(f"a KV cache of {kv_budget_bytes} bytes holds no block of {block_tokens} tokens "
+                             f"({unit_bytes} bytes a layer)")
+        self.kv_budget_bytes = units * unit_bytes
+        self.kv = KVPool(model.dims, units, block_tokens, model.device)
+        self.runner = StepRunner(model, pool, plot, self.kv)
+        self.scheduler = GenerationScheduler(BlockManager(units, block_tokens), unit_bytes=unit_bytes,
+                                             max_waiting=max_waiting, max_running=max_running,
+                                             max_step_tokens=max_step_tokens, prefix_caching=prefix_caching,
                                              on_admit=self.runner.admit)
         self._prefetch = ThreadPoolExecutor(max_workers=4, thread_name_prefix="plot-prefetch")
         self._thread = threading.Thread(target=self._loop, name="generate", daemon=True)
@@ -58,11 +72,12 @@ class GenerationEngine:
             raise InvalidArgument(f"split layer {request.split_layer} is outside [0, {dims.layers})")
         if request.split_layer > 0 and self.plot is None:
             raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
-        kv_bytes = length * cache_bytes_per_token(dims, dims.layers - request.split_layer)
-        if kv_bytes > self.kv_budget_bytes:
-            raise ResourceExhausted(f"this request needs {kv_bytes >> 20} MiB of KV cache, more than compute's whole "
+        layers = dims.layers - request.split_layer
+        if not self.scheduler.fits_pool(length, layers):
+            need = -(-length // self.block_tokens) * layers * KVPool.unit_bytes(dims, self.block_tokens)
+            raise ResourceExhausted(f"this request can grow to {need >> 20} MiB of KV cache, more than compute's whole "
                                     f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
-        sequence = ScheduledSequence.of(request, kv_bytes)
+        sequence = ScheduledSequence.of(request, layers, self.namespace, self.block_tokens)
         self.scheduler.check_room()   # before fetching anything for a request that would be refused
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
         sequence.adapter_ready = self._prefetch.submit(contextvars.copy_context().run, self.pool.prefetch,

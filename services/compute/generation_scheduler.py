@@ -5,13 +5,19 @@ tested apart from the model (the step runner, generation_steps.py, does the tens
 - Queue: fair across tenants (services/common/fair_queue.py: start-time fair queuing by tokens, prompt +
   max new tokens, weighted by the tenant's priority), first come first served within a tenant, so one tenant's
   burst cannot hold the others back by its length; past `max_waiting` a submit is refused (RESOURCE_EXHAUSTED).
-- Admission: the head of the queue (in that fair order) is admitted once its fetches (adapter, prompt rows) are
-  done and its whole KV cache (prompt + max new tokens) fits the budget, so a running sequence never runs out;
-  it is never overtaken. A request whose fetch failed fails alone.
+- Paged KV (kv_blocks.py): the head of the queue (in that fair order) is admitted once its fetches (adapter,
+  prompt rows) are done and the blocks of its prompt fit, less those the prefix cache already holds, with one
+  block to spare per running sequence; it is never overtaken. A request whose fetch failed fails alone. A
+  decoding sequence takes a new block as it crosses a block boundary; when the pool has none left, the
+  youngest running sequence is preempted: its blocks go back (its full ones stay in the prefix cache) and it
+  waits, ahead of every new request, to recompute its tokens, so the oldest sequences always progress.
+- Prefix caching: full blocks are registered under keys that chain the tokens to the tenant, adapter version,
+  domain revision and split layer, so a repeated system prompt or chat history of the same tenant skips its
+  prefill, and a preempted sequence gets back what was not evicted meanwhile.
 - Chunked prefill: a step feeds at most `max_step_tokens`: every decoding sequence's one token first, then
   prompts in arrival order share the rest (the first prompt always gets a chunk), so a long prompt delays
   the others' next token by a bounded step.
-- Cancellation: a cancelled stream leaves between steps and frees its KV budget.
+- Cancellation: a cancelled stream leaves between steps and frees its blocks.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import numpy as np
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.fair_queue import FairQueue
+from services.compute.kv_blocks import Block, BlockManager, PrefixKeys
 
 PREFILL_CHUNK_MIN = 16   # prompt tokens a step feeds even when decoding sequences fill its budget
 
@@ -52,6 +59,7 @@ class GenerationRequest:
     prompt: np.ndarray                # int token ids
     params: SamplingParams
     weight: float = 1.0               # the tenant's share of the queue (its priority)
+    domain_revision: int = 0          # the domain's build its PLOT rows come from (part of the prefix key)
 
 
 @dataclass
@@ -106,23 +114,38 @@ class TokenStream:
 class ScheduledSequence:
     request: GenerationRequest
     stream: TokenStream
-    kv_bytes: int                                          # its whole KV cache: prompt + max new tokens
+    layers: int                                            # units per KV block: the layers it runs
+    prefix: PrefixKeys
     tokens: list[int] = field(default_factory=list)        # prompt + generated
     pending: list[int] = field(default_factory=list)       # not fed yet: the prompt's rest, or the last token
     generated: int = 0
+    blocks: list[Block] = field(default_factory=list)      # its KV, in token order (empty while waiting)
+    registered: int = 0                                    # of them, kept in the prefix cache
+    admitted: int = -1                                     # order of first admission (preemption: youngest first)
     adapter_ready: Future | None = None                    # the adapter in compute's host cache
     prompt_rows: Future | None = None                      # PLOT rows of the prompt, fetched ahead
-    state: object | None = None                            # the step runner's (KV cache, sampler) while running
+    state: object | None = None                            # the step runner's (sampler, rows) once admitted
 
     @classmethod
-    def of(cls, request: GenerationRequest, kv_bytes: int) -> ScheduledSequence:
+    def of(cls, request: GenerationRequest, layers: int, namespace: str = "",
+           block_tokens: int | None = None) -> ScheduledSequence:
+        """`namespace` names the model whose KV this is (the root of its prefix keys, with the tenant,
+        adapter version, domain, domain revision and split layer)."""
         prompt = [int(t) for t in request.prompt]
-        return cls(request, TokenStream(), kv_bytes, tokens=prompt, pending=list(prompt))
+        root = (namespace, request.tenant_id, request.adapter_version, request.domain, request.domain_revision,
+                request.split_layer)
+        keys = PrefixKeys(root) if block_tokens is None else PrefixKeys(root, block_tokens)
+        return cls(request, TokenStream(), layers, keys, tokens=prompt, pending=list(prompt))
 
     @property
     def decoding(self) -> bool:
-        """Past its prompt: it feeds one generated token per step."""
-        return self.generated > 0
+        """Past its prompt (and any recomputation after a preemption): it feeds one generated token per step."""
+        return self.generated > 0 and len(self.pending) == 1
+
+    @property
+    def computed(self) -> int:
+        """Tokens whose keys and values are in its KV blocks."""
+        return len(self.tokens) - len(self.pending)
 
     def fetches(self) -> list[Future]:
         return [f for f in (self.adapter_ready, self.prompt_rows) if f is not None]
@@ -151,26 +174,35 @@ class EngineStats:
     prompt_tokens: int = 0
     largest_step: int = 0           # most tokens one step fed (bounded by max_step_tokens: chunked prefill)
     running: int = 0
-    waiting: int = 0
-    kv_bytes_used: int = 0
+    waiting: int = 0                # new requests and preempted sequences
+    kv_bytes_used: int = 0          # blocks held by running sequences
+    kv_bytes_cached: int = 0        # prefix-cache blocks nobody holds (given up first when room is needed)
     kv_budget_bytes: int = 0
+    block_tokens: int = 0
+    prefix_queries: int = 0         # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0            # of them whose prefill was skipped
+    preemptions: int = 0
+    evictions: int = 0
 
 
 class GenerationScheduler:
     """Thread-safe: requests are enqueued from RPC threads, steps are planned and completed by one loop."""
 
-    def __init__(self, *, kv_budget_bytes: int, max_waiting: int = 256, max_running: int = 64,
-                 max_step_tokens: int = 128,
+    def __init__(self, blocks: BlockManager, *, unit_bytes: int = 0, max_waiting: int = 256, max_running: int = 64,
+                 max_step_tokens: int = 128, prefix_caching: bool = True,
                  on_admit: Callable[[ScheduledSequence], None] = lambda sequence: None) -> None:
-        self.kv_budget_bytes = kv_budget_bytes
+        self.blocks = blocks
+        self.unit_bytes = unit_bytes      # bytes of one pool unit (for the statistics)
         self.max_waiting = max_waiting
         self.max_running = max_running
         self.max_step_tokens = max(1, max_step_tokens)
-        self.on_admit = on_admit          # runs as a sequence is admitted: the step runner allocates its cache
-        self.stats = EngineStats(kv_budget_bytes=kv_budget_bytes)
+        self.prefix_caching = prefix_caching
+        self.on_admit = on_admit          # runs as a sequence is first admitted: the step runner's sampler
+        self.stats = EngineStats(kv_budget_bytes=blocks.stats.units * unit_bytes, block_tokens=blocks.block_tokens)
         self._waiting: FairQueue[ScheduledSequence] = FairQueue()
-        self._running: list[ScheduledSequence] = []
-        self._kv_used = 0
+        self._preempted: list[ScheduledSequence] = []      # by first admission: they resume before new requests
+        self._running: list[ScheduledSequence] = []        # by first admission
+        self._admissions = 0
         self._cond = threading.Condition()
         self._stop = False
 
@@ -184,6 +216,10 @@ class GenerationScheduler:
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhausted(f"{len(self._waiting)} generation requests are already waiting for KV "
                                         f"cache; back off and retry")
+
+    def fits_pool(self, tokens: int, layers: int) -> bool:
+        """Whether a sequence of `tokens` tokens over `layers` layers fits the whole pool (else it never could)."""
+        return self.blocks.blocks_for(tokens) * layers <= self.blocks.stats.units
 
     def enqueue(self, sequence: ScheduledSequence) -> None:
         with self._cond:
@@ -200,14 +236,15 @@ class GenerationScheduler:
         step; None once stopped (every sequence left then fails). A plan may run nothing: only waiting
         requests, for room or for their fetches."""
         with self._cond:
-            while wait and not self._stop and not self._running and not self._waiting:
+            while wait and not self._stop and not self._running and not self._waiting and not self._preempted:
                 self._cond.wait()
             if self._stop:
-                for sequence in list(self._running) + list(self._waiting):
+                for sequence in list(self._running) + self._preempted + list(self._waiting):
                     sequence.stream.put(StreamEvent(error=FailedPrecondition("compute is shutting down")))
                 return None
             self._drop_cancelled()
             self._admit()
+            self._grow()
             running = list(self._running)
             return StepPlan(running, self._feeds(running))
 
@@ -223,6 +260,7 @@ class GenerationScheduler:
             self.stats.largest_step = max(self.stats.largest_step, sum(fed.values()))
             for sequence, count in fed.items():
                 sequence.pending = sequence.pending[count:]
+                self._register_full_blocks(sequence)
                 if sequence.pending:
                     continue        # the rest of its prompt comes in the next steps: nothing sampled yet
                 token = sampled[sequence]
@@ -252,23 +290,31 @@ class GenerationScheduler:
 
     def snapshot(self) -> EngineStats:
         with self._cond:
-            self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
-            self.stats.kv_bytes_used = self._kv_used
+            self.stats.running, self.stats.waiting = len(self._running), len(self._waiting) + len(self._preempted)
+            blocks = self.blocks.stats
+            self.stats.kv_bytes_used = blocks.units_used * self.unit_bytes
+            self.stats.kv_bytes_cached = blocks.units_cached * self.unit_bytes
+            self.stats.prefix_queries, self.stats.prefix_hits = blocks.prefix_queries, blocks.prefix_hits
+            self.stats.evictions = blocks.evictions
             return EngineStats(**vars(self.stats))
 
     # ---- policy (under the lock) -------------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
-        for sequence in [s for s in self._running if s.stream.cancelled]:
+        for sequence in [s for s in self._running + self._preempted if s.stream.cancelled]:
             sequence.stream.put(StreamEvent(finish_reason="cancelled"))
             self._finish(sequence)
         for sequence in self._waiting.remove_where(lambda s: s.stream.cancelled):
             sequence.stream.put(StreamEvent(finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        """In fair order: the head of the queue waits for room (and for its adapter and prompt rows, fetched
-        since submit) rather than being overtaken. A request whose fetch failed fails alone."""
-        while self._waiting and len(self._running) < self.max_running:
+        """Preempted sequences first (oldest first), then the queue in fair order: the head waits for room
+        (and for its adapter and prompt rows, fetched since submit) rather than being overtaken."""
+        while self._preempted and len(self._running) < self.max_running:
+            if not self._take_blocks(self._preempted[0]):
+                return
+            self._run(self._preempted.pop(0))
+        while self._waiting and len(self._running) < self.max_running and not self._preempted:
             sequence = self._waiting.peek()
             fetches = sequence.fetches()
             if not all(f.done() for f in fetches):
@@ -278,18 +324,79 @@ class GenerationScheduler:
                 self._waiting.pop()
                 sequence.stream.put(StreamEvent(error=failed))
                 continue
-            if self._kv_used + sequence.kv_bytes > self.kv_budget_bytes:
+            if not self._take_blocks(sequence):
                 return
             self._waiting.pop()
+            sequence.admitted = self._admissions
+            self._admissions += 1
             self.on_admit(sequence)
-            self._kv_used += sequence.kv_bytes
-            self._running.append(sequence)
+            self._run(sequence)
+
+    def _take_blocks(self, sequence: ScheduledSequence) -> bool:
+        """Gives the sequence the blocks of all its tokens: cached ones for the longest known prefix (never its
+        last token, whose logits the step needs), new ones for the rest, if they fit with one block to spare
+        per running sequence. Its pending tokens start after the cached prefix."""
+        manager, tokens = self.blocks, sequence.tokens
+        reuse = self.prefix_caching and not (sequence.request.params.prompt_logprobs and sequence.generated == 0)
+        hits = (manager.match(sequence.prefix.extend(tokens, (len(tokens) - 1) // manager.block_tokens),
+                              sequence.layers) if reuse else [])
+        needed = (manager.blocks_for(len(tokens)) - len(hits)) * sequence.layers
+        spare = sum(s.layers for s in self._running)
+        if needed + spare > manager.available():
+            for block in hits:
+                manager.release(block)
+            return False
+        sequence.blocks = hits + [manager.allocate(sequence.layers) for _ in range(needed // sequence.layers)]
+        sequence.registered = len(hits)
+        sequence.pending = tokens[len(hits) * manager.block_tokens:]
+        manager.stats.prefix_queries += len(tokens) if reuse else 0
+        manager.stats.prefix_hits += len(hits) * manager.block_tokens
+        return True
+
+    def _run(self, sequence: ScheduledSequence) -> None:
+        self._running.append(sequence)
+        self._running.sort(key=lambda s: s.admitted)
+
+    def _grow(self) -> None:
+        """A block for every sequence whose next token crosses into one; the youngest running sequence is
+        preempted while the pool has none (possibly the one growing, if it is the youngest)."""
+        size = self.blocks.block_tokens
+        for sequence in list(self._running):
+            while sequence in self._running and len(sequence.blocks) * size < len(sequence.tokens):
+                block = self.blocks.allocate(sequence.layers)
+                if block is not None:
+                    sequence.blocks.append(block)
+                else:
+                    self._preempt(self._running[-1])
+
+    def _preempt(self, sequence: ScheduledSequence) -> None:
+        """Its blocks go back (the full ones stay cached) and it waits to recompute its tokens."""
+        self._running.remove(sequence)
+        self._release_blocks(sequence)
+        sequence.pending = list(sequence.tokens)
+        self.stats.preemptions += 1
+        self._preempted.append(sequence)
+        self._preempted.sort(key=lambda s: s.admitted)
+
+    def _register_full_blocks(self, sequence: ScheduledSequence) -> None:
+        full = sequence.computed // self.blocks.block_tokens
+        if full > sequence.registered:
+            keys = sequence.prefix.extend(sequence.tokens, full)
+            for i in range(sequence.registered, full):
+                self.blocks.register(sequence.blocks[i], keys[i])
+            sequence.registered = full
+
+    def _release_blocks(self, sequence: ScheduledSequence) -> None:
+        for block in sequence.blocks:
+            self.blocks.release(block)
+        sequence.blocks, sequence.registered = [], 0
 
     def _finish(self, sequence: ScheduledSequence) -> None:
-        if sequence in self._running:
-            self._running.remove(sequence)
-            self._kv_used -= sequence.kv_bytes
-            sequence.state = None     # the KV cache goes with it
+        for group in (self._running, self._preempted):
+            if sequence in group:
+                group.remove(sequence)
+                self._release_blocks(sequence)
+                sequence.state = None     # its sampler and rows go with it
 
     def _feeds(self, running: list[ScheduledSequence]) -> dict[ScheduledSequence, int]:
         """Tokens each sequence feeds this step: a decoding sequence its one token; prompts, in arrival order,

@@ -1,8 +1,9 @@
 """The tensor side of continuous batching: one decoder step over the sequences a `StepPlan` feeds.
 
 Packs the fed tokens of every sequence (embeddings at split layer 0, else PLOT rows: a prompt's were
-fetched when it was submitted, a generated token's come from one lookup per domain by its left context),
-runs the upper layers with each sequence's KV cache and tenant LoRA, and samples the next token of the
+fetched when it was submitted, a generated token's come from one lookup per domain by its left context, and
+each is kept so a preempted sequence recomputes from them), runs the upper layers over the paged KV pool
+(models/kv_cache.py) with each sequence's block table and tenant LoRA, and samples the next token of the
 sequences that fed their last pending one.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.decoder import DecoderModel, KVCache
+from models.decoder import DecoderModel
+from models.kv_cache import KVPool, PagedKV
 from models.packing import PackedLayout, pack_inputs, plot_rows
 from services.common.limits import MAX_CONTEXT
 from services.compute.adapter_pool import AdapterPool
@@ -42,10 +44,11 @@ class SampledDetails:
 
 @dataclass
 class SequenceTensors:
-    """A running sequence's tensors: its KV cache, its sampler, and the PLOT rows of its prompt not fed yet."""
-    cache: KVCache
+    """An admitted sequence's own state besides its KV blocks: its sampler, and (above split layer 0) the PLOT
+    rows of its tokens known so far (the prompt's, then each generated token's as it is fed)."""
     generator: torch.Generator
-    prompt_rows_left: np.ndarray | None = None
+    rows: np.ndarray | None = None                        # [prompt + max new tokens, hidden] fp16
+    known: int = 0                                        # tokens whose rows are in `rows`
     prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
 
 
@@ -57,21 +60,24 @@ def token_logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob
 
 
 class StepRunner:
-    def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None) -> None:
+    def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, kv: KVPool) -> None:
         self.model = model
         self.pool = pool
         self.plot = plot
+        self.kv = kv
 
     def admit(self, sequence: ScheduledSequence) -> None:
-        """Allocates the cache for the sequence's whole length (a step never allocates) and its sampler."""
+        """Its sampler and, above split layer 0, room for its tokens' PLOT rows, starting with the prompt's."""
         request = sequence.request
-        prompt_rows = None
+        state = SequenceTensors(torch.Generator().manual_seed(request.params.seed),
+                                prompt_logprobs=[] if request.params.prompt_logprobs else None)
         if sequence.prompt_rows is not None:   # done: admission waited for it
             prompt_rows = np.asarray(sequence.prompt_rows.result()[0])
-        sequence.state = SequenceTensors(
-            self.model.new_cache(request.split_layer, len(request.prompt) + request.params.max_new_tokens),
-            torch.Generator().manual_seed(request.params.seed), prompt_rows,
-            [] if request.params.prompt_logprobs else None)
+            state.rows = np.empty((len(request.prompt) + request.params.max_new_tokens, prompt_rows.shape[1]),
+                                  dtype=prompt_rows.dtype)
+            state.rows[:len(prompt_rows)] = prompt_rows
+            state.known = len(prompt_rows)
+        sequence.state = state
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[dict[ScheduledSequence, int], dict[ScheduledSequence, SampledDetails]]:
@@ -85,13 +91,15 @@ class StepRunner:
                                      [plan.feeds[s] for s in sequences])
             ordered = [sequences[i] for i in layout.order]
             states: list[SequenceTensors] = [s.state for s in ordered]
-            rows = self._plot_rows(ordered, layout.lengths)
-            fed_from = [state.cache.length for state in states]      # each sequence's first fed position
+            fed_from = [s.computed for s in ordered]                   # each sequence's first fed position
+            rows = self._plot_rows(ordered, fed_from, layout.lengths)
             inputs = pack_inputs(layout, hidden_size=self.model.dims.hidden, device=self.model.device,
                                  embed=self.model.embed,
                                  token_ids_of=lambda j: np.asarray(ordered[j].pending[:layout.lengths[j]]),
                                  first_position_of=fed_from.__getitem__, plot=plot_rows(layout, rows.__getitem__))
-            out = self.model.run(inputs, [state.cache for state in states], self.pool.slot_tensors().lora)
+            kv = PagedKV(self.kv, self.model.dims.layers, fed_from, [s.request.split_layer for s in ordered],
+                         [[block.units for block in s.blocks] for s in ordered], layout.lengths)
+            out = self.model.run(inputs, kv, self.pool.slot_tensors().lora)
             last = torch.tensor([end - 1 for end in inputs.bounds[1:]], device=out.device)
             logits = self.model.logits(out[last]).float().cpu()
             for j, sequence in enumerate(ordered):     # the prompt's own tokens, chunk by chunk, when asked for
@@ -120,39 +128,45 @@ class StepRunner:
     def _prompt_logprobs(self, sequence: ScheduledSequence, state: SequenceTensors, hidden: torch.Tensor,
                          start: int) -> None:
         """Each fed prompt position's prediction of the next prompt token (the last one's predicts the first
-        generated token, which its own log-probability covers)."""
+        generated token, which its own log-probability covers); positions recomputed after a preemption were
+        collected already."""
         prompt = sequence.request.prompt
+        begin = max(start, len(state.prompt_logprobs))
         end = min(start + len(hidden), len(prompt) - 1)
-        if end <= start:
+        if end <= begin:
             return
-        log_probs = torch.log_softmax(self.model.logits(hidden[:end - start]).double().cpu(), -1)
+        log_probs = torch.log_softmax(self.model.logits(hidden[begin - start:end - start]).double().cpu(), -1)
         top = sequence.request.params.top_logprobs
-        for offset in range(end - start):
-            state.prompt_logprobs.append(token_logprob(log_probs[offset], int(prompt[start + offset + 1]), top))
+        for offset in range(end - begin):
+            state.prompt_logprobs.append(token_logprob(log_probs[offset], int(prompt[begin + offset + 1]), top))
 
-    def _plot_rows(self, ordered: list[ScheduledSequence], lengths: list[int]) -> dict[int, np.ndarray]:
-        """Layer-L rows of the fed tokens of every sequence above split layer 0, by execution position: the
-        prompt's next chunk from the rows prefetched at submit, else the generated token's by its context."""
+    def _plot_rows(self, ordered: list[ScheduledSequence], fed_from: list[int], lengths: list[int]
+                   ) -> dict[int, np.ndarray]:
+        """Layer-L rows of the fed tokens of every sequence above split layer 0, by execution position: those
+        known (the prompt's, fetched at submit, and generated tokens fed before) from the sequence's own rows,
+        the rest (a generated token fed for the first time) from one lookup per domain by its left context."""
         rows: dict[int, np.ndarray] = {}
         by_domain: dict[str, list[int]] = {}
         for j, sequence in enumerate(ordered):
             if sequence.request.split_layer == 0:
                 continue
             state: SequenceTensors = sequence.state
-            left = state.prompt_rows_left
-            if left is not None:
-                rows[j], left = left[:lengths[j]], left[lengths[j]:]
-                state.prompt_rows_left = left if len(left) else None
+            if fed_from[j] + lengths[j] <= state.known:
+                rows[j] = state.rows[fed_from[j]:fed_from[j] + lengths[j]]
             else:
                 by_domain.setdefault(sequence.request.domain, []).append(j)
         for domain, members in by_domain.items():
             windows, firsts, skips = [], [], []
             for j in members:
-                tokens = ordered[j].tokens
-                start = max(0, len(tokens) - MAX_CONTEXT)
-                windows.append(np.asarray(tokens[start:], dtype=np.int32))
+                tokens, end = ordered[j].tokens, fed_from[j] + lengths[j]
+                start = max(0, end - MAX_CONTEXT)
+                windows.append(np.asarray(tokens[start:end], dtype=np.int32))
                 firsts.append(start)
-                skips.append(len(tokens) - start - lengths[j])
+                skips.append(ordered[j].state.known - start)
             for j, found in zip(members, self.plot(domain, windows, firsts, skips)):
-                rows[j] = np.asarray(found)
+                state = ordered[j].state
+                end = fed_from[j] + lengths[j]
+                state.rows[state.known:end] = np.asarray(found)
+                state.known = end
+                rows[j] = state.rows[fed_from[j]:end]
         return rows

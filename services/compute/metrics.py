@@ -31,10 +31,20 @@ def compute_state(pool, engine, model: str) -> Iterator:
     if engine is None:
         return
     snapshot = engine.snapshot()
-    kv = GaugeMetricFamily("hmi_compute_kv_cache_bytes", "KV cache reserved by running sequences, and the budget",
+    kv = GaugeMetricFamily("hmi_compute_kv_cache_bytes", "paged KV pool: blocks held by running sequences, blocks "
+                           "kept by the prefix cache for reuse (given up first), and the whole pool",
                            labels=["model", "kind"])
     kv.add_metric([model, "used"], snapshot.kv_bytes_used)
+    kv.add_metric([model, "cached"], snapshot.kv_bytes_cached)
     kv.add_metric([model, "budget"], snapshot.kv_budget_bytes)
+    prefix = CounterMetricFamily("hmi_compute_prefix_cache_tokens", "prompt tokens looked up in the prefix cache, "
+                                 "and those found (their prefill skipped): the hit rate is found / looked_up",
+                                 labels=["model", "result"])
+    prefix.add_metric([model, "looked_up"], snapshot.prefix_queries)
+    prefix.add_metric([model, "found"], snapshot.prefix_hits)
+    preempted = CounterMetricFamily("hmi_compute_generation_preemptions", "running sequences preempted for KV "
+                                    "blocks (they recompute their tokens later)", labels=["model"])
+    preempted.add_metric([model], snapshot.preemptions)
     sequences = GaugeMetricFamily("hmi_compute_generation_sequences", "generation requests running (in the batch) "
                                   "and waiting (for KV cache)", labels=["model", "state"])
     sequences.add_metric([model, "running"], snapshot.running)
@@ -43,4 +53,4 @@ def compute_state(pool, engine, model: str) -> Iterator:
     tokens.add_metric([model], snapshot.tokens_generated)
     steps = CounterMetricFamily("hmi_compute_generation_steps", "generation steps run", labels=["model"])
     steps.add_metric([model], snapshot.steps)
-    yield from (kv, sequences, tokens, steps)
+    yield from (kv, prefix, preempted, sequences, tokens, steps)

@@ -35,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batches executing at once; 0 = 1 on a GPU, on a CPU as many as it has cores "
                              "over torch threads [HMI_EXECUTION_THREADS]")
     parser.add_argument("--kv-cache-mib", type=int, default=env_int("HMI_KV_CACHE_MIB", 1024),
-                        help="decoder models: KV-cache budget; requests wait when it is full [HMI_KV_CACHE_MIB]")
+                        help="decoder models: the KV pool, allocated in blocks of 16 tokens as sequences grow; "
+                             "requests wait when it is full and the youngest sequence is preempted when a running "
+                             "one needs a block it lacks [HMI_KV_CACHE_MIB]")
+    parser.add_argument("--prefix-cache", type=int, choices=(0, 1), default=env_int("HMI_PREFIX_CACHE", 1),
+                        help="decoder models: 1 = keep full KV blocks for reuse by later requests of the same "
+                             "tenant, adapter version and domain build (a repeated system prompt skips its "
+                             "prefill); 0 = off [HMI_PREFIX_CACHE]")
     parser.add_argument("--max-step-tokens", type=int, default=env_int("HMI_MAX_STEP_TOKENS", 128),
                         help="decoder models: tokens one generation step feeds at most; longer prompts are prefilled "
                              "in chunks over several steps, so they delay the running sequences' next token less "
@@ -117,11 +123,13 @@ def main(args: argparse.Namespace) -> None:
     if dims.is_decoder:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
-                                  max_step_tokens=args.max_step_tokens)
+                                  max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
+                                  namespace=served_name)
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)
-        mode = f"generation: KV cache {args.kv_cache_mib} MiB, <= {args.max_generating} sequences per step"
+        mode = (f"generation: paged KV cache {args.kv_cache_mib} MiB, prefix cache "
+                f"{'on' if args.prefix_cache else 'off'}, <= {args.max_generating} sequences per step")
     else:
         engine = None
         bridges = BridgeCache(store, model.dims.hidden, device)

@@ -73,7 +73,7 @@ class ComputeServicer(pb_grpc.ComputeServicer):
                            top_p=params.top_p or 1.0, seed=params.seed,
                            stop_token_ids=tuple(params.stop_token_ids), logprobs=params.logprobs,
                            top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs),
-            weight=spec.weight or 1.0))
+            weight=spec.weight or 1.0, domain_revision=spec.domain_revision))
         context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
         for token, details in stream.with_details():
             response = pb.GenerateResponse(token_ids=[token])

@@ -1,0 +1,169 @@
+"""Where a decoder step keeps and finds each sequence's keys and values.
+
+The decoder's attention (models/decoder.py) sees one step's sequences through a `StepKV`: how many tokens each
+already holds, a write of the step's new keys and values, and reads of one sequence's (prefill) or of many
+padded together (decode). Two kinds:
+
+- `PagedKV`, what serving uses: one pool of fixed-size units per compute (`KVPool`, [units, kv_heads,
+  block_tokens, head_dim] for keys and again for values); a sequence's block table names the unit of each
+  of its blocks at each layer (the accounting is services/compute/kv_blocks.py). New keys of all sequences
+  are written in one indexed store per layer; a decode step gathers every sequence's blocks in one index.
+- `ContiguousKV`, for training and references: one preallocated tensor per sequence and layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from models.dims import ModelDims
+
+
+class StepKV(Protocol):
+    lengths: list[int]      # tokens each sequence of the step holds before it (execution order)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None: ...
+
+    def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def read_padded(self, layer: int, members: list[int], lengths: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def cache_bytes_per_token(dims: ModelDims, layers: int, dtype: torch.dtype = torch.float32) -> int:
+    """KV-cache bytes one token takes over `layers` layers (keys and values)."""
+    return 2 * layers * dims.kv_heads * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class KVPool:
+    """Every unit of a compute's KV memory, allocated once (the pages are touched as units are first used)."""
+
+    def __init__(self, dims: ModelDims, units: int, block_tokens: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (units, dims.kv_heads, block_tokens, dims.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.block_tokens = block_tokens
+
+    @staticmethod
+    def unit_bytes(dims: ModelDims, block_tokens: int, dtype: torch.dtype = torch.float32) -> int:
+        return block_tokens * cache_bytes_per_token(dims, 1, dtype)
+
+    @property
+    def units(self) -> int:
+        return self.keys.shape[0]
+
+
+class PagedKV:
+    """One step's view of the pool: its sequences' held lengths and block tables."""
+
+    def __init__(self, pool: KVPool, layers: int, lengths: list[int], first_layers: list[int],
+                 units: Sequence[Sequence[Sequence[int]]], new_tokens: list[int]) -> None:
+        """`units[j][b]`: the units of sequence j's block b, one per layer from `first_layers[j]` up;
+        `new_tokens[j]`: how many it feeds this step (their blocks must be in `units`)."""
+        self.pool = pool
+        self.lengths = list(lengths)
+        size = pool.block_tokens
+        widest = max((len(u) for u in units), default=0)
+        table = np.zeros((len(units), layers, max(widest, 1)), dtype=np.int64)
+        for j, blocks in enumerate(units):
+            if blocks:
+                table[j, first_layers[j]:, :len(blocks)] = np.asarray(blocks, dtype=np.int64).T
+        needed = [-(-(past + n) // size) for past, n in zip(lengths, new_tokens)]
+        short = [j for j, (have, need) in enumerate(zip(units, needed)) if len(have) < need]
+        if short:
+            raise ValueError(f"KV blocks missing for sequences {short}: a step must be given their blocks first")
+        self.table = torch.from_numpy(table).to(pool.keys.device)
+        positions = np.concatenate([np.arange(past, past + n) for past, n in zip(lengths, new_tokens)] or
+                                   [np.zeros(0, dtype=np.int64)])
+        owners = np.repeat(np.arange(len(units)), new_tokens)
+        self._owner = torch.from_numpy(owners).to(pool.keys.device)
+        self._block = torch.from_numpy(positions // size).to(pool.keys.device)
+        self._offset = torch.from_numpy(positions % size).to(pool.keys.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None:
+        count = bounds[-1]      # the step's first sequences are the ones active at this layer (a prefix)
+        units = self.table[self._owner[:count], layer, self._block[:count]]
+        offsets = self._offset[:count]
+        heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
+        self.pool.keys[units, :, offsets] = k[:count].view(count, heads, d).to(self.pool.keys.dtype)
+        self.pool.values[units, :, offsets] = v[:count].view(count, heads, d).to(self.pool.values.dtype)
+
+    def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = -(-length // self.pool.block_tokens)
+        units = self.table[j, layer, :blocks]
+        heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            return pool[units].transpose(0, 1).reshape(heads, -1, d)[:, :length]
+        return gather(self.pool.keys), gather(self.pool.values)
+
+    def read_padded(self, layer: int, members: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[len(members), kv_heads, width, head_dim]; positions past a sequence's length are zero in the
+        values (their keys are masked by the caller), whatever the pool held there."""
+        width = max(lengths)
+        blocks = -(-width // self.pool.block_tokens)
+        rows = torch.tensor(members, device=self.table.device)
+        units = self.table[rows, layer, :blocks]                                     # [S, blocks]
+        heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
+        count = len(members)
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            return pool[units].permute(0, 2, 1, 3, 4).reshape(count, heads, -1, d)[:, :, :width]
+        keys, values = gather(self.pool.keys), gather(self.pool.values)
+        padding = torch.arange(width, device=keys.device)[None, :] >= torch.tensor(lengths, device=keys.device)[:, None]
+        return keys, values.masked_fill(padding[:, None, :, None], 0.0)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one sequence for the layers it runs, [kv_heads, capacity, head_dim] each,
+    preallocated for its whole length."""
+    first_layer: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+
+class ContiguousKV:
+    """Each sequence in its own `KVCache` (training runs whole sequences through this; gradients flow)."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.lengths = [cache.length for cache in caches]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None:
+        for j in range(len(bounds) - 1):
+            cache, start, end = self.caches[j], bounds[j], bounds[j + 1]
+            n, past = end - start, self.lengths[j]
+            if past + n > cache.capacity:
+                raise ValueError(f"KV cache overflow: {past + n} tokens > capacity {cache.capacity}")
+            slot = layer - cache.first_layer
+            heads, d = cache.keys[slot].shape[0], cache.keys[slot].shape[2]
+            cache.keys[slot][:, past:past + n] = k[start:end].view(n, heads, d).transpose(0, 1)
+            cache.values[slot][:, past:past + n] = v[start:end].view(n, heads, d).transpose(0, 1)
+
+    def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.caches[j]
+        slot = layer - cache.first_layer
+        return cache.keys[slot][:, :length], cache.values[slot][:, :length]
+
+    def read_padded(self, layer: int, members: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.caches[members[0]].keys[layer - self.caches[members[0]].first_layer]
+        heads, d = first.shape[0], first.shape[2]
+        keys = first.new_zeros(len(members), heads, max(lengths), d)
+        values = first.new_zeros(len(members), heads, max(lengths), d)
+        for i, j in enumerate(members):
+            k, v = self.read(layer, j, lengths[i])
+            keys[i, :, :lengths[i]], values[i, :, :lengths[i]] = k, v
+        return keys, values
+
+    def advance(self, counts: list[int]) -> None:
+        for cache, n in zip(self.caches, counts):
+            cache.length += n
