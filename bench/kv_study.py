@@ -9,6 +9,10 @@ with SmolLM2-135M and `hmi bench`'s generative adapters; no services, so only th
 2. Time to first token with a shared `--system-tokens` system prompt: each of `--probes` tenants sends the
    system prompt and a question of its own (a miss: the system prompt is prefilled), then the same tenant
    sends it with another question (a hit: the system prompt's full blocks come from the prefix cache).
+3. int8 KV against fp32: the running count at the same budget (`--kv-dtypes`), held-out perplexity of the base
+   model through the serving path (prompt log-probabilities of `--ppl-texts` texts of `--heldout` cut to
+   `--ppl-tokens` tokens: every token attends to rounded keys and values), and greedy continuations of demo
+   sentences compared token by token.
 
 Prints the tables, writes `--out` (JSON) and a PNG beside it (`--plot`).
 
@@ -40,6 +44,8 @@ from services.compute.adapter_pool import AdapterPool  # noqa: E402
 from services.compute.generation import GenerationEngine  # noqa: E402
 from services.compute.generation_scheduler import GenerationRequest, SamplingParams  # noqa: E402
 
+DEFAULT_HELDOUT = ROOT.parent / "shared" / "datasets" / "medical_abstracts" / "validation.jsonl"
+
 
 def engine_for(model: DecoderModel, budget_mib: int, tenants: int, **kwargs) -> GenerationEngine:
     adapters = {f"t{i}": generative_adapter(model.dims, i, 0) for i in range(tenants)}
@@ -57,7 +63,7 @@ def drain(stream) -> None:
         pass
 
 
-def concurrency(model: DecoderModel, tokenizer, eos: tuple[int, ...], args) -> dict:
+def concurrency(model: DecoderModel, tokenizer, eos: tuple[int, ...], args, kv_dtype: str = "float32") -> dict:
     texts = load_texts(DEMO_CORPUS)
     rng = np.random.default_rng(0)
     prompts = [tokenizer.encode(texts[int(i)]).ids for i in rng.integers(0, len(texts), size=args.requests)]
@@ -66,7 +72,7 @@ def concurrency(model: DecoderModel, tokenizer, eos: tuple[int, ...], args) -> d
     budget = args.kv_mib << 20
     # What admission by whole reservations ran at most: the first requests whose reservations fit together.
     reserved_concurrency = int(np.searchsorted(np.cumsum(reservations), budget, side="right"))
-    engine = engine_for(model, args.kv_mib, tenants=8, max_running=args.requests)
+    engine = engine_for(model, args.kv_mib, tenants=8, max_running=args.requests, kv_dtype=kv_dtype)
     samples: list[int] = []
     try:
         streams = [engine.submit(GenerationRequest(f"t{i % 8}", 1, "", 0, np.asarray(p),
@@ -87,7 +93,8 @@ def concurrency(model: DecoderModel, tokenizer, eos: tuple[int, ...], args) -> d
             thread.join(timeout=30)
     finally:
         engine.close()
-    return {"kv_mib": args.kv_mib, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+    return {"kv_dtype": kv_dtype, "kv_mib": args.kv_mib, "requests": args.requests,
+            "max_new_tokens": args.max_new_tokens,
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "reserved_concurrency": reserved_concurrency, "paged_peak": max(samples),
             "paged_median": float(statistics.median(samples)), "preemptions": stats.preemptions,
@@ -124,14 +131,67 @@ def prefix_ttft(model: DecoderModel, tokenizer, args) -> dict:
             "prefix_hit_tokens": stats.prefix_hits, "prefix_query_tokens": stats.prefix_queries}
 
 
+def perplexity(engine: GenerationEngine, prompts: list[list[int]]) -> float:
+    """exp(mean NLL) of every prompt token after the first, as the engine scores them (prompt log-probabilities)."""
+    streams = [engine.submit(GenerationRequest("t0", 1, "", 0, np.asarray(p),
+                                               SamplingParams(max_new_tokens=1, prompt_logprobs=True)))
+               for p in prompts]
+    total, count = 0.0, 0
+    for stream in streams:
+        for _token, details in stream.with_details():
+            for found in details.prompt_logprobs or ():
+                total -= found.logprob
+                count += 1
+    return float(np.exp(total / count))
+
+
+def greedy(engine: GenerationEngine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=new_tokens)
+    streams = [engine.submit(GenerationRequest("t0", 1, "", 0, np.asarray(p), params)) for p in prompts]
+    return [list(stream) for stream in streams]
+
+
+def int8_quality(model: DecoderModel, tokenizer, args) -> dict:
+    texts = load_texts(args.heldout)[:args.ppl_texts]
+    scored = [tokenizer.encode(t).ids[:args.ppl_tokens] for t in texts]
+    sentences = load_texts(DEMO_CORPUS)[:args.greedy_prompts]
+    prompts = [tokenizer.encode(t).ids for t in sentences]
+    found: dict[str, dict] = {}
+    for kv_dtype in ("float32", "int8"):
+        engine = engine_for(model, 512, tenants=1, prefix_caching=False, kv_dtype=kv_dtype)
+        try:
+            started = time.monotonic()
+            found[kv_dtype] = {"perplexity": perplexity(engine, scored),
+                               "greedy": greedy(engine, prompts, args.greedy_tokens),
+                               "seconds": time.monotonic() - started}
+        finally:
+            engine.close()
+    reference, rounded = found["float32"]["greedy"], found["int8"]["greedy"]
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"heldout": str(args.heldout), "texts": len(scored), "tokens": int(sum(len(s) for s in scored)),
+            "perplexity_float32": found["float32"]["perplexity"], "perplexity_int8": found["int8"]["perplexity"],
+            "perplexity_change": found["int8"]["perplexity"] / found["float32"]["perplexity"] - 1,
+            "greedy_prompts": len(prompts), "greedy_tokens": args.greedy_tokens,
+            "greedy_identical": sum(a == b for a, b in zip(reference, rounded)),
+            "greedy_common_prefix_mean": float(np.mean([common(a, b) for a, b in zip(reference, rounded)]))}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    c, p = result["concurrency"], result["prefix"]
+    runs, p = result["concurrency"], result["prefix"]
+    c = runs[0]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(["whole reservation", "paged: median", "paged: peak"],
-             [c["reserved_concurrency"], c["paged_median"], c["paged_peak"]], color=["grey", "tab:blue", "tab:blue"])
+    labels, heights, colours = ["whole\nreservation"], [c["reserved_concurrency"]], ["grey"]
+    for run in runs:
+        labels += [f"paged {run['kv_dtype']}\nmedian", f"paged {run['kv_dtype']}\npeak"]
+        heights += [run["paged_median"], run["paged_peak"]]
+        colours += ["tab:blue" if run["kv_dtype"] == "float32" else "tab:orange"] * 2
+    left.bar(labels, heights, color=colours)
+    left.tick_params(axis="x", labelsize=8)
     left.set_title(f"sequences running at {c['kv_mib']} MiB of KV\n(max_new_tokens {c['max_new_tokens']})")
     left.set_ylabel("sequences")
     right.bar(["miss", "prefix hit"], [p["miss_median_ms"], p["hit_median_ms"]], color=["grey", "tab:green"])
@@ -151,8 +211,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--probes", type=int, default=5)
+    parser.add_argument("--kv-dtypes", default="float32,int8", help="pools the concurrency part runs")
+    parser.add_argument("--heldout", type=Path, default=DEFAULT_HELDOUT)
+    parser.add_argument("--ppl-texts", type=int, default=32)
+    parser.add_argument("--ppl-tokens", type=int, default=256)
+    parser.add_argument("--greedy-prompts", type=int, default=16)
+    parser.add_argument("--greedy-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--skip", choices=["concurrency", "prefix"], action="append", default=[])
+    parser.add_argument("--skip", choices=["concurrency", "prefix", "int8"], action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-study.json")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -165,14 +231,16 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", "model": args.model}
     if "concurrency" not in args.skip:
-        c = result["concurrency"] = concurrency(model, tokenizer, eos, args)
+        runs = result["concurrency"] = [concurrency(model, tokenizer, eos, args, kv_dtype)
+                                        for kv_dtype in args.kv_dtypes.split(",")]
+        c = runs[0]
         print(f"\n| KV {c['kv_mib']} MiB, {c['requests']} requests, max_new_tokens {c['max_new_tokens']}, "
-              f"prompts {c['prompt_tokens_mean']:.1f} tokens | sequences running |\n| --- | ---: |")
-        print(f"| whole reservation (prompt + max new tokens) admitted | {c['reserved_concurrency']} |")
-        print(f"| paged, median over {c['seconds']:.0f} s | {c['paged_median']:.0f} |")
-        print(f"| paged, peak | {c['paged_peak']} |")
-        print(f"preemptions {c['preemptions']}, {c['generated_tokens']} tokens generated "
-              f"({c['tokens_per_s']:.1f} tokens/s)")
+              f"prompts {c['prompt_tokens_mean']:.1f} tokens | sequences running, median over {c['seconds']:.0f} s "
+              f"| peak | preemptions | tokens/s |\n| --- | ---: | ---: | ---: | ---: |")
+        print(f"| whole reservation (prompt + max new tokens, fp32) admitted | {c['reserved_concurrency']} | | | |")
+        for run in runs:
+            print(f"| paged, {run['kv_dtype']} | {run['paged_median']:.0f} | {run['paged_peak']} | "
+                  f"{run['preemptions']} | {run['tokens_per_s']:.1f} |")
     if "prefix" not in args.skip:
         p = result["prefix"] = prefix_ttft(model, tokenizer, args)
         print(f"\n| {p['system_tokens']}-token system prompt, {p['probes']} tenants | time to first token, median |"
@@ -181,6 +249,13 @@ def main() -> None:
         print(f"| hit (its full blocks from the prefix cache) | {p['hit_median_ms']:.0f} ms |")
         print(f"speed-up {p['speedup']:.1f}x; prefix cache: {p['prefix_hit_tokens']} of {p['prefix_query_tokens']} "
               f"prompt tokens found")
+    if "int8" not in args.skip:
+        q = result["int8"] = int8_quality(model, tokenizer, args)
+        print(f"\n| KV dtype | held-out perplexity ({q['texts']} texts, {q['tokens']} tokens) |\n| --- | ---: |")
+        print(f"| float32 | {q['perplexity_float32']:.4f} |\n| int8 | {q['perplexity_int8']:.4f} "
+              f"({100 * q['perplexity_change']:+.2f} %) |")
+        print(f"greedy, {q['greedy_prompts']} prompts x {q['greedy_tokens']} tokens: {q['greedy_identical']} "
+              f"identical, {q['greedy_common_prefix_mean']:.1f} tokens before the first difference on average")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.plot and "concurrency" in result and "prefix" in result:

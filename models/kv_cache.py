@@ -8,6 +8,8 @@ padded together (decode). Two kinds:
   block_tokens, head_dim] for keys and again for values); a sequence's block table names the unit of each
   of its blocks at each layer (the accounting is services/compute/kv_blocks.py). New keys of all sequences
   are written in one indexed store per layer; a decode step gathers every sequence's blocks in one index.
+  The pool holds fp32, or int8 with a scale per token and head (`KV_DTYPES`: 3.8x less memory at head_dim
+  64; keys and values are rounded as they are written, so prefill attends to the rounded values too).
 - `ContiguousKV`, for training and references: one preallocated tensor per sequence and layer.
 """
 from __future__ import annotations
@@ -32,28 +34,60 @@ class StepKV(Protocol):
                     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+KV_DTYPES = ("float32", "int8")
+
+
 def cache_bytes_per_token(dims: ModelDims, layers: int, dtype: torch.dtype = torch.float32) -> int:
     """KV-cache bytes one token takes over `layers` layers (keys and values)."""
     return 2 * layers * dims.kv_heads * dims.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class KVPool:
-    """Every unit of a compute's KV memory, allocated once (the pages are touched as units are first used)."""
+    """Every unit of a compute's KV memory, allocated once (the pages are touched as units are first used).
+    `kv_dtype` "int8" keeps each token's keys and values of each head as int8 with one fp32 scale (absolute
+    maximum / 127, rounded to nearest): what is read back is within half a step of what was written."""
 
     def __init__(self, dims: ModelDims, units: int, block_tokens: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 kv_dtype: str = "float32") -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        self.quantized = kv_dtype == "int8"
         shape = (units, dims.kv_heads, block_tokens, dims.head_dim)
+        dtype = torch.int8 if self.quantized else torch.float32
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
+        if self.quantized:
+            self.key_scales = torch.empty(shape[:3], device=device)
+            self.value_scales = torch.empty(shape[:3], device=device)
         self.block_tokens = block_tokens
 
     @staticmethod
-    def unit_bytes(dims: ModelDims, block_tokens: int, dtype: torch.dtype = torch.float32) -> int:
-        return block_tokens * cache_bytes_per_token(dims, 1, dtype)
+    def unit_bytes(dims: ModelDims, block_tokens: int, kv_dtype: str = "float32") -> int:
+        if kv_dtype == "int8":
+            return block_tokens * 2 * dims.kv_heads * (dims.head_dim + 4)
+        return block_tokens * cache_bytes_per_token(dims, 1)
 
     @property
     def units(self) -> int:
         return self.keys.shape[0]
+
+    def put(self, units: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Token i's keys and values ([count, kv_heads, head_dim]) into unit units[i] at offsets[i]."""
+        if not self.quantized:
+            self.keys[units, :, offsets] = k
+            self.values[units, :, offsets] = v
+            return
+        for pool, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
+            scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0                       # [count, kv_heads]
+            pool[units, :, offsets] = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+            scales[units, :, offsets] = scale
+
+    def gather(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units' keys and values in fp32: units.shape + [kv_heads, block_tokens, head_dim]."""
+        if not self.quantized:
+            return self.keys[units], self.values[units]
+        return (self.keys[units].float() * self.key_scales[units][..., None],
+                self.values[units].float() * self.value_scales[units][..., None])
 
 
 class PagedKV:
@@ -86,19 +120,16 @@ class PagedKV:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None:
         count = bounds[-1]      # the step's first sequences are the ones active at this layer (a prefix)
         units = self.table[self._owner[:count], layer, self._block[:count]]
-        offsets = self._offset[:count]
         heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
-        self.pool.keys[units, :, offsets] = k[:count].view(count, heads, d).to(self.pool.keys.dtype)
-        self.pool.values[units, :, offsets] = v[:count].view(count, heads, d).to(self.pool.values.dtype)
+        self.pool.put(units, self._offset[:count], k[:count].view(count, heads, d), v[:count].view(count, heads, d))
 
     def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = -(-length // self.pool.block_tokens)
         units = self.table[j, layer, :blocks]
         heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
-
-        def gather(pool: torch.Tensor) -> torch.Tensor:
-            return pool[units].transpose(0, 1).reshape(heads, -1, d)[:, :length]
-        return gather(self.pool.keys), gather(self.pool.values)
+        keys, values = self.pool.gather(units)                                        # [blocks, heads, size, d]
+        return (keys.transpose(0, 1).reshape(heads, -1, d)[:, :length],
+                values.transpose(0, 1).reshape(heads, -1, d)[:, :length])
 
     def read_padded(self, layer: int, members: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """[len(members), kv_heads, width, head_dim]; positions past a sequence's length are zero in the
@@ -109,10 +140,8 @@ class PagedKV:
         units = self.table[rows, layer, :blocks]                                     # [S, blocks]
         heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
         count = len(members)
-
-        def gather(pool: torch.Tensor) -> torch.Tensor:
-            return pool[units].permute(0, 2, 1, 3, 4).reshape(count, heads, -1, d)[:, :, :width]
-        keys, values = gather(self.pool.keys), gather(self.pool.values)
+        keys, values = (t.permute(0, 2, 1, 3, 4).reshape(count, heads, -1, d)[:, :, :width]
+                        for t in self.pool.gather(units))
         padding = torch.arange(width, device=keys.device)[None, :] >= torch.tensor(lengths, device=keys.device)[:, None]
         return keys, values.masked_fill(padding[:, None, :, None], 0.0)
 

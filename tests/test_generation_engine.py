@@ -237,3 +237,23 @@ def test_a_request_whose_adapter_cannot_be_fetched_fails_alone(decoder_dir):
         assert engine.snapshot().kv_bytes_used == 0
     finally:
         engine.close()
+
+
+def test_an_int8_kv_pool_scores_prompts_close_to_fp32_in_a_quarter_of_the_memory(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 1)
+    prompt = np.random.default_rng(4).integers(3, dims.vocab, size=30)
+    scored = {}
+    for kv_dtype in ("float32", "int8"):
+        engine = make_engine(decoder_dir, adapters, kv_budget=1 << 20, kv_dtype=kv_dtype)
+        try:
+            stream = engine.submit(request("t0", prompt, max_new_tokens=1, prompt_logprobs=True))
+            details = [d for _token, d in stream.with_details()][0]
+            scored[kv_dtype] = (np.array([p.logprob for p in details.prompt_logprobs]), engine.kv.units)
+        finally:
+            engine.close()
+    (exact, fp32_units), (rounded, int8_units) = scored["float32"], scored["int8"]
+    assert len(exact) == len(rounded) == 29
+    assert np.abs(exact - rounded).mean() < 0.05 and not np.array_equal(exact, rounded)
+    head_dim = dims.head_dim
+    assert int8_units == pytest.approx(fp32_units * 4 * head_dim / (head_dim + 4), rel=0.01)   # same MiB

@@ -36,20 +36,21 @@ log = logging.getLogger("hmi.compute.generation")
 class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
                  max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
-                 block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "") -> None:
-        """`namespace` names the served model in every prefix-cache key."""
+                 block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "",
+                 kv_dtype: str = "float32") -> None:
+        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES)."""
         self.model = model
         self.pool = pool
         self.plot = plot
         self.namespace = namespace
         self.block_tokens = block_tokens
-        unit_bytes = KVPool.unit_bytes(model.dims, block_tokens)
+        self.unit_bytes = unit_bytes = KVPool.unit_bytes(model.dims, block_tokens, kv_dtype)
         units = kv_budget_bytes // unit_bytes
         if units < 1:
             raise ValueError(f"a KV cache of {kv_budget_bytes} bytes holds no block of {block_tokens} tokens "
                              f"({unit_bytes} bytes a layer)")
         self.kv_budget_bytes = units * unit_bytes
-        self.kv = KVPool(model.dims, units, block_tokens, model.device)
+        self.kv = KVPool(model.dims, units, block_tokens, model.device, kv_dtype)
         self.runner = StepRunner(model, pool, plot, self.kv)
         self.scheduler = GenerationScheduler(BlockManager(units, block_tokens), unit_bytes=unit_bytes,
                                              max_waiting=max_waiting, max_running=max_running,
@@ -74,7 +75,7 @@ class GenerationEngine:
             raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
         layers = dims.layers - request.split_layer
         if not self.scheduler.fits_pool(length, layers):
-            need = -(-length // self.block_tokens) * layers * KVPool.unit_bytes(dims, self.block_tokens)
+            need = -(-length // self.block_tokens) * layers * self.unit_bytes
             raise ResourceExhausted(f"this request can grow to {need >> 20} MiB of KV cache, more than compute's whole "
                                     f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
         sequence = ScheduledSequence.of(request, layers, self.namespace, self.block_tokens)

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder models: the KV pool, allocated in blocks of 16 tokens as sequences grow; "
                              "requests wait when it is full and the youngest sequence is preempted when a running "
                              "one needs a block it lacks [HMI_KV_CACHE_MIB]")
+    parser.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=env("HMI_KV_CACHE_DTYPE", "float32"),
+                        help="decoder models: float32 (exact), or int8 with a scale per token and head (3.8x the "
+                             "tokens in the same memory; perplexity in docs/performance.md) [HMI_KV_CACHE_DTYPE]")
     parser.add_argument("--prefix-cache", type=int, choices=(0, 1), default=env_int("HMI_PREFIX_CACHE", 1),
                         help="decoder models: 1 = keep full KV blocks for reuse by later requests of the same "
                              "tenant, adapter version and domain build (a repeated system prompt skips its "
@@ -124,11 +127,11 @@ def main(args: argparse.Namespace) -> None:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
-                                  namespace=served_name)
+                                  namespace=served_name, kv_dtype=args.kv_cache_dtype)
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)
-        mode = (f"generation: paged KV cache {args.kv_cache_mib} MiB, prefix cache "
+        mode = (f"generation: paged {args.kv_cache_dtype} KV cache {args.kv_cache_mib} MiB, prefix cache "
                 f"{'on' if args.prefix_cache else 'off'}, <= {args.max_generating} sequences per step")
     else:
         engine = None
