@@ -25,24 +25,39 @@ from models.families import family
 from models.kv_cache import ContiguousKV, KVCache, StepKV, cache_bytes_per_token  # noqa: F401 - re-exported
 from models.loading import load_causal_lm
 from models.lora import LayerLoRA, LoRAWeights
+from models.low_precision import DECODER_WEIGHTS, to_bfloat16
 from models.packing import PackedInputs
 
 
 class DecoderModel:
-    def __init__(self, model_dir: Path, device: torch.device) -> None:
+    def __init__(self, model_dir: Path, device: torch.device, weights: str = "float32") -> None:
+        """`weights`: "float32" (exact), or "bfloat16" for the shared projections and LM head
+        (models/low_precision.py; Llama family)."""
         self.dims = ModelDims.from_dir(model_dir)
         if not self.dims.is_decoder:
             raise ValueError(f"{model_dir} is a {self.dims.family} model, not a decoder")
+        if weights not in DECODER_WEIGHTS:
+            raise ValueError(f"decoder weights {weights!r} are not one of {', '.join(DECODER_WEIGHTS)}")
         self.device = device
         self.family = self.dims.family
         self.declared = family(self.family)      # its wiring and its block (models/families)
+        self.weights = weights
         self._attach(load_causal_lm(model_dir).to(device))
+        if weights == "bfloat16":
+            self._base_weights_to_bfloat16()
         config = self.model.config
         self.act = ACT2FN[self.declared.hooks["activation"](config)]
         self.group = self.dims.heads // self.dims.kv_heads
         self.scaling = self.dims.head_dim ** -0.5
         if "check" in self.declared.hooks:
             self.declared.hooks["check"](config)
+
+    def _base_weights_to_bfloat16(self) -> None:
+        projections = [module for block in self.blocks for module in block.children()]
+        if not to_bfloat16(projections):
+            raise ValueError(f"bfloat16 decoder weights need nn.Linear projections; the {self.family} family's "
+                             f"are not (serve it with float32 weights)")
+        to_bfloat16([self.model])      # the LM head (a tied embedding keeps its fp32 table for lookups)
 
     def _attach(self, model) -> None:
         self.model = model

@@ -40,6 +40,8 @@ class LayerLoRA:
             sgmv(out, x, self.segments, self.weights.a[key], self.weights.b[key], self.weights.slot_ranks)
         return out
 
-    def project(self, x: torch.Tensor, linear: torch.nn.Linear, target: str) -> torch.Tensor:
-        """A shared nn.Linear (computed once for every token) plus the tenants' deltas."""
-        return self.add(F.linear(x, linear.weight, linear.bias), x, target)
+    def project(self, x: torch.Tensor, linear: torch.nn.Module, target: str) -> torch.Tensor:
+        """A shared projection (computed once for every token: an nn.Linear, or a low-precision copy of one)
+        plus the tenants' deltas, computed from x as it is."""
+        shared = F.linear(x, linear.weight, linear.bias) if type(linear) is torch.nn.Linear else linear(x)
+        return self.add(shared, x, target)

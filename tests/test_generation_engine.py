@@ -257,3 +257,31 @@ def test_an_int8_kv_pool_scores_prompts_close_to_fp32_in_a_quarter_of_the_memory
     assert np.abs(exact - rounded).mean() < 0.05 and not np.array_equal(exact, rounded)
     head_dim = dims.head_dim
     assert int8_units == pytest.approx(fp32_units * 4 * head_dim / (head_dim + 4), rel=0.01)   # same MiB
+
+
+def test_bfloat16_base_weights_score_close_to_float32_and_gpt2_is_refused(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    if dims.family == "gpt2":
+        with pytest.raises(ValueError, match="nn.Linear projections"):
+            DecoderModel(decoder_dir, torch.device("cpu"), weights="bfloat16")
+        return
+    adapters = tenant_adapters(dims, 1)
+    prompt = np.random.default_rng(5).integers(3, dims.vocab, size=30)
+    scored = {}
+    for weights in ("float32", "bfloat16"):
+        model = DecoderModel(decoder_dir, torch.device("cpu"), weights=weights)
+        pool = AdapterPool(model.dims, torch.device("cpu"), slots=8, max_rank=8, host_cache_bytes=64 << 20,
+                           fetch=lambda tenant, version: adapters[tenant])
+        engine = GenerationEngine(model, pool, None, kv_budget_bytes=1 << 20)
+        try:
+            stream = engine.submit(request("t0", prompt, max_new_tokens=1, prompt_logprobs=True))
+            details = [d for _token, d in stream.with_details()][0]
+            scored[weights] = np.array([p.logprob for p in details.prompt_logprobs])
+        finally:
+            engine.close()
+        linear_types = {type(m).__name__ for m in model.blocks[0].self_attn.children()} | {type(model.model.lm_head).__name__}
+        assert linear_types == ({"Linear"} if weights == "float32" else {"BF16Linear"})
+    difference = np.abs(scored["float32"] - scored["bfloat16"])
+    assert difference.mean() < 0.1 and difference.max() > 0     # rounded, and close
+    with pytest.raises(ValueError, match="decoder weights"):
+        DecoderModel(decoder_dir, torch.device("cpu"), weights="int4")

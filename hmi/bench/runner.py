@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split-layers", default=None,
                         help="several L, e.g. 0,3: HMI runs at each one after the other (same tenants, same "
                              "requests), entries hmi@L0, hmi@L3; naive and peft run once")
+    parser.add_argument("--decoder-weights", choices=["float32", "bfloat16"], default="float32",
+                        help="generate: HMI compute's copy of the shared decoder weights (PEFT keeps the model's "
+                             "float32)")
     parser.add_argument("--memory-budget-mib", type=int, default=2048, help="naive: memory for per-tenant models")
     parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS, help="texts of the requests and of HMI's PLOT")
     parser.add_argument("--sweep", action="store_true", help="afterwards, send one request to every tenant")
@@ -74,7 +77,7 @@ def run_bench(args) -> int:
                         task=args.task, max_new_tokens=args.max_new_tokens)
     settings = BenchSettings(model_dir=model_dir, split_layer=max(split_layers),
                              memory_budget_bytes=args.memory_budget_mib << 20, corpus=args.corpus.resolve(),
-                             logs_dir=logs_dir(args.out))
+                             logs_dir=logs_dir(args.out), decoder_weights=args.decoder_weights)
     report = {"workload": json.loads(as_json(spec)), "model": str(settings.model_dir),
               "split_layer": split_layers[-1], "split_layers": split_layers,
               "recommended": {"split_layer": recommended.split_layer, "context": recommended.context,

@@ -48,6 +48,7 @@ class BenchSettings:
     max_tokens: int = 128
     corpus: Path | None = None             # hmi: the PLOT corpus
     logs_dir: Path | None = None           # hmi: the services' logs are copied here when a run ends
+    decoder_weights: str = "float32"       # hmi: compute's copy of a decoder's shared weights (--decoder-weights)
 
 
 def tenant_adapter(dims: ModelDims, tenant: int, split_layer: int) -> Adapter:
@@ -281,7 +282,8 @@ class HmiDeployment:
         data = Path(self.folder.name)
         # The gateway cuts texts where naive and PEFT do (`max_tokens`), so every system runs the same tokens.
         self.services = ServiceSet.on_free_ports(data, model=str(settings.model_dir), log_dir=data / "logs",
-                                                 extra_env={"HMI_MAX_SEQUENCE_TOKENS": str(settings.max_tokens)})
+                                                 extra_env={"HMI_MAX_SEQUENCE_TOKENS": str(settings.max_tokens),
+                                                            "HMI_DECODER_WEIGHTS": settings.decoder_weights})
         self.client = None
         try:
             self.services.start(timeout=start_timeout)

@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=env("HMI_KV_CACHE_DTYPE", "float32"),
                         help="decoder models: float32 (exact), or int8 with a scale per token and head (3.8x the "
                              "tokens in the same memory; perplexity in docs/performance.md) [HMI_KV_CACHE_DTYPE]")
+    parser.add_argument("--decoder-weights", choices=("float32", "bfloat16"),
+                        default=env("HMI_DECODER_WEIGHTS", "float32"),
+                        help="decoder models (Llama family): float32 (exact), or a bfloat16 copy of the shared "
+                             "projections and LM head: about 2x the decode steps per second on a CPU with AVX-512 "
+                             "BF16, +0.2 %% perplexity on SmolLM2; tenants' LoRA stays fp32 [HMI_DECODER_WEIGHTS]")
     parser.add_argument("--prefix-cache", type=int, choices=(0, 1), default=env_int("HMI_PREFIX_CACHE", 1),
                         help="decoder models: 1 = keep full KV blocks for reuse by later requests of the same "
                              "tenant, adapter version and domain build (a repeated system prompt skips its "
@@ -115,7 +120,7 @@ def main(args: argparse.Namespace) -> None:
     dims = ModelDims.from_dir(model_dir)
     store = StoreClient(args.store, security=security)
     if dims.is_decoder:
-        model = DecoderModel(model_dir, device)
+        model = DecoderModel(model_dir, device, weights=args.decoder_weights)
     else:
         model = EncoderModel(model_dir, device)
     pool = AdapterPool(model.dims, device, slots=args.adapter_slots, max_rank=args.max_rank,
@@ -131,7 +136,8 @@ def main(args: argparse.Namespace) -> None:
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)
-        mode = (f"generation: paged {args.kv_cache_dtype} KV cache {args.kv_cache_mib} MiB, prefix cache "
+        mode = (f"generation: {args.decoder_weights} weights, paged {args.kv_cache_dtype} KV cache "
+                f"{args.kv_cache_mib} MiB, prefix cache "
                 f"{'on' if args.prefix_cache else 'off'}, <= {args.max_generating} sequences per step")
     else:
         engine = None
