@@ -13,6 +13,10 @@ with SmolLM2-135M and `hmi bench`'s generative adapters; no services, so only th
    model through the serving path (prompt log-probabilities of `--ppl-texts` texts of `--heldout` cut to
    `--ppl-tokens` tokens: every token attends to rounded keys and values), and greedy continuations of demo
    sentences compared token by token.
+4. A KV budget (H2O: heavy hitters by accumulated attention plus a recent window) on long prompts: documents of
+   `--budget-prompt` tokens (consecutive held-out abstracts joined) are prefilled whole, then the next
+   `--budget-continuation` tokens of each are fed one per step (forced) while the cache keeps `--budgets`
+   (fractions of the prompt); the perplexity of those tokens against the budget.
 
 Prints the tables, writes `--out` (JSON) and a PNG beside it (`--plot`).
 
@@ -178,6 +182,34 @@ def int8_quality(model: DecoderModel, tokenizer, args) -> dict:
             "greedy_common_prefix_mean": float(np.mean([common(a, b) for a, b in zip(reference, rounded)]))}
 
 
+def budget_perplexity(model: DecoderModel, tokenizer, args) -> dict:
+    stream = [t for text in load_texts(args.heldout) for t in tokenizer.encode(" " + text).ids]
+    length = args.budget_prompt + args.budget_continuation
+    documents = [stream[i * length:(i + 1) * length] for i in range(args.budget_documents)]
+    if len(documents[-1]) < length:
+        raise SystemExit(f"{args.heldout} holds too few tokens for {args.budget_documents} documents of {length}")
+    rows = []
+    for fraction in [0.0] + [float(f) for f in args.budgets.split(",")]:
+        budget = int(round(fraction * args.budget_prompt))
+        engine = engine_for(model, 1024, tenants=1, prefix_caching=False)
+        started = time.monotonic()
+        try:
+            streams = [engine.submit(GenerationRequest(
+                "t0", 1, "", 0, np.asarray(d[:args.budget_prompt]),
+                SamplingParams(max_new_tokens=args.budget_continuation, logprobs=True, kv_budget=budget,
+                               forced_tokens=tuple(d[args.budget_prompt:])))) for d in documents]
+            logprobs = [details.logprob.logprob for s in streams for _token, details in s.with_details()]
+        finally:
+            engine.close()
+        rows.append({"budget_fraction": fraction, "budget_tokens": budget,
+                     "perplexity": float(np.exp(-np.mean(logprobs))), "seconds": time.monotonic() - started})
+    full = rows[0]["perplexity"]
+    for row in rows:
+        row["change"] = row["perplexity"] / full - 1
+    return {"documents": len(documents), "prompt_tokens": args.budget_prompt,
+            "continuation_tokens": args.budget_continuation, "rows": rows}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -217,8 +249,12 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=256)
     parser.add_argument("--greedy-prompts", type=int, default=16)
     parser.add_argument("--greedy-tokens", type=int, default=48)
+    parser.add_argument("--budget-prompt", type=int, default=1024)
+    parser.add_argument("--budget-continuation", type=int, default=128)
+    parser.add_argument("--budget-documents", type=int, default=4)
+    parser.add_argument("--budgets", default="0.5,0.25,0.125", help="KV budgets as fractions of the prompt")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--skip", choices=["concurrency", "prefix", "int8"], action="append", default=[])
+    parser.add_argument("--skip", choices=["concurrency", "prefix", "int8", "budget"], action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-study.json")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -256,6 +292,14 @@ def main() -> None:
               f"({100 * q['perplexity_change']:+.2f} %) |")
         print(f"greedy, {q['greedy_prompts']} prompts x {q['greedy_tokens']} tokens: {q['greedy_identical']} "
               f"identical, {q['greedy_common_prefix_mean']:.1f} tokens before the first difference on average")
+    if "budget" not in args.skip:
+        b = result["budget"] = budget_perplexity(model, tokenizer, args)
+        print(f"\n| KV budget ({b['documents']} documents: {b['prompt_tokens']}-token prompts, then "
+              f"{b['continuation_tokens']} tokens scored) | kept tokens | perplexity |\n| --- | ---: | ---: |")
+        for row in b["rows"]:
+            label = "full cache" if not row["budget_tokens"] else f"{100 * row['budget_fraction']:.1f} %"
+            print(f"| {label} | {row['budget_tokens'] or 'all'} | {row['perplexity']:.3f} "
+                  f"({100 * row['change']:+.2f} %) |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.plot and "concurrency" in result and "prefix" in result:

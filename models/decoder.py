@@ -99,7 +99,7 @@ class DecoderModel:
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
         contiguous = isinstance(kv, list)
         view = ContiguousKV(kv) if contiguous else kv
-        positions = torch.cat([torch.arange(past, past + n) for past, n in zip(view.lengths, lengths)]
+        positions = torch.cat([torch.arange(first, first + n) for first, n in zip(view.starts, lengths)]
                               ).to(self.device)
 
         def step(prefix: ActivePrefix, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,10 @@ class DecoderModel:
             causal = (torch.arange(past + n, device=q.device)[None, :]
                       <= (past + torch.arange(n, device=q.device))[:, None])
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            out[start:end] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1).reshape(n, heads * d)
+            probs = torch.softmax(scores, dim=-1)
+            if kv.tracking:
+                kv.observe(layer, [j], probs.sum(dim=(0, 1))[None])
+            out[start:end] = (probs @ values).transpose(0, 1).reshape(n, heads * d)
         if decoding:
             rows = torch.tensor([bounds[j] for j in decoding], device=q.device)
             lengths = [kv.lengths[j] + 1 for j in decoding]
@@ -154,7 +157,10 @@ class DecoderModel:
             scores = (query @ keys.transpose(2, 3)) * self.scaling                      # [S, heads, 1, width]
             padding = torch.arange(width, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
             scores = scores.masked_fill(padding[:, None, None, :], torch.finfo(scores.dtype).min)
-            out[rows] = (torch.softmax(scores, dim=-1) @ values).reshape(len(decoding), heads * d)
+            probs = torch.softmax(scores, dim=-1)
+            if kv.tracking:
+                kv.observe(layer, decoding, probs.sum(dim=(1, 2)))
+            out[rows] = (probs @ values).reshape(len(decoding), heads * d)
         return out
 
     def _grouped(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -25,6 +25,10 @@ from models.dims import ModelDims
 
 class StepKV(Protocol):
     lengths: list[int]      # tokens each sequence of the step holds before it (execution order)
+    starts: list[int]       # the position of each one's first new token (more than `lengths` under a KV budget)
+    tracking: bool          # whether some sequence accumulates the attention its keys receive (`observe`)
+
+    def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None: ...
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None: ...
 
@@ -82,6 +86,14 @@ class KVPool:
             pool[units, :, offsets] = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
             scales[units, :, offsets] = scale
 
+    def copy_tokens(self, source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Moves tokens' stored keys and values (int8: with their scales, unchanged) from (units, offsets) to
+        (units, offsets)."""
+        (su, so), (tu, to) = source, target
+        tensors = [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.quantized else [])
+        for tensor in tensors:
+            tensor[tu, :, to] = tensor[su, :, so]
+
     def gather(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units' keys and values in fp32: units.shape + [kv_heads, block_tokens, head_dim]."""
         if not self.quantized:
@@ -94,11 +106,18 @@ class PagedKV:
     """One step's view of the pool: its sequences' held lengths and block tables."""
 
     def __init__(self, pool: KVPool, layers: int, lengths: list[int], first_layers: list[int],
-                 units: Sequence[Sequence[Sequence[int]]], new_tokens: list[int]) -> None:
+                 units: Sequence[Sequence[Sequence[int]]], new_tokens: list[int], starts: list[int] | None = None,
+                 scores: list[torch.Tensor | None] | None = None) -> None:
         """`units[j][b]`: the units of sequence j's block b, one per layer from `first_layers[j]` up;
-        `new_tokens[j]`: how many it feeds this step (their blocks must be in `units`)."""
+        `new_tokens[j]`: how many it feeds this step (their blocks must be in `units`); `starts[j]`: the
+        position of its first new token (default: `lengths[j]`); `scores[j]`: [layers, >= held tokens], the
+        attention each held key received so far, accumulated here (None: not tracked)."""
         self.pool = pool
         self.lengths = list(lengths)
+        self.starts = list(starts) if starts is not None else list(lengths)
+        self.scores = scores or [None] * len(lengths)
+        self.tracking = any(score is not None for score in self.scores)
+        self._new = list(new_tokens)
         size = pool.block_tokens
         widest = max((len(u) for u in units), default=0)
         table = np.zeros((len(units), layers, max(widest, 1)), dtype=np.int64)
@@ -122,6 +141,14 @@ class PagedKV:
         units = self.table[self._owner[:count], layer, self._block[:count]]
         heads, d = self.pool.keys.shape[1], self.pool.keys.shape[3]
         self.pool.put(units, self._offset[:count], k[:count].view(count, heads, d), v[:count].view(count, heads, d))
+
+    def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None:
+        """weights[i]: the attention (summed over heads and new queries) each held key of sequence members[i]
+        received at this layer this step, padded past its length."""
+        for i, j in enumerate(members):
+            if self.scores[j] is not None:
+                held = self.lengths[j] + self._new[j]
+                self.scores[j][layer, :held] += weights[i, :held]
 
     def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = -(-length // self.pool.block_tokens)
@@ -166,6 +193,11 @@ class ContiguousKV:
     def __init__(self, caches: list[KVCache]) -> None:
         self.caches = caches
         self.lengths = [cache.length for cache in caches]
+        self.starts = self.lengths
+        self.tracking = False
+
+    def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None:
+        pass
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None:
         for j in range(len(bounds) - 1):

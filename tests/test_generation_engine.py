@@ -285,3 +285,30 @@ def test_bfloat16_base_weights_score_close_to_float32_and_gpt2_is_refused(decode
     assert difference.mean() < 0.1 and difference.max() > 0     # rounded, and close
     with pytest.raises(ValueError, match="decoder weights"):
         DecoderModel(decoder_dir, torch.device("cpu"), weights="int4")
+
+
+def test_a_kv_budget_keeps_the_first_tokens_exact_then_scores_a_continuation_from_fewer_keys(decoder_dir):
+    """Forced continuation of a 40-token prompt, scored token by token: with a budget of 32 tokens the
+    sequence is cut once it holds 48, so the log-probabilities before that equal the full cache's and the
+    later ones come from 32 kept keys (close, not equal)."""
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 1)
+    rng = np.random.default_rng(6)
+    prompt, continuation = rng.integers(3, dims.vocab, size=40), rng.integers(3, dims.vocab, size=30).tolist()
+    scored = {}
+    for budget in (0, 32):
+        engine = make_engine(decoder_dir, adapters)
+        try:
+            stream = engine.submit(request("t0", prompt, max_new_tokens=30, logprobs=True, kv_budget=budget,
+                                           forced_tokens=tuple(continuation)))
+            steps = [(token, details.logprob.logprob) for token, details in stream.with_details()]
+            assert [token for token, _ in steps] == continuation
+            scored[budget] = np.array([logprob for _, logprob in steps])
+        finally:
+            engine.close()
+    full, budgeted = scored[0], scored[32]
+    np.testing.assert_array_equal(full[:9], budgeted[:9])      # tokens 40..48 fed before the first cut
+    assert not np.array_equal(full[9:], budgeted[9:])
+    assert np.abs(full - budgeted).mean() < 1.0
+    with pytest.raises(InvalidArgument, match="kv_budget"):
+        make_engine(decoder_dir, adapters).submit(request("t0", prompt, kv_budget=3))

@@ -265,3 +265,38 @@ def test_stop_tokens_finish_and_a_failed_step_fails_its_sequences():
     plan = scheduler.next_step(wait=False)
     scheduler.fail(plan.running, RuntimeError("step failed"))
     assert isinstance(events(failing)[0], RuntimeError) and scheduler.snapshot().kv_bytes_used == 0
+
+
+def test_a_kv_budget_cuts_a_decoding_sequence_to_fresh_blocks_and_never_registers_them():
+    scheduler = scheduler_of(20)
+    s = sequence(6, new_tokens=20, kv_budget=8)
+    scheduler.enqueue(s)
+    compacted = []
+    while scheduler.snapshot().running or scheduler.snapshot().waiting:
+        plan = scheduler.next_step(wait=False)
+        if s in plan.compactions:
+            c = plan.compactions[s]
+            assert c.keep == 8 and c.held >= 8 + SIZE and len(c.blocks) == 3      # 8 kept + the next token
+            assert not {b.units for b in c.blocks} & {b.units for b in s.blocks}
+            compacted.append(c.held)
+        scheduler.complete_step(plan, {x: 7 for x in plan.sequences if plan.samples(x)})
+        if s.blocks:
+            assert s.held <= 8 + SIZE and s.computed == s.held + s.evicted
+    assert events(s) == [7] * 20 + ["length"]
+    assert compacted and s.evicted > 0
+    # Only the plain blocks filled before the first cut (12 tokens) were kept for reuse; the rest went back.
+    assert scheduler.blocks.cached_blocks() == 12 // SIZE and scheduler.snapshot().kv_bytes_used == 0
+    assert scheduler.blocks.available() == 20
+
+
+def test_a_failed_step_gives_back_the_blocks_of_its_compactions():
+    scheduler = scheduler_of(20, prefix_caching=False)
+    s = sequence(11, new_tokens=10, kv_budget=4)
+    scheduler.enqueue(s)
+    while True:
+        plan = scheduler.next_step(wait=False)
+        if plan.compactions:
+            break
+        scheduler.complete_step(plan, {x: 7 for x in plan.sequences if plan.samples(x)})
+    scheduler.fail(plan.running, RuntimeError("step failed"))
+    assert scheduler.blocks.available() == 20 and scheduler.snapshot().kv_bytes_used == 0

@@ -9,6 +9,7 @@ adapter and prompt rows are fetched while earlier requests' steps run.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -37,13 +38,17 @@ class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
                  max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
                  block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "",
-                 kv_dtype: str = "float32") -> None:
-        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES)."""
+                 kv_dtype: str = "float32", kv_budget_tokens: int = 0) -> None:
+        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES);
+        `kv_budget_tokens` the KV budget of requests that set none (0: keep every token)."""
         self.model = model
         self.pool = pool
         self.plot = plot
         self.namespace = namespace
         self.block_tokens = block_tokens
+        if kv_budget_tokens and kv_budget_tokens < block_tokens:
+            raise ValueError(f"a KV budget keeps at least {block_tokens} tokens (0: no budget)")
+        self.kv_budget_tokens = kv_budget_tokens
         self.unit_bytes = unit_bytes = KVPool.unit_bytes(model.dims, block_tokens, kv_dtype)
         units = kv_budget_bytes // unit_bytes
         if units < 1:
@@ -66,6 +71,13 @@ class GenerationEngine:
         length = len(request.prompt) + params.max_new_tokens
         if not len(request.prompt):
             raise InvalidArgument("the prompt is empty")
+        if params.kv_budget and params.kv_budget < self.block_tokens or params.kv_budget < 0:
+            raise InvalidArgument(f"kv_budget keeps at least {self.block_tokens} tokens (0: every token)")
+        if any(not 0 <= t < dims.vocab for t in params.forced_tokens):
+            raise InvalidArgument(f"forced tokens must lie in [0, {dims.vocab})")
+        if not params.kv_budget and self.kv_budget_tokens:
+            params = dataclasses.replace(params, kv_budget=self.kv_budget_tokens)
+            request = dataclasses.replace(request, params=params)
         if length > dims.max_positions:
             raise InvalidArgument(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                                   f"exceeds the model's {dims.max_positions} positions")
@@ -99,6 +111,15 @@ class GenerationEngine:
         self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException:                 # a scheduler bug: every stream learns it, none waits forever
+            log.exception("the generation engine stopped")
+            self.scheduler.stop()
+            self.scheduler.next_step(wait=False)
+            raise
+
+    def _steps(self) -> None:
         while (plan := self.scheduler.next_step()) is not None:
             if not plan.running:
                 time.sleep(0.005)   # only waiting requests (for room, or their adapter and prompt rows)

@@ -17,6 +17,11 @@ tested apart from the model (the step runner, generation_steps.py, does the tens
 - Chunked prefill: a step feeds at most `max_step_tokens`: every decoding sequence's one token first, then
   prompts in arrival order share the rest (the first prompt always gets a chunk), so a long prompt delays
   the others' next token by a bounded step.
+- KV budget (H2O): a decoding sequence with `kv_budget` keeps that many tokens' keys and values per layer once
+  it holds a block more: half the budget its most recent tokens, half the earlier tokens that received the
+  most attention so far (accumulated over heads and queries). The scheduler gives it fresh blocks for the
+  kept tokens (`Compaction`), the step runner chooses and copies them, and the old blocks go back after the
+  step; its positions keep counting every token, and its blocks are never registered for prefix reuse.
 - Cancellation: a cancelled stream leaves between steps and frees its blocks.
 """
 from __future__ import annotations
@@ -48,6 +53,8 @@ class SamplingParams:
     logprobs: bool = False            # report each generated token's log-probability
     top_logprobs: int = 0             # and its so many likeliest alternatives
     prompt_logprobs: bool = False     # and the prompt's tokens' (with the first generated token)
+    kv_budget: int = 0                # KV tokens kept per layer once decoding (heavy hitters + recent); 0 = all
+    forced_tokens: tuple[int, ...] = ()   # emitted instead of sampled, in order (scores a given continuation)
 
 
 @dataclass
@@ -119,6 +126,8 @@ class ScheduledSequence:
     tokens: list[int] = field(default_factory=list)        # prompt + generated
     pending: list[int] = field(default_factory=list)       # not fed yet: the prompt's rest, or the last token
     generated: int = 0
+    evicted: int = 0                                       # tokens dropped from its KV by its KV budget
+    preemptions: int = 0                                   # times it was preempted (and recomputed)
     blocks: list[Block] = field(default_factory=list)      # its KV, in token order (empty while waiting)
     registered: int = 0                                    # of them, kept in the prefix cache
     admitted: int = -1                                     # order of first admission (preemption: youngest first)
@@ -144,11 +153,24 @@ class ScheduledSequence:
 
     @property
     def computed(self) -> int:
-        """Tokens whose keys and values are in its KV blocks."""
+        """Tokens fed so far (the position of its next fed token)."""
         return len(self.tokens) - len(self.pending)
+
+    @property
+    def held(self) -> int:
+        """Tokens whose keys and values are in its KV blocks (fewer than `computed` under a KV budget)."""
+        return self.computed - self.evicted
 
     def fetches(self) -> list[Future]:
         return [f for f in (self.adapter_ready, self.prompt_rows) if f is not None]
+
+
+@dataclass
+class Compaction:
+    """A sequence's KV cut to its budget at the start of a step: `keep` of its `held` tokens go to `blocks`."""
+    blocks: list[Block]
+    keep: int
+    held: int
 
 
 @dataclass
@@ -156,6 +178,7 @@ class StepPlan:
     """One step: the running sequences (in arrival order) and the tokens each feeds (absent: none this step)."""
     running: list[ScheduledSequence]
     feeds: dict[ScheduledSequence, int]
+    compactions: dict[ScheduledSequence, Compaction] = field(default_factory=dict)
 
     @property
     def sequences(self) -> list[ScheduledSequence]:
@@ -203,6 +226,7 @@ class GenerationScheduler:
         self._preempted: list[ScheduledSequence] = []      # by first admission: they resume before new requests
         self._running: list[ScheduledSequence] = []        # by first admission
         self._admissions = 0
+        self._pending_compactions: dict[ScheduledSequence, Compaction] = {}   # planned, not yet completed
         self._cond = threading.Condition()
         self._stop = False
 
@@ -244,9 +268,10 @@ class GenerationScheduler:
                 return None
             self._drop_cancelled()
             self._admit()
+            compactions = self._compact()
             self._grow()
             running = list(self._running)
-            return StepPlan(running, self._feeds(running))
+            return StepPlan(running, self._feeds(running), {s: c for s, c in compactions.items() if s in running})
 
     def complete_step(self, plan: StepPlan, sampled: dict[ScheduledSequence, int],
                       details: dict[ScheduledSequence, Any] | None = None) -> None:
@@ -254,6 +279,12 @@ class GenerationScheduler:
         token (`sampled`), streamed with what `details` holds for it, and finishes at a stop token or at
         max_new_tokens."""
         with self._cond:
+            for sequence, compaction in plan.compactions.items():
+                self._pending_compactions.pop(sequence, None)
+                old, sequence.blocks = sequence.blocks, compaction.blocks
+                for block in old:
+                    self.blocks.release(block)
+                sequence.evicted += compaction.held - compaction.keep
             fed = {s: n for s, n in plan.feeds.items() if n}
             self.stats.steps += 1
             self.stats.prompt_tokens += sum(n for s, n in fed.items() if not s.decoding)
@@ -280,6 +311,8 @@ class GenerationScheduler:
         """A step failed: its sequences get the error and leave."""
         with self._cond:
             for sequence in sequences:
+                for block in self._pending_compactions.pop(sequence, Compaction([], 0, 0)).blocks:
+                    self.blocks.release(block)
                 sequence.stream.put(StreamEvent(error=error))
                 self._finish(sequence)
 
@@ -357,12 +390,32 @@ class GenerationScheduler:
         self._running.append(sequence)
         self._running.sort(key=lambda s: s.admitted)
 
+    def _compact(self) -> dict[ScheduledSequence, Compaction]:
+        """Fresh blocks for the kept tokens of every decoding sequence that holds a block more than its KV
+        budget (skipped, for this step, when the pool has none to spare)."""
+        self._pending_compactions.clear()
+        size = self.blocks.block_tokens
+        for sequence in self._running:
+            budget = sequence.request.params.kv_budget
+            if not budget or not sequence.decoding or sequence.held < budget + size:
+                continue
+            blocks = [self.blocks.allocate(sequence.layers) for _ in range(self.blocks.blocks_for(budget + 1))]
+            if None in blocks:
+                for block in blocks:
+                    if block is not None:
+                        self.blocks.release(block)
+                continue
+            self._pending_compactions[sequence] = Compaction(blocks, budget, sequence.held)
+        return dict(self._pending_compactions)
+
     def _grow(self) -> None:
         """A block for every sequence whose next token crosses into one; the youngest running sequence is
         preempted while the pool has none (possibly the one growing, if it is the youngest)."""
         size = self.blocks.block_tokens
         for sequence in list(self._running):
-            while sequence in self._running and len(sequence.blocks) * size < len(sequence.tokens):
+            if sequence in self._pending_compactions:
+                continue            # its new blocks hold its kept tokens and the next one
+            while sequence in self._running and len(sequence.blocks) * size < sequence.held + len(sequence.pending):
                 block = self.blocks.allocate(sequence.layers)
                 if block is not None:
                     sequence.blocks.append(block)
@@ -373,12 +426,15 @@ class GenerationScheduler:
         """Its blocks go back (the full ones stay cached) and it waits to recompute its tokens."""
         self._running.remove(sequence)
         self._release_blocks(sequence)
-        sequence.pending = list(sequence.tokens)
+        sequence.pending, sequence.evicted = list(sequence.tokens), 0
+        sequence.preemptions += 1
         self.stats.preemptions += 1
         self._preempted.append(sequence)
         self._preempted.sort(key=lambda s: s.admitted)
 
     def _register_full_blocks(self, sequence: ScheduledSequence) -> None:
+        if sequence.evicted:
+            return                  # its blocks no longer hold a plain prefix
         full = sequence.computed // self.blocks.block_tokens
         if full > sequence.registered:
             keys = sequence.prefix.extend(sequence.tokens, full)
@@ -387,7 +443,7 @@ class GenerationScheduler:
             sequence.registered = full
 
     def _release_blocks(self, sequence: ScheduledSequence) -> None:
-        for block in sequence.blocks:
+        for block in sequence.blocks + self._pending_compactions.pop(sequence, Compaction([], 0, 0)).blocks:
             self.blocks.release(block)
         sequence.blocks, sequence.registered = [], 0
 

@@ -19,7 +19,7 @@ from models.kv_cache import KVPool, PagedKV
 from models.packing import PackedLayout, pack_inputs, plot_rows
 from services.common.limits import MAX_CONTEXT
 from services.compute.adapter_pool import AdapterPool
-from services.compute.generation_scheduler import ScheduledSequence, StepPlan
+from services.compute.generation_scheduler import Compaction, ScheduledSequence, StepPlan
 from services.compute.sampling import sample
 
 # (domain, token windows, first position of each window, leading context-only tokens per window)
@@ -50,6 +50,8 @@ class SequenceTensors:
     rows: np.ndarray | None = None                        # [prompt + max new tokens, hidden] fp16
     known: int = 0                                        # tokens whose rows are in `rows`
     prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
+    scores: torch.Tensor | None = None                    # under a KV budget: [layers, length] attention received
+    preemptions: int = 0                                  # of the sequence when `scores` was started
 
 
 def token_logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -97,8 +99,15 @@ class StepRunner:
                                  embed=self.model.embed,
                                  token_ids_of=lambda j: np.asarray(ordered[j].pending[:layout.lengths[j]]),
                                  first_position_of=fed_from.__getitem__, plot=plot_rows(layout, rows.__getitem__))
-            kv = PagedKV(self.kv, self.model.dims.layers, fed_from, [s.request.split_layer for s in ordered],
-                         [[block.units for block in s.blocks] for s in ordered], layout.lengths)
+            held, blocks = [], []
+            for sequence in ordered:
+                compaction = plan.compactions.get(sequence)
+                if compaction is not None:
+                    self._compact(sequence, compaction)
+                held.append(compaction.keep if compaction is not None else sequence.held)
+                blocks.append([block.units for block in (compaction or sequence).blocks])
+            kv = PagedKV(self.kv, self.model.dims.layers, held, [s.request.split_layer for s in ordered], blocks,
+                         layout.lengths, starts=fed_from, scores=[self._scores(s) for s in ordered])
             out = self.model.run(inputs, kv, self.pool.slot_tensors().lora)
             last = torch.tensor([end - 1 for end in inputs.bounds[1:]], device=out.device)
             logits = self.model.logits(out[last]).float().cpu()
@@ -112,7 +121,9 @@ class StepRunner:
         for j, s in enumerate(ordered):
             if not plan.samples(s):
                 continue
-            token = sample(logits[j], s.request.params, states[j].generator)
+            forced = s.request.params.forced_tokens
+            token = (forced[s.generated] if s.generated < len(forced)
+                     else sample(logits[j], s.request.params, states[j].generator))
             sampled[s] = token
             params = s.request.params
             if params.logprobs or params.prompt_logprobs:
@@ -124,6 +135,37 @@ class StepRunner:
                     found.prompt_logprobs, states[j].prompt_logprobs = states[j].prompt_logprobs, None
                 details[s] = found
         return sampled, details
+
+    def _scores(self, sequence: ScheduledSequence) -> torch.Tensor | None:
+        """The attention its held keys received so far, per layer (sequences under a KV budget); started
+        afresh when a preemption made it recompute its tokens."""
+        state: SequenceTensors = sequence.state
+        if not sequence.request.params.kv_budget:
+            return None
+        if state.scores is None or state.preemptions != sequence.preemptions:
+            request = sequence.request
+            state.scores = torch.zeros(self.model.dims.layers, len(request.prompt) + request.params.max_new_tokens,
+                                       device=self.model.device)
+            state.preemptions = sequence.preemptions
+        return state.scores
+
+    def _compact(self, sequence: ScheduledSequence, compaction: Compaction) -> None:
+        """Copies the tokens a KV budget keeps into the compaction's blocks, per layer: the most recent half of
+        the budget, and the earlier tokens that received the most attention (H2O's heavy hitters)."""
+        scores = self._scores(sequence)
+        keep, held, size = compaction.keep, compaction.held, self.kv.block_tokens
+        recent = keep // 2
+        device = scores.device
+        old = torch.tensor([block.units for block in sequence.blocks], device=device)        # [blocks, layers]
+        new = torch.tensor([block.units for block in compaction.blocks], device=device)
+        first = sequence.request.split_layer
+        slots = torch.arange(keep, device=device)
+        for slot, layer in enumerate(range(first, self.model.dims.layers)):
+            heavy = torch.topk(scores[layer, :held - recent], keep - recent).indices.sort().values
+            kept = torch.cat([heavy, torch.arange(held - recent, held, device=device)])
+            self.kv.copy_tokens((old[kept // size, slot], kept % size), (new[slots // size, slot], slots % size))
+            scores[layer, :keep] = scores[layer, kept]
+            scores[layer, keep:held] = 0
 
     def _prompt_logprobs(self, sequence: ScheduledSequence, state: SequenceTensors, hidden: torch.Tensor,
                          start: int) -> None:
