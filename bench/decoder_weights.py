@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.kv_study import DEFAULT_HELDOUT, engine_for, greedy, perplexity  # noqa: E402
+from bench.kv_study import DEFAULT_HELDOUT, engine_for, greedy, greedy_agreement, perplexity  # noqa: E402
 from hmi.bench.workload import DEMO_CORPUS, load_texts  # noqa: E402
 from models.decoder import DecoderModel  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
@@ -84,9 +84,7 @@ def main() -> None:
         print(f"{weights}: decode step {rows[weights]['decode_step_ms']:.1f} ms, "
               f"perplexity {rows[weights]['perplexity']:.4f}", flush=True)
     exact, rounded = rows["float32"], rows["bfloat16"]
-    identical = sum(a == b for a, b in zip(exact["greedy"], rounded["greedy"]))
-    common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-              for a, b in zip(exact["greedy"], rounded["greedy"])]
+    identical, common = greedy_agreement(exact["greedy"], rounded["greedy"])
     result = {"machine": f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, "
                          f"{time.strftime('%Y-%m-%d')}",
               "sequences": args.sequences, "heldout": str(args.heldout), "texts": len(scored),
@@ -96,14 +94,14 @@ def main() -> None:
               "speedup": exact["decode_step_ms"] / rounded["decode_step_ms"],
               "perplexity_change": rounded["perplexity"] / exact["perplexity"] - 1,
               "greedy_identical": identical, "greedy_prompts": len(prompts), "greedy_tokens": args.greedy_tokens,
-              "greedy_common_prefix_mean": float(np.mean(common))}
+              "greedy_common_prefix_mean": common}
     print(f"\n| shared weights | decode step, {args.sequences} sequences | held-out perplexity ({len(scored)} texts) |"
           f"\n| --- | ---: | ---: |")
     print(f"| float32 | {exact['decode_step_ms']:.1f} ms | {exact['perplexity']:.4f} |")
     print(f"| bfloat16 | {rounded['decode_step_ms']:.1f} ms ({result['speedup']:.2f}x faster) | "
           f"{rounded['perplexity']:.4f} ({100 * result['perplexity_change']:+.2f} %) |")
     print(f"greedy: {identical} of {len(prompts)} continuations of {args.greedy_tokens} tokens identical, "
-          f"{np.mean(common):.1f} tokens before the first difference on average")
+          f"{common:.1f} tokens before the first difference on average")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.plot:

@@ -155,6 +155,13 @@ def greedy(engine: GenerationEngine, prompts: list[list[int]], new_tokens: int) 
     return [list(stream) for stream in streams]
 
 
+def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[int, float]:
+    """How many continuations are identical, and the mean count of tokens before the first difference."""
+    common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(reference, other)]
+    return sum(a == b for a, b in zip(reference, other)), float(np.mean(common))
+
+
 def int8_quality(model: DecoderModel, tokenizer, args) -> dict:
     texts = load_texts(args.heldout)[:args.ppl_texts]
     scored = [tokenizer.encode(t).ids[:args.ppl_tokens] for t in texts]
@@ -170,16 +177,12 @@ def int8_quality(model: DecoderModel, tokenizer, args) -> dict:
                                "seconds": time.monotonic() - started}
         finally:
             engine.close()
-    reference, rounded = found["float32"]["greedy"], found["int8"]["greedy"]
-
-    def common(a: list[int], b: list[int]) -> int:
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    identical, common = greedy_agreement(found["float32"]["greedy"], found["int8"]["greedy"])
     return {"heldout": str(args.heldout), "texts": len(scored), "tokens": int(sum(len(s) for s in scored)),
             "perplexity_float32": found["float32"]["perplexity"], "perplexity_int8": found["int8"]["perplexity"],
             "perplexity_change": found["int8"]["perplexity"] / found["float32"]["perplexity"] - 1,
             "greedy_prompts": len(prompts), "greedy_tokens": args.greedy_tokens,
-            "greedy_identical": sum(a == b for a, b in zip(reference, rounded)),
-            "greedy_common_prefix_mean": float(np.mean([common(a, b) for a, b in zip(reference, rounded)]))}
+            "greedy_identical": identical, "greedy_common_prefix_mean": common}
 
 
 def budget_perplexity(model: DecoderModel, tokenizer, args) -> dict:

@@ -9,7 +9,6 @@ adapter and prompt rows are fetched while earlier requests' steps run.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import logging
 import threading
 import time
@@ -38,17 +37,13 @@ class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
                  max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
                  block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "",
-                 kv_dtype: str = "float32", kv_budget_tokens: int = 0) -> None:
-        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES);
-        `kv_budget_tokens` the KV budget of requests that set none (0: keep every token)."""
+                 kv_dtype: str = "float32") -> None:
+        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES)."""
         self.model = model
         self.pool = pool
         self.plot = plot
         self.namespace = namespace
         self.block_tokens = block_tokens
-        if kv_budget_tokens and kv_budget_tokens < block_tokens:
-            raise ValueError(f"a KV budget keeps at least {block_tokens} tokens (0: no budget)")
-        self.kv_budget_tokens = kv_budget_tokens
         self.unit_bytes = unit_bytes = KVPool.unit_bytes(model.dims, block_tokens, kv_dtype)
         units = kv_budget_bytes // unit_bytes
         if units < 1:
@@ -75,9 +70,6 @@ class GenerationEngine:
             raise InvalidArgument(f"kv_budget keeps at least {self.block_tokens} tokens (0: every token)")
         if any(not 0 <= t < dims.vocab for t in params.forced_tokens):
             raise InvalidArgument(f"forced tokens must lie in [0, {dims.vocab})")
-        if not params.kv_budget and self.kv_budget_tokens:
-            params = dataclasses.replace(params, kv_budget=self.kv_budget_tokens)
-            request = dataclasses.replace(request, params=params)
         if length > dims.max_positions:
             raise InvalidArgument(f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                                   f"exceeds the model's {dims.max_positions} positions")
@@ -87,7 +79,7 @@ class GenerationEngine:
             raise FailedPrecondition("this compute replica has no knowledge store for PLOT lookups")
         layers = dims.layers - request.split_layer
         if not self.scheduler.fits_pool(length, layers):
-            need = -(-length // self.block_tokens) * layers * self.unit_bytes
+            need = self.scheduler.blocks.blocks_for(length) * layers * self.unit_bytes
             raise ResourceExhausted(f"this request can grow to {need >> 20} MiB of KV cache, more than compute's whole "
                                     f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
         sequence = ScheduledSequence.of(request, layers, self.namespace, self.block_tokens)

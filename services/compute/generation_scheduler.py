@@ -37,7 +37,7 @@ import numpy as np
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.fair_queue import FairQueue
-from services.compute.kv_blocks import Block, BlockManager, PrefixKeys
+from services.compute.kv_blocks import BLOCK_TOKENS, Block, BlockManager, PrefixKeys
 
 PREFILL_CHUNK_MIN = 16   # prompt tokens a step feeds even when decoding sequences fill its budget
 
@@ -137,14 +137,14 @@ class ScheduledSequence:
 
     @classmethod
     def of(cls, request: GenerationRequest, layers: int, namespace: str = "",
-           block_tokens: int | None = None) -> ScheduledSequence:
+           block_tokens: int = BLOCK_TOKENS) -> ScheduledSequence:
         """`namespace` names the model whose KV this is (the root of its prefix keys, with the tenant,
         adapter version, domain, domain revision and split layer)."""
         prompt = [int(t) for t in request.prompt]
         root = (namespace, request.tenant_id, request.adapter_version, request.domain, request.domain_revision,
                 request.split_layer)
-        keys = PrefixKeys(root) if block_tokens is None else PrefixKeys(root, block_tokens)
-        return cls(request, TokenStream(), layers, keys, tokens=prompt, pending=list(prompt))
+        return cls(request, TokenStream(), layers, PrefixKeys(root, block_tokens), tokens=prompt,
+                   pending=list(prompt))
 
     @property
     def decoding(self) -> bool:
