@@ -207,9 +207,18 @@ def add_health(server: grpc.Server, services: Iterable[str]) -> HealthReport:
 
 def probe(channel: grpc.Channel, service: str = "", timeout: float = 1.0) -> bool:
     """True when the server behind `channel` reports `service` SERVING within `timeout`."""
+    return probe_answer(channel, service, timeout) is True
+
+
+def probe_answer(channel: grpc.Channel, service: str = "", timeout: float = 1.0) -> bool | None:
+    """SERVING (True), a definite no (False: NOT_SERVING, refused, unknown service), or no answer in time (None).
+
+    A slow answer is told apart from a no because a busy server misses a short probe deadline now and then;
+    a watcher that moves work on the first miss sends a tenant away from its warm replica for nothing.
+    """
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                            timeout=timeout)
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as error:
+        return None if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
     return reply.status == SERVING

@@ -24,7 +24,7 @@ import grpc
 
 from services.common.auth.peers import PeerSecurity
 from services.common.discovery import Discovery, Resolver
-from services.common.health import probe
+from services.common.health import probe_answer
 from services.common.rpc import channel
 from services.compute.client import ComputeStub, compute_stub
 
@@ -44,12 +44,14 @@ class Replica:
     leaving: bool = False               # gone from discovery: finishes its batches, takes no new one
     sent: int = 0                       # batches and streams sent to it
     failures: int = 0
+    missed_probes: int = 0              # probes in a row that got no answer in time
 
     def usable(self, now: float) -> bool:
         return self.healthy and not self.leaving and self.down_until <= now
 
 
 HOMES_CACHED = 100_000
+MISSED_PROBES_DOWN = 3      # as Kubernetes' failureThreshold: one slow answer under load is not an outage
 
 
 class Router:
@@ -141,15 +143,19 @@ class Router:
         with self._lock:
             members = [r for r in self._members.values() if not r.leaving]
         timeout = max(0.2, min(1.0, self.probe_interval))
-        results = list(self._probes.map(lambda r: probe(r.channel, COMPUTE_SERVICE, timeout), members))
+        answers = list(self._probes.map(lambda r: probe_answer(r.channel, COMPUTE_SERVICE, timeout), members))
         with self._lock:
-            for replica, healthy in zip(members, results):
+            for replica, answer in zip(members, answers):
+                replica.missed_probes = replica.missed_probes + 1 if answer is None else 0
+                # a definite no counts at once; silence only after MISSED_PROBES_DOWN probes in a row
+                healthy = answer if answer is not None else (
+                    replica.healthy and replica.missed_probes < MISSED_PROBES_DOWN)
                 if healthy != replica.healthy:
                     log.info("compute replica %s is %s", replica.address, "SERVING" if healthy else "not serving")
                     if not healthy:
                         self.discovery.request()
                 replica.healthy = healthy
-                if healthy:
+                if answer:
                     replica.down_until = 0.0
             self._room.notify_all()
 
