@@ -6,7 +6,6 @@ so the adapter learns to correct for PLOT's approximation. The base weights stay
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ from models.adapter_format import DEFAULT_TARGETS, Adapter, target_shape
 from models.encoder import EncoderModel
 from models.lora import LoRAWeights
 from models.packing import PackedInputs, PackedLayout, pack_inputs, plot_rows
+from training.training_loop import LoopSettings, Progress, TrainingLoop
 
 
 @dataclass
@@ -42,7 +42,6 @@ class TrainSettings:
     seed: int = 0
 
 
-Progress = Callable[[int, int, float], None]   # (step, total steps, loss)
 
 
 def init_lora(dims, split_layer: int, rank: int, targets: tuple[str, ...], generator: torch.Generator
@@ -76,29 +75,9 @@ def fit_batches(parameters: list[torch.nn.Parameter], items: list, loss_of: Call
                 epochs: int, batch_size: int, learning_rate: float, weight_decay: float = 0.0, seed: int = 0,
                 max_steps: int = 0, progress: Progress | None = None) -> float:
     """AdamW with a linearly decaying rate over shuffled batches, for `epochs` (or `max_steps`); the last loss."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
-    total = math.ceil(len(items) / batch_size) * epochs
-    if max_steps:
-        total = min(total, max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, total))
-    order = list(range(len(items)))
-    step, loss_value = 0, float("nan")
-    while step < total:
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            if step >= total:
-                break
-            loss = loss_of([items[i] for i in order[start:start + batch_size]])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = float(loss.detach())
-            if progress is not None:
-                progress(step, total, loss_value)
-    return loss_value
+    loop = TrainingLoop(parameters, items, LoopSettings(epochs, batch_size, learning_rate, weight_decay, seed,
+                                                        max_steps))
+    return loop.run(loss_of, progress)
 
 
 class AdapterTrainer:
@@ -133,11 +112,14 @@ class AdapterTrainer:
     def fit(self, train: list[Example], progress: Progress | None = None) -> float:
         if not train:
             raise InvalidArgument("no training examples")
-        return fit_batches(self.parameters(), train,
-                           lambda batch: F.cross_entropy(self.logits(batch), torch.tensor([e.label for e in batch])),
+        return fit_batches(self.parameters(), train, self.loss,
                            epochs=self.settings.epochs, batch_size=self.settings.batch_size,
                            learning_rate=self.settings.learning_rate, weight_decay=self.settings.weight_decay,
                            seed=self.settings.seed, progress=progress)
+
+    def loss(self, batch: list[Example]) -> torch.Tensor:
+        """Mean cross-entropy of a batch (or of a part of one: co-serving trains in parts)."""
+        return F.cross_entropy(self.logits(batch), torch.tensor([e.label for e in batch]))
 
     @torch.no_grad()
     def accuracy(self, examples: list[Example]) -> float:

@@ -21,6 +21,10 @@
     keys      key id -> JSON key record: tenant patterns, rights, expiry, salt and scrypt hash of its secret
               (never the secret; access_records.py)
     limits    tenant id -> JSON limits (rps, tps, max concurrent, max queued, priority)
+    files     file id -> JSON training-file record (fine_tuning.py); file_data: file id -> its JSONL bytes
+    jobs      job id -> JSON fine-tuning job record (state, lease, checkpoints' metadata)
+    job_events   job id + b"/" + sequence u64 BE -> JSON event
+    checkpoints  job id -> the job's latest checkpoint (safetensors: parameters and optimizer moments)
 
 Every transaction goes through `read()` / `write()`: they hold a shared lock that growing the map takes
 exclusively (LMDB remaps only while no transaction is open). A write that finds the map full grows it
@@ -54,7 +58,8 @@ NODE_VALUE = struct.Struct("<IIQ")
 _U32 = struct.Struct(">I")
 _BLOCK_KEY = struct.Struct(">II")
 DATABASES = ("meta", "domains", "nodes", "blocks", "free_rows", "traffic", "offsets", "lower", "tenants",
-             "adapters", "changes", "requests", "request_log", "keys", "limits", "bridges")
+             "adapters", "changes", "requests", "request_log", "keys", "limits", "bridges", "files", "file_data",
+             "jobs", "job_events", "checkpoints")
 CHANGES_KEPT = 100_000      # change-log entries kept; a reader further behind starts over
 _REVISION = struct.Struct(">Q")
 OFFSETS_HEADER = struct.Struct("<III")
@@ -214,6 +219,13 @@ class StoreLayout:
 
     def put_json(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:
         txn.put(key.encode(), json.dumps(value, sort_keys=True).encode(), db=self.db[db])
+
+    def put_json_bytes(self, txn: lmdb.Transaction, db: str, key: bytes, value: dict[str, Any]) -> None:
+        txn.put(key, json.dumps(value, sort_keys=True).encode(), db=self.db[db])
+
+    @staticmethod
+    def decode_json(value) -> Any:
+        return json.loads(bytes(value))
 
     def iter_json(self, txn: lmdb.Transaction, db: str, start: str = ""):
         cursor = txn.cursor(db=self.db[db])

@@ -3,7 +3,8 @@
 No gRPC here: the servicer, the tests and the studies call this directly. Every write is one LMDB
 transaction, so a killed process loses nothing committed and readers never see half a write. Records
 are typed (records.py); the store is one class made of parts, one module each: domains (domains.py), lookups
-(lookups.py), tenants (tenants.py) over what they share (store_base.py), with its settings in store_settings.py;
+(lookups.py), tenants (tenants.py), training files and fine-tuning jobs (fine_tuning.py) over what they share
+(store_base.py), with its settings in store_settings.py;
 tree maintenance (tree_maintenance.py) works through their public methods.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, quoted
 from services.knowledge_store.access_records import AccessRecords
 from services.knowledge_store.change_followers import ChangeFollowers
 from services.knowledge_store.domains import DomainsPart
+from services.knowledge_store.fine_tuning import FineTuningPart
 from services.knowledge_store.layout import StoreLayout, keep_private
 from services.knowledge_store.lookups import LookupsPart
 from services.knowledge_store.lower_models import LowerModels
@@ -42,7 +44,7 @@ class ChangeFeed:
 
 
 
-class KnowledgeStore(DomainsPart, LookupsPart, TenantsPart):
+class KnowledgeStore(DomainsPart, LookupsPart, TenantsPart, FineTuningPart):
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
         if not 1 <= settings.default_rank <= settings.max_rank:

@@ -39,6 +39,10 @@ class StoreSettings:
     max_pending_contexts: int = 50_000        # distinct missing contexts counted per domain between flushes
     max_traffic_entries: int = 200_000        # counted contexts kept per domain in LMDB
     max_materialize: int = 1024               # contexts materialised per flush (the rest on their next lookup)
+    max_file_bytes: int = 64 << 20            # a training file
+    max_training_examples: int = 200_000      # examples in one training file
+    max_job_examples: int = 2_000_000         # examples x epochs one fine-tuning job trains on
+    max_active_jobs: int = 2                  # fine-tuning jobs queued or running per tenant
     extra_models: dict[str, Path] = field(default_factory=dict)   # more base models: name -> folder
 
 

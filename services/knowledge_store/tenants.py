@@ -78,18 +78,8 @@ class TenantsPart(StoreBase):
                                   f"the limit of both")
 
         def write(txn: lmdb.Transaction) -> tuple[tuple[TenantRecord, TenantRecord | None], int, dict]:
-            if self.domain_in(txn, domain) is None:
-                raise NotFound(f"domain {domain!r} was deleted meanwhile")
-            previous = self._tenant_in(txn, tenant_id)
-            revision = self.layout.record_change(txn, "tenant", tenant_id)
-            record = TenantRecord(
-                tenant_id=tenant_id, domain=domain, labels=labels, adapter_version=revision,
-                adapter_bytes=len(adapter_bytes), rank=adapter.rank, targets=list(adapter.targets),
-                layers=adapter.layers, updated_at=time.time(), split_layer=split_layer, seed=seed,
-                model=model_of_domain)
-            self.layout.put_json(txn, "tenants", tenant_id, record.to_json())
-            txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
-            return (record, previous), revision, record.to_json()
+            record, previous = self.write_tenant(txn, tenant_id, domain, labels, adapter, adapter_bytes, seed)
+            return (record, previous), record.adapter_version, record.to_json()
 
         record, previous = idempotency.write_once(
             self.layout, request_id, "put_tenant", tenant_id, write,
@@ -98,6 +88,24 @@ class TenantsPart(StoreBase):
                  "replaced" if previous else "registered", tenant_id, domain, len(labels), adapter.rank,
                  record.adapter_version)
         return record
+
+    def write_tenant(self, txn: lmdb.Transaction, tenant_id: str, domain: str, labels: list[str], adapter,
+                     adapter_bytes: bytes, seed: int = 0) -> tuple[TenantRecord, TenantRecord | None]:
+        """The tenant's record and adapter in the caller's transaction (registration, or a fine-tuning job that
+        succeeded); the adapter was validated by the caller. Returns the new record and the one it replaced."""
+        domain_record = self.domain_in(txn, domain)
+        if domain_record is None:
+            raise NotFound(f"domain {domain!r} was deleted meanwhile")
+        previous = self._tenant_in(txn, tenant_id)
+        revision = self.layout.record_change(txn, "tenant", tenant_id)
+        record = TenantRecord(
+            tenant_id=tenant_id, domain=domain, labels=labels, adapter_version=revision,
+            adapter_bytes=len(adapter_bytes), rank=adapter.rank, targets=list(adapter.targets),
+            layers=adapter.layers, updated_at=time.time(), split_layer=domain_record.split_layer, seed=seed,
+            model=domain_record.model)
+        self.layout.put_json(txn, "tenants", tenant_id, record.to_json())
+        txn.put(tenant_id.encode(), adapter_bytes, db=self.layout.db["adapters"])
+        return record, previous
 
     def _tenant_in(self, txn: lmdb.Transaction, tenant_id: str) -> TenantRecord | None:
         data = self.layout.get_json(txn, "tenants", tenant_id)
