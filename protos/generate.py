@@ -20,7 +20,8 @@ PROTOS = Path(__file__).resolve().parent
 SOURCE_PACKAGE = "hmi/v1"
 # The public API: what clients in any language need. None of them imports an internal proto (compute,
 # knowledge_store); tests/test_protos_public.py compiles each with only these on the include path.
-PUBLIC = ("hmi/v1/tensor.proto", "hmi/v1/catalog.proto", "hmi/v1/gateway.proto", "grpc/health/v1/health.proto")
+PUBLIC = ("hmi/v1/tensor.proto", "hmi/v1/catalog.proto", "hmi/v1/gateway.proto", "hmi/v1/fine_tuning.proto",
+          "grpc/health/v1/health.proto")
 PUBLIC_PACKAGE = "hmi_client.v1"
 PUBLIC_MODULES = {Path(p).stem + "_pb2" for p in PUBLIC if p.startswith(SOURCE_PACKAGE)}
 # folder -> (its Python package, whether it gets the public protos or the internal ones)

@@ -43,9 +43,9 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
-def start_services(data_dir: Path, model: Path, **env):
+def start_services(data_dir: Path, model: Path, computes: int = 1, **env):
     from hmi.launcher import ServiceSet
-    services = ServiceSet.on_free_ports(data_dir, model=str(model), log_dir=data_dir / "logs",
+    services = ServiceSet.on_free_ports(data_dir, computes=computes, model=str(model), log_dir=data_dir / "logs",
                                        extra_env={"HMI_MAX_WAIT_MS": "20", "HMI_TORCH_THREADS": "1",
                                                   "HMI_LEARN_INTERVAL": "0.5", **env})
     services.start(timeout=180)

@@ -1,5 +1,6 @@
 from hmi_client.v1 import catalog_pb2 as _catalog_pb2
 from hmi_client.v1 import tensor_pb2 as _tensor_pb2
+from hmi_client.v1 import fine_tuning_pb2 as _fine_tuning_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -45,6 +46,66 @@ from hmi_client.v1.catalog_pb2 import ListKeysResponse as ListKeysResponse
 from hmi_client.v1.catalog_pb2 import RevokeKeyRequest as RevokeKeyRequest
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ClaimJobRequest(_message.Message):
+    __slots__ = ("model", "worker", "lease_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker: str
+    lease_seconds: float
+    def __init__(self, model: _Optional[str] = ..., worker: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ClaimJobResponse(_message.Message):
+    __slots__ = ("found", "job")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    job: _fine_tuning_pb2.FineTuningJob
+    def __init__(self, found: _Optional[bool] = ..., job: _Optional[_Union[_fine_tuning_pb2.FineTuningJob, _Mapping]] = ...) -> None: ...
+
+class ReportJobRequest(_message.Message):
+    __slots__ = ("id", "worker", "step", "total_steps", "trained_tokens", "lease_seconds", "events", "checkpoint", "checkpoint_loss")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    worker: str
+    step: int
+    total_steps: int
+    trained_tokens: int
+    lease_seconds: float
+    events: _containers.RepeatedCompositeFieldContainer[_fine_tuning_pb2.FineTuningEvent]
+    checkpoint: bytes
+    checkpoint_loss: float
+    def __init__(self, id: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., events: _Optional[_Iterable[_Union[_fine_tuning_pb2.FineTuningEvent, _Mapping]]] = ..., checkpoint: _Optional[bytes] = ..., checkpoint_loss: _Optional[float] = ...) -> None: ...
+
+class FinishJobRequest(_message.Message):
+    __slots__ = ("id", "worker", "adapter", "error", "cancelled", "validation_accuracy", "final_loss", "trained_tokens")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    worker: str
+    adapter: bytes
+    error: str
+    cancelled: bool
+    validation_accuracy: float
+    final_loss: float
+    trained_tokens: int
+    def __init__(self, id: _Optional[str] = ..., worker: _Optional[str] = ..., adapter: _Optional[bytes] = ..., error: _Optional[str] = ..., cancelled: _Optional[bool] = ..., validation_accuracy: _Optional[float] = ..., final_loss: _Optional[float] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
 
 class GetKeyVerifierRequest(_message.Message):
     __slots__ = ("id",)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from hmi_client.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
+from hmi_client.v1 import fine_tuning_pb2 as hmi_dot_v1_dot_fine__tuning__pb2
 from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
 from hmi_client.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
@@ -142,6 +143,81 @@ class KnowledgeStoreStub:
                 '/hmi.v1.KnowledgeStore/GetTenantLimits',
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+                _registered_method=True)
+        self.UploadFile = channel.stream_unary(
+                '/hmi.v1.KnowledgeStore/UploadFile',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.UploadFileRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/GetFile',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+                _registered_method=True)
+        self.GetFileContent = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/GetFileContent',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListFiles',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/DeleteFile',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+                _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/CreateJob',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/GetJob',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListJobs',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/CancelJob',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+                _registered_method=True)
+        self.ListJobEvents = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/ListJobEvents',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningEvent.FromString,
+                _registered_method=True)
+        self.ClaimJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ClaimJob',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobResponse.FromString,
+                _registered_method=True)
+        self.ReportJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ReportJob',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ReportJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+                _registered_method=True)
+        self.FinishJob = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/FinishJob',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.FinishJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_stream(
+                '/hmi.v1.KnowledgeStore/GetCheckpoint',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ListCheckpoints',
+                request_serializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
 
 
@@ -298,6 +374,99 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFile(self, request_iterator, context):
+        """Fine-tuning (fine_tuning.proto): files and jobs as the gateway passes them on, with the caller's key as
+        `owner` in the metadata; and the leases through which compute replicas run jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFileContent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobEvents(self, request, context):
+        """`follow` is the gateway's
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -405,6 +574,81 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.GetTenantLimits,
                     request_deserializer=hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_catalog__pb2.TenantLimits.SerializeToString,
+            ),
+            'UploadFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.UploadFileRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.SerializeToString,
+            ),
+            'GetFileContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFileContent,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListFilesRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.CreateJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningEvent.SerializeToString,
+            ),
+            'ClaimJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimJob,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobResponse.SerializeToString,
+            ),
+            'ReportJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportJob,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ReportJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.SerializeToString,
+            ),
+            'FinishJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishJob,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.FinishJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_tensor__pb2.Chunk.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_fine__tuning__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -976,6 +1220,411 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/GetTenantLimits',
             hmi_dot_v1_dot_catalog__pb2.GetTenantLimitsRequest.SerializeToString,
             hmi_dot_v1_dot_catalog__pb2.TenantLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hmi.v1.KnowledgeStore/UploadFile',
+            hmi_dot_v1_dot_fine__tuning__pb2.UploadFileRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetFile',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFileContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetFileContent',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListFiles',
+            hmi_dot_v1_dot_fine__tuning__pb2.ListFilesRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/DeleteFile',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetFileRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.TrainingFile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/CreateJob',
+            hmi_dot_v1_dot_fine__tuning__pb2.CreateJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetJob',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListJobs',
+            hmi_dot_v1_dot_fine__tuning__pb2.ListJobsRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/CancelJob',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListJobEvents',
+            hmi_dot_v1_dot_fine__tuning__pb2.ListJobEventsRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ClaimJob',
+            hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.ClaimJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ReportJob',
+            hmi_dot_v1_dot_knowledge__store__pb2.ReportJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/FinishJob',
+            hmi_dot_v1_dot_knowledge__store__pb2.FinishJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.FineTuningJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/GetCheckpoint',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+            hmi_dot_v1_dot_tensor__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ListCheckpoints',
+            hmi_dot_v1_dot_fine__tuning__pb2.GetJobRequest.SerializeToString,
+            hmi_dot_v1_dot_fine__tuning__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

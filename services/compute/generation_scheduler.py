@@ -321,6 +321,10 @@ class GenerationScheduler:
             self._stop = True
             self._cond.notify()
 
+    def has_work(self) -> bool:
+        """Sequences running, waiting or preempted: what co-served training yields to (coserving.py)."""
+        return bool(self._running or self._waiting or self._preempted)
+
     def snapshot(self) -> EngineStats:
         with self._cond:
             self.stats.running, self.stats.waiting = len(self._running), len(self._waiting) + len(self._preempted)

@@ -28,6 +28,7 @@ from services.common.rpc import peer_unreachable
 from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
 from services.compute.bridge_cache import BridgeCache
+from services.compute.coserving import CoServingGate
 from services.compute.executor import Executor, PreparedBatch
 from services.compute.plot_cache import PlotRowCache
 from services.knowledge_store.client import StoreClient
@@ -99,8 +100,9 @@ class BusyLog:
 class Pipeline:
     def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8,
                  execution_threads: int = 1, bridges: BridgeCache | None = None,
-                 plot_cache: PlotRowCache | None = None) -> None:
+                 plot_cache: PlotRowCache | None = None, gate: CoServingGate | None = None) -> None:
         self.executor = executor
+        self.gate = gate or CoServingGate()      # told of every batch queued for execution: training yields to it
         self.pool = pool
         self.store = store
         self.plot_cache = plot_cache     # None: every batch's rows come from the store
@@ -243,6 +245,12 @@ class Pipeline:
 
         def execute():
             EXECUTION_QUEUE.dec()
+            try:
+                return run_prepared()
+            finally:
+                self.gate.inference_ends()
+
+        def run_prepared():
             if not wanted() or time.perf_counter() > deadline:
                 with self._stats_lock:
                     self.stats.dropped_batches += 1
@@ -260,6 +268,7 @@ class Pipeline:
         # The lease is released when execution ends, not when the caller gives up: pinned slots
         # must not be reused while the device still reads them.
         EXECUTION_QUEUE.inc()
+        self.gate.inference_begins()
         future = self._device.submit(execute)
         future.add_done_callback(lambda _: prepared.lease.release())
         try:
@@ -267,6 +276,7 @@ class Pipeline:
         except FutureTimeout:
             if future.cancel():
                 EXECUTION_QUEUE.dec()
+                self.gate.inference_ends()
             raise DeadlineExceeded(f"batch not executed within the deadline ({timeout:.2f}s)") from None
         if failures:
             result = BatchResult.merged(batch, ran, result, failures, hidden_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.auth.flags import add_security_arguments, security_from_args
-from services.common.config import add_observability_arguments, env, env_int
+from services.common.config import add_observability_arguments, env, env_float, env_int
 from services.common.limits import DEFAULT_MAX_RANK
 
 
@@ -59,6 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-generation-queue", type=int, default=env_int("HMI_MAX_GENERATION_QUEUE", 256),
                         help="decoder models: requests waiting for KV cache before RESOURCE_EXHAUSTED "
                              "[HMI_MAX_GENERATION_QUEUE]")
+    parser.add_argument("--fine-tuning", type=int, choices=(0, 1), default=env_int("HMI_FINE_TUNING", 1),
+                        help="1 = take fine-tuning jobs of this replica's base model from the store and train them "
+                             "in the time inference leaves; 0 = serve only [HMI_FINE_TUNING]")
+    parser.add_argument("--train-part-tokens", type=int, default=env_int("HMI_TRAIN_PART_TOKENS", 512),
+                        help="tokens one training part (micro-batch) holds at most: a part started just before an "
+                             "inference batch delays it by at most one part's time (docs/fine-tuning.md) "
+                             "[HMI_TRAIN_PART_TOKENS]")
+    parser.add_argument("--train-max-wait-ms", type=float, default=env_float("HMI_TRAIN_MAX_WAIT_MS", 2000.0),
+                        help="a training part waits for the device to be free of inference at most this long, then "
+                             "runs beside it, so a job progresses under full load [HMI_TRAIN_MAX_WAIT_MS]")
+    parser.add_argument("--checkpoint-seconds", type=float, default=env_float("HMI_CHECKPOINT_SECONDS", 30.0),
+                        help="a running job's checkpoint goes to the store this often; a job whose replica dies "
+                             "resumes from it elsewhere [HMI_CHECKPOINT_SECONDS]")
+    parser.add_argument("--job-lease-seconds", type=float, default=env_float("HMI_JOB_LEASE_SECONDS", 30.0),
+                        help="a running job's lease, renewed every 2 s; when this replica dies, another takes the "
+                             "job this long after its last renewal [HMI_JOB_LEASE_SECONDS]")
     add_observability_arguments(parser, "compute")
     add_security_arguments(parser)
 
@@ -99,7 +115,9 @@ def main(args: argparse.Namespace) -> None:
     from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
     from services.compute.bridge_cache import BridgeCache
+    from services.compute.coserving import CoServingGate
     from services.compute.executor import Executor
+    from services.compute.fine_tuning_worker import FineTuningWorker, WorkerSettings
     from services.compute.generation import GenerationEngine
     from services.compute.metrics import compute_state
     from services.compute.pipeline import Pipeline
@@ -128,11 +146,15 @@ def main(args: argparse.Namespace) -> None:
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
     reporter = None
+    gate = CoServingGate(max_wait=args.train_max_wait_ms / 1e3)
+    if args.train_part_tokens < 16:
+        raise SystemExit(f"--train-part-tokens {args.train_part_tokens}: give at least 16")
     if dims.is_decoder:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
                                   namespace=served_name, kv_dtype=args.kv_cache_dtype)
+        gate.busy = lambda: engine.scheduler.has_work()
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)
@@ -148,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
             reporter = TrafficReporter(plot_cache, store.record_traffic)
             reporter.start()
         pipeline = Pipeline(Executor(model, pool), pool, store, bridges=bridges, plot_cache=plot_cache,
-                            execution_threads=execution_threads(args.execution_threads, device))
+                            execution_threads=execution_threads(args.execution_threads, device), gate=gate)
         mode_cache = f"PLOT row cache {args.plot_cache_mib} MiB" if plot_cache is not None else "no PLOT row cache"
 
         servicer = ComputeServicer(EncoderServing(pipeline), max_batch_tokens=args.max_batch_tokens,
@@ -158,6 +180,17 @@ def main(args: argparse.Namespace) -> None:
     invalidation = AdapterInvalidation(store, pool, bridges=pipeline.bridges if pipeline is not None else None,
                                        plot_cache=pipeline.plot_cache if pipeline is not None else None)
     invalidation.start()
+    tuning = None
+    if args.fine_tuning:
+        tuning = FineTuningWorker(store, model, model_dir, served_name, gate,
+                                  WorkerSettings(part_tokens=args.train_part_tokens,
+                                                 max_wait=args.train_max_wait_ms / 1e3,
+                                                 checkpoint_seconds=args.checkpoint_seconds,
+                                                 lease_seconds=max(1.0, args.job_lease_seconds),
+                                                 report_seconds=min(2.0, max(1.0, args.job_lease_seconds) / 3)),
+                                  bridges=pipeline.bridges if pipeline is not None else None, listen=args.listen)
+        tuning.start()
+        mode += f"; fine-tuning jobs in parts of <= {args.train_part_tokens} tokens"
     register_state(lambda: compute_state(pool, engine, served_name))
     # A generation stream holds an RPC thread while it runs: room for every running sequence, and more.
     workers = max(32, args.max_generating + 32) if dims.is_decoder else 32
@@ -170,6 +203,8 @@ def main(args: argparse.Namespace) -> None:
              model_dir, device, args.adapter_slots, args.max_rank, mode, args.store, describe(security, internal=True))
 
     def stop():
+        if tuning is not None:
+            tuning.close()
         invalidation.close()
         if reporter is not None:
             reporter.close()

@@ -1,6 +1,6 @@
 """The gateway's readiness: what its health service reports, from probes of its peers.
 
-- `hmi.v1.Admin` is SERVING while the knowledge store answers its health check;
+- `hmi.v1.Admin` and `hmi.v1.FineTuning` are SERVING while the knowledge store answers its health check;
 - `hmi.v1.Gateway` (and `""`, the whole server) once the store has answered since the gateway started, while
   every required model has at least one compute replica that answered SERVING (services/gateway/router.py
   probes each replica). A store that stops answering later does not take inference down: the gateway keeps
@@ -64,6 +64,7 @@ class Readiness:
                 log.info("ready: the store and compute for %s answer", ", ".join(self.required))
         self.problems = problems
         self.report.set("hmi.v1.Admin", store_ok)
+        self.report.set("hmi.v1.FineTuning", store_ok)      # jobs live in the store; computes take them when up
         self.report.set("hmi.v1.Gateway", not problems)
         return problems
 

@@ -121,6 +121,7 @@ def compute_targets(values: list[str], models: list[str]) -> dict[str, list[str]
 
 def main(args: argparse.Namespace) -> None:
     # Heavy imports (torch, transformers) only when the service really starts: keeps the CLI fast.
+    from hmi_client.v1 import fine_tuning_pb2_grpc as ft_grpc
     from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
     from hmi_proto.v1 import knowledge_store_pb2_grpc as store_grpc
     from models.dims import ModelDims
@@ -138,6 +139,7 @@ def main(args: argparse.Namespace) -> None:
     from services.gateway.batcher import Batcher
     from services.gateway.core.admin import Admin
     from services.gateway.core.chat import ChatTemplates
+    from services.gateway.core.fine_tuning import FineTuning
     from services.gateway.core.inference import Inference
     from services.gateway.core.lanes import DecoderLane, EncoderLane, Lane
     from services.gateway.directory import TenantDirectory
@@ -145,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
     from services.gateway.quotas import Limits, Quotas
     from services.gateway.readiness import Readiness
     from services.gateway.router import Router
-    from services.gateway.servicer import AdminServicer, GatewayServicer
+    from services.gateway.servicer import AdminServicer, FineTuningServicer, GatewayServicer
     from services.gateway.tokenizer import TextEncoder
     log = setup_logging("gateway", args.log_format)
     setup_tracing("gateway", args.tracing)
@@ -218,13 +220,16 @@ def main(args: argparse.Namespace) -> None:
     administration = Admin(store, directory, access=access)
     gateway = GatewayServicer(inference)
     admin = AdminServicer(administration)
+    tuning = FineTuning(store, access=access)
     register_state(lambda: metrics.lane_state(lanes))
 
     def register(server):
         pb_grpc.add_GatewayServicer_to_server(gateway, server)
         pb_grpc.add_AdminServicer_to_server(admin, server)
+        ft_grpc.add_FineTuningServicer_to_server(FineTuningServicer(tuning), server)
 
-    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin"], workers=args.workers,
+    running = start_server(args.listen, register, ["hmi.v1.Gateway", "hmi.v1.Admin", "hmi.v1.FineTuning"],
+                           workers=args.workers,
                            metrics_port=args.metrics_port, security=security, reflection_on=args.reflection,
                            metrics_host=args.metrics_host,
                            metrics_tenant_labels=args.metrics_tenant_labels)
@@ -240,7 +245,8 @@ def main(args: argparse.Namespace) -> None:
         from services.gateway.http.auth import checked_by
         from services.gateway.http.door import Door
         from services.gateway.http.server import HttpServer
-        http = HttpServer(create_app(Door(inference, administration, model_dirs, ready=readiness.ready),
+        http = HttpServer(create_app(Door(inference, administration, model_dirs, ready=readiness.ready,
+                                          fine_tuning=tuning),
                                      checked_by(access.principal_of),
                                      max_body_bytes=max(1, int(args.max_http_body_mib * 2**20))), args.http,
                           tls_cert=security.tls_cert, tls_key=security.tls_key)

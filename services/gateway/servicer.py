@@ -5,6 +5,7 @@ Who is calling (the `authorization: Bearer` metadata), the caller's deadline and
 core's `Call`; the core's HMIErrors become statuses at this edge (services/common/rpc.py)."""
 from __future__ import annotations
 
+from hmi_client.v1 import fine_tuning_pb2_grpc as ft_grpc
 from hmi_client.v1 import gateway_pb2 as pb
 from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.deadlines import NO_DEADLINE
@@ -12,6 +13,7 @@ from services.common.rpc import handles_errors, handles_stream_errors
 from services.gateway.access import bearer_token
 from services.gateway.core.admin import Admin
 from services.gateway.core.call import Call
+from services.gateway.core.fine_tuning import FineTuning
 from services.gateway.core.inference import GenerateRequest, Inference, TextsRequest
 
 
@@ -146,3 +148,48 @@ class AdminServicer(pb_grpc.AdminServicer):
     @handles_errors
     def GetTenantLimits(self, request, context):
         return self.core.get_tenant_limits(call_of(context), request)
+
+
+class FineTuningServicer(ft_grpc.FineTuningServicer):
+    def __init__(self, core: FineTuning) -> None:
+        self.core = core
+
+    @handles_errors
+    def UploadFile(self, request_iterator, context):
+        return self.core.upload_file(call_of(context), request_iterator)
+
+    @handles_errors
+    def GetFile(self, request, context):
+        return self.core.get_file(call_of(context), request.id)
+
+    @handles_errors
+    def ListFiles(self, request, context):
+        return self.core.list_files(call_of(context))
+
+    @handles_errors
+    def DeleteFile(self, request, context):
+        return self.core.delete_file(call_of(context), request.id)
+
+    @handles_errors
+    def CreateJob(self, request, context):
+        return self.core.create_job(call_of(context), request)
+
+    @handles_errors
+    def GetJob(self, request, context):
+        return self.core.get_job(call_of(context), request.id)
+
+    @handles_errors
+    def ListJobs(self, request, context):
+        return self.core.list_jobs(call_of(context), request)
+
+    @handles_errors
+    def CancelJob(self, request, context):
+        return self.core.cancel_job(call_of(context), request.id)
+
+    @handles_stream_errors
+    def ListJobEvents(self, request, context):
+        yield from self.core.events(call_of(context), request)
+
+    @handles_errors
+    def ListCheckpoints(self, request, context):
+        return self.core.checkpoints(call_of(context), request.id)

@@ -182,8 +182,10 @@ class FineTuningPart(StoreBase):
             raise InvalidArgument(f"epochs {hyper.epochs} is outside 1..100 (0: the default)")
         if hyper.steps < 0 or hyper.batch_size < 0 or not 0 <= hyper.batch_size <= 1024:
             raise InvalidArgument("steps and batch_size must be >= 0 (batch_size <= 1024; 0: the default)")
-        if not 0 <= hyper.learning_rate <= 1:
-            raise InvalidArgument(f"learning_rate {hyper.learning_rate} is outside (0, 1] (0: the default)")
+        if not 0 <= hyper.learning_rate <= 1 or not 0 <= hyper.learning_rate_multiplier <= 100:
+            raise InvalidArgument(f"learning_rate {hyper.learning_rate} must lie in (0, 1] and "
+                                  f"learning_rate_multiplier {hyper.learning_rate_multiplier} in (0, 100] (0: the "
+                                  f"default)")
         if not 0 <= hyper.rank <= self.settings.max_rank:
             raise InvalidArgument(f"rank {hyper.rank} is outside 1..{self.settings.max_rank} (the deployment's "
                                   f"--max-rank; 0: the default)")

@@ -51,6 +51,10 @@ class Hyperparameters:
     batch_size: int = 0
     rank: int = 0
     targets: list[str] = field(default_factory=list)
+    learning_rate_multiplier: float = 0.0    # scales the default rate when learning_rate is 0
+
+    def rate(self, default: float) -> float:
+        return self.learning_rate or default * (self.learning_rate_multiplier or 1.0)
 
 
 @dataclass

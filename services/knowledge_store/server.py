@@ -42,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "traffic [HMI_LEARN_THRESHOLD]")
     parser.add_argument("--learn-interval", type=float, default=env_float("HMI_LEARN_INTERVAL", 2.0),
                         help="seconds between traffic flushes (materialisation, pruning) [HMI_LEARN_INTERVAL]")
+    parser.add_argument("--max-file-mib", type=int, default=env_int("HMI_MAX_FILE_MIB", 64),
+                        help="largest training file an upload may carry [HMI_MAX_FILE_MIB]")
+    parser.add_argument("--max-training-examples", type=int, default=env_int("HMI_MAX_TRAINING_EXAMPLES", 200_000),
+                        help="examples one training file may hold [HMI_MAX_TRAINING_EXAMPLES]")
+    parser.add_argument("--max-job-examples", type=int, default=env_int("HMI_MAX_JOB_EXAMPLES", 2_000_000),
+                        help="examples x epochs one fine-tuning job may train on: a quota on training work per "
+                             "job [HMI_MAX_JOB_EXAMPLES]")
+    parser.add_argument("--max-active-jobs", type=int, default=env_int("HMI_MAX_ACTIVE_JOBS", 2),
+                        help="fine-tuning jobs queued or running at once per tenant [HMI_MAX_ACTIVE_JOBS]")
     add_observability_arguments(parser, "store")
     add_security_arguments(parser)
 
@@ -72,7 +81,9 @@ def main(args: argparse.Namespace) -> None:
                              max_lookup_tokens=args.max_lookup_tokens, max_adapt_steps=args.max_adapt_steps,
                              max_adapt_batch=args.max_adapt_batch, follower_wait=args.follower_wait_ms / 1e3,
                              default_budget_bytes=args.domain_budget_mib << 20,
-                             default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval)
+                             default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval,
+                             max_file_bytes=args.max_file_mib << 20, max_training_examples=args.max_training_examples,
+                             max_job_examples=args.max_job_examples, max_active_jobs=args.max_active_jobs)
     store = KnowledgeStore(settings)
     store.start_maintenance()
     register_state(lambda: store_state(store))

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hmi_client.v1 import fine_tuning_pb2 as ft
 from hmi_client.v1 import tensor_pb2
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
@@ -18,6 +19,15 @@ from services.common.rpc import handles_errors, handles_stream_errors
 from services.knowledge_store.access_records import KeyRecord, LimitsRecord
 from services.knowledge_store.bridge_distillation import DistillSettings
 from services.knowledge_store.domain_adaptation import AdaptSettings
+from services.knowledge_store.fine_tuning_messages import (
+    OWNER_METADATA,
+    checkpoints_to_pb,
+    event_of,
+    event_to_pb,
+    file_to_pb,
+    hyperparameters_of,
+    job_to_pb,
+)
 from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
@@ -195,6 +205,14 @@ def window_fields(request, offsets: np.ndarray) -> tuple[np.ndarray | None, np.n
     if skip is not None and (skip >= np.diff(offsets)).any():
         raise InvalidArgument("context_tokens must leave at least one token of each sequence to look up")
     return first, skip
+
+
+def _owner(context) -> str:
+    return dict(context.invocation_metadata()).get(OWNER_METADATA, "") or "admin"
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
 
 
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
@@ -418,3 +436,88 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     @handles_errors
     def GetTenantLimits(self, request, context) -> pb.TenantLimits:
         return limits_to_pb(self.store.access.limits(check_tenant_id(request.tenant_id)))
+
+    # ---- fine-tuning: files and jobs (the gateway's callers), leases (compute replicas) ----------
+
+    @handles_errors
+    def UploadFile(self, request_iterator, context) -> ft.TrainingFile:
+        spec, data = read_spec_and_payload(request_iterator, "spec", "data", self.store.settings.max_file_bytes)
+        return file_to_pb(self.store.put_file(spec.filename, spec.purpose, data, _owner(context), spec.request_id))
+
+    @handles_errors
+    def GetFile(self, request, context) -> ft.TrainingFile:
+        return file_to_pb(self.store.get_file(request.id))
+
+    @handles_stream_errors
+    def GetFileContent(self, request, context) -> Iterator[tensor_pb2.Chunk]:
+        for chunk in split_chunks(self.store.file_content(request.id), CHUNK_BYTES):
+            yield tensor_pb2.Chunk(data=chunk)
+
+    @handles_errors
+    def ListFiles(self, request, context) -> ft.ListFilesResponse:
+        return ft.ListFilesResponse(files=[file_to_pb(f) for f in self.store.list_files()])
+
+    @handles_errors
+    def DeleteFile(self, request, context) -> ft.TrainingFile:
+        return file_to_pb(self.store.delete_file(request.id))
+
+    @handles_errors
+    def CreateJob(self, request, context) -> ft.FineTuningJob:
+        return job_to_pb(self.store.create_job(
+            request.tenant_id, request.training_file, validation_file=request.validation_file,
+            hyperparameters=hyperparameters_of(request.hyperparameters), seed=request.seed,
+            new_tenant_id=request.new_tenant_id, owner=_owner(context), request_id=request.request_id))
+
+    @handles_errors
+    def GetJob(self, request, context) -> ft.FineTuningJob:
+        return job_to_pb(self.store.get_job(request.id))
+
+    @handles_errors
+    def ListJobs(self, request, context) -> ft.ListJobsResponse:
+        if request.limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        jobs = self.store.list_jobs(request.tenant_id, request.limit + 1 if request.limit else 0, request.after)
+        more = bool(request.limit) and len(jobs) > request.limit
+        return ft.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs[:request.limit or None]], has_more=more)
+
+    @handles_errors
+    def CancelJob(self, request, context) -> ft.FineTuningJob:
+        return job_to_pb(self.store.cancel_job(request.id))
+
+    @handles_stream_errors
+    def ListJobEvents(self, request, context) -> Iterator[ft.FineTuningEvent]:
+        for event in self.store.job_events(request.id, request.after):
+            yield event_to_pb(event)
+
+    @handles_errors
+    def ListCheckpoints(self, request, context) -> ft.ListCheckpointsResponse:
+        return checkpoints_to_pb(self.store.get_job(request.id))
+
+    @handles_errors
+    def ClaimJob(self, request, context) -> pb.ClaimJobResponse:
+        if not request.worker or not 1 <= request.lease_seconds <= 3600:
+            raise InvalidArgument("a claim names its worker and a lease of 1..3600 s")
+        job = self.store.claim_job(request.model, request.worker, request.lease_seconds)
+        return pb.ClaimJobResponse(found=job is not None, job=job_to_pb(job) if job is not None else None)
+
+    @handles_errors
+    def ReportJob(self, request, context) -> ft.FineTuningJob:
+        return job_to_pb(self.store.report_job(
+            request.id, request.worker, step=request.step, total_steps=request.total_steps,
+            trained_tokens=request.trained_tokens, lease_seconds=max(1.0, request.lease_seconds),
+            events=[event_of(e) for e in request.events], checkpoint=request.checkpoint,
+            checkpoint_loss=_optional(request, "checkpoint_loss")))
+
+    @handles_errors
+    def FinishJob(self, request, context) -> ft.FineTuningJob:
+        job = self.store.finish_job(request.id, request.worker, adapter=request.adapter, error=request.error,
+                                    cancelled=request.cancelled,
+                                    validation_accuracy=_optional(request, "validation_accuracy"),
+                                    final_loss=_optional(request, "final_loss"), trained_tokens=request.trained_tokens)
+        self._settle()       # a new adapter version: every gateway sees it before the replica reports success
+        return job_to_pb(job)
+
+    @handles_stream_errors
+    def GetCheckpoint(self, request, context) -> Iterator[tensor_pb2.Chunk]:
+        for chunk in split_chunks(self.store.checkpoint(request.id), CHUNK_BYTES):
+            yield tensor_pb2.Chunk(data=chunk)

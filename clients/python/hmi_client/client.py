@@ -1,4 +1,5 @@
-"""HMIClient: the Gateway (classify, embed, generate) and Admin (domains, tenants) services in one object.
+"""HMIClient: the Gateway (classify, embed, generate), Admin (domains, tenants) and FineTuning (fine_tuning.py)
+services in one object.
 
 Plain grpcio and protobuf: every call takes the client's timeout unless given one, and every failure is
 raised as a typed exception (hmi_client.errors).
@@ -23,7 +24,9 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 
 from hmi_client.errors import translated
+from hmi_client.fine_tuning import FineTuningCalls
 from hmi_client.v1 import catalog_pb2 as catalog
+from hmi_client.v1 import fine_tuning_pb2_grpc as ft_grpc
 from hmi_client.v1 import gateway_pb2 as pb
 from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -142,7 +145,7 @@ def open_channel(address: str, *, tls_ca: str | None = None, tls: bool = False, 
     return grpc.insecure_channel(address, options=options)
 
 
-class HMIClient:
+class HMIClient(FineTuningCalls):
     def __init__(self, address: str, timeout: float = 30.0, retries: int = 4, *,
                  channel: grpc.Channel | None = None, token: str | None = None, tls_ca: str | None = None,
                  tls: bool = False) -> None:
@@ -155,6 +158,7 @@ class HMIClient:
         self.channel = grpc.intercept_channel(self._raw_channel, _Bearer(token)) if token else self._raw_channel
         self.gateway = pb_grpc.GatewayStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
+        self.tuning = ft_grpc.FineTuningStub(self.channel)
 
     def close(self) -> None:
         self._raw_channel.close()

@@ -37,18 +37,21 @@ async def drain(receive) -> None:
 class BodyLimit:
     """ASGI middleware: 413 with OpenAI's error shape for a body over `limit` bytes."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, upload_limit: int = 0, upload_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = max(limit, upload_limit)   # file uploads (training files) may be larger
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_limit if scope.get("path") in self.upload_paths else self.limit
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             await drain(receive)
-            await self.refuse(send, too_large_message(self.limit, int(declared)))
+            await self.refuse(send, too_large_message(limit, int(declared)))
             return
         received = 0
 
@@ -57,11 +60,11 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     scope[TOO_LARGE] = True
                     if message.get("more_body"):
                         await drain(receive)
-                    raise BodyTooLarge(too_large_message(self.limit))
+                    raise BodyTooLarge(too_large_message(limit))
             return message
 
         await self.app(scope, counted, send)

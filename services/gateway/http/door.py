@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from services.gateway.core.admin import Admin
 from services.gateway.core.call import Call
+from services.gateway.core.fine_tuning import FineTuning
 from services.gateway.core.inference import Inference
 from services.gateway.http.auth import Caller, bearer_key
 from services.gateway.http.errors import as_hmi_error
@@ -40,6 +41,7 @@ class Door:
     admin: Admin
     model_dirs: dict[str, Path]
     ready: Callable[[], bool] = lambda: True
+    fine_tuning: FineTuning | None = None
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(128, thread_name_prefix="http"))
 
     @staticmethod
