@@ -11,7 +11,7 @@ import sys
 
 import grpc
 
-from hmi.commands import deployment, domains, inference, keys, store, tenants, tools
+from hmi.commands import deployment, domains, inference, keys, store, tenants, tools, tuning
 from services.common.errors import HMIError
 from services.common.rpc import ANSWERED_UNAVAILABLE
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (deployment, domains, tenants, keys, inference, store, tools):
+    for group in (deployment, domains, tenants, tuning, keys, inference, store, tools):
         group.add_parsers(sub)
     return parser
 

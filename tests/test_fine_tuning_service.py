@@ -156,6 +156,22 @@ def test_bad_files_and_keys_outside_their_scope_are_refused(suite):
             inference_only.upload_file(jsonl(examples(8)))
 
 
+def test_the_cli_creates_and_follows_a_job(suite, tmp_path, capsys):
+    from hmi.cli import main
+    path = tmp_path / "cli.jsonl"
+    path.write_bytes(jsonl(examples(16)))
+    connection = ["--gateway", suite.gateway_addr, "--token", suite.admin_token]
+    assert main(["tune", "create", "acme", "--file", str(path), "--epochs", "1", "--new-tenant", "acme-cli"]
+                + connection) == 0
+    out = capsys.readouterr().out
+    assert "succeeded" in out and "-> acme-cli v" in out
+    job_id = out.split()[0]
+    assert main(["tune", "list", "--tenant", "acme"] + connection) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["tune", "cancel", job_id] + connection) == 1      # already succeeded: refused, said why
+    assert "already succeeded" in capsys.readouterr().err
+
+
 def test_a_job_whose_replica_is_killed_resumes_elsewhere_and_finishes_once(suite):
     with suite.client(timeout=60) as client:
         uploaded = client.upload_file(jsonl(examples(200)), "resume.jsonl")

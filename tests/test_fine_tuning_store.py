@@ -138,3 +138,11 @@ def test_a_new_tenant_id_gets_the_result_and_the_source_keeps_its_model(store):
     store.finish_job(job.id, "w1", adapter=adapter_for(store))
     assert store.get_tenant("acme-ft").labels == ["neg", "pos"]
     assert store.get_tenant("acme").adapter_version == version
+
+
+def test_jobs_are_counted_by_status_for_the_metrics(store):
+    good = store.put_file("train.jsonl", "fine-tune", GOOD, owner="admin")
+    store.cancel_job(store.create_job("acme", good.id).id)
+    store.create_job("acme", good.id)
+    counts = store.job_counts()
+    assert (counts["queued"], counts["cancelled"], counts["running"]) == (1, 1, 0)

@@ -78,7 +78,7 @@ class TrainingLoop:
         batch = self.batch()
         self.optimizer.zero_grad()
         total = 0.0
-        for part in split(batch):
+        for part in (p for p in split(batch) if p):
             before_part()
             loss = loss_of(part) * (len(part) / len(batch))
             loss.backward()

@@ -222,6 +222,14 @@ class FineTuningPart(StoreBase):
             jobs = jobs[ids.index(after) + 1:] if after in ids else []
         return jobs[:limit] if limit else jobs
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs per status (every status listed, 0 included), for the metrics."""
+        counts = dict.fromkeys(("validating_files",) + tuple(s for s in (QUEUED, RUNNING) + TERMINAL), 0)
+        with self.layout.read() as txn:
+            for _, data in self.layout.iter_json(txn, "jobs"):
+                counts[data["status"]] = counts.get(data["status"], 0) + 1
+        return counts
+
     def job_events(self, job_id: str, after: int = 0, limit: int = MAX_EVENTS_PER_REPLY) -> list[JobEvent]:
         """Events with a sequence number above `after`, oldest first."""
         self.get_job(job_id)

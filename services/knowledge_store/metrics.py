@@ -1,5 +1,6 @@
 """The store's Prometheus metrics: lookups, rows and bytes streamed (counted by the servicer), and the LMDB
-map's use read when scraped (what `--map-size-gib` / `--max-map-size-gib` bound)."""
+map's use read when scraped (what `--map-size-gib` / `--max-map-size-gib` bound), and fine-tuning jobs by
+status."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -20,3 +21,7 @@ def store_state(store) -> Iterator:
     lmdb_map.add_metric(["map_size"], layout.map_size)
     lmdb_map.add_metric(["max_map_size"], layout.max_map_size)
     yield lmdb_map
+    jobs = GaugeMetricFamily("hmi_store_fine_tuning_jobs", "fine-tuning jobs by status", labels=["status"])
+    for status, count in store.job_counts().items():
+        jobs.add_metric([status], count)
+    yield jobs
