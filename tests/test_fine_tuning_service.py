@@ -160,7 +160,7 @@ def test_the_cli_creates_and_follows_a_job(suite, tmp_path, capsys):
     from hmi.cli import main
     path = tmp_path / "cli.jsonl"
     path.write_bytes(jsonl(examples(16)))
-    connection = ["--gateway", suite.gateway_addr, "--token", suite.admin_token]
+    connection = [f"--gateway={suite.gateway_addr}", f"--token={suite.admin_token}"]
     assert main(["tune", "create", "acme", "--file", str(path), "--epochs", "1", "--new-tenant", "acme-cli"]
                 + connection) == 0
     out = capsys.readouterr().out
@@ -198,3 +198,23 @@ def test_a_job_whose_replica_is_killed_resumes_elsewhere_and_finishes_once(suite
             assert other.classify("umbrella", ["the service was awful"])[0].label in LABELS
     finally:
         suite.stop(["gateway-2"])
+
+
+def test_a_generative_tenant_is_tuned_on_chat_lines_and_generates_with_the_result(front_door):
+    chat = [{"messages": [{"role": "user", "content": f"say hello {i}"},
+                          {"role": "assistant", "content": f"hello number {i}"}]} for i in range(12)]
+    with front_door.client(timeout=60) as client:
+        client.build_domain("ft-stories", "", split_layer=0, context=1, min_count=1, model="gen")
+        client.register_tenant("ft-writer", "ft-stories", [], seed=4)
+        before = client.get_adapter("ft-writer")
+        uploaded = client.upload_file(jsonl(chat), "chat.jsonl")
+        assert uploaded.kind == "generator"
+        with pytest.raises(InvalidArgument, match="holds classifier examples but tenant .ft-writer. is a generator"):
+            client.create_fine_tuning_job("ft-writer", client.upload_file(jsonl(examples(4))).id)
+        job = client.create_fine_tuning_job("ft-writer", uploaded.id, epochs=2, batch_size=4, seed=2)
+        done = client.wait_for_fine_tuning_job(job.id, timeout=180)
+        assert done.status == "succeeded", done.error
+        assert client.get_adapter("ft-writer") != before
+        assert client.get_tenant("ft-writer").adapter_version == done.result_version
+        text = client.generate("ft-writer", "user: say hello 3\nassistant: ", max_new_tokens=4).collect()
+        assert len(text.token_ids) == 4 or text.finish_reason == "stop"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from hmi_client.v1 import fine_tuning_pb2 as ft
 from hmi_errors import HMIError, InvalidArgument
@@ -42,6 +42,10 @@ TRAINING_TOKENS = Counter("hmi_compute_training_tokens_total", "tokens of fine-t
                           "(forward and backward), co-served with inference")
 TRAINING_PARTS = Counter("hmi_compute_training_parts_total", "training parts (micro-batches) run between "
                          "inference batches")
+TRAINING_PART_SECONDS = Histogram("hmi_compute_training_part_seconds", "time of one training part (forward and "
+                                  "backward of at most --train-part-tokens tokens): what a part started just before "
+                                  "an inference batch can delay it by",
+                                  buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
 TRAINING_ACTIVE = Gauge("hmi_compute_training_active", "1 while this replica runs a fine-tuning job: inference "
                         "latency read beside it shows what co-serving costs")
 LOOKUP_SEQUENCES = 256
@@ -141,9 +145,11 @@ class FineTuningWorker:
                 loop.run_step(loss_of, split=lambda batch: split_by_tokens(batch, tokens_of,
                                                                            self.settings.part_tokens),
                               before_part=lambda: self._turn(progress))
+                progress.part_ended()
                 progress.tokens += batch_tokens
                 TRAINING_TOKENS.inc(batch_tokens)
                 progress.step_done(loop)
+            progress.event(progress.parts_summary(self.settings.part_tokens))
             accuracy = self._evaluate(trainer, evaluation)
             self._finish(job, adapter=serialize_adapter(trainer.adapter()), accuracy=accuracy, loss=loop.loss,
                          tokens=progress.tokens)
@@ -161,11 +167,13 @@ class FineTuningWorker:
                 log.warning("could not report job %s as failed; it will be retried when its lease ends", job.id)
 
     def _turn(self, progress: "_Progress") -> None:
+        progress.part_ended()
         if self._stop.is_set():
             raise JobStopped(cancelled=False)
+        progress.maybe_report()
         self.gate.training_turn(self._stop)
         TRAINING_PARTS.inc()
-        progress.maybe_report()
+        progress.part_started()
 
     def _prepare(self, job: ft.FineTuningJob, progress: "_Progress"):
         with peer_errors():
@@ -293,6 +301,26 @@ class _Progress:
         now = time.monotonic()
         self.last_report = now
         self.last_checkpoint = now
+        self.part_seconds: list[float] = []
+        self._part_began = 0.0
+
+    def part_started(self) -> None:
+        self._part_began = time.perf_counter()
+
+    def part_ended(self) -> None:
+        if self._part_began:
+            took = time.perf_counter() - self._part_began
+            self.part_seconds.append(took)
+            TRAINING_PART_SECONDS.observe(took)
+            self._part_began = 0.0
+
+    def parts_summary(self, part_tokens: int) -> str:
+        if not self.part_seconds:
+            return "no training parts ran"
+        times = sorted(self.part_seconds)
+        return (f"trained in {len(times)} parts of <= {part_tokens} tokens between inference batches: median "
+                f"{1e3 * times[len(times) // 2]:.1f} ms, p99 {1e3 * times[int(0.99 * (len(times) - 1))]:.1f} ms, "
+                f"longest {1e3 * times[-1]:.1f} ms")
 
     def event(self, message: str, **metrics) -> None:
         self.events.append(ft.FineTuningEvent(level="info", message=message, **metrics))

@@ -231,7 +231,18 @@ class Pipeline:
     def run(self, batch: PackedBatch, timeout: float,
             wanted: Callable[[], bool] = lambda: True) -> tuple[BatchResult, Timings]:
         """Prepares and executes the batch. Work whose deadline passed or whose caller went away (`wanted`
-        False) while it queued is dropped before it runs."""
+        False) while it queued is dropped before it runs. Co-served training yields from the batch's arrival
+        (its fetches included) until its execution ends."""
+        self.gate.inference_begins()
+        handed = [False]            # execution (or its cancellation) then tells the gate it ended
+        try:
+            return self._run(batch, timeout, wanted, handed)
+        finally:
+            if not handed[0]:
+                self.gate.inference_ends()
+
+    def _run(self, batch: PackedBatch, timeout: float, wanted: Callable[[], bool],
+             handed: list[bool]) -> tuple[BatchResult, Timings]:
         timings = Timings()
         started = time.perf_counter()
         deadline = started + timeout
@@ -268,8 +279,8 @@ class Pipeline:
         # The lease is released when execution ends, not when the caller gives up: pinned slots
         # must not be reused while the device still reads them.
         EXECUTION_QUEUE.inc()
-        self.gate.inference_begins()
         future = self._device.submit(execute)
+        handed[0] = True
         future.add_done_callback(lambda _: prepared.lease.release())
         try:
             result, begin, end = future.result(timeout=max(0.05, deadline - time.perf_counter()))

@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-max-wait-ms", type=float, default=env_float("HMI_TRAIN_MAX_WAIT_MS", 2000.0),
                         help="a training part waits for the device to be free of inference at most this long, then "
                              "runs beside it, so a job progresses under full load [HMI_TRAIN_MAX_WAIT_MS]")
+    parser.add_argument("--train-beside-batches", type=int, default=env_int("HMI_TRAIN_BESIDE_BATCHES", 0),
+                        help="a training part may start while this many inference batches execute (0: only when "
+                             "none does; more uses a CPU's spare cores for training at some cost in inference "
+                             "latency) [HMI_TRAIN_BESIDE_BATCHES]")
     parser.add_argument("--checkpoint-seconds", type=float, default=env_float("HMI_CHECKPOINT_SECONDS", 30.0),
                         help="a running job's checkpoint goes to the store this often; a job whose replica dies "
                              "resumes from it elsewhere [HMI_CHECKPOINT_SECONDS]")
@@ -146,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
                        fetch=lambda tenant, version: parse_adapter(store.get_adapter(tenant, version), model.dims,
                                                                    num_labels=None))
     reporter = None
-    gate = CoServingGate(max_wait=args.train_max_wait_ms / 1e3)
+    gate = CoServingGate(max_wait=args.train_max_wait_ms / 1e3, beside=max(0, args.train_beside_batches))
     if args.train_part_tokens < 16:
         raise SystemExit(f"--train-part-tokens {args.train_part_tokens}: give at least 16")
     if dims.is_decoder:
@@ -154,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
                                   namespace=served_name, kv_dtype=args.kv_cache_dtype)
-        gate.busy = lambda: engine.scheduler.has_work()
+        gate.watch(engine.scheduler.has_work)
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)

@@ -34,6 +34,8 @@ def ensure_secret_file(path: Path) -> tuple[str, bool]:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
+    while value.startswith("-"):       # a leading '-' reads as an option on command lines (--token -x...)
+        value = secrets.token_urlsafe(32)
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:            # another process made it meanwhile
