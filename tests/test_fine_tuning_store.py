@@ -102,10 +102,11 @@ def test_leases_move_a_silent_job_and_refuse_its_old_holder(store):
     with pytest.raises(FailedPrecondition, match="no longer leased to w1"):
         store.finish_job(job.id, "w1", adapter=adapter_for(store))
     before = store.get_tenant("acme").adapter_version
-    done = store.finish_job(job.id, "w2", adapter=adapter_for(store), validation_accuracy=0.75)
+    trained = adapter_for(store)
+    done = store.finish_job(job.id, "w2", adapter=trained, validation_accuracy=0.75)
     assert done.status == SUCCEEDED and done.result_version > before
     assert store.get_tenant("acme").adapter_version == done.result_version
-    assert store.get_adapter("acme")[1] == adapter_for(store)
+    assert store.get_adapter("acme")[1] == trained
     assert store.checkpoint(job.id) == b"", "a finished job's checkpoint is dropped"
 
 

@@ -30,9 +30,9 @@ from services.common.errors import FailedPrecondition
 from services.common.rpc import peer_errors
 from services.compute.bridge_cache import BridgeCache
 from services.compute.coserving import CoServingGate, split_by_tokens
-from services.knowledge_store.client import StoreClient, lookup_request, read_lookup_stream
-from services.knowledge_store.fine_tuning_messages import hyperparameters_of
+from services.knowledge_store.client import StoreClient, hyperparameters_of, lookup_request, read_lookup_stream
 from training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
+from training.tenant_training import encode
 from training.trainer import AdapterTrainer, Example, TrainSettings
 from training.training_files import CLASSIFIER, check_labels, parse_training_file
 from training.training_loop import LoopSettings, TrainingLoop
@@ -242,12 +242,7 @@ class FineTuningWorker:
         return rows
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        limit = self.settings.max_tokens
-        result = []
-        for encoding in self.tokenizer.encode_batch(texts):
-            ids = encoding.ids if len(encoding.ids) <= limit else encoding.ids[:limit - 1] + encoding.ids[-1:]
-            result.append(np.asarray(ids, dtype=np.int32))
-        return result
+        return encode(self.tokenizer, texts, self.settings.max_tokens)      # as `hmi tenant train` cuts them
 
     def _examples(self, domain: str, split_layer: int, rows: list[tuple[str, int]], progress) -> list[Example]:
         ids = self._encode([text for text, _ in rows])

@@ -17,6 +17,10 @@ from services.common.codec import encode_tensor, join_chunks
 from services.common.errors import InvalidArgument, NotFound, StaleVersion
 from services.common.rpc import channel
 from services.common.tracing import outgoing_metadata
+from services.knowledge_store.fine_tuning_messages import (  # noqa: F401 - for callers of the fine-tuning RPCs
+    OWNER_METADATA,
+    hyperparameters_of,
+)
 from services.knowledge_store.position_offsets import apply_chain_offsets  # noqa: F401 - what a row cache adds to raw rows
 from services.knowledge_store.tree_stamp import decode_offset_tables
 

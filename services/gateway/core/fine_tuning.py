@@ -18,7 +18,7 @@ from services.gateway.access import REFUSED, Access, Principal
 from services.gateway.core.admin import ADMIN_TIMEOUT, Relayed
 from services.gateway.core.call import Call
 from services.gateway.core.inference import open_access
-from services.knowledge_store.fine_tuning_messages import OWNER_METADATA
+from services.knowledge_store.client import OWNER_METADATA
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 FOLLOW_POLL = 0.5            # a followed job's events are read this often
