@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--accuracy", type=int, default=0, help="also train N examples to the end, co-served and "
                                                                 "offline, and compare validation accuracy")
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the four runs (with --accuracy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             train_path = data_dir / "train.jsonl"
             train_path.write_text("\n".join(json.dumps(r) for r in train[:args.train_examples]))
             file_id = admin.upload_file(train_path.read_bytes(), "train.jsonl").id
+            if args.accuracy_only:
+                accuracy = compare_accuracy(services, admin, train[:args.accuracy], validation, labels, data_dir)
+                print(json.dumps(accuracy))
+                args.out.write_text(json.dumps({"accuracy": accuracy, "split_layer": domain.spec.split_layer},
+                                               indent=1))
+                return 0
             capacity = closed_loop(services.gateway_addr, services.admin_token, texts, args.clients,
                                    args.capacity_seconds)
             rate = args.load * capacity
