@@ -117,3 +117,15 @@ def test_a_checkpoint_of_another_job_is_refused():
         other.restore(loop.checkpoint())
     with pytest.raises(InvalidArgument, match="not a safetensors"):
         loop.restore(b"junk")
+
+
+def test_a_completion_loss_learns_only_the_tokens_after_the_prompt(tiny_llama_dir):
+    import numpy as np
+
+    from models.decoder import DecoderModel
+    from training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
+    trainer = CausalTrainer(DecoderModel(tiny_llama_dir, torch.device("cpu")), CausalTrainSettings(split_layer=0))
+    ids = np.arange(3, 13, dtype=np.int32)
+    every = trainer.token_losses([TextExample(ids, None)])
+    assert torch.allclose(trainer.completion_loss([TextExample(ids, None, learn_from=7)]), every[6:].mean())
+    assert torch.allclose(trainer.completion_loss([TextExample(ids, None)]), every.mean())

@@ -22,6 +22,7 @@ from training.trainer import Progress, entry_states, fit_batches, init_lora
 class TextExample:
     token_ids: np.ndarray            # int32 [T], T >= 2
     layer_input: np.ndarray | None   # fp16 [T, H] PLOT rows (split layer > 0), None for L = 0
+    learn_from: int = 1              # the first token whose prediction is learnt (a completion after its prompt)
 
 
 @dataclass
@@ -56,6 +57,12 @@ class CausalTrainer:
         """Negative log-likelihood of every next token of every example (packed, one segment)."""
         logits, targets = self.next_token_logits(examples, with_adapter)
         return F.cross_entropy(logits, targets, reduction="none")
+
+    def completion_loss(self, examples: list[TextExample]) -> torch.Tensor:
+        """Mean NLL of the tokens from each example's `learn_from` on: a completion, not its prompt."""
+        logits, targets = self.next_token_logits(examples)
+        keep = torch.tensor([i + 1 >= e.learn_from for e in examples for i in range(len(e.token_ids) - 1)])
+        return F.cross_entropy(logits[keep], targets[keep])
 
     def next_token_logits(self, examples: list[TextExample], with_adapter: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor]:

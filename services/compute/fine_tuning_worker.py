@@ -214,7 +214,7 @@ class FineTuningWorker:
                                 0.0, job.seed, hyper.steps)
         loop = TrainingLoop(trainer.parameters(), train, settings)
         return trainer, loop, evaluation, lambda e: len(e.token_ids), \
-            lambda part: trainer.token_losses(part).mean()
+            trainer.completion_loss
 
     def _file(self, file_id: str) -> bytes:
         with peer_errors():
@@ -250,13 +250,20 @@ class FineTuningWorker:
         return [Example(i, v, label) for i, v, (_, label) in zip(ids, vectors, rows)]
 
     def _texts(self, domain: str, split_layer: int, examples, progress) -> list[TextExample]:
-        texts = [e.prompt + e.completion for e in examples]
-        ids = [np.asarray(e.ids[:self.settings.max_tokens], dtype=np.int32) for e in self.tokenizer.encode_batch(texts)]
-        ids = [i for i in ids if len(i) >= 2]
+        """Prompt + completion; only the completion's tokens are learnt (from the prompt's token count on)."""
+        limit = self.settings.max_tokens
+        full = self.tokenizer.encode_batch([e.prompt + e.completion for e in examples])
+        prompts = self.tokenizer.encode_batch([e.prompt for e in examples])
+        ids, starts = [], []
+        for encoding, prompt in zip(full, prompts):
+            start = max(1, len(prompt.ids))
+            if start < min(len(encoding.ids), limit):
+                ids.append(np.asarray(encoding.ids[:limit], dtype=np.int32))
+                starts.append(start)
         if not ids:
-            raise InvalidArgument("no example has two tokens or more to learn from")
+            raise InvalidArgument(f"no example has a completion within the first {limit} tokens to learn from")
         vectors = self._rows(domain, ids, progress) if split_layer > 0 else [None] * len(ids)
-        return [TextExample(i, v) for i, v in zip(ids, vectors)]
+        return [TextExample(i, v, start) for i, v, start in zip(ids, vectors, starts)]
 
     @staticmethod
     def _evaluate(trainer, evaluation) -> float | None:
