@@ -29,7 +29,6 @@ class LabeledText:
 class PromptCompletion:
     prompt: str                      # for chat lines: the conversation before the last assistant turn
     completion: str
-    messages: tuple[tuple[str, str], ...] = ()    # (role, content) of a chat line, for the chat template
     line: int = 0
 
 
@@ -67,7 +66,7 @@ def _chat(record: dict, line: int) -> PromptCompletion:
         raise InvalidArgument(f"line {line}: the last message must be the assistant's (what the model learns "
                               f"to answer)")
     prompt = "".join(f"{role}: {content}\n" for role, content in turns[:-1]) + "assistant: "
-    return PromptCompletion(prompt, turns[-1][1], tuple(turns), line)
+    return PromptCompletion(prompt, turns[-1][1], line)
 
 
 def _example(record: dict, line: int):

@@ -8,8 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hmi.commands import client_parser, connect, print_message
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from hmi_client.fine_tuning import TERMINAL
 
 
 def _when(seconds: float) -> str:

@@ -17,24 +17,18 @@ from typing import Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def _never() -> bool:
-    return False
-
-
 class CoServingGate:
     def __init__(self, max_wait: float = 2.0, busy: Callable[[], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic, beside: int = 0) -> None:
         self.max_wait = max_wait
         self.beside = beside         # inference batches a part may start beside (a CPU with a core to spare)
-        busy = busy or _never
-        self.busy = busy             # more inference that is not counted by begin/end (a generation engine's)
-        self._polled = busy is not _never
+        self.busy = busy or (lambda: False)   # inference not counted by begin/end (a generation engine's)
+        self._polled = busy is not None
         self.clock = clock
         self._inference = 0
         self._cond = threading.Condition()
         self.training_parts = 0
         self.forced_parts = 0        # parts that ran beside inference because training had waited max_wait
-        self.waited_seconds = 0.0
 
     def inference_begins(self) -> None:
         with self._cond:
@@ -65,12 +59,10 @@ class CoServingGate:
                 if waited >= self.max_wait:
                     self.forced_parts += 1
                     self.training_parts += 1
-                    self.waited_seconds += waited
                     return False
                 # woken by inference_ends; a `busy` callable (generation) is not, so it is polled
                 self._cond.wait(timeout=min(poll if self._polled else 0.25, self.max_wait - waited))
             self.training_parts += 1
-            self.waited_seconds += self.clock() - started
             return True
 
 

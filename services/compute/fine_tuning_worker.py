@@ -30,7 +30,7 @@ from services.common.errors import FailedPrecondition
 from services.common.rpc import peer_errors
 from services.compute.bridge_cache import BridgeCache
 from services.compute.coserving import CoServingGate, split_by_tokens
-from services.knowledge_store.client import StoreClient, hyperparameters_of, lookup_request, read_lookup_stream
+from services.knowledge_store.client import StoreClient, hyperparameters_of
 from training.causal_trainer import CausalTrainer, CausalTrainSettings, TextExample
 from training.tenant_training import encode
 from training.trainer import AdapterTrainer, Example, TrainSettings
@@ -86,7 +86,6 @@ class FineTuningWorker:
         self._tokenizer = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.jobs_run = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fine-tuning", daemon=True)
@@ -153,7 +152,6 @@ class FineTuningWorker:
             accuracy = self._evaluate(trainer, evaluation)
             self._finish(job, adapter=serialize_adapter(trainer.adapter()), accuracy=accuracy, loss=loop.loss,
                          tokens=progress.tokens)
-            self.jobs_run += 1
         except JobStopped as stopped:
             if stopped.cancelled:
                 self._finish(job, cancelled=True, tokens=progress.tokens)
@@ -200,21 +198,20 @@ class FineTuningWorker:
                 split_layer=split_layer, num_labels=len(labels), rank=rank, alpha=2.0 * rank, targets=targets,
                 epochs=hyper.epochs or 3, batch_size=hyper.batch_size or 32,
                 learning_rate=hyper.rate(2e-3), seed=job.seed))
-            settings = LoopSettings(trainer.settings.epochs, trainer.settings.batch_size,
-                                    trainer.settings.learning_rate, 0.0, job.seed, hyper.steps)
-            loop = TrainingLoop(trainer.parameters(), train, settings)
-            return trainer, loop, evaluation, lambda e: len(e.token_ids), trainer.loss
-        train = self._texts(tenant.spec.domain, split_layer, parsed.examples, progress)
-        evaluation = self._texts(tenant.spec.domain, split_layer, validation.examples, progress) if validation else []
-        trainer = CausalTrainer(self.model, CausalTrainSettings(
-            split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets, epochs=hyper.epochs or 1,
-            batch_size=hyper.batch_size or 8, learning_rate=hyper.rate(1e-3), seed=job.seed,
-            max_steps=hyper.steps))
+            loss_of = trainer.loss
+        else:
+            train = self._texts(tenant.spec.domain, split_layer, parsed.examples, progress)
+            evaluation = self._texts(tenant.spec.domain, split_layer, validation.examples, progress) \
+                if validation else []
+            trainer = CausalTrainer(self.model, CausalTrainSettings(
+                split_layer=split_layer, rank=rank, alpha=2.0 * rank, targets=targets, epochs=hyper.epochs or 1,
+                batch_size=hyper.batch_size or 8, learning_rate=hyper.rate(1e-3), seed=job.seed,
+                max_steps=hyper.steps))
+            loss_of = trainer.completion_loss
         settings = LoopSettings(trainer.settings.epochs, trainer.settings.batch_size, trainer.settings.learning_rate,
                                 0.0, job.seed, hyper.steps)
         loop = TrainingLoop(trainer.parameters(), train, settings)
-        return trainer, loop, evaluation, lambda e: len(e.token_ids), \
-            trainer.completion_loss
+        return trainer, loop, evaluation, lambda e: len(e.token_ids), loss_of
 
     def _file(self, file_id: str) -> bytes:
         with peer_errors():
@@ -231,9 +228,8 @@ class FineTuningWorker:
         for start in range(0, len(ids), LOOKUP_SEQUENCES):
             chunk = ids[start:start + LOOKUP_SEQUENCES]
             offsets = np.concatenate([[0], np.cumsum([len(s) for s in chunk])]).astype(np.int64)
-            request = lookup_request(domain, np.concatenate(chunk), offsets)
             with peer_errors():
-                reply = read_lookup_stream(self.store.stub.Lookup(request, timeout=120))
+                reply = self.store.lookup(domain, np.concatenate(chunk), offsets, timeout=120)
             pieces = [reply.vectors[offsets[i]:offsets[i + 1]] for i in range(len(chunk))]
             if reply.bridge_revision and self.bridges is not None:
                 pieces = bridge_rows(self.bridges.get(domain, reply.bridge_revision, timeout=60), pieces)

@@ -33,7 +33,6 @@ from services.knowledge_store.job_records import (
     JobEvent,
     JobRecord,
 )
-from services.knowledge_store.records import TenantRecord
 from services.knowledge_store.store_base import StoreBase
 from services.knowledge_store.store_settings import check_name
 from training.training_files import CLASSIFIER, GENERATOR, check_labels, parse_training_file
@@ -42,6 +41,7 @@ log = logging.getLogger("hmi.store.fine_tuning")
 _SEQUENCE = struct.Struct(">Q")
 FILE_PURPOSE = "fine-tune"
 MAX_EVENTS_PER_REPLY = 1000
+MAX_RECORDED_LABELS = 1000       # a file record lists this many of its labels at most
 
 
 def _event_key(job_id: str, sequence: int) -> bytes:
@@ -69,7 +69,7 @@ class FineTuningPart(StoreBase):
             raise InvalidArgument(f"{quoted(filename)}: {error}") from None
         record = FileRecord(id=f"file-{secrets.token_hex(12)}", filename=filename, purpose=purpose, bytes=len(data),
                             created_at=time.time(), owner=owner, kind=parsed.kind, examples=len(parsed.examples),
-                            labels=parsed.labels[:1000])
+                            labels=parsed.labels[:MAX_RECORDED_LABELS])
 
         def write(txn: lmdb.Transaction) -> tuple[FileRecord, int, dict]:
             self.layout.put_json(txn, "files", record.id, record.to_json())
@@ -146,7 +146,9 @@ class FineTuningPart(StoreBase):
             if record.kind != kind:
                 raise InvalidArgument(f"{role} {file_id} holds {record.kind} examples but tenant {tenant_id!r} is a "
                                       f"{kind} ({dims.family} base model)")
-            if kind == CLASSIFIER:
+            complete = len(record.labels) < MAX_RECORDED_LABELS    # else the record holds only the first ones
+            if kind == CLASSIFIER and not (complete and set(record.labels) <= set(tenant.labels)):
+                # parsed again only to name the line of a label the tenant lacks
                 check_labels(parse_training_file(self.file_content(file_id)), tenant.labels,
                              f"{role} {file_id} ({record.filename})")
             if role == "training_file":
@@ -224,7 +226,7 @@ class FineTuningPart(StoreBase):
 
     def job_counts(self) -> dict[str, int]:
         """Jobs per status (every status listed, 0 included), for the metrics."""
-        counts = dict.fromkeys(("validating_files",) + tuple(s for s in (QUEUED, RUNNING) + TERMINAL), 0)
+        counts = dict.fromkeys(ACTIVE + TERMINAL, 0)
         with self.layout.read() as txn:
             for _, data in self.layout.iter_json(txn, "jobs"):
                 counts[data["status"]] = counts.get(data["status"], 0) + 1
@@ -288,7 +290,7 @@ class FineTuningPart(StoreBase):
             candidates = []
             for _, data in self.layout.iter_json(txn, "jobs"):
                 job = JobRecord.from_json(data)
-                if job.model != model or job.kind not in (CLASSIFIER, GENERATOR):
+                if job.model != model:
                     continue
                 if job.status == QUEUED or (job.status == RUNNING and job.lease_until < now):
                     candidates.append(job)
@@ -386,6 +388,3 @@ class FineTuningPart(StoreBase):
         job = self.layout.write(write)
         log.info("fine-tuning job %s %s%s", job.id, job.status, f": {job.error}" if job.error else "")
         return job
-
-    def tenant_of_job(self, job: JobRecord) -> TenantRecord:
-        return self.get_tenant(job.tenant_id)

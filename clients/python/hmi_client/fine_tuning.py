@@ -12,7 +12,6 @@ from hmi_client.errors import translated
 from hmi_client.v1 import fine_tuning_pb2 as ft
 from hmi_client.v1 import fine_tuning_pb2_grpc as ft_grpc
 
-CHUNK_BYTES = 1 << 20
 TERMINAL = ("succeeded", "failed", "cancelled")
 T = TypeVar("T")
 
@@ -26,12 +25,13 @@ class FineTuningCalls:
                     timeout: float | None = None) -> ft.TrainingFile:
         """Stores a JSONL training file ({"text", "label"} lines, or prompt/completion, or chat messages);
         a bad line is refused with InvalidArgument naming it."""
+        from hmi_client.client import split_chunks  # client.py imports this module
         spec = ft.FileSpec(filename=filename, purpose=purpose, request_id=uuid.uuid4().hex)
 
         def requests() -> Iterator[ft.UploadFileRequest]:
             yield ft.UploadFileRequest(spec=spec)
-            for start in range(0, len(data), CHUNK_BYTES):
-                yield ft.UploadFileRequest(data=data[start:start + CHUNK_BYTES])
+            for chunk in split_chunks(data):
+                yield ft.UploadFileRequest(data=chunk)
 
         with translated():
             return self._retrying(lambda left: self.tuning.UploadFile(requests(), timeout=left), timeout or 600)

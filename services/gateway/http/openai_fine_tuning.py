@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_client.v1 import fine_tuning_pb2 as ft
+from services.common.codec import split_chunks
 from services.gateway.http.door import ApiError, CallerDep, Door, door_of
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"])
@@ -74,7 +75,7 @@ async def upload_file(request: Request, caller: CallerDep, file: Annotated[Uploa
     tuning = _tuning(door)
     data = await file.read()
     requests = iter([ft.UploadFileRequest(spec=ft.FileSpec(filename=file.filename or "", purpose=purpose))]
-                    + [ft.UploadFileRequest(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)])
+                    + [ft.UploadFileRequest(data=chunk) for chunk in split_chunks(data)])
     return file_json(await door.run(caller, tuning.upload_file, requests, timeout=600.0))
 
 
