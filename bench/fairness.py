@@ -47,6 +47,8 @@ from hmi.client import HMIClient  # noqa: E402
 from hmi.launcher import ServiceSet  # noqa: E402
 from hmi_client.v1 import gateway_pb2 as pb  # noqa: E402
 
+PHASES = ("refused", "limited", "concurrent", "unlimited", "fat")
+
 
 def outcome(error) -> str:
     """OK, or the status code with the limit named in the trailing metadata (RESOURCE_EXHAUSTED:rps)."""
@@ -94,6 +96,40 @@ def flood(address: str, token: str, tenant: str, texts: list[str], rate: float, 
         for _ in range(max_outstanding):
             outstanding.acquire(timeout=15)
     results.put({"counts": dict(counts), "sent": sum(counts.values()), "skipped": skipped, "seconds": elapsed})
+
+
+def fat_flood(address: str, token: str, tenant: str, texts: list[str], threads: int, per_request: int,
+              seconds: float, seed: int, results) -> None:
+    """`threads` closed loops each sending `per_request` texts per Classify, from a process of its own: batches
+    full of one tenant, the case where queues after the gateway's (batches in flight, compute's execution
+    queue) decide how long the light tenant waits."""
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def loop(index: int) -> None:
+        rng = np.random.default_rng(seed + index)
+        with HMIClient(address, timeout=10, retries=0, token=token) as client:
+            while time.monotonic() < stop:
+                batch = [texts[int(i)] for i in rng.integers(len(texts), size=per_request)]
+                try:
+                    client.classify(tenant, batch)
+                    name = "OK"
+                except Exception as error:  # noqa: BLE001 - every outcome is counted by its code
+                    name = outcome(error)
+                    if name.startswith("RESOURCE_EXHAUSTED"):
+                        time.sleep(0.05)
+                with lock:
+                    counts[name] += 1
+
+    started = time.monotonic()
+    pool = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    results.put({"counts": dict(counts), "sent": sum(counts.values()), "texts_per_request": per_request,
+                 "seconds": time.monotonic() - started})
 
 
 def light(address: str, token: str, tenant: str, texts: list[str], rate: float, seconds: float) -> dict:
@@ -150,15 +186,22 @@ def closed_loop(address: str, token: str, tenant: str, texts: list[str], clients
     return sum(done) / (time.monotonic() - started)
 
 
-def run_phase(name: str, services: ServiceSet, keys: dict[str, str], texts: list[str], args, flood_rate: float):
-    print(f"phase {name}: light {args.light_rps:g}/s" + (f", heavy flooding at {flood_rate:.0f}/s" if flood_rate
-                                                          else ", heavy idle"), flush=True)
+def run_phase(name: str, services: ServiceSet, keys: dict[str, str], texts: list[str], args, flood_rate: float,
+              fat: bool = False):
+    print(f"phase {name}: light {args.light_rps:g}/s" + (
+        f", heavy sending {args.fat_texts} texts per request from {args.fat_threads} closed loops" if fat
+        else f", heavy flooding at {flood_rate:.0f}/s" if flood_rate else ", heavy idle"), flush=True)
     process = None
     results = multiprocessing.get_context("spawn").Queue()
-    if flood_rate:
+    if fat:
+        process = multiprocessing.get_context("spawn").Process(
+            target=fat_flood, args=(services.gateway_addr, keys["heavy"], "heavy", texts, args.fat_threads,
+                                    args.fat_texts, args.seconds + 2, args.seed, results))
+    elif flood_rate:
         process = multiprocessing.get_context("spawn").Process(
             target=flood, args=(services.gateway_addr, keys["heavy"], "heavy", texts, flood_rate, args.seconds + 2,
                                 args.seed, results))
+    if process is not None:
         process.start()
         time.sleep(2)                        # the flood is on before the light tenant is measured
     measured = light(services.gateway_addr, keys["light"], "light", texts, args.light_rps, args.seconds)
@@ -201,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood", type=float, default=10.0, help="heavy tenant's offered load, x capacity")
     parser.add_argument("--heavy-share", type=float, default=0.5, help="its rps limit, x capacity")
     parser.add_argument("--heavy-concurrent", type=int, default=16, help="its max_concurrent limit")
+    parser.add_argument("--fat-threads", type=int, default=8, help="closed loops of the fat flood")
+    parser.add_argument("--fat-texts", type=int, default=64, help="texts per request of the fat flood")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"which phases to run after idle, comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--corpus", type=Path, default=DEMO_CORPUS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -223,18 +270,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"capacity {capacity:.1f} requests/s with {args.clients} clients", flush=True)
             flood_rate = args.flood * capacity
             phases = [run_phase("idle", services, keys, texts, args, 0.0)]
-            admin.set_tenant_limits("heavy", rps=1)
-            phases.append(run_phase("flood; heavy limit rps 1 (all refused)", services, keys, texts, args,
-                                    flood_rate))
+            chosen = [name.strip() for name in args.phases.split(",") if name.strip()]
+            unknown = sorted(set(chosen) - set(PHASES))
+            if unknown:
+                raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
             rps, concurrent = max(1.0, args.heavy_share * capacity), args.heavy_concurrent
-            admin.set_tenant_limits("heavy", rps=rps, max_concurrent=concurrent)
-            phases.append(run_phase(f"flood; heavy limits rps {rps:.0f}, max_concurrent {concurrent}", services, keys,
-                                    texts, args, flood_rate))
-            admin.set_tenant_limits("heavy", max_concurrent=concurrent)
-            phases.append(run_phase(f"flood; heavy limit max_concurrent {concurrent}", services, keys, texts, args,
-                                    flood_rate))
-            admin.set_tenant_limits("heavy")
-            phases.append(run_phase("flood; heavy without limits", services, keys, texts, args, flood_rate))
+            for name in chosen:
+                if name == "refused":
+                    admin.set_tenant_limits("heavy", rps=1)
+                    title = "flood; heavy limit rps 1 (all refused)"
+                elif name == "limited":
+                    admin.set_tenant_limits("heavy", rps=rps, max_concurrent=concurrent)
+                    title = f"flood; heavy limits rps {rps:.0f}, max_concurrent {concurrent}"
+                elif name == "concurrent":
+                    admin.set_tenant_limits("heavy", max_concurrent=concurrent)
+                    title = f"flood; heavy limit max_concurrent {concurrent}"
+                elif name == "unlimited":
+                    admin.set_tenant_limits("heavy")
+                    title = "flood; heavy without limits"
+                else:
+                    admin.set_tenant_limits("heavy")
+                    title = f"fat flood: {args.fat_threads} x {args.fat_texts} texts, heavy without limits"
+                phases.append(run_phase(title, services, keys, texts, args, flood_rate, fat=name == "fat"))
     finally:
         services.stop()
     report = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "model": args.model,

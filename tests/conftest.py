@@ -54,8 +54,10 @@ def start_services(data_dir: Path, model: Path, computes: int = 1, **env):
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory, tiny_model_dir):
-    """One running suite (store, compute, gateway as real processes) shared by the integration tests."""
-    running = start_services(tmp_path_factory.mktemp("hmi-data"), tiny_model_dir)
+    """One running suite (store, compute, gateway as real processes) shared by the integration tests. Its compute
+    executes in chunks of at most 24 tokens, so every exactness test checks batches cut into chunks (run in fair
+    order, their results joined) against transformers."""
+    running = start_services(tmp_path_factory.mktemp("hmi-data"), tiny_model_dir, HMI_EXECUTE_CHUNK_TOKENS="24")
     yield running
     running.stop()
 

@@ -90,21 +90,55 @@ def test_router_prefers_each_tenants_home_replica_and_spills_when_it_is_full_or_
 
 
 def test_batches_grow_while_every_replica_is_busy():
-    """With the only replica's batches in flight, everything queued meanwhile leaves as one batch."""
+    """With the only replica's batches in flight, everything queued meanwhile leaves as one batch; a tenant
+    with nothing queued or in flight (light) passes on the slot beyond capacity instead."""
     router = Router(["127.0.0.1:1"], inflight_per_replica=1)
     busy = router.acquire(["other"])
     batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=1000, max_batch_tenants=64, max_wait_ms=1))
     try:
-        items = [work(f"t{i}", 5) for i in range(12)]
+        # The recording batcher never answers through compute, so this keeps holding one sequence of "t".
+        first = work("t", 5)
+        batcher.submit([first])
+        first.future.result(timeout=5)        # sent at once although the replica is full: light
+        assert first.light
+        items = [work("t", 5) for _ in range(12)]
         for item in items:
             batcher.submit([item])
             time.sleep(0.01)        # far beyond max_wait: without backpressure each would go alone
+        assert not any(item.light for item in items)
+        assert not any(item.future.done() for item in items), "nothing light: they wait for the full replica"
         router.release(busy)
         for item in items:
             item.future.result(timeout=5)
     finally:
         batcher.close()
-    assert [len(b) for b in batcher.batches] == [12]
+    assert [len(b) for b in batcher.batches] == [1, 12]
+
+
+def test_light_tenant_passes_a_flood_waiting_for_a_slot():
+    """A full batch of a flooding tenant waits for the busy replica; a request of a tenant holding less than an
+    equal share that comes later leaves first, as a batch of its own on the slot beyond capacity, and the flood
+    still waits."""
+    router = Router(["127.0.0.1:1"], inflight_per_replica=1)
+    busy = router.acquire(["other"])
+    batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=40, max_batch_tenants=64, max_wait_ms=1))
+    try:
+        flood = [work("heavy", 10) for _ in range(12)]
+        batcher.submit(flood[:1])
+        flood[0].future.result(timeout=5)               # its first request was light (nothing else here)
+        batcher.submit(flood[1:])                       # a full batch (40 tokens) and more wait for the slot
+        time.sleep(0.05)
+        light = work("light", 3)
+        batcher.submit([light])
+        light.future.result(timeout=5)
+        assert light.light and not any(item.light for item in flood[1:])
+        assert not any(item.future.done() for item in flood[1:])
+        assert [item.route.tenant_id for item in batcher.batches[-1]] == ["light"]
+        router.release(busy)
+        for item in flood:
+            item.future.result(timeout=5)
+    finally:
+        batcher.close()
 
 
 def test_router_acquire_waits_for_a_release():
@@ -140,6 +174,8 @@ def test_admission_is_all_or_nothing_and_costs_tokens():
 def test_expired_and_abandoned_work_never_reaches_compute():
     router = Router(["127.0.0.1:1"], inflight_per_replica=1)
     busy = router.acquire(["other"])            # the only replica is busy: work waits at the gateway
+    passed = router.try_acquire(["other"], extra=1)     # its slot for light tenants too
+    assert passed is busy and router.try_acquire(["other"], extra=1) is None
     batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=1000, max_wait_ms=1))
     try:
         expired = work("late", 5)
@@ -152,6 +188,7 @@ def test_expired_and_abandoned_work_never_reaches_compute():
         abandoned.future.cancel()               # its caller went away
         time.sleep(0.2)                         # the deadline passes while everything waits
         router.release(busy)
+        router.release(passed)
         alive.future.result(timeout=5)
         with pytest.raises(DeadlineExceeded):
             expired.future.result(timeout=5)

@@ -31,7 +31,8 @@ class _Flow(Generic[T]):
 class FairQueue(Generic[T]):
     def __init__(self) -> None:
         self._flows: dict[Hashable, _Flow[T]] = {}
-        self._heads: list[tuple[float, int, Hashable]] = []   # one entry per non-empty flow: its head's tag
+        self._heads: list[tuple[float, int, Hashable]] = []   # per non-empty flow: its head's tag (+ stale ones)
+        self._head_entry: dict[Hashable, int] = {}           # flow -> the order number of its valid heap entry
         self._order = itertools.count()
         self._virtual = 0.0
         self._length = 0
@@ -58,33 +59,57 @@ class FairQueue(Generic[T]):
         start = max(self._virtual, state.finish)
         state.finish = start + cost / weight
         if not state.items:
-            heapq.heappush(self._heads, (start, next(self._order), flow))
+            self._push_head(flow, start)
         state.items.append((start, cost, item))
         state.cost += cost
         self._length += 1
         self._cost += cost
 
+    def _push_head(self, flow: Hashable, tag: float) -> None:
+        order = next(self._order)
+        self._head_entry[flow] = order
+        heapq.heappush(self._heads, (tag, order, flow))
+
+    def _drop_stale(self) -> None:
+        """Heap entries left behind by `pop_flow` are dropped when they reach the top."""
+        while self._heads and self._head_entry.get(self._heads[0][2]) != self._heads[0][1]:
+            heapq.heappop(self._heads)
+
     def peek(self) -> T | None:
         """The item `pop` would return."""
+        self._drop_stale()
         if not self._heads:
             return None
         return self._flows[self._heads[0][2]].items[0][2]
 
     def pop(self) -> T | None:
+        self._drop_stale()
         if not self._heads:
             return None
-        start, _, flow = heapq.heappop(self._heads)
+        _, _, flow = heapq.heappop(self._heads)
+        return self._take_head(flow)
+
+    def pop_flow(self, flow: Hashable) -> T | None:
+        """The head item of one flow, out of fair order (the caller serves that flow by a rule of its own);
+        it advances virtual time like any served item."""
+        state = self._flows.get(flow)
+        if state is None or not state.items:
+            return None
+        return self._take_head(flow)
+
+    def _take_head(self, flow: Hashable) -> T:
         state = self._flows[flow]
-        _, cost, item = state.items.popleft()
+        self._head_entry.pop(flow, None)
+        start, cost, item = state.items.popleft()
         state.cost -= cost
         self._length -= 1
         self._cost -= cost
         self._virtual = max(self._virtual, start)
         if state.items:
-            heapq.heappush(self._heads, (state.items[0][0], next(self._order), flow))
+            self._push_head(flow, state.items[0][0])
         elif state.finish <= self._virtual:
             del self._flows[flow]           # idle and owed nothing: forget it (bounded by active tenants)
-        if len(self._flows) > 4 * (len(self._heads) + 64):
+        if len(self._flows) > 4 * (len(self._head_entry) + 64):
             self._forget_idle()
         return item
 
@@ -103,9 +128,10 @@ class FairQueue(Generic[T]):
                     kept.append(entry)
             state.items = kept
         if removed:
-            self._heads = [(state.items[0][0], next(self._order), flow)
-                           for flow, state in self._flows.items() if state.items]
-            heapq.heapify(self._heads)
+            self._heads, self._head_entry = [], {}
+            for flow, state in self._flows.items():
+                if state.items:
+                    self._push_head(flow, state.items[0][0])
         return removed
 
     def __iter__(self) -> Iterator[T]:

@@ -21,6 +21,7 @@ class SequenceSpec:
     domain: str
     split_layer: int
     domain_revision: int = 0      # 0: unchecked
+    weight: float = 1.0           # the tenant's share in compute's fair execution order (its priority)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class PackedBatch:
                 raise InvalidArgument("every sequence needs a tenant id and an adapter version >= 1")
             if spec.split_layer > 0 and not spec.domain:
                 raise InvalidArgument("a sequence with split layer > 0 needs its domain for the PLOT lookup")
+            weight = spec.weight if 0 < spec.weight <= 1e6 else 1.0      # unset or absurd: the default share
             sequences.append(SequenceSpec(spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer,
-                                          spec.domain_revision))
+                                          spec.domain_revision, weight))
         return cls(token_ids, offsets, sequences, request.want_logits, request.want_embeddings)
 
 
@@ -97,6 +99,14 @@ class BatchResult:
             if embeddings is not None:
                 embeddings[index] = result.embeddings[position]
         return cls(logits, embeddings, failures)
+
+    @classmethod
+    def joined(cls, parts: list[tuple[list[int], "BatchResult"]], batch: "PackedBatch", hidden: int) -> "BatchResult":
+        """The batch's result from the results of its chunks (`parts`: each chunk's indices and result)."""
+        ran = [index for indices, _ in parts for index in indices]
+        logits = [row for _, part in parts for row in part.logits]
+        embeddings = (np.concatenate([part.embeddings for _, part in parts]) if batch.want_embeddings else None)
+        return cls.merged(batch, ran, cls(logits, embeddings), {}, hidden)
 
     def to_pb(self) -> pb.ForwardResponse:
         response = pb.ForwardResponse()

@@ -34,6 +34,7 @@ class Sequence:
     domain_revision: int
     token_ids: np.ndarray
     want_embedding: bool = False
+    weight: float = 1.0         # the tenant's share in compute's fair execution order
 
 
 @dataclass
@@ -65,7 +66,8 @@ def forward_request(sequences: list[Sequence]) -> pb.ForwardRequest:
         token_ids=encode_tensor(np.concatenate([s.token_ids for s in sequences]).astype(np.int32)),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
         sequences=[pb.SequenceSpec(tenant_id=s.tenant_id, adapter_version=s.adapter_version, domain=s.domain,
-                                   split_layer=s.split_layer, model=s.model, domain_revision=s.domain_revision)
+                                   split_layer=s.split_layer, model=s.model, domain_revision=s.domain_revision,
+                                   weight=s.weight)
                    for s in sequences],
         want_logits=True, want_embeddings=any(s.want_embedding for s in sequences))
 

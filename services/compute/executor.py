@@ -23,6 +23,13 @@ class PreparedBatch:
     staged: PlotRows | None = None     # the PLOT rows already copied towards the device (stage)
     bridges: dict[int, DomainBridge] = field(default_factory=dict)   # sequence index -> its domain's bridge
 
+    def subset(self, indices: list[int]) -> "PreparedBatch":
+        """Some of its sequences (a chunk), sharing the lease; their rows are staged again when it runs."""
+        return PreparedBatch(self.batch.subset(indices),
+                             {new: self.plot_rows[old] for new, old in enumerate(indices) if old in self.plot_rows},
+                             self.lease,
+                             bridges={new: self.bridges[old] for new, old in enumerate(indices) if old in self.bridges})
+
     def layout(self) -> PackedLayout:
         """Execution order (by split layer, then adapter slot) and bounds of the packed sequences."""
         specs, slots = self.batch.sequences, self.lease.slots

@@ -1,10 +1,11 @@
 """Compute pipeline in three overlapping stages: receive (PLOT lookups + adapter loads, many batches at
-once), copy (the batch's PLOT rows to the device in one transfer, on a side CUDA stream) and execute (one
-batch at a time on the device).
+once), copy (the batch's PLOT rows to the device in one transfer, on a side CUDA stream) and execute (in
+chunks, services/compute/execution_queue.py: the chunks of all waiting batches run in fair order across
+tenants).
 
-Each Forward call prepares its batch in its own RPC thread while the execution thread runs the batch
+Each Forward call prepares its batch in its own RPC thread while the execution threads run the batches
 before it; the gateway keeps several batches in flight per replica so the stages overlap. On a CPU,
-several execution threads (one torch thread each) may run batches side by side.
+several execution threads (one torch thread each) may run chunks side by side.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +30,7 @@ from services.compute.adapter_pool import AdapterPool
 from services.compute.batch import BatchResult, PackedBatch, SequenceFailure
 from services.compute.bridge_cache import BridgeCache
 from services.compute.coserving import CoServingGate
+from services.compute.execution_queue import Chunk, ExecutionQueue
 from services.compute.executor import Executor, PreparedBatch
 from services.compute.plot_cache import PlotRowCache
 from services.knowledge_store.client import StoreClient
@@ -40,7 +42,8 @@ BATCHES = Counter("hmi_compute_batches_total", "batches executed")
 DROPPED = Counter("hmi_compute_dropped_batches_total", "batches not executed: deadline passed or caller gone")
 BATCH_SEQUENCES = Histogram("hmi_compute_batch_sequences", "sequences per executed batch",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-EXECUTION_QUEUE = Gauge("hmi_compute_execution_queue_batches", "prepared batches waiting for an execution thread")
+EXECUTION_QUEUE = Gauge("hmi_compute_execution_queue_batches", "prepared batches none of whose chunks has started")
+DEFAULT_CHUNK_TOKENS = {"cpu": 512, "cuda": 8192}   # a CPU thread runs 512 tokens at ~75 % of a large matmul
 REPORT_SECONDS = 30.0
 
 
@@ -100,7 +103,8 @@ class BusyLog:
 class Pipeline:
     def __init__(self, executor: Executor, pool: AdapterPool, store: StoreClient, *, fetch_workers: int = 8,
                  execution_threads: int = 1, bridges: BridgeCache | None = None,
-                 plot_cache: PlotRowCache | None = None, gate: CoServingGate | None = None) -> None:
+                 plot_cache: PlotRowCache | None = None, gate: CoServingGate | None = None,
+                 chunk_tokens: int = 0) -> None:
         self.executor = executor
         self.gate = gate or CoServingGate()      # told of every batch queued for execution: training yields to it
         self.pool = pool
@@ -113,7 +117,9 @@ class Pipeline:
         # One on a GPU (one stream, kernels queue anyway); on a CPU with one torch thread per batch,
         # batches executing side by side use the cores better than one batch split across them.
         self.execution_threads = max(1, execution_threads)
-        self._device = ThreadPoolExecutor(max_workers=self.execution_threads, thread_name_prefix="execute")
+        self.chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS.get(executor.device.type, 8192)
+        self.queue = ExecutionQueue(self.execution_threads, self.chunk_tokens)
+        EXECUTION_QUEUE.set_function(self.queue.waiting)
         self._last_report = time.monotonic()
         self._busy = BusyLog()
 
@@ -253,46 +259,51 @@ class Pipeline:
         if prepared is None:
             return BatchResult.merged(batch, ran, None, failures, hidden_size), timings
         hidden = self._busy.overlap(started, fetched)
+        spans: list[tuple[float, float]] = []
 
-        def execute():
-            EXECUTION_QUEUE.dec()
-            try:
-                return run_prepared()
-            finally:
-                self.gate.inference_ends()
-
-        def run_prepared():
-            if not wanted() or time.perf_counter() > deadline:
-                with self._stats_lock:
-                    self.stats.dropped_batches += 1
-                DROPPED.inc()
-                raise Cancelled("the caller's deadline passed or it went away while the batch queued: not run")
+        def run_chunk(chunk: Chunk) -> BatchResult:
+            part = prepared if len(chunk.indices) == prepared.batch.size else prepared.subset(chunk.indices)
             begin = time.perf_counter()
             self._busy.begin(begin)
             try:
-                result = self.executor.run(prepared)
+                return self.executor.run(part)
             finally:
                 end = time.perf_counter()
                 self._busy.end(end)
-            return result, begin, end
+                spans.append((begin, end))
 
-        # The lease is released when execution ends, not when the caller gives up: pinned slots
-        # must not be reused while the device still reads them.
-        EXECUTION_QUEUE.inc()
-        future = self._device.submit(execute)
+        def still_wanted() -> bool:
+            return wanted() and time.perf_counter() <= deadline
+
+        def ended(future) -> None:
+            # The lease is released when execution ends, not when the caller gives up: pinned slots
+            # must not be reused while the device still reads them.
+            prepared.lease.release()
+            self.gate.inference_ends()
+            if future.cancelled() or isinstance(future.exception(), Cancelled):
+                with self._stats_lock:
+                    self.stats.dropped_batches += 1
+                DROPPED.inc()
+
+        specs = prepared.batch.sequences
+        future = self.queue.submit([s.tenant_id for s in specs], np.diff(prepared.batch.offsets).tolist(),
+                                   [s.weight for s in specs], run_chunk, wanted=still_wanted)
         handed[0] = True
-        future.add_done_callback(lambda _: prepared.lease.release())
+        future.add_done_callback(ended)
         try:
-            result, begin, end = future.result(timeout=max(0.05, deadline - time.perf_counter()))
+            parts = future.result(timeout=max(0.05, deadline - time.perf_counter()))
         except FutureTimeout:
-            if future.cancel():
-                EXECUTION_QUEUE.dec()
-                self.gate.inference_ends()
+            future.cancel()          # not started yet: never runs; else its next chunk sees the deadline passed
             raise DeadlineExceeded(f"batch not executed within the deadline ({timeout:.2f}s)") from None
+        except CancelledError:
+            raise Cancelled("the caller's deadline passed or it went away while the batch queued: not run") from None
+        result = parts[0][1] if len(parts) == 1 else BatchResult.joined(
+            [(chunk.indices, part) for chunk, part in parts], prepared.batch, hidden_size)
+        end = max(e for _, e in spans)
         if failures:
             result = BatchResult.merged(batch, ran, result, failures, hidden_size)
-        timings.queue_ms = (begin - fetched) * 1e3
-        timings.execute_ms = (end - begin) * 1e3
+        timings.execute_ms = sum(e - b for b, e in spans) * 1e3     # device time; the rest of the wait is queue
+        timings.queue_ms = (end - fetched) * 1e3 - timings.execute_ms
         STAGE_SECONDS.labels("fetch").observe(timings.fetch_ms / 1e3)
         STAGE_SECONDS.labels("execute").observe(timings.execute_ms / 1e3)
         TOKENS.inc(len(prepared.batch.token_ids))
@@ -329,7 +340,7 @@ class Pipeline:
 
     def close(self) -> None:
         self._fetchers.shutdown(wait=False, cancel_futures=True)
-        self._device.shutdown(wait=False, cancel_futures=True)
+        self.queue.close()
 
 
 def failure_of(error: HMIError) -> SequenceFailure:

@@ -12,7 +12,14 @@ sees them.
 
 Batches are filled in fair order across tenants (services/common/fair_queue.py: start-time fair queuing by
 tokens, weighted by each tenant's priority), so a tenant flooding the queue delays a light tenant's sequence by
-at most one of its own, not by its whole backlog.
+at most one of its own, not by its whole backlog. The queues after this one are fair too: compute runs the
+chunks of every batch it holds in fair order (services/compute/execution_queue.py), and a request of a tenant
+holding less than an equal share of this gateway's work, queued and in flight, when it came ("light") need not
+wait for a slot held by another tenant's batches: a batch holding light sequences may take one slot beyond a
+replica's `--inflight-per-compute`, and while the batch being formed waits for a slot, light sequences still
+queued behind it go out as a batch of their own on
+that slot. So a light tenant waits behind at most the chunks compute is executing, not behind the flood's
+batches in flight.
 
 A batch waits for a usable replica within its sequences' deadlines (none is usable while every replica is
 down or restarting). A batch that fails because its replica could not be reached (UNAVAILABLE from the
@@ -69,17 +76,27 @@ class SequenceWork:
     trace: Any = field(default_factory=tracing.capture)      # the request's trace context (tracing on)
     started: bool = False               # sent to compute once (its future is running)
     abandoned: bool = False             # the caller went away after it was sent
+    light: bool = False                 # its tenant held less than an equal share of the work here when it came
+    active: bool = False                # queued or in flight, counted in the batcher's `_active`
 
     def sequence(self) -> Sequence:
         route = self.route
         return Sequence(route.tenant_id, route.adapter_version, route.domain, route.split_layer, route.model,
-                        route.domain_revision, self.token_ids, self.want_embedding)
+                        route.domain_revision, self.token_ids, self.want_embedding, route.limits.weight)
 
     def abandon(self) -> None:
         """The caller no longer waits: drop it wherever it is (queued, or queued again for a retry)."""
         self.abandoned = True
         self.future.cancel()
 
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 SequenceResult = SequenceOutput     # what a sequence's future gives: its logits and embedding
@@ -112,6 +129,9 @@ class Batcher:
         self._queued_tokens = 0
         self._queue_lock = threading.Condition()
         self._carry: SequenceWork | None = None
+        self._active: dict[str, int] = {}    # tenant -> its sequences queued or in flight, not answered yet
+        self._active_total = 0
+        self._light: dict[str, int] = {}     # tenant -> its light sequences still queued
         self._retry: deque[SequenceWork] = deque()     # sequences whose replica could not be reached
         self.retried = 0
         self.dropped = 0                    # sequences dropped before compute (deadline passed, caller gone)
@@ -147,8 +167,15 @@ class Batcher:
                     f"limits --max-queue {self.settings.max_queue}, --max-queue-tokens "
                     f"{self.settings.max_queue_tokens}); this request of {len(items)} sequences, {tokens} tokens "
                     f"was not queued: back off and retry")
+            mine = self._active.get(route.tenant_id, 0)
+            light = mine * (len(self._active) + (0 if mine else 1)) < max(1, self._active_total)
             for item in items:
+                item.light, item.active = light, True
                 self._queue.push(item.route.tenant_id, item, cost=len(item.token_ids), weight=item.route.limits.weight)
+            self._active[route.tenant_id] = mine + len(items)
+            self._active_total += len(items)
+            if light:
+                self._light[route.tenant_id] = self._light.get(route.tenant_id, 0) + len(items)
             self._queued_tokens += tokens
             self._queue_lock.notify()
 
@@ -182,15 +209,31 @@ class Batcher:
                 if not self._queue:
                     continue
                 item = self._queue.pop()
-                self._queued_tokens -= len(item.token_ids)
+                self._taken(item)
             if self._live(item):
                 return item
+
+    def _taken(self, item: SequenceWork) -> None:
+        """Bookkeeping of an item leaving the queue (the caller holds the queue lock)."""
+        self._queued_tokens -= len(item.token_ids)
+        if item.light:
+            _count_down(self._light, item.route.tenant_id)
+
+    def _settle(self, item: SequenceWork) -> None:
+        """The item is answered or dropped: its tenant holds one sequence less (once per item)."""
+        with self._queue_lock:
+            if not item.active:
+                return
+            item.active = False
+            self._active_total -= 1
+            _count_down(self._active, item.route.tenant_id)
 
     def _live(self, item: SequenceWork) -> bool:
         """False (and the item answered) when its caller went away or its deadline passed."""
         if item.future.cancelled() or item.abandoned:
             if item.started and not item.future.done():
                 item.future.set_exception(Cancelled("the caller went away"))
+            self._settle(item)
             self.dropped += 1
             DROPPED.inc()
             return False
@@ -198,6 +241,7 @@ class Batcher:
             if item.started or item.future.set_running_or_notify_cancel():
                 item.future.set_exception(DeadlineExceeded("the deadline passed while the request queued at the "
                                                            "gateway; it was not computed"))
+            self._settle(item)
             self.dropped += 1
             DROPPED.inc()
             return False
@@ -208,6 +252,8 @@ class Batcher:
         if item.started:
             return True
         item.started = item.future.set_running_or_notify_cancel()
+        if not item.started:
+            self._settle(item)
         return item.started
 
     def _loop(self) -> None:
@@ -225,16 +271,19 @@ class Batcher:
                 self._add(batch, item)
             # While every replica is busy the batch keeps growing: under load batches get as big as the
             # replicas can absorb, instead of queueing many small ones (per-batch work is paid once).
-            replica = self.router.try_acquire(batch.tenants)
+            replica = self._acquire(batch)
             while (replica is None and not batch.full and not self._stop.is_set()
                    and self.router.usable_count()):
                 item = self._take(0.001)
                 if item is not None:
                     self._add(batch, item)
-                replica = self.router.try_acquire(batch.tenants)
+                replica = self._acquire(batch)
             if replica is None:   # every replica full, or none usable: wait within the batch's deadlines
-                replica = self.router.acquire(batch.tenants, until=max(item.deadline for item in batch.items),
-                                              stop=self._stop)
+                until = max(item.deadline for item in batch.items)
+                while replica is None and not self._stop.is_set() and time.monotonic() < until:
+                    self._send_light()
+                    replica = (self.router.acquire(batch.tenants, until=min(until, time.monotonic() + 0.002),
+                                                   stop=self._stop) or self._acquire(batch))
             if replica is None:
                 for item in batch.items:
                     self._live(item)        # all expired waiting (or stopping): answered and dropped
@@ -244,6 +293,43 @@ class Batcher:
                 self._dispatch(items, replica)
             else:
                 self.router.release(replica)
+
+    def _acquire(self, batch: "_Forming") -> object | None:
+        """A slot for the batch: one beyond the replicas' capacity when it holds a light sequence."""
+        return self.router.try_acquire(batch.tenants, extra=1 if any(item.light for item in batch.items) else 0)
+
+    def _send_light(self) -> None:
+        """While the batch being formed waits for a slot: light sequences queued behind it (or carried over
+        from it) go out now as a batch of their own, on a slot beyond capacity when one is free."""
+        carried = self._carry is not None and self._carry.light
+        if not carried and not self._light:
+            return
+        with self._queue_lock:
+            tenants = list(self._light)[:self.settings.max_batch_tenants]
+        replica = self.router.try_acquire(tenants + ([self._carry.route.tenant_id] if carried else []), extra=1)
+        if replica is None:
+            return
+        items: list[SequenceWork] = []
+        if carried:
+            items.append(self._carry)
+            self._carry = None
+        tokens = sum(len(item.token_ids) for item in items)
+        with self._queue_lock:
+            for tenant in tenants:
+                # The tenant's items up to its last light one (any before it are its own, so they may ride along).
+                while self._light.get(tenant) and tokens < self.settings.max_batch_tokens:
+                    item = self._queue.pop_flow(tenant)
+                    if item is None:             # cannot happen (light items are queued); stay consistent
+                        self._light.pop(tenant, None)
+                        break
+                    self._taken(item)
+                    items.append(item)
+                    tokens += len(item.token_ids)
+        items = [item for item in items if self._live(item) and self._start(item)]
+        if items:
+            self._dispatch(items, replica)
+        else:
+            self.router.release(replica)
 
     def _add(self, batch: "_Forming", item: SequenceWork) -> None:
         """Adds the item, or carries it over to the next batch (and closes this one) when a limit says no."""
@@ -315,10 +401,13 @@ class Batcher:
             log.warning("batch of %d sequences failed on %s: %s %s", len(batch), replica.address, result.code_name,
                         result)
             for item in batch:
+                self._settle(item)
                 if not item.future.done():
                     item.future.set_exception(result)
             return
         self.router.release(replica)
+        for item in batch:
+            self._settle(item)
         try:
             self._account(batch, sent, result)
             for item, output in zip(batch, result.outputs):

@@ -235,13 +235,14 @@ class Router:
                 self._room.wait(0.1 if until is None else max(0.001, min(0.1, until - time.monotonic())))
             return replica
 
-    def try_acquire(self, tenant_ids: Collection[str] = ()) -> Replica | None:
+    def try_acquire(self, tenant_ids: Collection[str] = (), extra: int = 0) -> Replica | None:
         """A replica with room, or None when all usable ones are full (or none is usable): prefers the home of
-        most of the batch's tenants, then the one with the fewest batches in flight."""
+        most of the batch's tenants, then the one with the fewest batches in flight. `extra`: slots beyond each
+        replica's capacity this batch may take (the batcher's pass for tenants with nothing in flight)."""
         with self._lock:
-            return self._pick(tenant_ids)
+            return self._pick(tenant_ids, extra)
 
-    def _pick(self, tenant_ids) -> Replica | None:
+    def _pick(self, tenant_ids, extra: int = 0) -> Replica | None:
         now = time.monotonic()
         members = [r for r in self._members.values() if r.usable(now)]
         if not members:
@@ -254,7 +255,7 @@ class Router:
         start = next(self._counter) % len(members)
         order = members[start:] + members[:start]
         for replica in sorted(order, key=lambda r: (-votes.get(r.address, 0), r.inflight)):
-            if replica.inflight < replica.capacity:
+            if replica.inflight < replica.capacity + extra:
                 replica.inflight += 1
                 replica.sent += 1
                 return replica
