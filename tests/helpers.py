@@ -1,6 +1,7 @@
 """Small helpers for integration tests."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -97,3 +98,33 @@ def make_certificates(folder, name: str = "hmi test", names: str = "DNS:localhos
     openssl("x509", "-req", "-in", "service.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "service.pem", "-days", "1", "-extfile", "service.ext")
     return TlsFiles(cert=folder / "service.pem", key=folder / "service.key", ca=folder / "ca.pem")
+
+
+@contextlib.contextmanager
+def extra_gateway(services, model_dir, name: str = "gateway-2", **env: str):
+    """Another gateway process on the same store and compute (its own directory, batcher and quotas);
+    yields an admin client of it."""
+    import os
+    import subprocess
+
+    from hmi.client import HMIClient, is_serving
+    from hmi.launcher import free_port, hmi_command
+    address = f"127.0.0.1:{free_port()}"
+    log = open(services.data_dir / "logs" / f"{name}.log", "ab")
+    process = subprocess.Popen(hmi_command() + ["serve", "gateway", "--listen", address, "--store",
+                                                services.store_addr, "--compute", services.compute_addrs[0],
+                                                "--model", str(model_dir),
+                                                "--service-secret-file", str(services.service_secret_file),
+                                                "--admin-token-file", str(services.admin_token_file)],
+                               env={**os.environ, "HMI_MAX_WAIT_MS": "20", **env}, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not is_serving(address):
+            assert process.poll() is None and time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.1)
+        with HMIClient(address, timeout=60, token=services.admin_token) as client:
+            yield client
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -90,55 +90,53 @@ def test_router_prefers_each_tenants_home_replica_and_spills_when_it_is_full_or_
 
 
 def test_batches_grow_while_every_replica_is_busy():
-    """With the only replica's batches in flight, everything queued meanwhile leaves as one batch; a tenant
-    with nothing queued or in flight (light) passes on the slot beyond capacity instead."""
+    """With the only replica's batches in flight, everything queued meanwhile leaves as one batch; with no
+    heavy tenant's batch in flight, nobody passes on the slot beyond capacity."""
     router = Router(["127.0.0.1:1"], inflight_per_replica=1)
     busy = router.acquire(["other"])
     batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=1000, max_batch_tenants=64, max_wait_ms=1))
     try:
-        # The recording batcher never answers through compute, so this keeps holding one sequence of "t".
-        first = work("t", 5)
-        batcher.submit([first])
-        first.future.result(timeout=5)        # sent at once although the replica is full: light
-        assert first.light
-        items = [work("t", 5) for _ in range(12)]
+        items = [work(f"t{i % 3}", 5) for i in range(12)]
         for item in items:
             batcher.submit([item])
             time.sleep(0.01)        # far beyond max_wait: without backpressure each would go alone
-        assert not any(item.light for item in items)
-        assert not any(item.future.done() for item in items), "nothing light: they wait for the full replica"
+        assert all(item.light for item in items), "nobody holds 16 sequences: nobody is heavy"
+        assert not any(item.future.done() for item in items), "no heavy batch in flight: they wait for the slot"
         router.release(busy)
         for item in items:
             item.future.result(timeout=5)
     finally:
         batcher.close()
-    assert [len(b) for b in batcher.batches] == [1, 12]
+    assert [len(b) for b in batcher.batches] == [12]
 
 
 def test_light_tenant_passes_a_flood_waiting_for_a_slot():
-    """A full batch of a flooding tenant waits for the busy replica; a request of a tenant holding less than an
-    equal share that comes later leaves first, as a batch of its own on the slot beyond capacity, and the flood
-    still waits."""
+    """While a flooding tenant's batches hold the slots and more of its sequences wait, a request of another
+    tenant leaves first, as a batch of its own on the slot beyond capacity, and the flood still waits."""
     router = Router(["127.0.0.1:1"], inflight_per_replica=1)
-    busy = router.acquire(["other"])
     batcher = RecordingBatcher(router, BatcherSettings(max_batch_tokens=40, max_batch_tenants=64, max_wait_ms=1))
+    # The recording batcher never answers through compute: sent sequences stay held (in flight) by their tenant.
+    flood = [work("heavy", 2) for _ in range(40)]
     try:
-        flood = [work("heavy", 10) for _ in range(12)]
-        batcher.submit(flood[:1])
-        flood[0].future.result(timeout=5)               # its first request was light (nothing else here)
-        batcher.submit(flood[1:])                       # a full batch (40 tokens) and more wait for the slot
+        batcher.submit(flood[:20])                      # light: the tenant held nothing when it came
+        batcher.submit(flood[20:24])                    # heavy: it holds 20, all there is
+        for item in flood[:24]:
+            item.future.result(timeout=5)
+        assert all(item.light for item in flood[:20]) and not any(item.light for item in flood[20:24])
+        busy = router.acquire(["other"])                # the only slot is taken
+        batcher.submit(flood[24:])
         time.sleep(0.05)
         light = work("light", 3)
         batcher.submit([light])
         light.future.result(timeout=5)
-        assert light.light and not any(item.light for item in flood[1:])
-        assert not any(item.future.done() for item in flood[1:])
+        assert light.light and not any(item.future.done() for item in flood[24:])
         assert [item.route.tenant_id for item in batcher.batches[-1]] == ["light"]
         router.release(busy)
         for item in flood:
             item.future.result(timeout=5)
     finally:
         batcher.close()
+    assert all(len({item.light for item in batch}) == 1 for batch in batcher.batches), "light and heavy mixed"
 
 
 def test_router_acquire_waits_for_a_release():

@@ -2,20 +2,15 @@
 over a name's whole history, and a write answers only once every gateway has read it."""
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from hmi.client import HMIClient, is_serving
-from hmi.launcher import free_port, hmi_command
 from models.adapter_format import parse_adapter, random_adapter, serialize_adapter
 from models.dims import ModelDims
 from services.common.errors import StaleVersion
 from services.knowledge_store.store import KnowledgeStore, StoreSettings
+from tests.helpers import extra_gateway
 from tests.reference import reference_logits
 
 pytestmark = pytest.mark.integration
@@ -25,23 +20,8 @@ TEXTS = ["the service was quick and friendly", "I would like to return this item
 @pytest.fixture(scope="module")
 def second_gateway(services, tiny_model_dir):
     """Another gateway on the same store and compute: its directory caches records on its own."""
-    address = f"127.0.0.1:{free_port()}"
-    log = open(services.data_dir / "logs" / "gateway-2.log", "ab")
-    process = subprocess.Popen(hmi_command() + ["serve", "gateway", "--listen", address, "--store",
-                                                services.store_addr, "--compute", services.compute_addrs[0],
-                                                "--model", str(tiny_model_dir),
-                                                "--service-secret-file", str(services.service_secret_file),
-                                                "--admin-token-file", str(services.admin_token_file)],
-                               env={**os.environ, "HMI_MAX_WAIT_MS": "20"}, stdout=log, stderr=log)
-    deadline = time.monotonic() + 120
-    while not is_serving(address):
-        assert process.poll() is None and time.monotonic() < deadline, "the second gateway did not start"
-        time.sleep(0.1)
-    with HMIClient(address, timeout=60, token=services.admin_token) as client:
+    with extra_gateway(services, tiny_model_dir) as client:
         yield client
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
 
 
 def expected_probabilities(tiny_model, tokenizer, adapter_bytes: bytes, dims, labels: int) -> list[np.ndarray]:

@@ -50,6 +50,16 @@ class FairQueue(Generic[T]):
         found = self._flows.get(flow)
         return len(found.items) if found is not None else 0
 
+    def flow_cost(self, flow: Hashable) -> float:
+        """Summed cost of one flow's queued items."""
+        found = self._flows.get(flow)
+        return found.cost if found is not None else 0.0
+
+    @property
+    def backlogged(self) -> int:
+        """Flows with items queued."""
+        return len(self._head_entry)
+
     def push(self, flow: Hashable, item: T, cost: float, weight: float = 1.0) -> None:
         state = self._flows.get(flow)
         if state is None:

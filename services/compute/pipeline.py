@@ -299,11 +299,11 @@ class Pipeline:
             raise Cancelled("the caller's deadline passed or it went away while the batch queued: not run") from None
         result = parts[0][1] if len(parts) == 1 else BatchResult.joined(
             [(chunk.indices, part) for chunk, part in parts], prepared.batch, hidden_size)
-        end = max(e for _, e in spans)
+        begin, end = min(b for b, _ in spans), max(e for _, e in spans)
         if failures:
             result = BatchResult.merged(batch, ran, result, failures, hidden_size)
-        timings.execute_ms = sum(e - b for b, e in spans) * 1e3     # device time; the rest of the wait is queue
-        timings.queue_ms = (end - fetched) * 1e3 - timings.execute_ms
+        timings.queue_ms = (begin - fetched) * 1e3          # until its first chunk started
+        timings.execute_ms = (end - begin) * 1e3            # first chunk's start to last chunk's end
         STAGE_SECONDS.labels("fetch").observe(timings.fetch_ms / 1e3)
         STAGE_SECONDS.labels("execute").observe(timings.execute_ms / 1e3)
         TOKENS.inc(len(prepared.batch.token_ids))

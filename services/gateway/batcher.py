@@ -5,7 +5,10 @@ is bounded in sequences and in tokens.
 
 Admission is all or nothing per request and costs its tokens: a request whose sequences do not all fit
 is refused whole (RESOURCE_EXHAUSTED) and leaves nothing queued, so under overload compute only runs work
-someone still waits for. Each tenant may hold at most its `max_queued` sequences (its limit, else
+someone still waits for. A request that would wait in the queue longer than its deadline leaves (the tokens
+fair queuing serves before it, at the rate compute drains the queue: services/gateway/queue_wait.py) is
+refused at once with RESOURCE_EXHAUSTED (`queue_wait`) and a retry hint, instead of spending its deadline.
+Each tenant may hold at most its `max_queued` sequences (its limit, else
 `max_queue_per_tenant`), so one tenant cannot fill the queue for everyone. Sequences whose deadline passed or
 whose caller went away (their future was cancelled) are dropped when a batch is formed, before any compute
 sees them.
@@ -14,12 +17,14 @@ Batches are filled in fair order across tenants (services/common/fair_queue.py: 
 tokens, weighted by each tenant's priority), so a tenant flooding the queue delays a light tenant's sequence by
 at most one of its own, not by its whole backlog. The queues after this one are fair too: compute runs the
 chunks of every batch it holds in fair order (services/compute/execution_queue.py), and a request of a tenant
-holding less than an equal share of this gateway's work, queued and in flight, when it came ("light") need not
-wait for a slot held by another tenant's batches: a batch holding light sequences may take one slot beyond a
-replica's `--inflight-per-compute`, and while the batch being formed waits for a slot, light sequences still
-queued behind it go out as a batch of their own on
-that slot. So a light tenant waits behind at most the chunks compute is executing, not behind the flood's
-batches in flight.
+that is not heavy when it comes (heavy: it holds HEAVY_MIN_SEQUENCES or more of this gateway's sequences,
+queued and in flight, and at least an equal share of them) need not wait for slots a heavy tenant's batches
+hold. Light and heavy sequences never share a batch (a light one would wait for the heavy batch's whole
+answer); while heavy sequences are in flight, a light batch may take one slot beyond a replica's
+`--inflight-per-compute`, and while a batch being formed waits for a slot, light sequences queued behind it
+go out as a batch of their own on that slot. So a light tenant waits behind at most the chunks compute is
+executing, not behind the flood's batches in flight; ordinary traffic, where nobody is heavy, batches as
+before.
 
 A batch waits for a usable replica within its sequences' deadlines (none is usable while every replica is
 down or restarting). A batch that fails because its replica could not be reached (UNAVAILABLE from the
@@ -41,11 +46,12 @@ from prometheus_client import Counter, Histogram
 
 from services.common import tracing
 from services.common.call_context import current_request_id, joined
-from services.common.errors import Cancelled, DeadlineExceeded, HMIError, LimitExceeded, ResourceExhausted
+from services.common.errors import Cancelled, DeadlineExceeded, HMIError, LimitExceeded
 from services.common.fair_queue import FairQueue
 from services.compute.client import ForwardReply, ReplicaUnreachable, Sequence, SequenceFailure, SequenceOutput, forward
 from services.gateway.access import REFUSED
 from services.gateway.directory import TenantRoute
+from services.gateway.queue_wait import DrainRate, tokens_ahead
 from services.gateway.router import Router
 from services.gateway.settings import BatcherSettings  # noqa: F401 - the batcher's settings, defined once there
 
@@ -62,6 +68,10 @@ DROPPED = Counter("hmi_gateway_dropped_sequences_total", "sequences dropped befo
 BATCH_STAGE_SECONDS = Histogram("hmi_gateway_batch_stage_seconds", "where a batch's time went: waiting in the gateway, "
                                 "and compute's fetch, queue and execute stages", ["stage"])
 STAGES = ("gateway_wait", "fetch", "queue", "execute", "round_trip")
+# A tenant is heavy while it holds at least this many sequences here (queued or in flight) and at least an
+# equal share of all of them. Below it a tenant's work is a small batch that delays nobody much, and ordinary
+# traffic of many tenants with a request or two each keeps batching as one class.
+HEAVY_MIN_SEQUENCES = 16
 
 
 @dataclass
@@ -76,7 +86,7 @@ class SequenceWork:
     trace: Any = field(default_factory=tracing.capture)      # the request's trace context (tracing on)
     started: bool = False               # sent to compute once (its future is running)
     abandoned: bool = False             # the caller went away after it was sent
-    light: bool = False                 # its tenant held less than an equal share of the work here when it came
+    light: bool = False                 # its tenant was not heavy (HEAVY_MIN_SEQUENCES) when it came
     active: bool = False                # queued or in flight, counted in the batcher's `_active`
 
     def sequence(self) -> Sequence:
@@ -118,6 +128,7 @@ class _Forming:
     items: list[SequenceWork]
     tokens: int
     tenants: set[str]
+    light: bool                 # its sequences are light ones (all of them)
     full: bool = False
 
 
@@ -132,6 +143,9 @@ class Batcher:
         self._active: dict[str, int] = {}    # tenant -> its sequences queued or in flight, not answered yet
         self._active_total = 0
         self._light: dict[str, int] = {}     # tenant -> its light sequences still queued
+        self._drain = DrainRate()            # tokens/s compute answers while work waits here
+        self._heavy_sent = 0                 # sequences of heavy tenants sent to compute, not answered yet
+        self._aside: list[SequenceWork] = []     # light sequences taken while a batch of others waited for a slot
         self._retry: deque[SequenceWork] = deque()     # sequences whose replica could not be reached
         self.retried = 0
         self.dropped = 0                    # sequences dropped before compute (deadline passed, caller gone)
@@ -160,15 +174,30 @@ class Batcher:
                 raise LimitExceeded(f"tenant {route.tenant_id!r} has {waiting} sequences queued at this gateway, its "
                                     f"limit (max_queued) is {tenant_cap}; this request of {len(items)} was not "
                                     f"queued: back off and retry", "max_queued", 0.1)
+            rate = self._drain.rate
             if (len(self._queue) + len(items) > self.settings.max_queue
                     or self._queued_tokens + tokens > self.settings.max_queue_tokens):
-                raise ResourceExhausted(
+                REFUSED.labels("max_queue").inc()
+                raise LimitExceeded(
                     f"the gateway queue is full ({len(self._queue)} sequences, {self._queued_tokens} tokens waiting; "
                     f"limits --max-queue {self.settings.max_queue}, --max-queue-tokens "
                     f"{self.settings.max_queue_tokens}); this request of {len(items)} sequences, {tokens} tokens "
-                    f"was not queued: back off and retry")
+                    f"was not queued: back off and retry", "max_queue",
+                    min(10.0, tokens / rate) if rate else 0.5)
+            if rate and self._queue:
+                own = self._queue.flow_cost(route.tenant_id)
+                backlogged = self._queue.backlogged + (0 if own else 1)
+                wait = tokens_ahead(self._queue.cost, own, tokens, backlogged, route.limits.weight) / rate
+                left = min(item.deadline for item in items) - time.monotonic()
+                if wait > left:
+                    REFUSED.labels("queue_wait").inc()
+                    raise LimitExceeded(
+                        f"this request ({tokens} tokens) would wait about {wait:.1f} s in the gateway queue "
+                        f"({self._queued_tokens} tokens of {backlogged} tenants queued, served fairly at about "
+                        f"{rate:.0f} tokens/s), more than the {max(0.0, left):.1f} s its deadline leaves: not "
+                        f"queued; retry later or with a longer deadline", "queue_wait", min(10.0, wait - left))
             mine = self._active.get(route.tenant_id, 0)
-            light = mine * (len(self._active) + (0 if mine else 1)) < max(1, self._active_total)
+            light = mine < HEAVY_MIN_SEQUENCES or mine * len(self._active) < self._active_total
             for item in items:
                 item.light, item.active = light, True
                 self._queue.push(item.route.tenant_id, item, cost=len(item.token_ids), weight=item.route.limits.weight)
@@ -226,6 +255,8 @@ class Batcher:
                 return
             item.active = False
             self._active_total -= 1
+            if item.started and not item.light:
+                self._heavy_sent -= 1
             _count_down(self._active, item.route.tenant_id)
 
     def _live(self, item: SequenceWork) -> bool:
@@ -254,15 +285,22 @@ class Batcher:
         item.started = item.future.set_running_or_notify_cancel()
         if not item.started:
             self._settle(item)
+        elif not item.light:
+            with self._queue_lock:
+                self._heavy_sent += 1
         return item.started
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            first = self._take(0.1)
+            aside, self._aside = self._aside, []    # light sequences a sent batch left aside go first
+            first = aside.pop(0) if aside else self._take(0.1)
             if first is None:
                 continue
-            batch = _Forming([first], len(first.token_ids), {first.route.tenant_id},
+            batch = _Forming([first], len(first.token_ids), {first.route.tenant_id}, first.light,
                              full=len(first.token_ids) >= self.settings.max_batch_tokens)
+            while aside and not batch.full:
+                self._add(batch, aside.pop(0))
+            self._aside = aside + self._aside
             closes = time.monotonic() + self.settings.max_wait_ms / 1e3
             while not batch.full:
                 item = self._take(max(0.0, closes - time.monotonic()))
@@ -277,6 +315,7 @@ class Batcher:
                 item = self._take(0.001)
                 if item is not None:
                     self._add(batch, item)
+                self._send_light()
                 replica = self._acquire(batch)
             if replica is None:   # every replica full, or none usable: wait within the batch's deadlines
                 until = max(item.deadline for item in batch.items)
@@ -295,24 +334,26 @@ class Batcher:
                 self.router.release(replica)
 
     def _acquire(self, batch: "_Forming") -> object | None:
-        """A slot for the batch: one beyond the replicas' capacity when it holds a light sequence."""
-        return self.router.try_acquire(batch.tenants, extra=1 if any(item.light for item in batch.items) else 0)
+        """A slot for the batch: one beyond the replicas' capacity when it holds light sequences and a heavy
+        tenant's batches hold slots."""
+        return self.router.try_acquire(batch.tenants, extra=1 if batch.light and self._heavy_sent else 0)
 
     def _send_light(self) -> None:
         """While the batch being formed waits for a slot: light sequences queued behind it (or carried over
         from it) go out now as a batch of their own, on a slot beyond capacity when one is free."""
         carried = self._carry is not None and self._carry.light
-        if not carried and not self._light:
+        if not self._heavy_sent or (not carried and not self._light and not self._aside):
             return
         with self._queue_lock:
             tenants = list(self._light)[:self.settings.max_batch_tenants]
-        replica = self.router.try_acquire(tenants + ([self._carry.route.tenant_id] if carried else []), extra=1)
-        if replica is None:
-            return
-        items: list[SequenceWork] = []
+        items, self._aside = self._aside, []
         if carried:
             items.append(self._carry)
             self._carry = None
+        replica = self.router.try_acquire(tenants + [item.route.tenant_id for item in items], extra=1)
+        if replica is None:
+            self._aside = items
+            return
         tokens = sum(len(item.token_ids) for item in items)
         with self._queue_lock:
             for tenant in tenants:
@@ -332,7 +373,16 @@ class Batcher:
             self.router.release(replica)
 
     def _add(self, batch: "_Forming", item: SequenceWork) -> None:
-        """Adds the item, or carries it over to the next batch (and closes this one) when a limit says no."""
+        """Adds the item, or carries it over to the next batch (and closes this one) when a limit says no.
+        Light and other sequences do not share a batch: a light one would wait for the others' whole batch
+        (it goes aside, to be sent on its own), and others would not ride a light batch's extra slot."""
+        if item.light != batch.light:
+            if item.light:
+                self._aside.append(item)
+            else:
+                self._carry = item
+                batch.full = True
+            return
         new_tenant = item.route.tenant_id not in batch.tenants
         if (batch.tokens + len(item.token_ids) > self.settings.max_batch_tokens
                 or (new_tenant and len(batch.tenants) >= self.settings.max_batch_tenants)):
@@ -406,6 +456,7 @@ class Batcher:
                     item.future.set_exception(result)
             return
         self.router.release(replica)
+        self._drain.answered(sum(len(item.token_ids) for item in batch), backlogged=len(self._queue) > 0)
         for item in batch:
             self._settle(item)
         try:
