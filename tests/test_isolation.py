@@ -89,6 +89,46 @@ def test_a_light_tenant_passes_a_flood_on_the_same_gateway(client, tenants):
     light_past_flood(client, client, tenants)
 
 
-def test_a_light_tenant_on_another_gateway_passes_a_flood(services, client, tenants, tiny_model_dir):
+@pytest.fixture(scope="module")
+def other_gateway(services, tiny_model_dir):
     with extra_gateway(services, tiny_model_dir, name="gateway-isolation") as other:
-        light_past_flood(client, other, tenants)
+        yield other
+
+
+def test_a_light_tenant_on_another_gateway_passes_a_flood(client, other_gateway, tenants):
+    light_past_flood(client, other_gateway, tenants)
+
+
+def test_limits_hold_across_gateways(client, other_gateway, tiny_model_dir):
+    """A tenant calling through two gateways gets its requests/s once, not once per gateway: the gateways
+    split it by demand through the store."""
+    dims = ModelDims.from_dir(tiny_model_dir)
+    adapter = serialize_adapter(random_adapter(dims, num_labels=2, rank=4, first_layer=1, seed=7))
+    client.register_tenant("limited", "isolation", ["no", "yes"], adapter)
+    client.set_tenant_limits("limited", rps=10)
+    seconds = 4.0
+    outcomes: dict[str, list[str]] = {"first": [], "other": []}
+
+    def hammer(gateway, name: str) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            try:
+                gateway.classify("limited", ["hello"], timeout=10)
+                outcomes[name].append("OK")
+            except Exception as error:      # noqa: BLE001
+                outcomes[name].append(getattr(error, "limit", "") or repr(error))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=hammer, args=(gateway, name))
+               for name, gateway in (("first", client), ("other", other_gateway))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    answered = {name: got.count("OK") for name, got in outcomes.items()}
+    refused = {name: sorted(set(got) - {"OK"}) for name, got in outcomes.items()}
+    print(f"limit 10 requests/s over {seconds:.0f} s through two gateways: answered {answered}, refused {refused}")
+    assert all(kinds == ["rps"] for kinds in refused.values()), f"refused other than by rps: {refused}"
+    # Alone each gateway would answer about 10 x 4 s + a full bucket of 10: 100 in all. Shared: about 50.
+    assert sum(answered.values()) <= 1.3 * 10 * (seconds + 1), f"the limit counted once per gateway: {answered}"
+    assert min(answered.values()) >= 10, f"a gateway starved although its demand was half: {answered}"

@@ -163,6 +163,38 @@ class ListChangesResponse(_message.Message):
     complete: bool
     def __init__(self, store_id: _Optional[str] = ..., revision: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., complete: _Optional[bool] = ...) -> None: ...
 
+class TenantDemand(_message.Message):
+    __slots__ = ("tenant_id", "requests_per_second")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    requests_per_second: float
+    def __init__(self, tenant_id: _Optional[str] = ..., requests_per_second: _Optional[float] = ...) -> None: ...
+
+class ShareLimitsRequest(_message.Message):
+    __slots__ = ("gateway_id", "demand")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    demand: _containers.RepeatedCompositeFieldContainer[TenantDemand]
+    def __init__(self, gateway_id: _Optional[str] = ..., demand: _Optional[_Iterable[_Union[TenantDemand, _Mapping]]] = ...) -> None: ...
+
+class TenantShare(_message.Message):
+    __slots__ = ("tenant_id", "share")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    share: float
+    def __init__(self, tenant_id: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+
+class ShareLimitsResponse(_message.Message):
+    __slots__ = ("gateways", "shares")
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    gateways: int
+    shares: _containers.RepeatedCompositeFieldContainer[TenantShare]
+    def __init__(self, gateways: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[TenantShare, _Mapping]]] = ...) -> None: ...
+
 class RecordTrafficRequest(_message.Message):
     __slots__ = ("domain", "domain_revision", "paths", "owners", "counts")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]

@@ -109,6 +109,11 @@ class KnowledgeStoreStub:
                 request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
+        self.ShareLimits = channel.unary_unary(
+                '/hmi.v1.KnowledgeStore/ShareLimits',
+                request_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsResponse.FromString,
+                _registered_method=True)
         self.Backup = channel.unary_unary(
                 '/hmi.v1.KnowledgeStore/Backup',
                 request_serializer=hmi_dot_v1_dot_catalog__pb2.BackupRequest.SerializeToString,
@@ -327,6 +332,14 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareLimits(self, request, context):
+        """Tenants' limits hold across gateways: every gateway reports each second how many requests each tenant
+        with limits asked of it, and applies the share of each limit the answer gives it (its part of the demand).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Backup(self, request, context):
         """A consistent, compacted copy of the whole store (LMDB environment) into a new folder on the
         store's machine, taken while it serves.
@@ -539,6 +552,11 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.ListChanges,
                     request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'ShareLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareLimits,
+                    request_deserializer=hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsResponse.SerializeToString,
             ),
             'Backup': grpc.unary_unary_rpc_method_handler(
                     servicer.Backup,
@@ -1031,6 +1049,33 @@ class KnowledgeStore:
             '/hmi.v1.KnowledgeStore/ListChanges',
             hmi_dot_v1_dot_knowledge__store__pb2.ListChangesRequest.SerializeToString,
             hmi_dot_v1_dot_knowledge__store__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.KnowledgeStore/ShareLimits',
+            hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsRequest.SerializeToString,
+            hmi_dot_v1_dot_knowledge__store__pb2.ShareLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,10 +3,14 @@ worth), requests in flight, and (in the batcher) sequences queued. A call over a
 RESOURCE_EXHAUSTED naming the limit, with a retry hint (`retry-after-ms` trailing metadata; HTTP Retry-After).
 
 Limits come with the tenant's record from the store (`hmi tenant limits`), fields left at 0 falling back to the
-gateway's defaults (`--default-tenant-rps`, ...). Each gateway counts the traffic it serves: with N gateways
-behind a balancer a tenant gets up to N times its limits. Plain Python, no gRPC."""
+gateway's defaults (`--default-tenant-rps`, ...). Each gateway counts the traffic it serves and applies its
+share of each limit (requests/s, tokens/s, requests in flight), which the store computes from every gateway's
+demand (services/knowledge_store/limit_shares.py; the gateway's limit_sharing.py reports and applies it):
+behind N gateways a tenant gets its limits once, not N times. `max_queued` bounds one gateway's queue and
+is not shared. Plain Python, no gRPC."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -62,6 +66,16 @@ class TokenBucket:
             return 0.0
         return (needed - self.level) / self.rate
 
+    def set_rate(self, rate: float, now: float) -> None:
+        """A new rate (this gateway's share changed), keeping what the bucket holds up to its new capacity."""
+        if rate == self.rate:
+            return
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.level = min(self.level, self.capacity)
+
     def give_back(self, cost: float) -> None:
         self.level = min(self.capacity, self.level + cost)
 
@@ -101,17 +115,43 @@ class Quotas:
         self.defaults = defaults
         self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
         self._lock = threading.Lock()
+        self.sharing = False                    # limits shared with other gateways (LimitSharing runs)
+        self._gateways = 1
+        self._shares: dict[str, float] = {}     # tenant -> this gateway's share of its limits
+        self._demand: dict[str, int] = {}       # tenant with limits -> requests asked since the last report
+
+    def share(self, tenant_id: str) -> float:
+        """This gateway's part of the tenant's limits: 1 alone, else what the store gave (1/N before that)."""
+        if not self.sharing:
+            return 1.0
+        return self._shares.get(tenant_id, 1.0 / self._gateways)
+
+    def take_demand(self) -> dict[str, int]:
+        """Requests each tenant with limits asked since the last call (refused ones included)."""
+        with self._lock:
+            demand, self._demand = self._demand, {}
+            return demand
+
+    def set_shares(self, gateways: int, shares: dict[str, float]) -> None:
+        with self._lock:
+            self._gateways = max(1, gateways)
+            self._shares = {tenant: min(1.0, max(1e-6, share)) for tenant, share in shares.items()}
 
     def effective(self, limits: Limits) -> Limits:
         return limits.over(self.defaults)
 
-    def _state(self, tenant_id: str, limits: Limits, now: float) -> _Tenant:
+    def _state(self, tenant_id: str, limits: Limits, share: float, now: float) -> _Tenant:
         state = self._tenants.get(tenant_id)
         if state is None or state.limits != limits:      # new, or its limits changed: fresh buckets
             inflight = state.inflight if state is not None else 0
-            state = _Tenant(limits, TokenBucket(limits.rps, now) if limits.rps else None,
-                            TokenBucket(limits.tps, now) if limits.tps else None, inflight)
+            state = _Tenant(limits, TokenBucket(limits.rps * share, now) if limits.rps else None,
+                            TokenBucket(limits.tps * share, now) if limits.tps else None, inflight)
             self._tenants[tenant_id] = state
+        else:
+            if state.rps is not None:
+                state.rps.set_rate(limits.rps * share, now)
+            if state.tps is not None:
+                state.tps.set_rate(limits.tps * share, now)
         self._tenants.move_to_end(tenant_id)
         while len(self._tenants) > MAX_TRACKED:
             oldest, old = next(iter(self._tenants.items()))
@@ -125,18 +165,23 @@ class Quotas:
         limits = self.effective(limits)
         now = time.monotonic()
         with self._lock:
-            state = self._state(tenant_id, limits, now)
-            if limits.max_concurrent and state.inflight >= limits.max_concurrent:
+            share = self.share(tenant_id)
+            state = self._state(tenant_id, limits, share, now)
+            if self.sharing and (limits.rps or limits.tps or limits.max_concurrent):
+                self._demand[tenant_id] = self._demand.get(tenant_id, 0) + 1
+            here = _shared(share, self._gateways)
+            concurrent = math.ceil(limits.max_concurrent * share) if limits.max_concurrent else 0
+            if concurrent and state.inflight >= concurrent:
                 REFUSED.labels("max_concurrent").inc()
-                raise LimitExceeded(f"tenant {tenant_id!r} has {state.inflight} requests in flight, its limit "
-                                    f"(max_concurrent) is {limits.max_concurrent}; retry when one has finished",
-                                    "max_concurrent", state.mean_seconds)
+                raise LimitExceeded(f"tenant {tenant_id!r} has {state.inflight} requests in flight{here}, its limit "
+                                    f"(max_concurrent) is {limits.max_concurrent}{_part(concurrent, share)}; retry "
+                                    f"when one has finished", "max_concurrent", state.mean_seconds)
             if state.rps is not None:
                 wait = state.rps.take(1.0, now)
                 if wait:
                     REFUSED.labels("rps").inc()
-                    raise LimitExceeded(f"tenant {tenant_id!r} is over its limit of {limits.rps:g} requests/s (rps); "
-                                        f"retry in {wait:.2f}s", "rps", wait)
+                    raise LimitExceeded(f"tenant {tenant_id!r} is over its limit of {limits.rps:g} requests/s (rps)"
+                                        f"{_part(state.rps.rate, share)}; retry in {wait:.2f}s", "rps", wait)
             state.inflight += 1
         return Permit(self, tenant_id, started=now)
 
@@ -151,8 +196,10 @@ class Quotas:
                 return
         permit.release()
         REFUSED.labels("tps").inc()
-        raise LimitExceeded(f"tenant {permit.tenant_id!r} is over its limit of {state.limits.tps:g} tokens/s (tps): "
-                            f"this request needs {tokens:g}; retry in {wait:.2f}s", "tps", wait)
+        share = bucket.rate / state.limits.tps if state.limits.tps else 1.0
+        raise LimitExceeded(f"tenant {permit.tenant_id!r} is over its limit of {state.limits.tps:g} tokens/s (tps)"
+                            f"{_part(bucket.rate, share)}: this request needs {tokens:g}; retry in {wait:.2f}s",
+                            "tps", wait)
 
     def _give_back(self, permit: Permit, tokens: float) -> None:
         with self._lock:
@@ -174,3 +221,12 @@ class Quotas:
         with self._lock:
             state = self._tenants.get(tenant_id)
             return state.inflight if state is not None else 0
+
+
+def _shared(share: float, gateways: int) -> str:
+    return f" at this gateway (one of {gateways})" if share < 1.0 else ""
+
+
+def _part(value: float, share: float) -> str:
+    """How much of a limit this gateway applies, when it shares it with others."""
+    return f", {value:.3g} of it here ({share:.0%} of the tenant's demand reaches this gateway)" if share < 1.0 else ""

@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=env_int("HMI_DEFAULT_TENANT_MAX_CONCURRENT", 0),
                         help="requests in flight of a tenant without its own limit; 0 = none "
                              "[HMI_DEFAULT_TENANT_MAX_CONCURRENT]")
+    parser.add_argument("--share-limits-interval", type=float, default=env_float("HMI_SHARE_LIMITS_INTERVAL", 1.0),
+                        help="seconds between reports of this gateway's demand per tenant to the store, which "
+                             "splits every tenant's limits over the gateways by demand; 0 = off: each gateway "
+                             "applies the whole limits [HMI_SHARE_LIMITS_INTERVAL]")
     parser.add_argument("--admin-token-file", default=env("HMI_ADMIN_TOKEN_FILE", "") or None,
                         help="file holding the admin credential (or the variable HMI_ADMIN_TOKEN); `hmi up` makes "
                              "HMI_DATA_DIR/admin.token [HMI_ADMIN_TOKEN_FILE]")
@@ -165,6 +169,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"--required-models names {unknown}, which are not among --model {list(targets)}")
     if args.change_poll_ms <= 0 or args.tenant_cache_ttl < 0:
         raise SystemExit("--change-poll-ms must be > 0 and --tenant-cache-ttl >= 0")
+    if not 0 <= args.share_limits_interval <= 60:
+        raise SystemExit("--share-limits-interval must be 0 (off) to 60 seconds")
     if min(args.default_deadline, args.max_deadline, args.probe_interval, args.discovery_interval) <= 0:
         raise SystemExit("--default-deadline, --max-deadline, --probe-interval and --discovery-interval must be > 0")
     set_max_deadline(args.max_deadline)
@@ -182,6 +188,11 @@ def main(args: argparse.Namespace) -> None:
     quotas = Quotas(Limits(rps=args.default_tenant_rps, tps=args.default_tenant_tps,
                            max_concurrent=args.default_tenant_max_concurrent))
     directory.start()
+    sharing = None
+    if args.share_limits_interval > 0:
+        from services.gateway.limit_sharing import LimitSharing
+        sharing = LimitSharing(quotas, store, directory.follower_id, interval=args.share_limits_interval)
+        sharing.start()
     lanes: dict[str, Lane] = {}
     for spec in models:
         dims = ModelDims.from_dir(spec.directory)
@@ -263,6 +274,8 @@ def main(args: argparse.Namespace) -> None:
         if http is not None:
             http.stop()
         directory.close()
+        if sharing is not None:
+            sharing.close()
         for lane in lanes.values():
             if isinstance(lane, EncoderLane):
                 lane.batcher.close()

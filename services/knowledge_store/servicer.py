@@ -1,6 +1,7 @@
 """gRPC surface of the knowledge store: validation of wire input, streaming, records to messages, error mapping."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from pathlib import Path
@@ -28,6 +29,7 @@ from services.knowledge_store.fine_tuning_messages import (
     hyperparameters_of,
     job_to_pb,
 )
+from services.knowledge_store.limit_shares import MAX_REPORTED_TENANTS, LimitShares
 from services.knowledge_store.metrics import BYTES_STREAMED, LOOKUP_TOKENS, LOOKUPS
 from services.knowledge_store.records import AdaptReport, BridgeReport, DomainRecord, DomainStatus, TenantRecord
 from services.knowledge_store.store import CHANGES_PER_REPLY, KnowledgeStore
@@ -218,6 +220,7 @@ def _optional(message, name: str):
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def __init__(self, store: KnowledgeStore) -> None:
         self.store = store
+        self.limit_shares = LimitShares()
 
     def _settle(self) -> None:
         """After a write: wait (bounded) until every live gateway has read the change log past it, so the
@@ -372,6 +375,24 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         for chunk in split_chunks(data, CHUNK_BYTES):
             BYTES_STREAMED.labels("GetBridge").inc(len(chunk))
             yield tensor_pb2.Chunk(data=chunk)
+
+    @handles_errors
+    def ShareLimits(self, request, context) -> pb.ShareLimitsResponse:
+        if not request.gateway_id or len(request.gateway_id) > 128:
+            raise InvalidArgument("gateway_id must be 1-128 characters")
+        if len(request.demand) > MAX_REPORTED_TENANTS:
+            raise InvalidArgument(f"a report names at most {MAX_REPORTED_TENANTS} tenants, this one "
+                                  f"{len(request.demand)}")
+        demand: dict[str, float] = {}
+        for entry in request.demand:
+            rate = entry.requests_per_second
+            if not math.isfinite(rate) or rate < 0 or rate > 1e9:
+                raise InvalidArgument(f"tenant {quoted(entry.tenant_id)}: requests_per_second must be a finite "
+                                      f"number in [0, 1e9]")
+            demand[entry.tenant_id] = demand.get(entry.tenant_id, 0.0) + rate
+        gateways, shares = self.limit_shares.report(request.gateway_id, demand)
+        return pb.ShareLimitsResponse(gateways=gateways, shares=[pb.TenantShare(tenant_id=tenant, share=share)
+                                                                 for tenant, share in shares.items()])
 
     @handles_errors
     def ListChanges(self, request, context) -> pb.ListChangesResponse:
