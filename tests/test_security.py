@@ -272,10 +272,30 @@ def test_limits_refuse_before_any_work_naming_the_limit(front_door, tenants):
             time.sleep(0.1)
 
 
+def test_a_keys_own_limits_hold_over_every_tenant_it_reaches(front_door, tenants):
+    admin = tenants[0]
+    admin.register_tenant("sec-acme-k1", "sec-reviews", ["neg", "pos"], seed=5)
+    admin.register_tenant("sec-acme-k2", "sec-reviews", ["neg", "pos"], seed=6)
+    created = admin.create_key(["sec-acme-k*"], rps=2, description="one customer's app")
+    assert created.key.rps == 2 and admin.get_tenant_limits("sec-acme-k1").rps == 0   # the key's, not the tenants'
+    outcomes = []
+    with HMIClient(front_door.gateway_addr, timeout=30, token=created.secret, retries=0) as app:
+        for index in range(8):
+            try:
+                app.classify(f"sec-acme-k{1 + index % 2}", ["hi"])     # both tenants, one key
+                outcomes.append("ok")
+            except grpc.RpcError as error:
+                assert error.code() == Code.RESOURCE_EXHAUSTED and f"API key {created.key.id}" in error.details()
+                assert error.limit == "rps"
+                outcomes.append("refused")
+    assert outcomes.count("ok") in (2, 3) and outcomes.count("refused") >= 5, outcomes
+    admin.classify("sec-acme-k1", ["hi"])          # the admin is no key: the tenants themselves have no limit
+
+
 def test_the_cli_creates_lists_and_revokes_keys(front_door, tenants):
     env = cli_env(front_door)       # the admin token from the data dir, as on the deployment's machine
     created = subprocess.run(hmi_command() + ["key", "create", "--tenants", "sec-acme-1,sec-acme-g*", "--expires", "2",
-                                              "--description", "cli test"], env=env, capture_output=True, text=True,
+                                              "--description", "cli test", "--max-concurrent", "64"], env=env, capture_output=True, text=True,
                              timeout=120)
     assert created.returncode == 0, created.stderr
     lines = created.stdout.strip().splitlines()
@@ -291,6 +311,7 @@ def test_the_cli_creates_lists_and_revokes_keys(front_door, tenants):
     assert other.returncode == 1 and "PERMISSION_DENIED" in other.stderr
     listed = subprocess.run(hmi_command() + ["key", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert key_id in listed.stdout and "cli test" in listed.stdout and secret not in listed.stdout
+    assert "limits max_concurrent 64" in listed.stdout
     limits = subprocess.run(hmi_command() + ["tenant", "limits", "sec-acme-1", "--rps", "500", "--priority", "3"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert limits.returncode == 0 and "rps 500" in limits.stdout and "priority 3" in limits.stdout

@@ -16,7 +16,10 @@ def _describe(key) -> str:
     state = f"revoked {_when(key.revoked_at)}" if key.revoked_at else (
         "expired" if key.expires_at and key.expires_at <= time.time() else f"expires {_when(key.expires_at)}")
     note = f" ({key.description})" if key.description else ""
-    return f"{key.id}: tenants {', '.join(key.tenants)} ({rights}{domains}), {state}{note}"
+    limits = ", ".join(f"{name} {value:g}" for name, value in (("rps", key.rps), ("tps", key.tps),
+                                                              ("max_concurrent", key.max_concurrent)) if value)
+    limits = f", limits {limits}" if limits else ""
+    return f"{key.id}: tenants {', '.join(key.tenants)} ({rights}{domains}{limits}), {state}{note}"
 
 
 def _split(value: str) -> list[str]:
@@ -29,7 +32,8 @@ def cmd_key_create(args) -> int:
     with connect(args) as client:
         created = client.create_key(_split(args.tenants), tenant_admin=args.admin_of_tenants,
                                     domains=_split(args.domains), expires_in_days=args.expires or 0.0,
-                                    description=args.description)
+                                    description=args.description, rps=args.rps, tps=args.tps,
+                                    max_concurrent=args.max_concurrent)
     print(f"created API key {_describe(created.key)}")
     print("keep it now: it is shown only this once (the store keeps a salted hash); send it as "
           "`authorization: Bearer <key>` or HMI_TOKEN")
@@ -67,6 +71,10 @@ def add_parsers(sub) -> None:
                         "registers and trains its tenants only in its domains (a new tenant needs one named here)")
     p.add_argument("--expires", type=float, default=None, metavar="DAYS", help="expire after DAYS (default: never)")
     p.add_argument("--description", default="", help="a note shown by `hmi key list`")
+    p.add_argument("--rps", type=float, default=0.0, help="the key's own requests/s, beside its tenants' limits "
+                                                          "(0 = none)")
+    p.add_argument("--tps", type=float, default=0.0, help="the key's own tokens/s (0 = none)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="the key's own requests in flight (0 = none)")
     p.set_defaults(func=cmd_key_create)
     p = client_parser(group, "list", help="every key: id, scope, expiry or revocation (never the secret)")
     p.set_defaults(func=cmd_key_list)

@@ -39,11 +39,13 @@ class Principal:
     tenants: tuple[str, ...] = ()
     tenant_admin: bool = False
     domains: tuple[str, ...] = ()
+    key_id: str = ""
+    key_limits: tuple[float, float, int] = (0.0, 0.0, 0)    # the key's own rps, tps, max_concurrent (0 = none)
 
     @classmethod
     def of_key(cls, key: pb.ApiKey) -> Principal:
         return cls(f"API key {key.id}", tenants=tuple(key.tenants), tenant_admin=key.tenant_admin,
-                   domains=tuple(key.domains))
+                   domains=tuple(key.domains), key_id=key.id, key_limits=(key.rps, key.tps, key.max_concurrent))
 
     def covers(self, tenant_id: str) -> bool:
         return self.admin or covers(self.tenants, tenant_id)

@@ -20,6 +20,7 @@ from services.common.errors import LimitExceeded
 from services.gateway.access import REFUSED
 
 MAX_TRACKED = 100_000           # tenants with counters kept; the least recently seen are forgotten beyond
+KEY_SUBJECT = "key:"            # an API key's counters sit beside the tenants' (tenant ids have no ':')
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Permit:
     """A request admitted by `Quotas.admit`: charge its tokens, then release it when it ends (idempotent)."""
     quotas: Quotas
     tenant_id: str
+    subjects: list[str]                 # the tenant, and its caller's key when the key has limits
     started: float = field(default_factory=time.monotonic)
     tokens: float = 0.0
     released: bool = False
@@ -160,62 +162,89 @@ class Quotas:
             del self._tenants[oldest]
         return state
 
-    def admit(self, tenant_id: str, limits: Limits) -> Permit:
-        """Checks requests/s and requests in flight; LimitExceeded names the limit and when to retry."""
-        limits = self.effective(limits)
+    def admit(self, tenant_id: str, limits: Limits, key_id: str = "", key_limits: Limits | None = None) -> Permit:
+        """Checks requests/s and requests in flight of the tenant and, when the caller's API key has limits of
+        its own (`key_limits`), of the key too; LimitExceeded names the limit and when to retry."""
+        subjects = [(tenant_id, f"tenant {tenant_id!r}", self.effective(limits))]
+        if key_id and key_limits is not None and (key_limits.rps or key_limits.tps or key_limits.max_concurrent):
+            subjects.append((KEY_SUBJECT + key_id, f"API key {key_id}", key_limits))
         now = time.monotonic()
         with self._lock:
-            share = self.share(tenant_id)
-            state = self._state(tenant_id, limits, share, now)
-            if self.sharing and (limits.rps or limits.tps or limits.max_concurrent):
-                self._demand[tenant_id] = self._demand.get(tenant_id, 0) + 1
-            here = _shared(share, self._gateways)
-            concurrent = math.ceil(limits.max_concurrent * share) if limits.max_concurrent else 0
-            if concurrent and state.inflight >= concurrent:
-                REFUSED.labels("max_concurrent").inc()
-                raise LimitExceeded(f"tenant {tenant_id!r} has {state.inflight} requests in flight{here}, its limit "
-                                    f"(max_concurrent) is {limits.max_concurrent}{_part(concurrent, share)}; retry "
-                                    f"when one has finished", "max_concurrent", state.mean_seconds)
-            if state.rps is not None:
-                wait = state.rps.take(1.0, now)
-                if wait:
-                    REFUSED.labels("rps").inc()
-                    raise LimitExceeded(f"tenant {tenant_id!r} is over its limit of {limits.rps:g} requests/s (rps)"
-                                        f"{_part(state.rps.rate, share)}; retry in {wait:.2f}s", "rps", wait)
-            state.inflight += 1
-        return Permit(self, tenant_id, started=now)
+            passed: list[_Tenant] = []
+            try:
+                for subject, who, subject_limits in subjects:
+                    passed.append(self._check(subject, who, subject_limits, now))
+            except LimitExceeded:
+                for state in passed:            # its requests/s token, taken before another limit said no
+                    if state.rps is not None:
+                        state.rps.give_back(1.0)
+                raise
+            for state in passed:
+                state.inflight += 1
+        return Permit(self, tenant_id, [subject for subject, _, _ in subjects], started=now)
+
+    def _check(self, subject: str, who: str, limits: Limits, now: float) -> _Tenant:
+        share = self.share(subject)
+        state = self._state(subject, limits, share, now)
+        if self.sharing and (limits.rps or limits.tps or limits.max_concurrent):
+            self._demand[subject] = self._demand.get(subject, 0) + 1
+        here = _shared(share, self._gateways)
+        concurrent = math.ceil(limits.max_concurrent * share) if limits.max_concurrent else 0
+        if concurrent and state.inflight >= concurrent:
+            REFUSED.labels("max_concurrent").inc()
+            raise LimitExceeded(f"{who} has {state.inflight} requests in flight{here}, its limit (max_concurrent) "
+                                f"is {limits.max_concurrent}{_part(concurrent, share)}; retry when one has finished",
+                                "max_concurrent", state.mean_seconds)
+        if state.rps is not None:
+            wait = state.rps.take(1.0, now)
+            if wait:
+                REFUSED.labels("rps").inc()
+                raise LimitExceeded(f"{who} is over its limit of {limits.rps:g} requests/s (rps)"
+                                    f"{_part(state.rps.rate, share)}; retry in {wait:.2f}s", "rps", wait)
+        return state
 
     def _charge(self, permit: Permit, tokens: float) -> None:
         now = time.monotonic()
         with self._lock:
-            state = self._tenants.get(permit.tenant_id)
-            bucket = state.tps if state is not None else None
-            wait = bucket.take(tokens, now) if bucket is not None else 0.0
-            if not wait:
+            taken: list[TokenBucket] = []
+            for subject in permit.subjects:
+                state = self._tenants.get(subject)
+                bucket = state.tps if state is not None else None
+                wait = bucket.take(tokens, now) if bucket is not None else 0.0
+                if wait:
+                    for other in taken:
+                        other.give_back(tokens)
+                    break
+                if bucket is not None:
+                    taken.append(bucket)
+            else:
                 permit.tokens += tokens
                 return
         permit.release()
         REFUSED.labels("tps").inc()
+        who = f"API key {subject[len(KEY_SUBJECT):]}" if subject.startswith(KEY_SUBJECT) else f"tenant {subject!r}"
         share = bucket.rate / state.limits.tps if state.limits.tps else 1.0
-        raise LimitExceeded(f"tenant {permit.tenant_id!r} is over its limit of {state.limits.tps:g} tokens/s (tps)"
+        raise LimitExceeded(f"{who} is over its limit of {state.limits.tps:g} tokens/s (tps)"
                             f"{_part(bucket.rate, share)}: this request needs {tokens:g}; retry in {wait:.2f}s",
                             "tps", wait)
 
     def _give_back(self, permit: Permit, tokens: float) -> None:
         with self._lock:
-            state = self._tenants.get(permit.tenant_id)
-            if state is not None and state.tps is not None and tokens > 0:
-                state.tps.give_back(min(tokens, permit.tokens))
+            for subject in permit.subjects:
+                state = self._tenants.get(subject)
+                if state is not None and state.tps is not None and tokens > 0:
+                    state.tps.give_back(min(tokens, permit.tokens))
 
     def _release(self, permit: Permit) -> None:
         with self._lock:
             if permit.released:
                 return
             permit.released = True
-            state = self._tenants.get(permit.tenant_id)
-            if state is not None:
-                state.inflight = max(0, state.inflight - 1)
-                state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (time.monotonic() - permit.started)
+            for subject in permit.subjects:
+                state = self._tenants.get(subject)
+                if state is not None:
+                    state.inflight = max(0, state.inflight - 1)
+                    state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (time.monotonic() - permit.started)
 
     def inflight(self, tenant_id: str) -> int:
         with self._lock:

@@ -42,6 +42,9 @@ class KeyRecord:
     description: str = ""
     expires_at: float = 0.0           # 0: never
     revoked_at: float = 0.0           # 0: active
+    rps: float = 0.0                  # the key's own limits, beside its tenants'; 0: none
+    tps: float = 0.0
+    max_concurrent: int = 0
 
     def verifier(self) -> Verifier:
         return Verifier(bytes.fromhex(self.salt), bytes.fromhex(self.hash), self.n, self.r, self.p)
@@ -93,7 +96,8 @@ class AccessRecords:
     # ---- keys -----------------------------------------------------------------------------------
 
     def create_key(self, tenants: list[str], *, tenant_admin: bool = False, domains: list[str] | None = None,
-                   expires_in: float = 0.0, description: str = "") -> tuple[KeyRecord, str]:
+                   expires_in: float = 0.0, description: str = "", rps: float = 0.0, tps: float = 0.0,
+                   max_concurrent: int = 0) -> tuple[KeyRecord, str]:
         """A new key; returns its record and the key itself (the only time it exists outside the caller)."""
         tenants = check_patterns(list(tenants))
         if not tenants:
@@ -104,12 +108,14 @@ class AccessRecords:
             raise InvalidArgument(f"expiry of {expires_in} s is outside [0, 100 years] (0 = never)")
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise InvalidArgument(f"the description is longer than {MAX_DESCRIPTION_CHARS} characters")
+        LimitsRecord("key", rps=rps, tps=tps, max_concurrent=max_concurrent).validate()
         key_id, secret, verifier = new_key()
         now = time.time()
         record = KeyRecord(id=key_id, tenants=tenants, tenant_admin=tenant_admin, salt=verifier.salt.hex(),
                            hash=verifier.hash.hex(), n=verifier.n, r=verifier.r, p=verifier.p, created_at=now,
                            domains=domains, description=description,
-                           expires_at=now + expires_in if expires_in else 0.0)
+                           expires_at=now + expires_in if expires_in else 0.0, rps=rps, tps=tps,
+                           max_concurrent=max_concurrent)
 
         def write(txn: lmdb.Transaction) -> None:
             if txn.stat(self.layout.db["keys"])["entries"] >= MAX_KEYS:

@@ -111,7 +111,8 @@ def key_to_pb(record: KeyRecord) -> pb.ApiKey:
     """What anyone may see of a key: never its salt or hash."""
     return pb.ApiKey(id=record.id, tenants=record.tenants, tenant_admin=record.tenant_admin, domains=record.domains,
                      description=record.description, created_at=record.created_at, expires_at=record.expires_at,
-                     revoked_at=record.revoked_at)
+                     revoked_at=record.revoked_at, rps=record.rps, tps=record.tps,
+                     max_concurrent=record.max_concurrent)
 
 
 def read_spec_and_payload(requests, spec_field: str, chunk_field: str, limit: int, extra_field: str = ""):
@@ -424,7 +425,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         record, secret = self.store.access.create_key(list(request.tenants), tenant_admin=request.tenant_admin,
                                                       domains=list(request.domains),
                                                       expires_in=request.expires_in_seconds,
-                                                      description=request.description)
+                                                      description=request.description, rps=request.rps,
+                                                      tps=request.tps, max_concurrent=request.max_concurrent)
         self._settle()
         return pb.CreateKeyResponse(key=key_to_pb(record), secret=secret)
 

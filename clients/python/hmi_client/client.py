@@ -294,11 +294,14 @@ class HMIClient(FineTuningCalls):
     # ---- API keys and tenant limits (the admin's; a key may read its tenants' limits) ------------
 
     def create_key(self, tenants: list[str], *, tenant_admin: bool = False, domains: list[str] | None = None,
-                   expires_in_days: float = 0.0, description: str = "") -> catalog.CreateKeyResponse:
+                   expires_in_days: float = 0.0, description: str = "", rps: float = 0.0, tps: float = 0.0,
+                   max_concurrent: int = 0) -> catalog.CreateKeyResponse:
         """A new API key for `tenants` (ids, or prefixes such as 'acme-*'); `.secret` is the key, shown only
-        here. Not retried: a retry after a lost answer would make a second key."""
+        here. `rps`, `tps`, `max_concurrent`: the key's own limits, beside its tenants' (0 = none). Not retried: a
+        retry after a lost answer would make a second key."""
         request = catalog.CreateKeyRequest(tenants=tenants, tenant_admin=tenant_admin, domains=domains or [],
-                                           expires_in_seconds=expires_in_days * 86400.0, description=description)
+                                           expires_in_seconds=expires_in_days * 86400.0, description=description,
+                                           rps=rps, tps=tps, max_concurrent=max_concurrent)
         with translated():
             return self.admin.CreateKey(request, timeout=self.timeout)
 

@@ -48,6 +48,7 @@ class Call:
     deadline: float | None = None
     cancellation: Cancellation = field(default_factory=Cancellation)
     arrived: float = field(default_factory=time.monotonic)
+    principal: Any = field(default=None, repr=False)     # who the credential is, once checked (Inference)
 
     def timeout(self, default: float) -> float:
         """Seconds left, within the maximum deadline; `default` for a call without a deadline."""

@@ -22,7 +22,7 @@ from services.gateway.core.chat import ChatTemplates
 from services.gateway.core.lanes import DecoderLane, EncoderLane, Lane
 from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationPlan, TextStreamer, plan_generation
-from services.gateway.quotas import Permit, Quotas
+from services.gateway.quotas import Limits, Permit, Quotas
 from services.gateway.router import Replica, Router
 
 
@@ -143,7 +143,16 @@ class Inference:
     # ---- who and which tenant ------------------------------------------------------------------
 
     def principal(self, call: Call) -> Principal:
-        return self.access.principal_of(call.credential)
+        if call.principal is None:
+            call.principal = self.access.principal_of(call.credential)
+        return call.principal
+
+    def admit(self, call: Call, route: TenantRoute) -> Permit:
+        """The tenant's quotas and its caller's key's, before any work."""
+        principal = self.principal(call)
+        rps, tps, concurrent = principal.key_limits
+        return self.quotas.admit(route.tenant_id, route.limits, principal.key_id,
+                                 Limits(rps=rps, tps=tps, max_concurrent=concurrent))
 
     def route(self, call: Call, tenant_id: str, what: str) -> TenantRoute:
         """The tenant's route, for a caller allowed to use it."""
@@ -201,7 +210,7 @@ class Inference:
         timeout = call.timeout(self.default_timeout)
         started = time.monotonic()
         route = self.route(call, request.tenant_id, "Embed" if want_embedding else "Classify")
-        permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
+        permit = self.admit(call, route)     # before any work
         try:
             return self._run_admitted(call, request, want_embedding, started, timeout, route, permit, observed)
         finally:
@@ -275,7 +284,7 @@ class Inference:
         with metrics.observed("Generate", request.tenant_id, self._no_model) as observed:
             arrived = time.monotonic()
             route = self.route(call, request.tenant_id, "Generate")
-            permit = self.quotas.admit(request.tenant_id, route.limits)     # before any work
+            permit = self.admit(call, route)     # before any work
             call.cancellation.add_callback(permit.release)
             try:
                 yield from self._generate_admitted(call, request, observed, arrived, route, permit)

@@ -416,7 +416,7 @@ class GetTenantLimitsRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "tenants", "tenant_admin", "domains", "description", "created_at", "expires_at", "revoked_at")
+    __slots__ = ("id", "tenants", "tenant_admin", "domains", "description", "created_at", "expires_at", "revoked_at", "rps", "tps", "max_concurrent")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     TENANT_ADMIN_FIELD_NUMBER: _ClassVar[int]
@@ -425,6 +425,9 @@ class ApiKey(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
+    TPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenants: _containers.RepeatedScalarFieldContainer[str]
     tenant_admin: bool
@@ -433,21 +436,30 @@ class ApiKey(_message.Message):
     created_at: float
     expires_at: float
     revoked_at: float
-    def __init__(self, id: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+    rps: float
+    tps: float
+    max_concurrent: int
+    def __init__(self, id: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., rps: _Optional[float] = ..., tps: _Optional[float] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("tenants", "tenant_admin", "domains", "expires_in_seconds", "description")
+    __slots__ = ("tenants", "tenant_admin", "domains", "expires_in_seconds", "description", "rps", "tps", "max_concurrent")
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     TENANT_ADMIN_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
+    TPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     tenants: _containers.RepeatedScalarFieldContainer[str]
     tenant_admin: bool
     domains: _containers.RepeatedScalarFieldContainer[str]
     expires_in_seconds: float
     description: str
-    def __init__(self, tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+    rps: float
+    tps: float
+    max_concurrent: int
+    def __init__(self, tenants: _Optional[_Iterable[str]] = ..., tenant_admin: _Optional[bool] = ..., domains: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[float] = ..., description: _Optional[str] = ..., rps: _Optional[float] = ..., tps: _Optional[float] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "secret")

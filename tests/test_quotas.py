@@ -1,4 +1,4 @@
-"""Tenants' limits split across gateways by demand (no services needed)."""
+"""Quotas: tenants' limits split across gateways by demand, and API keys' own limits (no services needed)."""
 from __future__ import annotations
 
 import time
@@ -51,3 +51,27 @@ def test_without_sharing_every_gateway_applies_the_whole_limits():
     with pytest.raises(LimitExceeded):
         quotas.admit("t", limits)
     assert quotas.take_demand() == {}
+
+
+def test_a_keys_own_limits_hold_over_all_its_tenants_and_beside_theirs():
+    quotas = Quotas()
+    key = Limits(max_concurrent=2, rps=100.0)
+    first = quotas.admit("a", Limits(), "k1", key)
+    quotas.admit("b", Limits(), "k1", key)              # another tenant of the same key
+    with pytest.raises(LimitExceeded, match=r"API key k1 has 2 requests in flight") as refused:
+        quotas.admit("c", Limits(), "k1", key)
+    assert refused.value.limit == "max_concurrent"
+    quotas.admit("c", Limits(), "k2", key)              # another key: counted apart
+    with pytest.raises(LimitExceeded, match="tenant 'a' has 1 requests in flight"):
+        quotas.admit("a", Limits(max_concurrent=1), "k3", Limits(rps=100.0))      # the tenant's own limit
+    assert quotas.inflight("a") == 1 and quotas.inflight("key:k3") == 0, "a refusal holds nothing"
+    first.release()
+    quotas.admit("c", Limits(), "k1", key)
+    tokens = Quotas()
+    permit = tokens.admit("a", Limits(tps=100.0), "k1", Limits(tps=50.0))
+    permit.charge(30)
+    with pytest.raises(LimitExceeded, match="API key k1 is over its limit of 50 tokens/s") as refused:
+        permit.charge(30)                                # over the key's bucket (20 left), within the tenant's
+    assert refused.value.limit == "tps"
+    other = tokens.admit("a", Limits(tps=100.0))         # the tenant's bucket got the refused 30 back
+    other.charge(69)                                     # 70 left: without the 30 back it would be 40
