@@ -35,7 +35,7 @@ COPY hmi_errors ./hmi_errors
 COPY services ./services
 COPY models ./models
 COPY training ./training
-COPY kernels ./kernels
+COPY hmi_kernels ./hmi_kernels
 COPY protos ./protos
 COPY data ./data
 RUN pip install --no-deps .

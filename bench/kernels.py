@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.lora import find_segments, sgmv_cuda, sgmv_reference, token_slots  # noqa: E402
-from kernels.runtime import cuda_available  # noqa: E402
+from hmi_kernels.lora import find_segments, sgmv_cuda, sgmv_reference, token_slots  # noqa: E402
+from hmi_kernels.runtime import cuda_available  # noqa: E402
 
 SHAPES = [("minilm q/v", 384, 384), ("minilm ffn_in", 384, 1536), ("base q/v", 768, 768),
           ("base ffn_in", 768, 3072), ("base ffn_out", 3072, 768)]

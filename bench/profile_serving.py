@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CLOCK = os.sysconf("SC_CLK_TCK")
-PROJECT = ("(services/", "(models/", "(kernels/", "(hmi_client/", "(hmi/")
+PROJECT = ("(services/", "(models/", "(hmi_kernels/", "(hmi_client/", "(hmi/")
 
 
 def cpu_seconds(pid: int) -> float:

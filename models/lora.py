@@ -3,7 +3,7 @@
 Every (layer, target) has slot-stacked matrices, A [slots, rank, in] and B [slots, out, rank] with
 alpha / rank already folded into B: compute's adapter pool holds one slot per resident adapter, a
 trainer one slot for the tenant it trains. The batch's segments name each token's slot, so one call
-adds every tenant's delta over the packed tokens (kernels/lora.py).
+adds every tenant's delta over the packed tokens (hmi_kernels/lora.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.lora import Segments, sgmv
+from hmi_kernels.lora import Segments, sgmv
 
 LoRAKey = tuple[int, str]   # (layer, target)
 

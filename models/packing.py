@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.dispatch import use_cuda_kernels
-from kernels.lora import Segments, find_segments
-from kernels.plot_gather import gather
+from hmi_kernels.dispatch import use_cuda_kernels
+from hmi_kernels.lora import Segments, find_segments
+from hmi_kernels.plot_gather import gather
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (token ids, positions) -> layer-0 inputs
 

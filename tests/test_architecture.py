@@ -3,8 +3,8 @@
 - no module under services/ imports the CLI package `hmi`;
 - a service imports another service only through its wire client (`services.<other>.client`), and outside
   compute only `services/compute/client.py` speaks compute's protocol (its generated stubs);
-- the shared libraries (`hmi_proto`, `kernels`, `models`, `services.common`) import no service, and each
-  only what lies below it: hmi_errors, hmi_proto and kernels nothing of ours, models kernels and hmi_errors;
+- the shared libraries (`hmi_proto`, `hmi_kernels`, `models`, `services.common`) import no service, and each
+  only what lies below it: hmi_errors, hmi_proto and hmi_kernels nothing of ours, models hmi_kernels and hmi_errors;
 - in the gateway, the core (services/gateway/core) imports no door and no transport (grpc, FastAPI); the doors
   (the gRPC servicer, each HTTP door) import the core, never each other; the policy modules beneath the core
   import neither.
@@ -16,14 +16,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = sorted(p.name for p in (REPO / "services").iterdir() if (p / "__init__.py").is_file() and p.name != "common")
-OURS = ("hmi", "hmi_errors", "hmi_proto", "kernels", "models", "training", "services", "bench", "tests")
+OURS = ("hmi", "hmi_errors", "hmi_proto", "hmi_kernels", "models", "training", "services", "bench", "tests")
 SHARED_MAY_IMPORT = {
     "hmi_errors": (),
     "hmi_proto": ("hmi_proto",),
-    "kernels": ("kernels",),
+    "hmi_kernels": ("hmi_kernels",),
     "services.common": ("services.common", "hmi_proto", "hmi_errors"),
-    "models": ("models", "kernels", "hmi_errors"),
-    "training": ("training", "models", "kernels", "hmi_errors"),     # a library beside models, not a service
+    "models": ("models", "hmi_kernels", "hmi_errors"),
+    "training": ("training", "models", "hmi_kernels", "hmi_errors"),     # a library beside models, not a service
 }
 
 

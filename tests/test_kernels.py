@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from kernels.lora import Segments, find_segments, sgmv_reference, token_slots
-from kernels.plot_gather import gather_reference
-from kernels.runtime import KERNELS, compile_ptx, cuda_available
-from kernels.tenant_head import head_reference
+from hmi_kernels.lora import Segments, find_segments, sgmv_reference, token_slots
+from hmi_kernels.plot_gather import gather_reference
+from hmi_kernels.runtime import KERNELS, compile_ptx, cuda_available
+from hmi_kernels.tenant_head import head_reference
 
 gpu = pytest.mark.skipif(not cuda_available(), reason="needs CUDA (CuPy + a GPU)")
 
@@ -25,7 +25,7 @@ def test_every_kernel_source_compiles_to_ptx(module, arch):
 
 
 def test_a_broken_kernel_fails_with_the_compiler_log(tmp_path, monkeypatch):
-    import kernels.runtime as runtime
+    import hmi_kernels.runtime as runtime
     (tmp_path / "broken.cu").write_text('extern "C" __global__ void broken(float* x) { x[0] = undefined_name; }')
     monkeypatch.setattr(runtime, "SOURCES", tmp_path)
     with pytest.raises(RuntimeError, match="undefined_name"):
@@ -86,7 +86,7 @@ def test_gather_and_head_references():
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(6))
 def test_sgmv_kernel_matches_the_reference(seed):
-    from kernels.lora import sgmv_cuda
+    from hmi_kernels.lora import sgmv_cuda
     rng = random.Random(seed)
     in_dim, out_dim = rng.choice([(64, 64), (384, 1536), (1536, 384), (768, 768), (100, 37)])
     max_rank = rng.choice([1, 4, 8, 16, 64])
@@ -107,8 +107,8 @@ def test_sgmv_kernel_matches_the_reference(seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(4))
 def test_gather_and_head_kernels_match_their_references(seed):
-    from kernels.plot_gather import gather_cuda
-    from kernels.tenant_head import head_cuda
+    from hmi_kernels.plot_gather import gather_cuda
+    from hmi_kernels.tenant_head import head_cuda
     generator = torch.Generator().manual_seed(seed)
     tokens, hidden_dim = int(torch.randint(1, 600, (1,), generator=generator)), [64, 384, 768][seed % 3]
     rows = torch.randn(tokens, hidden_dim, generator=generator).half().cuda()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import lora as kernels
-from kernels.lora import find_segments, sgmv, sgmv_grouped, sgmv_reference
+from hmi_kernels import lora as kernels
+from hmi_kernels.lora import find_segments, sgmv, sgmv_grouped, sgmv_reference
 from models.adapter_format import random_adapter
 from models.dims import ModelDims
 from models.encoder import EncoderModel

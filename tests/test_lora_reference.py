@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora import Segments, find_segments, sgmv_reference
+from hmi_kernels.lora import Segments, find_segments, sgmv_reference
 
 
 def per_token(slots_per_sequence: list[int], boundaries: list[int]) -> list[int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.tenant_head import tenant_heads
+from hmi_kernels.tenant_head import tenant_heads
 from models.bridge import DomainBridge, apply_bridges
 from models.encoder import EncoderModel
 from models.packing import PackedLayout, PlotRows, pack_inputs, plot_rows

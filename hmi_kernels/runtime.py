@@ -1,4 +1,4 @@
-"""The CUDA sources in kernels/cuda/: compiled by NVRTC through CuPy on a CUDA machine, launched on
+"""The CUDA sources in hmi_kernels/cuda/: compiled by NVRTC through CuPy on a CUDA machine, launched on
 PyTorch's current stream with PyTorch tensors (shared through DLPack, no copies).
 
 `compile_ptx` runs NVRTC alone (no GPU needed), so CI can prove every kernel compiles.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.runtime import cuda_available
+from hmi_kernels.runtime import cuda_available
 
 
 def use_cuda_kernels(where: torch.Tensor | torch.device) -> bool:

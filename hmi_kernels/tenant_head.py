@@ -18,7 +18,7 @@ def head_reference(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def head_cuda(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_slot: torch.Tensor,
               seq_labels: torch.Tensor) -> torch.Tensor:
-    from kernels.runtime import blocks, check_contiguous, launch
+    from hmi_kernels.runtime import blocks, check_contiguous, launch
     sequences, hidden_dim = pooled.shape
     max_labels = weight.shape[1]
     logits = torch.empty(sequences, max_labels, dtype=torch.float32, device=pooled.device)
@@ -33,7 +33,7 @@ def head_cuda(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, se
 
 def tenant_heads(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_slot: torch.Tensor,
                  seq_labels: torch.Tensor) -> torch.Tensor:
-    from kernels.dispatch import use_cuda_kernels
+    from hmi_kernels.dispatch import use_cuda_kernels
     if use_cuda_kernels(pooled):
         return head_cuda(pooled, weight, bias, seq_slot, seq_labels)
     return head_reference(pooled, weight, bias, seq_slot, seq_labels)

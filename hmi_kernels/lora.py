@@ -4,7 +4,7 @@ Tokens of one tenant are contiguous (a *segment*); every segment names the devic
 adapter. Three implementations that must agree: `sgmv_reference` (a loop over segments, two matmuls
 each: the definition, and the CPU path for sentences), `sgmv_grouped` (every segment at once as two
 batched matmuls over the segments padded to the longest, so the Python work per projection does not grow
-with the tenants in the batch: the CPU path for decode steps) and the CUDA kernels (kernels/cuda/lora.cu).
+with the tenants in the batch: the CPU path for decode steps) and the CUDA kernels (hmi_kernels/cuda/lora.cu).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class SegmentPlan:
 class Segments:
     """Token ranges [starts[i], ends[i]) that all use adapter slot slots[i]; computed once per batch.
 
-    `device_slots` (int32 per token, on the GPU) is set when the CUDA kernels run the batch (kernels/dispatch.py)."""
+    `device_slots` (int32 per token, on the GPU) is set when the CUDA kernels run the batch (see dispatch.py)."""
     starts: tuple[int, ...]
     ends: tuple[int, ...]
     slots: tuple[int, ...]
@@ -136,10 +136,10 @@ def sgmv_grouped(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_a:
 
 def sgmv(out: torch.Tensor, x: torch.Tensor, segments: Segments, lora_a: torch.Tensor, lora_b: torch.Tensor,
          slot_ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """The CUDA kernels where kernels/dispatch.py says so (the batch's segments were put on the device), else
+    """The CUDA kernels where hmi_kernels/dispatch.py says so (the batch's segments were put on the device), else
     the grouped CPU path for many short segments and the reference loop for longer ones. `slot_ranks` lets the
     kernels and the grouped form skip each slot's zero padding (None: every rank is used)."""
-    from kernels.dispatch import use_cuda_kernels
+    from hmi_kernels.dispatch import use_cuda_kernels
     if segments.device_slots is not None and use_cuda_kernels(x):
         if slot_ranks is None:
             slot_ranks = torch.full((lora_a.shape[0],), lora_a.shape[1], dtype=torch.int32, device=x.device)
@@ -163,7 +163,7 @@ def sgmv_cuda(out: torch.Tensor, x: torch.Tensor, token_slot: torch.Tensor, slot
     """The same as sgmv_reference with one shrink and one expand launch for the whole mixed batch.
 
     token_slot: int32 [tokens]; slot_rank: int32 [slots] (rows of A / columns of B beyond it are skipped)."""
-    from kernels.runtime import blocks, check_contiguous, launch
+    from hmi_kernels.runtime import blocks, check_contiguous, launch
     tokens, in_dim = x.shape
     _, max_rank, _ = lora_a.shape
     out_dim = lora_b.shape[1]

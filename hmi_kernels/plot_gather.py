@@ -11,7 +11,7 @@ def gather_reference(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tenso
 
 
 def gather_cuda(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
-    from kernels.runtime import blocks, check_contiguous, launch
+    from hmi_kernels.runtime import blocks, check_contiguous, launch
     n_rows, hidden_dim = rows.shape
     if n_rows == 0:
         return hidden
@@ -24,7 +24,7 @@ def gather_cuda(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor) ->
 
 def gather(hidden: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     """The kernel reads fp16 rows; rows of another dtype take the reference."""
-    from kernels.dispatch import use_cuda_kernels
+    from hmi_kernels.dispatch import use_cuda_kernels
     if use_cuda_kernels(hidden) and rows.dtype == torch.float16:
         return gather_cuda(hidden, rows, dest)
     return gather_reference(hidden, rows, dest)
