@@ -41,6 +41,10 @@ from hmi.launcher import ServiceSet  # noqa: E402
 from hmi_client.v1 import gateway_pb2 as pb  # noqa: E402
 from services.common.model_specs import resolve_model_dir  # noqa: E402
 
+# Children start fresh (spawn), never forked from this process: forking a process that holds live gRPC channels
+# can crash the child in gRPC's fork handlers.
+SPAWN = multiprocessing.get_context("spawn")
+
 SST2 = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "sst2"
 INFERENCE_TENANTS = [f"serve-{i}" for i in range(8)]
 RUNS = ("inference_alone", "training_alone", "coserved", "separate")
@@ -152,8 +156,8 @@ class Bench:
         self.services, self.admin, self.texts, self.args = services, admin, texts, args
 
     def inference(self, rate: float, seconds: float):
-        results = multiprocessing.Queue()
-        process = multiprocessing.Process(target=open_loop, args=(self.services.gateway_addr,
+        results = SPAWN.Queue()
+        process = SPAWN.Process(target=open_loop, args=(self.services.gateway_addr,
                                                                   self.services.admin_token, self.texts, rate,
                                                                   seconds, self.args.seed, results))
         process.start()
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.stop_job(job.id)
 
             progress = data_dir / "separate-progress.txt"
-            trainer = multiprocessing.Process(target=separate_trainer, args=(
+            trainer = SPAWN.Process(target=separate_trainer, args=(
                 services.gateway_addr, services.admin_token, str(resolve_model_dir(args.model)), "reviews",
                 str(train_path), labels, args.batch_size, str(progress)))
             trainer.start()

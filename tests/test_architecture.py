@@ -140,3 +140,13 @@ def test_the_slim_client_imports_only_grpc_protobuf_and_the_standard_library():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             offending += [f"{path.relative_to(REPO)} imports {n}" for n in names if n.split(".")[0] not in allowed]
     assert not offending, offending
+
+
+def test_no_module_of_ours_shadows_an_installed_package():
+    """A top-level package of ours, or a bench script (run with bench/ first on sys.path), named like an installed
+    distribution's import name hides it from every library that imports it (transformers imports `kernels`)."""
+    from importlib.metadata import packages_distributions
+    installed = {name for name, dists in packages_distributions().items() if set(dists) != {"hmi"}}
+    ours = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    scripts = {p.stem for p in (REPO / "bench").glob("*.py")}
+    assert not (ours | scripts) & installed, sorted((ours | scripts) & installed)

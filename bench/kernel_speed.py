@@ -1,6 +1,6 @@
 """LoRA kernel speed against the memory-bandwidth bound (needs CUDA; run on a GPU machine).
 
-    python bench/kernels.py --out bench/results/kernels.json
+    python bench/kernel_speed.py --out bench/results/kernel_speed.json
 
 For mixed batches of T tokens over S tenants (ranks up to R) on projections of BERT-base and MiniLM size,
 times one shrink + expand (CUDA events, median of many runs), counts the bytes the kernels must move at
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     if not cuda_available():
-        print("bench/kernels.py needs CUDA and CuPy (run it on a GPU machine)", file=sys.stderr)
+        print("bench/kernel_speed.py needs CUDA and CuPy (run it on a GPU machine)", file=sys.stderr)
         return 2
     peak = peak_bandwidth()
     rows = []
