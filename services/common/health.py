@@ -22,6 +22,7 @@ from typing import Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.fair_pool import FairThreadPool
 from services.common.interception import replace_behavior, run_inside
 
 log = logging.getLogger("hmi.health")
@@ -44,8 +45,9 @@ def fast_path(behavior):
     return behavior
 
 
-class HealthFirstExecutor(futures.ThreadPoolExecutor):
-    """The server's thread pool, with health checks (and refusals) sent to threads of their own.
+class HealthFirstExecutor(FairThreadPool):
+    """The server's thread pool, with health checks (and refusals) sent to threads of their own, and other
+    calls taken in turn across callers (services/common/fair_pool.py).
 
     gRPC hands the pool each call's handler among the arguments; `ConcurrencyLimit` marks the handlers of health
     checks and refusals (`fast_path`), and for methods gRPC looks up by name the call's event names the method
