@@ -110,6 +110,9 @@ def call(channel: grpc.Channel, method, payloads: list[bytes]) -> grpc.StatusCod
 
 
 def test_malformed_messages_get_documented_codes_and_services_stay_up(services, client):
+    logs = sorted((services.data_dir / "logs").glob("*.log"))
+    assert len(logs) >= 3, logs                                   # store, compute, gateway
+    logged_before = {log: log.stat().st_size for log in logs}     # the services are shared with other tests
     client.build_domain("fuzz", "a line of text\nanother line", split_layer=1, context=2, min_count=1)
     client.register_tenant("fuzz-t", "fuzz", ["a", "b"], seed=1)
     targets = [(services.gateway_addr, [(gateway_pb2, "Gateway"), (gateway_pb2, "Admin")]),
@@ -143,8 +146,12 @@ def test_malformed_messages_get_documented_codes_and_services_stay_up(services, 
     assert not wrong, f"undocumented codes: {wrong[:10]}"
     assert calls > 100 and seen.get("INVALID_ARGUMENT", 0) > 20
     # A caller's message that does not parse is the caller's error: answered, not logged as a fault of ours.
-    gateway_log = (services.data_dir / "logs" / "gateway.log").read_text()
-    assert "Exception iterating requests" not in gateway_log
+    for log in logs:
+        with log.open("rb") as handle:
+            handle.seek(logged_before[log])
+            text = handle.read().decode("utf-8", "replace")
+        assert "Exception iterating requests" not in text, f"{log.name}: {text[-3000:]}"
+        assert "Traceback" not in text, f"{log.name} logged a traceback: {text[text.index('Traceback') - 500:][:3000]}"
     client.build_domain("fuzz-after", "", split_layer=0, context=1, min_count=1)   # the fuzz may have deleted
     client.register_tenant("fuzz-after", "fuzz-after", ["a", "b"], seed=2)         # "fuzz" and "fuzz-t"
     assert client.classify("fuzz-after", ["still serving"])[0].label in ("a", "b")
