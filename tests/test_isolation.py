@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 FLOOD_TEXT = ("the parcel arrived two weeks late and the support team never answered any of my emails about "
               "the refund I was promised")
 FLOOD_THREADS = 6
-FLOOD_TEXTS = 64
+FLOOD_TEXTS = 128     # a request of the flood must take far longer than the chunk a light request may wait for
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,9 @@ def light_past_flood(flood_client, light_client, tenants) -> None:
           f"{statistics.median(flood_latencies) * 1e3:.0f} ms")
     assert not failures, f"the light tenant's requests failed under the flood: {failures[:3]}"
     assert flood_latencies and not flood_failures, f"the flood was not served: {flood_failures[:3]}"
-    assert max(loaded) < statistics.median(flood_latencies) / 2, (
+    # Queued behind the flood, a light request would take about as long as a flood request; passing it, it
+    # waits at most for the chunk compute is executing (plus this shared machine's scheduling).
+    assert max(loaded) < statistics.median(flood_latencies) * 2 / 3, (
         f"the light tenant waited {max(loaded):.2f} s, not far from the flood's own requests "
         f"({statistics.median(flood_latencies):.2f} s): it queued behind the flood")
 
