@@ -147,3 +147,32 @@ def test_jobs_are_counted_by_status_for_the_metrics(store):
     store.create_job("acme", good.id)
     counts = store.job_counts()
     assert (counts["queued"], counts["cancelled"], counts["running"]) == (1, 1, 0)
+
+
+def test_a_tenants_training_tokens_per_day_are_capped(tmp_path, tiny_model_dir):
+    store = KnowledgeStore(StoreSettings(data_dir=tmp_path / "quota", model_dir=tiny_model_dir,
+                                         model_name=tiny_model_dir.name, map_size=1 << 26,
+                                         max_training_tokens_per_day=1000))
+    try:
+        store.build_domain("d", "text one\ntext two", split_layer=2, context=1, min_count=1, no_bridge=True)
+        for tenant in ("acme", "other"):
+            store.put_tenant(tenant, "d", ["neg", "pos"], rank=2, seed=1)
+        version = store.get_tenant("acme").adapter_version
+        good = store.put_file("train.jsonl", "fine-tune", GOOD, owner="admin")
+        model = store.get_tenant("acme").model
+        job = store.create_job("acme", good.id)
+        store.claim_job(model, "w1", 30)
+        under = store.report_job(job.id, "w1", step=1, total_steps=9, trained_tokens=600, lease_seconds=30)
+        assert under.status == RUNNING and not under.cancel_requested
+        over = store.report_job(job.id, "w1", step=2, total_steps=9, trained_tokens=1200, lease_seconds=30)
+        assert over.status == FAILED and over.cancel_requested, "the replica is told to stop"
+        assert "training-token quota (1200 tokens in 24 hours" in over.error
+        assert "--max-training-tokens-per-day 1000" in store.job_events(job.id)[-1].message
+        with pytest.raises(FailedPrecondition):
+            store.finish_job(job.id, "w1", adapter=adapter_for(store))
+        assert store.get_tenant("acme").adapter_version == version, "the tenant keeps its model"
+        with pytest.raises(ResourceExhausted, match=r"trained on 1200 tokens in the last 24 hours.*in 24\.0 h"):
+            store.create_job("acme", good.id)
+        assert store.create_job("other", good.id).status == QUEUED, "the quota is per tenant"
+    finally:
+        store.close()

@@ -42,6 +42,7 @@ _SEQUENCE = struct.Struct(">Q")
 FILE_PURPOSE = "fine-tune"
 MAX_EVENTS_PER_REPLY = 1000
 MAX_RECORDED_LABELS = 1000       # a file record lists this many of its labels at most
+DAY = 24 * 3600.0                # the window of the training-token quota
 
 
 def _event_key(job_id: str, sequence: int) -> bytes:
@@ -169,6 +170,13 @@ class FineTuningPart(StoreBase):
                 raise ResourceExhausted(f"tenant {tenant_id!r} already has {active} fine-tuning job(s) queued or "
                                         f"running, this deployment's limit (the store's --max-active-jobs); wait "
                                         f"for one to finish or cancel one")
+            quota = self.settings.max_training_tokens_per_day
+            used, frees_at = self._tokens_trained_today(txn, tenant_id)
+            if quota and used >= quota:
+                wait = max(0.0, frees_at - time.time())
+                raise ResourceExhausted(f"tenant {tenant_id!r} trained on {used} tokens in the last 24 hours, this "
+                                        f"deployment's limit (the store's --max-training-tokens-per-day {quota}); "
+                                        f"the oldest of those jobs leaves the window in {wait / 3600:.1f} h")
             self._append_event(txn, job, "info", f"job created: {examples} examples of {training_file}, "
                                                  f"{epochs} epoch(s); queued for a {job.model} compute replica")
             self._save_job(txn, job)
@@ -178,6 +186,21 @@ class FineTuningPart(StoreBase):
                                          lambda e: JobRecord.from_json(e.result))
         log.info("fine-tuning job %s queued for tenant %s (%s)", created.id, tenant_id, created.kind)
         return created
+
+    def _tokens_trained_today(self, txn: lmdb.Transaction, tenant_id: str) -> tuple[int, float]:
+        """Tokens the tenant's jobs trained on that count against its daily quota: those still running and those
+        finished in the last 24 hours; and when the oldest of the finished ones leaves that window."""
+        now = time.time()
+        used, leaving = 0, []
+        for _, data in self.layout.iter_json(txn, "jobs"):
+            if data["tenant_id"] != tenant_id or not data.get("trained_tokens"):
+                continue
+            finished = data.get("finished_at") or 0.0
+            if finished and finished < now - DAY:
+                continue
+            used += int(data["trained_tokens"])
+            leaving.append(finished + DAY if finished else now + DAY)
+        return used, min(leaving, default=now)
 
     def _check_hyperparameters(self, hyper: Hyperparameters) -> None:
         if not 0 <= hyper.epochs <= 100:
@@ -336,6 +359,18 @@ class FineTuningPart(StoreBase):
             for event in events:
                 self._append_event(txn, job, event.level, event.message, kind=event.type, step=event.step,
                                    loss=event.loss, accuracy=event.accuracy)
+            quota = self.settings.max_training_tokens_per_day
+            if quota:
+                self._save_job(txn, job)            # counted with this report's tokens
+                used, _ = self._tokens_trained_today(txn, job.tenant_id)
+                if used > quota:
+                    job.cancel_requested = True     # the replica stops at once; its finish is refused
+                    self._finish(txn, job, FAILED, f"tenant {job.tenant_id!r} reached its training-token quota "
+                                                   f"({used} tokens in 24 hours, the store's "
+                                                   f"--max-training-tokens-per-day {quota}) after {trained_tokens} "
+                                                   f"tokens of this job; the tenant keeps its model", level="error")
+                    self._save_job(txn, job)
+                    return job
             if checkpoint:
                 txn.put(job.id.encode(), checkpoint, db=self.layout.db["checkpoints"])
                 job.checkpoints = (job.checkpoints + [{"id": f"ftckpt-{job.id[6:]}-{step}", "step": step,

@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "job [HMI_MAX_JOB_EXAMPLES]")
     parser.add_argument("--max-active-jobs", type=int, default=env_int("HMI_MAX_ACTIVE_JOBS", 2),
                         help="fine-tuning jobs queued or running at once per tenant [HMI_MAX_ACTIVE_JOBS]")
+    parser.add_argument("--max-training-tokens-per-day", type=int,
+                        default=env_int("HMI_MAX_TRAINING_TOKENS_PER_DAY", 0),
+                        help="tokens one tenant's fine-tuning jobs may train on in any 24 hours; a job that "
+                             "reaches it fails, and new jobs wait (0: no limit) [HMI_MAX_TRAINING_TOKENS_PER_DAY]")
     add_observability_arguments(parser, "store")
     add_security_arguments(parser)
 
@@ -83,7 +87,8 @@ def main(args: argparse.Namespace) -> None:
                              default_budget_bytes=args.domain_budget_mib << 20,
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval,
                              max_file_bytes=args.max_file_mib << 20, max_training_examples=args.max_training_examples,
-                             max_job_examples=args.max_job_examples, max_active_jobs=args.max_active_jobs)
+                             max_job_examples=args.max_job_examples, max_active_jobs=args.max_active_jobs,
+                             max_training_tokens_per_day=args.max_training_tokens_per_day)
     store = KnowledgeStore(settings)
     store.start_maintenance()
     register_state(lambda: store_state(store))

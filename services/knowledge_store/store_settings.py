@@ -43,6 +43,7 @@ class StoreSettings:
     max_training_examples: int = 200_000      # examples in one training file
     max_job_examples: int = 2_000_000         # examples x epochs one fine-tuning job trains on
     max_active_jobs: int = 2                  # fine-tuning jobs queued or running per tenant
+    max_training_tokens_per_day: int = 0      # tokens a tenant's jobs may train on in 24 h (0: no limit)
     extra_models: dict[str, Path] = field(default_factory=dict)   # more base models: name -> folder
 
 
