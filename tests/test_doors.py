@@ -165,6 +165,13 @@ def test_tei_routes_equal_grpc(doors):
                                                                    "add_special_tokens": False})
     assert status == 200 and "".join(t["text"] for t in tokens[0]).replace(" ", "") == "theservicewas"
     assert all(not t["special"] and t["stop"] > t["start"] for t in tokens[0])
+    ids = [t["id"] for t in tokens[0]]
+    status, texts, _ = post(services, "/tei/door-bard/decode", {"ids": ids})
+    assert status == 200 and texts == ["the service was"]
+    status, texts, _ = post(services, "/decode", {"model": "door-bard", "ids": [ids, ids[:1]]})
+    assert status == 200 and texts == ["the service was", tokens[0][0]["text"]]
+    status, body, _ = post(services, "/tei/door-bard/decode", {"ids": [10 ** 9]})
+    assert status == 422 and "not a token id of the base model" in body["error"]
     status, info, _ = post(services, "/tei/door-critic/info", None)
     assert status == 200 and info["model_type"]["classifier"]["id2label"] == {"0": "neg", "1": "pos"}
 

@@ -411,6 +411,31 @@ class Inference:
             raise FailedPrecondition("this gateway renders no chat templates")
         return self.chat.render(lane.name, messages)
 
+    def detokenize(self, call: Call, tenant_id: str, sequences: list[list[int]],
+                   skip_special_tokens: bool = True) -> list[str]:
+        """The text of each sequence of token ids of the tenant's base model (what tokenize gives back)."""
+        route = self.route(call, tenant_id, "Tokenize")
+        encoder = self.lane_of(route).encoder
+        if not sequences:
+            raise InvalidArgument("give at least one sequence of token ids")
+        if len(sequences) > encoder.max_texts:
+            raise InvalidArgument(f"{len(sequences)} sequences in one request exceed the limit of "
+                                  f"{encoder.max_texts}; split the request")
+        vocabulary = encoder.tokenizer.get_vocab_size()
+        total = 0
+        for index, ids in enumerate(sequences):
+            total += len(ids)
+            bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocabulary),
+                       None)
+            if bad is not None:
+                raise InvalidArgument(f"sequence {index} holds {str(bad)[:40]}, not a token id of the base model "
+                                      f"(0..{vocabulary - 1})")
+        if total > encoder.max_request_chars:
+            raise InvalidArgument(f"the request holds {total:,} token ids, above the limit of "
+                                  f"{encoder.max_request_chars:,} per request; split the request")
+        return encoder.tokenizer.decode_batch([list(ids) for ids in sequences],
+                                              skip_special_tokens=skip_special_tokens)
+
     def tokenize(self, call: Call, tenant_id: str, texts: list[str],
                  add_special_tokens: bool = True) -> list[list[Token]]:
         """The tokens of each text as the tenant's base model reads them (no length limit but the request's)."""

@@ -26,7 +26,7 @@ from services.gateway.core.inference import TextsRequest
 from services.gateway.http.door import ApiError, CallerDep, door_of, texts_of
 
 PREFIX = "/tei"
-ROUTES = ("/embed", "/predict", "/tokenize")
+ROUTES = ("/embed", "/predict", "/tokenize", "/decode")
 router = APIRouter(tags=["tei"])
 ERROR_TYPES = {401: "Unauthorized", 403: "Unauthorized", 404: "NotFound", 413: "Validation", 422: "Validation",
                429: "Overloaded", 503: "Unhealthy", 504: "Overloaded"}
@@ -68,7 +68,14 @@ class TokenizeBody(TeiBody):
     add_special_tokens: bool = True
 
 
-def _tenant(path_tenant: str | None, body: TeiBody) -> str:
+class DecodeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ids: list[int] | list[list[int]] = Field(description="token ids, or a list of sequences of them")
+    skip_special_tokens: bool = True
+    model: str | None = Field(None, description="the tenant id (routes without a tenant in the path)")
+
+
+def _tenant(path_tenant: str | None, body: TeiBody | DecodeBody) -> str:
     tenant = path_tenant or body.model
     if not tenant:
         raise ApiError(400, "name the tenant: POST /tei/{tenant}/... or a `model` field beside `inputs`", "model")
@@ -123,6 +130,16 @@ async def predict(body: PredictBody, request: Request, who: CallerDep, tenant: s
 @router.post(PREFIX + "/{tenant}/tokenize", summary="the tokens of each text (TEI)")
 async def tokenize(body: TokenizeBody, request: Request, who: CallerDep, tenant: str | None = None):
     return await _tokenize(request, who, _tenant(tenant, body), body)
+
+
+@router.post("/decode", summary="the text of token ids (TEI; the tenant in `model`)")
+@router.post(PREFIX + "/{tenant}/decode", summary="the text of token ids (TEI)")
+async def decode(body: DecodeBody, request: Request, who: CallerDep, tenant: str | None = None) -> list[str]:
+    door = door_of(request)
+    single = bool(body.ids) and not isinstance(body.ids[0], list)
+    sequences = [body.ids] if single else body.ids
+    return await door.run(who, door.inference.detokenize, _tenant(tenant, body), sequences,
+                          body.skip_special_tokens)
 
 
 async def _record(request: Request, who, tenant: str) -> store_pb.Tenant:
