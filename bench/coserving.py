@@ -158,8 +158,8 @@ class Bench:
     def inference(self, rate: float, seconds: float):
         results = SPAWN.Queue()
         process = SPAWN.Process(target=open_loop, args=(self.services.gateway_addr,
-                                                                  self.services.admin_token, self.texts, rate,
-                                                                  seconds, self.args.seed, results))
+                                                        self.services.admin_token, self.texts, rate,
+                                                        seconds, self.args.seed, results))
         process.start()
         return process, results
 

@@ -171,7 +171,7 @@ class FineTuningPart(StoreBase):
                                         f"running, this deployment's limit (the store's --max-active-jobs); wait "
                                         f"for one to finish or cancel one")
             quota = self.settings.max_training_tokens_per_day
-            used, frees_at = self._tokens_trained_today(txn, tenant_id)
+            used, frees_at = self._tokens_trained_today(txn, tenant_id) if quota else (0, 0.0)
             if quota and used >= quota:
                 wait = max(0.0, frees_at - time.time())
                 raise ResourceExhausted(f"tenant {tenant_id!r} trained on {used} tokens in the last 24 hours, this "
@@ -187,13 +187,17 @@ class FineTuningPart(StoreBase):
         log.info("fine-tuning job %s queued for tenant %s (%s)", created.id, tenant_id, created.kind)
         return created
 
-    def _tokens_trained_today(self, txn: lmdb.Transaction, tenant_id: str) -> tuple[int, float]:
+    def _tokens_trained_today(self, txn: lmdb.Transaction, tenant_id: str,
+                              current: JobRecord | None = None) -> tuple[int, float]:
         """Tokens the tenant's jobs trained on that count against its daily quota: those still running and those
-        finished in the last 24 hours; and when the oldest of the finished ones leaves that window."""
+        finished in the last 24 hours (`current` counted as it is now, not as stored); and when the oldest of
+        the finished ones leaves that window."""
         now = time.time()
-        used, leaving = 0, []
+        used, leaving = (current.trained_tokens, [now + DAY]) if current is not None else (0, [])
         for _, data in self.layout.iter_json(txn, "jobs"):
             if data["tenant_id"] != tenant_id or not data.get("trained_tokens"):
+                continue
+            if current is not None and data["id"] == current.id:
                 continue
             finished = data.get("finished_at") or 0.0
             if finished and finished < now - DAY:
@@ -361,8 +365,7 @@ class FineTuningPart(StoreBase):
                                    loss=event.loss, accuracy=event.accuracy)
             quota = self.settings.max_training_tokens_per_day
             if quota:
-                self._save_job(txn, job)            # counted with this report's tokens
-                used, _ = self._tokens_trained_today(txn, job.tenant_id)
+                used, _ = self._tokens_trained_today(txn, job.tenant_id, current=job)
                 if used > quota:
                     job.cancel_requested = True     # the replica stops at once; its finish is refused
                     self._finish(txn, job, FAILED, f"tenant {job.tenant_id!r} reached its training-token quota "

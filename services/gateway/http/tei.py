@@ -41,10 +41,13 @@ def error_response(status: int, message: str, _type: str, _code: str | None, _pa
     return JSONResponse({"error": message, "error_type": ERROR_TYPES.get(status, "Backend")}, status_code=status)
 
 
-class TeiBody(BaseModel):
+class TenantBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    inputs: str | list[str] = Field(description="one text or a list of texts (pairs are not supported)")
     model: str | None = Field(None, description="the tenant id (routes without a tenant in the path)")
+
+
+class TeiBody(TenantBody):
+    inputs: str | list[str] = Field(description="one text or a list of texts (pairs are not supported)")
 
 
 class EmbedBody(TeiBody):
@@ -68,17 +71,16 @@ class TokenizeBody(TeiBody):
     add_special_tokens: bool = True
 
 
-class DecodeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DecodeBody(TenantBody):
     ids: list[int] | list[list[int]] = Field(description="token ids, or a list of sequences of them")
     skip_special_tokens: bool = True
-    model: str | None = Field(None, description="the tenant id (routes without a tenant in the path)")
 
 
-def _tenant(path_tenant: str | None, body: TeiBody | DecodeBody) -> str:
+def _tenant(path_tenant: str | None, body: TenantBody) -> str:
     tenant = path_tenant or body.model
     if not tenant:
-        raise ApiError(400, "name the tenant: POST /tei/{tenant}/... or a `model` field beside `inputs`", "model")
+        raise ApiError(400, "name the tenant: POST /tei/{tenant}/... or a `model` field beside `inputs` (`ids` on "
+                            "/decode)", "model")
     return tenant
 
 
