@@ -17,7 +17,9 @@ import math
 import secrets
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from safetensors.numpy import load as load_numpy
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -82,10 +84,15 @@ class Adapter:
 def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_layer: int = 0) -> Adapter:
     """Validates every name, shape and dtype against the base model; errors say what to fix.
 
-    num_labels None accepts any head size (compute, which trusts what the store validated)."""
+    num_labels None accepts any head size (compute, which trusts what the store validated). The file is read
+    into numpy and copied once into one float32 buffer that every returned tensor views: each torch call gives
+    the GIL away and takes it back, and with compute's execution threads running, the ~350 small torch calls a
+    per-tensor parse made cost several milliseconds of futex traffic per cold adapter."""
     meta = read_metadata(data)
     try:
-        tensors = load_safetensors(data)
+        arrays = float_arrays(data)
+    except InvalidArgument:
+        raise
     except Exception as error:  # safetensors raises its own error types
         raise InvalidArgument(f"adapter file is not valid safetensors: {error}") from error
     if meta.get("format", FORMAT) != FORMAT:
@@ -99,29 +106,18 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         raise InvalidArgument(f"adapter metadata alpha = {meta['alpha']!r} must be a finite number in "
                               f"(0, {MAX_ALPHA:g}]")
 
-    def as_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
-        tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
-        if tensor.numel() and tensor.abs().max().item() > MAX_WEIGHT:
-            raise InvalidArgument(f"adapter tensor {name} has values up to {tensor.abs().max().item():.3g}, above "
-                                  f"the limit of {MAX_WEIGHT:g}")
-        return tensor.contiguous()
-
-    if "head.weight" not in tensors and "head.bias" not in tensors and not num_labels:
+    if "head.weight" not in arrays and "head.bias" not in arrays and not num_labels:
         # No head of their own: generative tenants use the base model's LM head, embedding-only tenants
         # (an encoder tenant registered without labels) serve the pooled vector.
-        tensors["head.weight"], tensors["head.bias"] = torch.zeros(0, dims.hidden), torch.zeros(0)
+        arrays["head.weight"] = np.zeros((0, dims.hidden), np.float32)
+        arrays["head.bias"] = np.zeros(0, np.float32)
         num_labels = 0
-    if "head.weight" not in tensors or "head.bias" not in tensors:
+    if "head.weight" not in arrays or "head.bias" not in arrays:
         raise InvalidArgument("adapter has no classification head (head.weight and head.bias)")
-    head_weight = as_float("head.weight", tensors.pop("head.weight"))
-    head_bias = as_float("head.bias", tensors.pop("head.bias"))
+    head_weight, head_bias = arrays.pop("head.weight"), arrays.pop("head.bias")
     if num_labels is None:
         num_labels = int(head_weight.shape[0]) if head_weight.ndim == 2 else -1
-    if num_labels == 0 and head_weight.numel():
+    if num_labels == 0 and head_weight.size:
         raise InvalidArgument(f"adapter has a classification head ({tuple(head_weight.shape)}) but the tenant has no "
                               f"labels: give one label per head row, or leave head.weight/head.bias out "
                               f"(embedding-only and generative tenants have no head)")
@@ -131,8 +127,9 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
             f"{num_labels} labels and the model hidden size is {dims.hidden}: expected "
             f"({num_labels}, {dims.hidden}) / ({num_labels},); the label count must match the head")
 
-    pieces: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+    pieces: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    family_targets = family(dims.family).targets
+    for name, array in arrays.items():
         parsed = parse_lora_name(name)
         if parsed is None:
             raise InvalidArgument(f"unexpected tensor {name!r} in adapter; names are layers.I.TARGET.lora_A|B "
@@ -140,15 +137,15 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
         layer, target, which = parsed
         if target not in TARGETS:
             raise InvalidArgument(f"unknown LoRA target {target!r} in {name}; targets are {', '.join(TARGETS)}")
-        if target not in family(dims.family).targets:
+        if target not in family_targets:
             raise InvalidArgument(f"{name}: {dims.family} models have no {target} projection (targets: "
-                                  f"{', '.join(family(dims.family).targets)})")
+                                  f"{', '.join(family_targets)})")
         if not min_layer <= layer < dims.layers:
             raise InvalidArgument(f"{name}: layer {layer} is outside the served layers [{min_layer}, {dims.layers})"
                                   f" (layers below the domain's split layer come from PLOT)")
-        pieces.setdefault((layer, target), {})[which] = as_float(name, tensor)
+        pieces.setdefault((layer, target), {})[which] = array
 
-    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
     for (layer, target), pair in sorted(pieces.items()):
         if set(pair) != {"A", "B"}:
             raise InvalidArgument(f"layers.{layer}.{target} needs both lora_A and lora_B")
@@ -160,14 +157,55 @@ def parse_adapter(data: bytes, dims: ModelDims, *, num_labels: int | None, min_l
             raise InvalidArgument(
                 f"layers.{layer}.{target}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match "
                 f"rank {rank}: expected ({rank}, {fan_in}) / ({fan_out}, {rank})")
-        lora[(layer, target)] = (a, b)
-    if lora and not 1 <= rank <= MAX_RANK:
+        pairs[(layer, target)] = (a, b)
+    if pairs and not 1 <= rank <= MAX_RANK:
         raise InvalidArgument(f"adapter rank {rank} is outside 1..{MAX_RANK}")
+    named = {"head.weight": head_weight, "head.bias": head_bias,
+             **{lora_name(layer, target, which): array
+                for (layer, target), pair in pairs.items() for which, array in zip("AB", pair)}}
+    tensors = checked_tensors(named)
+    lora = {(layer, target): (tensors[lora_name(layer, target, "A")], tensors[lora_name(layer, target, "B")])
+            for layer, target in pairs}
     targets = tuple(t for t in TARGETS if any(t == key[1] for key in lora))
     if alpha is None:
         alpha = float(max(rank, 1))  # no metadata: scaling 1, as the matrices are given
-    return Adapter(rank=max(rank, 1), alpha=alpha if lora else 1.0, lora=lora, head_weight=head_weight,
-                   head_bias=head_bias, targets=targets)
+    return Adapter(rank=max(rank, 1), alpha=alpha if lora else 1.0, lora=lora, head_weight=tensors["head.weight"],
+                   head_bias=tensors["head.bias"], targets=targets)
+
+
+def float_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The file's tensors as float32 or float16 arrays (read-only views of `data`); bfloat16, which numpy lacks,
+    is read by torch and widened."""
+    try:
+        arrays = load_numpy(data)
+    except KeyError:      # a dtype numpy has no name for
+        tensors = load_safetensors(data)
+        for name, tensor in tensors.items():
+            if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
+        return {name: tensor.to(torch.float32).numpy() for name, tensor in tensors.items()}
+    for name, array in arrays.items():
+        if array.dtype not in (np.float32, np.float16):
+            raise InvalidArgument(f"adapter tensor {name} has dtype {array.dtype}; use float32/float16/bfloat16")
+    return arrays
+
+
+def checked_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Every value finite and within MAX_WEIGHT, checked in one pass over one float32 copy of all of them,
+    which the returned tensors view (writable, contiguous); the slow search runs only to name a bad tensor."""
+    flat = np.concatenate([array.reshape(-1) for array in arrays.values()]).astype(np.float32, copy=False)
+    if flat.size and not max(flat.max(), -flat.min()) <= MAX_WEIGHT:     # False for NaN as well
+        for name, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise InvalidArgument(f"adapter tensor {name} contains NaN or infinity")
+            if array.size and np.abs(array).max() > MAX_WEIGHT:
+                raise InvalidArgument(f"adapter tensor {name} has values up to {np.abs(array).max():.3g}, above "
+                                      f"the limit of {MAX_WEIGHT:g}")
+    tensors, offset = {}, 0
+    for name, array in arrays.items():
+        tensors[name] = torch.from_numpy(flat[offset:offset + array.size].reshape(array.shape))
+        offset += array.size
+    return tensors
 
 
 def serialize_adapter(adapter: Adapter) -> bytes:

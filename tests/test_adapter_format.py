@@ -248,8 +248,18 @@ def test_parse_rejects_rank_metadata_disagreeing_with_tensors():
 def test_parse_rejects_non_finite_values(name, bad):
     tensors = tensors_of(make())
     tensors[name].view(-1)[0] = bad
-    with pytest.raises(InvalidArgument, match="NaN or infinity"):
+    with pytest.raises(InvalidArgument, match=f"{name} contains NaN or infinity"):
         parse(file_of(tensors))
+
+
+@pytest.mark.parametrize("name", [f"layers.{FIRST}.query.lora_A", f"layers.{FIRST + 1}.value.lora_B", "head.bias"])
+def test_parse_names_the_tensor_with_a_value_above_the_limit(name):
+    tensors = tensors_of(make())
+    tensors[name].view(-1)[-1] = -2e4
+    with pytest.raises(InvalidArgument, match=f"{name} has values up to 2e.04, above the limit"):
+        parse(file_of(tensors))
+    tensors[name].view(-1)[-1] = 1e4                     # at the limit: accepted
+    parse(file_of(tensors))
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.float64])

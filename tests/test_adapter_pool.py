@@ -70,6 +70,7 @@ def assert_in_slot(pool: AdapterPool, slot: int, adapter: Adapter) -> None:
     assert torch.equal(pool.head_weight[slot, :labels], adapter.head_weight)
     assert torch.equal(pool.head_bias[slot, :labels], adapter.head_bias)
     assert torch.count_nonzero(pool.head_weight[slot, labels:]) == 0
+    assert torch.count_nonzero(pool.head_bias[slot, labels:]) == 0
 
 
 # ---- loading and hits ------------------------------------------------------------------------
@@ -151,6 +152,18 @@ def test_lru_eviction_reuses_the_least_recently_used_slot():
     pool.acquire([("b", 1)]).release()
     assert pool.stats.host_hits == 1  # b came back from host memory, not the store
     assert store.calls[("b", 1)] == 1
+
+
+def test_slot_reuse_by_a_smaller_rank_and_fewer_labels_leaves_no_trace_of_the_larger_one():
+    """Loading zeroes only what the slot's last adapter used beyond the new one's rank and labels."""
+    store = Store()
+    adapters = [store.add("big", rank=8, labels=5), store.add("small", rank=2, labels=2),
+                store.add("middle", rank=4, labels=3), store.add("headless", rank=3, labels=0)]
+    pool = make_pool(store, slots=1)
+    for adapter, tenant in zip(adapters, ["big", "small", "middle", "headless"]):
+        lease = pool.acquire([(tenant, 1)])
+        assert_in_slot(pool, lease.slots[(tenant, 1)], adapter)
+        lease.release()
 
 
 def test_slot_reuse_clears_targets_the_new_adapter_does_not_have():

@@ -134,3 +134,61 @@ def test_a_second_gateway_serves_changes_made_through_the_first(services, client
             assert wait_for(gone, timeout=10)
     finally:
         second.stop()
+
+
+def test_preload_reads_every_record_in_pages_and_never_displaces_a_fetched_one(store_stub, client):
+    for index in range(5):
+        client.register_tenant(f"dir-p{index}", "dir", ["yes", "no"], seed=index)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0, max_entries=1_000)
+    directory.sync()
+    requested = directory.resolve("dir-p4", timeout=10)
+    registered = client.list_tenants().total
+    assert directory.preload(10_000, page=2) == registered - 1     # every other record, two at a time
+    fetched, cached = lookups("fetched"), lookups("cached")
+    assert directory.resolve("dir-p4", timeout=10) == requested
+    assert directory.resolve("dir-p0", timeout=10).labels == ("yes", "no")
+    assert (lookups("fetched"), lookups("cached")) == (fetched, cached + 2)
+    assert next(reversed(directory._cache)) in ("dir-p4", "dir-p0")    # fetched and used ones: the warm end
+
+    small = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0, max_entries=3)
+    small.sync()
+    assert small.preload(10_000, page=2) == 3 and small.cached_tenants() == 3
+    for index in range(5):
+        client.delete_tenant(f"dir-p{index}")
+
+
+def test_a_record_changed_anywhere_is_read_in_before_its_next_request(store_stub, client):
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=0.05, preload=100)
+    directory.start()
+    try:
+        client.register_tenant("dir-r", "dir", ["yes", "no"], seed=1)
+        assert wait_for(lambda: "dir-r" in directory._cache)
+        fetched = lookups("fetched")
+        assert directory.resolve("dir-r", timeout=10).labels == ("yes", "no")
+        assert lookups("fetched") == fetched
+        client.register_tenant("dir-r", "dir", ["x", "y", "z"], seed=2)      # replaced: read in again
+        assert wait_for(lambda: "dir-r" in directory._cache and directory._cache["dir-r"][1].labels == ("x", "y", "z"))
+        client.delete_tenant("dir-r")
+        assert wait_for(lambda: "dir-r" not in directory._cache)
+    finally:
+        directory.close()
+
+
+def test_listing_tenants_pages_through_every_record_with_the_total(store_stub, client):
+    for index in range(3):
+        client.register_tenant(f"dir-l{index}", "dir", ["yes", "no"], seed=index)
+    for domain in ("", "dir"):
+        everything = store_stub.ListTenants(pb.ListTenantsRequest(domain=domain), timeout=10)
+        paged, after = [], ""
+        while True:
+            page = store_stub.ListTenants(pb.ListTenantsRequest(domain=domain, limit=2, after=after), timeout=10)
+            assert page.total == everything.total == len(everything.tenants)
+            if not page.tenants:
+                break
+            assert len(page.tenants) <= 2
+            paged += [t.spec.tenant_id for t in page.tenants]
+            after = paged[-1]
+        assert paged == [t.spec.tenant_id for t in everything.tenants] and paged == sorted(paged)
+        assert {f"dir-l{index}" for index in range(3)} <= set(paged)
+    for index in range(3):
+        client.delete_tenant(f"dir-l{index}")

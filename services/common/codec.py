@@ -55,12 +55,16 @@ def split_chunks(payload: bytes | memoryview, size: int = CHUNK_BYTES) -> Iterat
 
 
 def join_chunks(chunks: Iterable[bytes], limit: int | None = None) -> bytes:
-    buffer = bytearray()
+    """One copy at most (none for a single chunk: an adapter of under 1 MiB): copying a fresh buffer of this
+    size costs its page faults, about a millisecond per cold adapter."""
+    parts: list[bytes] = []
+    size = 0
     for chunk in chunks:
-        buffer += chunk
-        if limit is not None and len(buffer) > limit:
+        parts.append(chunk)
+        size += len(chunk)
+        if limit is not None and size > limit:
             raise InvalidArgument(f"payload exceeds the limit of {limit} bytes")
-    return bytes(buffer)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def validate_offsets(offsets: Iterable[int], total: int, *, field: str = "offsets") -> np.ndarray:

@@ -86,6 +86,7 @@ class AdapterPool:
         self._free = list(range(slots - 1, -1, -1))
         self._pins = [0] * slots
         self._targets_in_slot: list[set[tuple[int, str]]] = [set() for _ in range(slots)]
+        self._loaded: list[tuple[int, int]] = [(0, 0)] * slots    # rank and labels last loaded into each slot
         self.lora_a: dict[tuple[int, str], torch.Tensor] = {}
         self.lora_b: dict[tuple[int, str], torch.Tensor] = {}
         # Every slot's head in one buffer [slots, max_labels, H] (grown when a tenant has more labels).
@@ -276,26 +277,34 @@ class AdapterPool:
         return slot
 
     def _load(self, slot: int, adapter: Adapter) -> None:
+        """As few torch calls as it takes (each hands the GIL to the execution threads and back): a slot's rows
+        beyond the rank and labels its last adapter used are zero already, so only a shrink zeroes anything."""
+        old_rank, old_labels = self._loaded[slot]
         for target_key in self._targets_in_slot[slot] - set(adapter.lora):
             self.lora_a[target_key][slot].zero_()
             self.lora_b[target_key][slot].zero_()
         for target_key, (a, b) in adapter.lora.items():
             pool_a, pool_b = self._buffers(target_key)
             rank = a.shape[0]
-            pool_a[slot].zero_()
-            pool_b[slot].zero_()
+            if target_key in self._targets_in_slot[slot] and old_rank > rank:
+                pool_a[slot, rank:old_rank].zero_()
+                pool_b[slot, :, rank:old_rank].zero_()
             pool_a[slot, :rank].copy_(a, non_blocking=True)
-            pool_b[slot, :, :rank].copy_(b * adapter.scaling, non_blocking=True)
+            pool_b[slot, :, :rank].copy_(b, non_blocking=True).mul_(adapter.scaling)
         self._targets_in_slot[slot] = set(adapter.lora)
-        self.slot_ranks[slot] = max((a.shape[0] for a, _ in adapter.lora.values()), default=0)
+        rank = max((a.shape[0] for a, _ in adapter.lora.values()), default=0)
+        self.slot_ranks[slot] = rank
         labels = adapter.head_weight.shape[0]
         if labels > self.head_weight.shape[1]:
             self._grow_heads(labels)
-        self.head_weight[slot].zero_()
-        self.head_bias[slot].zero_()
-        self.head_weight[slot, :labels].copy_(adapter.head_weight, non_blocking=True)
-        self.head_bias[slot, :labels].copy_(adapter.head_bias, non_blocking=True)
+        if old_labels > labels:
+            self.head_weight[slot, labels:old_labels].zero_()
+            self.head_bias[slot, labels:old_labels].zero_()
+        if labels:
+            self.head_weight[slot, :labels].copy_(adapter.head_weight, non_blocking=True)
+            self.head_bias[slot, :labels].copy_(adapter.head_bias, non_blocking=True)
         self.slot_labels[slot] = labels
+        self._loaded[slot] = (rank, labels)
 
     def _grow_heads(self, labels: int) -> None:
         """A new, larger head buffer (a batch in flight keeps reading the old one, which stays valid)."""

@@ -18,6 +18,7 @@ over a name's whole history, so an old version is never mistaken for the current
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from prometheus_client import Counter
 
 from hmi_proto.v1 import knowledge_store_pb2 as pb
 from hmi_proto.v1 import knowledge_store_pb2_grpc as pb_grpc
+from services.common.errors import HMIError
 from services.common.rpc import peer_errors, peer_unreachable
 from services.common.tracing import outgoing_metadata
 from services.gateway.quotas import Limits
@@ -50,6 +52,12 @@ class TenantRoute:
     limits: Limits = field(default_factory=Limits)   # the tenant's quotas and scheduling weight (quotas.py)
 
 
+def route_of(tenant: pb.Tenant, domain: pb.Domain) -> TenantRoute:
+    return TenantRoute(tenant.spec.tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
+                       domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,
+                       Limits.from_pb(tenant.limits))
+
+
 @dataclass
 class FeedState:
     """How far this directory has followed the store's change log."""
@@ -63,8 +71,9 @@ class FeedState:
 class TenantDirectory:
     def __init__(self, store: pb_grpc.KnowledgeStoreStub, ttl_seconds: float = 2.0, *, poll_seconds: float = 0.5,
                  max_entries: int = 200_000, feed: pb_grpc.KnowledgeStoreStub | None = None,
-                 stale_if_unreachable: float = 600.0) -> None:
+                 stale_if_unreachable: float = 600.0, preload: int = 0) -> None:
         self.store = store
+        self.preload_limit = preload      # records read in at start (`preload`), once the change log is followed
         self.stale_if_unreachable = stale_if_unreachable
         self.feed_stub = feed or store    # polled on its own connection in the service (see rpc.channel)
         self.ttl = ttl_seconds
@@ -76,6 +85,8 @@ class TenantDirectory:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._preloader: threading.Thread | None = None
+        self._refreshes: queue.Queue[str | None] = queue.Queue(maxsize=max(1, preload))
         self.follower_id = f"gateway-{uuid.uuid4().hex[:12]}"   # sent only while the feed thread follows
         # Other caches following the same log (the key ring): called with (kind, name) of every change, and with
         # (None, None) when everything must be forgotten (another store, or a log that no longer reaches back).
@@ -86,9 +97,13 @@ class TenantDirectory:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._follow, name="directory-feed", daemon=True)
         self._thread.start()
+        if self.preload_limit:   # a tenant registered or changed anywhere is read in before its next request
+            self.listeners.append(self._changed)
+            threading.Thread(target=self._refresh, name="directory-refresh", daemon=True).start()
 
     def close(self) -> None:
         self._stop.set()
+        self._refreshes.put(None)
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -98,6 +113,10 @@ class TenantDirectory:
             started = time.monotonic()
             try:
                 self.sync(wait=self.poll_seconds)
+                if self.preload_limit and self._preloader is None:
+                    self._preloader = threading.Thread(target=self._preload_logged, name="directory-preload",
+                                                       daemon=True)
+                    self._preloader.start()
                 if failing:
                     log.info("following the store's change log again")
                 failing = False
@@ -135,9 +154,7 @@ class TenantDirectory:
             with peer_errors():
                 raise
         LOOKUPS.labels("fetched").inc()
-        route = TenantRoute(tenant_id, tuple(tenant.spec.labels), tenant.adapter_version, tenant.spec.domain,
-                            domain.spec.split_layer, tenant.spec.model or domain.model, domain.revision,
-                            Limits.from_pb(tenant.limits))
+        route = route_of(tenant, domain)
         with self._lock:
             if self.feed.generation == generation:   # else a change may have landed after the read: don't keep it
                 self._cache[tenant_id] = (now, route)
@@ -145,6 +162,79 @@ class TenantDirectory:
                 while len(self._cache) > self.max_entries:
                     self._cache.popitem(last=False)
         return route
+
+    def _changed(self, kind: str | None, name: str | None) -> None:
+        if kind in ("tenant", "limits") and name:
+            try:
+                self._refreshes.put_nowait(name)
+            except queue.Full:    # a burst of registrations: the rest resolve on their first request
+                pass
+
+    def _refresh(self) -> None:
+        while not self._stop.is_set():
+            tenant_id = self._refreshes.get()
+            if tenant_id is None:
+                return
+            with self._lock:
+                if tenant_id in self._cache or len(self._cache) >= min(self.max_entries, self.preload_limit):
+                    continue
+            try:
+                self.resolve(tenant_id, timeout=10.0)
+            except (HMIError, grpc.RpcError):   # deleted again, or the store away: a request resolves it
+                pass
+
+    def _preload_logged(self) -> None:
+        started = time.monotonic()
+        try:
+            loaded = self.preload(self.preload_limit)
+        except grpc.RpcError as error:     # not needed for serving: requests resolve what is missing
+            log.warning("preloading tenant records stopped (%s); requests fetch the rest", error.code().name)
+            return
+        log.info("preloaded %d tenant records in %.1fs", loaded, time.monotonic() - started)
+
+    def preload(self, limit: int, page: int = 1000, timeout: float = 10.0) -> int:
+        """Reads up to `limit` tenant records into the cache, a page at a time, so that no tenant's first request
+        after a gateway start waits for a round trip to the store (at 10,000 tenants, most requests of the first
+        minutes). Preloaded records go to the cold end of the LRU order and never displace one a request
+        fetched. A page read while a change arrived is read again, as `resolve` would drop it. Returns the
+        records loaded."""
+        loaded, after, retries = 0, "", 0
+        while loaded < limit and not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                generation = self.feed.generation
+                room = min(limit, self.max_entries) - len(self._cache)
+            if room <= 0:
+                break
+            reply = self.store.ListTenants(pb.ListTenantsRequest(limit=min(page, room), after=after),
+                                           timeout=timeout, metadata=outgoing_metadata())
+            if not reply.tenants:
+                break
+            domains: dict[str, pb.Domain | None] = {}
+            for name in {tenant.spec.domain for tenant in reply.tenants}:
+                try:
+                    domains[name] = self._domain(name, timeout, now, generation)
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    domains[name] = None      # deleted meanwhile: its tenants resolve (and fail) on request
+            routes = [route_of(tenant, domains[tenant.spec.domain]) for tenant in reply.tenants
+                      if domains[tenant.spec.domain] is not None]
+            with self._lock:
+                if self.feed.generation != generation:
+                    retries += 1
+                    if retries > 10:          # the store changes faster than a page is read: requests fill it
+                        break
+                    continue
+                for route in routes:
+                    if route.tenant_id not in self._cache:
+                        self._cache[route.tenant_id] = (now, route)
+                        self._cache.move_to_end(route.tenant_id, last=False)
+                        loaded += 1
+            retries = 0
+            after = reply.tenants[-1].spec.tenant_id
+        LOOKUPS.labels("preloaded").inc(loaded)
+        return loaded
 
     def fresh(self, fetched_at: float, now: float) -> bool:
         """Whether a record fetched at `fetched_at` may still be used (the key ring follows the same rule)."""

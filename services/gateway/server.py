@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after its fetch a cached tenant record is still served while the store cannot "
                              "be reached at all (a store that is down takes no writes); 0 = fail at once "
                              "[HMI_STALE_IF_UNREACHABLE]")
+    parser.add_argument("--preload-tenants", type=int, default=env_int("HMI_PRELOAD_TENANTS", 100_000),
+                        help="tenant records read from the store at start, so that no tenant's first request waits "
+                             "for a lookup (0: none; about 1 KiB each) [HMI_PRELOAD_TENANTS]")
     parser.add_argument("--change-poll-ms", type=float, default=env_float("HMI_CHANGE_POLL_MS", 500.0),
                         help="how often the store's change log is read; tenant records are cached until they change, "
                              "so changes made through another gateway show up within this [HMI_CHANGE_POLL_MS]")
@@ -167,6 +170,8 @@ def main(args: argparse.Namespace) -> None:
     unknown = [m for m in required if m not in targets]
     if unknown:
         raise SystemExit(f"--required-models names {unknown}, which are not among --model {list(targets)}")
+    if not 0 <= args.preload_tenants <= 10_000_000:
+        raise SystemExit("--preload-tenants must be 0 (none) to 10,000,000")
     if args.change_poll_ms <= 0 or args.tenant_cache_ttl < 0:
         raise SystemExit("--change-poll-ms must be > 0 and --tenant-cache-ttl >= 0")
     if not 0 <= args.share_limits_interval <= 60:
@@ -178,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
     store_channel = channel(args.store, security=security)
     store = store_grpc.KnowledgeStoreStub(store_channel)
     directory = TenantDirectory(store, ttl_seconds=args.tenant_cache_ttl, poll_seconds=args.change_poll_ms / 1e3,
-                                stale_if_unreachable=args.stale_if_unreachable,
+                                stale_if_unreachable=args.stale_if_unreachable, preload=args.preload_tenants,
                                 feed=store_grpc.KnowledgeStoreStub(channel(args.store, own_connection=True,
                                                                            security=security)))
     keys = KeyRing(store, directory.fresh, stale_if_unreachable=args.stale_if_unreachable)

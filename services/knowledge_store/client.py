@@ -45,7 +45,7 @@ class StoreClient:
         """`security`: TLS and the service secret the store requires (None: plaintext, no secret)."""
         self.address = address
         self.timeout = timeout
-        self.channel = channel(address, security=security)
+        self.channel = channel(address, security=security, iterated_streams=True)
         self.stub = pb_grpc.KnowledgeStoreStub(self.channel)
 
     def lookup(self, domain: str, token_ids: np.ndarray, offsets: np.ndarray,
