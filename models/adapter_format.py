@@ -179,15 +179,19 @@ def float_arrays(data: bytes) -> dict[str, np.ndarray]:
     try:
         arrays = load_numpy(data)
     except KeyError:      # a dtype numpy has no name for
-        tensors = load_safetensors(data)
-        for name, tensor in tensors.items():
-            if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
-        return {name: tensor.to(torch.float32).numpy() for name, tensor in tensors.items()}
+        return widened_by_torch(data)
     for name, array in arrays.items():
         if array.dtype not in (np.float32, np.float16):
             raise InvalidArgument(f"adapter tensor {name} has dtype {array.dtype}; use float32/float16/bfloat16")
     return arrays
+
+
+def widened_by_torch(data: bytes) -> dict[str, np.ndarray]:
+    tensors = load_safetensors(data)
+    for name, tensor in tensors.items():
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
+    return {name: tensor.to(torch.float32).numpy() for name, tensor in tensors.items()}
 
 
 def checked_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
