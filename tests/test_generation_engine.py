@@ -20,7 +20,7 @@ from services.compute.adapter_pool import AdapterPool
 from services.compute.generation import GenerationEngine
 from services.compute.generation_scheduler import GenerationRequest, SamplingParams
 from services.compute.kv_blocks import BLOCK_TOKENS
-from services.compute.sampling import sample
+from services.compute.sampling import penalise, sample
 
 TARGETS = {"gpt2": ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"),
            "llama": ("query", "key", "value", "attn_out", "ffn_in", "ffn_gate", "ffn_out")}
@@ -48,11 +48,11 @@ def request(tenant: str, prompt, **params) -> GenerationRequest:
     return GenerationRequest(tenant, 1, "", 0, np.asarray(prompt), SamplingParams(**params))
 
 
-def reference_greedy(model_dir, adapter, prompt, new_tokens: int) -> list[int]:
+def reference_greedy(model_dir, adapter, prompt, new_tokens: int, **generate_kwargs) -> list[int]:
     model = merged_model(load_causal_lm(model_dir), adapter)
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         min_new_tokens=new_tokens, pad_token_id=0)
+                         min_new_tokens=new_tokens, pad_token_id=0, **generate_kwargs)
     return out[0, len(prompt):].tolist()
 
 
@@ -312,3 +312,52 @@ def test_a_kv_budget_keeps_the_first_tokens_exact_then_scores_a_continuation_fro
     assert np.abs(full - budgeted).mean() < 1.0
     with pytest.raises(InvalidArgument, match="kv_budget"):
         make_engine(decoder_dir, adapters).submit(request("t0", prompt, kv_budget=3))
+
+
+def test_penalties_match_transformers_repetition_penalty_and_openai_s_formula():
+    """Against independent references: transformers' RepetitionPenaltyLogitsProcessor, and OpenAI's documented
+    formula written out token by token."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=generator) * 3
+    prompt, generated = np.array([3, 7, 7, 11]), [7, 20, 20, 20, 41]
+    params = SamplingParams(repetition_penalty=1.7)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt.tolist() + generated]), logits[None])[0]
+    torch.testing.assert_close(penalise(logits, params, prompt, generated), expected, rtol=0, atol=0)
+
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.3)
+    expected = logits.clone()
+    for token in set(generated):                       # the prompt's tokens are not penalised
+        expected[token] -= generated.count(token) * -0.3 + 0.5
+    torch.testing.assert_close(penalise(logits, params, prompt, generated), expected)
+    assert torch.equal(penalise(logits, params, prompt, []), logits)
+    assert not SamplingParams().penalised and params.penalised
+
+
+def test_greedy_generation_with_penalties_matches_the_references(decoder_dir):
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, dims.vocab, size=n).tolist() for n in (6, 4)]
+    engine = make_engine(decoder_dir, adapters)
+    try:
+        penalised = engine.submit(request("t0", prompts[0], max_new_tokens=10, repetition_penalty=1.8))
+        plain = engine.submit(request("t1", prompts[1], max_new_tokens=10))           # the same steps, unpenalised
+        frequency = engine.submit(request("t1", prompts[1], max_new_tokens=10, frequency_penalty=2.0,
+                                          presence_penalty=1.0))
+        penalised, plain, frequency = list(penalised), list(plain), list(frequency)
+    finally:
+        engine.close()
+    assert penalised == reference_greedy(decoder_dir, adapters["t0"], prompts[0], 10, repetition_penalty=1.8)
+    assert plain == reference_greedy(decoder_dir, adapters["t1"], prompts[1], 10)
+
+    model = merged_model(load_causal_lm(decoder_dir), adapters["t1"])    # OpenAI's penalties, step by step
+    ids, expected = list(prompts[1]), []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            for token in set(expected):
+                logits[token] -= 2.0 * expected.count(token) + 1.0
+            expected.append(int(torch.argmax(logits)))
+            ids.append(expected[-1])
+    assert frequency == expected and frequency != plain

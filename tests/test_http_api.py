@@ -160,7 +160,18 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
     cut_off = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=10, temperature=0,
                                      stop=[stop]).choices[0]
     assert kept.finish_reason == "stop" and kept.text.endswith(stop) and kept.text == cut_off.text + stop
-    for extra in ({"min_tokens": 3}, {"repetition_penalty": 1.2}, {"guided_choice": ["a", "b"]},
+    # Penalties: OpenAI's two and vLLM's repetition_penalty, the same through either door
+    penalised = api.completions.create(model="http-bard", prompt=prompts[0], max_tokens=10, temperature=0,
+                                       frequency_penalty=2.0, presence_penalty=1.0,
+                                       extra_body={"repetition_penalty": 1.5}).choices[0].text
+    through_grpc = client.generate("http-bard", prompts[0], max_new_tokens=10, frequency_penalty=2.0,
+                                   presence_penalty=1.0, repetition_penalty=1.5).collect().text
+    assert penalised == through_grpc and penalised != full
+    for extra, message in (({"frequency_penalty": 2.5}, "frequency_penalty must lie in"),
+                           ({"repetition_penalty": 0}, "repetition_penalty must lie in")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            api.completions.create(model="http-bard", prompt="hi", max_tokens=2, extra_body=extra)
+    for extra in ({"min_tokens": 3}, {"length_penalty": 0.5}, {"guided_choice": ["a", "b"]},
                   {"use_beam_search": True}):
         with pytest.raises(openai.BadRequestError, match="not supported"):
             api.completions.create(model="http-bard", prompt="hi", max_tokens=2, extra_body=extra)

@@ -28,7 +28,8 @@ def cmd_generate(args) -> int:
     with connect(args) as client:
         stream = client.generate(args.tenant_id, args.prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                 stop=args.stop)
+                                 stop=args.stop, presence_penalty=args.presence_penalty,
+                                 frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
         reason, produced = "", 0
         try:
             for message in stream:
@@ -65,4 +66,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop after this string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2], 0 = off (OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], 0 = off (OpenAI's)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 2], 1 = off (transformers')")
     p.set_defaults(func=cmd_generate)

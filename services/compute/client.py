@@ -140,7 +140,10 @@ def generate_request(sequence: Sequence, weight: float, params: "GenerationParam
     sampling = pb.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                  top_k=params.top_k, top_p=params.top_p, seed=params.seed,
                                  stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
-                                 top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs)
+                                 top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs,
+                                 presence_penalty=params.presence_penalty,
+                                 frequency_penalty=params.frequency_penalty,
+                                 repetition_penalty=params.repetition_penalty)
     return pb.GenerateRequest(sequence=spec, prompt_ids=sequence.token_ids.tolist(), params=sampling)
 
 
@@ -171,6 +174,9 @@ class GenerationParams:
     logprobs: bool = False           # each generated token's log-probability
     top_logprobs: int = 0            # and its so many likeliest alternatives
     prompt_logprobs: bool = False    # the prompt's tokens' too (on the first message)
+    presence_penalty: float = 0.0    # 0 = off
+    frequency_penalty: float = 0.0   # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,13 @@ class SamplingParams:
     prompt_logprobs: bool = False     # and the prompt's tokens' (with the first generated token)
     kv_budget: int = 0                # KV tokens kept per layer once decoding (heavy hitters + recent); 0 = all
     forced_tokens: tuple[int, ...] = ()   # emitted instead of sampled, in order (scores a given continuation)
+    presence_penalty: float = 0.0     # OpenAI's: minus this for every token generated so far; 0 = off
+    frequency_penalty: float = 0.0    # OpenAI's: minus this times each token's count so far; 0 = off
+    repetition_penalty: float = 1.0   # CTRL's (transformers, vLLM): prompt and generated tokens; 1 = off
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass

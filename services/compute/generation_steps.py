@@ -20,7 +20,7 @@ from models.packing import PackedLayout, pack_inputs, plot_rows
 from services.common.limits import MAX_CONTEXT
 from services.compute.adapter_pool import AdapterPool
 from services.compute.generation_scheduler import Compaction, ScheduledSequence, StepPlan
-from services.compute.sampling import sample
+from services.compute.sampling import penalise, sample
 
 # (domain, token windows, first position of each window, leading context-only tokens per window)
 #   -> layer-L rows (fp16) of each window's other tokens
@@ -122,8 +122,10 @@ class StepRunner:
             if not plan.samples(s):
                 continue
             forced = s.request.params.forced_tokens
+            scores = (penalise(logits[j], s.request.params, s.request.prompt, s.tokens[len(s.request.prompt):])
+                      if s.request.params.penalised else logits[j])
             token = (forced[s.generated] if s.generated < len(forced)
-                     else sample(logits[j], s.request.params, states[j].generator))
+                     else sample(scores, s.request.params, states[j].generator))
             sampled[s] = token
             params = s.request.params
             if params.logprobs or params.prompt_logprobs:

@@ -67,12 +67,18 @@ class ComputeServicer(pb_grpc.ComputeServicer):
                                   "top_k >= 0, top_p in [0, 1]")
         if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgument(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
+        repetition = params.repetition_penalty or 1.0
+        if not (abs(params.presence_penalty) <= 2 and abs(params.frequency_penalty) <= 2 and 0 < repetition <= 2):
+            raise InvalidArgument("penalties out of range: presence_penalty and frequency_penalty in [-2, 2], "
+                                  "repetition_penalty in (0, 2]")
         stream = self.serving.engine.submit(GenerationRequest(
             spec.tenant_id, spec.adapter_version, spec.domain, spec.split_layer, prompt,
             SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                            top_p=params.top_p or 1.0, seed=params.seed,
                            stop_token_ids=tuple(params.stop_token_ids), logprobs=params.logprobs,
-                           top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs),
+                           top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs,
+                           presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                           repetition_penalty=repetition),
             weight=spec.weight or 1.0, domain_revision=spec.domain_revision))
         context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
         for token, details in stream.with_details():

@@ -27,6 +27,9 @@ class GenerationPlan:
     stop_token_ids: tuple[int, ...]
     logprobs: int | None = None         # alternatives per generated token (None: no log-probabilities)
     prompt_logprobs: bool = False       # the prompt's tokens' log-probabilities too
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
@@ -48,6 +51,13 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
         raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {request.top_k}")
     if not math.isfinite(request.top_p) or not 0.0 <= request.top_p <= 1.0:
         raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {request.top_p}")
+    penalties = {name: float(getattr(request, name, 0.0)) for name in ("presence_penalty", "frequency_penalty")}
+    for name, value in penalties.items():
+        if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+            raise InvalidArgument(f"{name} must lie in [-2, 2] (0 = off), got {value}")
+    repetition = float(getattr(request, "repetition_penalty", 1.0) or 1.0)
+    if not math.isfinite(repetition) or not 0.0 < repetition <= 2.0:
+        raise InvalidArgument(f"repetition_penalty must lie in (0, 2] (1 = off), got {repetition}")
     stop = tuple(request.stop)
     if len(stop) > limits.max_stop_strings or any(not s or len(s) > limits.max_stop_chars for s in stop):
         raise InvalidArgument(f"give at most {limits.max_stop_strings} stop strings of 1..{limits.max_stop_chars} "
@@ -80,7 +90,8 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     stop_ids = () if getattr(request, "ignore_eos", False) else eos_token_ids
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
                           float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids, top,
-                          bool(getattr(request, "prompt_logprobs", False)))
+                          bool(getattr(request, "prompt_logprobs", False)), repetition_penalty=repetition,
+                          **penalties)
 
 
 class TextStreamer:

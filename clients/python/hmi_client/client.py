@@ -353,14 +353,18 @@ class HMIClient(FineTuningCalls):
     def generate(self, tenant_id: str, prompt: str = "", *, max_new_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None,
                  prompt_ids: list[int] | None = None, ignore_eos: bool = False, truncate_prompt_tokens: int = 0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                  timeout: float | None = None) -> GenerationStream:
         """Iterate for text pieces as they are generated; `.cancel()` stops it, `.collect()` waits for all.
         `prompt_ids`: token ids of the base model's tokenizer instead of `prompt`; `ignore_eos`: generate
-        `max_new_tokens` past end-of-text; `truncate_prompt_tokens`: keep only the prompt's last so many tokens."""
+        `max_new_tokens` past end-of-text; `truncate_prompt_tokens`: keep only the prompt's last so many tokens;
+        the penalties as OpenAI's (presence, frequency: [-2, 2]) and transformers' (repetition: (0, 2])."""
         request = pb.GenerateTextRequest(tenant_id=tenant_id, prompt=prompt, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or [],
                                          prompt_ids=prompt_ids or [], ignore_eos=ignore_eos,
-                                         truncate_prompt_tokens=truncate_prompt_tokens)
+                                         truncate_prompt_tokens=truncate_prompt_tokens,
+                                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                         repetition_penalty=repetition_penalty)
         if seed is not None:
             request.seed = seed
         return GenerationStream(self.gateway.Generate(request, timeout=timeout or self.timeout))

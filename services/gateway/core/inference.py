@@ -71,6 +71,9 @@ class GenerateRequest:
     truncate_prompt_tokens: int = 0       # > 0: keep only the prompt's last so many tokens
     logprobs: int | None = None           # each generated token's log-probability and so many alternatives
     prompt_logprobs: bool = False         # the prompt's tokens' too (on the first piece)
+    presence_penalty: float = 0.0         # [-2, 2], 0: off (OpenAI's)
+    frequency_penalty: float = 0.0        # [-2, 2], 0: off (OpenAI's)
+    repetition_penalty: float = 1.0       # (0, 2], 1: off (CTRL's, as transformers and vLLM)
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,9 @@ class Inference:
                             route.domain_revision, plan.prompt_ids)
         params = GenerationParams(plan.max_new_tokens, plan.temperature, plan.top_k, plan.top_p, plan.seed,
                                   tuple(plan.stop_token_ids), logprobs=plan.logprobs is not None,
-                                  top_logprobs=plan.logprobs or 0, prompt_logprobs=plan.prompt_logprobs)
+                                  top_logprobs=plan.logprobs or 0, prompt_logprobs=plan.prompt_logprobs,
+                                  presence_penalty=plan.presence_penalty, frequency_penalty=plan.frequency_penalty,
+                                  repetition_penalty=plan.repetition_penalty)
         weight = self.quotas.effective(route.limits).weight
         while True:
             replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)

@@ -53,8 +53,10 @@ class SamplingBody(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="the same seed gives the same text")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, allow_inf_nan=False, description="[-2, 2]: lowers every token "
+                                           "already generated (0 = off)")
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False, description="[-2, 2]: lowers each token "
+                                            "by how often it was generated (0 = off)")
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     user: str | None = None
@@ -63,8 +65,9 @@ class SamplingBody(BaseModel):
     include_stop_str_in_output: bool = Field(False, description="extension: keep the stop string in the text")
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=INT32,
                                                description="extension: keep only the prompt's last k tokens")
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False, description="extension, (0, 2]: divides "
+                                             "the logits of prompt and generated tokens (1 = off)")
     min_tokens: int | None = Field(None, ge=-INT32, le=INT32)
-    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
     length_penalty: float | None = Field(None, allow_inf_nan=False)
     min_p: float | None = Field(None, allow_inf_nan=False)
     use_beam_search: bool = False
@@ -109,12 +112,11 @@ class EmbeddingBody(BaseModel):
 
 def _refuse_unsupported(body: SamplingBody) -> None:
     unsupported = {
-        "presence_penalty": body.presence_penalty not in (None, 0),
-        "frequency_penalty": body.frequency_penalty not in (None, 0), "logit_bias": bool(body.logit_bias),
+        "logit_bias": bool(body.logit_bias),
         "best_of": getattr(body, "best_of", None) not in (None, 1),
         "suffix": bool(getattr(body, "suffix", None)), "tools": bool(getattr(body, "tools", None)),
         "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
-        "min_tokens": body.min_tokens not in (None, 0), "repetition_penalty": body.repetition_penalty not in (None, 1),
+        "min_tokens": body.min_tokens not in (None, 0),
         "length_penalty": body.length_penalty not in (None, 1), "min_p": body.min_p not in (None, 0),
         "use_beam_search": body.use_beam_search, "prompt_logprobs": body.prompt_logprobs is not None,
         "guided_json": body.guided_json is not None, "guided_regex": body.guided_regex is not None,
@@ -136,11 +138,16 @@ def _generate_request(body: SamplingBody, max_tokens: int | None, logprobs: int 
     _refuse_unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if body.repetition_penalty is not None and body.repetition_penalty <= 0:   # gRPC's 0 means "off"; here, wrong
+        raise ApiError(400, f"repetition_penalty must lie in (0, 2] (1 = off), got {body.repetition_penalty}",
+                       "repetition_penalty")
     return GenerateRequest(body.model, "", max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
                            truncate_prompt_tokens=body.truncate_prompt_tokens or 0, logprobs=logprobs,
-                           prompt_logprobs=echo)
+                           prompt_logprobs=echo, presence_penalty=body.presence_penalty or 0.0,
+                           frequency_penalty=body.frequency_penalty or 0.0,
+                           repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
 
 
 def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:
