@@ -172,6 +172,22 @@ def test_tei_routes_equal_grpc(doors):
     assert status == 200 and texts == ["the service was", tokens[0][0]["text"]]
     status, body, _ = post(services, "/tei/door-bard/decode", {"ids": [10 ** 9]})
     assert status == 422 and "not a token id of the base model" in body["error"]
+    # vLLM's shapes: /tokenize with `prompt` or `messages`, /detokenize
+    status, counted, _ = post(services, "/tokenize", {"model": "door-bard", "prompt": "the service was",
+                                                      "add_special_tokens": False})
+    assert status == 200 and counted["tokens"] == ids and counted["count"] == len(ids)
+    assert counted["max_model_len"] > len(ids)
+    status, chat, _ = post(services, "/tokenize", {"model": "door-bard",
+                                                   "messages": [{"role": "user", "content": "the service was"}]})
+    assert status == 200 and chat["count"] == len(chat["tokens"]) > len(ids), chat    # the template's tokens too
+    status, back, _ = post(services, "/detokenize", {"model": "door-bard", "tokens": chat["tokens"]})
+    assert status == 200 and "the service was" in back["prompt"]
+    status, back, _ = post(services, "/detokenize", {"model": "door-bard", "tokens": ids})
+    assert status == 200 and back == {"prompt": "the service was"}
+    status, body, _ = post(services, "/detokenize", {"model": "door-bard", "tokens": [10 ** 9]})
+    assert status == 400 and "not a token id of the base model" in body["error"]["message"]
+    status, body, _ = post(services, "/tokenize", {"model": "door-bard"})
+    assert status == 422 and "`prompt` or `messages`" in body["error"]
     status, info, _ = post(services, "/tei/door-critic/info", None)
     assert status == 200 and info["model_type"]["classifier"]["id2label"] == {"0": "neg", "1": "pos"}
 

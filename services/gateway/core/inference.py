@@ -416,6 +416,12 @@ class Inference:
             raise FailedPrecondition("this gateway renders no chat templates")
         return self.chat.render(lane.name, messages)
 
+    def token_limit(self, call: Call, tenant_id: str) -> int:
+        """How many tokens a sequence of the tenant may hold: its decoder's positions, or what the gateway cuts
+        an encoder's texts to."""
+        lane = self.lane_of(self.route(call, tenant_id, "Tokenize"))
+        return lane.max_positions if isinstance(lane, DecoderLane) else lane.encoder.max_sequence_tokens
+
     def detokenize(self, call: Call, tenant_id: str, sequences: list[list[int]],
                    skip_special_tokens: bool = True) -> list[str]:
         """The text of each sequence of token ids of the tenant's base model (what tokenize gives back)."""

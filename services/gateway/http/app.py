@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import HMIError, bounded
 from services.gateway import metrics
-from services.gateway.http import hmi_api, kserve, openai_api, openai_fine_tuning, tei
+from services.gateway.http import hmi_api, kserve, openai_api, openai_fine_tuning, tei, vllm_tokens
 from services.gateway.http.auth import AuthenticationFailed, Authenticator, allow_all
 from services.gateway.http.body_limit import TOO_LARGE, BodyLimit, too_large_message
 from services.gateway.http.door import ApiError, CallerDep, Door
@@ -121,7 +121,8 @@ def create_app(door: Door, authenticate: Authenticator = allow_all,
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "models": list(door.inference.lanes)}
 
-    for routes in (hmi_api.router, openai_api.router, openai_fine_tuning.router, kserve.router, tei.router):
+    for routes in (hmi_api.router, openai_api.router, openai_fine_tuning.router, kserve.router, tei.router,
+                   vllm_tokens.router):
         app.include_router(routes)
     return BodyLimit(app, max_body_bytes, upload_limit=openai_fine_tuning.MAX_UPLOAD_BYTES,
                      upload_paths=(openai_fine_tuning.UPLOAD_PATH,))

@@ -8,7 +8,8 @@ root route: embed or predict, as the tenant does) or by a `model` field beside `
 - `/embed` {"inputs": text or texts, "truncate", "normalize" (default true)} -> one vector per text;
 - `/predict` {"inputs": text or texts, "raw_scores"} -> labels and scores, likeliest first (a list per text
   when given a list);
-- `/tokenize` {"inputs", "add_special_tokens"} -> per text, its tokens with their character spans;
+- `/tokenize` {"inputs", "add_special_tokens"} -> per text, its tokens with their character spans (a body with
+  `prompt` or `messages` instead is vLLM's, answered as vLLM does: vllm_tokens.py);
 - `GET /tei/{tenant}/info` -> what the tenant is (embedding model or classifier, its labels).
 
 Errors are TEI's `{"error", "error_type"}` with the status the same failure has on every door (a request that
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
 from services.common.errors import FailedPrecondition
 from services.gateway.core.inference import TextsRequest
+from services.gateway.http import vllm_tokens
 from services.gateway.http.door import ApiError, CallerDep, door_of, texts_of
 
 PREFIX = "/tei"
@@ -67,8 +69,12 @@ class RootBody(TeiBody):
     raw_scores: bool = False
 
 
-class TokenizeBody(TeiBody):
+class TokenizeBody(TenantBody):
+    """TEI's body (`inputs`), or vLLM's (`prompt` or `messages`: answered in vLLM's shape, vllm_tokens.py)."""
+    inputs: str | list[str] | None = Field(None, description="TEI: one text or a list of texts")
     add_special_tokens: bool = True
+    prompt: str | None = Field(None, description="vLLM: one text")
+    messages: list[dict] | None = Field(None, description="vLLM: a chat, rendered with the tenant's chat template")
 
 
 class DecodeBody(TenantBody):
@@ -131,6 +137,9 @@ async def predict(body: PredictBody, request: Request, who: CallerDep, tenant: s
 @router.post("/tokenize", summary="the tokens of each text (TEI; the tenant in `model`)")
 @router.post(PREFIX + "/{tenant}/tokenize", summary="the tokens of each text (TEI)")
 async def tokenize(body: TokenizeBody, request: Request, who: CallerDep, tenant: str | None = None):
+    if body.inputs is None:
+        return await vllm_tokens.tokenize(request, who, _tenant(tenant, body), body.prompt, body.messages,
+                                          body.add_special_tokens)
     return await _tokenize(request, who, _tenant(tenant, body), body)
 
 
