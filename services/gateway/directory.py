@@ -103,7 +103,10 @@ class TenantDirectory:
 
     def close(self) -> None:
         self._stop.set()
-        self._refreshes.put(None)
+        try:
+            self._refreshes.put_nowait(None)      # wakes the refresher; a full queue means it is busy and sees _stop
+        except queue.Full:
+            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
