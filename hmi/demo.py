@@ -1,4 +1,4 @@
-"""`hmi demo` (`make demo`): the whole system on this machine in about a minute.
+"""`hmi demo` (`make demo`): the whole system on this machine in a few minutes.
 
 Starts the three services, builds the demo domain's PLOT from the corpus the repo ships, registers
 a few hundred tenants with their own random adapters and heads, trains a few real tenants on two more
