@@ -139,7 +139,7 @@ def test_a_second_gateway_serves_changes_made_through_the_first(services, client
 def test_preload_reads_every_record_in_pages_and_never_displaces_a_fetched_one(store_stub, client):
     for index in range(5):
         client.register_tenant(f"dir-p{index}", "dir", ["yes", "no"], seed=index)
-    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0, max_entries=1_000)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=60.0, max_entries=1_000_000)
     directory.sync()
     requested = directory.resolve("dir-p4", timeout=10)
     registered = client.list_tenants().total
@@ -158,7 +158,7 @@ def test_preload_reads_every_record_in_pages_and_never_displaces_a_fetched_one(s
 
 
 def test_a_record_changed_anywhere_is_read_in_before_its_next_request(store_stub, client):
-    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=0.05, preload=100)
+    directory = TenantDirectory(store_stub, ttl_seconds=0.0, poll_seconds=0.05, preload=1_000_000)
     directory.start()
     try:
         client.register_tenant("dir-r", "dir", ["yes", "no"], seed=1)
