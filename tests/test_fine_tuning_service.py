@@ -175,10 +175,14 @@ def test_the_cli_creates_and_follows_a_job(suite, tmp_path, capsys):
 def test_a_job_whose_replica_is_killed_resumes_elsewhere_and_finishes_once(suite):
     with suite.client(timeout=60) as client:
         uploaded = client.upload_file(jsonl(examples(200)), "resume.jsonl")
-        job = client.create_fine_tuning_job("umbrella", uploaded.id, epochs=100, batch_size=8, steps=250)
+        # Long enough that a fast machine cannot finish it before its first checkpoint (reports carry them)
+        job = client.create_fine_tuning_job("umbrella", uploaded.id, epochs=100, batch_size=8, steps=2000)
         deadline = time.monotonic() + 120
         while not client.fine_tuning_checkpoints(job.id):
             assert time.monotonic() < deadline, "no checkpoint was written"
+            status = client.get_fine_tuning_job(job.id).status
+            assert status in ("validating_files", "queued", "running"), \
+                f"the job ended ({status}) before its first checkpoint: the test needs a longer job"
             time.sleep(0.2)
         running = client.get_fine_tuning_job(job.id)
         victim = next(s for s in suite.services if s.name.startswith("compute") and s.address in running.worker)
