@@ -55,7 +55,7 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     for name, value in penalties.items():
         if not math.isfinite(value) or not -2.0 <= value <= 2.0:
             raise InvalidArgument(f"{name} must lie in [-2, 2] (0 = off), got {value}")
-    repetition = float(getattr(request, "repetition_penalty", 1.0) or 1.0)
+    repetition = float(getattr(request, "repetition_penalty", 1.0))   # the gRPC door maps its unset 0 to 1
     if not math.isfinite(repetition) or not 0.0 < repetition <= 2.0:
         raise InvalidArgument(f"repetition_penalty must lie in (0, 2] (1 = off), got {repetition}")
     stop = tuple(request.stop)

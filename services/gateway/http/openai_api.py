@@ -138,9 +138,6 @@ def _generate_request(body: SamplingBody, max_tokens: int | None, logprobs: int 
     _refuse_unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    if body.repetition_penalty is not None and body.repetition_penalty <= 0:   # gRPC's 0 means "off"; here, wrong
-        raise ApiError(400, f"repetition_penalty must lie in (0, 2] (1 = off), got {body.repetition_penalty}",
-                       "repetition_penalty")
     return GenerateRequest(body.model, "", max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
