@@ -182,7 +182,7 @@ def float_arrays(data: bytes) -> dict[str, np.ndarray]:
         return widened_by_torch(data)
     for name, array in arrays.items():
         if array.dtype not in (np.float32, np.float16):
-            raise InvalidArgument(f"adapter tensor {name} has dtype {array.dtype}; use float32/float16/bfloat16")
+            raise wrong_dtype(name, array.dtype)
     return arrays
 
 
@@ -190,8 +190,12 @@ def widened_by_torch(data: bytes) -> dict[str, np.ndarray]:
     tensors = load_safetensors(data)
     for name, tensor in tensors.items():
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise InvalidArgument(f"adapter tensor {name} has dtype {tensor.dtype}; use float32/float16/bfloat16")
+            raise wrong_dtype(name, tensor.dtype)
     return {name: tensor.to(torch.float32).numpy() for name, tensor in tensors.items()}
+
+
+def wrong_dtype(name: str, dtype) -> InvalidArgument:
+    return InvalidArgument(f"adapter tensor {name} has dtype {dtype}; use float32/float16/bfloat16")
 
 
 def checked_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
