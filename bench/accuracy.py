@@ -1,9 +1,14 @@
 """Accuracy study: full model + LoRA against hPLM (PLOT + bridge + upper layers + LoRA) on a labeled data set.
 
-    python bench/accuracy.py --data ../shared/datasets/sst2 [--split-layers 2,3,4] [--contexts 2]
+    python bench/accuracy.py --data ../shared/datasets/sst2[,OTHER_FOLDER...] [--split-layers 2,3,4] [--contexts 2]
                              [--methods bridge,plot,window,oracle] [--max-train N] [--seeds 0,1,2] --out FILE.json
 
-FOLDER holds train.jsonl and validation.jsonl of {"text", "label"} lines. Every domain is built from the
+Each FOLDER holds train.jsonl and validation.jsonl of {"text", "label"} lines; every claim is measured on
+every folder given and on every seed (three by default). Two references per folder: the full model + LoRA
+on query and value (what a tenant brings from PEFT's defaults) and the strong one, the full model + LoRA on
+every projection of every layer at the tenants' rank (at least the adapter budget any hPLM tenant gets), so
+a gap is never flattered by a smaller reference adapter. Every row prints its gap to both with the gap's
+standard error over the seeds. Every domain is built from the
 training texts (labels dropped) with the real knowledge-store code in a temporary LMDB, exactly as
 `hmi domain build` builds it; every tenant is trained with the trainer `hmi tenant train` uses, on the
 inputs serving sees. Prints a table, writes FILE.json and a PNG plot beside it. Runs in process.
@@ -39,7 +44,7 @@ from models.adapter_format import serialize_adapter  # noqa: E402
 from models.bridge import bridge_rows, parse_bridge  # noqa: E402
 from models.encoder import EncoderModel  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
-from models.split_defaults import tenant_targets  # noqa: E402
+from models.split_defaults import ENCODER_PROJECTIONS, tenant_targets  # noqa: E402
 from services.common.model_specs import model_name, resolve_model_dir  # noqa: E402
 from services.knowledge_store.bridge_distillation import DistillSettings  # noqa: E402
 from services.knowledge_store.domain_adaptation import AdaptSettings  # noqa: E402
@@ -84,12 +89,13 @@ def targets_at(args, dims, split_layer: int) -> str:
     return args.tenant_targets or ",".join(tenant_targets(dims, split_layer))
 
 
-def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, label_index, args):
+def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, label_index, args,
+            targets: str = ""):
     train = build_examples(plot, tokenizer, domain, split_layer, train_rows, label_index, args.max_tokens)
     evaluation = build_examples(plot, tokenizer, domain, split_layer, eval_rows, label_index, args.max_tokens)
     accuracies = []
     started = time.perf_counter()
-    targets = targets_at(args, model.dims, split_layer)
+    targets = targets or targets_at(args, model.dims, split_layer)
     epochs = args.tenant_epochs if split_layer > 0 else args.epochs
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
@@ -119,9 +125,21 @@ class Scores(list):
         return f"{self.mean:.4f}" + (f" ± {self.std:.4f} over {len(self)} seeds" if len(self) > 1 else "")
 
 
+def gap_points(reference: dict, scores: list[float]) -> tuple[float, float]:
+    """How far below a reference a configuration's mean accuracy is, in points, and that gap's standard error
+    over the seeds (Welch: the two sets of seeds train different models, so they are not paired). The
+    validation set's own sampling error is shared by both sides and left out."""
+    accuracies = reference.get("accuracies") or []
+    if not accuracies:
+        return float("nan"), float("nan")
+    gap = 100 * (statistics.fmean(accuracies) - statistics.fmean(scores))
+    variance = sum(statistics.variance(side) / len(side) for side in (accuracies, scores) if len(side) > 1)
+    return gap, 100 * variance ** 0.5
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--data", required=True, help="labeled folder(s), comma-separated: each is studied")
     parser.add_argument("--split-layers", default="2,3,4")
     parser.add_argument("--contexts", default="2", help="PLOT context depth k (window: half width + 1)")
     parser.add_argument("--methods", default="bridge", help=f"comma-separated of {', '.join(METHODS)}")
@@ -138,13 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of adaptation (and training without --seeds)")
-    parser.add_argument("--seeds", default="", help="training seeds, e.g. 0,1,2: accuracy is their mean")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds: accuracy is their mean (at least three "
+                        "for a claim; one seed's accuracy moves by about a point)")
     parser.add_argument("--adapted", choices=["no", "yes", "only"], default="no",
                         help="also (yes) or only (only) domain-adapted lower models")
     parser.add_argument("--adapt-steps", type=int, default=300)
     parser.add_argument("--bridge-steps", type=int, default=0, help="distillation steps (0: the build's default)")
     parser.add_argument("--no-position-offsets", action="store_true", help="ablation: raw PLOT vectors")
     parser.add_argument("--no-reference", action="store_true", help="skip the full model (e.g. a second run)")
+    parser.add_argument("--no-strong-reference", action="store_true",
+                        help="skip the full model + LoRA on every projection (the stronger reference)")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -154,17 +175,45 @@ def main(argv: list[str] | None = None) -> int:
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods takes {', '.join(METHODS)}")
 
+    folders = [Path(part) for part in args.data.split(",") if part.strip()]
+    missing = [str(folder) for folder in folders if not (folder / "train.jsonl").is_file()
+               or not (folder / "validation.jsonl").is_file()]
+    if not folders or missing:
+        parser.error(f"--data: no train.jsonl and validation.jsonl in {', '.join(missing) or 'no folder given'}")
+    names = [folder.name for folder in folders]
+    if len(set(names)) != len(names):
+        parser.error("--data: two folders of the same name; their results would share a file")
+
     model_dir = resolve_model_dir(args.model)
-    train_rows = read_labeled(args.data / "train.jsonl", args.max_train)
-    eval_rows = read_labeled(args.data / "validation.jsonl", args.max_eval)
-    corpus_rows = read_labeled(args.data / "train.jsonl", args.corpus_lines)
-    corpus = "\n".join(text for text, _ in corpus_rows)
-    label_index = {label: i for i, label in enumerate(sorted({label for _, label in train_rows}))}
     tokenizer = load_tokenizer(model_dir)
     model = EncoderModel(model_dir, torch.device("cpu"))
-    layers = model.dims.layers
+    if len(folders) == 1:
+        study(folders[0], args, methods, model_dir, tokenizer, model, args.out)
+        return 0
+    combined = {"datasets": []}
+    for folder in folders:   # one file per folder in the single-folder shape, and all of them together
+        combined["datasets"].append(study(folder, args, methods, model_dir, tokenizer, model,
+                                          args.out.with_name(f"{args.out.stem}-{folder.name}{args.out.suffix}")))
+        write_json(args.out, combined)
+    for results in combined["datasets"]:
+        print(f"\n{Path(results['data']).name}:")
+        print_table(results)
+    return 0
 
-    results = {"data": str(args.data), "model": model_name(args.model), "train_examples": len(train_rows),
+
+def study(folder: Path, args, methods: list[str], model_dir: Path, tokenizer, model, out: Path) -> dict:
+    """Every configuration of one labeled folder, beside its two references; writes OUT as it goes (a run cut
+    short keeps what it measured) and a plot beside it."""
+    train_rows = read_labeled(folder / "train.jsonl", args.max_train)
+    eval_rows = read_labeled(folder / "validation.jsonl", args.max_eval)
+    corpus_rows = read_labeled(folder / "train.jsonl", args.corpus_lines)
+    corpus = "\n".join(text for text, _ in corpus_rows)
+    label_index = {label: i for i, label in enumerate(sorted({label for _, label in train_rows}))}
+    layers = model.dims.layers
+    print(f"== {folder}: {len(train_rows)} training, {len(eval_rows)} validation examples, {len(label_index)} "
+          f"labels, seeds {args.seed_list}", flush=True)
+
+    results = {"data": str(folder), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
                "rank": args.rank, "targets": args.targets, "tenant_targets": args.tenant_targets or "default",
                "tenant_epochs": args.tenant_epochs, "seeds": args.seed_list,
@@ -172,41 +221,48 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "configurations": []}
     variants = {"no": [False], "yes": [False, True], "only": [True]}[args.adapted]
-    with tempfile.TemporaryDirectory(prefix="hmi-accuracy-") as folder:
-        store = KnowledgeStore(StoreSettings(Path(folder), model_dir, model_name(args.model), map_size=32 << 30,
+    references = [("reference", args.targets, "full model + LoRA")]
+    if not args.no_strong_reference:
+        references.append(("reference_strong", ",".join(ENCODER_PROJECTIONS),
+                           "full model + LoRA on every projection"))
+    with tempfile.TemporaryDirectory(prefix="hmi-accuracy-") as scratch:
+        store = KnowledgeStore(StoreSettings(Path(scratch), model_dir, model_name(args.model), map_size=32 << 30,
                                              max_sequence_tokens=args.max_tokens, default_budget_bytes=1 << 40,
                                              default_learn_threshold=-1))
         plot = LocalPlot(store)
         if args.no_reference:
-            results["reference"] = {"accuracy": float("nan"), "accuracy_std": 0.0, "accuracies": [],
-                                    "gflops_per_token": gflops_per_token(model.dims, layers)}
+            for key, targets, _ in references:
+                results[key] = {"accuracy": float("nan"), "accuracy_std": 0.0, "accuracies": [],
+                                "targets": targets, "gflops_per_token": gflops_per_token(model.dims, layers)}
         else:
             store.build_domain("full", "", split_layer=0, context=1, min_count=1)
-            accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, "full", 0, train_rows, eval_rows,
-                                                       label_index, args)
-            results["reference"] = {"accuracy": accuracy.mean, "accuracy_std": accuracy.std,
-                                    "accuracies": accuracy, "adapter_bytes": adapter_bytes, "train_seconds": seconds,
-                                    "gflops_per_token": gflops_per_token(model.dims, layers)}
-            print(f"full model + LoRA: accuracy {accuracy.text()} ({seconds:.0f}s training)", flush=True)
-            write_json(args.out, results)
+            for key, targets, label in references:
+                accuracy, adapter_bytes, seconds = run_one(model, plot, tokenizer, "full", 0, train_rows, eval_rows,
+                                                           label_index, args, targets=targets)
+                results[key] = {"accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
+                                "targets": targets, "adapter_bytes": adapter_bytes, "train_seconds": seconds,
+                                "gflops_per_token": gflops_per_token(model.dims, layers)}
+                print(f"{label}: accuracy {accuracy.text()} ({seconds:.0f}s training, adapter "
+                      f"{adapter_bytes / 1024:.0f} KiB)", flush=True)
+                write_json(out, results)
         for split_layer in parse_list(args.split_layers):
             for context in parse_list(args.contexts):
                 for method in methods:
                     for adapted in variants if method in ("plot", "bridge") else [False]:
                         row = run_method(method, adapted, split_layer, context, store, plot, model, tokenizer,
-                                         corpus, train_rows, eval_rows, label_index, args, results["reference"])
+                                         corpus, train_rows, eval_rows, label_index, args, results)
                         results["configurations"].append(row)
-                        write_json(args.out, results)   # a run cut short keeps what it measured
+                        write_json(out, results)
         store.close()
 
-    write_json(args.out, results)
+    write_json(out, results)
     print_table(results)
-    plot_results(results, args.out.with_suffix(".png"))
-    return 0
+    plot_results(results, out.with_suffix(".png"))
+    return results
 
 
 def run_method(method, adapted, split_layer, context, store, plot, model, tokenizer, corpus, train_rows, eval_rows,
-               label_index, args, reference) -> dict:
+               label_index, args, results) -> dict:
     """Builds the layer-L inputs of one configuration, trains its tenants and returns its result row."""
     dims, layers = model.dims, model.dims.layers
     name = f"L{split_layer}-k{context}-{method}{'-adapted' if adapted else ''}"
@@ -247,7 +303,8 @@ def run_method(method, adapted, split_layer, context, store, plot, model, tokeni
            "tenant_targets": targets_at(args, dims, split_layer),
            "position_offsets": not args.no_position_offsets,
            "accuracy": accuracy.mean, "accuracy_std": accuracy.std, "accuracies": accuracy,
-           "accuracy_loss_points": 100 * (reference["accuracy"] - accuracy.mean),
+           "accuracy_loss_points": 100 * (results["reference"]["accuracy"] - accuracy.mean),
+           "accuracy_loss_se_points": gap_points(results["reference"], accuracy)[1],
            "plot_bytes": plot_bytes, "nodes": nodes,
            "nodes_per_depth": record.nodes_per_depth if record is not None else [],
            "bridge": bridge_report, "adapter_bytes": adapter_bytes,
@@ -255,7 +312,9 @@ def run_method(method, adapted, split_layer, context, store, plot, model, tokeni
            "layers_computed": layers - split_layer + extra_layers,
            "gflops_per_token": gflops_per_token(dims, layers - split_layer + extra_layers),
            "build_seconds": build_seconds, "train_seconds": seconds, "adapt": adapt_report}
-    print(f"{name}: accuracy {accuracy.text()} ({row['accuracy_loss_points']:+.2f} points below full), PLOT "
+    if "reference_strong" in results:
+        row["strong_loss_points"], row["strong_loss_se_points"] = gap_points(results["reference_strong"], accuracy)
+    print(f"{name}: accuracy {accuracy.text()} ({gap_text(row)}), PLOT "
           f"{plot_bytes / 2**20:.1f} MiB, {nodes} nodes", flush=True)
     if record is not None:
         store.delete_domain(name)
@@ -273,16 +332,32 @@ def gflops_per_token(dims, computed_layers: float) -> float:
     return 2 * computed_layers * (4 * dims.hidden ** 2 + 2 * dims.hidden * dims.intermediate) / 1e9
 
 
+def gap_text(row: dict) -> str:
+    """The row's distance below each reference, with its standard error over the seeds."""
+    parts = [f"{row['accuracy_loss_points']:+.2f} ± {row.get('accuracy_loss_se_points', float('nan')):.2f} points "
+             f"below the full model"]
+    if "strong_loss_points" in row:
+        parts.append(f"{row['strong_loss_points']:+.2f} ± {row['strong_loss_se_points']:.2f} below the strong "
+                     f"reference")
+    return ", ".join(parts)
+
+
 def print_table(results: dict) -> None:
-    print(f"\n{'L':>2} {'k':>2} {'method':>8} {'adapted':>7} {'accuracy':>9} {'± std':>7} {'loss pts':>9} "
-          f"{'PLOT MiB':>9} {'nodes':>8} {'GFLOP/tok':>9}")
-    reference = results["reference"]
-    print(f"{'-':>2} {'-':>2} {'full':>8} {'-':>7} {reference['accuracy']:9.4f} {reference['accuracy_std']:7.4f} "
-          f"{'':>9} {'':>9} {'':>8} {reference['gflops_per_token']:9.4f}")
+    """Gaps are points below the reference (positive: the hPLM is less accurate), ± their standard error."""
+    print(f"\n{'L':>2} {'k':>2} {'method':>8} {'adapted':>7} {'accuracy':>9} {'± std':>7} {'gap pts':>13} "
+          f"{'strong gap':>13} {'PLOT MiB':>9} {'nodes':>8} {'GFLOP/tok':>9}")
+    for key, name in (("reference", "full"), ("reference_strong", "full-all")):
+        if key in results:
+            reference = results[key]
+            print(f"{'-':>2} {'-':>2} {name:>8} {'-':>7} {reference['accuracy']:9.4f} {reference['accuracy_std']:7.4f} "
+                  f"{'':>13} {'':>13} {'':>9} {'':>8} {reference['gflops_per_token']:9.4f}")
     for row in results["configurations"]:
+        gap = f"{row['accuracy_loss_points']:.2f} ± {row.get('accuracy_loss_se_points', float('nan')):.2f}"
+        strong = (f"{row['strong_loss_points']:.2f} ± {row['strong_loss_se_points']:.2f}"
+                  if "strong_loss_points" in row else "-")
         print(f"{row['split_layer']:>2} {row['context']:>2} {row.get('method', 'plot'):>8} "
               f"{'yes' if row['domain_adapted'] else 'no':>7} {row['accuracy']:9.4f} {row['accuracy_std']:7.4f} "
-              f"{row['accuracy_loss_points']:9.2f} {row['plot_bytes'] / 2**20:9.1f} {row['nodes']:8d} "
+              f"{gap:>13} {strong:>13} {row['plot_bytes'] / 2**20:9.1f} {row['nodes']:8d} "
               f"{row['gflops_per_token']:9.4f}")
 
 
@@ -307,6 +382,9 @@ def plot_results(results: dict, path: Path) -> None:
                    label=label)
     for axis in (left, right):
         axis.axhline(results["reference"]["accuracy"], color="black", linestyle="--", label="full model + LoRA")
+        if "reference_strong" in results:
+            axis.axhline(results["reference_strong"]["accuracy"], color="grey", linestyle=":",
+                         label="full model + LoRA on every projection")
         axis.set_ylabel("accuracy")
         axis.legend(fontsize=7)
     left.set_xlabel("split layer L")

@@ -20,6 +20,7 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
         (data / name).write_text("\n".join(json.dumps(row) for row in sample(rng, count)))
     out = tmp_path / "out" / "study.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--data", str(data),
+                             "--no-strong-reference",
                              "--split-layers", "2", "--contexts", "1,2", "--max-train", "60", "--epochs", "2",
                              "--adapted", "yes", "--adapt-steps", "3", "--seeds", "0,1", "--bridge-steps", "5",
                              "--model", str(tiny_model_dir), "--out", str(out)],
@@ -41,6 +42,38 @@ def test_accuracy_study_writes_the_documented_json_and_a_plot(tmp_path, tiny_mod
     assert deeper[2] > deeper[1], "a deeper context keeps more nodes"
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "full model + LoRA" in result.stdout
+    assert "reference_strong" not in study and "strong_loss_points" not in rows[0]
+
+
+def test_accuracy_study_measures_every_folder_on_three_seeds_against_both_references(tmp_path, tiny_model_dir):
+    folders = []
+    for index, name in enumerate(("first", "second")):
+        folder = tmp_path / name
+        folder.mkdir()
+        rng = random.Random(10 + index)
+        for file, count in (("train.jsonl", 60), ("validation.jsonl", 20)):
+            (folder / file).write_text("\n".join(json.dumps(row) for row in sample(rng, count)))
+        folders.append(folder)
+    out = tmp_path / "out" / "study.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--data",
+                             ",".join(str(f) for f in folders), "--split-layers", "2", "--epochs", "1",
+                             "--bridge-steps", "3", "--model", str(tiny_model_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    combined = json.loads(out.read_text())["datasets"]
+    assert [Path(d["data"]).name for d in combined] == ["first", "second"]
+    for folder, study in zip(folders, combined):
+        assert json.loads((out.parent / f"study-{folder.name}.json").read_text()) == study
+        assert study["seeds"] == [0, 1, 2], "a claim rests on three seeds unless told otherwise"
+        strong = study["reference_strong"]
+        assert strong["targets"] == "query,key,value,attn_out,ffn_in,ffn_out" and len(strong["accuracies"]) == 3
+        assert strong["adapter_bytes"] > 2 * study["reference"]["adapter_bytes"], "every projection, not two"
+        (row,) = study["configurations"]
+        expected = 100 * (sum(strong["accuracies"]) - sum(row["accuracies"])) / 3
+        assert abs(row["strong_loss_points"] - expected) < 1e-9
+        assert row["accuracy_loss_se_points"] >= 0 and row["strong_loss_se_points"] >= 0
+        assert (out.parent / f"study-{folder.name}.png").stat().st_size > 1000
+    assert result.stdout.count("below the strong reference") == 2
 
 
 def test_perplexity_study_writes_its_json_and_a_plot(tmp_path):
