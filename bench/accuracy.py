@@ -97,10 +97,12 @@ def run_one(model, plot, tokenizer, domain, split_layer, train_rows, eval_rows, 
     started = time.perf_counter()
     targets = targets or targets_at(args, model.dims, split_layer)
     epochs = args.tenant_epochs if split_layer > 0 else args.epochs
+    rank = args.tenant_rank if split_layer > 0 else args.rank
+    learning_rate = args.tenant_learning_rate if split_layer > 0 else args.learning_rate
     for seed in args.seed_list:   # several seeds: a single run's accuracy is noisy (SE ~1.4 points on 872 examples)
         trainer = AdapterTrainer(model, TrainSettings(split_layer=split_layer, num_labels=len(label_index),
-                                                      rank=args.rank, alpha=2.0 * args.rank, epochs=epochs,
-                                                      learning_rate=args.learning_rate, seed=seed,
+                                                      rank=rank, alpha=2.0 * rank, epochs=epochs,
+                                                      learning_rate=learning_rate, seed=seed,
                                                       targets=tuple(targets.split(","))))
         trainer.fit(train)
         accuracies.append(trainer.accuracy(evaluation))
@@ -162,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="also (yes) or only (only) domain-adapted lower models")
     parser.add_argument("--adapt-steps", type=int, default=300)
     parser.add_argument("--bridge-steps", type=int, default=0, help="distillation steps (0: the build's default)")
+    parser.add_argument("--bridge-heads", type=int, default=0, help="ablation: bridge attention heads (0: default)")
+    parser.add_argument("--bridge-head-dim", type=int, default=0, help="ablation: bridge head width (0: default)")
+    parser.add_argument("--bridge-ffn", type=int, default=0, help="ablation: bridge feed-forward width (0: default)")
+    parser.add_argument("--bridge-early-stopping", action="store_true",
+                        help="ablation: distil until the stopping set's error stops improving")
+    parser.add_argument("--tenant-rank", type=int, default=0, help="LoRA rank of the tenants at L > 0 (0: --rank)")
+    parser.add_argument("--tenant-learning-rate", type=float, default=0.0,
+                        help="learning rate of the tenants at L > 0 (0: --learning-rate)")
     parser.add_argument("--no-position-offsets", action="store_true", help="ablation: raw PLOT vectors")
     parser.add_argument("--no-reference", action="store_true", help="skip the full model (e.g. a second run)")
     parser.add_argument("--no-strong-reference", action="store_true",
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.seed_list = parse_list(args.seeds) or [args.seed]
     args.tenant_epochs = args.tenant_epochs or args.epochs
+    args.tenant_rank = args.tenant_rank or args.rank
+    args.tenant_learning_rate = args.tenant_learning_rate or args.learning_rate
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods takes {', '.join(METHODS)}")
@@ -216,7 +228,9 @@ def study(folder: Path, args, methods: list[str], model_dir: Path, tokenizer, mo
     results = {"data": str(folder), "model": model_name(args.model), "train_examples": len(train_rows),
                "eval_examples": len(eval_rows), "corpus_lines": len(corpus_rows), "epochs": args.epochs,
                "rank": args.rank, "targets": args.targets, "tenant_targets": args.tenant_targets or "default",
-               "tenant_epochs": args.tenant_epochs, "seeds": args.seed_list,
+               "tenant_epochs": args.tenant_epochs, "tenant_rank": args.tenant_rank,
+               "tenant_learning_rate": args.tenant_learning_rate, "seeds": args.seed_list,
+               "bridge_settings": dataclasses.asdict(bridge_settings(args)),
                "position_offsets": not args.no_position_offsets, "methods": methods,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "configurations": []}
@@ -280,7 +294,7 @@ def run_method(method, adapted, split_layer, context, store, plot, model, tokeni
         record = store.build_domain(name, corpus, split_layer=split_layer, context=context,
                                     min_count=args.min_count, position_offsets=not args.no_position_offsets,
                                     no_bridge=method == "plot",
-                                    bridge=DistillSettings(steps=args.bridge_steps, seed=args.seed))
+                                    bridge=bridge_settings(args))
         nodes, plot_bytes = record.nodes, record.plot_bytes
         if record.bridge is not None:
             bridge_report = dataclasses.asdict(record.bridge)
@@ -319,6 +333,16 @@ def run_method(method, adapted, split_layer, context, store, plot, model, tokeni
     if record is not None:
         store.delete_domain(name)
     return row
+
+
+def bridge_settings(args) -> DistillSettings:
+    """The build's distillation defaults, changed only where the study's bridge flags say so."""
+    settings = DistillSettings(steps=args.bridge_steps, seed=args.seed, early_stopping=args.bridge_early_stopping)
+    for name in ("heads", "head_dim", "ffn"):
+        value = getattr(args, f"bridge_{name}")
+        if value:
+            setattr(settings, name, value)
+    return settings
 
 
 def write_json(path: Path, results: dict) -> None:

@@ -54,6 +54,9 @@ def test_domain_tenant_classify_embed_round_trip(services, tmp_path, tiny_model_
     assert len(lines) == 2 and all(line.split("\t")[0] in ("neg", "pos") for line in lines)
     vector = json.loads(hmi(services, "embed", "cli-t", "hello").stdout)
     assert len(vector) == dims.hidden
+    count, pieces = hmi(services, "tokenize", "cli-t", "hello world").stdout.strip().split("\t")
+    tokens = pieces.split(" ")
+    assert int(count) == len(tokens) >= 3 and tokens[0].endswith(':"[CLS]"') and tokens[-1].endswith(':"[SEP]"')
 
     assert "deleted" in hmi(services, "tenant", "delete", "cli-t").stdout
     failed = hmi(services, "classify", "cli-t", "hello", check=False)

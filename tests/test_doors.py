@@ -198,6 +198,34 @@ def test_tei_routes_equal_grpc(doors):
     assert post(services, "/tei/door-embedder/embed", {"inputs": "hi"}, token="hmi_bad")[0] == 401
 
 
+def test_grpc_tokenize_and_detokenize_answer_what_the_http_routes_do(doors):
+    services, client = doors
+    status, counted, _ = post(services, "/tokenize", {"model": "door-bard", "prompt": "the service was",
+                                                      "add_special_tokens": False})
+    assert status == 200
+    answer = client.tokenize("door-bard", ["the service was", "rain"], special_tokens=False)
+    first = answer.texts[0]
+    assert list(first.ids) == counted["tokens"] and answer.max_model_len == counted["max_model_len"]
+    assert [("the service was"[a:b]) for a, b in zip(first.starts, first.ends)] == [p for p in first.pieces]
+    assert not any(first.special) and len(answer.texts) == 2
+    assert client.detokenize("door-bard", [list(first.ids), list(answer.texts[1].ids)]) == ["the service was", "rain"]
+    # an encoder tenant: its [CLS] and [SEP] are there unless asked away, and detokenize drops them unless kept
+    with_specials = client.tokenize("door-critic", ["the service was"]).texts[0]
+    assert list(with_specials.special) == [True] + [False] * (len(with_specials.ids) - 2) + [True]
+    assert with_specials.pieces[0] == "[CLS]" and with_specials.starts[0] == with_specials.ends[0] == 0
+    bare = client.tokenize("door-critic", ["the service was"], special_tokens=False).texts[0]
+    assert list(bare.ids) == list(with_specials.ids)[1:-1]
+    assert client.detokenize("door-critic", [list(with_specials.ids)]) == ["the service was"]
+    assert client.detokenize("door-critic", [list(with_specials.ids)], keep_special_tokens=True) == [
+        "[CLS] the service was [SEP]"]
+    # bad input: the same messages as the HTTP routes
+    assert "not a token id of the base model" in expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, client.detokenize, "door-bard", [[10 ** 9]])
+    assert "at least one" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.tokenize, "door-bard", [])
+    assert "at least one" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, client.detokenize, "door-bard", [])
+    expect_status(grpc.StatusCode.NOT_FOUND, client.tokenize, "no-such-tenant", ["hi"])
+
+
 def test_huggingface_inference_client_reads_the_tei_door(doors, monkeypatch):
     hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed")
     # The tests run with HF_HUB_OFFLINE (nothing may reach a hub); this client talks to the local gateway only.

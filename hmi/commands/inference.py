@@ -1,4 +1,4 @@
-"""`hmi classify`, `hmi embed`, `hmi generate`: a tenant's model through the gateway."""
+"""`hmi classify`, `hmi embed`, `hmi generate`, `hmi tokenize`: a tenant's model through the gateway."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    """One line per text: its token count, then each token as id:piece (JSON, so spaces and specials show)."""
+    with connect(args) as client:
+        answer = client.tokenize(args.tenant_id, args.texts, special_tokens=not args.no_special_tokens)
+    for tokens in answer.texts:
+        pieces = " ".join(f"{i}:{json.dumps(p, ensure_ascii=False)}" for i, p in zip(tokens.ids, tokens.pieces))
+        print(f"{len(tokens.ids)}\t{pieces}")
+    print(f"[at most {answer.max_model_len} tokens per sequence]", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub) -> None:
     group = sub
     p = client_parser(group, "classify", help="label and probabilities for each text")
@@ -70,3 +81,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], 0 = off (OpenAI's)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 2], 1 = off (transformers')")
     p.set_defaults(func=cmd_generate)
+    p = client_parser(group, "tokenize", help="token ids and pieces of each text as the tenant's base model reads it")
+    p.add_argument("tenant_id")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--no-special-tokens", action="store_true", help="leave out [CLS]/[SEP] or BOS")
+    p.set_defaults(func=cmd_tokenize)

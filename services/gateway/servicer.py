@@ -74,6 +74,24 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                           prompt_logprobs=[_logprobs_pb(e) for e in piece.prompt_logprobs or ()])
 
 
+    @handles_errors
+    def Tokenize(self, request, context) -> pb.TokenizeResponse:
+        call = call_of(context)
+        texts = self.core.tokenize(call, request.tenant_id, list(request.texts), not request.no_special_tokens)
+        response = pb.TokenizeResponse(max_model_len=self.core.token_limit(call, request.tenant_id))
+        for tokens in texts:
+            response.texts.add(ids=[t.id for t in tokens], pieces=[t.text for t in tokens],
+                               starts=[t.start for t in tokens], ends=[t.stop for t in tokens],
+                               special=[t.special for t in tokens])
+        return response
+
+    @handles_errors
+    def Detokenize(self, request, context) -> pb.DetokenizeResponse:
+        texts = self.core.detokenize(call_of(context), request.tenant_id, [list(s.ids) for s in request.sequences],
+                                     skip_special_tokens=not request.keep_special_tokens)
+        return pb.DetokenizeResponse(texts=texts)
+
+
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, core: Admin) -> None:
         self.core = core

@@ -350,6 +350,22 @@ class HMIClient(FineTuningCalls):
             response = self._retrying(lambda left: self.gateway.Embed(request, timeout=left), timeout)
         return [list(e.values) for e in response.embeddings]
 
+    def tokenize(self, tenant_id: str, texts: list[str], *, special_tokens: bool = True,
+                 timeout: float | None = None) -> pb.TokenizeResponse:
+        """The texts' tokens as the tenant's base model reads them (`.texts[i].ids`, `.pieces`, `.starts`,
+        `.ends`, `.special`) and `.max_model_len`."""
+        request = pb.TokenizeRequest(tenant_id=tenant_id, texts=texts, no_special_tokens=not special_tokens)
+        with translated():
+            return self._retrying(lambda left: self.gateway.Tokenize(request, timeout=left), timeout)
+
+    def detokenize(self, tenant_id: str, sequences: list[list[int]], *, keep_special_tokens: bool = False,
+                   timeout: float | None = None) -> list[str]:
+        """The text of each sequence of the base model's token ids."""
+        request = pb.DetokenizeRequest(tenant_id=tenant_id, sequences=[pb.TokenIds(ids=ids) for ids in sequences],
+                                       keep_special_tokens=keep_special_tokens)
+        with translated():
+            return list(self._retrying(lambda left: self.gateway.Detokenize(request, timeout=left), timeout).texts)
+
     def generate(self, tenant_id: str, prompt: str = "", *, max_new_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None,
                  prompt_ids: list[int] | None = None, ignore_eos: bool = False, truncate_prompt_tokens: int = 0,

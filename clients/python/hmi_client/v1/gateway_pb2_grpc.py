@@ -52,6 +52,16 @@ class GatewayStub:
                 request_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
                 response_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/hmi.v1.Gateway/Tokenize',
+                request_serializer=hmi_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/hmi.v1.Gateway/Detokenize',
+                request_serializer=hmi_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=hmi_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -77,6 +87,20 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Texts as the tenant's base model reads them (token ids, pieces, character offsets), and token ids back
+        to text: for prompt budgeting, `prompt_ids` and reading `token_ids` (vLLM's /tokenize and /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.FromString,
                     response_serializer=hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.TokenizeRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_gateway__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=hmi_dot_v1_dot_gateway__pb2.DetokenizeRequest.FromString,
+                    response_serializer=hmi_dot_v1_dot_gateway__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +212,60 @@ class Gateway:
             '/hmi.v1.Gateway/Generate',
             hmi_dot_v1_dot_gateway__pb2.GenerateTextRequest.SerializeToString,
             hmi_dot_v1_dot_gateway__pb2.GenerateTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Gateway/Tokenize',
+            hmi_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+            hmi_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hmi.v1.Gateway/Detokenize',
+            hmi_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+            hmi_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
