@@ -171,7 +171,7 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
                            ({"repetition_penalty": 0}, "repetition_penalty must lie in")):
         with pytest.raises(openai.BadRequestError, match=message):
             api.completions.create(model="http-bard", prompt="hi", max_tokens=2, extra_body=extra)
-    for extra in ({"min_tokens": 3}, {"length_penalty": 0.5}, {"guided_choice": ["a", "b"]},
+    for extra in ({"min_tokens": 3}, {"length_penalty": 0.5}, {"guided_grammar": "root ::= \"a\""},
                   {"use_beam_search": True}):
         with pytest.raises(openai.BadRequestError, match="not supported"):
             api.completions.create(model="http-bard", prompt="hi", max_tokens=2, extra_body=extra)
@@ -179,6 +179,44 @@ def test_several_prompts_token_prompts_and_n_choices(deployment):
         api.completions.create(model="http-bard", prompt=[10**9], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="choices per request"):
         api.completions.create(model="http-bard", prompt=["a"] * 9, n=2, max_tokens=2)
+
+
+def test_structured_output_through_the_openai_client_and_grpc(deployment):
+    """The text parses (json.loads, re.fullmatch), whatever the random tiny model would have written."""
+    import re
+
+    from hmi_client import InvalidArgument
+    _services, client, api = deployment
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+              "required": ["name", "ok"]}
+    chat = api.chat.completions.create(model="http-bard", messages=[{"role": "user", "content": "a thing"}],
+                                       max_tokens=60, temperature=0, response_format={
+                                           "type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+    value = json.loads(chat.choices[0].message.content)
+    assert chat.choices[0].finish_reason == "stop" and set(value) == {"name", "ok"} and isinstance(value["ok"], bool)
+    free = api.chat.completions.create(model="http-bard", messages=[{"role": "user", "content": "a thing"}],
+                                       max_tokens=60, temperature=0.8, seed=1, response_format={"type": "json_object"})
+    content = free.choices[0].message.content      # its keys are free strings: it may run out of tokens first
+    assert content.startswith("{") and free.choices[0].finish_reason in ("stop", "length")
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    picked = api.completions.create(model="http-bard", prompt="pick", max_tokens=10, temperature=1.0, seed=2,
+                                    extra_body={"guided_choice": ["red", "green"]}).choices[0].text
+    assert picked in ("red", "green")
+    through_grpc = client.generate("http-bard", "code", max_new_tokens=10, regex="[0-9]{3}").collect()
+    assert re.fullmatch("[0-9]{3}", through_grpc.text) and through_grpc.finish_reason == "stop"
+    as_schema = client.generate("http-bard", "code", max_new_tokens=60, json_schema=schema).collect().text
+    assert set(json.loads(as_schema)) == {"name", "ok"}
+    with pytest.raises(openai.BadRequestError, match="not valid JSON"):
+        api.completions.create(model="http-bard", prompt="x", max_tokens=5, extra_body={"guided_json": "{oops"})
+    with pytest.raises(openai.BadRequestError, match="at most one"):
+        api.completions.create(model="http-bard", prompt="x", max_tokens=5,
+                               extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        api.completions.create(model="http-bard", prompt="x", max_tokens=5,
+                               extra_body={"guided_regex": "a", "ignore_eos": True})
+    with pytest.raises(InvalidArgument, match="cannot be used"):
+        client.generate("http-bard", "x", max_new_tokens=5, regex="(").collect()
 
 
 def test_logprobs_and_echo_equal_transformers_with_the_adapter_merged(deployment, tiny_llama_dir):

@@ -8,7 +8,7 @@ from hmi_client.v1 import fine_tuning_pb2 as hmi_dot_v1_dot_fine__tuning__pb2
 from hmi_proto.v1 import knowledge_store_pb2 as hmi_dot_v1_dot_knowledge__store__pb2
 from hmi_client.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -143,7 +143,8 @@ def generate_request(sequence: Sequence, weight: float, params: "GenerationParam
                                  top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs,
                                  presence_penalty=params.presence_penalty,
                                  frequency_penalty=params.frequency_penalty,
-                                 repetition_penalty=params.repetition_penalty)
+                                 repetition_penalty=params.repetition_penalty,
+                                 output_pattern=params.output_pattern)
     return pb.GenerateRequest(sequence=spec, prompt_ids=sequence.token_ids.tolist(), params=sampling)
 
 
@@ -177,6 +178,7 @@ class GenerationParams:
     presence_penalty: float = 0.0    # 0 = off
     frequency_penalty: float = 0.0   # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    output_pattern: str = ""         # structured output: the regex the text must match
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from models.decoder import DecoderModel
 from models.kv_cache import KVPool
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.compute.adapter_pool import AdapterPool
+from services.compute.constrained_output import OutputConstraints
 from services.compute.generation_scheduler import (
     EngineStats,
     GenerationRequest,
     GenerationScheduler,
+    SamplingParams,
     ScheduledSequence,
     TokenStream,
 )
@@ -37,12 +39,14 @@ class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
                  max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
                  block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "",
-                 kv_dtype: str = "float32") -> None:
-        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES)."""
+                 kv_dtype: str = "float32", constraints: OutputConstraints | None = None) -> None:
+        """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES);
+        `constraints` compiles structured output's patterns (None: requests with one are refused)."""
         self.model = model
         self.pool = pool
         self.plot = plot
         self.namespace = namespace
+        self.constraints = constraints
         self.block_tokens = block_tokens
         self.unit_bytes = unit_bytes = KVPool.unit_bytes(model.dims, block_tokens, kv_dtype)
         units = kv_budget_bytes // unit_bytes
@@ -82,6 +86,8 @@ class GenerationEngine:
             need = self.scheduler.blocks.blocks_for(length) * layers * self.unit_bytes
             raise ResourceExhausted(f"this request can grow to {need >> 20} MiB of KV cache, more than compute's whole "
                                     f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
+        if params.output_pattern:
+            request.output_index = self._compiled(params)
         sequence = ScheduledSequence.of(request, layers, self.namespace, self.block_tokens)
         self.scheduler.check_room()   # before fetching anything for a request that would be refused
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
@@ -93,6 +99,17 @@ class GenerationEngine:
                                                          [prompt], [0], [0])
         self.scheduler.enqueue(sequence)
         return sequence.stream
+
+    def _compiled(self, params: SamplingParams):
+        """The request's output pattern compiled (in the caller's thread: a new pattern can take seconds)."""
+        if self.constraints is None:
+            raise FailedPrecondition("this compute replica has no tokenizer to constrain output with")
+        if params.forced_tokens:
+            raise InvalidArgument("structured output cannot score a given continuation")
+        if self.constraints.eos_token_id not in params.stop_token_ids:
+            raise InvalidArgument("structured output ends at the end-of-text token once the text is complete: it "
+                                  "cannot be combined with ignore_eos")
+        return self.constraints.index(params.output_pattern)
 
     def snapshot(self) -> EngineStats:
         return self.scheduler.snapshot()

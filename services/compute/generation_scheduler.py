@@ -58,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0     # OpenAI's: minus this for every token generated so far; 0 = off
     frequency_penalty: float = 0.0    # OpenAI's: minus this times each token's count so far; 0 = off
     repetition_penalty: float = 1.0   # CTRL's (transformers, vLLM): prompt and generated tokens; 1 = off
+    output_pattern: str = ""          # structured output: the text must match this regex (constrained_output.py)
 
     @property
     def penalised(self) -> bool:
@@ -74,6 +75,7 @@ class GenerationRequest:
     params: SamplingParams
     weight: float = 1.0               # the tenant's share of the queue (its priority)
     domain_revision: int = 0          # the domain's build its PLOT rows come from (part of the prefix key)
+    output_index: Any = None          # output_pattern compiled (the engine sets it at submit)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from models.kv_cache import KVPool, PagedKV
 from models.packing import PackedLayout, pack_inputs, plot_rows
 from services.common.limits import MAX_CONTEXT
 from services.compute.adapter_pool import AdapterPool
+from services.compute.constrained_output import OutputGuide
 from services.compute.generation_scheduler import Compaction, ScheduledSequence, StepPlan
 from services.compute.sampling import penalise, sample
 
@@ -52,6 +53,7 @@ class SequenceTensors:
     prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
     scores: torch.Tensor | None = None                    # under a KV budget: [layers, length] attention received
     preemptions: int = 0                                  # of the sequence when `scores` was started
+    guide: OutputGuide | None = None                      # structured output: where its text is in the pattern
 
 
 def token_logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -73,6 +75,8 @@ class StepRunner:
         request = sequence.request
         state = SequenceTensors(torch.Generator().manual_seed(request.params.seed),
                                 prompt_logprobs=[] if request.params.prompt_logprobs else None)
+        if request.output_index is not None:
+            state.guide = OutputGuide(request.output_index, self.model.dims.vocab)
         if sequence.prompt_rows is not None:   # done: admission waited for it
             prompt_rows = np.asarray(sequence.prompt_rows.result()[0])
             state.rows = np.empty((len(request.prompt) + request.params.max_new_tokens, prompt_rows.shape[1]),
@@ -124,8 +128,13 @@ class StepRunner:
             forced = s.request.params.forced_tokens
             scores = (penalise(logits[j], s.request.params, s.request.prompt, s.tokens[len(s.request.prompt):])
                       if s.request.params.penalised else logits[j])
+            guide = states[j].guide
+            if guide is not None:
+                scores = guide.mask(scores)
             token = (forced[s.generated] if s.generated < len(forced)
                      else sample(scores, s.request.params, states[j].generator))
+            if guide is not None:
+                guide.advance(token)
             sampled[s] = token
             params = s.request.params
             if params.logprobs or params.prompt_logprobs:

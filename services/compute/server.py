@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> None:
     from models.decoder import DecoderModel
     from models.dims import ModelDims
     from models.encoder import EncoderModel
+    from models.loading import eos_token_ids
     from services.common.auth.peers import describe
     from services.common.logs import setup_logging
     from services.common.metrics import register_state
@@ -123,6 +124,7 @@ def main(args: argparse.Namespace) -> None:
     from services.compute.adapter_invalidation import AdapterInvalidation
     from services.compute.adapter_pool import AdapterPool
     from services.compute.bridge_cache import BridgeCache
+    from services.compute.constrained_output import OutputConstraints
     from services.compute.coserving import CoServingGate
     from services.compute.executor import Executor
     from services.compute.fine_tuning_worker import FineTuningWorker, WorkerSettings
@@ -161,7 +163,9 @@ def main(args: argparse.Namespace) -> None:
         engine = GenerationEngine(model, pool, store.plot_rows, kv_budget_bytes=args.kv_cache_mib << 20,
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
-                                  namespace=served_name, kv_dtype=args.kv_cache_dtype)
+                                  namespace=served_name, kv_dtype=args.kv_cache_dtype,
+                                  constraints=OutputConstraints(model_dir, next(iter(eos_token_ids(model_dir)), None),
+                                                                dims.vocab))
         gate.watch(engine.scheduler.has_work)
         pipeline = None
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,

@@ -10,6 +10,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.gateway.settings import GenerationLimits
+from services.gateway.structured_output import output_pattern
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -30,6 +31,7 @@ class GenerationPlan:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    output_pattern: str = ""            # structured output: the regex the generated text must match
 
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
@@ -88,10 +90,16 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
                               f"model's {max_positions} positions; shorten the prompt or lower max_new_tokens")
     seed = secrets.randbits(63) if request.seed is None else request.seed
     stop_ids = () if getattr(request, "ignore_eos", False) else eos_token_ids
+    output = getattr(request, "output_format", None)
+    pattern = output_pattern(output) if output is not None else ""
+    if pattern and not stop_ids:
+        raise InvalidArgument("structured output ends at the end-of-text token once the text is complete: it "
+                              "cannot be combined with ignore_eos" if eos_token_ids else
+                              "structured output needs the model's end-of-text token, which this model does not name")
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
                           float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids, top,
                           bool(getattr(request, "prompt_logprobs", False)), repetition_penalty=repetition,
-                          **penalties)
+                          output_pattern=pattern, **penalties)
 
 
 class TextStreamer:

@@ -9,12 +9,14 @@ from hmi_client.v1 import fine_tuning_pb2_grpc as ft_grpc
 from hmi_client.v1 import gateway_pb2 as pb
 from hmi_client.v1 import gateway_pb2_grpc as pb_grpc
 from services.common.deadlines import NO_DEADLINE
+from services.common.errors import InvalidArgument
 from services.common.rpc import handles_errors, handles_stream_errors
 from services.gateway.access import bearer_token
 from services.gateway.core.admin import Admin
 from services.gateway.core.call import Call
 from services.gateway.core.fine_tuning import FineTuning
 from services.gateway.core.inference import GenerateRequest, Inference, TextsRequest
+from services.gateway.structured_output import OutputFormat
 
 
 def _choice_pb(choice) -> pb.TokenChoice:
@@ -66,7 +68,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      request.truncate_prompt_tokens,
                                      request.logprobs if request.HasField("logprobs") else None,
                                      request.prompt_logprobs, request.presence_penalty, request.frequency_penalty,
-                                     request.repetition_penalty or 1.0)
+                                     request.repetition_penalty or 1.0, _output_format(request))
         for piece in self.core.generate(call_of(context), generation):
             yield pb.GenerateTextResponse(text=piece.text, token_ids=piece.token_ids,
                                           finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,
@@ -212,3 +214,18 @@ class FineTuningServicer(ft_grpc.FineTuningServicer):
     @handles_errors
     def ListCheckpoints(self, request, context):
         return self.core.checkpoints(call_of(context), request.id)
+
+
+def _output_format(request) -> OutputFormat | None:
+    if not request.HasField("output_format"):
+        return None
+    output = request.output_format
+    kind = output.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("output_format is set but names no format: set json_object, json_schema, regex or "
+                              "choice")
+    if kind == "json_object":
+        return OutputFormat("json_object")
+    if kind == "choice":
+        return OutputFormat("choice", choices=tuple(output.choice.options))
+    return OutputFormat(kind, getattr(output, kind))

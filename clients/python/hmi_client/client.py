@@ -15,6 +15,7 @@ CA that signed the gateway's certificate: the channel then uses TLS (`tls=True` 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 import uuid
@@ -370,11 +371,14 @@ class HMIClient(FineTuningCalls):
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: list[str] | None = None,
                  prompt_ids: list[int] | None = None, ignore_eos: bool = False, truncate_prompt_tokens: int = 0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                 timeout: float | None = None) -> GenerationStream:
+                 json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
+                 choices: list[str] | None = None, timeout: float | None = None) -> GenerationStream:
         """Iterate for text pieces as they are generated; `.cancel()` stops it, `.collect()` waits for all.
         `prompt_ids`: token ids of the base model's tokenizer instead of `prompt`; `ignore_eos`: generate
         `max_new_tokens` past end-of-text; `truncate_prompt_tokens`: keep only the prompt's last so many tokens;
-        the penalties as OpenAI's (presence, frequency: [-2, 2]) and transformers' (repetition: (0, 2])."""
+        the penalties as OpenAI's (presence, frequency: [-2, 2]) and transformers' (repetition: (0, 2]).
+        Structured output, at most one of: `json_schema` (the text is JSON that follows it), `json_object` (any
+        JSON object), `regex` (the text matches it), `choices` (the text is one of them)."""
         request = pb.GenerateTextRequest(tenant_id=tenant_id, prompt=prompt, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or [],
                                          prompt_ids=prompt_ids or [], ignore_eos=ignore_eos,
@@ -383,6 +387,19 @@ class HMIClient(FineTuningCalls):
                                          repetition_penalty=repetition_penalty)
         if seed is not None:
             request.seed = seed
+        formats = [given for given in (json_schema is not None, json_object, regex is not None, choices is not None)
+                   if given]
+        if len(formats) > 1:
+            raise ValueError("give at most one of json_schema, json_object, regex and choices")
+        if json_schema is not None:
+            request.output_format.json_schema = (json_schema if isinstance(json_schema, str)
+                                                  else json.dumps(json_schema))
+        elif json_object:
+            request.output_format.json_object = True
+        elif regex is not None:
+            request.output_format.regex = regex
+        elif choices is not None:
+            request.output_format.choice.options.extend(choices)
         return GenerationStream(self.gateway.Generate(request, timeout=timeout or self.timeout))
 
 

@@ -24,6 +24,7 @@ from services.gateway.directory import TenantDirectory, TenantRoute
 from services.gateway.generation import GenerationPlan, TextStreamer, plan_generation
 from services.gateway.quotas import Limits, Permit, Quotas
 from services.gateway.router import Replica, Router
+from services.gateway.structured_output import OutputFormat
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class GenerateRequest:
     presence_penalty: float = 0.0         # [-2, 2], 0: off (OpenAI's)
     frequency_penalty: float = 0.0        # [-2, 2], 0: off (OpenAI's)
     repetition_penalty: float = 1.0       # (0, 2], 1: off (CTRL's, as transformers and vLLM)
+    output_format: OutputFormat | None = None   # structured output (JSON object, JSON schema, regex, choice)
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,7 @@ class Inference:
                                   tuple(plan.stop_token_ids), logprobs=plan.logprobs is not None,
                                   top_logprobs=plan.logprobs or 0, prompt_logprobs=plan.prompt_logprobs,
                                   presence_penalty=plan.presence_penalty, frequency_penalty=plan.frequency_penalty,
-                                  repetition_penalty=plan.repetition_penalty)
+                                  repetition_penalty=plan.repetition_penalty, output_pattern=plan.output_pattern)
         weight = self.quotas.effective(route.limits).weight
         while True:
             replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)

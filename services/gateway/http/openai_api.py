@@ -19,11 +19,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmi_proto.v1 import knowledge_store_pb2 as store_pb
-from services.common.errors import HMIError
+from services.common.errors import HMIError, InvalidArgument
 from services.gateway.core.inference import GeneratedText, GenerateRequest, TextsRequest, TokenLogprobs
 from services.gateway.http.auth import Caller
 from services.gateway.http.door import ApiError, CallerDep, Door, door_of, now, texts_of
 from services.gateway.http.errors import openai_error
+from services.gateway.structured_output import from_openai
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_CHOICES = 16                    # n times the prompts of one request
@@ -72,9 +73,11 @@ class SamplingBody(BaseModel):
     min_p: float | None = Field(None, allow_inf_nan=False)
     use_beam_search: bool = False
     prompt_logprobs: int | None = Field(None, ge=-INT32, le=INT32)
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    response_format: dict[str, Any] | None = Field(None, description="structured output: {\"type\": \"json_object\"} "
+                                                   "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}}")
+    guided_json: Any = Field(None, description="extension (vLLM's): the output follows this JSON schema")
+    guided_regex: str | None = Field(None, description="extension (vLLM's): the output matches this regex")
+    guided_choice: list[str] | None = Field(None, description="extension (vLLM's): the output is one of these")
     guided_grammar: str | None = None
 
 
@@ -96,7 +99,6 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=-INT32, le=INT32)
     top_logprobs: int | None = Field(None, ge=-INT32, le=INT32)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class EmbeddingBody(BaseModel):
@@ -115,12 +117,10 @@ def _refuse_unsupported(body: SamplingBody) -> None:
         "logit_bias": bool(body.logit_bias),
         "best_of": getattr(body, "best_of", None) not in (None, 1),
         "suffix": bool(getattr(body, "suffix", None)), "tools": bool(getattr(body, "tools", None)),
-        "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
         "min_tokens": body.min_tokens not in (None, 0),
         "length_penalty": body.length_penalty not in (None, 1), "min_p": body.min_p not in (None, 0),
         "use_beam_search": body.use_beam_search, "prompt_logprobs": body.prompt_logprobs is not None,
-        "guided_json": body.guided_json is not None, "guided_regex": body.guided_regex is not None,
-        "guided_choice": body.guided_choice is not None, "guided_grammar": body.guided_grammar is not None,
+        "guided_grammar": body.guided_grammar is not None,
     }
     for param, refused in unsupported.items():
         if refused:
@@ -138,13 +138,18 @@ def _generate_request(body: SamplingBody, max_tokens: int | None, logprobs: int 
     _refuse_unsupported(body)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    try:
+        output = from_openai(body.response_format, body.guided_json, body.guided_regex, body.guided_choice)
+    except InvalidArgument as error:
+        raise ApiError(400, str(error), "response_format") from None
     return GenerateRequest(body.model, "", max_tokens or 0, 1.0 if body.temperature is None else body.temperature,
                            body.top_k or 0, 1.0 if body.top_p is None else body.top_p, tuple(_stops(body.stop)),
                            None if body.seed is None else body.seed % (1 << 64), ignore_eos=body.ignore_eos,
                            truncate_prompt_tokens=body.truncate_prompt_tokens or 0, logprobs=logprobs,
                            prompt_logprobs=echo, presence_penalty=body.presence_penalty or 0.0,
                            frequency_penalty=body.frequency_penalty or 0.0,
-                           repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+                           repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                           output_format=output)
 
 
 def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:

@@ -7,7 +7,7 @@ from hmi_client.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_client.v1 import gateway_pb2 as hmi_dot_v1_dot_gateway__pb2
 from hmi_client.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
