@@ -94,12 +94,41 @@ class KVPool:
         for tensor in tensors:
             tensor[tu, :, to] = tensor[su, :, so]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything a unit holds, unit first: keys and values (int8: and their scales)."""
+        return [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.quantized else [])
+
     def gather(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units' keys and values in fp32: units.shape + [kv_heads, block_tokens, head_dim]."""
         if not self.quantized:
             return self.keys[units], self.values[units]
         return (self.keys[units].float() * self.key_scales[units][..., None],
                 self.values[units].float() * self.value_scales[units][..., None])
+
+
+class HostKV:
+    """The host tier's units (services/compute/kv_blocks.py): the pool's layout in host memory, pinned when
+    the pool is on a GPU so the copies can overlap."""
+
+    def __init__(self, pool: KVPool, units: int) -> None:
+        pinned = pool.keys.is_cuda
+        self.tensors = [torch.empty((units,) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=pinned)
+                        for t in pool.tensors()]
+
+    def copy(self, pool: KVPool, out: list[tuple[int, int]], into: list[tuple[int, int]]) -> None:
+        """Pool units to host units (`out`: (pool, host) pairs), then host units back into the pool (`into`:
+        (host, pool) pairs), each direction one indexed copy per tensor."""
+        device = pool.keys.device
+        if out:
+            source = torch.tensor([u for u, _ in out], device=device)
+            target = torch.tensor([h for _, h in out])
+            for on_pool, on_host in zip(pool.tensors(), self.tensors):
+                on_host[target] = on_pool[source].to("cpu")
+        if into:
+            source = torch.tensor([h for h, _ in into])
+            target = torch.tensor([u for _, u in into], device=device)
+            for on_pool, on_host in zip(pool.tensors(), self.tensors):
+                on_pool[target] = on_host[source].to(device, non_blocking=True)
 
 
 class PagedKV:

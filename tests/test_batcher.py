@@ -194,3 +194,17 @@ def test_expired_and_abandoned_work_never_reaches_compute():
         batcher.close()
     sent = [item.route.tenant_id for batch in batcher.batches for item in batch]
     assert sent == ["alive"] and batcher.dropped == 2
+
+
+def test_a_conversations_turns_go_to_one_replica_and_a_tenants_conversations_spread():
+    from services.gateway.generation import generation_affinity
+    router = Router(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"])
+
+    def first(tenant: str, session: str = "") -> str:
+        return router.ranked(generation_affinity(tenant, session))[0].address
+
+    assert first("writer") == router.home_address("writer")          # no session: the tenant's home
+    sessions = {first("writer", f"chat-{i}") for i in range(30)}
+    assert len(sessions) == 3                                          # one tenant's chats use every replica
+    assert all(first("writer", "chat-7") == first("writer", "chat-7") for _ in range(5))
+    assert generation_affinity("a", "b") != generation_affinity("ab", "") != generation_affinity("a\x00b")

@@ -134,15 +134,18 @@ def blocks_budget(dims: ModelDims, blocks: int) -> int:
     return blocks * KVPool.unit_bytes(dims, BLOCK_TOKENS) * dims.layers
 
 
-def test_paged_kv_runs_what_whole_reservations_could_not_and_preempts_the_youngest_exactly(decoder_dir):
+@pytest.mark.parametrize("host_blocks", [0, 8])
+def test_paged_kv_runs_what_whole_reservations_could_not_and_preempts_the_youngest_exactly(decoder_dir, host_blocks):
     """Four blocks of KV: two sequences that each grow to three blocks run side by side (a reservation of
     prompt + max new tokens would run one at a time); when the pool runs out the younger is preempted,
-    recomputed later, and both still give the merged model's tokens."""
+    recomputed later (with a host tier: its full blocks the pool gave up meanwhile copied back), and both
+    still give the merged model's tokens."""
     dims = ModelDims.from_dir(decoder_dir)
     adapters = tenant_adapters(dims, 2)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(3, dims.vocab, size=8).tolist() for _ in range(2)]
-    engine, steps = held_engine(decoder_dir, adapters, kv_budget=blocks_budget(dims, 4))
+    engine, steps = held_engine(decoder_dir, adapters, kv_budget=blocks_budget(dims, 4),
+                                kv_host_bytes=blocks_budget(dims, host_blocks))
     try:
         streams = [engine.submit(request(f"t{i}", prompt, max_new_tokens=40)) for i, prompt in enumerate(prompts)]
         steps.release(1000)
@@ -361,3 +364,40 @@ def test_greedy_generation_with_penalties_matches_the_references(decoder_dir):
             expected.append(int(torch.argmax(logits)))
             ids.append(expected[-1])
     assert frequency == expected and frequency != plain
+
+
+def generated_with_hits(engine, tenant: str, tokens: list[int]) -> tuple[list[int], int]:
+    """Greedy tokens of one request, and the prompt tokens the prefix cache gave it."""
+    before = engine.snapshot().prefix_hits
+    out = list(engine.submit(GenerationRequest(tenant, 1, "", 0, np.asarray(tokens), SamplingParams(max_new_tokens=6))))
+    return out, engine.snapshot().prefix_hits - before
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_a_conversation_pushed_out_of_the_pool_comes_back_from_the_host_tier(decoder_dir, kv_dtype):
+    """A pool of 16 units (4 blocks of a 4-layer model): other tenants' prompts push the first prompt's blocks
+    out; with a host tier its next request still skips them, and its tokens stay the merged model's."""
+    dims = ModelDims.from_dir(decoder_dir)
+    adapters = tenant_adapters(dims, 3)
+    rng = np.random.default_rng(5)
+    prompt, others = (rng.integers(3, dims.vocab, size=40).tolist(),
+                      [rng.integers(3, dims.vocab, size=40).tolist() for _ in range(2)])
+    unit = KVPool.unit_bytes(dims, BLOCK_TOKENS, kv_dtype)
+    results = {}
+    for host_units in (0, 32):
+        engine = make_engine(decoder_dir, adapters, kv_budget=16 * unit, kv_dtype=kv_dtype,
+                             kv_host_bytes=host_units * unit)
+        try:
+            first, _ = generated_with_hits(engine, "t0", prompt)
+            for i, other in enumerate(others):
+                generated_with_hits(engine, f"t{i + 1}", other)
+            again, hits = generated_with_hits(engine, "t0", prompt)
+            results[host_units] = (first, again, hits, engine.snapshot())
+        finally:
+            engine.close()
+    first, again, hits, stats = results[0]
+    assert hits == 0 and again == first and stats.swapped_in == 0      # without it, computed again
+    first, again, hits, stats = results[32]
+    assert hits == 32 and stats.swapped_in == 2 and stats.swapped_out >= 2 and again == first
+    if kv_dtype == "float32":
+        assert first == reference_greedy(decoder_dir, adapters["t0"], prompt, 6)

@@ -300,3 +300,42 @@ def test_a_failed_step_gives_back_the_blocks_of_its_compactions():
         scheduler.complete_step(plan, {x: 7 for x in plan.sequences if plan.samples(x)})
     scheduler.fail(plan.running, RuntimeError("step failed"))
     assert scheduler.blocks.available() == 20 and scheduler.snapshot().kv_bytes_used == 0
+
+
+def test_a_block_the_pool_gives_up_waits_in_the_host_tier_and_comes_back_on_a_hit():
+    scheduler = GenerationScheduler(BlockManager(4, block_tokens=SIZE, host_units=2), unit_bytes=1)
+    a, b = sequence(4, new_tokens=1, first_token=10), sequence(4, new_tokens=1, first_token=20)
+    for s in (a, b):                                             # each leaves one full prompt block cached
+        scheduler.enqueue(s)
+        run_step(scheduler)
+    (a_unit,) = first_units(scheduler, a)
+    big = sequence(11, new_tokens=1, first_token=30)             # three blocks: a's cached block must go
+    scheduler.enqueue(big)
+    plan = run_step(scheduler)
+    assert len(plan.copies.out) == 1 and plan.copies.out[0][0] == a_unit and plan.copies.into == []
+    host_unit = plan.copies.out[0][1]
+    stats = scheduler.snapshot()
+    assert stats.evictions == 1 and stats.swapped_out == 1 and stats.kv_host_bytes_cached == 1
+    # a's conversation goes on: its first block is copied back into the pool instead of computed again
+    again = sequence(6, new_tokens=1, first_token=10)
+    scheduler.enqueue(again)
+    plan = scheduler.next_step(wait=False)
+    assert plan.copies.into == [(host_unit, again.blocks[0].units[0])]
+    assert plan.feeds[again] == 2 and scheduler.snapshot().prefix_hits == 4 and scheduler.snapshot().swapped_in == 1
+    # what this plan copies out never lands where its copy in still reads
+    assert host_unit not in {h for _, h in plan.copies.out}
+    assert not scheduler.blocks.take_copies()                     # each copy is handed out once
+
+
+def test_without_a_host_tier_a_given_up_block_is_gone():
+    scheduler = scheduler_of(4)
+    a, b = sequence(4, new_tokens=1, first_token=10), sequence(4, new_tokens=1, first_token=20)
+    for s in (a, b):
+        scheduler.enqueue(s)
+        run_step(scheduler)
+    scheduler.enqueue(sequence(11, new_tokens=1, first_token=30))
+    plan = run_step(scheduler)
+    assert not plan.copies and scheduler.snapshot().swapped_out == 0
+    again = sequence(6, new_tokens=1, first_token=10)
+    scheduler.enqueue(again)
+    assert scheduler.next_step(wait=False).feeds[again] == 6

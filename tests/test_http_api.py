@@ -219,6 +219,20 @@ def test_structured_output_through_the_openai_client_and_grpc(deployment):
         client.generate("http-bard", "x", max_new_tokens=5, regex="(").collect()
 
 
+def test_a_session_id_is_taken_through_both_doors_and_bounded(deployment):
+    from hmi_client import InvalidArgument
+    _services, client, api = deployment
+    plain = api.completions.create(model="http-bard", prompt="once", max_tokens=6, temperature=0).choices[0].text
+    in_session = api.completions.create(model="http-bard", prompt="once", max_tokens=6, temperature=0,
+                                        extra_body={"session_id": "chat-1"}).choices[0].text
+    assert in_session == plain == client.generate("http-bard", "once", max_new_tokens=6,
+                                                  session_id="chat-1").collect().text
+    with pytest.raises(openai.BadRequestError, match="session_id"):
+        api.completions.create(model="http-bard", prompt="x", max_tokens=2, extra_body={"session_id": "s" * 300})
+    with pytest.raises(InvalidArgument, match="session_id"):
+        client.generate("http-bard", "x", max_new_tokens=2, session_id="s" * 300).collect()
+
+
 def test_logprobs_and_echo_equal_transformers_with_the_adapter_merged(deployment, tiny_llama_dir):
     """The log-probabilities of the prompt (echo, what lm-eval's loglikelihood reads) and of the generated
     tokens equal the plain transformers model with the tenant's adapter merged into its weights."""

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from models.decoder import DecoderModel
-from models.kv_cache import KVPool
+from models.kv_cache import HostKV, KVPool
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.compute.adapter_pool import AdapterPool
 from services.compute.constrained_output import OutputConstraints
@@ -39,9 +39,11 @@ class GenerationEngine:
     def __init__(self, model: DecoderModel, pool: AdapterPool, plot: PlotLookup | None, *, kv_budget_bytes: int,
                  max_waiting: int = 256, max_running: int = 64, max_step_tokens: int = 128,
                  block_tokens: int = BLOCK_TOKENS, prefix_caching: bool = True, namespace: str = "",
-                 kv_dtype: str = "float32", constraints: OutputConstraints | None = None) -> None:
+                 kv_dtype: str = "float32", constraints: OutputConstraints | None = None,
+                 kv_host_bytes: int = 0) -> None:
         """`namespace` names the served model in every prefix-cache key; `kv_dtype` is the pool's (KV_DTYPES);
-        `constraints` compiles structured output's patterns (None: requests with one are refused)."""
+        `constraints` compiles structured output's patterns (None: requests with one are refused);
+        `kv_host_bytes` the host tier's size (0: none), where blocks the pool gives up wait for a prefix hit."""
         self.model = model
         self.pool = pool
         self.plot = plot
@@ -55,8 +57,10 @@ class GenerationEngine:
                              f"({unit_bytes} bytes a layer)")
         self.kv_budget_bytes = units * unit_bytes
         self.kv = KVPool(model.dims, units, block_tokens, model.device, kv_dtype)
+        host_units = max(0, kv_host_bytes) // unit_bytes if prefix_caching else 0
+        self.host = HostKV(self.kv, host_units) if host_units else None
         self.runner = StepRunner(model, pool, plot, self.kv)
-        self.scheduler = GenerationScheduler(BlockManager(units, block_tokens), unit_bytes=unit_bytes,
+        self.scheduler = GenerationScheduler(BlockManager(units, block_tokens, host_units), unit_bytes=unit_bytes,
                                              max_waiting=max_waiting, max_running=max_running,
                                              max_step_tokens=max_step_tokens, prefix_caching=prefix_caching,
                                              on_admit=self.runner.admit)
@@ -130,6 +134,8 @@ class GenerationEngine:
 
     def _steps(self) -> None:
         while (plan := self.scheduler.next_step()) is not None:
+            if plan.copies:
+                self.host.copy(self.kv, plan.copies.out, plan.copies.into)
             if not plan.running:
                 time.sleep(0.005)   # only waiting requests (for room, or their adapter and prompt rows)
                 continue

@@ -37,7 +37,7 @@ import numpy as np
 
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.fair_queue import FairQueue
-from services.compute.kv_blocks import BLOCK_TOKENS, Block, BlockManager, PrefixKeys
+from services.compute.kv_blocks import BLOCK_TOKENS, Block, BlockManager, Copies, PrefixKeys
 
 PREFILL_CHUNK_MIN = 16   # prompt tokens a step feeds even when decoding sequences fill its budget
 
@@ -188,6 +188,7 @@ class StepPlan:
     running: list[ScheduledSequence]
     feeds: dict[ScheduledSequence, int]
     compactions: dict[ScheduledSequence, Compaction] = field(default_factory=dict)
+    copies: Copies = field(default_factory=lambda: Copies([], []))   # host tier: made before the step runs
 
     @property
     def sequences(self) -> list[ScheduledSequence]:
@@ -215,6 +216,10 @@ class EngineStats:
     prefix_hits: int = 0            # of them whose prefill was skipped
     preemptions: int = 0
     evictions: int = 0
+    kv_host_budget_bytes: int = 0   # the host tier (0: none)
+    kv_host_bytes_cached: int = 0   # blocks it keeps for a later prefix hit
+    swapped_out: int = 0            # blocks the pool gave up into the host tier
+    swapped_in: int = 0             # blocks copied back for a prefix hit
 
 
 class GenerationScheduler:
@@ -280,7 +285,8 @@ class GenerationScheduler:
             compactions = self._compact()
             self._grow()
             running = list(self._running)
-            return StepPlan(running, self._feeds(running), {s: c for s, c in compactions.items() if s in running})
+            return StepPlan(running, self._feeds(running), {s: c for s, c in compactions.items() if s in running},
+                            self.blocks.take_copies())
 
     def complete_step(self, plan: StepPlan, sampled: dict[ScheduledSequence, int],
                       details: dict[ScheduledSequence, Any] | None = None) -> None:
@@ -342,6 +348,9 @@ class GenerationScheduler:
             self.stats.kv_bytes_cached = blocks.units_cached * self.unit_bytes
             self.stats.prefix_queries, self.stats.prefix_hits = blocks.prefix_queries, blocks.prefix_hits
             self.stats.evictions = blocks.evictions
+            self.stats.kv_host_budget_bytes = blocks.host_units * self.unit_bytes
+            self.stats.kv_host_bytes_cached = blocks.host_units_cached * self.unit_bytes
+            self.stats.swapped_out, self.stats.swapped_in = blocks.swapped_out, blocks.swapped_in
             return EngineStats(**vars(self.stats))
 
     # ---- policy (under the lock) -------------------------------------------------------------

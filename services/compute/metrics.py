@@ -37,6 +37,12 @@ def compute_state(pool, engine, model: str) -> Iterator:
     kv.add_metric([model, "used"], snapshot.kv_bytes_used)
     kv.add_metric([model, "cached"], snapshot.kv_bytes_cached)
     kv.add_metric([model, "budget"], snapshot.kv_budget_bytes)
+    kv.add_metric([model, "host_cached"], snapshot.kv_host_bytes_cached)
+    kv.add_metric([model, "host_budget"], snapshot.kv_host_budget_bytes)
+    swaps = CounterMetricFamily("hmi_compute_kv_host_blocks", "KV blocks the pool gave up into the host tier (out) "
+                                "and copied back from it for a prefix hit (in)", labels=["model", "direction"])
+    swaps.add_metric([model, "out"], snapshot.swapped_out)
+    swaps.add_metric([model, "in"], snapshot.swapped_in)
     prefix = CounterMetricFamily("hmi_compute_prefix_cache_tokens", "prompt tokens looked up in the prefix cache, "
                                  "and those found (their prefill skipped): the hit rate is found / looked_up",
                                  labels=["model", "result"])
@@ -53,4 +59,4 @@ def compute_state(pool, engine, model: str) -> Iterator:
     tokens.add_metric([model], snapshot.tokens_generated)
     steps = CounterMetricFamily("hmi_compute_generation_steps", "generation steps run", labels=["model"])
     steps.add_metric([model], snapshot.steps)
-    yield from (kv, prefix, preempted, sequences, tokens, steps)
+    yield from (kv, swaps, prefix, preempted, sequences, tokens, steps)

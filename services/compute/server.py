@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder models: the KV pool, allocated in blocks of 16 tokens as sequences grow; "
                              "requests wait when it is full and the youngest sequence is preempted when a running "
                              "one needs a block it lacks [HMI_KV_CACHE_MIB]")
+    parser.add_argument("--kv-host-mib", type=int, default=env_int("HMI_KV_HOST_MIB", 1024),
+                        help="decoder models: the KV host tier: prefix-cache blocks the pool gives up for room are "
+                             "copied here (host memory; pinned on a GPU) and back on a later prefix hit, so a "
+                             "conversation's next turn or a preempted sequence finds its KV; LRU; pages are touched "
+                             "as blocks arrive; 0 = off [HMI_KV_HOST_MIB]")
     parser.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=env("HMI_KV_CACHE_DTYPE", "float32"),
                         help="decoder models: float32 (exact), or int8 with a scale per token and head (3.8x the "
                              "tokens in the same memory; perplexity in docs/performance.md) [HMI_KV_CACHE_DTYPE]")
@@ -164,6 +169,7 @@ def main(args: argparse.Namespace) -> None:
                                   max_waiting=args.max_generation_queue, max_running=args.max_generating,
                                   max_step_tokens=args.max_step_tokens, prefix_caching=bool(args.prefix_cache),
                                   namespace=served_name, kv_dtype=args.kv_cache_dtype,
+                                  kv_host_bytes=max(0, args.kv_host_mib) << 20,
                                   constraints=OutputConstraints(model_dir, next(iter(eos_token_ids(model_dir)), None),
                                                                 dims.vocab))
         gate.watch(engine.scheduler.has_work)
@@ -171,7 +177,7 @@ def main(args: argparse.Namespace) -> None:
         servicer = ComputeServicer(DecoderServing(engine, pool), max_batch_tokens=args.max_batch_tokens,
                                    model_name=served_name)
         mode = (f"generation: {args.decoder_weights} weights, paged {args.kv_cache_dtype} KV cache "
-                f"{args.kv_cache_mib} MiB, prefix cache "
+                f"{args.kv_cache_mib} MiB (host tier {args.kv_host_mib} MiB), prefix cache "
                 f"{'on' if args.prefix_cache else 'off'}, <= {args.max_generating} sequences per step")
     else:
         engine = None

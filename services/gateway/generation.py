@@ -13,6 +13,7 @@ from services.gateway.settings import GenerationLimits
 from services.gateway.structured_output import output_pattern
 
 DEFAULT_NEW_TOKENS = 64
+MAX_SESSION_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class GenerationPlan:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     output_pattern: str = ""            # structured output: the regex the generated text must match
+    session_id: str = ""                # the conversation it continues (which compute replica serves it)
 
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
@@ -90,6 +92,9 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
                               f"model's {max_positions} positions; shorten the prompt or lower max_new_tokens")
     seed = secrets.randbits(63) if request.seed is None else request.seed
     stop_ids = () if getattr(request, "ignore_eos", False) else eos_token_ids
+    session_id = getattr(request, "session_id", "") or ""
+    if len(session_id) > MAX_SESSION_CHARS or not session_id.isprintable():
+        raise InvalidArgument(f"session_id must be at most {MAX_SESSION_CHARS} printable characters")
     output = getattr(request, "output_format", None)
     pattern = output_pattern(output) if output is not None else ""
     if pattern and not stop_ids:
@@ -99,7 +104,14 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
                           float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids, top,
                           bool(getattr(request, "prompt_logprobs", False)), repetition_penalty=repetition,
-                          output_pattern=pattern, **penalties)
+                          output_pattern=pattern, session_id=session_id, **penalties)
+
+
+def generation_affinity(tenant_id: str, session_id: str = "") -> str:
+    """What picks a generation's compute replica (rendezvous hashing, router.py): the tenant, so that its
+    requests share their prefix cache on one replica; with a session id, the tenant's conversation, so that a
+    busy tenant's conversations spread over the replicas while each one's turns stay where its KV is."""
+    return tenant_id if not session_id else f"{tenant_id}\x00{session_id}"
 
 
 class TextStreamer:

@@ -68,7 +68,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      request.truncate_prompt_tokens,
                                      request.logprobs if request.HasField("logprobs") else None,
                                      request.prompt_logprobs, request.presence_penalty, request.frequency_penalty,
-                                     request.repetition_penalty or 1.0, _output_format(request))
+                                     request.repetition_penalty or 1.0, _output_format(request),
+                                     request.session_id)
         for piece in self.core.generate(call_of(context), generation):
             yield pb.GenerateTextResponse(text=piece.text, token_ids=piece.token_ids,
                                           finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,

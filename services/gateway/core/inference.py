@@ -21,7 +21,7 @@ from services.gateway.core.call import Call
 from services.gateway.core.chat import ChatTemplates
 from services.gateway.core.lanes import DecoderLane, EncoderLane, Lane
 from services.gateway.directory import TenantDirectory, TenantRoute
-from services.gateway.generation import GenerationPlan, TextStreamer, plan_generation
+from services.gateway.generation import GenerationPlan, TextStreamer, generation_affinity, plan_generation
 from services.gateway.quotas import Limits, Permit, Quotas
 from services.gateway.router import Replica, Router
 from services.gateway.structured_output import OutputFormat
@@ -76,6 +76,7 @@ class GenerateRequest:
     frequency_penalty: float = 0.0        # [-2, 2], 0: off (OpenAI's)
     repetition_penalty: float = 1.0       # (0, 2], 1: off (CTRL's, as transformers and vLLM)
     output_format: OutputFormat | None = None   # structured output (JSON object, JSON schema, regex, choice)
+    session_id: str = ""                  # the conversation it continues: its turns go to one compute replica
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ class Inference:
                                   repetition_penalty=plan.repetition_penalty, output_pattern=plan.output_pattern)
         weight = self.quotas.effective(route.limits).weight
         while True:
-            replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried)
+            replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried, plan.session_id)
             stream = generate(replica.stub, sequence, weight, params, max(0.05, deadline - time.monotonic()))
             call.cancellation.add_callback(stream.cancel)     # the client went away: compute frees the KV cache
             received = False
@@ -392,12 +393,14 @@ class Inference:
         return [TokenLogprobs(self._choice(lane, ids[0], None), [])] + rest
 
     def _generation_replica(self, lane: DecoderLane, route: TenantRoute, deadline: float, timeout: float,
-                            arrived: float, tried: set[str]) -> Replica:
-        """The tenant's home replica (or the next usable one, skipping those tried); waits for one within the
-        deadline."""
+                            arrived: float, tried: set[str], session_id: str = "") -> Replica:
+        """The home replica of the tenant, or of the tenant's conversation when the request names one (so its
+        next turn finds the KV blocks of the last one there), else the next usable one, skipping those tried;
+        waits for one within the deadline."""
         router = lane.router
+        affinity = generation_affinity(route.tenant_id, session_id)
         while True:
-            ranked = router.ranked(route.tenant_id)
+            ranked = router.ranked(affinity)
             choice = next((r for r in ranked if r.address not in tried), ranked[0] if ranked else None)
             if choice is not None:
                 router.claim(choice)
