@@ -145,7 +145,7 @@ class DecoderModel:
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             if kv.tracking:
-                kv.observe(layer, [j], probs.sum(dim=(0, 1))[None])
+                kv.observe(layer, [j], probs.view(self.dims.kv_heads, self.group, n, past + n).sum(dim=(1, 2))[None])
             out[start:end] = (probs @ values).transpose(0, 1).reshape(n, heads * d)
         if decoding:
             rows = torch.tensor([bounds[j] for j in decoding], device=q.device)
@@ -159,7 +159,8 @@ class DecoderModel:
             scores = scores.masked_fill(padding[:, None, None, :], torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             if kv.tracking:
-                kv.observe(layer, decoding, probs.sum(dim=(1, 2)))
+                kv.observe(layer, decoding, probs.view(len(decoding), self.dims.kv_heads, self.group, 1, width)
+                           .sum(dim=(2, 3)))
             out[rows] = (probs @ values).reshape(len(decoding), heads * d)
         return out
 

@@ -28,7 +28,7 @@ class StepKV(Protocol):
     starts: list[int]       # the position of each one's first new token (more than `lengths` under a KV budget)
     tracking: bool          # whether some sequence accumulates the attention its keys receive (`observe`)
 
-    def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None: ...
+    def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None: ...   # [S, kv_heads, width]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> None: ...
 
@@ -86,17 +86,19 @@ class KVPool:
             pool[units, :, offsets] = torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8)
             scales[units, :, offsets] = scale
 
-    def copy_tokens(self, source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Moves tokens' stored keys and values (int8: with their scales, unchanged) from (units, offsets) to
-        (units, offsets)."""
-        (su, so), (tu, to) = source, target
-        tensors = [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.quantized else [])
-        for tensor in tensors:
-            tensor[tu, :, to] = tensor[su, :, so]
-
     def tensors(self) -> list[torch.Tensor]:
         """Everything a unit holds, unit first: keys and values (int8: and their scales)."""
         return [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.quantized else [])
+
+    def copy_head_tokens(self, source: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]
+                         ) -> None:
+        """Moves tokens' stored keys and values (int8: with their scales, unchanged), each key/value head its
+        own tokens: from source units and offsets [kv_heads, count] to target units and offsets [count] (the
+        same slots for every head)."""
+        (su, so), (tu, to) = source, target
+        heads = torch.arange(su.shape[0], device=su.device)[:, None]
+        for tensor in self.tensors():
+            tensor[tu[None, :], heads, to[None, :]] = tensor[su, heads, so]
 
     def gather(self, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units' keys and values in fp32: units.shape + [kv_heads, block_tokens, head_dim]."""
@@ -172,12 +174,13 @@ class PagedKV:
         self.pool.put(units, self._offset[:count], k[:count].view(count, heads, d), v[:count].view(count, heads, d))
 
     def observe(self, layer: int, members: list[int], weights: torch.Tensor) -> None:
-        """weights[i]: the attention (summed over heads and new queries) each held key of sequence members[i]
-        received at this layer this step, padded past its length."""
+        """weights[i]: [kv_heads, width] the attention each held key of sequence members[i] received at this
+        layer this step from each key/value head's query heads (summed over them and the new queries), padded
+        past its length."""
         for i, j in enumerate(members):
             if self.scores[j] is not None:
                 held = self.lengths[j] + self._new[j]
-                self.scores[j][layer, :held] += weights[i, :held]
+                self.scores[j][layer, :, :held] += weights[i, :, :held]
 
     def read(self, layer: int, j: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = -(-length // self.pool.block_tokens)

@@ -339,3 +339,16 @@ def test_without_a_host_tier_a_given_up_block_is_gone():
     again = sequence(6, new_tokens=1, first_token=10)
     scheduler.enqueue(again)
     assert scheduler.next_step(wait=False).feeds[again] == 6
+
+
+def test_a_kv_budget_computes_its_whole_prompt_so_every_prompt_token_is_scored():
+    scheduler = scheduler_of(20)
+    first = sequence(8, new_tokens=1)
+    scheduler.enqueue(first)
+    run_step(scheduler)
+    assert scheduler.snapshot().kv_bytes_cached == 2
+    budgeted, plain = sequence(8, new_tokens=1, kv_budget=4), sequence(8, new_tokens=1)
+    scheduler.enqueue(budgeted)
+    scheduler.enqueue(plain)
+    plan = scheduler.next_step(wait=False)
+    assert plan.feeds[budgeted] == 8 and plan.feeds[plain] == 4

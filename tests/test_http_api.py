@@ -233,6 +233,23 @@ def test_a_session_id_is_taken_through_both_doors_and_bounded(deployment):
         client.generate("http-bard", "x", max_new_tokens=2, session_id="s" * 300).collect()
 
 
+
+def test_a_kv_budget_is_taken_through_both_doors(deployment):
+    """A budget of one block on a longer prompt: the generation runs to its length with fewer keys."""
+    from hmi_client import InvalidArgument
+    _services, client, api = deployment
+    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    budgeted = api.completions.create(model="http-bard", prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"kv_budget": 16, "ignore_eos": True}).choices[0]
+    assert budgeted.finish_reason == "length"
+    through_grpc = client.generate("http-bard", prompt, max_new_tokens=12, kv_budget=16, ignore_eos=True).collect()
+    assert through_grpc.text == budgeted.text
+    with pytest.raises(openai.BadRequestError, match="kv_budget"):
+        api.completions.create(model="http-bard", prompt="x", max_tokens=2, extra_body={"kv_budget": 5})
+    with pytest.raises(InvalidArgument, match="kv_budget"):
+        client.generate("http-bard", "x", max_new_tokens=2, kv_budget=-1).collect()
+
+
 def test_logprobs_and_echo_equal_transformers_with_the_adapter_merged(deployment, tiny_llama_dir):
     """The log-probabilities of the prompt (echo, what lm-eval's loglikelihood reads) and of the generated
     tokens equal the plain transformers model with the tenant's adapter merged into its weights."""

@@ -83,3 +83,30 @@ def test_int8_units_round_within_half_a_step_per_token_and_head(dims):
         4 * D / (D + 4))
     with pytest.raises(ValueError, match="dtype"):
         KVPool(dims, 8, SIZE, torch.device("cpu"), kv_dtype="fp8")
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_each_head_moves_its_own_tokens_and_the_host_tier_copies_units_both_ways(dims, kv_dtype):
+    from models.kv_cache import HostKV
+    pool = KVPool(dims, 6, 4, torch.device("cpu"), kv_dtype)
+    generator = torch.Generator().manual_seed(0)
+    for tensor in pool.tensors():
+        tensor.copy_(torch.randint(-100, 100, tensor.shape, generator=generator).to(tensor.dtype))
+    before = [t.clone() for t in pool.tensors()]
+    heads = pool.keys.shape[1]
+    # head h keeps tokens (unit 0, offset h) and (unit 1, offset 3 - h); they land in unit 5, offsets 0 and 1
+    source_units = torch.tensor([[0, 1]] * heads)
+    source_offsets = torch.tensor([[h % 4, 3 - h % 4] for h in range(heads)])
+    pool.copy_head_tokens((source_units, source_offsets), (torch.tensor([5, 5]), torch.tensor([0, 1])))
+    for tensor, old in zip(pool.tensors(), before):
+        for h in range(heads):
+            assert torch.equal(tensor[5, h, 0], old[0, h, h % 4]) and torch.equal(tensor[5, h, 1], old[1, h, 3 - h % 4])
+        assert torch.equal(tensor[:5], old[:5])
+    host = HostKV(pool, 3)
+    saved = [t[[2, 4]].clone() for t in pool.tensors()]
+    host.copy(pool, out=[(2, 0), (4, 2)], into=[])
+    for tensor in pool.tensors():
+        tensor[[2, 4]] = 0
+    host.copy(pool, out=[], into=[(2, 1), (0, 3)])        # host unit 2 -> pool unit 1, host 0 -> pool 3
+    for tensor, kept in zip(pool.tensors(), saved):
+        assert torch.equal(tensor[3], kept[0]) and torch.equal(tensor[1], kept[1])

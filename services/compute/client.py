@@ -144,7 +144,7 @@ def generate_request(sequence: Sequence, weight: float, params: "GenerationParam
                                  presence_penalty=params.presence_penalty,
                                  frequency_penalty=params.frequency_penalty,
                                  repetition_penalty=params.repetition_penalty,
-                                 output_pattern=params.output_pattern)
+                                 output_pattern=params.output_pattern, kv_budget=params.kv_budget)
     return pb.GenerateRequest(sequence=spec, prompt_ids=sequence.token_ids.tolist(), params=sampling)
 
 
@@ -179,6 +179,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0   # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     output_pattern: str = ""         # structured output: the regex the text must match
+    kv_budget: int = 0               # KV tokens kept per layer and head once decoding; 0 = all
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ tested apart from the model (the step runner, generation_steps.py, does the tens
   prompts in arrival order share the rest (the first prompt always gets a chunk), so a long prompt delays
   the others' next token by a bounded step.
 - KV budget (H2O): a decoding sequence with `kv_budget` keeps that many tokens' keys and values per layer once
-  it holds a block more: half the budget its most recent tokens, half the earlier tokens that received the
-  most attention so far (accumulated over heads and queries). The scheduler gives it fresh blocks for the
+  it holds a block more, each key/value head its own: a quarter of the budget its most recent tokens, the
+  rest the earlier tokens that received the most attention per query that saw them (generation_steps.py).
+  The scheduler gives it fresh blocks for the
   kept tokens (`Compaction`), the step runner chooses and copies them, and the old blocks go back after the
   step; its positions keep counting every token, and its blocks are never registered for prefix reuse.
 - Cancellation: a cancelled stream leaves between steps and frees its blocks.
@@ -392,7 +393,10 @@ class GenerationScheduler:
         last token, whose logits the step needs), new ones for the rest, if they fit with one block to spare
         per running sequence. Its pending tokens start after the cached prefix."""
         manager, tokens = self.blocks, sequence.tokens
-        reuse = self.prefix_caching and not (sequence.request.params.prompt_logprobs and sequence.generated == 0)
+        params = sequence.request.params
+        # Prompt log-probabilities need every prompt position computed; a KV budget needs the attention every
+        # prompt token received from the prompt's queries (the heavy hitters), which a cached block never saw.
+        reuse = self.prefix_caching and not (params.prompt_logprobs and sequence.generated == 0) and not params.kv_budget
         hits = (manager.match(sequence.prefix.extend(tokens, (len(tokens) - 1) // manager.block_tokens),
                               sequence.layers) if reuse else [])
         needed = (manager.blocks_for(len(tokens)) - len(hits)) * sequence.layers

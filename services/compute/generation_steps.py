@@ -27,6 +27,7 @@ from services.compute.sampling import penalise, sample
 #   -> layer-L rows (fp16) of each window's other tokens
 PlotLookup = Callable[[str, list[np.ndarray], list[int], list[int]], list[np.ndarray]]
 
+RECENT_SHARE = 0.25     # of a KV budget kept as the most recent tokens; the rest are heavy hitters
 
 @dataclass
 class TokenLogprob:
@@ -51,7 +52,8 @@ class SequenceTensors:
     rows: np.ndarray | None = None                        # [prompt + max new tokens, hidden] fp16
     known: int = 0                                        # tokens whose rows are in `rows`
     prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
-    scores: torch.Tensor | None = None                    # under a KV budget: [layers, length] attention received
+    scores: torch.Tensor | None = None                    # under a KV budget: [layers, kv_heads, length] attention
+    origins: torch.Tensor | None = None                   # received; and each slot's token position
     preemptions: int = 0                                  # of the sequence when `scores` was started
     guide: OutputGuide | None = None                      # structured output: where its text is in the pattern
 
@@ -155,28 +157,41 @@ class StepRunner:
             return None
         if state.scores is None or state.preemptions != sequence.preemptions:
             request = sequence.request
-            state.scores = torch.zeros(self.model.dims.layers, len(request.prompt) + request.params.max_new_tokens,
-                                       device=self.model.device)
+            state.scores = torch.zeros(self.model.dims.layers, self.model.dims.kv_heads,
+                                       len(request.prompt) + request.params.max_new_tokens, device=self.model.device)
             state.preemptions = sequence.preemptions
+            state.origins = None
         return state.scores
 
     def _compact(self, sequence: ScheduledSequence, compaction: Compaction) -> None:
-        """Copies the tokens a KV budget keeps into the compaction's blocks, per layer: the most recent half of
-        the budget, and the earlier tokens that received the most attention (H2O's heavy hitters)."""
+        """Copies the tokens a KV budget keeps into the compaction's blocks, per layer and key/value head (as
+        H2O chooses them): the most recent quarter of the budget (`RECENT_SHARE`), and the earlier tokens that
+        received the most attention per query that saw them from that head's queries (its heavy hitters). Per
+        query, not in total: a total favours early tokens, which every later query could attend
+        (docs/performance.md measures both)."""
         scores = self._scores(sequence)
+        state: SequenceTensors = sequence.state
         keep, held, size = compaction.keep, compaction.held, self.kv.block_tokens
-        recent = keep // 2
+        recent = int(keep * RECENT_SHARE)
         device = scores.device
+        if state.origins is None:
+            state.origins = torch.arange(scores.shape[2], device=device).expand_as(scores).clone()
+        now = sequence.computed
         old = torch.tensor([block.units for block in sequence.blocks], device=device)        # [blocks, layers]
         new = torch.tensor([block.units for block in compaction.blocks], device=device)
         first = sequence.request.split_layer
         slots = torch.arange(keep, device=device)
+        heads = scores.shape[1]
+        window = torch.arange(held - recent, held, device=device).expand(heads, -1)
         for slot, layer in enumerate(range(first, self.model.dims.layers)):
-            heavy = torch.topk(scores[layer, :held - recent], keep - recent).indices.sort().values
-            kept = torch.cat([heavy, torch.arange(held - recent, held, device=device)])
-            self.kv.copy_tokens((old[kept // size, slot], kept % size), (new[slots // size, slot], slots % size))
-            scores[layer, :keep] = scores[layer, kept]
-            scores[layer, keep:held] = 0
+            ranked = scores[layer, :, :held - recent] / (now - state.origins[layer, :, :held - recent]).clamp(min=1)
+            heavy = torch.topk(ranked, keep - recent, dim=-1).indices.sort(dim=-1).values
+            kept = torch.cat([heavy, window], dim=1)                                          # [heads, keep]
+            self.kv.copy_head_tokens((old[kept // size, slot], kept % size), (new[slots // size, slot], slots % size))
+            scores[layer, :, :keep] = scores[layer].gather(1, kept)
+            scores[layer, :, keep:held] = 0
+            state.origins[layer, :, :keep] = state.origins[layer].gather(1, kept)
+            state.origins[layer, :, keep:] = torch.arange(now, now + scores.shape[2] - keep, device=device)
 
     def _prompt_logprobs(self, sequence: ScheduledSequence, state: SequenceTensors, hidden: torch.Tensor,
                          start: int) -> None:

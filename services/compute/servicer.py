@@ -78,7 +78,8 @@ class ComputeServicer(pb_grpc.ComputeServicer):
                            stop_token_ids=tuple(params.stop_token_ids), logprobs=params.logprobs,
                            top_logprobs=params.top_logprobs, prompt_logprobs=params.prompt_logprobs,
                            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                           repetition_penalty=repetition, output_pattern=params.output_pattern),
+                           repetition_penalty=repetition, output_pattern=params.output_pattern,
+                           kv_budget=params.kv_budget),
             weight=spec.weight or 1.0, domain_revision=spec.domain_revision))
         context.add_callback(stream.cancel)   # client gone or deadline passed: free the KV cache
         for token, details in stream.with_details():

@@ -14,6 +14,7 @@ from services.gateway.structured_output import output_pattern
 
 DEFAULT_NEW_TOKENS = 64
 MAX_SESSION_CHARS = 256
+MIN_KV_BUDGET = 16      # one KV block
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class GenerationPlan:
     repetition_penalty: float = 1.0
     output_pattern: str = ""            # structured output: the regex the generated text must match
     session_id: str = ""                # the conversation it continues (which compute replica serves it)
+    kv_budget: int = 0                  # KV tokens kept per layer and head once decoding; 0 = all
 
 
 def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positions: int,
@@ -95,6 +97,10 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     session_id = getattr(request, "session_id", "") or ""
     if len(session_id) > MAX_SESSION_CHARS or not session_id.isprintable():
         raise InvalidArgument(f"session_id must be at most {MAX_SESSION_CHARS} printable characters")
+    kv_budget = int(getattr(request, "kv_budget", 0) or 0)
+    if kv_budget and not MIN_KV_BUDGET <= kv_budget <= max_positions:
+        raise InvalidArgument(f"kv_budget must be 0 (every token) or {MIN_KV_BUDGET}..{max_positions} tokens, got "
+                              f"{kv_budget}")
     output = getattr(request, "output_format", None)
     pattern = output_pattern(output) if output is not None else ""
     if pattern and not stop_ids:
@@ -104,7 +110,7 @@ def plan_generation(tokenizer, request, limits: GenerationLimits, *, max_positio
     return GenerationPlan(prompt_ids, new_tokens, float(request.temperature), int(request.top_k),
                           float(request.top_p) if request.top_p > 0 else 1.0, seed, stop, stop_ids, top,
                           bool(getattr(request, "prompt_logprobs", False)), repetition_penalty=repetition,
-                          output_pattern=pattern, session_id=session_id, **penalties)
+                          output_pattern=pattern, session_id=session_id, kv_budget=kv_budget, **penalties)
 
 
 def generation_affinity(tenant_id: str, session_id: str = "") -> str:

@@ -69,7 +69,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                                      request.logprobs if request.HasField("logprobs") else None,
                                      request.prompt_logprobs, request.presence_penalty, request.frequency_penalty,
                                      request.repetition_penalty or 1.0, _output_format(request),
-                                     request.session_id)
+                                     request.session_id, request.kv_budget)
         for piece in self.core.generate(call_of(context), generation):
             yield pb.GenerateTextResponse(text=piece.text, token_ids=piece.token_ids,
                                           finish_reason=piece.finish_reason, prompt_tokens=piece.prompt_tokens,

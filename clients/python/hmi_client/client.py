@@ -372,7 +372,7 @@ class HMIClient(FineTuningCalls):
                  prompt_ids: list[int] | None = None, ignore_eos: bool = False, truncate_prompt_tokens: int = 0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                  json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
-                 choices: list[str] | None = None, session_id: str = "",
+                 choices: list[str] | None = None, session_id: str = "", kv_budget: int = 0,
                  timeout: float | None = None) -> GenerationStream:
         """Iterate for text pieces as they are generated; `.cancel()` stops it, `.collect()` waits for all.
         `prompt_ids`: token ids of the base model's tokenizer instead of `prompt`; `ignore_eos`: generate
@@ -380,13 +380,15 @@ class HMIClient(FineTuningCalls):
         the penalties as OpenAI's (presence, frequency: [-2, 2]) and transformers' (repetition: (0, 2]).
         Structured output, at most one of: `json_schema` (the text is JSON that follows it), `json_object` (any
         JSON object), `regex` (the text matches it), `choices` (the text is one of them). `session_id`: the
-        conversation this continues (its turns go to the compute replica that keeps their KV)."""
+        conversation this continues (its turns go to the compute replica that keeps their KV); `kv_budget`:
+        keep only so many tokens' KV per layer and head once decoding (0: all)."""
         request = pb.GenerateTextRequest(tenant_id=tenant_id, prompt=prompt, max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or [],
                                          prompt_ids=prompt_ids or [], ignore_eos=ignore_eos,
                                          truncate_prompt_tokens=truncate_prompt_tokens,
                                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                         repetition_penalty=repetition_penalty, session_id=session_id)
+                                         repetition_penalty=repetition_penalty, session_id=session_id,
+                                         kv_budget=kv_budget)
         if seed is not None:
             request.seed = seed
         formats = [given for given in (json_schema is not None, json_object, regex is not None, choices is not None)

@@ -77,6 +77,7 @@ class GenerateRequest:
     repetition_penalty: float = 1.0       # (0, 2], 1: off (CTRL's, as transformers and vLLM)
     output_format: OutputFormat | None = None   # structured output (JSON object, JSON schema, regex, choice)
     session_id: str = ""                  # the conversation it continues: its turns go to one compute replica
+    kv_budget: int = 0                    # > 0: KV tokens kept per layer and head once decoding (H2O)
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,8 @@ class Inference:
                                   tuple(plan.stop_token_ids), logprobs=plan.logprobs is not None,
                                   top_logprobs=plan.logprobs or 0, prompt_logprobs=plan.prompt_logprobs,
                                   presence_penalty=plan.presence_penalty, frequency_penalty=plan.frequency_penalty,
-                                  repetition_penalty=plan.repetition_penalty, output_pattern=plan.output_pattern)
+                                  repetition_penalty=plan.repetition_penalty, output_pattern=plan.output_pattern,
+                                  kv_budget=plan.kv_budget)
         weight = self.quotas.effective(route.limits).weight
         while True:
             replica = self._generation_replica(lane, route, deadline, timeout, arrived, tried, plan.session_id)

@@ -79,6 +79,8 @@ class SamplingBody(BaseModel):
     guided_regex: str | None = Field(None, description="extension (vLLM's): the output matches this regex")
     guided_choice: list[str] | None = Field(None, description="extension (vLLM's): the output is one of these")
     guided_grammar: str | None = None
+    kv_budget: int | None = Field(None, ge=-INT32, le=INT32, description="extension: keep only so many tokens' "
+                                  "KV per layer and head once decoding (heavy hitters + recent; 0 = all)")
     session_id: str | None = Field(None, max_length=256, description="extension: the conversation this request "
                                    "continues; its turns are served by one compute replica, which keeps the KV of "
                                    "the turns before")
@@ -152,7 +154,7 @@ def _generate_request(body: SamplingBody, max_tokens: int | None, logprobs: int 
                            prompt_logprobs=echo, presence_penalty=body.presence_penalty or 0.0,
                            frequency_penalty=body.frequency_penalty or 0.0,
                            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                           output_format=output, session_id=body.session_id or "")
+                           output_format=output, session_id=body.session_id or "", kv_budget=body.kv_budget or 0)
 
 
 def _logprob_request(body: SamplingBody) -> tuple[int | None, bool]:

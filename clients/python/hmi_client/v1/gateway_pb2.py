@@ -26,7 +26,7 @@ from hmi_client.v1 import catalog_pb2 as hmi_dot_v1_dot_catalog__pb2
 from hmi_client.v1 import tensor_pb2 as hmi_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\"E\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\"R\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"\xc4\x03\n\x13GenerateTextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nprompt_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1e\n\x16truncate_prompt_tokens\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\r \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12+\n\routput_format\x18\x11 \x01(\x0b\x32\x14.hmi.v1.OutputFormat\x12\x12\n\nsession_id\x18\x12 \x01(\tB\x07\n\x05_seedB\x0b\n\t_logprobs\"x\n\x0cOutputFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12!\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x0f.hmi.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"I\n\x0bTokenChoice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"U\n\rTokenLogprobs\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x13.hmi.v1.TokenChoice\x12 \n\x03top\x18\x02 \x03(\x0b\x32\x13.hmi.v1.TokenChoice\"\xbe\x01\n\x14GenerateTextResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.hmi.v1.TokenLogprobs\x12.\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x15.hmi.v1.TokenLogprobs\"B\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"N\n\x0fTokenizeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x19\n\x11no_special_tokens\x18\x03 \x01(\x08\"[\n\rTokenizedText\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12\x0e\n\x06starts\x18\x03 \x03(\r\x12\x0c\n\x04\x65nds\x18\x04 \x03(\r\x12\x0f\n\x07special\x18\x05 \x03(\x08\"O\n\x10TokenizeResponse\x12$\n\x05texts\x18\x01 \x03(\x0b\x32\x15.hmi.v1.TokenizedText\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"h\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.hmi.v1.TokenIds\x12\x1b\n\x13keep_special_tokens\x18\x03 \x01(\x08\"#\n\x12\x44\x65tokenizeResponse\x12\r\n\x05texts\x18\x01 \x03(\t2\xcb\x02\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse\x12G\n\x08Generate\x12\x1b.hmi.v1.GenerateTextRequest\x1a\x1c.hmi.v1.GenerateTextResponse0\x01\x12=\n\x08Tokenize\x12\x17.hmi.v1.TokenizeRequest\x1a\x18.hmi.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.hmi.v1.DetokenizeRequest\x1a\x1a.hmi.v1.DetokenizeResponse2\xa1\t\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x36\n\tGetBridge\x12\x18.hmi.v1.GetBridgeRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x37\n\x06\x42\x61\x63kup\x12\x15.hmi.v1.BackupRequest\x1a\x16.hmi.v1.BackupResponse\x12@\n\tCreateKey\x12\x18.hmi.v1.CreateKeyRequest\x1a\x19.hmi.v1.CreateKeyResponse\x12=\n\x08ListKeys\x12\x17.hmi.v1.ListKeysRequest\x1a\x18.hmi.v1.ListKeysResponse\x12\x35\n\tRevokeKey\x12\x18.hmi.v1.RevokeKeyRequest\x1a\x0e.hmi.v1.ApiKey\x12G\n\x0fSetTenantLimits\x12\x1e.hmi.v1.SetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimits\x12G\n\x0fGetTenantLimits\x12\x1e.hmi.v1.GetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimitsBJ\n\x0e\x64\x65v.hmi.api.v1B\x0cGatewayProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hmi/v1/gateway.proto\x12\x06hmi.v1\x1a\x14hmi/v1/catalog.proto\x1a\x13hmi/v1/tensor.proto\"E\n\x0f\x43lassifyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"F\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\"R\n\x10\x43lassifyResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.hmi.v1.Classification\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"\xd7\x03\n\x13GenerateTextRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nprompt_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1e\n\x16truncate_prompt_tokens\x18\x0b \x01(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\r \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12+\n\routput_format\x18\x11 \x01(\x0b\x32\x14.hmi.v1.OutputFormat\x12\x11\n\tkv_budget\x18\x13 \x01(\x05\x12\x12\n\nsession_id\x18\x12 \x01(\tB\x07\n\x05_seedB\x0b\n\t_logprobs\"x\n\x0cOutputFormat\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12!\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x0f.hmi.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"I\n\x0bTokenChoice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"U\n\rTokenLogprobs\x12\"\n\x05token\x18\x01 \x01(\x0b\x32\x13.hmi.v1.TokenChoice\x12 \n\x03top\x18\x02 \x03(\x0b\x32\x13.hmi.v1.TokenChoice\"\xbe\x01\n\x14GenerateTextResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\'\n\x08logprobs\x18\x05 \x03(\x0b\x32\x15.hmi.v1.TokenLogprobs\x12.\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x15.hmi.v1.TokenLogprobs\"B\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.hmi.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"N\n\x0fTokenizeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x19\n\x11no_special_tokens\x18\x03 \x01(\x08\"[\n\rTokenizedText\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\t\x12\x0e\n\x06starts\x18\x03 \x03(\r\x12\x0c\n\x04\x65nds\x18\x04 \x03(\r\x12\x0f\n\x07special\x18\x05 \x03(\x08\"O\n\x10TokenizeResponse\x12$\n\x05texts\x18\x01 \x03(\x0b\x32\x15.hmi.v1.TokenizedText\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"h\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.hmi.v1.TokenIds\x12\x1b\n\x13keep_special_tokens\x18\x03 \x01(\x08\"#\n\x12\x44\x65tokenizeResponse\x12\r\n\x05texts\x18\x01 \x03(\t2\xcb\x02\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.hmi.v1.ClassifyRequest\x1a\x18.hmi.v1.ClassifyResponse\x12\x34\n\x05\x45mbed\x12\x14.hmi.v1.EmbedRequest\x1a\x15.hmi.v1.EmbedResponse\x12G\n\x08Generate\x12\x1b.hmi.v1.GenerateTextRequest\x1a\x1c.hmi.v1.GenerateTextResponse0\x01\x12=\n\x08Tokenize\x12\x17.hmi.v1.TokenizeRequest\x1a\x18.hmi.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.hmi.v1.DetokenizeRequest\x1a\x1a.hmi.v1.DetokenizeResponse2\xa1\t\n\x05\x41\x64min\x12J\n\x0b\x42uildDomain\x12\x1a.hmi.v1.BuildDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12J\n\x0b\x41\x64\x61ptDomain\x12\x1a.hmi.v1.AdaptDomainRequest\x1a\x1b.hmi.v1.BuildDomainProgress(\x01\x30\x01\x12\x35\n\tGetDomain\x12\x18.hmi.v1.GetDomainRequest\x1a\x0e.hmi.v1.Domain\x12\x46\n\x0bListDomains\x12\x1a.hmi.v1.ListDomainsRequest\x1a\x1b.hmi.v1.ListDomainsResponse\x12I\n\x0c\x44\x65leteDomain\x12\x1b.hmi.v1.DeleteDomainRequest\x1a\x1c.hmi.v1.DeleteDomainResponse\x12<\n\x0eRegisterTenant\x12\x18.hmi.v1.PutTenantRequest\x1a\x0e.hmi.v1.Tenant(\x01\x12\x35\n\tGetTenant\x12\x18.hmi.v1.GetTenantRequest\x1a\x0e.hmi.v1.Tenant\x12\x46\n\x0bListTenants\x12\x1a.hmi.v1.ListTenantsRequest\x1a\x1b.hmi.v1.ListTenantsResponse\x12I\n\x0c\x44\x65leteTenant\x12\x1b.hmi.v1.DeleteTenantRequest\x1a\x1c.hmi.v1.DeleteTenantResponse\x12\x39\n\x06Lookup\x12\x15.hmi.v1.LookupRequest\x1a\x16.hmi.v1.LookupResponse0\x01\x12\x38\n\nGetAdapter\x12\x19.hmi.v1.GetAdapterRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x36\n\tGetBridge\x12\x18.hmi.v1.GetBridgeRequest\x1a\r.hmi.v1.Chunk0\x01\x12\x37\n\x06\x42\x61\x63kup\x12\x15.hmi.v1.BackupRequest\x1a\x16.hmi.v1.BackupResponse\x12@\n\tCreateKey\x12\x18.hmi.v1.CreateKeyRequest\x1a\x19.hmi.v1.CreateKeyResponse\x12=\n\x08ListKeys\x12\x17.hmi.v1.ListKeysRequest\x1a\x18.hmi.v1.ListKeysResponse\x12\x35\n\tRevokeKey\x12\x18.hmi.v1.RevokeKeyRequest\x1a\x0e.hmi.v1.ApiKey\x12G\n\x0fSetTenantLimits\x12\x1e.hmi.v1.SetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimits\x12G\n\x0fGetTenantLimits\x12\x1e.hmi.v1.GetTenantLimitsRequest\x1a\x14.hmi.v1.TenantLimitsBJ\n\x0e\x64\x65v.hmi.api.v1B\x0cGatewayProtoP\x01Z\x1fhmi.dev/api/gen/go/hmi/v1;hmiv1\xaa\x02\x06Hmi.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,37 +41,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=218
   _globals['_CLASSIFYRESPONSE']._serialized_end=300
   _globals['_GENERATETEXTREQUEST']._serialized_start=303
-  _globals['_GENERATETEXTREQUEST']._serialized_end=755
-  _globals['_OUTPUTFORMAT']._serialized_start=757
-  _globals['_OUTPUTFORMAT']._serialized_end=877
-  _globals['_CHOICES']._serialized_start=879
-  _globals['_CHOICES']._serialized_end=905
-  _globals['_TOKENCHOICE']._serialized_start=907
-  _globals['_TOKENCHOICE']._serialized_end=980
-  _globals['_TOKENLOGPROBS']._serialized_start=982
-  _globals['_TOKENLOGPROBS']._serialized_end=1067
-  _globals['_GENERATETEXTRESPONSE']._serialized_start=1070
-  _globals['_GENERATETEXTRESPONSE']._serialized_end=1260
-  _globals['_EMBEDREQUEST']._serialized_start=1262
-  _globals['_EMBEDREQUEST']._serialized_end=1328
-  _globals['_EMBEDDING']._serialized_start=1330
-  _globals['_EMBEDDING']._serialized_end=1357
-  _globals['_EMBEDRESPONSE']._serialized_start=1359
-  _globals['_EMBEDRESPONSE']._serialized_end=1436
-  _globals['_TOKENIZEREQUEST']._serialized_start=1438
-  _globals['_TOKENIZEREQUEST']._serialized_end=1516
-  _globals['_TOKENIZEDTEXT']._serialized_start=1518
-  _globals['_TOKENIZEDTEXT']._serialized_end=1609
-  _globals['_TOKENIZERESPONSE']._serialized_start=1611
-  _globals['_TOKENIZERESPONSE']._serialized_end=1690
-  _globals['_TOKENIDS']._serialized_start=1692
-  _globals['_TOKENIDS']._serialized_end=1715
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1717
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1821
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1823
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1858
-  _globals['_GATEWAY']._serialized_start=1861
-  _globals['_GATEWAY']._serialized_end=2192
-  _globals['_ADMIN']._serialized_start=2195
-  _globals['_ADMIN']._serialized_end=3380
+  _globals['_GENERATETEXTREQUEST']._serialized_end=774
+  _globals['_OUTPUTFORMAT']._serialized_start=776
+  _globals['_OUTPUTFORMAT']._serialized_end=896
+  _globals['_CHOICES']._serialized_start=898
+  _globals['_CHOICES']._serialized_end=924
+  _globals['_TOKENCHOICE']._serialized_start=926
+  _globals['_TOKENCHOICE']._serialized_end=999
+  _globals['_TOKENLOGPROBS']._serialized_start=1001
+  _globals['_TOKENLOGPROBS']._serialized_end=1086
+  _globals['_GENERATETEXTRESPONSE']._serialized_start=1089
+  _globals['_GENERATETEXTRESPONSE']._serialized_end=1279
+  _globals['_EMBEDREQUEST']._serialized_start=1281
+  _globals['_EMBEDREQUEST']._serialized_end=1347
+  _globals['_EMBEDDING']._serialized_start=1349
+  _globals['_EMBEDDING']._serialized_end=1376
+  _globals['_EMBEDRESPONSE']._serialized_start=1378
+  _globals['_EMBEDRESPONSE']._serialized_end=1455
+  _globals['_TOKENIZEREQUEST']._serialized_start=1457
+  _globals['_TOKENIZEREQUEST']._serialized_end=1535
+  _globals['_TOKENIZEDTEXT']._serialized_start=1537
+  _globals['_TOKENIZEDTEXT']._serialized_end=1628
+  _globals['_TOKENIZERESPONSE']._serialized_start=1630
+  _globals['_TOKENIZERESPONSE']._serialized_end=1709
+  _globals['_TOKENIDS']._serialized_start=1711
+  _globals['_TOKENIDS']._serialized_end=1734
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1736
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1840
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1842
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1877
+  _globals['_GATEWAY']._serialized_start=1880
+  _globals['_GATEWAY']._serialized_end=2211
+  _globals['_ADMIN']._serialized_start=2214
+  _globals['_ADMIN']._serialized_end=3399
 # @@protoc_insertion_point(module_scope)
