@@ -17,6 +17,9 @@ with SmolLM2-135M and `hmi bench`'s generative adapters; no services, so only th
    `--budget-prompt` tokens (consecutive held-out abstracts joined) are prefilled whole, then the next
    `--budget-continuation` tokens of each are fed one per step (forced) while the cache keeps `--budgets`
    (fractions of the prompt); the perplexity of those tokens against the budget.
+5. The host tier: `--probes` conversations of a `--system-tokens` history each, on a pool of `--host-pool-mib`
+   that two other tenants' prompts of the same length churn between a conversation's turns; the next turn's
+   time to first token with `--kv-host-mib` of host tier against none (the history computed again).
 
 Prints the tables, writes `--out` (JSON) and a PNG beside it (`--plot`).
 
@@ -133,6 +136,38 @@ def prefix_ttft(model: DecoderModel, tokenizer, args) -> dict:
             "hit_median_ms": 1000 * statistics.median(hits),
             "speedup": statistics.median(misses) / statistics.median(hits),
             "prefix_hit_tokens": stats.prefix_hits, "prefix_query_tokens": stats.prefix_queries}
+
+
+def host_tier_ttft(model: DecoderModel, tokenizer, args) -> dict:
+    """Each conversation's second turn after other tenants pushed its first turn's blocks out of the pool."""
+    ids = tokenizer.encode(" ".join(load_texts(DEMO_CORPUS))).ids
+    size = args.system_tokens
+
+    def history(i: int) -> list[int]:
+        return (ids[i * 97:] + ids)[:size]       # a different history per conversation
+
+    question = tokenizer.encode(" And what comes next?").ids
+    runs = {}
+    for host_mib in (0, args.kv_host_mib):
+        engine = engine_for(model, args.host_pool_mib, tenants=args.probes + 2, kv_host_bytes=host_mib << 20)
+        turns = []
+        try:
+            first_token_seconds(engine, "t0", question)                    # warm-up
+            for i in range(args.probes):
+                first_token_seconds(engine, f"t{i}", history(i))
+                for churn in range(2):                                     # other tenants fill the pool
+                    first_token_seconds(engine, f"t{args.probes + churn}", history(args.probes + 2 * i + churn))
+                turns.append(first_token_seconds(engine, f"t{i}", history(i) + question))
+            stats = engine.snapshot()
+        finally:
+            engine.close()
+        runs[host_mib] = {"next_turn_ms": [1000 * s for s in turns], "median_ms": 1000 * statistics.median(turns),
+                          "swapped_in": stats.swapped_in, "swapped_out": stats.swapped_out,
+                          "prefix_hit_tokens": stats.prefix_hits}
+    without, with_host = runs[0], runs[args.kv_host_mib]
+    return {"history_tokens": size, "probes": args.probes, "pool_mib": args.host_pool_mib,
+            "host_mib": args.kv_host_mib, "without": without, "with_host": with_host,
+            "speedup": without["median_ms"] / with_host["median_ms"]}
 
 
 def perplexity(engine: GenerationEngine, prompts: list[list[int]]) -> float:
@@ -257,7 +292,10 @@ def main() -> None:
     parser.add_argument("--budget-documents", type=int, default=4)
     parser.add_argument("--budgets", default="0.5,0.25,0.125", help="KV budgets as fractions of the prompt")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--skip", choices=["concurrency", "prefix", "int8", "budget"], action="append", default=[])
+    parser.add_argument("--host-pool-mib", type=int, default=40, help="the pool of the host-tier part")
+    parser.add_argument("--kv-host-mib", type=int, default=256, help="its host tier")
+    parser.add_argument("--skip", choices=["concurrency", "prefix", "int8", "budget", "host"], action="append",
+                        default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv-study.json")
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -303,6 +341,14 @@ def main() -> None:
             label = "full cache" if not row["budget_tokens"] else f"{100 * row['budget_fraction']:.1f} %"
             print(f"| {label} | {row['budget_tokens'] or 'all'} | {row['perplexity']:.3f} "
                   f"({100 * row['change']:+.2f} %) |")
+    if "host" not in args.skip:
+        h = result["host"] = host_tier_ttft(model, tokenizer, args)
+        print(f"\n| {h['probes']} conversations of {h['history_tokens']} tokens, pool {h['pool_mib']} MiB churned "
+              f"between turns | next turn's time to first token, median | blocks copied back |\n| --- | ---: | ---: |")
+        print(f"| no host tier (history computed again) | {h['without']['median_ms']:.0f} ms | - |")
+        print(f"| host tier {h['host_mib']} MiB | {h['with_host']['median_ms']:.0f} ms | "
+              f"{h['with_host']['swapped_in']} |")
+        print(f"speed-up {h['speedup']:.1f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if args.plot and "concurrency" in result and "prefix" in result:
