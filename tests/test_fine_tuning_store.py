@@ -176,3 +176,24 @@ def test_a_tenants_training_tokens_per_day_are_capped(tmp_path, tiny_model_dir):
         assert store.create_job("other", good.id).status == QUEUED, "the quota is per tenant"
     finally:
         store.close()
+
+
+def test_each_key_keeps_a_bounded_number_and_size_of_files(tmp_path, tiny_model_dir):
+    store = KnowledgeStore(StoreSettings(data_dir=tmp_path / "files", model_dir=tiny_model_dir,
+                                         model_name=tiny_model_dir.name, map_size=1 << 26, max_owner_files=2,
+                                         max_owner_file_bytes=2 * len(GOOD) + 10))
+    try:
+        first = store.put_file("a.jsonl", "fine-tune", GOOD, owner="key-a")
+        store.put_file("b.jsonl", "fine-tune", GOOD, owner="key-a")
+        with pytest.raises(ResourceExhausted, match="keeps 2 training files"):
+            store.put_file("c.jsonl", "fine-tune", GOOD, owner="key-a")
+        store.put_file("c.jsonl", "fine-tune", GOOD, owner="key-b")          # another key has its own room
+        store.delete_file(first.id)
+        store.put_file("c.jsonl", "fine-tune", b"\n".join([GOOD] * 1), owner="key-a")   # room again
+        store.delete_file(store.put_file("d.jsonl", "fine-tune", GOOD, owner="key-b").id)
+        bigger = GOOD + b"\n" + jsonl({"text": "x" * 40, "label": "pos"})
+        with pytest.raises(ResourceExhausted, match="would pass its limit"):
+            store.put_file("e.jsonl", "fine-tune", bigger, owner="key-b")
+        assert sorted(r.owner for r in store.list_files()) == ["key-a", "key-a", "key-b"]
+    finally:
+        store.close()

@@ -93,6 +93,11 @@ def cmd_tune_cancel(args) -> int:
 
 def cmd_tune_files(args) -> int:
     with connect(args) as client:
+        for file_id in args.delete or ():
+            record = client.delete_file(file_id)
+            print(f"deleted {record.id}  {record.filename}  {record.bytes} bytes")
+        if args.delete:
+            return 0
         for record in client.list_files():
             print(f"{record.id}  {record.filename}  {record.kind}  {record.examples} examples  {record.bytes} bytes  "
                   f"{_when(record.created_at)}")
@@ -133,4 +138,6 @@ def add_parsers(sub) -> None:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_tune_cancel)
     p = client_parser(group, "files", help="the training files this credential uploaded")
+    p.add_argument("--delete", nargs="+", metavar="FILE_ID", help="delete these files instead (each key may keep "
+                                                                  "100 files of 1 GiB in all by default)")
     p.set_defaults(func=cmd_tune_files)

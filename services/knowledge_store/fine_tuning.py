@@ -73,6 +73,7 @@ class FineTuningPart(StoreBase):
                             labels=parsed.labels[:MAX_RECORDED_LABELS])
 
         def write(txn: lmdb.Transaction) -> tuple[FileRecord, int, dict]:
+            self._check_owner_room(txn, owner, len(data))
             self.layout.put_json(txn, "files", record.id, record.to_json())
             txn.put(record.id.encode(), data, db=self.layout.db["file_data"])
             return record, self.layout.revision(txn), record.to_json()
@@ -82,6 +83,23 @@ class FineTuningPart(StoreBase):
         log.info("stored training file %s (%s, %d %s examples, %d bytes, owner %s)", stored.id, filename,
                  stored.examples, stored.kind, stored.bytes, owner)
         return stored
+
+    def _check_owner_room(self, txn: lmdb.Transaction, owner: str, size: int) -> None:
+        """Per key (the owner), inside the upload's own write: so two uploads at once cannot both pass."""
+        settings = self.settings
+        if not settings.max_owner_files and not settings.max_owner_file_bytes:
+            return
+        held = [FileRecord.from_json(data) for _, data in self.layout.iter_json(txn, "files")]
+        held = [record for record in held if record.owner == owner]
+        held_bytes = sum(record.bytes for record in held)
+        if settings.max_owner_files and len(held) >= settings.max_owner_files:
+            raise ResourceExhausted(f"this key keeps {len(held)} training files, its limit (the store's "
+                                    f"--max-files-per-key): delete one first (hmi tune files --delete ID, DELETE "
+                                    f"/v1/files/ID)")
+        if settings.max_owner_file_bytes and held_bytes + size > settings.max_owner_file_bytes:
+            raise ResourceExhausted(f"this key keeps {held_bytes} bytes of training files; {size} more would pass its "
+                                    f"limit of {settings.max_owner_file_bytes} (the store's "
+                                    f"--max-file-storage-mib-per-key): delete files first")
 
     def _file_in(self, txn: lmdb.Transaction, file_id: str) -> FileRecord | None:
         data = self.layout.get_json(txn, "files", file_id)

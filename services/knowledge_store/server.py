@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between traffic flushes (materialisation, pruning) [HMI_LEARN_INTERVAL]")
     parser.add_argument("--max-file-mib", type=int, default=env_int("HMI_MAX_FILE_MIB", 64),
                         help="largest training file an upload may carry [HMI_MAX_FILE_MIB]")
+    parser.add_argument("--max-files-per-key", type=int, default=env_int("HMI_MAX_FILES_PER_KEY", 100),
+                        help="training files one API key may keep at once; its next upload is refused with "
+                             "RESOURCE_EXHAUSTED until it deletes one (0: no limit) [HMI_MAX_FILES_PER_KEY]")
+    parser.add_argument("--max-file-storage-mib-per-key", type=int,
+                        default=env_int("HMI_MAX_FILE_STORAGE_MIB_PER_KEY", 1024),
+                        help="bytes of training files one API key may keep, in MiB (0: no limit) "
+                             "[HMI_MAX_FILE_STORAGE_MIB_PER_KEY]")
     parser.add_argument("--max-training-examples", type=int, default=env_int("HMI_MAX_TRAINING_EXAMPLES", 200_000),
                         help="examples one training file may hold [HMI_MAX_TRAINING_EXAMPLES]")
     parser.add_argument("--max-job-examples", type=int, default=env_int("HMI_MAX_JOB_EXAMPLES", 2_000_000),
@@ -87,6 +94,8 @@ def main(args: argparse.Namespace) -> None:
                              default_budget_bytes=args.domain_budget_mib << 20,
                              default_learn_threshold=args.learn_threshold, learn_interval=args.learn_interval,
                              max_file_bytes=args.max_file_mib << 20, max_training_examples=args.max_training_examples,
+                             max_owner_files=max(0, args.max_files_per_key),
+                             max_owner_file_bytes=max(0, args.max_file_storage_mib_per_key) << 20,
                              max_job_examples=args.max_job_examples, max_active_jobs=args.max_active_jobs,
                              max_training_tokens_per_day=args.max_training_tokens_per_day)
     store = KnowledgeStore(settings)

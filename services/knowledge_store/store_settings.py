@@ -40,6 +40,8 @@ class StoreSettings:
     max_traffic_entries: int = 200_000        # counted contexts kept per domain in LMDB
     max_materialize: int = 1024               # contexts materialised per flush (the rest on their next lookup)
     max_file_bytes: int = 64 << 20            # a training file
+    max_owner_files: int = 100                # training files one key (owner) may keep at once (0: no limit)
+    max_owner_file_bytes: int = 1 << 30       # their bytes together (0: no limit)
     max_training_examples: int = 200_000      # examples in one training file
     max_job_examples: int = 2_000_000         # examples x epochs one fine-tuning job trains on
     max_active_jobs: int = 2                  # fine-tuning jobs queued or running per tenant

@@ -40,6 +40,11 @@ class FineTuningCalls:
         with translated():
             return list(self._retrying(lambda left: self.tuning.ListFiles(ft.ListFilesRequest(), timeout=left)).files)
 
+    def delete_file(self, file_id: str) -> ft.TrainingFile:
+        """Removes a training file no queued or running job uses (it frees the key's file quota)."""
+        with translated():
+            return self.tuning.DeleteFile(ft.GetFileRequest(id=file_id), timeout=self.timeout)
+
     def create_fine_tuning_job(self, tenant_id: str, training_file: str, *, validation_file: str = "",
                                epochs: int = 0, steps: int = 0, learning_rate: float = 0.0, batch_size: int = 0,
                                rank: int = 0, targets: list[str] | None = None, seed: int = 0,
