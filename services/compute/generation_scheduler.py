@@ -396,7 +396,8 @@ class GenerationScheduler:
         params = sequence.request.params
         # Prompt log-probabilities need every prompt position computed; a KV budget needs the attention every
         # prompt token received from the prompt's queries (the heavy hitters), which a cached block never saw.
-        reuse = self.prefix_caching and not (params.prompt_logprobs and sequence.generated == 0) and not params.kv_budget
+        reuse = (self.prefix_caching and not (params.prompt_logprobs and sequence.generated == 0)
+                 and not params.kv_budget)
         hits = (manager.match(sequence.prefix.extend(tokens, (len(tokens) - 1) // manager.block_tokens),
                               sequence.layers) if reuse else [])
         needed = (manager.blocks_for(len(tokens)) - len(hits)) * sequence.layers
