@@ -352,3 +352,22 @@ def test_a_kv_budget_computes_its_whole_prompt_so_every_prompt_token_is_scored()
     scheduler.enqueue(plain)
     plan = scheduler.next_step(wait=False)
     assert plan.feeds[budgeted] == 8 and plan.feeds[plain] == 4
+
+
+def test_one_plan_never_copies_two_blocks_into_the_same_host_unit():
+    """More blocks given up in one plan than the host tier holds: the later ones are dropped, not written over
+    the earlier ones' host units (whose copies this plan still makes)."""
+    manager = BlockManager(6, block_tokens=SIZE, host_units=2)
+    for i in range(6):
+        block = manager.allocate(1)
+        manager.register(block, bytes([i]))
+        manager.release(block)                  # cached, nobody holds it
+    manager.take_copies()
+    held = [manager.allocate(1) for _ in range(4)]          # evicts four cached blocks in one plan
+    assert None not in held
+    out = manager.take_copies().out
+    assert len(out) == 2 and len({host for _, host in out}) == 2
+    assert manager.stats.swapped_out == 2 and manager.stats.host_units_cached == 2
+    # the next plan may reuse host units again: two more evictions replace the oldest host blocks
+    more = [manager.allocate(1) for _ in range(2)]
+    assert None not in more and len(manager.take_copies().out) == 2 and manager.stats.host_evictions == 2

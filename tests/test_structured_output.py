@@ -82,6 +82,11 @@ def test_regex_choice_and_free_json_object(engine, decoder_dir):
                                                                                             choices=tuple(choices))),
                                            temperature=1.0, seed=seed)
         assert text in choices
+    # A complete match that may still go on (`a{1,3}` after `a`): the guide follows every token
+    for seed in range(6):
+        for pattern in (r"x{1,3}", r"(ab)+c?"):
+            text, _tokens, reason = generated(engine, decoder_dir, pattern, new_tokens=12, temperature=2.0, seed=seed)
+            assert re.fullmatch(pattern, text) or (reason == "length" and re.fullmatch(r"(ab)+c?|(ab)*a?", text)), text
     # A text cut short by max_new_tokens ends with "length" and is a prefix of valid output only
     text, tokens, reason = generated(engine, decoder_dir, r"a{50}", new_tokens=5)
     assert reason == "length" and len(tokens) == 5 and set(text) == {"a"}

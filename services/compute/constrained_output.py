@@ -151,10 +151,11 @@ class OutputConstraints:
 class OutputGuide:
     """One sequence's walk through a compiled pattern."""
 
-    def __init__(self, index, vocab_size: int) -> None:
+    def __init__(self, index, vocab_size: int, eos_token_id: int) -> None:
         from outlines_core import Guide
         self.guide = Guide(index)
         self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
 
@@ -169,7 +170,9 @@ class OutputGuide:
         return logits.masked_fill(~self.allowed(), float("-inf"))
 
     def advance(self, token: int) -> None:
-        if not self.guide.is_finished():
+        """Every token but end-of-text moves the guide: a complete match may still go on (`a{1,3}` after
+        `a`), so the state after it matters; end-of-text ends the sequence."""
+        if token != self.eos_token_id:
             self.guide.advance(token, return_tokens=False)
 
     @property

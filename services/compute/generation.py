@@ -92,6 +92,7 @@ class GenerationEngine:
                                     f"budget of {self.kv_budget_bytes >> 20} MiB: lower max_new_tokens or the prompt")
         if params.output_pattern:
             request.output_index = self._compiled(params)
+            request.output_eos = self.constraints.eos_token_id
         sequence = ScheduledSequence.of(request, layers, self.namespace, self.block_tokens)
         self.scheduler.check_room()   # before fetching anything for a request that would be refused
         # The adapter and the prompt's PLOT rows stream in while earlier requests' steps run.
@@ -110,6 +111,9 @@ class GenerationEngine:
             raise FailedPrecondition("this compute replica has no tokenizer to constrain output with")
         if params.forced_tokens:
             raise InvalidArgument("structured output cannot score a given continuation")
+        if self.constraints.eos_token_id is None:
+            raise FailedPrecondition("structured output needs the model's end-of-text token (eos_token_id in "
+                                     "generation_config.json or config.json), which this model does not name")
         if self.constraints.eos_token_id not in params.stop_token_ids:
             raise InvalidArgument("structured output ends at the end-of-text token once the text is complete: it "
                                   "cannot be combined with ignore_eos")

@@ -77,6 +77,7 @@ class GenerationRequest:
     weight: float = 1.0               # the tenant's share of the queue (its priority)
     domain_revision: int = 0          # the domain's build its PLOT rows come from (part of the prefix key)
     output_index: Any = None          # output_pattern compiled (the engine sets it at submit)
+    output_eos: int = -1              # the end-of-text token it was compiled with
 
 
 @dataclass

@@ -78,7 +78,7 @@ class StepRunner:
         state = SequenceTensors(torch.Generator().manual_seed(request.params.seed),
                                 prompt_logprobs=[] if request.params.prompt_logprobs else None)
         if request.output_index is not None:
-            state.guide = OutputGuide(request.output_index, self.model.dims.vocab)
+            state.guide = OutputGuide(request.output_index, self.model.dims.vocab, request.output_eos)
         if sequence.prompt_rows is not None:   # done: admission waited for it
             prompt_rows = np.asarray(sequence.prompt_rows.result()[0])
             state.rows = np.empty((len(request.prompt) + request.params.max_new_tokens, prompt_rows.shape[1]),

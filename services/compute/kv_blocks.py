@@ -99,6 +99,7 @@ class BlockManager:
         self._host_released: list[int] = []      # freed by a planned copy in: reusable from the next plan
         self._copies = Copies([], [])
         self._incoming: set[int] = set()         # pool units a planned copy in still has to fill
+        self._outgoing: set[int] = set()         # host units a planned copy out still has to fill
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
@@ -166,6 +167,7 @@ class BlockManager:
         reusable."""
         copies, self._copies = self._copies, Copies([], [])
         self._incoming.clear()
+        self._outgoing.clear()
         self._host_free.extend(self._host_released)
         self._host_released.clear()
         return copies
@@ -175,14 +177,19 @@ class BlockManager:
         copy: a block whose copy in is still only planned is dropped)."""
         if not self.stats.host_units or len(units) > self.stats.host_units or self._incoming.intersection(units):
             return
-        while len(self._host_free) < len(units) and self._host:
+        # Room: free host units, and those of older blocks it may drop. A block copied out in this same plan
+        # holds units that plan still writes: dropping it frees them only from the next plan on.
+        droppable = sum(len(s) for s in self._host.values() if not self._outgoing.intersection(s))
+        if len(self._host_free) + droppable < len(units):
+            return           # the rest of the host tier waits for this plan's copies
+        while len(self._host_free) < len(units):
             _key, dropped = self._host.popitem(last=False)
-            self._host_free.extend(dropped)
+            pending = self._outgoing.intersection(dropped)
+            (self._host_released if pending else self._host_free).extend(dropped)
             self.stats.host_units_cached -= len(dropped)
             self.stats.host_evictions += 1
-        if len(self._host_free) < len(units):
-            return           # the rest of the host tier waits for this plan's copies in
         slots = tuple(self._host_free.pop() for _ in units)
+        self._outgoing.update(slots)
         self._copies.out.extend(zip(units, slots))
         self._host[key] = slots
         self.stats.host_units_cached += len(slots)

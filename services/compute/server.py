@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-host-mib", type=int, default=env_int("HMI_KV_HOST_MIB", 1024),
                         help="decoder models: the KV host tier: prefix-cache blocks the pool gives up for room are "
                              "copied here (host memory; pinned on a GPU) and back on a later prefix hit, so a "
-                             "conversation's next turn or a preempted sequence finds its KV; LRU; pages are touched "
-                             "as blocks arrive; 0 = off [HMI_KV_HOST_MIB]")
+                             "conversation's next turn or a preempted sequence finds its KV; LRU; on a CPU its pages "
+                             "are touched as blocks arrive, on a GPU it is pinned at start; 0 = off [HMI_KV_HOST_MIB]")
     parser.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=env("HMI_KV_CACHE_DTYPE", "float32"),
                         help="decoder models: float32 (exact), or int8 with a scale per token and head (3.8x the "
                              "tokens in the same memory; perplexity in docs/performance.md) [HMI_KV_CACHE_DTYPE]")

@@ -395,6 +395,8 @@ class HMIClient(FineTuningCalls):
                    if given]
         if len(formats) > 1:
             raise ValueError("give at most one of json_schema, json_object, regex and choices")
+        if choices is not None and not choices:
+            raise ValueError("choices is empty: give at least one string")
         if json_schema is not None:
             request.output_format.json_schema = (json_schema if isinstance(json_schema, str)
                                                   else json.dumps(json_schema))
