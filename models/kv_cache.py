@@ -109,8 +109,9 @@ class KVPool:
 
 
 class HostKV:
-    """The host tier's units (services/compute/kv_blocks.py): the pool's layout in host memory, pinned when
-    the pool is on a GPU so the copies can overlap."""
+    """The host tier's units (services/compute/kv_blocks.py): the pool's layout in host memory (pinned when
+    the pool is on a GPU). The copies go through temporaries and wait for each other: correct, not yet
+    overlapped with the step."""
 
     def __init__(self, pool: KVPool, units: int) -> None:
         pinned = pool.keys.is_cuda

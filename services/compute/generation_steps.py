@@ -53,7 +53,7 @@ class SequenceTensors:
     known: int = 0                                        # tokens whose rows are in `rows`
     prompt_logprobs: list[TokenLogprob] | None = None     # collected chunk by chunk while the prompt is fed
     scores: torch.Tensor | None = None                    # under a KV budget: [layers, kv_heads, length] attention
-    origins: torch.Tensor | None = None                   # received; and each slot's token position
+    origins: torch.Tensor | None = None                   # received; and each slot's token position (same shape)
     preemptions: int = 0                                  # of the sequence when `scores` was started
     guide: OutputGuide | None = None                      # structured output: where its text is in the pattern
 
@@ -159,8 +159,9 @@ class StepRunner:
             request = sequence.request
             state.scores = torch.zeros(self.model.dims.layers, self.model.dims.kv_heads,
                                        len(request.prompt) + request.params.max_new_tokens, device=self.model.device)
+            positions = torch.arange(state.scores.shape[2], device=self.model.device)
+            state.origins = positions.expand_as(state.scores).clone()
             state.preemptions = sequence.preemptions
-            state.origins = None
         return state.scores
 
     def _compact(self, sequence: ScheduledSequence, compaction: Compaction) -> None:
@@ -174,8 +175,6 @@ class StepRunner:
         keep, held, size = compaction.keep, compaction.held, self.kv.block_tokens
         recent = int(keep * RECENT_SHARE)
         device = scores.device
-        if state.origins is None:
-            state.origins = torch.arange(scores.shape[2], device=device).expand_as(scores).clone()
         now = sequence.computed
         old = torch.tensor([block.units for block in sequence.blocks], device=device)        # [blocks, layers]
         new = torch.tensor([block.units for block in compaction.blocks], device=device)

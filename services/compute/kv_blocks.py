@@ -100,6 +100,7 @@ class BlockManager:
         self._copies = Copies([], [])
         self._incoming: set[int] = set()         # pool units a planned copy in still has to fill
         self._outgoing: set[int] = set()         # host units a planned copy out still has to fill
+        self._planned_out = 0                    # of them, held by blocks still in the host tier
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
@@ -168,6 +169,7 @@ class BlockManager:
         copies, self._copies = self._copies, Copies([], [])
         self._incoming.clear()
         self._outgoing.clear()
+        self._planned_out = 0
         self._host_free.extend(self._host_released)
         self._host_released.clear()
         return copies
@@ -179,17 +181,16 @@ class BlockManager:
             return
         # Room: free host units, and those of older blocks it may drop. A block copied out in this same plan
         # holds units that plan still writes: dropping it frees them only from the next plan on.
-        droppable = sum(len(s) for s in self._host.values() if not self._outgoing.intersection(s))
+        droppable = self.stats.host_units_cached - self._planned_out
         if len(self._host_free) + droppable < len(units):
             return           # the rest of the host tier waits for this plan's copies
         while len(self._host_free) < len(units):
             _key, dropped = self._host.popitem(last=False)
-            pending = self._outgoing.intersection(dropped)
-            (self._host_released if pending else self._host_free).extend(dropped)
-            self.stats.host_units_cached -= len(dropped)
+            (self._host_released if self._forget_host(dropped) else self._host_free).extend(dropped)
             self.stats.host_evictions += 1
         slots = tuple(self._host_free.pop() for _ in units)
         self._outgoing.update(slots)
+        self._planned_out += len(slots)
         self._copies.out.extend(zip(units, slots))
         self._host[key] = slots
         self.stats.host_units_cached += len(slots)
@@ -205,7 +206,7 @@ class BlockManager:
         if block is None:
             self._host[key] = slots
             return None
-        self.stats.host_units_cached -= len(slots)
+        self._forget_host(slots)
         self._host_released.extend(slots)
         self._copies.into.extend(zip(slots, block.units))
         self._incoming.update(block.units)
@@ -217,8 +218,16 @@ class BlockManager:
     def _drop_host(self, key: bytes) -> None:
         slots = self._host.pop(key, None)
         if slots is not None:
-            self.stats.host_units_cached -= len(slots)
+            self._forget_host(slots)
             self._host_released.extend(slots)
+
+    def _forget_host(self, slots: tuple[int, ...]) -> bool:
+        """The accounting of a block leaving the host tier; True when this plan still copies into its units."""
+        self.stats.host_units_cached -= len(slots)
+        pending = not self._outgoing.isdisjoint(slots)
+        if pending:
+            self._planned_out -= len(slots)
+        return pending
 
     def cached_blocks(self) -> int:
         return len(self._cached)

@@ -391,9 +391,7 @@ class HMIClient(FineTuningCalls):
                                          kv_budget=kv_budget)
         if seed is not None:
             request.seed = seed
-        formats = [given for given in (json_schema is not None, json_object, regex is not None, choices is not None)
-                   if given]
-        if len(formats) > 1:
+        if sum((json_schema is not None, json_object, regex is not None, choices is not None)) > 1:
             raise ValueError("give at most one of json_schema, json_object, regex and choices")
         if choices is not None and not choices:
             raise ValueError("choices is empty: give at least one string")

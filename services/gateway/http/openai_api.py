@@ -81,9 +81,9 @@ class SamplingBody(BaseModel):
     guided_grammar: str | None = None
     kv_budget: int | None = Field(None, ge=-INT32, le=INT32, description="extension: keep only so many tokens' "
                                   "KV per layer and head once decoding (heavy hitters + recent; 0 = all)")
-    session_id: str | None = Field(None, max_length=256, description="extension: the conversation this request "
-                                   "continues; its turns are served by one compute replica, which keeps the KV of "
-                                   "the turns before")
+    session_id: str | None = Field(None, description="extension: the conversation this request continues (at most "
+                                   "256 printable characters); its turns are served by one compute replica, which "
+                                   "keeps the KV of the turns before")
 
 
 class CompletionBody(SamplingBody):
